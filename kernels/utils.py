@@ -1,0 +1,13 @@
+"""Shared helpers for the Triton launchers: interpreter detection and small checks."""
+import os
+
+import torch
+
+# Triton's CPU interpreter stores bf16 as raw bits: kernels that would feed bf16 to tl.dot
+# or do bf16 arithmetic switch on this flag (see the interpreter notes in the README).
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+def device_ok(t: torch.Tensor) -> bool:
+    """True when a Triton kernel can run on this tensor's device (CUDA, or CPU under the interpreter)."""
+    return t.is_cuda or (INTERPRET and t.device.type == "cpu")

@@ -1,0 +1,39 @@
+"""Backend choice shared by every op.
+
+QLORA_FAST_BACKEND=auto (default): Triton kernels for CUDA tensors, the PyTorch reference
+otherwise. `triton`: kernels wherever Triton can run (CPU only under TRITON_INTERPRET=1).
+`reference`: always the PyTorch reference.
+"""
+import os
+
+import torch
+
+_CHOICES = ("auto", "triton", "reference")
+
+
+def backend() -> str:
+    """The backend asked for in QLORA_FAST_BACKEND (read at each call so tests can switch it)."""
+    value = os.environ.get("QLORA_FAST_BACKEND", "auto").lower()
+    if value not in _CHOICES:
+        raise ValueError(f"QLORA_FAST_BACKEND must be one of {_CHOICES}, got {value!r}")
+    return value
+
+
+def _triton_importable() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def use_kernels(*tensors: torch.Tensor) -> bool:
+    """True when the Triton kernels should run for these tensors."""
+    choice = backend()
+    if choice == "reference" or not _triton_importable():
+        return False
+    from qlora_fast.kernels.utils import device_ok
+
+    if choice == "triton":
+        return all(device_ok(t) for t in tensors)
+    return all(t.is_cuda for t in tensors)

@@ -1,0 +1,2 @@
+"""Fused NF4 matmul and LoRA ops (dispatch + autograd)."""
+__all__ = []

@@ -1,0 +1,2 @@
+"""4-bit quantization ops (dispatch + torch.library registration)."""
+__all__ = []

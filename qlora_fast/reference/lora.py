@@ -1,0 +1,2 @@
+"""Reference NF4 matmul and LoRA math."""
+__all__ = []

@@ -1,0 +1,2 @@
+"""Reference 4-bit quantization (bitsandbytes-compatible)."""
+__all__ = []
