@@ -1,0 +1,91 @@
+"""The verifiable task shipped for GRPO (small-number arithmetic) and its reward functions.
+
+A reward function takes the prompts, the completions (decoded text, one per sampled sequence)
+and, as keyword lists aligned with them, every other field of the dataset rows (here `answer`),
+and returns one float per completion:
+
+    def reward(prompts: list[str], completions: list[str], **fields) -> list[float]
+
+`GRPOTrainer` calls each function once per batch and sums them with the configured weights.
+"""
+import json
+import os
+import re
+from typing import Dict, List, Optional
+
+SPLITS = ("train", "heldout")
+DATA_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data")
+# Weights for (correctness, format): the right answer counts most, the answer format a little.
+DEFAULT_WEIGHTS = (1.0, 0.2)
+
+_INTEGER = re.compile(r"-?\d+")
+
+
+def load_arithmetic_task(split: str = "train", limit: Optional[int] = None) -> List[Dict]:
+    """Rows of the shipped arithmetic task: {"prompt", "instruction", "answer"}.
+
+    `prompt` is the instruction in the instruction set's template (`qlora_fast.data.format_prompt`),
+    so a model tuned by the SFT demo already knows the format. `limit` keeps the first rows only.
+    """
+    from qlora_fast.data import format_prompt
+
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    if limit is not None and (not isinstance(limit, int) or limit < 1):
+        raise ValueError(f"limit must be a positive int or None, got {limit!r}")
+    with open(os.path.join(DATA_DIR, f"grpo_arithmetic_{split}.jsonl"), encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    rows = rows[:limit] if limit is not None else rows
+    return [{"prompt": format_prompt(r["instruction"]), "instruction": r["instruction"], "answer": int(r["answer"])} for r in rows]
+
+
+def answer_line(completion: str) -> str:
+    """The part of a completion that counts as the answer: its first line, stripped."""
+    return completion.split("\n", 1)[0].strip()
+
+
+def parse_answer(completion: str) -> Optional[int]:
+    """The integer the completion answers with, or None when its first line is not a bare integer."""
+    line = answer_line(completion)
+    return int(line) if _INTEGER.fullmatch(line) else None
+
+
+def _check(prompts, completions):
+    if len(prompts) != len(completions):
+        raise ValueError(f"got {len(prompts)} prompts but {len(completions)} completions")
+
+
+def correctness_reward(prompts: List[str], completions: List[str], answer: List[int], **_) -> List[float]:
+    """1.0 when the completion's first line is exactly the right integer, else 0.0."""
+    _check(prompts, completions)
+    if len(answer) != len(completions):
+        raise ValueError(f"got {len(answer)} answers for {len(completions)} completions")
+    return [1.0 if parse_answer(c) == int(a) else 0.0 for c, a in zip(completions, answer)]
+
+
+def format_reward(prompts: List[str], completions: List[str], **_) -> List[float]:
+    """Credit for answering with a bare number, graded so a model far from it still gets signal:
+    half for the share of the first line's characters that are digits (or a leading minus), half
+    when the first line is a bare integer and is not run on into more text (the completion stops,
+    or a newline ends it)."""
+    _check(prompts, completions)
+    rewards = []
+    for c in completions:
+        line = answer_line(c)
+        share = sum(ch.isdigit() or (i == 0 and ch == "-") for i, ch in enumerate(line)) / len(line) if line else 0.0
+        rest = c.split("\n", 1)[1] if "\n" in c else ""
+        clean = _INTEGER.fullmatch(line) is not None and rest.strip() == ""
+        rewards.append(0.5 * share + 0.5 * float(clean))
+    return rewards
+
+
+def arithmetic_rewards():
+    """(reward functions, weights) for the shipped task."""
+    return [correctness_reward, format_reward], list(DEFAULT_WEIGHTS)
+
+
+def accuracy(completions: List[str], answers: List[int]) -> float:
+    """Share of completions whose answer is exactly right."""
+    if len(completions) != len(answers) or not completions:
+        raise ValueError("need one answer per completion and at least one completion")
+    return sum(parse_answer(c) == int(a) for c, a in zip(completions, answers)) / len(completions)
