@@ -1,0 +1,276 @@
+// The byte-pair merge loop of qlora_fast.tokenizer.BPETokenizer, as `qlora_fast._bpe`.
+//
+// Python splits the text with the pre-tokenisation regex and hands the list of pieces here.
+// Each piece is looked up whole, then in a cache, and only then merged: tiktoken's algorithm,
+// which keeps the parts' boundaries and the rank of each adjacent pair's concatenation and
+// repeatedly merges the lowest-ranked pair (leftmost on a tie), O(n * merges) per piece.
+// Memory traffic is one pass over the UTF-8 of each piece plus hash lookups; the output list
+// of ids is built once. `train` learns merges with incremental pair counts and a lazy heap
+// ordered by (highest count, lexicographically smallest (left bytes, right bytes)), the same
+// rule as the pure-Python trainer.
+#include <pybind11/pybind11.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <limits>
+#include <queue>
+#include <string>
+#include <unordered_map>
+#include <unordered_set>
+#include <utility>
+#include <vector>
+
+namespace py = pybind11;
+
+namespace {
+
+using Rank = uint32_t;
+constexpr Rank kNoRank = std::numeric_limits<Rank>::max();
+constexpr size_t kCacheLimit = 1 << 18;
+
+class Encoder {
+ public:
+  explicit Encoder(py::dict ranks) {
+    encoder_.reserve(ranks.size() * 2);
+    for (auto item : ranks) {
+      encoder_.emplace(item.first.cast<std::string>(), item.second.cast<Rank>());
+    }
+  }
+
+  // Ids of one piece of bytes merged as a unit.
+  std::vector<Rank> merge(const std::string& piece) const {
+    std::vector<Rank> out;
+    merge_into(piece, out);
+    return out;
+  }
+
+  py::list encode_pieces(py::list pieces) {
+    std::vector<Rank> ids;
+    ids.reserve(PyList_GET_SIZE(pieces.ptr()) * 2);
+    std::string key;
+    for (Py_ssize_t i = 0, n = PyList_GET_SIZE(pieces.ptr()); i < n; ++i) {
+      PyObject* obj = PyList_GET_ITEM(pieces.ptr(), i);
+      Py_ssize_t len = 0;
+      const char* data = PyUnicode_AsUTF8AndSize(obj, &len);
+      if (data == nullptr) throw py::error_already_set();  // e.g. UnicodeEncodeError on a lone surrogate
+      key.assign(data, static_cast<size_t>(len));
+      auto whole = encoder_.find(key);
+      if (whole != encoder_.end()) {
+        ids.push_back(whole->second);
+        continue;
+      }
+      auto hit = cache_.find(key);
+      if (hit != cache_.end()) {
+        ids.insert(ids.end(), hit->second.begin(), hit->second.end());
+        continue;
+      }
+      std::vector<Rank> merged;
+      merge_into(key, merged);
+      ids.insert(ids.end(), merged.begin(), merged.end());
+      if (cache_.size() >= kCacheLimit) cache_.clear();
+      cache_.emplace(key, std::move(merged));
+    }
+    return to_list(ids);
+  }
+
+  py::list encode_piece(py::bytes piece) {
+    std::string s = piece;
+    std::vector<Rank> ids;
+    merge_into(s, ids);
+    return to_list(ids);
+  }
+
+ private:
+  static py::list to_list(const std::vector<Rank>& ids) {
+    PyObject* list = PyList_New(static_cast<Py_ssize_t>(ids.size()));
+    if (list == nullptr) throw py::error_already_set();
+    for (size_t i = 0; i < ids.size(); ++i) {
+      PyObject* v = PyLong_FromUnsignedLong(ids[i]);
+      if (v == nullptr) {
+        Py_DECREF(list);
+        throw py::error_already_set();
+      }
+      PyList_SET_ITEM(list, static_cast<Py_ssize_t>(i), v);
+    }
+    return py::reinterpret_steal<py::list>(list);
+  }
+
+  Rank rank_of(const std::string& piece, size_t start, size_t end) const {
+    auto it = encoder_.find(piece.substr(start, end - start));
+    return it == encoder_.end() ? kNoRank : it->second;
+  }
+
+  void merge_into(const std::string& piece, std::vector<Rank>& out) const {
+    if (piece.empty()) return;
+    auto whole = encoder_.find(piece);
+    if (whole != encoder_.end()) {
+      out.push_back(whole->second);
+      return;
+    }
+    // parts[i] = (start of part i, rank of merging part i with part i + 1).
+    std::vector<std::pair<size_t, Rank>> parts;
+    parts.reserve(piece.size() + 1);
+    for (size_t i = 0; i + 1 < piece.size(); ++i) parts.emplace_back(i, rank_of(piece, i, i + 2));
+    parts.emplace_back(piece.size() - 1, kNoRank);
+    parts.emplace_back(piece.size(), kNoRank);
+    auto pair_rank = [&](size_t i) {
+      return i + 3 < parts.size() ? rank_of(piece, parts[i].first, parts[i + 3].first) : kNoRank;
+    };
+    while (parts.size() > 1) {
+      Rank best = kNoRank;
+      size_t best_i = 0;
+      for (size_t i = 0; i + 1 < parts.size(); ++i) {
+        if (parts[i].second < best) {
+          best = parts[i].second;
+          best_i = i;
+        }
+      }
+      if (best == kNoRank) break;
+      if (best_i > 0) parts[best_i - 1].second = pair_rank(best_i - 1);
+      parts[best_i].second = pair_rank(best_i);
+      parts.erase(parts.begin() + static_cast<std::ptrdiff_t>(best_i) + 1);
+    }
+    for (size_t i = 0; i + 1 < parts.size(); ++i) {
+      auto it = encoder_.find(piece.substr(parts[i].first, parts[i + 1].first - parts[i].first));
+      if (it == encoder_.end()) throw py::value_error("a single byte is missing from the ranks");
+      out.push_back(it->second);
+    }
+  }
+
+  std::unordered_map<std::string, Rank> encoder_;
+  std::unordered_map<std::string, std::vector<Rank>> cache_;
+};
+
+struct PairHash {
+  size_t operator()(const std::pair<int32_t, int32_t>& p) const noexcept {
+    return std::hash<uint64_t>()((static_cast<uint64_t>(static_cast<uint32_t>(p.first)) << 32) | static_cast<uint32_t>(p.second));
+  }
+};
+
+// Merged tokens' bytes in merge order; same rule and same result as bpe._train_merges.
+py::list train(py::list words, int64_t n_merges) {
+  using Pair = std::pair<int32_t, int32_t>;
+  std::vector<std::string> token_bytes;
+  std::unordered_map<std::string, int32_t> by_bytes;
+  for (int b = 0; b < 256; ++b) {
+    token_bytes.emplace_back(1, static_cast<char>(b));
+    by_bytes.emplace(token_bytes.back(), b);
+  }
+  std::vector<std::vector<int32_t>> symbols;
+  std::vector<int64_t> freq;
+  for (auto item : words) {
+    auto tup = item.cast<py::tuple>();
+    std::string w = tup[0].cast<std::string>();
+    std::vector<int32_t> sym;
+    sym.reserve(w.size());
+    for (unsigned char c : w) sym.push_back(c);
+    symbols.push_back(std::move(sym));
+    freq.push_back(tup[1].cast<int64_t>());
+  }
+  std::unordered_map<Pair, int64_t, PairHash> pair_count;
+  std::unordered_map<Pair, std::vector<int32_t>, PairHash> where;  // word ids, may hold stale/duplicate ids
+  for (size_t wi = 0; wi < symbols.size(); ++wi) {
+    const auto& sym = symbols[wi];
+    for (size_t i = 0; i + 1 < sym.size(); ++i) {
+      Pair p{sym[i], sym[i + 1]};
+      pair_count[p] += freq[wi];
+      auto& w = where[p];
+      if (w.empty() || w.back() != static_cast<int32_t>(wi)) w.push_back(static_cast<int32_t>(wi));
+    }
+  }
+  struct Entry {
+    int64_t count;
+    Pair pair;
+  };
+  // The heap's top is the highest count, then the smallest (left bytes, right bytes).
+  auto worse = [&token_bytes](const Entry& x, const Entry& y) {
+    if (x.count != y.count) return x.count < y.count;
+    const std::string& xl = token_bytes[x.pair.first];
+    const std::string& yl = token_bytes[y.pair.first];
+    if (xl != yl) return xl > yl;
+    return token_bytes[x.pair.second] > token_bytes[y.pair.second];
+  };
+  std::priority_queue<Entry, std::vector<Entry>, decltype(worse)> heap(worse);
+  for (auto& kv : pair_count) heap.push({kv.second, kv.first});
+
+  py::list merged;
+  int64_t done = 0;
+  std::vector<int32_t> out;
+  std::unordered_set<Pair, PairHash> changed;
+  while (done < n_merges && !heap.empty()) {
+    Entry top = heap.top();
+    heap.pop();
+    auto found = pair_count.find(top.pair);
+    if (found == pair_count.end() || found->second != top.count || top.count <= 0) continue;  // stale
+    const int32_t a = top.pair.first, b = top.pair.second;
+    std::string new_bytes = token_bytes[a] + token_bytes[b];
+    int32_t fresh;
+    auto existing = by_bytes.find(new_bytes);
+    if (existing != by_bytes.end()) {
+      fresh = existing->second;  // reachable from two splits: reuse the token, add no rank
+    } else {
+      fresh = static_cast<int32_t>(token_bytes.size());
+      token_bytes.push_back(new_bytes);
+      by_bytes.emplace(new_bytes, fresh);
+      merged.append(py::bytes(new_bytes));
+      ++done;
+    }
+    changed.clear();
+    std::vector<int32_t> affected = std::move(where[top.pair]);
+    where.erase(top.pair);
+    std::sort(affected.begin(), affected.end());
+    affected.erase(std::unique(affected.begin(), affected.end()), affected.end());
+    for (int32_t wi : affected) {
+      auto& sym = symbols[wi];
+      out.clear();
+      for (size_t i = 0; i < sym.size();) {
+        if (i + 1 < sym.size() && sym[i] == a && sym[i + 1] == b) {
+          out.push_back(fresh);
+          i += 2;
+        } else {
+          out.push_back(sym[i]);
+          i += 1;
+        }
+      }
+      if (out.size() == sym.size()) continue;
+      const int64_t n = freq[wi];
+      for (size_t i = 0; i + 1 < sym.size(); ++i) {
+        Pair p{sym[i], sym[i + 1]};
+        pair_count[p] -= n;
+        changed.insert(p);
+      }
+      for (size_t i = 0; i + 1 < out.size(); ++i) {
+        Pair p{out[i], out[i + 1]};
+        pair_count[p] += n;
+        auto& w = where[p];
+        if (w.empty() || w.back() != wi) w.push_back(wi);
+        changed.insert(p);
+      }
+      sym.swap(out);
+    }
+    for (const Pair& p : changed) {
+      auto it = pair_count.find(p);
+      if (it == pair_count.end()) continue;
+      if (it->second <= 0) {
+        pair_count.erase(it);
+      } else if (p != top.pair) {
+        heap.push({it->second, p});
+      }
+    }
+    pair_count.erase(top.pair);
+  }
+  return merged;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_bpe, m) {
+  m.doc() = "Byte-pair merge loop and BPE trainer for qlora_fast.tokenizer.BPETokenizer";
+  py::class_<Encoder>(m, "Encoder")
+      .def(py::init<py::dict>(), py::arg("ranks"), "ranks: dict bytes -> rank")
+      .def("encode_pieces", &Encoder::encode_pieces, py::arg("pieces"),
+           "ids of a list of str pieces, each merged on its own (UTF-8 bytes)")
+      .def("encode_piece", &Encoder::encode_piece, py::arg("piece"), "ids of one bytes piece merged as a unit");
+  m.def("train", &train, py::arg("words"), py::arg("n_merges"),
+        "merged tokens' bytes in merge order from a list of (piece bytes, count)");
+}
