@@ -1,0 +1,242 @@
+"""Language models for `TreeOfThought`: anything with
+`generate(prompts, max_new_tokens, temperature, stop) -> list[str]` (one completion per prompt,
+cut before the first stop string) will do. Two adapters ship here:
+
+- `BuiltinLM(model, tokenizer)`: the built-in `qlora_fast.models.LlamaForCausalLM` (with or
+  without LoRA/QLoRA adapters applied to it) and a `qlora_fast.tokenizer` tokenizer.
+- `HFCausalLM(model, tokenizer)`: a Hugging Face transformers causal LM and its tokenizer.
+
+Both run the whole batch of prompts in one left-padded `generate` call and set `last_usage`
+(`Usage(prompt_tokens, completion_tokens)` for the latest call) so the search can count tokens.
+`completion_tokens` counts each completion's tokens up to and including the token that ended it
+(the end-of-sequence token or the one that completed a stop string), or all `max_new_tokens`.
+"""
+from dataclasses import dataclass
+from typing import Callable, List, Optional, Sequence, Tuple
+
+import torch
+
+
+@dataclass(frozen=True)
+class Usage:
+    """Tokens of one `generate` call, summed over its prompts."""
+
+    prompt_tokens: int
+    completion_tokens: int
+
+
+def _check_generate_args(prompts, max_new_tokens, temperature, stop) -> Tuple[List[str], List[str]]:
+    if isinstance(prompts, str) or not isinstance(prompts, (list, tuple)):
+        raise TypeError(f"prompts must be a list of str, got {type(prompts).__name__}")
+    for p in prompts:
+        if not isinstance(p, str):
+            raise TypeError(f"prompts must be a list of str, found a {type(p).__name__}")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or temperature < 0:
+        raise ValueError(f"temperature must be a number >= 0, got {temperature!r}")
+    if stop is None:
+        stop = []
+    elif isinstance(stop, str):
+        stop = [stop]
+    stop = list(stop)
+    if any(not isinstance(s, str) or not s for s in stop):
+        raise ValueError(f"stop must be a list of non-empty strings, got {stop!r}")
+    return list(prompts), stop
+
+
+def cut_completion(new_ids: Sequence[int], decode: Callable[[Sequence[int]], str], stop: Sequence[str], end_ids) -> Tuple[str, int]:
+    """The completion text before the first stop string, and how many of `new_ids` were spent
+    on it (up to and including the end token or the token that completed the stop string)."""
+    ids = [int(i) for i in new_ids]
+    n = len(ids)
+    for k, token in enumerate(ids):
+        if token in end_ids:
+            n = k + 1
+            ids = ids[:k]
+            break
+    text = decode(ids)
+    hits = [text.find(s) for s in stop if s in text]
+    if not hits:
+        return text, n
+    # The shortest prefix of tokens whose text already holds a stop string.
+    for k in range(1, len(ids) + 1):
+        prefix = decode(ids[:k])
+        cut = [prefix.find(s) for s in stop if s in prefix]
+        if cut:
+            return prefix[: min(cut)], k
+    return text[: min(hits)], n  # unreachable: the full text holds a stop string
+
+
+class BuiltinLM:
+    """The built-in model behind the `llm` interface.
+
+    `model` has `generate(input_ids, attention_mask, max_new_tokens, temperature, eos_token_id,
+    stop_token_ids, pad_token_id, generator)` (as `qlora_fast.models.LlamaForCausalLM`); LoRA
+    modules applied to it are used as they are. `tokenizer` follows
+    `qlora_fast.tokenizer.Tokenizer`. Prompts start with the BOS token (as in training) and are
+    cut from the left when prompt + `max_new_tokens` would not fit `model.config.max_seq_len`.
+    `seed` makes sampling (temperature > 0) reproducible.
+    """
+
+    def __init__(self, model, tokenizer, seed: Optional[int] = None, add_bos: bool = True):
+        if not callable(getattr(model, "generate", None)):
+            raise TypeError(f"model must have a generate() method, got {type(model).__name__}")
+        for attr in ("encode", "decode", "pad_id", "eos_id"):
+            if not hasattr(tokenizer, attr):
+                raise TypeError(f"tokenizer must follow qlora_fast.tokenizer.Tokenizer (missing {attr!r})")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.add_bos = add_bos
+        self.generator = None
+        if seed is not None:
+            self.generator = torch.Generator(device=self._device())
+            self.generator.manual_seed(seed)
+        self.last_usage: Optional[Usage] = None
+
+    def _device(self) -> torch.device:
+        param = next(self.model.parameters(), None)
+        return param.device if param is not None else torch.device("cpu")
+
+    def _max_prompt_tokens(self, max_new_tokens: int) -> Optional[int]:
+        config = getattr(self.model, "config", None)
+        max_len = getattr(config, "max_seq_len", None)
+        if max_len is None:
+            return None
+        if max_new_tokens >= max_len:
+            raise ValueError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in max_seq_len={max_len}")
+        return max_len - max_new_tokens
+
+    @torch.inference_mode()
+    def generate(self, prompts, max_new_tokens: int = 64, temperature: float = 0.0, stop=()) -> List[str]:
+        """One completion per prompt, cut before the first of `stop`; sets `last_usage`."""
+        prompts, stop = _check_generate_args(prompts, max_new_tokens, temperature, stop)
+        if not prompts:
+            self.last_usage = Usage(0, 0)
+            return []
+        tok = self.tokenizer
+        limit = self._max_prompt_tokens(max_new_tokens)
+        encoded = []
+        for prompt in prompts:
+            ids = tok.encode(prompt, add_bos=self.add_bos) if self.add_bos else tok.encode(prompt)
+            encoded.append(ids[-limit:] if limit is not None else ids)
+        width = max(len(ids) for ids in encoded)
+        if width == 0:
+            raise ValueError("every prompt is empty and add_bos is False: nothing to condition on")
+        input_ids = torch.full((len(encoded), width), tok.pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(encoded), width), dtype=torch.long)
+        for row, ids in enumerate(encoded):
+            if ids:
+                input_ids[row, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
+                attention_mask[row, width - len(ids):] = 1
+        # Stop strings that are one token stop generation in the model; longer ones are cut after.
+        stop_ids = sorted({ids[0] for ids in (tok.encode(s) for s in stop) if len(ids) == 1})
+        device = self._device()
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            out = self.model.generate(
+                input_ids.to(device), attention_mask=attention_mask.to(device), max_new_tokens=max_new_tokens,
+                temperature=float(temperature), eos_token_id=tok.eos_id, stop_token_ids=stop_ids or None,
+                pad_token_id=tok.pad_id, generator=self.generator,
+            )
+        finally:
+            self.model.train(was_training)
+        new = out[:, width:].tolist()
+        texts, completion_tokens = [], 0
+        for row in new:
+            text, n = cut_completion(row, tok.decode, stop, {tok.eos_id})
+            texts.append(text)
+            completion_tokens += n
+        self.last_usage = Usage(sum(len(ids) for ids in encoded), completion_tokens)
+        return texts
+
+
+class _StopOnStrings:
+    """A transformers stopping criterion: a row is done once its new text holds a stop string."""
+
+    def __init__(self, tokenizer, stop: Sequence[str], prompt_width: int):
+        self.tokenizer = tokenizer
+        self.stop = list(stop)
+        self.prompt_width = prompt_width
+
+    def __call__(self, input_ids, scores, **kwargs):
+        done = []
+        for row in input_ids[:, self.prompt_width:].tolist():
+            text = self.tokenizer.decode(row, skip_special_tokens=True)
+            done.append(any(s in text for s in self.stop))
+        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+
+class HFCausalLM:
+    """A Hugging Face transformers causal LM behind the `llm` interface.
+
+    Prompts are tokenized with the tokenizer's special tokens, left-padded (the pad token falls
+    back to EOS when the tokenizer has none) and generated in one `model.generate` call: greedy at
+    temperature 0, sampling otherwise (seed torch for reproducible samples). Stop strings end a
+    row as soon as its text holds one.
+    """
+
+    def __init__(self, model, tokenizer):
+        if not callable(getattr(model, "generate", None)):
+            raise TypeError(f"model must be a transformers causal LM with generate(), got {type(model).__name__}")
+        if not callable(tokenizer):
+            raise TypeError(f"tokenizer must be a transformers tokenizer, got {type(tokenizer).__name__}")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.last_usage: Optional[Usage] = None
+
+    def _pad_id(self) -> int:
+        tok = self.tokenizer
+        if tok.pad_token_id is not None:
+            return tok.pad_token_id
+        if tok.eos_token_id is not None:
+            return tok.eos_token_id
+        raise ValueError("the tokenizer has neither a pad nor an eos token: cannot pad a batch")
+
+    @torch.inference_mode()
+    def generate(self, prompts, max_new_tokens: int = 64, temperature: float = 0.0, stop=()) -> List[str]:
+        """One completion per prompt, cut before the first of `stop`; sets `last_usage`."""
+        prompts, stop = _check_generate_args(prompts, max_new_tokens, temperature, stop)
+        if not prompts:
+            self.last_usage = Usage(0, 0)
+            return []
+        tok = self.tokenizer
+        pad_id = self._pad_id()
+        encoded = [tok(p)["input_ids"] for p in prompts]
+        width = max(len(ids) for ids in encoded)
+        if width == 0:
+            raise ValueError("every prompt tokenizes to nothing: nothing to condition on")
+        input_ids = torch.full((len(encoded), width), pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(encoded), width), dtype=torch.long)
+        for row, ids in enumerate(encoded):
+            if ids:
+                input_ids[row, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
+                attention_mask[row, width - len(ids):] = 1
+        device = next(self.model.parameters()).device
+        kwargs = dict(max_new_tokens=max_new_tokens, pad_token_id=pad_id)
+        if temperature > 0:
+            kwargs.update(do_sample=True, temperature=float(temperature), top_k=None, top_p=None)
+        else:
+            kwargs.update(do_sample=False, temperature=None, top_k=None, top_p=None)
+        if tok.eos_token_id is not None:
+            kwargs["eos_token_id"] = tok.eos_token_id
+        if stop:
+            from transformers import StoppingCriteriaList
+
+            kwargs["stopping_criteria"] = StoppingCriteriaList([_StopOnStrings(tok, stop, width)])
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            out = self.model.generate(input_ids.to(device), attention_mask=attention_mask.to(device), **kwargs)
+        finally:
+            self.model.train(was_training)
+        end_ids = {tok.eos_token_id} if tok.eos_token_id is not None else set()
+        decode = lambda ids: tok.decode(ids, skip_special_tokens=True)  # noqa: E731
+        texts, completion_tokens = [], 0
+        for row in out[:, width:].tolist():
+            text, n = cut_completion(row, decode, stop, end_ids)
+            texts.append(text)
+            completion_tokens += n
+        self.last_usage = Usage(sum(len(ids) for ids in encoded), completion_tokens)
+        return texts

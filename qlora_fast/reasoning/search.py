@@ -1,0 +1,374 @@
+"""Tree-of-Thought search with a group of experts (Yao et al. 2023, "Tree of Thoughts", with the
+"experts share each step and leave when wrong" framing of the single-prompt variant).
+
+A node of the tree is a line of reasoning: the steps so far, each written by one expert. To
+extend a node, every one of the `n_experts` experts proposes its next step given the shared
+transcript of that line (all of a round's proposals go through ONE batched `llm.generate` call).
+Each proposal is read by the task (`normalize_step`: unusable text is rejected on the spot),
+then scored by the evaluator: the model itself through the task's value prompt (all of a
+round's judgements in one more batched call) or a user function. An expert whose step is judged
+wrong (value below `threshold`) leaves that line. The search ends as soon as an expert reaches a
+final answer, or when no expert is left, or after `max_steps` steps.
+
+- Breadth-first (`search="bfs"`, the default): a beam of at most `breadth` lines; each round
+  every line in the beam is extended by every expert and the best `breadth` surviving children
+  form the next beam. At most 2 model calls per round.
+- Depth-first (`search="dfs"`): extend one line, go into its best surviving child first (at most
+  `breadth` of them, best value first) and backtrack to the next one when a line dies out or
+  reaches `max_steps` without an answer.
+
+Model calls and tokens are counted exactly: a call is one `llm.generate`; tokens come from the
+llm's `last_usage` (the adapters in `llm.py` report it) and are None when the llm reports none.
+"""
+import itertools
+from dataclasses import dataclass, field
+from typing import Callable, List, Optional, Sequence, Union
+
+from qlora_fast.reasoning.tasks import ExpertsTask, ReasoningTask
+
+# Node states: what happened to each proposal.
+ROOT = "root"          # the question
+KEPT = "kept"          # judged good enough; the line goes on (or could have)
+FINAL = "final"        # reached the answer
+PRUNED = "pruned"      # judged wrong or below the threshold: the expert left
+INVALID = "invalid"    # not a usable step (rejected by the task without a judgement)
+DUPLICATE = "duplicate"  # the same step as an earlier expert's on the same line
+DROPPED = "dropped"    # good enough but outside the beam (breadth)
+UNJUDGED = "unjudged"  # proposed in the round that found the answer, never judged
+
+
+@dataclass(eq=False)
+class Node:
+    """One step of one expert (the root holds the question). `depth` is the number of steps on
+    the line; `value` the evaluator's score (None when not judged); `order` the position in which
+    the search expanded this node (None when never expanded)."""
+
+    step: str
+    expert: Optional[int] = None
+    depth: int = 0
+    parent: Optional["Node"] = None
+    children: List["Node"] = field(default_factory=list)
+    value: Optional[float] = None
+    status: str = ROOT
+    answer: Optional[str] = None
+    raw: str = ""
+    order: Optional[int] = None
+
+    def path(self) -> List["Node"]:
+        """The nodes from the first step down to this one (the root excluded)."""
+        nodes = []
+        node = self
+        while node.parent is not None:
+            nodes.append(node)
+            node = node.parent
+        return nodes[::-1]
+
+    def steps(self) -> List[str]:
+        return [n.step for n in self.path()]
+
+    def experts(self) -> List[int]:
+        return [n.expert for n in self.path()]
+
+    def walk(self):
+        """This node and all below it, depth first, in proposal order."""
+        yield self
+        for child in self.children:
+            yield from child.walk()
+
+
+def format_tree(root: Node) -> str:
+    """The tree as an indented outline: one line per node, two spaces per level, with the
+    expert, the step, the value and what happened to it."""
+    lines = []
+
+    def visit(node: Node, indent: int):
+        if node.parent is None:
+            lines.append(f"Question: {node.step}")
+        else:
+            text = node.step if node.status != INVALID else repr(node.raw)
+            value = "" if node.value is None else f" value={node.value:.2f}"
+            answer = "" if node.answer is None or node.status != FINAL else f" answer={node.answer}"
+            lines.append(f"{'  ' * indent}- Expert {node.expert}: {text} [{node.status}{value}{answer}]")
+        for child in node.children:
+            visit(child, indent + 1)
+
+    visit(root, 0)
+    return "\n".join(lines)
+
+
+@dataclass
+class ToTResult:
+    """What a search found. `answer` is None when no expert reached one; `path` is the line that
+    reached it (or the best surviving line otherwise); `tree` the root of every proposal made.
+    `model_calls` counts `llm.generate` calls; the token counts are None when the llm does not
+    report usage."""
+
+    question: str
+    answer: Optional[str]
+    path: List[Node]
+    tree: Node
+    model_calls: int
+    prompt_tokens: Optional[int]
+    completion_tokens: Optional[int]
+    search: str
+
+    @property
+    def solved(self) -> bool:
+        return self.answer is not None
+
+    @property
+    def tokens(self) -> Optional[int]:
+        if self.prompt_tokens is None or self.completion_tokens is None:
+            return None
+        return self.prompt_tokens + self.completion_tokens
+
+    def nodes(self) -> List[Node]:
+        """Every proposal (the root excluded), depth first."""
+        return list(self.tree.walk())[1:]
+
+    def transcript(self) -> str:
+        """The surviving line as `Expert k: step` lines, then `Answer: ...` when solved."""
+        lines = [f"Question: {self.question}"] + [f"Expert {n.expert}: {n.step}" for n in self.path]
+        if self.answer is not None:
+            lines.append(f"Answer: {self.answer}")
+        return "\n".join(lines)
+
+    def outline(self) -> str:
+        return format_tree(self.tree)
+
+    def __str__(self) -> str:
+        return self.outline()
+
+
+class _BudgetExhausted(Exception):
+    pass
+
+
+Evaluator = Callable[[str, List[str]], Union[float, bool, None]]
+
+
+class TreeOfThought:
+    """Tree-of-Thought reasoning with a group of `n_experts` experts (see the module docstring).
+
+    Args:
+        llm: anything with `generate(prompts, max_new_tokens, temperature, stop) -> list[str]`
+            returning one string per prompt (`BuiltinLM`, `HFCausalLM`, or your own).
+        n_experts: experts proposing a step for each line, >= 1.
+        max_steps: most steps on a line (the depth limit), >= 1.
+        breadth: beam width in BFS; in DFS the most children of a node that are explored.
+        evaluator: None (or "model") to let the model judge each step through the task's value
+            prompt, or a function `(question, steps) -> float | bool | None` judging the last of
+            `steps`; True/False count as 1/0 and None as wrong.
+        threshold: a step whose value is below it is judged wrong and its expert leaves.
+        search: "bfs" (default) or "dfs" (depth first with backtracking).
+        task: a `ReasoningTask` (default `ExpertsTask`: any question, answers as `Answer: ...`).
+        max_new_tokens, temperature: for the proposals; `value_max_new_tokens`,
+            `value_temperature` for the model's judgements.
+        max_model_calls: stop (unsolved) instead of making more calls than this; None: no limit.
+
+    Raises ValueError / TypeError on bad arguments, and when the llm returns anything but one
+    string per prompt.
+    """
+
+    def __init__(
+        self,
+        llm,
+        n_experts: int = 3,
+        max_steps: int = 4,
+        breadth: int = 3,
+        evaluator: Union[None, str, Evaluator] = None,
+        threshold: float = 0.5,
+        search: str = "bfs",
+        task: Optional[ReasoningTask] = None,
+        max_new_tokens: int = 64,
+        temperature: float = 0.7,
+        value_max_new_tokens: int = 8,
+        value_temperature: float = 0.0,
+        max_model_calls: Optional[int] = None,
+    ):
+        if not callable(getattr(llm, "generate", None)):
+            raise TypeError(f"llm must have a generate(prompts, max_new_tokens, temperature, stop) method, got {type(llm).__name__}")
+        for name, value in (("n_experts", n_experts), ("max_steps", max_steps), ("breadth", breadth),
+                            ("max_new_tokens", max_new_tokens), ("value_max_new_tokens", value_max_new_tokens)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        if max_model_calls is not None and (isinstance(max_model_calls, bool) or not isinstance(max_model_calls, int) or max_model_calls < 0):
+            raise ValueError(f"max_model_calls must be an int >= 0 or None, got {max_model_calls!r}")
+        if search not in ("bfs", "dfs"):
+            raise ValueError(f"search must be 'bfs' or 'dfs', got {search!r}")
+        if evaluator == "model":
+            evaluator = None
+        if evaluator is not None and not callable(evaluator):
+            raise TypeError(f"evaluator must be None, 'model' or a function (question, steps) -> value, got {evaluator!r}")
+        for name, value in (("threshold", threshold), ("temperature", temperature), ("value_temperature", value_temperature)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise TypeError(f"{name} must be a number, got {value!r}")
+        if temperature < 0 or value_temperature < 0:
+            raise ValueError(f"temperatures must be >= 0, got {temperature} and {value_temperature}")
+        if task is None:
+            task = ExpertsTask(n_experts)
+        elif not isinstance(task, ReasoningTask):
+            raise TypeError(f"task must be a ReasoningTask, got {type(task).__name__}")
+        self.llm = llm
+        self.n_experts = n_experts
+        self.max_steps = max_steps
+        self.breadth = breadth
+        self.evaluator = evaluator
+        self.threshold = float(threshold)
+        self.search = search
+        self.task = task
+        self.max_new_tokens = max_new_tokens
+        self.temperature = float(temperature)
+        self.value_max_new_tokens = value_max_new_tokens
+        self.value_temperature = float(value_temperature)
+        self.max_model_calls = max_model_calls
+
+    # -- one search -------------------------------------------------------------------------
+
+    def solve(self, question: str) -> ToTResult:
+        """Search for an answer to `question`; see `ToTResult`."""
+        if not isinstance(question, str):
+            raise TypeError(f"question must be a str, got {type(question).__name__}")
+        self._question = question
+        self._calls = 0
+        self._prompt_tokens: Optional[int] = 0
+        self._completion_tokens: Optional[int] = 0
+        self._order = itertools.count()
+        root = Node(step=question)
+        final = None
+        try:
+            final = self._bfs(root) if self.search == "bfs" else self._dfs(root)
+        except _BudgetExhausted:
+            pass
+        if final is not None:
+            path, answer = final.path(), final.answer
+        else:
+            path, answer = self._best_line(root), None
+        return ToTResult(
+            question=question, answer=answer, path=path, tree=root, model_calls=self._calls,
+            prompt_tokens=self._prompt_tokens, completion_tokens=self._completion_tokens, search=self.search,
+        )
+
+    def _bfs(self, root: Node) -> Optional[Node]:
+        beam = [root]
+        for _ in range(self.max_steps):
+            children = self._expand(beam)
+            final = self._judge(children)
+            if final is not None:
+                return final
+            beam = self._select(children)
+            if not beam:
+                return None
+        return None
+
+    def _dfs(self, node: Node) -> Optional[Node]:
+        if node.depth >= self.max_steps:
+            return None
+        children = self._expand([node])
+        final = self._judge(children)
+        if final is not None:
+            return final
+        for child in self._select(children):
+            final = self._dfs(child)
+            if final is not None:
+                return final
+        return None
+
+    # -- the steps of a round ---------------------------------------------------------------
+
+    def _generate(self, prompts: List[str], max_new_tokens: int, temperature: float) -> List[str]:
+        if self.max_model_calls is not None and self._calls >= self.max_model_calls:
+            raise _BudgetExhausted
+        outputs = self.llm.generate(prompts, max_new_tokens=max_new_tokens, temperature=temperature, stop=list(self.task.stop))
+        self._calls += 1
+        if not isinstance(outputs, (list, tuple)) or len(outputs) != len(prompts):
+            got = f"{len(outputs)} outputs" if isinstance(outputs, (list, tuple)) else type(outputs).__name__
+            raise ValueError(f"llm.generate must return one string per prompt: {len(prompts)} prompts, got {got}")
+        bad = [type(o).__name__ for o in outputs if not isinstance(o, str)]
+        if bad:
+            raise TypeError(f"llm.generate must return strings, got {bad[0]}")
+        usage = getattr(self.llm, "last_usage", None)
+        if usage is None or self._prompt_tokens is None:
+            self._prompt_tokens = self._completion_tokens = None
+        else:
+            self._prompt_tokens += int(usage.prompt_tokens)
+            self._completion_tokens += int(usage.completion_tokens)
+        return list(outputs)
+
+    def _expand(self, nodes: List[Node]) -> List[Node]:
+        """Every expert proposes a step for every node in one batched call; the task reads each
+        proposal (INVALID when unusable, DUPLICATE when an earlier expert on the same line said
+        the same) and spots final answers."""
+        prompts = []
+        for node in nodes:
+            node.order = next(self._order)
+            steps, experts = node.steps(), node.experts()
+            for expert in range(1, self.n_experts + 1):
+                prompts.append(self.task.propose_prompt(self._question, steps, experts, expert))
+        outputs = iter(self._generate(prompts, self.max_new_tokens, self.temperature))
+        children = []
+        for node in nodes:
+            steps = node.steps()
+            seen = set()
+            for expert in range(1, self.n_experts + 1):
+                raw = next(outputs)
+                step = self.task.normalize_step(self._question, steps, raw)
+                child = Node(step=step if step is not None else "", expert=expert, depth=node.depth + 1, parent=node, raw=raw)
+                node.children.append(child)
+                if step is None:
+                    child.status = INVALID
+                    continue
+                if step in seen:
+                    child.status = DUPLICATE
+                    continue
+                seen.add(step)
+                child.status = KEPT  # provisional until judged
+                child.answer = self.task.final_answer(self._question, steps + [step])
+                children.append(child)
+        return children
+
+    def _judge(self, children: List[Node]) -> Optional[Node]:
+        """Score the usable children; experts below the threshold leave (PRUNED). Returns the
+        final node when an expert reached an answer (the best judged one), else None."""
+        if self.task.verifies_answers:
+            finals = [c for c in children if c.answer is not None]
+            if finals:
+                for child in children:
+                    child.status = UNJUDGED
+                finals[0].status = FINAL
+                return finals[0]
+        if not children:
+            return None
+        if self.evaluator is None:
+            prompts = [self.task.value_prompt(self._question, c.steps(), c.experts()) for c in children]
+            outputs = self._generate(prompts, self.value_max_new_tokens, self.value_temperature)
+            values = [self.task.parse_value(text) for text in outputs]
+        else:
+            values = [self.evaluator(self._question, c.steps()) for c in children]
+        for child, value in zip(children, values):
+            child.value = None if value is None else float(value)
+            if child.value is None or child.value < self.threshold:
+                child.status = PRUNED
+        finals = [c for c in children if c.status == KEPT and c.answer is not None]
+        if not finals:
+            return None
+        best = max(finals, key=lambda c: c.value)  # max keeps the first of equal values
+        best.status = FINAL
+        return best
+
+    def _select(self, children: List[Node]) -> List[Node]:
+        """The best `breadth` surviving children, best value first (ties: proposal order);
+        the other survivors are DROPPED."""
+        survivors = sorted((c for c in children if c.status == KEPT), key=lambda c: -c.value)
+        for child in survivors[self.breadth:]:
+            child.status = DROPPED
+        return survivors[: self.breadth]
+
+    @staticmethod
+    def _best_line(root: Node) -> List[Node]:
+        """Without an answer: the deepest line still standing, highest value at its end."""
+        standing = [n for n in root.walk() if n.status == KEPT]
+        if not standing:
+            return []
+        best = max(standing, key=lambda n: (n.depth, n.value if n.value is not None else float("-inf")))
+        return best.path()
