@@ -460,7 +460,7 @@ class BPETokenizer:
 
         def read():
             for p in paths:
-                with open(p, encoding="utf-8") as f:
+                with open(p, encoding="utf-8", newline="") as f:  # keep \r\n as written
                     yield f.read()
 
         return cls.train(read(), vocab_size, **kwargs)
