@@ -13,9 +13,43 @@ def _exists(path):
     return os.path.exists(os.path.join(HERE, path))
 
 
+OPTIM_CPU_SOURCES = ["csrc/optim.cpp", "csrc/adamw_cpu.cpp"]
+OPTIM_CUDA_SOURCES = ["csrc/optim_cuda.cpp", "csrc/adamw.cu"]
+OPTIM_CXX_FLAGS = ["-O3", "-fno-math-errno"]  # no errno lets sqrtf vectorise; results unchanged
+
+
+def _cuda_build_wanted(cpp_extension):
+    """Build the CUDA kernels only with a CUDA torch, an nvcc, and no QLORA_FAST_SKIP_CUDA_BUILD=1."""
+    import torch
+
+    if os.environ.get("QLORA_FAST_SKIP_CUDA_BUILD", "0") == "1" or torch.version.cuda is None:
+        return False
+    return cpp_extension.CUDA_HOME is not None and os.path.exists(os.path.join(cpp_extension.CUDA_HOME, "bin", "nvcc"))
+
+
+def _compiler_available():
+    import shutil
+    import sysconfig
+
+    cxx = os.environ.get("CXX") or (sysconfig.get_config_var("CXX") or "c++").split()[0]
+    return shutil.which(cxx) is not None or shutil.which("c++") is not None
+
+
 def optim_extension(cpp_extension):
-    """The optimizer extension `qlora_fast._C`, or None until its sources exist."""
-    return None
+    """The optimizer extension `qlora_fast._C` (CPU always, CUDA when wanted), or None when its
+    sources or a C++ compiler are missing: the package then JIT-builds it on first use."""
+    if not all(_exists(s) for s in OPTIM_CPU_SOURCES) or not _compiler_available():
+        return None
+    if _cuda_build_wanted(cpp_extension) and all(_exists(s) for s in OPTIM_CUDA_SOURCES):
+        return cpp_extension.CUDAExtension(
+            "qlora_fast._C",
+            OPTIM_CPU_SOURCES + OPTIM_CUDA_SOURCES,
+            extra_compile_args={"cxx": OPTIM_CXX_FLAGS, "nvcc": ["-O3", "-lineinfo"]},
+            optional=True,  # a failed build warns; the package then JIT-builds on first use
+        )
+    return cpp_extension.CppExtension(
+        "qlora_fast._C", OPTIM_CPU_SOURCES, extra_compile_args=OPTIM_CXX_FLAGS, optional=True
+    )
 
 
 def bpe_extension(cpp_extension):

@@ -1,0 +1,82 @@
+// Shared, header-only pieces of the Adam/AdamW updates: per-tensor scalars and the 8-bit
+// code search. Plain C++ (no torch headers) so the CPU and CUDA paths share one definition.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#ifdef __CUDACC__
+#define QF_HOST_DEVICE __host__ __device__
+#else
+#define QF_HOST_DEVICE
+#endif
+
+namespace qlora_fast {
+
+// Elements per 8-bit quantization block (one fp32 absmax each), as in bitsandbytes.
+constexpr int64_t kQuantBlock = 256;
+
+// The scalars of one Adam step for one tensor, computed once on the host in double and
+// rounded to float exactly as torch.optim.AdamW (foreach=False) rounds them.
+struct AdamScalars {
+  float lr;
+  float beta1;
+  float beta2;
+  float one_minus_beta1;   // rounded from double, as torch passes 1 - beta1 to lerp_
+  float one_minus_beta2;
+  float eps;
+  float weight_decay;
+  float step_size;         // lr / (1 - beta1^step)
+  float bias_corr2_sqrt;   // sqrt(1 - beta2^step)
+  float decay_factor;      // 1 - lr * weight_decay (decoupled) or 1
+  int decoupled;           // 1: AdamW (decay the weight), 0: Adam (add wd * p to the gradient)
+};
+
+inline AdamScalars make_adam_scalars(double lr, double beta1, double beta2, double eps,
+                                     double weight_decay, int64_t step, bool decoupled) {
+  AdamScalars s;
+  s.lr = static_cast<float>(lr);
+  s.beta1 = static_cast<float>(beta1);
+  s.beta2 = static_cast<float>(beta2);
+  s.one_minus_beta1 = static_cast<float>(1.0 - beta1);
+  s.one_minus_beta2 = static_cast<float>(1.0 - beta2);
+  s.eps = static_cast<float>(eps);
+  s.weight_decay = static_cast<float>(weight_decay);
+  s.step_size = static_cast<float>(lr / (1.0 - std::pow(beta1, static_cast<double>(step))));
+  s.bias_corr2_sqrt = static_cast<float>(std::sqrt(1.0 - std::pow(beta2, static_cast<double>(step))));
+  s.decay_factor = decoupled ? static_cast<float>(1.0 - lr * weight_decay) : 1.0f;
+  s.decoupled = decoupled ? 1 : 0;
+  return s;
+}
+
+// One element of the update, in fp32. Follows torch's single-tensor AdamW:
+//   p *= 1 - lr*wd;  m = lerp(m, g, 1-beta1);  v = beta2*v + (1-beta2)*g*g;
+//   p -= step_size * m / (sqrt(v)/sqrt(bc2) + eps)
+// torch's lerp computes m + w*(g-m) for w < 0.5 and g - (g-m)*(1-w) otherwise.
+QF_HOST_DEVICE inline void adam_element(const AdamScalars& s, float& p, float g, float& m, float& v) {
+  if (s.decoupled) {
+    p = p * s.decay_factor;
+  } else {
+    g = g + s.weight_decay * p;
+  }
+  const float w = s.one_minus_beta1;
+  const float diff = g - m;
+  m = (w < 0.5f) ? m + w * diff : g - diff * (1.0f - w);
+  v = v * s.beta2 + s.one_minus_beta2 * g * g;
+  const float denom = sqrtf(v) / s.bias_corr2_sqrt + s.eps;
+  p = p - s.step_size * (m / denom);
+}
+
+// Index of the code nearest to x in a sorted 256-entry code, given its 255 midpoints:
+// the first midpoint >= x (ties go to the lower code, like torch.bucketize(right=False)).
+QF_HOST_DEVICE inline int nearest_code(const float* midpoints, float x) {
+  int lo = 0;  // answer in [lo, lo + 256)
+#pragma unroll
+  for (int half = 128; half >= 1; half >>= 1) {
+    // Is the answer above lo + half - 1? i.e. midpoints[lo + half - 1] < x.
+    if (midpoints[lo + half - 1] < x) lo += half;
+  }
+  return lo;
+}
+
+}  // namespace qlora_fast

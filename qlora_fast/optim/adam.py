@@ -1,0 +1,331 @@
+"""Adam and AdamW with fp32 or 8-bit blockwise states, optionally paged between the device and
+host memory, as `torch.optim.Optimizer` subclasses running the fused `qlora_fast._C` ops
+(C++ on the CPU, CUDA kernels on the GPU).
+
+Every optimizer keeps each parameter's states in pages (`paging.Page`); an unpaged optimizer has
+one page per parameter that never leaves the device, so paged and unpaged share one code path
+and one state_dict format (whole flat tensors per parameter, independent of pages and device).
+"""
+import math
+from collections import defaultdict
+from itertools import chain
+from typing import Dict, List, Optional
+
+import torch
+
+from qlora_fast.optim.paging import Budget, PageManager, StepStats, timed
+from qlora_fast.reference.optim import QUANT_BLOCK, dynamic_map
+
+__all__ = ["Adam", "AdamW", "AdamW8bit", "PagedAdamW", "PagedAdamW8bit", "paging_stats"]
+
+_PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+STATE32 = ("exp_avg", "exp_avg_sq")
+STATE8 = ("exp_avg_codes", "exp_avg_sq_codes", "exp_avg_absmax", "exp_avg_sq_absmax")
+
+
+def _ops():
+    from qlora_fast._extension import load
+
+    load()
+    return torch.ops.qlora_fast
+
+
+def _check_hyperparameters(lr, betas, eps, weight_decay) -> None:
+    if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not math.isfinite(lr) or lr < 0.0:
+        raise ValueError(f"lr must be a finite number >= 0, got {lr!r}")
+    if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
+        raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
+    for i, beta in enumerate(betas):
+        if not isinstance(beta, (int, float)) or not 0.0 <= beta < 1.0:
+            raise ValueError(f"betas[{i}] must be in [0, 1), got {beta!r}")
+    if not isinstance(eps, (int, float)) or not eps >= 0.0:
+        raise ValueError(f"eps must be >= 0, got {eps!r}")
+    if not isinstance(weight_decay, (int, float)) or not weight_decay >= 0.0:
+        raise ValueError(f"weight_decay must be >= 0, got {weight_decay!r}")
+
+
+class _PagedAdamBase(torch.optim.Optimizer):
+    """Shared machinery; use the public subclasses.
+
+    `eight_bit`: states quantized per block of 256 (params with fewer than `min_8bit_size`
+    elements keep fp32 states, as bitsandbytes does). `budget` (paged only): see `PageManager`.
+    `page_bytes`: state bytes per page (rounded down to whole 256-element blocks).
+    """
+
+    _decoupled = True
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01, *,
+                 eight_bit=False, min_8bit_size=4096, paged=False, budget: Budget = 0.8,
+                 page_bytes=8 << 20):
+        lr = float(lr) if isinstance(lr, torch.Tensor) else lr
+        _check_hyperparameters(lr, betas, eps, weight_decay)
+        if not isinstance(min_8bit_size, int) or min_8bit_size < 0:
+            raise ValueError(f"min_8bit_size must be an int >= 0, got {min_8bit_size!r}")
+        if not isinstance(page_bytes, int) or isinstance(page_bytes, bool):
+            raise TypeError(f"page_bytes must be an int, got {page_bytes!r}")
+        self._eight_bit = eight_bit
+        self._min_8bit_size = min_8bit_size
+        self._paged = paged
+        self._budget = budget if paged else None
+        # A page holds whole quantization blocks; fp32 states take 8 bytes per element, 8-bit
+        # ones 2 bytes plus two fp32 absmax per 256 elements.
+        self._page_elements = {
+            "32bit": page_bytes // 8 // QUANT_BLOCK * QUANT_BLOCK,
+            "8bit": page_bytes // (2 * QUANT_BLOCK + 8) * QUANT_BLOCK,
+        }
+        if paged and min(self._page_elements.values()) < QUANT_BLOCK:
+            raise ValueError(f"page_bytes must hold at least {QUANT_BLOCK} elements of state "
+                             f"({8 * QUANT_BLOCK} bytes), got {page_bytes}")
+        self._page_bytes = page_bytes
+        self._managers: Dict[torch.device, PageManager] = {}
+        self._maps: Dict[torch.device, tuple] = {}
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
+        super().__init__(params, defaults)
+
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        _check_hyperparameters(group["lr"], group["betas"], group["eps"], group["weight_decay"])
+        for p in group["params"]:
+            if p.dtype not in _PARAM_DTYPES:
+                raise TypeError(f"parameters must be float32, bfloat16 or float16, got {p.dtype}")
+            if not p.is_contiguous():
+                raise ValueError("parameters must be contiguous (states are paged over the flat parameter)")
+
+    # ---- states and pages --------------------------------------------------------------
+    def _manager(self, device: torch.device) -> PageManager:
+        manager = self._managers.get(device)
+        if manager is None:
+            min_bytes = self._page_bytes if self._paged else 0
+            manager = PageManager(device, self._budget, min_budget_bytes=min_bytes)
+            self._managers[device] = manager
+        return manager
+
+    def _kind(self, p: torch.Tensor) -> str:
+        return "8bit" if self._eight_bit and p.numel() >= self._min_8bit_size else "32bit"
+
+    def _page_ranges(self, p: torch.Tensor, kind: str):
+        n = p.numel()
+        size = self._page_elements[kind] if self._paged else max(n, 1)
+        return [(s, min(n, s + size)) for s in range(0, n, size)] or [(0, 0)]
+
+    @staticmethod
+    def _empty_states(kind: str, n: int, device) -> Dict[str, torch.Tensor]:
+        if kind == "32bit":
+            return {name: torch.zeros(n, dtype=torch.float32, device=device) for name in STATE32}
+        blocks = -(-n // QUANT_BLOCK)
+        return {
+            "exp_avg_codes": torch.zeros(n, dtype=torch.uint8, device=device),
+            "exp_avg_sq_codes": torch.zeros(n, dtype=torch.uint8, device=device),
+            "exp_avg_absmax": torch.zeros(blocks, dtype=torch.float32, device=device),
+            "exp_avg_sq_absmax": torch.zeros(blocks, dtype=torch.float32, device=device),
+        }
+
+    def _init_state(self, p: torch.Tensor, flat: Optional[Dict[str, torch.Tensor]] = None, step: int = 0):
+        """Create the pages of `p`: zeros, or slices of `flat` (whole-tensor states) when given."""
+        kind = self._kind(p)
+        manager = self._manager(p.device)
+        pages = []
+        for start, end in self._page_ranges(p, kind):
+            if flat is None:
+                tensors = self._empty_states(kind, end - start, p.device)
+            else:
+                b0, b1 = start // QUANT_BLOCK, -(-end // QUANT_BLOCK)
+                tensors = {
+                    name: (t[b0:b1] if name.endswith("absmax") else t[start:end]).to(p.device, copy=True)
+                    for name, t in flat.items()
+                }
+            pages.append(manager.add(start, end, tensors))
+        self.state[p] = {"step": step, "kind": kind, "pages": pages}
+
+    def _maps_on(self, device: torch.device):
+        maps = self._maps.get(device)
+        if maps is None:
+            maps = (dynamic_map(True).to(device), dynamic_map(False).to(device))
+            self._maps[device] = maps
+        return maps
+
+    # ---- the step ----------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, closure=None):
+        """One update of every parameter that has a gradient; returns the closure's loss."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        work = defaultdict(list)  # device -> [(group, param, grad, state)]
+        for group in self.param_groups:
+            lr = group["lr"]
+            if isinstance(lr, torch.Tensor):
+                lr = group["lr"] = float(lr)
+            _check_hyperparameters(lr, group["betas"], group["eps"], group["weight_decay"])
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                grad = p.grad
+                if grad.is_sparse or grad.layout != torch.strided:
+                    raise TypeError("qlora_fast Adam optimizers do not support sparse gradients")
+                if grad.is_complex() or p.is_complex():
+                    raise TypeError("qlora_fast Adam optimizers do not support complex parameters or gradients")
+                if grad.dtype != p.dtype or grad.shape != p.shape:
+                    raise TypeError(f"gradient {grad.dtype} {tuple(grad.shape)} does not match its "
+                                    f"parameter {p.dtype} {tuple(p.shape)}")
+                if p not in self.state or "pages" not in self.state[p]:
+                    self._init_state(p)
+                state = self.state[p]
+                state["step"] += 1
+                work[p.device].append((group, p, grad.contiguous(), state))
+        for device, items in work.items():
+            self._step_device(self._manager(device), items)
+        return loss
+
+    def _step_device(self, manager: PageManager, items) -> None:
+        stats = StepStats()
+        sync = manager.paged
+        with timed(stats, "total_s", manager, sync):
+            with timed(stats, "plan_s", manager, sync):
+                manager.plan(stats)
+            resident = defaultdict(list)  # (group index, kind) -> [(param view, grad view, state tensors, step)]
+            streamed = []
+            for group, p, grad, state in items:
+                gi = id(group)
+                pflat, gflat = p.detach().view(-1), grad.view(-1)
+                for page in state["pages"]:
+                    manager.touch(page)
+                    entry = (group, pflat[page.start:page.end], gflat[page.start:page.end], state, page)
+                    (resident[(gi, state["kind"])] if page.on_device else streamed).append(entry)
+            with timed(stats, "resident_update_s", manager, sync):
+                for (_, kind), entries in resident.items():
+                    self._update(manager.device, kind, entries[0][0], entries, [e[4].tensors for e in entries])
+            with timed(stats, "streamed_update_s", manager, sync):
+                by_page = {id(e[4]): e for e in streamed}
+
+                def update(page, device_tensors):
+                    e = by_page[id(page)]
+                    self._update(manager.device, e[3]["kind"], e[0], [e], [device_tensors])
+
+                manager.stream([e[4] for e in streamed], update, stats)
+        manager.finish_step(stats)
+
+    def _update(self, device, kind, group, entries, states) -> None:
+        ops = _ops()
+        beta1, beta2 = group["betas"]
+        args = ([e[1] for e in entries], [e[2] for e in entries])
+        steps = [e[3]["step"] for e in entries]
+        hyper = (float(group["lr"]), float(beta1), float(beta2), float(group["eps"]),
+                 float(group["weight_decay"]), self._decoupled)
+        if kind == "32bit":
+            ops.adam_step_(*args, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states], steps, *hyper)
+        else:
+            signed, unsigned = self._maps_on(device)
+            ops.adam8bit_step_(*args, *([s[name] for s in states] for name in STATE8), signed, unsigned, steps, *hyper)
+
+    # ---- state_dict ----------------------------------------------------------------------
+    def _flat_state(self, state: dict) -> dict:
+        """Whole-tensor states of one parameter (pages joined; on the host when paged)."""
+        pages = state["pages"]
+        out = {"step": state["step"], "kind": state["kind"]}
+        for name in pages[0].tensors:
+            parts = [pg.tensors[name] for pg in pages]
+            if len(parts) == 1 and not self._paged:
+                out[name] = parts[0]
+            else:
+                out[name] = torch.cat([t.cpu() for t in parts])
+        return out
+
+    def state_dict(self) -> dict:
+        """torch's layout; each parameter's state is {"step", "kind" ("32bit"/"8bit"), and its
+        whole state tensors} whatever the paging, so it loads into paged or unpaged optimizers
+        on any device."""
+        for manager in self._managers.values():
+            manager.synchronize()
+        sd = super().state_dict()
+        sd["state"] = {k: (self._flat_state(v) if "pages" in v else v) for k, v in sd["state"].items()}
+        return sd
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Load a `state_dict()` (from a paged or unpaged optimizer, any device): states move to
+        each parameter's device keeping their dtypes (fp32 moments, uint8 codes)."""
+        saved_groups = state_dict["param_groups"]
+        saved_ids = list(chain.from_iterable(g["params"] for g in saved_groups))
+        params = list(chain.from_iterable(g["params"] for g in self.param_groups))
+        if len(saved_ids) != len(params):
+            raise ValueError(f"state_dict has {len(saved_ids)} parameters, this optimizer {len(params)}")
+        saved_states = state_dict["state"]
+        for manager in self._managers.values():
+            manager.pages.clear()
+        super().load_state_dict({**state_dict, "state": {}})
+        self.state = defaultdict(dict)
+        for saved_id, p in zip(saved_ids, params):
+            if saved_id not in saved_states:
+                continue
+            saved = dict(saved_states[saved_id])
+            kind = self._kind(p)
+            if saved.get("kind") != kind:
+                raise ValueError(f"parameter {saved_id} has {saved.get('kind')!r} states in the state_dict "
+                                 f"but this optimizer keeps {kind!r} states for it")
+            names = STATE32 if kind == "32bit" else STATE8
+            flat = {name: saved[name] for name in names}
+            n = p.numel()
+            for name, t in flat.items():
+                want = -(-n // QUANT_BLOCK) if name.endswith("absmax") else n
+                if t.numel() != want:
+                    raise ValueError(f"state {name!r} of parameter {saved_id} has {t.numel()} elements, expected {want}")
+            flat = {name: t.reshape(-1) for name, t in flat.items()}
+            self._init_state(p, flat, step=int(saved["step"]))
+
+    # ---- paging stats --------------------------------------------------------------------
+    def paging_stats(self) -> dict:
+        """Per device: resident and host bytes of the states, page counts, staging bytes, bytes
+        moved each way (total and last step), and the last step's time split in seconds
+        (plan, resident update, streamed update, total; device-synchronised when paged)."""
+        return {str(d): m.stats() for d, m in self._managers.items()}
+
+
+def paging_stats(optimizer) -> dict:
+    """`optimizer.paging_stats()` for any qlora_fast optimizer."""
+    return optimizer.paging_stats()
+
+
+class Adam(_PagedAdamBase):
+    """Adam (L2 weight decay added to the gradient) with fp32 states."""
+
+    _decoupled = False
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
+        super().__init__(params, lr, betas, eps, weight_decay)
+
+
+class AdamW(_PagedAdamBase):
+    """AdamW (decoupled weight decay) with fp32 states; follows torch.optim.AdamW to float
+    rounding. Parameters may be float32, bfloat16 or float16 (updated in fp32, rounded once)."""
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01):
+        super().__init__(params, lr, betas, eps, weight_decay)
+
+
+class AdamW8bit(_PagedAdamBase):
+    """AdamW with 8-bit blockwise states (a quarter of the fp32 state memory); parameters with
+    fewer than `min_8bit_size` elements keep fp32 states."""
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01, min_8bit_size=4096):
+        super().__init__(params, lr, betas, eps, weight_decay, eight_bit=True, min_8bit_size=min_8bit_size)
+
+
+class PagedAdamW(_PagedAdamBase):
+    """AdamW with fp32 states in pages of `page_bytes` that stay on the device within `budget`
+    (bytes, or a fraction of free device memory re-read each step) and otherwise live in pinned
+    host memory, streamed through the device for their update."""
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01, *,
+                 budget: Budget = 0.8, page_bytes=8 << 20):
+        super().__init__(params, lr, betas, eps, weight_decay, paged=True, budget=budget, page_bytes=page_bytes)
+
+
+class PagedAdamW8bit(_PagedAdamBase):
+    """`PagedAdamW` with 8-bit blockwise states (see `AdamW8bit`)."""
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01, *,
+                 min_8bit_size=4096, budget: Budget = 0.8, page_bytes=8 << 20):
+        super().__init__(params, lr, betas, eps, weight_decay, eight_bit=True, min_8bit_size=min_8bit_size,
+                         paged=True, budget=budget, page_bytes=page_bytes)

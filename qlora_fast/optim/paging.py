@@ -1,0 +1,292 @@
+"""Optimizer states in fixed-size pages that live on the device while they fit a budget and in
+(pinned) host memory otherwise.
+
+A page holds the states of one contiguous slice of one parameter (at most `page_elements`
+elements, a multiple of the 256-element quantization block), so any page can be updated on its
+own. Each step, `PageManager.plan` re-reads the budget and moves whole pages: the least recently
+used resident pages go to the host until the resident bytes fit, then host pages come back (most
+recently used first) while they fit. Pages left on the host are streamed through two device
+staging slots: on CUDA the copies run on a side stream, so copying page i+1 in and page i-1 out
+overlaps the update of page i. Nothing uses unified memory: every move is an explicit copy.
+
+On a CPU-only machine "device" and "host" are both the CPU; the bookkeeping, copies and stats
+all still run, which is how the logic is tested without a GPU.
+"""
+import contextlib
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Union
+
+import torch
+
+Budget = Union[None, int, float]
+
+
+@dataclass
+class Page:
+    """States of elements [start, end) of one parameter; `tensors` maps state name to tensor."""
+
+    start: int
+    end: int
+    tensors: Dict[str, torch.Tensor]
+    on_device: bool
+    last_used: int = 0
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors.values())
+
+
+@dataclass
+class StepStats:
+    """What one step did: bytes copied each way and where the time went (seconds)."""
+
+    h2d_bytes: int = 0
+    d2h_bytes: int = 0
+    plan_s: float = 0.0
+    resident_update_s: float = 0.0
+    streamed_update_s: float = 0.0
+    total_s: float = 0.0
+    pages_streamed: int = 0
+
+
+@dataclass
+class PagingTotals:
+    h2d_bytes: int = 0
+    d2h_bytes: int = 0
+    steps: int = 0
+    last: StepStats = field(default_factory=StepStats)
+
+
+def _available_bytes(device: torch.device) -> int:
+    """Free memory on `device` now: the CUDA allocator's view, or MemAvailable for the CPU."""
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return int(free)
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+class PageManager:
+    """Residency, budget and copies of the pages of one optimizer on one device.
+
+    `budget`: None (every page stays on the device), an int (bytes of resident pages), or a float
+    in (0, 1] (that fraction of the device memory that is free or already held by resident pages,
+    re-read at every `plan`). The two staging slots (one page each) are allocated beyond the
+    budget, only while some page lives on the host.
+    """
+
+    def __init__(self, device: torch.device, budget: Budget = None, min_budget_bytes: int = 0):
+        self.device = torch.device(device)
+        if budget is not None:
+            if isinstance(budget, bool) or not isinstance(budget, (int, float)):
+                raise TypeError(f"budget must be None, an int (bytes) or a float fraction, got {budget!r}")
+            if isinstance(budget, float) and not 0.0 < budget <= 1.0:
+                raise ValueError(f"a fractional budget must be in (0, 1], got {budget}")
+            if isinstance(budget, int) and budget < min_budget_bytes:
+                raise ValueError(
+                    f"budget of {budget} bytes is smaller than one page ({min_budget_bytes} bytes); "
+                    "raise the budget or lower page_bytes"
+                )
+        self.budget = budget
+        self.pages: List[Page] = []
+        self.clock = 0
+        self.totals = PagingTotals()
+        self._staging: Dict[tuple, List[torch.Tensor]] = {}
+        self._side_stream = None
+        self.last_budget_bytes: Optional[int] = None
+
+    # ---- bookkeeping -------------------------------------------------------------------
+    @property
+    def paged(self) -> bool:
+        return self.budget is not None
+
+    def resident_bytes(self) -> int:
+        return sum(p.nbytes for p in self.pages if p.on_device)
+
+    def host_bytes(self) -> int:
+        return sum(p.nbytes for p in self.pages if not p.on_device)
+
+    def budget_bytes(self) -> Optional[int]:
+        """The budget now, in bytes (None when unlimited)."""
+        if self.budget is None:
+            return None
+        if isinstance(self.budget, int):
+            return self.budget
+        return int(self.budget * (_available_bytes(self.device) + self.resident_bytes()))
+
+    def _pin(self) -> bool:
+        return self.device.type == "cuda"
+
+    def _to_host(self, t: torch.Tensor) -> torch.Tensor:
+        out = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=self._pin())
+        out.copy_(t)
+        return out
+
+    def add(self, start: int, end: int, tensors: Dict[str, torch.Tensor]) -> Page:
+        """Register a new page whose `tensors` are on the device; it moves to the host if the
+        budget has no room for it."""
+        page = Page(start, end, tensors, on_device=True, last_used=self.clock)
+        budget = self.budget_bytes()
+        if budget is not None and self.resident_bytes() + page.nbytes > budget:
+            self._move(page, to_device=False, stats=None)
+        self.pages.append(page)
+        return page
+
+    def remove(self, pages: List[Page]) -> None:
+        gone = {id(p) for p in pages}
+        self.pages = [p for p in self.pages if id(p) not in gone]
+
+    def _move(self, page: Page, to_device: bool, stats: Optional[StepStats]) -> None:
+        if page.on_device == to_device:
+            return
+        if to_device:
+            page.tensors = {k: t.to(self.device, non_blocking=True) for k, t in page.tensors.items()}
+        else:
+            page.tensors = {k: self._to_host(t) for k, t in page.tensors.items()}
+        page.on_device = to_device
+        if stats is not None:
+            if to_device:
+                stats.h2d_bytes += page.nbytes
+            else:
+                stats.d2h_bytes += page.nbytes
+
+    def plan(self, stats: StepStats) -> None:
+        """Fit the resident pages to the budget read now: evict least recently used pages, then
+        bring back host pages, most recently used first, while they fit."""
+        budget = self.budget_bytes()
+        self.last_budget_bytes = budget
+        if budget is None:
+            return
+        resident = sorted((p for p in self.pages if p.on_device), key=lambda p: p.last_used)
+        used = sum(p.nbytes for p in resident)
+        for page in resident:
+            if used <= budget:
+                break
+            self._move(page, to_device=False, stats=stats)
+            used -= page.nbytes
+        for page in sorted((p for p in self.pages if not p.on_device), key=lambda p: -p.last_used):
+            if used + page.nbytes <= budget:
+                self._move(page, to_device=True, stats=stats)
+                used += page.nbytes
+        if not any(not p.on_device for p in self.pages):
+            self._staging.clear()  # everything fits: give the staging memory back
+
+    def touch(self, page: Page) -> None:
+        self.clock += 1
+        page.last_used = self.clock
+
+    # ---- streaming ---------------------------------------------------------------------
+    def _prepare_slots(self, pages: List[Page]) -> None:
+        """Size both staging slots for the largest of `pages` before any copy is queued, so no
+        slot is reallocated while a copy on the side stream may still use it."""
+        need: Dict[tuple, int] = {}
+        for page in pages:
+            for name, t in page.tensors.items():
+                key = (name, t.dtype)
+                need[key] = max(need.get(key, 0), t.numel())
+        for key, numel in need.items():
+            slots = self._staging.get(key)
+            if slots is None or slots[0].numel() < numel:
+                self._staging[key] = [torch.empty(numel, dtype=key[1], device=self.device) for _ in range(2)]
+
+    def _slot(self, index: int, page: Page) -> Dict[str, torch.Tensor]:
+        """Device views for `page` in staging slot `index` (0 or 1)."""
+        return {
+            name: self._staging[(name, t.dtype)][index][: t.numel()].view(t.shape)
+            for name, t in page.tensors.items()
+        }
+
+    def stream(self, pages: List[Page], update: Callable[[Page, Dict[str, torch.Tensor]], None],
+               stats: StepStats) -> None:
+        """Run `update(page, device_tensors)` for host pages through the two staging slots, the
+        copies (on a side stream on CUDA) overlapped with the updates."""
+        if not pages:
+            return
+        cuda = self.device.type == "cuda"
+        if cuda and self._side_stream is None:
+            self._side_stream = torch.cuda.Stream(self.device)
+        main = torch.cuda.current_stream(self.device) if cuda else None
+        self._prepare_slots(pages)
+        side_ctx = (lambda: torch.cuda.stream(self._side_stream)) if cuda else contextlib.nullcontext
+        loaded = [None] * len(pages)  # event: page i is in its slot
+
+        def load(i):
+            views = self._slot(i % 2, pages[i])
+            with side_ctx():
+                for name, t in pages[i].tensors.items():
+                    views[name].copy_(t, non_blocking=True)
+                    stats.h2d_bytes += t.numel() * t.element_size()
+                if cuda:
+                    loaded[i] = self._side_stream.record_event()
+            return views
+
+        views_of = {0: load(0)}
+        if len(pages) > 1:
+            views_of[1] = load(1)
+        for i, page in enumerate(pages):
+            views = views_of.pop(i)
+            if cuda:
+                main.wait_event(loaded[i])
+            update(page, views)
+            with side_ctx():
+                if cuda:
+                    self._side_stream.wait_event(main.record_event())
+                for name, t in page.tensors.items():
+                    t.copy_(views[name], non_blocking=True)
+                    stats.d2h_bytes += t.numel() * t.element_size()
+            if i + 2 < len(pages):
+                # Same slot as page i: queued on the side stream after page i's copy out.
+                views_of[i + 2] = load(i + 2)
+        if cuda:
+            main.wait_stream(self._side_stream)
+        stats.pages_streamed += len(pages)
+
+    def synchronize(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def finish_step(self, stats: StepStats) -> None:
+        self.totals.h2d_bytes += stats.h2d_bytes
+        self.totals.d2h_bytes += stats.d2h_bytes
+        self.totals.steps += 1
+        self.totals.last = stats
+
+    def stats(self) -> dict:
+        last = self.totals.last
+        return {
+            "device": str(self.device),
+            "budget_bytes": self.last_budget_bytes,
+            "resident_bytes": self.resident_bytes(),
+            "host_bytes": self.host_bytes(),
+            "pages_resident": sum(1 for p in self.pages if p.on_device),
+            "pages_host": sum(1 for p in self.pages if not p.on_device),
+            "staging_bytes": sum(s.numel() * s.element_size() for slots in self._staging.values() for s in slots),
+            "h2d_bytes_total": self.totals.h2d_bytes,
+            "d2h_bytes_total": self.totals.d2h_bytes,
+            "steps": self.totals.steps,
+            "last_step": dict(vars(last)),
+        }
+
+
+def timed(stats: StepStats, attr: str, manager: PageManager, sync: bool):
+    """Context manager adding the wall time of a block (device-synchronised when `sync`) to `stats.attr`."""
+
+    @contextlib.contextmanager
+    def _ctx():
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            if sync:
+                manager.synchronize()
+            setattr(stats, attr, getattr(stats, attr) + time.perf_counter() - t0)
+
+    return _ctx()

@@ -1,0 +1,108 @@
+"""Plain-PyTorch Adam/AdamW updates with fp32 or 8-bit blockwise states: the test oracle and
+benchmark baseline for the `qlora_fast._C` optimizer ops (same math, same rounding points).
+
+8-bit states follow bitsandbytes' blockwise 8-bit optimizers: blocks of 256 elements, one fp32
+absmax per block, the first moment coded with the signed dynamic map and the second with the
+unsigned one, requantized to the nearest code after each update.
+"""
+import math
+
+import torch
+
+QUANT_BLOCK = 256
+
+__all__ = [
+    "QUANT_BLOCK",
+    "dynamic_map",
+    "quantize_blockwise_ref",
+    "dequantize_blockwise_ref",
+    "adam_step_ref",
+    "adam8bit_step_ref",
+]
+
+
+def dynamic_map(signed: bool = True) -> torch.Tensor:
+    """The 256-value dynamic 8-bit code (sorted fp32): a sign bit when `signed`, a run of zero
+    bits giving the decimal exponent (10^-6 .. 10^0), and the remaining bits a linear fraction in
+    (0.1, 1) at its midpoints; plus 0 and 1. Same values as bitsandbytes' `create_dynamic_map`."""
+    exponent_bits = 7
+    values = []
+    for i in range(exponent_bits):
+        # With a sign bit, exponent i leaves i bits of fraction; without, i + 1.
+        n_fraction = 2 ** (i + (0 if signed else 1)) + 1
+        edges = torch.linspace(0.1, 1, n_fraction, dtype=torch.float32)
+        means = (edges[:-1] + edges[1:]) / 2.0
+        scale = 10 ** (-(exponent_bits - 1) + i)
+        values += (scale * means).tolist()  # scaled in fp32, as bitsandbytes rounds them
+        if signed:
+            values += (-scale * means).tolist()
+    values += [0.0, 1.0]
+    values += [0.0] * (256 - len(values))
+    return torch.tensor(sorted(values), dtype=torch.float32)
+
+
+def quantize_blockwise_ref(x: torch.Tensor, code: torch.Tensor, block: int = QUANT_BLOCK):
+    """(codes uint8 like x.flatten(), absmax fp32 (ceil(n/block),)): each value scaled by its
+    block's absmax (an all-zero block scales by 0) and rounded to the nearest code, ties to the
+    lower code."""
+    flat = x.detach().reshape(-1).float()
+    n = flat.numel()
+    blocks = -(-n // block)
+    padded = torch.zeros(blocks * block, dtype=torch.float32, device=flat.device)
+    padded[:n] = flat
+    absmax = padded.view(blocks, block).abs().amax(dim=1)
+    inv = torch.where(absmax > 0, 1.0 / absmax, torch.zeros_like(absmax))
+    scaled = (padded.view(blocks, block) * inv[:, None]).clamp(-1, 1).reshape(-1)[:n]
+    midpoints = (code[:-1] + code[1:]) * 0.5
+    codes = torch.bucketize(scaled, midpoints.to(scaled.device), right=False).to(torch.uint8)
+    return codes, absmax
+
+
+def dequantize_blockwise_ref(codes: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor,
+                             block: int = QUANT_BLOCK) -> torch.Tensor:
+    """fp32 values of `codes` (flat), code value times the block's absmax."""
+    n = codes.numel()
+    idx = torch.arange(n, device=codes.device) // block
+    return code.to(codes.device)[codes.reshape(-1).long()] * absmax[idx]
+
+
+def _adam_math(p32, g32, m, v, step, lr, beta1, beta2, eps, weight_decay, decoupled):
+    """In-place fp32 update of p32, m, v, in torch.optim.AdamW's (single-tensor) op order."""
+    if decoupled:
+        p32.mul_(1 - lr * weight_decay)
+    else:
+        g32 = g32.add(p32, alpha=weight_decay)
+    m.lerp_(g32, 1 - beta1)
+    v.mul_(beta2).addcmul_(g32, g32, value=1 - beta2)
+    step_size = lr / (1 - beta1**step)
+    denom = (v.sqrt() / math.sqrt(1 - beta2**step)).add_(eps)
+    p32.addcdiv_(m, denom, value=-step_size)
+
+
+def adam_step_ref(param, grad, exp_avg, exp_avg_sq, step, lr=1e-3, betas=(0.9, 0.999), eps=1e-8,
+                  weight_decay=0.0, decoupled=True):
+    """One Adam (decoupled=False) or AdamW step on one tensor, in place. `exp_avg`/`exp_avg_sq`
+    are fp32; the param (fp32, bf16 or fp16) is updated in fp32 and rounded back once."""
+    p32 = param.detach().float()
+    _adam_math(p32, grad.float(), exp_avg, exp_avg_sq, step, lr, betas[0], betas[1], eps, weight_decay, decoupled)
+    param.detach().copy_(p32)
+
+
+def adam8bit_step_ref(param, grad, m_codes, v_codes, m_absmax, v_absmax, step, lr=1e-3,
+                      betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, decoupled=True,
+                      signed_map=None, unsigned_map=None):
+    """One step with 8-bit blockwise states, in place: dequantize, update as `adam_step_ref`,
+    requantize each block with its new absmax."""
+    signed_map = dynamic_map(True) if signed_map is None else signed_map
+    unsigned_map = dynamic_map(False) if unsigned_map is None else unsigned_map
+    m = dequantize_blockwise_ref(m_codes, m_absmax, signed_map)
+    v = dequantize_blockwise_ref(v_codes, v_absmax, unsigned_map)
+    p32 = param.detach().float().reshape(-1)
+    _adam_math(p32, grad.float().reshape(-1), m, v, step, lr, betas[0], betas[1], eps, weight_decay, decoupled)
+    param.detach().copy_(p32.view_as(param))
+    mq, ma = quantize_blockwise_ref(m, signed_map)
+    vq, va = quantize_blockwise_ref(v, unsigned_map)
+    m_codes.copy_(mq.view_as(m_codes))
+    v_codes.copy_(vq.view_as(v_codes))
+    m_absmax.copy_(ma)
+    v_absmax.copy_(va)
