@@ -175,7 +175,7 @@ def lora_matmul(a, weight: Weight, lo, hi, scale: float, bias=None, mask=None, t
     return out[0] if split == 1 else out.sum(0).to(a.dtype)
 
 
-def _check(x, weight, lora_A, lora_B, bias, dropout_mask, method):
+def _check(x, weight, lora_A, lora_B, bias, same_shape, method):
     out_features, in_features = _weight_shape(weight)
     if method not in ("auto", "fused", "vendor"):
         raise ValueError(f"method must be 'auto', 'fused' or 'vendor', got {method!r}")
@@ -184,7 +184,7 @@ def _check(x, weight, lora_A, lora_B, bias, dropout_mask, method):
     if lora_A.shape != (r, in_features) or lora_B.shape != (out_features, r):
         raise ValueError(f"lora_A must be (r, {in_features}) and lora_B ({out_features}, r), "
                          f"got {tuple(lora_A.shape)} and {tuple(lora_B.shape)}")
-    tensors = {"lora_A": lora_A, "lora_B": lora_B, "bias": bias, "dropout_mask": dropout_mask}
+    tensors = {"lora_A": lora_A, "lora_B": lora_B, "bias": bias, "x_adapter/dropout_mask": same_shape}
     if isinstance(weight, torch.Tensor):
         tensors["weight"] = weight
     for name, t in tensors.items():
@@ -192,26 +192,26 @@ def _check(x, weight, lora_A, lora_B, bias, dropout_mask, method):
             raise TypeError(f"{name} must have x's dtype {x.dtype}, got {t.dtype}")
     if bias is not None and bias.shape != (out_features,):
         raise ValueError(f"bias must be ({out_features},), got {tuple(bias.shape)}")
-    if dropout_mask is not None and dropout_mask.shape != x.shape:
-        raise ValueError(f"dropout_mask must have x's shape {tuple(x.shape)}, got {tuple(dropout_mask.shape)}")
+    if same_shape is not None and same_shape.shape != x.shape:
+        raise ValueError(f"x_adapter/dropout_mask must have x's shape {tuple(x.shape)}, got {tuple(same_shape.shape)}")
     return out_features, in_features
 
 
-def lora_forward(x, weight: Weight, lora_A, lora_B, scale: float, bias=None, dropout_mask=None,
+def lora_forward(x, weight: Weight, lora_A, lora_B, scale: float, bias=None, x_adapter=None,
                  method="auto"):
-    """y = x W^T + scale * ((x * dropout_mask) A^T) B^T + bias; returns (y, xa = (x * mask) A^T).
+    """y = x W^T + scale * (x_adapter A^T) B^T + bias; returns (y, xa = x_adapter A^T).
 
-    x (..., in) in float16/bfloat16/float32; W (out, in) dense in x's dtype or a Weight4bit;
-    lora_A (r, in), lora_B (out, r), bias (out,), dropout_mask (x's shape, values 0 or 1/(1-p))
-    all in x's dtype. y is (..., out) and xa (M, r) with M = x.numel() // in.
+    x (..., in) in float16/bfloat16/float32; x_adapter: the adapter's input (x with dropout
+    applied, x's shape) or None for x itself; W (out, in) dense in x's dtype or a Weight4bit;
+    lora_A (r, in), lora_B (out, r), bias (out,) in x's dtype. y is (..., out) and xa (M, r)
+    with M = x.numel() // in.
     """
-    out_features, in_features = _check(x, weight, lora_A, lora_B, bias, dropout_mask, method)
+    out_features, in_features = _check(x, weight, lora_A, lora_B, bias, x_adapter, method)
     if x.shape[-1] != in_features:
         raise ValueError(f"x must have last dimension {in_features}, got shape {tuple(x.shape)}")
     lead = x.shape[:-1]
     x2 = x.reshape(-1, in_features)
-    x_adapter = x2 if dropout_mask is None else x2 * dropout_mask.reshape(-1, in_features)
-    xa = x_adapter @ lora_A.t()
+    xa = (x2 if x_adapter is None else x_adapter.reshape(-1, in_features)) @ lora_A.t()
     if method == "fused" or (method == "auto" and x2.shape[0] <= SKINNY_MAX_M):
         y = lora_matmul(x2, weight, xa, lora_B.t(), scale, bias=bias)
     else:

@@ -145,8 +145,8 @@ def _nf4_matmul_kernel(
         )
         acc += tl.dot(x.to(DOT_DTYPE), w.to(DOT_DTYPE), input_precision=INPUT_PRECISION)
     if HAS_BIAS:
-        bias = tl.load(bias_ptr + offs_n, mask=n_mask & (pid_s == 0), other=0.0).to(tl.float32)
-        acc += bias[None, :]
+        if pid_s == 0:
+            acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
     out_ptrs = out_ptr + pid_s * stride_os + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
 
