@@ -1,2 +1,162 @@
-"""4-bit quantization ops (dispatch + torch.library registration)."""
-__all__ = []
+"""4-bit quantization ops: argument checks, kernel/reference dispatch, torch.library registration.
+
+`quantize_4bit` and `dequantize_4bit` are the public entry points. Their tensor work goes through
+the custom ops `qlora_fast::quantize_4bit`, `qlora_fast::quantize_absmax` and
+`qlora_fast::dequantize_4bit`, each with a fake (meta) implementation so that
+`torch.compile(fullgraph=True)` traces through them. Each op runs the Triton kernel when
+`use_kernels` says so (CUDA tensors by default) and the PyTorch reference otherwise.
+"""
+from typing import Optional
+
+import torch
+
+from qlora_fast.functional._dispatch import use_kernels
+from qlora_fast.quant_state import FLOAT_DTYPES, QUANT_TYPES, QuantState
+from qlora_fast.reference import quant as ref
+
+__all__ = ["quantize_4bit", "dequantize_4bit"]
+
+MIN_BLOCKSIZE = 32
+MAX_BLOCKSIZE = 4096
+
+
+def _kernels():
+    from qlora_fast.kernels import nf4
+
+    return nf4
+
+
+@torch.library.custom_op("qlora_fast::quantize_4bit", mutates_args=())
+def _quantize_4bit_op(x: torch.Tensor, blocksize: int, quant_type: str) -> tuple[torch.Tensor, torch.Tensor]:
+    if use_kernels(x):
+        return _kernels().quantize_4bit(x, blocksize, quant_type)
+    return ref.quantize_4bit_ref(x, blocksize, quant_type)
+
+
+@_quantize_4bit_op.register_fake
+def _(x, blocksize, quant_type):
+    n = x.numel()
+    return x.new_empty(((n + 1) // 2, 1), dtype=torch.uint8), x.new_empty((-(-n // blocksize),), dtype=torch.float32)
+
+
+@torch.library.custom_op("qlora_fast::quantize_absmax", mutates_args=())
+def _quantize_absmax_op(absmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if use_kernels(absmax):
+        return _kernels().quantize_absmax(absmax)
+    return ref.quantize_absmax_ref(absmax)
+
+
+@_quantize_absmax_op.register_fake
+def _(absmax):
+    blocks = -(-absmax.numel() // ref.NESTED_BLOCKSIZE)
+    return (
+        absmax.new_empty(absmax.shape, dtype=torch.uint8),
+        absmax.new_empty((blocks,), dtype=torch.float32),
+        absmax.new_empty((), dtype=torch.float32),
+    )
+
+
+@torch.library.custom_op("qlora_fast::dequantize_4bit", mutates_args=())
+def _dequantize_4bit_op(
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    nested_absmax: Optional[torch.Tensor],
+    nested_code: Optional[torch.Tensor],
+    offset: Optional[torch.Tensor],
+    numel: int,
+    blocksize: int,
+    quant_type: str,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    if use_kernels(packed):
+        return _kernels().dequantize_4bit(
+            packed, absmax, numel, blocksize, quant_type, out_dtype,
+            nested_absmax=nested_absmax, nested_code=nested_code, offset=offset,
+        )
+    if nested_absmax is not None:
+        absmax = ref.dequantize_absmax_ref(absmax, nested_absmax, offset, nested_code)
+    return ref.dequantize_4bit_ref(packed, absmax, (numel,), blocksize, quant_type, out_dtype)
+
+
+@_dequantize_4bit_op.register_fake
+def _(packed, absmax, nested_absmax, nested_code, offset, numel, blocksize, quant_type, out_dtype):
+    return packed.new_empty((numel,), dtype=out_dtype)
+
+
+def _check_options(blocksize, quant_type):
+    if isinstance(blocksize, bool) or not isinstance(blocksize, int):
+        raise TypeError(f"blocksize must be an int, got {type(blocksize).__name__}")
+    if not (MIN_BLOCKSIZE <= blocksize <= MAX_BLOCKSIZE) or blocksize & (blocksize - 1):
+        raise ValueError(f"blocksize must be a power of two from {MIN_BLOCKSIZE} to {MAX_BLOCKSIZE}, got {blocksize}")
+    if quant_type not in QUANT_TYPES:
+        raise ValueError(f"quant_type must be one of {QUANT_TYPES}, got {quant_type!r}")
+
+
+def quantize_4bit(
+    x: torch.Tensor, blocksize: int = 64, quant_type: str = "nf4", compress_statistics: bool = True
+) -> tuple[torch.Tensor, QuantState]:
+    """Blockwise 4-bit quantization, bit-compatible with `bitsandbytes.functional.quantize_4bit`.
+
+    x: fp32, fp16 or bf16 tensor of any shape with at least one element.
+    blocksize: a power of two from 32 to 4096. quant_type: "nf4" or "fp4".
+    compress_statistics: double-quantize the absmax (8-bit, blocksize 256, after subtracting mean).
+    Returns (packed uint8 of shape (ceil(n / 2), 1), QuantState). Raises TypeError for a non-float
+    `x`, ValueError for an empty `x`, a bad blocksize or an unknown quant_type.
+    """
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"x must be float32, float16 or bfloat16, got {x.dtype}")
+    if x.numel() == 0:
+        raise ValueError(f"x must have at least one element, got shape {tuple(x.shape)}")
+    _check_options(blocksize, quant_type)
+    packed, absmax = _quantize_4bit_op(x.contiguous(), blocksize, quant_type)
+    code = ref.code_for(quant_type).to(x.device)
+    state = QuantState(absmax=absmax, shape=x.shape, dtype=x.dtype, blocksize=blocksize, quant_type=quant_type, code=code)
+    if compress_statistics:
+        q, nested_absmax, offset = _quantize_absmax_op(absmax)
+        state.absmax = q
+        state.offset = offset
+        state.nested_absmax = nested_absmax
+        state.nested_code = ref.dynamic_map_signed().to(x.device)
+    return packed, state
+
+
+def dequantize_4bit(packed: torch.Tensor, state: QuantState, out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """Undo `quantize_4bit`: a tensor of `state.shape` in `out_dtype` (default `state.dtype`).
+
+    Raises TypeError for a non-uint8 `packed`, a non-QuantState `state` or a non-float
+    `out_dtype`; ValueError when `packed` does not hold `state.shape`'s elements or when `packed`
+    and the state's tensors are on different devices.
+    """
+    if not isinstance(packed, torch.Tensor) or packed.dtype != torch.uint8:
+        raise TypeError(f"packed must be a uint8 tensor, got {getattr(packed, 'dtype', type(packed).__name__)}")
+    if not isinstance(state, QuantState):
+        raise TypeError(f"state must be a QuantState, got {type(state).__name__}")
+    out_dtype = state.dtype if out_dtype is None else out_dtype
+    if out_dtype not in FLOAT_DTYPES:
+        raise TypeError(f"out_dtype must be float32, float16 or bfloat16, got {out_dtype}")
+    _check_options(state.blocksize, state.quant_type)
+    numel = state.numel
+    if packed.numel() != (numel + 1) // 2:
+        raise ValueError(
+            f"packed has {packed.numel()} bytes but state.shape {tuple(state.shape)} needs {(numel + 1) // 2}"
+        )
+    tensors = {"state.absmax": state.absmax}
+    if state.nested:
+        tensors.update({"state.nested_absmax": state.nested_absmax, "state.offset": state.offset, "state.nested_code": state.nested_code})
+    for name, t in tensors.items():
+        if t.device != packed.device:
+            raise ValueError(f"packed is on {packed.device} but {name} is on {t.device}: move both with .to(device)")
+    out = _dequantize_4bit_op(
+        packed.contiguous(),
+        state.absmax.contiguous(),
+        state.nested_absmax,
+        state.nested_code,
+        state.offset,
+        numel,
+        state.blocksize,
+        state.quant_type,
+        out_dtype,
+    )
+    return out.view(state.shape)

@@ -1,2 +1,193 @@
-"""Reference 4-bit quantization (bitsandbytes-compatible)."""
-__all__ = []
+"""Reference 4-bit quantization (bitsandbytes-compatible), in plain PyTorch.
+
+This is the CPU path, the test oracle of the Triton kernels in `kernels/nf4.py`, and a benchmark
+baseline. Inputs are assumed valid here; `qlora_fast.functional.quant` checks them.
+
+The format (bitsandbytes 0.50.2):
+- the flattened tensor is cut into blocks of `blocksize` elements (the last may be partial);
+  each block's fp32 absmax is stored; values are scaled into [-1, 1] and each is given the index
+  of the nearest 4-bit code (ties go to the lower code);
+- two codes per byte, the first element in the high nibble; an odd count is padded with a scaled 0;
+- double quantization: `offset = mean(absmax)`; `absmax - offset` is quantized with 8-bit blockwise
+  quantization (blocksize 256, signed dynamic map), giving uint8 absmax and fp32 nested absmax.
+
+Two details of bitsandbytes are kept on purpose so that bytes match: full blocks are scaled with
+`x * (1 / absmax)` but the partial last block with `x / absmax`; the stored absmax of a full block
+is the raw max while that of the partial last block is clamped to at least 1e-38.
+"""
+import torch
+
+__all__ = [
+    "NF4_CODE",
+    "FP4_CODE",
+    "dynamic_map_signed",
+    "code_for",
+    "quantize_4bit_ref",
+    "dequantize_4bit_ref",
+    "quantize_blockwise_ref",
+    "dequantize_blockwise_ref",
+    "quantize_absmax_ref",
+    "dequantize_absmax_ref",
+]
+
+# NormalFloat4 (QLoRA): quantiles of N(0, 1) rescaled to [-1, 1], index 7 is exactly zero.
+NF4_CODE = torch.tensor(
+    [
+        -1.0,
+        -0.6961928009986877,
+        -0.5250730514526367,
+        -0.39491748809814453,
+        -0.28444138169288635,
+        -0.18477343022823334,
+        -0.09105003625154495,
+        0.0,
+        0.07958029955625534,
+        0.16093020141124725,
+        0.24611230194568634,
+        0.33791524171829224,
+        0.44070982933044434,
+        0.5626170039176941,
+        0.7229568362236023,
+        1.0,
+    ],
+    dtype=torch.float32,
+)
+
+# FP4 (1 sign, 2 exponent, 1 mantissa bit, bias 2) listed in bit-pattern order, divided by its
+# largest magnitude (12) in fp32 exactly as bitsandbytes builds it.
+FP4_CODE = torch.tensor(
+    [0.0, 0.0625, 8.0, 12.0, 4.0, 6.0, 2.0, 3.0, -0.0, -0.0625, -8.0, -12.0, -4.0, -6.0, -2.0, -3.0],
+    dtype=torch.float32,
+) / 12.0
+
+NESTED_BLOCKSIZE = 256
+
+
+def dynamic_map_signed() -> torch.Tensor:
+    """bitsandbytes' signed 8-bit dynamic map: 256 sorted fp32 values in [-0.993, 1.0].
+
+    For each decade 10^-6 .. 10^0 it holds the midpoints of a linear grid on [0.1, 1] (2^i cells
+    in decade i), with both signs, plus 0 and 1.
+    """
+    values = [0.0, 1.0]
+    for i in range(7):
+        edges = torch.linspace(0.1, 1, 2**i + 1, dtype=torch.float32)
+        midpoints = (edges[:-1] + edges[1:]) / 2.0
+        scale = 10 ** (i - 6)
+        # The product is taken in fp32 (tensor times Python scalar), as bitsandbytes does.
+        values += (scale * midpoints).tolist() + (-scale * midpoints).tolist()
+    return torch.tensor(sorted(values), dtype=torch.float32)
+
+
+_DYNAMIC_MAP = dynamic_map_signed()
+
+
+def code_for(quant_type: str) -> torch.Tensor:
+    """The 16-entry fp32 code table of `quant_type` ("nf4" or "fp4")."""
+    return {"nf4": NF4_CODE, "fp4": FP4_CODE}[quant_type]
+
+
+def _bucket_tables(code: torch.Tensor):
+    """Midpoints between sorted code values and the map from sorted position to code index.
+
+    Among equal code values (FP4's +0 and -0) the lower index comes first, as in bitsandbytes.
+    """
+    order = torch.sort(code, stable=True).indices
+    ordered = code[order]
+    return (ordered[:-1] + ordered[1:]) / 2, order
+
+
+def _blockwise_scale(flat: torch.Tensor, blocksize: int):
+    """fp32 per-block absmax and the values scaled into [-1, 1], bitsandbytes' way."""
+    n = flat.numel()
+    rem = n % blocksize
+    full = n - rem
+    blocks = flat[:full].view(-1, blocksize)
+    absmax = blocks.abs().amax(dim=1)
+    scaled = torch.clamp(blocks * (1.0 / absmax.clamp(min=1e-38)).unsqueeze(1), -1, 1).reshape(-1)
+    if rem:
+        last_absmax = flat[full:].abs().max().clamp(min=1e-38)
+        absmax = torch.cat([absmax, last_absmax.view(1)])
+        scaled = torch.cat([scaled, torch.clamp(flat[full:] / last_absmax, -1, 1)])
+    return absmax, scaled
+
+
+def _nearest_code(scaled: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
+    """Index of the nearest code value (int64); a value exactly between two goes to the lower."""
+    midpoints, order = _bucket_tables(code.to(scaled.device))
+    return order[torch.bucketize(scaled, midpoints)]
+
+
+def quantize_4bit_ref(x: torch.Tensor, blocksize: int = 64, quant_type: str = "nf4"):
+    """Blockwise 4-bit quantization of a float tensor of any shape.
+
+    Returns (packed uint8 of shape (ceil(n / 2), 1), absmax fp32 of shape (ceil(n / blocksize),)).
+    """
+    flat = x.reshape(-1).float()
+    absmax, scaled = _blockwise_scale(flat, blocksize)
+    if scaled.numel() % 2:
+        scaled = torch.nn.functional.pad(scaled, (0, 1))
+    q = _nearest_code(scaled, code_for(quant_type)).to(torch.uint8)
+    packed = (q[0::2] << 4) | q[1::2]
+    return packed.unsqueeze(1), absmax
+
+
+def dequantize_4bit_ref(
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    shape,
+    blocksize: int,
+    quant_type: str,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """Inverse of `quantize_4bit_ref`: `code[nibble] * absmax[block]` in fp32, cast to `out_dtype`.
+
+    `absmax` is the fp32 per-block absmax (already decoded if it was double-quantized).
+    """
+    n = 1
+    for s in shape:
+        n *= int(s)
+    flat = packed.reshape(-1)
+    nibbles = torch.stack([flat >> 4, flat & 0xF], dim=1).reshape(-1)[:n].long()
+    values = code_for(quant_type).to(packed.device)[nibbles]
+    scale = absmax.float().repeat_interleave(blocksize)[:n]
+    return (values * scale).to(out_dtype).reshape(shape)
+
+
+def quantize_blockwise_ref(x: torch.Tensor, code: torch.Tensor = None, blocksize: int = NESTED_BLOCKSIZE):
+    """8-bit blockwise quantization (bitsandbytes' `quantize_blockwise`, exact nearest code).
+
+    Returns (uint8 codes of x's shape, fp32 absmax per block). `code` defaults to the signed
+    dynamic map.
+    """
+    code = _DYNAMIC_MAP if code is None else code
+    absmax, scaled = _blockwise_scale(x.reshape(-1).float(), blocksize)
+    q = _nearest_code(scaled, code).to(torch.uint8)
+    return q.reshape(x.shape), absmax
+
+
+def dequantize_blockwise_ref(
+    q: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor = None, blocksize: int = NESTED_BLOCKSIZE
+) -> torch.Tensor:
+    """Inverse of `quantize_blockwise_ref`: `code[q] * absmax[block]` in fp32."""
+    code = (_DYNAMIC_MAP if code is None else code).to(q.device)
+    values = code[q.reshape(-1).long()]
+    scale = absmax.repeat_interleave(blocksize)[: values.numel()]
+    return (values * scale).reshape(q.shape)
+
+
+def quantize_absmax_ref(absmax: torch.Tensor):
+    """Double quantization of fp32 absmax: returns (uint8 codes, nested fp32 absmax, fp32 offset).
+
+    `offset` is a 0-dim tensor, the mean of `absmax`.
+    """
+    offset = absmax.mean()
+    q, nested_absmax = quantize_blockwise_ref(absmax - offset)
+    return q, nested_absmax, offset
+
+
+def dequantize_absmax_ref(
+    q: torch.Tensor, nested_absmax: torch.Tensor, offset: torch.Tensor, nested_code: torch.Tensor = None
+) -> torch.Tensor:
+    """fp32 absmax from its double quantization: `code8[q] * nested_absmax[q_block] + offset`."""
+    return dequantize_blockwise_ref(q, nested_absmax, nested_code) + offset

@@ -1,0 +1,203 @@
+"""`Linear4bit`: a drop-in `nn.Linear` whose weight is stored in 4 bits (NF4/FP4).
+
+The weight lives as a packed uint8 `nn.Parameter` (frozen) plus a `QuantState`; the forward pass
+dequantizes it to the compute dtype and runs a plain matmul (a fused kernel replaces this later).
+`state_dict` uses bitsandbytes' keys (`weight`, `weight.absmax`, `weight.quant_map`, ...,
+`weight.quant_state.bitsandbytes__nf4`, `bias`), so checkpoints move both ways.
+"""
+import math
+from typing import Optional
+
+import torch
+from torch import nn
+
+from qlora_fast.functional.quant import dequantize_4bit, quantize_4bit
+from qlora_fast.quant_state import FLOAT_DTYPES, QuantState
+
+__all__ = ["Linear4bit"]
+
+
+class Linear4bit(nn.Module):
+    """y = x @ W^T + b with W held in 4 bits.
+
+    in_features, out_features, bias: as `nn.Linear`; the fresh weight gets nn.Linear's init and is
+    quantized at once. quant_type, blocksize, compress_statistics: see `quantize_4bit`.
+    compute_dtype: dtype of the dequantized weight and the matmul (default: the weight's original
+    dtype). Inputs are cast to it and the output is cast back to the input's dtype.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        quant_type: str = "nf4",
+        blocksize: int = 64,
+        compress_statistics: bool = True,
+        compute_dtype: Optional[torch.dtype] = None,
+        device=None,
+    ):
+        super().__init__()
+        _check_compute_dtype(compute_dtype)
+        if in_features <= 0 or out_features <= 0:
+            raise ValueError(f"in_features and out_features must be positive, got {in_features}, {out_features}")
+        weight = torch.empty(out_features, in_features, device=device)
+        nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
+        bias_tensor = None
+        if bias:
+            bound = 1 / math.sqrt(in_features)
+            bias_tensor = torch.empty(out_features, device=device).uniform_(-bound, bound)
+        self._set_weight(weight, quant_type, blocksize, compress_statistics)
+        self.bias = None if bias_tensor is None else nn.Parameter(bias_tensor)
+        self.compute_dtype = compute_dtype if compute_dtype is not None else weight.dtype
+
+    @classmethod
+    def from_linear(
+        cls,
+        linear: nn.Linear,
+        quant_type: str = "nf4",
+        blocksize: int = 64,
+        compress_statistics: bool = True,
+        compute_dtype: Optional[torch.dtype] = None,
+    ) -> "Linear4bit":
+        """Quantize an `nn.Linear` (its weight dtype becomes the default compute dtype)."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
+        _check_compute_dtype(compute_dtype)
+        module = cls.__new__(cls)
+        nn.Module.__init__(module)
+        with torch.no_grad():
+            module._set_weight(linear.weight.detach(), quant_type, blocksize, compress_statistics)
+            module.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), linear.bias.requires_grad)
+        module.compute_dtype = compute_dtype if compute_dtype is not None else linear.weight.dtype
+        return module
+
+    @classmethod
+    def from_quantized(
+        cls,
+        packed: torch.Tensor,
+        quant_state: QuantState,
+        bias: Optional[torch.Tensor] = None,
+        compute_dtype: Optional[torch.dtype] = None,
+    ) -> "Linear4bit":
+        """Wrap already-quantized state (e.g. from a bitsandbytes checkpoint) without requantizing."""
+        if len(quant_state.shape) != 2:
+            raise ValueError(f"quant_state.shape must be (out_features, in_features), got {tuple(quant_state.shape)}")
+        _check_compute_dtype(compute_dtype)
+        module = cls.__new__(cls)
+        nn.Module.__init__(module)
+        module.out_features, module.in_features = (int(s) for s in quant_state.shape)
+        module.weight = nn.Parameter(packed, requires_grad=False)
+        module.quant_state = quant_state
+        module.bias = None if bias is None else nn.Parameter(bias.detach().clone())
+        module.compute_dtype = compute_dtype if compute_dtype is not None else quant_state.dtype
+        return module
+
+    @classmethod
+    def from_state_dict(cls, state_dict: dict, prefix: str = "", compute_dtype: Optional[torch.dtype] = None) -> "Linear4bit":
+        """Build from a bitsandbytes-format state dict (keys `<prefix>weight`, `<prefix>weight.absmax`, ...)."""
+        key = prefix + "weight"
+        if key not in state_dict:
+            raise ValueError(f"state_dict is missing {key!r}")
+        quant_state = _quant_state_from(state_dict, prefix)
+        return cls.from_quantized(state_dict[key].view(torch.uint8), quant_state, state_dict.get(prefix + "bias"), compute_dtype)
+
+    def _set_weight(self, weight, quant_type, blocksize, compress_statistics):
+        if weight.dim() != 2:
+            raise ValueError(f"weight must be 2-D (out_features, in_features), got shape {tuple(weight.shape)}")
+        self.out_features, self.in_features = weight.shape
+        packed, self.quant_state = quantize_4bit(weight, blocksize, quant_type, compress_statistics)
+        self.weight = nn.Parameter(packed, requires_grad=False)
+
+    @property
+    def quant_type(self) -> str:
+        return self.quant_state.quant_type
+
+    @property
+    def blocksize(self) -> int:
+        return self.quant_state.blocksize
+
+    def dequantize_weight(self) -> torch.Tensor:
+        """The (out_features, in_features) weight in the compute dtype."""
+        return dequantize_4bit(self.weight, self.quant_state, self.compute_dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"x must have last dimension {self.in_features}, got shape {tuple(x.shape)}")
+        weight = self.dequantize_weight()
+        bias = None if self.bias is None else self.bias.to(self.compute_dtype)
+        return nn.functional.linear(x.to(self.compute_dtype), weight, bias).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"quant_type={self.quant_type}, blocksize={self.blocksize}, nested={self.quant_state.nested}, "
+            f"compute_dtype={self.compute_dtype}"
+        )
+
+    def _apply(self, fn, recurse=True):
+        # nn.Module._apply moves the packed weight and the bias; the quant state is not a
+        # parameter or buffer, so it follows the weight here (dtype casts leave uint8 alone).
+        super()._apply(fn, recurse)
+        if self.quant_state.device != self.weight.device:
+            self.quant_state = self.quant_state.to(self.weight.device)
+        return self
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        weight = self.weight if keep_vars else self.weight.detach()
+        destination[prefix + "weight"] = weight
+        for key, value in self.quant_state.as_dict(packed=True).items():
+            destination[prefix + "weight." + key] = value
+        if self.bias is not None:
+            destination[prefix + "bias"] = self.bias if keep_vars else self.bias.detach()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        weight_key = prefix + "weight"
+        quant_keys = [k for k in state_dict if k.startswith(weight_key + ".")]
+        if weight_key not in state_dict:
+            missing_keys.append(weight_key)
+            unexpected_keys.extend(quant_keys)
+        else:
+            quant_state = _quant_state_from(state_dict, prefix)
+            packed = state_dict[weight_key]
+            if quant_state.shape != torch.Size([self.out_features, self.in_features]):
+                error_msgs.append(
+                    f"size mismatch for {weight_key}: quant state shape {tuple(quant_state.shape)}, "
+                    f"module is ({self.out_features}, {self.in_features})"
+                )
+            else:
+                device = self.weight.device
+                self.weight = nn.Parameter(packed.detach().view(torch.uint8).to(device).clone(), requires_grad=False)
+                self.quant_state = quant_state.to(device)
+        bias_key = prefix + "bias"
+        if self.bias is not None:
+            if bias_key in state_dict:
+                with torch.no_grad():
+                    self.bias.copy_(state_dict[bias_key])
+            else:
+                missing_keys.append(bias_key)
+        elif bias_key in state_dict:
+            unexpected_keys.append(bias_key)
+        if strict:
+            known = {weight_key, bias_key, *quant_keys}
+            unexpected_keys.extend(k for k in state_dict if k.startswith(prefix) and k not in known and "." not in k[len(prefix):])
+
+
+def _quant_state_from(state_dict: dict, prefix: str) -> QuantState:
+    """The QuantState stored under `<prefix>weight.*`; a ValueError names any missing quant key."""
+    base = prefix + "weight."
+    entries = {k[len(base):]: v for k, v in state_dict.items() if k.startswith(base)}
+    for key in ("absmax", "quant_map"):
+        if key not in entries:
+            raise ValueError(f"state_dict is missing the quant key {base + key!r}")
+    if not any(k.startswith("quant_state.bitsandbytes__") for k in entries):
+        raise ValueError(f"state_dict is missing the quant key {base + 'quant_state.bitsandbytes__<nf4|fp4>'!r}")
+    if "nested_absmax" in entries and "nested_quant_map" not in entries:
+        raise ValueError(f"state_dict is missing the quant key {base + 'nested_quant_map'!r}")
+    return QuantState.from_dict(entries)
+
+
+def _check_compute_dtype(compute_dtype):
+    if compute_dtype is not None and compute_dtype not in FLOAT_DTYPES:
+        raise TypeError(f"compute_dtype must be float32, float16, bfloat16 or None, got {compute_dtype}")
+    return compute_dtype
