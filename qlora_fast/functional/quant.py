@@ -26,10 +26,22 @@ def _kernels():
     return nf4
 
 
+_TABLES = {}
+
+
+def _table(name: str, device: torch.device) -> torch.Tensor:
+    """A code table ("nf4", "fp4" or "dynamic") on `device`, copied there once."""
+    key = (name, device)
+    if key not in _TABLES:
+        table = ref.dynamic_map_signed() if name == "dynamic" else ref.code_for(name)
+        _TABLES[key] = table.to(device)
+    return _TABLES[key]
+
+
 @torch.library.custom_op("qlora_fast::quantize_4bit", mutates_args=())
 def _quantize_4bit_op(x: torch.Tensor, blocksize: int, quant_type: str) -> tuple[torch.Tensor, torch.Tensor]:
     if use_kernels(x):
-        return _kernels().quantize_4bit(x, blocksize, quant_type)
+        return _kernels().quantize_4bit(x, blocksize, _table(quant_type, x.device))
     return ref.quantize_4bit_ref(x, blocksize, quant_type)
 
 
@@ -42,7 +54,7 @@ def _(x, blocksize, quant_type):
 @torch.library.custom_op("qlora_fast::quantize_absmax", mutates_args=())
 def _quantize_absmax_op(absmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     if use_kernels(absmax):
-        return _kernels().quantize_absmax(absmax)
+        return _kernels().quantize_absmax(absmax, _table("dynamic", absmax.device))
     return ref.quantize_absmax_ref(absmax)
 
 
@@ -70,7 +82,7 @@ def _dequantize_4bit_op(
 ) -> torch.Tensor:
     if use_kernels(packed):
         return _kernels().dequantize_4bit(
-            packed, absmax, numel, blocksize, quant_type, out_dtype,
+            packed, absmax, _table(quant_type, packed.device), numel, blocksize, out_dtype,
             nested_absmax=nested_absmax, nested_code=nested_code, offset=offset,
         )
     if nested_absmax is not None:
@@ -111,14 +123,14 @@ def quantize_4bit(
         raise ValueError(f"x must have at least one element, got shape {tuple(x.shape)}")
     _check_options(blocksize, quant_type)
     packed, absmax = _quantize_4bit_op(x.contiguous(), blocksize, quant_type)
-    code = ref.code_for(quant_type).to(x.device)
+    code = _table(quant_type, x.device).clone()
     state = QuantState(absmax=absmax, shape=x.shape, dtype=x.dtype, blocksize=blocksize, quant_type=quant_type, code=code)
     if compress_statistics:
         q, nested_absmax, offset = _quantize_absmax_op(absmax)
         state.absmax = q
         state.offset = offset
         state.nested_absmax = nested_absmax
-        state.nested_code = ref.dynamic_map_signed().to(x.device)
+        state.nested_code = _table("dynamic", x.device).clone()
     return packed, state
 
 

@@ -1,0 +1,246 @@
+"""Blockwise 4-bit (NF4/FP4) quantization and dequantization with double quantization, in Triton.
+
+Format: bitsandbytes' (see qlora_fast/reference/quant.py, which these kernels must match bit for
+bit). The flattened tensor is cut into blocks of BLOCKSIZE elements; each program owns GROUP whole
+blocks laid out as (GROUP, BLOCKSIZE // 2 pairs, 2), so a pair of neighbours is one packed byte.
+
+quantize, in three launches (the mean of all absmax values is a grid-wide reduction, so double
+quantization cannot share the first pass):
+  1. `_quantize_4bit_kernel`: read x once, per-block absmax, scale into [-1, 1], nearest code by a
+     4-step binary search over the 15 midpoints of the sorted table, pack two codes per byte,
+     write packed bytes and fp32 absmax. Traffic: n * sizeof(x) in, n / 2 + 4 n / blocksize out.
+  2. offset = absmax.mean() (torch; n / blocksize floats).
+  3. `_quantize_absmax_kernel`: (absmax - offset) quantized to 8 bits in blocks of 256 with an
+     8-step binary search over the signed dynamic map: n / blocksize floats in, about a quarter of
+     that out. Passes 2-3 move about 1 / 8 of pass 1's bytes at blocksize 64 with fp16 input.
+dequantize, one pass (`_dequantize_4bit_kernel`): per block, decode the absmax (8-bit code times
+nested absmax plus offset when double-quantized), then per byte two table lookups and multiplies.
+Traffic: n / 2 + n / blocksize (+ 4 n / (256 blocksize)) bytes in, n * sizeof(out) out.
+
+Exactness on the GPU: the reciprocal and the partial-block division use `div_rn` (IEEE
+round-to-nearest) because Triton's `/` on fp32 is approximate; the dequantize launch disables
+fp-fusion so `code8 * nested + offset` is rounded twice, as in bitsandbytes. Under the CPU
+interpreter a bf16 store truncates, so bf16 output is rounded to nearest-even by hand there.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from .utils import INTERPRET
+
+__all__ = ["quantize_4bit", "quantize_absmax", "dequantize_4bit"]
+
+NESTED_BLOCKSIZE = 256
+# Bytes (pairs of elements) a program handles; whole blocks only, so at least one block.
+_PAIRS_PER_PROGRAM = 1024 if not INTERPRET else 4096
+_ABSMAX_PER_PROGRAM = 1024
+
+
+@triton.jit
+def _scale_blocks(x, block, n, BLOCKSIZE: tl.constexpr):
+    """Per-block absmax of x (GROUP, ...) and x scaled into [-1, 1] the bitsandbytes way."""
+    absmax = tl.max(tl.max(tl.abs(x), axis=2), axis=1)
+    safe = tl.maximum(absmax, 1e-38)
+    partial = (block + 1) * BLOCKSIZE > n
+    # full blocks: multiply by the reciprocal; the partial last block: divide (bitsandbytes does both)
+    recip = tl.math.div_rn(tl.full(safe.shape, 1.0, tl.float32), safe)
+    by_recip = x * recip[:, None, None]
+    by_div = tl.math.div_rn(x, tl.broadcast_to(safe[:, None, None], x.shape))
+    scaled = tl.where(partial[:, None, None], by_div, by_recip)
+    scaled = tl.minimum(tl.maximum(scaled, -1.0), 1.0)
+    stored = tl.where(partial, safe, absmax)
+    return stored, scaled
+
+
+@triton.jit
+def _nearest_code(scaled, mid_ptr, order_ptr, LOG2_CODES: tl.constexpr, REMAP: tl.constexpr):
+    """Index of the nearest code: the count of sorted midpoints strictly below each value (ties go
+    to the lower code), by binary search; REMAP maps the sorted position to the table index."""
+    idx = tl.zeros(scaled.shape, tl.int32)
+    for level in tl.static_range(LOG2_CODES):
+        step = 1 << (LOG2_CODES - 1 - level)
+        mid = tl.load(mid_ptr + idx + (step - 1))
+        idx = tl.where(scaled > mid, idx + step, idx)
+    if REMAP:
+        idx = tl.load(order_ptr + idx)
+    return idx
+
+
+@triton.jit
+def _quantize_4bit_kernel(
+    x_ptr, packed_ptr, absmax_ptr, mid_ptr, order_ptr, n, n_blocks,
+    BLOCKSIZE: tl.constexpr, GROUP: tl.constexpr, REMAP: tl.constexpr,
+):
+    HALF: tl.constexpr = BLOCKSIZE // 2
+    block = tl.program_id(0) * GROUP + tl.arange(0, GROUP)
+    pair = tl.arange(0, HALF)
+    side = tl.arange(0, 2)
+    elem = block[:, None, None].to(tl.int64) * BLOCKSIZE + pair[None, :, None] * 2 + side[None, None, :]
+    # masked lanes read 0: they change no absmax and an odd tail pads with a scaled 0, as bnb does
+    x = tl.load(x_ptr + elem, mask=elem < n, other=0.0).to(tl.float32)
+    absmax, scaled = _scale_blocks(x, block, n, BLOCKSIZE)
+    code = _nearest_code(scaled, mid_ptr, order_ptr, 4, REMAP)
+    # first element of a pair in the high nibble
+    byte = tl.sum(code * tl.where(side == 0, 16, 1)[None, None, :], axis=2)
+    byte_idx = block[:, None].to(tl.int64) * HALF + pair[None, :]
+    tl.store(packed_ptr + byte_idx, byte.to(tl.uint8), mask=byte_idx < (n + 1) // 2)
+    tl.store(absmax_ptr + block, absmax, mask=block < n_blocks)
+
+
+@triton.jit
+def _quantize_absmax_kernel(
+    absmax_ptr, offset_ptr, q_ptr, nested_ptr, mid_ptr, m, n_blocks,
+    GROUP: tl.constexpr, NESTED: tl.constexpr,
+):
+    block = tl.program_id(0) * GROUP + tl.arange(0, GROUP)
+    item = tl.arange(0, NESTED)
+    idx = block[:, None, None] * NESTED + item[None, :, None]
+    mask = idx < m
+    offset = tl.load(offset_ptr)
+    a = tl.load(absmax_ptr + idx, mask=mask, other=0.0)
+    centered = tl.where(mask, a - offset, 0.0)
+    nested, scaled = _scale_blocks(centered, block, m, NESTED)
+    q = _nearest_code(scaled, mid_ptr, mid_ptr, 8, False)
+    tl.store(q_ptr + idx, q.to(tl.uint8), mask=mask)
+    tl.store(nested_ptr + block, nested, mask=block < n_blocks)
+
+
+@triton.jit
+def _dequantize_4bit_kernel(
+    packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, out_ptr, n,
+    BLOCKSIZE: tl.constexpr, GROUP: tl.constexpr, NESTED: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr,
+    BF16_BY_HAND: tl.constexpr,
+):
+    HALF: tl.constexpr = BLOCKSIZE // 2
+    block = tl.program_id(0) * GROUP + tl.arange(0, GROUP)
+    n_blocks = (n + BLOCKSIZE - 1) // BLOCKSIZE
+    block_ok = block < n_blocks
+    if NESTED:
+        q = tl.load(absmax_ptr + block, mask=block_ok, other=0).to(tl.int32)
+        nested = tl.load(nested_absmax_ptr + block // NESTED_BLOCKSIZE, mask=block_ok, other=0.0)
+        scale = tl.load(nested_code_ptr + q) * nested + tl.load(offset_ptr)
+    else:
+        scale = tl.load(absmax_ptr + block, mask=block_ok, other=0.0)
+    pair = tl.arange(0, HALF)
+    byte_idx = block[:, None].to(tl.int64) * HALF + pair[None, :]
+    byte = tl.load(packed_ptr + byte_idx, mask=byte_idx < (n + 1) // 2, other=0).to(tl.int32)
+    side = tl.arange(0, 2)
+    nibble = tl.where(side[None, None, :] == 0, byte[:, :, None] >> 4, byte[:, :, None] & 0xF)
+    value = tl.load(code_ptr + nibble) * scale[:, None, None]
+    elem = byte_idx[:, :, None] * 2 + side[None, None, :]
+    if BF16_BY_HAND:
+        # round fp32 to bf16 to nearest-even on the bits; out_ptr is the output viewed as int16
+        bits = value.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+        tl.store(out_ptr + elem, bits.to(tl.uint16).to(tl.int16, bitcast=True), mask=elem < n)
+    else:
+        tl.store(out_ptr + elem, value.to(out_ptr.dtype.element_ty), mask=elem < n)
+
+
+def _sorted_tables(code: torch.Tensor):
+    """Midpoints of the sorted table (fp32) and sorted position -> code index (int32)."""
+    order = torch.sort(code, stable=True).indices
+    ordered = code[order]
+    return ((ordered[:-1] + ordered[1:]) / 2).contiguous(), order.to(torch.int32).contiguous()
+
+
+def _check_device(name, t, device):
+    if t.device != device:
+        raise ValueError(f"{name} is on {t.device} but the data is on {device}")
+
+
+def _groups(blocksize: int, per_program: int) -> int:
+    return max(1, per_program // blocksize)
+
+
+def quantize_4bit(x: torch.Tensor, blocksize: int, code: torch.Tensor):
+    """Quantize float x (any shape) with the 16-entry fp32 `code` table.
+
+    Returns (packed uint8 (ceil(n / 2), 1), absmax fp32 (ceil(n / blocksize),)).
+    """
+    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError(f"x must be float32, float16 or bfloat16, got {x.dtype}")
+    if code.numel() != 16:
+        raise ValueError(f"code must have 16 entries, got {code.numel()}")
+    _check_device("code", code, x.device)
+    x = x.contiguous().view(-1)
+    n = x.numel()
+    n_blocks = -(-n // blocksize)
+    packed = torch.empty(((n + 1) // 2, 1), dtype=torch.uint8, device=x.device)
+    absmax = torch.empty((n_blocks,), dtype=torch.float32, device=x.device)
+    mids, order = _sorted_tables(code.float())
+    remap = not bool((order == torch.arange(16, device=order.device, dtype=order.dtype)).all())
+    # pad the 15 midpoints to 16 so the binary search may read one past the last
+    mids = torch.cat([mids, mids.new_full((1,), 2.0)])
+    group = _groups(blocksize, 2 * _PAIRS_PER_PROGRAM)
+    grid = (triton.cdiv(n_blocks, group),)
+    _quantize_4bit_kernel[grid](x, packed, absmax, mids, order, n, n_blocks, BLOCKSIZE=blocksize, GROUP=group, REMAP=remap)
+    return packed, absmax
+
+
+def quantize_absmax(absmax: torch.Tensor, code: torch.Tensor):
+    """Double quantization of fp32 absmax with the sorted 256-entry `code` (signed dynamic map).
+
+    Returns (uint8 codes like absmax, fp32 nested absmax per 256 values, 0-dim fp32 offset = mean).
+    """
+    if absmax.dtype != torch.float32:
+        raise TypeError(f"absmax must be float32, got {absmax.dtype}")
+    if code.numel() != 256:
+        raise ValueError(f"code must have 256 entries, got {code.numel()}")
+    _check_device("code", code, absmax.device)
+    absmax = absmax.contiguous()
+    m = absmax.numel()
+    offset = absmax.mean()
+    n_blocks = -(-m // NESTED_BLOCKSIZE)
+    q = torch.empty_like(absmax, dtype=torch.uint8)
+    nested = torch.empty((n_blocks,), dtype=torch.float32, device=absmax.device)
+    mids, _ = _sorted_tables(code.float())
+    mids = torch.cat([mids, mids.new_full((1,), 2.0)])
+    group = _groups(NESTED_BLOCKSIZE, _ABSMAX_PER_PROGRAM)
+    grid = (triton.cdiv(n_blocks, group),)
+    _quantize_absmax_kernel[grid](absmax, offset, q, nested, mids, m, n_blocks, GROUP=group, NESTED=NESTED_BLOCKSIZE)
+    return q, nested, offset
+
+
+def dequantize_4bit(
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    code: torch.Tensor,
+    numel: int,
+    blocksize: int,
+    out_dtype: torch.dtype,
+    nested_absmax: torch.Tensor = None,
+    nested_code: torch.Tensor = None,
+    offset: torch.Tensor = None,
+):
+    """Dequantize `numel` elements to a flat tensor of `out_dtype`.
+
+    `absmax` is fp32 per block, or uint8 codes when `nested_absmax`, `nested_code` (256 fp32) and
+    `offset` (0-dim fp32) are given (double quantization, decoded in the same pass).
+    """
+    if packed.dtype != torch.uint8:
+        raise TypeError(f"packed must be uint8, got {packed.dtype}")
+    if out_dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError(f"out_dtype must be float32, float16 or bfloat16, got {out_dtype}")
+    nested = nested_absmax is not None
+    if nested and (nested_code is None or offset is None):
+        raise ValueError("double-quantized absmax needs nested_absmax, nested_code and offset together")
+    if (absmax.dtype == torch.uint8) != nested:
+        raise TypeError(f"absmax must be uint8 with nested statistics and float32 without, got {absmax.dtype}")
+    for name, t in (("absmax", absmax), ("code", code), ("nested_absmax", nested_absmax), ("nested_code", nested_code), ("offset", offset)):
+        if t is not None:
+            _check_device(name, t, packed.device)
+    out = torch.empty((numel,), dtype=out_dtype, device=packed.device)
+    by_hand = INTERPRET and out_dtype == torch.bfloat16
+    dummy = code  # stands in for the nested pointers when they are unused
+    group = _groups(blocksize, 2 * _PAIRS_PER_PROGRAM)
+    grid = (triton.cdiv(triton.cdiv(numel, blocksize), group),)
+    _dequantize_4bit_kernel[grid](
+        packed.contiguous(), absmax.contiguous(), code.float().contiguous(),
+        nested_absmax if nested else dummy, nested_code.float().contiguous() if nested else dummy,
+        offset if nested else dummy,
+        out.view(torch.int16) if by_hand else out, numel,
+        BLOCKSIZE=blocksize, GROUP=group, NESTED=nested, NESTED_BLOCKSIZE=NESTED_BLOCKSIZE, BF16_BY_HAND=by_hand,
+        enable_fp_fusion=False,
+    )
+    return out
