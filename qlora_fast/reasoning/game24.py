@@ -22,32 +22,25 @@ from qlora_fast.reasoning.tasks import ReasoningTask, parse_value
 
 TARGET = 24
 
+# Kept short: the built-in model's context is 256 tokens (bytes), answer included.
 PROPOSE_PROMPT = """\
-Game of 24: combine two of the numbers left with + - * / to get a new number; in three steps reach 24.
+Game of 24: combine two numbers per step (+ - * /); reach 24.
 Numbers: 2 8 8 14
 Expert 1: 2 + 8 = 10 (left: 8 10 14)
-Expert 2: 8 / 2 = 4 (left: 4 8 14)
-Expert 3: 14 - 8 = 6 (left: 2 6 8)
-Numbers: 4 6 24
-Expert 1: 6 - 4 = 2 (left: 2 24)
-Expert 2: 4 * 6 = 24 (left: 24 24)
+Expert 2: 14 - 8 = 6 (left: 2 6 8)
 Numbers: 4 6
 Expert 1: 4 * 6 = 24 (left: 24)
 Numbers: {numbers}
 Expert {expert}:"""
 
 VALUE_PROMPT = """\
-Can the numbers left still reach 24 with + - * /? Judge sure, likely or impossible.
-Numbers: 10 14
-Judgement: sure (10 + 14 = 24)
+Can the numbers reach 24 (sure/likely/impossible)?
 Numbers: 4 4 10
 Judgement: sure ((10 - 4) * 4 = 24)
 Numbers: 11 12
-Judgement: impossible (11 + 12 = 23, 12 - 11 = 1, 11 * 12 = 132)
+Judgement: impossible (12 - 11 = 1, 11 + 12 = 23)
 Numbers: 2 5 7
-Judgement: likely (2 + 5 + 7 = 14, 5 * 7 - 2 = 33: not yet, but in range)
-Numbers: 1 2 3
-Judgement: impossible (1 + 2 + 3 = 6, (1 + 2) * 3 = 9: all too small)
+Judgement: likely (in range)
 Numbers: {numbers}
 Judgement:"""
 
