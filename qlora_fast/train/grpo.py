@@ -1,0 +1,520 @@
+"""GRPO (Group Relative Policy Optimization, DeepSeekMath) on the QLoRA stack.
+
+One step: take `prompts_per_step` prompts, sample `group_size` completions for each with the
+KV-cache `generate()` (temperature / top-k / top-p), score them with the weighted reward
+functions, turn rewards into group-relative advantages, then run `num_iterations` optimisation
+passes over the batch with the clipped surrogate (`grpo_loss`), split into `grad_accum_steps`
+micro-batches. The KL penalty's reference policy is the same model with its adapters disabled,
+so there is never a second copy of the weights; with beta = 0 the reference pass is skipped.
+
+Per-token log-probabilities go through `sequence_logprobs`: hidden states through the output
+layer a chunk of tokens at a time, recomputed in backward, so no batch x length x vocabulary
+logits tensor ever exists.
+"""
+import contextlib
+import math
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Dict, Iterable, List, Optional, Sequence
+
+import torch
+from torch import nn
+
+from .policy_gradient import ADVANTAGE_SCALES, LOSS_TYPES, group_advantages, grpo_loss, sequence_logprobs
+
+RewardFunction = Callable[..., List[float]]
+OPTIMIZERS = ("adamw", "torch_adamw", "adamw8bit", "paged_adamw", "paged_adamw8bit")
+
+
+@dataclass
+class GRPOConfig:
+    """Everything a GRPO run needs besides the model, tokenizer, rewards and data.
+
+    group_size (G) completions per prompt, at least 2 (the group mean is the baseline).
+    prompts_per_step prompts per optimisation step, so a step samples prompts_per_step * G
+    sequences; grad_accum_steps splits those into micro-batches (must divide the count).
+    num_iterations: optimisation passes over each sampled batch (PPO-style; the clip matters
+    from the second pass on). beta: weight of the k3 KL to the reference (0 skips the reference
+    pass). eps_low / eps_high: clip range (eps_high > eps_low is clip-higher). loss_type:
+    "grpo" | "dapo" | "dr_grpo". advantage_scale: "group" | "batch" | "none".
+    optimizer: "adamw" (torch AdamW), or qlora_fast.optim's "adamw8bit", "paged_adamw",
+    "paged_adamw8bit". reward_weights: one per reward function (default all 1).
+    """
+
+    steps: int = 50
+    group_size: int = 8
+    prompts_per_step: int = 4
+    max_new_tokens: int = 16
+    temperature: float = 1.0
+    top_k: Optional[int] = None
+    top_p: Optional[float] = None
+    stop_token_ids: Optional[Sequence[int]] = None
+    add_bos: bool = True
+    num_iterations: int = 1
+    beta: float = 0.04
+    eps_low: float = 0.2
+    eps_high: Optional[float] = None
+    loss_type: str = "grpo"
+    advantage_scale: str = "group"
+    reward_weights: Optional[Sequence[float]] = None
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    max_grad_norm: Optional[float] = 1.0
+    optimizer: str = "adamw"
+    grad_accum_steps: int = 1
+    gradient_checkpointing: bool = False
+    logprob_chunk_size: int = 1024
+    seed: int = 0
+    output_dir: Optional[str] = None
+    save_every: int = 0
+    progress: bool = True
+
+    def __post_init__(self):
+        def positive_int(name):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"GRPOConfig.{name} must be a positive int, got {value!r}")
+
+        for name in ("steps", "prompts_per_step", "max_new_tokens", "num_iterations", "grad_accum_steps",
+                     "logprob_chunk_size"):
+            positive_int(name)
+        if not isinstance(self.group_size, int) or self.group_size < 2:
+            raise ValueError(f"GRPOConfig.group_size must be an int >= 2 (the group mean is the baseline), got {self.group_size!r}")
+        if (self.prompts_per_step * self.group_size) % self.grad_accum_steps:
+            raise ValueError(
+                f"GRPOConfig.grad_accum_steps ({self.grad_accum_steps}) must divide prompts_per_step * group_size "
+                f"({self.prompts_per_step * self.group_size})"
+            )
+        if not self.temperature > 0:
+            raise ValueError(f"GRPOConfig.temperature must be > 0 (GRPO samples), got {self.temperature!r}")
+        if self.loss_type not in LOSS_TYPES:
+            raise ValueError(f"GRPOConfig.loss_type must be one of {LOSS_TYPES}, got {self.loss_type!r}")
+        if self.advantage_scale not in ADVANTAGE_SCALES:
+            raise ValueError(f"GRPOConfig.advantage_scale must be one of {ADVANTAGE_SCALES}, got {self.advantage_scale!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"GRPOConfig.optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        for name in ("beta", "eps_low", "lr", "weight_decay"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"GRPOConfig.{name} must be >= 0, got {getattr(self, name)!r}")
+        if self.eps_high is not None and not self.eps_high >= 0:
+            raise ValueError(f"GRPOConfig.eps_high must be >= 0 or None, got {self.eps_high!r}")
+        if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
+            raise ValueError(f"GRPOConfig.warmup_steps must be an int >= 0, got {self.warmup_steps!r}")
+        if not isinstance(self.save_every, int) or self.save_every < 0:
+            raise ValueError(f"GRPOConfig.save_every must be an int >= 0, got {self.save_every!r}")
+        if self.save_every and not self.output_dir:
+            raise ValueError("GRPOConfig.save_every needs output_dir")
+
+
+# ------------------------------------------------------------------------------------------
+# Model plumbing
+# ------------------------------------------------------------------------------------------
+def _output_layer(model):
+    """(backbone, lm_head weight, bias) when the model splits as backbone + plain linear head,
+    so log-probs can be chunked; None otherwise (then full logits are used)."""
+    head = getattr(model, "lm_head", None)
+    backbone = getattr(model, "model", None)
+    if type(head) is nn.Linear and isinstance(backbone, nn.Module):
+        return backbone, head.weight, head.bias
+    return None
+
+
+def completion_logprobs(model, input_ids, attention_mask, n_completion, temperature=1.0, chunk_size=1024):
+    """Per-token log-probs (B, n_completion) of the last `n_completion` tokens of `input_ids`
+    under softmax(logits / temperature), with the chunked output layer when the model allows."""
+    split = _output_layer(model)
+    prompt_len = input_ids.shape[1] - n_completion
+    targets = input_ids[:, prompt_len:]
+    if split is not None:
+        backbone, weight, bias = split
+        out = backbone(input_ids=input_ids, attention_mask=attention_mask)
+        hidden = getattr(out, "last_hidden_state", None)
+        if hidden is None:
+            hidden = out[0] if isinstance(out, (tuple, list)) else out
+        hidden = hidden[:, prompt_len - 1 : -1]
+        return sequence_logprobs(hidden, weight, targets, bias=bias, chunk_size=chunk_size, temperature=temperature)
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, prompt_len - 1 : -1].float()
+    return torch.log_softmax(logits / temperature, -1).gather(-1, targets[..., None]).squeeze(-1)
+
+
+def reference_context(model):
+    """Context in which `model` is the reference policy: its adapters disabled."""
+    if hasattr(model, "disable_adapter") and callable(model.disable_adapter):
+        return model.disable_adapter()
+    from qlora_fast.nn import disable_adapter
+
+    return disable_adapter(model)
+
+
+def _atomic_save(obj, path):
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(path))
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def _make_optimizer(name, params, lr, weight_decay):
+    if name in ("adamw", "torch_adamw"):
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    import qlora_fast.optim as qoptim
+
+    cls = {"adamw8bit": "AdamW8bit", "paged_adamw": "PagedAdamW", "paged_adamw8bit": "PagedAdamW8bit"}[name]
+    return getattr(qoptim, cls)(params, lr=lr, weight_decay=weight_decay)
+
+
+# ------------------------------------------------------------------------------------------
+# The trainer
+# ------------------------------------------------------------------------------------------
+class GRPOTrainer:
+    """GRPO on a model whose trainable parameters are its adapters (LoRA / QLoRA).
+
+    model: a causal LM (the built-in `LlamaForCausalLM`, a PEFT-wrapped or transformers one)
+    with adapters; only parameters with requires_grad are trained and checkpointed.
+    tokenizer: the `qlora_fast.tokenizer.Tokenizer` interface. reward_funcs: one function or a
+    list (see `qlora_fast.train.rewards` for the signature). train_dataset: non-empty sequence
+    of dicts with a non-empty "prompt" str; their other fields go to the reward functions.
+    optimizer: optional, else built from config.optimizer.
+    """
+
+    def __init__(self, model, tokenizer, reward_funcs, train_dataset, config: Optional[GRPOConfig] = None,
+                 optimizer: Optional[torch.optim.Optimizer] = None):
+        self.config = config or GRPOConfig()
+        if not isinstance(self.config, GRPOConfig):
+            raise TypeError(f"config must be a GRPOConfig, got {type(self.config).__name__}")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.reward_funcs = list(reward_funcs) if isinstance(reward_funcs, (list, tuple)) else [reward_funcs]
+        if not self.reward_funcs or not all(callable(f) for f in self.reward_funcs):
+            raise TypeError("reward_funcs must be a callable or a non-empty list of callables")
+        weights = self.config.reward_weights
+        self.reward_weights = [1.0] * len(self.reward_funcs) if weights is None else [float(w) for w in weights]
+        if len(self.reward_weights) != len(self.reward_funcs):
+            raise ValueError(f"reward_weights has {len(self.reward_weights)} entries for {len(self.reward_funcs)} reward functions")
+        self.dataset = self._check_dataset(train_dataset)
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        if not self.params:
+            raise ValueError("model has no trainable parameters: add adapters (LoRA / QLoRA) first")
+        self.param_names = [n for n, p in model.named_parameters() if p.requires_grad]
+        self.device = self.params[0].device
+        self.optimizer = optimizer or _make_optimizer(self.config.optimizer, self.params, self.config.lr, self.config.weight_decay)
+        warmup = self.config.warmup_steps
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0
+        )
+        if self.config.gradient_checkpointing:
+            if not hasattr(model, "gradient_checkpointing_enable"):
+                raise ValueError("gradient_checkpointing=True but the model has no gradient_checkpointing_enable()")
+            model.gradient_checkpointing_enable()
+        self.sample_generator = torch.Generator(device=self.device).manual_seed(self.config.seed)
+        self.step = 0
+        self.epoch = 0
+        self.position = 0  # next index into this epoch's prompt order
+        self.history: List[Dict[str, float]] = []
+        stops = set(self.config.stop_token_ids or ())
+        stops.add(int(tokenizer.eos_id))
+        self.stop_ids = torch.tensor(sorted(stops), dtype=torch.long, device=self.device)
+
+    # --- data ---------------------------------------------------------------------------
+    @staticmethod
+    def _check_dataset(dataset):
+        if dataset is None or len(dataset) == 0:
+            raise ValueError("train_dataset is empty: need at least one prompt")
+        for i, row in enumerate(dataset):
+            if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
+                raise ValueError(f"train_dataset[{i}] must be a dict with a 'prompt' str")
+            if not row["prompt"].strip():
+                raise ValueError(f"train_dataset[{i}] has an empty prompt")
+        return list(dataset)
+
+    def _order(self, epoch):
+        g = torch.Generator().manual_seed(self.config.seed * 1_000_003 + epoch)
+        return torch.randperm(len(self.dataset), generator=g).tolist()
+
+    def _next_rows(self):
+        rows = []
+        while len(rows) < self.config.prompts_per_step:
+            order = self._order(self.epoch)
+            take = order[self.position : self.position + self.config.prompts_per_step - len(rows)]
+            rows += [self.dataset[i] for i in take]
+            self.position += len(take)
+            if self.position >= len(order):
+                self.epoch, self.position = self.epoch + 1, 0
+        return rows
+
+    def encode_prompts(self, prompts: Sequence[str]):
+        """Left-padded (ids, attention mask) of the prompts."""
+        encoded = [self.tokenizer.encode(p, add_bos=self.config.add_bos) for p in prompts]
+        if any(len(e) == 0 for e in encoded):
+            raise ValueError("a prompt encodes to no tokens")
+        width = max(len(e) for e in encoded)
+        ids = torch.full((len(encoded), width), self.tokenizer.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(encoded), width), dtype=torch.long)
+        for i, e in enumerate(encoded):
+            ids[i, width - len(e):] = torch.tensor(e, dtype=torch.long)
+            mask[i, width - len(e):] = 1
+        return ids.to(self.device), mask.to(self.device)
+
+    # --- sampling and rewards ------------------------------------------------------------
+    @torch.no_grad()
+    def sample(self, prompts: Sequence[str], n: int, greedy: bool = False):
+        """Each prompt `n` times (rows grouped by prompt): (prompt ids, prompt mask, completion
+        ids, completion mask, completion texts). The mask covers tokens up to and including the
+        first stop token."""
+        from qlora_fast.models.generate import generate
+
+        ids, mask = self.encode_prompts(prompts)
+        ids, mask = ids.repeat_interleave(n, 0), mask.repeat_interleave(n, 0)
+        c = self.config
+        out = generate(
+            self.model, ids, attention_mask=mask, max_new_tokens=c.max_new_tokens,
+            temperature=0.0 if greedy else c.temperature, top_k=None if greedy else c.top_k,
+            top_p=None if greedy else c.top_p, stop_token_ids=self.stop_ids.tolist(),
+            pad_token_id=self.tokenizer.pad_id, generator=None if greedy else self.sample_generator,
+        )
+        completion = out[:, ids.shape[1]:]
+        is_stop = torch.isin(completion, self.stop_ids)
+        after_stop = (is_stop.long().cumsum(1) - is_stop.long()) > 0
+        completion_mask = (~after_stop).long()
+        texts = [
+            self.tokenizer.decode([t for t, keep, stop in zip(row.tolist(), m.tolist(), s.tolist()) if keep and not stop])
+            for row, m, s in zip(completion, completion_mask, is_stop)
+        ]
+        return ids, mask, completion, completion_mask, texts
+
+    def score(self, rows: Sequence[dict], completions: List[str], n: int):
+        """(total weighted rewards (len(completions),), {function name: mean reward})."""
+        prompts = [r["prompt"] for r in rows for _ in range(n)]
+        fields = {k: [r.get(k) for r in rows for _ in range(n)] for k in rows[0] if k != "prompt"}
+        total = torch.zeros(len(completions), dtype=torch.float32)
+        means = {}
+        for fn, weight in zip(self.reward_funcs, self.reward_weights):
+            name = getattr(fn, "__name__", type(fn).__name__)
+            values = fn(prompts, completions, **fields)
+            try:
+                values = torch.tensor([float(v) for v in values], dtype=torch.float32)
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"reward function {name} must return floats, got {values!r:.200}") from e
+            if values.numel() != len(completions):
+                raise ValueError(f"reward function {name} returned {values.numel()} rewards for {len(completions)} completions")
+            if not torch.isfinite(values).all():
+                bad = int((~torch.isfinite(values)).nonzero()[0])
+                raise ValueError(f"reward function {name} returned {values[bad].item()} for completion {bad} ({completions[bad]!r})")
+            total += weight * values
+            means[name] = float(values.mean())
+        return total, means
+
+    # --- one step -----------------------------------------------------------------------
+    def _normalizer(self, completion_mask):
+        c = self.config
+        if c.loss_type == "grpo":
+            return completion_mask.shape[0]
+        if c.loss_type == "dapo":
+            return completion_mask.sum().clamp(min=1).float()
+        return completion_mask.shape[0] * c.max_new_tokens
+
+    def train_step(self) -> Dict[str, float]:
+        """Sample, score and optimise once; returns the step's log."""
+        c = self.config
+        start = time.perf_counter()
+        rows = self._next_rows()
+        prompt_ids, prompt_mask, completion, completion_mask, texts = self.sample([r["prompt"] for r in rows], c.group_size)
+        rewards, reward_means = self.score(rows, texts, c.group_size)
+        advantages = group_advantages(rewards, c.group_size, scale=c.advantage_scale).to(self.device)
+
+        input_ids = torch.cat([prompt_ids, completion], 1)
+        attention = torch.cat([prompt_mask, completion_mask], 1)
+        n_new = completion.shape[1]
+        mask = completion_mask.float()
+        logprob = lambda ids, att: completion_logprobs(self.model, ids, att, n_new, c.temperature, c.logprob_chunk_size)  # noqa: E731
+
+        was_training = self.model.training
+        self.model.eval()
+        with torch.no_grad():
+            old = logprob(input_ids, attention) if c.num_iterations > 1 else None
+            ref = None
+            if c.beta > 0:
+                with reference_context(self.model):
+                    ref = logprob(input_ids, attention)
+        self.model.train()
+
+        normalizer = self._normalizer(completion_mask)
+        micro = input_ids.shape[0] // c.grad_accum_steps
+        stats_sum = {"kl": 0.0, "clip_fraction": 0.0}
+        ratio_min, ratio_max = math.inf, -math.inf
+        n_stats, loss_total, grad_norm = 0, 0.0, 0.0
+        try:
+            for _ in range(c.num_iterations):
+                self.optimizer.zero_grad(set_to_none=True)
+                loss_iter = 0.0
+                for s in range(0, input_ids.shape[0], micro):
+                    sl = slice(s, s + micro)
+                    lp = logprob(input_ids[sl], attention[sl])
+                    loss, stats = grpo_loss(
+                        lp, lp.detach() if old is None else old[sl], advantages[sl], mask[sl],
+                        ref_logprobs=None if ref is None else ref[sl], beta=c.beta, eps_low=c.eps_low,
+                        eps_high=c.eps_high, loss_type=c.loss_type, max_length=c.max_new_tokens, normalizer=normalizer,
+                    )
+                    if not torch.isfinite(loss):
+                        raise FloatingPointError(
+                            f"GRPO step {self.step + 1}: the loss is {loss.item()}; stopping before the optimizer "
+                            "step, so the adapter keeps its last finite values (lower lr or check the rewards)"
+                        )
+                    loss.backward()
+                    loss_iter += float(loss.detach())
+                    stats_sum["kl"] += stats.kl
+                    stats_sum["clip_fraction"] += stats.clip_fraction
+                    ratio_min, ratio_max = min(ratio_min, stats.ratio_min), max(ratio_max, stats.ratio_max)
+                    n_stats += 1
+                grads = [p.grad for p in self.params if p.grad is not None]
+                if any(not torch.isfinite(g).all() for g in grads):
+                    raise FloatingPointError(
+                        f"GRPO step {self.step + 1}: a gradient is NaN or inf; stopping before the optimizer step, "
+                        "so the adapter keeps its last finite values"
+                    )
+                if c.max_grad_norm is not None:
+                    grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, c.max_grad_norm))
+                self.optimizer.step()
+                loss_total = loss_iter
+        finally:
+            self.optimizer.zero_grad(set_to_none=True)
+            self.model.train(was_training)
+        self.scheduler.step()
+        self.step += 1
+        log = {
+            "step": self.step,
+            "reward": float(rewards.mean()),
+            "reward_std": float(rewards.std()) if rewards.numel() > 1 else 0.0,
+            **{f"reward/{k}": v for k, v in reward_means.items()},
+            "kl": stats_sum["kl"] / n_stats,
+            "clip_fraction": stats_sum["clip_fraction"] / n_stats,
+            "ratio_min": ratio_min,
+            "ratio_max": ratio_max,
+            "completion_length": float(completion_mask.sum(1).float().mean()),
+            "loss": loss_total,
+            "grad_norm": grad_norm,
+            "lr": self.scheduler.get_last_lr()[0],
+            "time": time.perf_counter() - start,
+        }
+        self.history.append(log)
+        return log
+
+    # --- the loop -----------------------------------------------------------------------
+    def train(self, resume_from_checkpoint: Optional[str] = None) -> List[Dict[str, float]]:
+        """Run until config.steps; returns the per-step logs. `resume_from_checkpoint`: a
+        checkpoint file, or "latest" for the newest in config.output_dir."""
+        from tqdm.auto import tqdm
+
+        if resume_from_checkpoint:
+            self.load_checkpoint(self._resolve_checkpoint(resume_from_checkpoint))
+        c = self.config
+        bar = tqdm(total=c.steps, initial=self.step, desc="GRPO", disable=not c.progress, dynamic_ncols=True)
+        try:
+            while self.step < c.steps:
+                log = self.train_step()
+                bar.update(1)
+                bar.set_postfix(reward=f"{log['reward']:.3f}", kl=f"{log['kl']:.4f}", clip=f"{log['clip_fraction']:.2f}",
+                                len=f"{log['completion_length']:.1f}")
+                if c.save_every and self.step % c.save_every == 0:
+                    self.save_checkpoint(self.checkpoint_path(self.step))
+        finally:
+            bar.close()
+        return self.history
+
+    @torch.no_grad()
+    def evaluate(self, dataset: Sequence[dict], batch_size: int = 32) -> Dict[str, float]:
+        """Greedy completions for each row: mean of every reward function and of the weighted total."""
+        dataset = self._check_dataset(dataset)
+        totals, per_fn = [], {}
+        for s in range(0, len(dataset), batch_size):
+            rows = dataset[s : s + batch_size]
+            texts = self.sample([r["prompt"] for r in rows], 1, greedy=True)[4]
+            total, means = self.score(rows, texts, 1)
+            totals.append(total)
+            for k, v in means.items():
+                per_fn[k] = per_fn.get(k, 0.0) + v * len(rows)
+        result = {"reward": float(torch.cat(totals).mean())}
+        result.update({f"reward/{k}": v / len(dataset) for k, v in per_fn.items()})
+        return result
+
+    # --- checkpoints --------------------------------------------------------------------
+    def checkpoint_path(self, step: int) -> str:
+        if not self.config.output_dir:
+            raise ValueError("config.output_dir is not set")
+        return os.path.join(self.config.output_dir, f"checkpoint-{step:06d}.pt")
+
+    def _resolve_checkpoint(self, path):
+        if path != "latest":
+            return path
+        directory = self.config.output_dir
+        found = sorted(f for f in os.listdir(directory) if f.startswith("checkpoint-") and f.endswith(".pt")) if directory and os.path.isdir(directory) else []
+        if not found:
+            raise FileNotFoundError(f"no checkpoint-*.pt in {directory!r}")
+        return os.path.join(directory, found[-1])
+
+    def trainable_state_dict(self) -> Dict[str, torch.Tensor]:
+        return {n: p.detach().cpu().clone() for n, p in zip(self.param_names, self.params)}
+
+    def save_checkpoint(self, path: str) -> None:
+        """Adapter, optimizer, scheduler, RNG and data position, written atomically."""
+        for p in self.params:
+            if not torch.isfinite(p).all():
+                raise FloatingPointError("refusing to checkpoint: a trainable parameter is NaN or inf")
+        _atomic_save({
+            "trainable": self.trainable_state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "step": self.step, "epoch": self.epoch, "position": self.position,
+            "torch_rng": torch.get_rng_state(),
+            "sample_rng": self.sample_generator.get_state(),
+            "history": self.history,
+            "config": asdict(self.config),
+        }, path)
+
+    def load_checkpoint(self, path: str) -> None:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        trainable = state["trainable"]
+        missing = [n for n in self.param_names if n not in trainable]
+        if missing:
+            raise ValueError(f"checkpoint {path} lacks trainable parameters {missing[:5]}")
+        with torch.no_grad():
+            for n, p in zip(self.param_names, self.params):
+                p.copy_(trainable[n].to(p.device, p.dtype))
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step, self.epoch, self.position = state["step"], state["epoch"], state["position"]
+        torch.set_rng_state(state["torch_rng"])
+        self.sample_generator.set_state(state["sample_rng"])
+        self.history = list(state["history"])
+
+    def save_adapter(self, path: str) -> None:
+        """The trained parameters alone (safetensors, atomic); the model's own `save_adapter` when
+        it has one (PEFT-wrapped models)."""
+        if hasattr(self.model, "save_adapter"):
+            self.model.save_adapter(path)
+            return
+        from safetensors.torch import save_file
+
+        state = {n: t.contiguous() for n, t in self.trainable_state_dict().items()}
+        if any(not torch.isfinite(t).all() for t in state.values()):
+            raise FloatingPointError("refusing to save the adapter: a parameter is NaN or inf")
+        directory = os.path.dirname(os.path.abspath(path))
+        os.makedirs(directory, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".safetensors")
+        os.close(fd)
+        try:
+            save_file(state, tmp)
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            raise
