@@ -11,7 +11,7 @@ import regex
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from qlora_fast.tokenizer import BPETokenizer, Tokenizer
+from qlora_fast.tokenizer import BPETokenizer, Tokenizer, load_shipped_bpe
 from qlora_fast.tokenizer import bpe as bpe_module
 
 tiktoken = pytest.importorskip("tiktoken", reason="tiktoken is the test oracle (test extra)")
@@ -335,3 +335,20 @@ def test_train_from_files(tmp_path, seed):
     assert from_files.mergeable_ranks == from_texts.mergeable_ranks
     with pytest.raises(ValueError, match="not a file"):
         BPETokenizer.train_from_files([tmp_path / "missing.txt"], 400, progress=False)
+
+
+def test_shipped_bpe_is_trained_once_then_loaded_from_cache(tmp_path):
+    if not os.path.exists(bpe_module.SHIPPED_CORPUS):
+        pytest.skip("the shipped corpus qlora_fast/data/corpus.txt is not in this checkout")
+    first = load_shipped_bpe(vocab_size=400, cache_dir=str(tmp_path), progress=False)
+    cached = [p.name for p in tmp_path.iterdir()]
+    assert len(cached) == 1 and cached[0].startswith("bpe-") and cached[0].endswith(".json")
+    mtime = (tmp_path / cached[0]).stat().st_mtime_ns
+    second = load_shipped_bpe(vocab_size=400, cache_dir=str(tmp_path), progress=False)
+    assert (tmp_path / cached[0]).stat().st_mtime_ns == mtime  # loaded, not retrained
+    assert second.mergeable_ranks == first.mergeable_ranks and first.vocab_size == 400
+    with open(bpe_module.SHIPPED_CORPUS, encoding="utf-8") as f:
+        corpus = f.read()
+    assert first.mergeable_ranks == BPETokenizer.train([corpus], 400, progress=False).mergeable_ranks
+    assert first.decode(first.encode(corpus[:2000])) == corpus[:2000]
+    assert len(first.encode(corpus)) < len(corpus.encode("utf-8")) / 2  # merges actually compress

@@ -526,6 +526,35 @@ class BPETokenizer:
         return {"pat_str": self.pattern, "mergeable_ranks": dict(self._ranks), "special_tokens": dict(self._special)}
 
 
+def default_cache_dir() -> str:
+    """$QLORA_FAST_CACHE, else ~/.cache/qlora_fast (the same place the models package uses)."""
+    return os.environ.get("QLORA_FAST_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "qlora_fast")
+
+
+SHIPPED_CORPUS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "corpus.txt")
+
+
+def load_shipped_bpe(vocab_size: int = 512, pattern: str = "cl100k", cache_dir: Optional[str] = None, progress: bool = True, corpus_path: Optional[str] = None) -> BPETokenizer:
+    """A BPE trained on the shipped corpus (`qlora_fast/data/corpus.txt`), cached on disk.
+
+    The cache file `bpe-<key>.json` in `cache_dir` (default `default_cache_dir()`) is keyed by the
+    corpus bytes, vocab size and pattern, so a changed corpus retrains. Written atomically.
+    Raises FileNotFoundError when the corpus is missing.
+    """
+    import hashlib
+
+    corpus_path = corpus_path or SHIPPED_CORPUS
+    with open(corpus_path, "rb") as f:
+        corpus = f.read()
+    key = hashlib.sha256(corpus + f"|{vocab_size}|{_resolve_pattern(pattern)}|v1".encode()).hexdigest()[:16]
+    path = os.path.join(cache_dir or default_cache_dir(), f"bpe-{key}.json")
+    if os.path.exists(path):
+        return BPETokenizer.load(path)
+    tok = BPETokenizer.train([corpus.decode("utf-8")], vocab_size, pattern=pattern, progress=progress)
+    tok.save(path)
+    return tok
+
+
 def _train_merges(words: List[Tuple[bytes, int]], n_merges: int, progress: bool = True) -> List[bytes]:
     """The merged tokens' bytes, in merge order (pure Python; `qlora_fast._bpe.train` is the same).
 
