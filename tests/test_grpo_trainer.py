@@ -10,7 +10,7 @@ import torch
 from conftest import assert_close
 
 from qlora_fast.models import LlamaConfig, LlamaForCausalLM
-from qlora_fast.nn import LoRALinear, QLoRALinear, disable_adapter
+from qlora_fast.nn import LoRALinear, disable_adapter, replace_linear
 from qlora_fast.nn.lora import mark_only_lora_as_trainable
 from qlora_fast.tokenizer import ByteTokenizer
 from qlora_fast.train import GRPOConfig, GRPOTrainer
@@ -42,12 +42,8 @@ def tiny_base(seed=0, hidden=32, layers=1, head_std=1.0):
 
 def add_adapters(model, quantize=False, r=8, alpha=16, dropout=0.0):
     """LoRA (or QLoRA: NF4 base) on every attention and MLP projection; only adapters train."""
-    for module in list(model.modules()):
-        for name, child in list(module.named_children()):
-            if name in TARGETS and isinstance(child, torch.nn.Linear):
-                wrapped = (QLoRALinear.from_linear(child, r=r, alpha=alpha, dropout=dropout) if quantize
-                           else LoRALinear.from_linear(child, r=r, alpha=alpha, dropout=dropout))
-                setattr(module, name, wrapped)
+    replace_linear(model, quant_type="nf4" if quantize else None, target=TARGETS, lora_r=r, lora_alpha=alpha,
+                   lora_dropout=dropout)
     return mark_only_lora_as_trainable(model)
 
 
