@@ -1,0 +1,186 @@
+"""4-bit matmul: kernels (Triton interpreter) and `matmul_4bit` against float64 references.
+
+The weight is quantized by qlora_fast and dequantized by bitsandbytes' CPU backend (the oracle)
+from the same tensors; outputs are judged against float64 math on that weight, allowing at
+most twice PyTorch's own error in the same dtype plus one output ulp (the interpreter truncates
+fp32 -> bf16 instead of rounding).
+"""
+import os
+
+import pytest
+import torch
+
+from conftest import assert_close
+from qlora_fast.functional import matmul_4bit, quantize_4bit
+from qlora_fast.kernels import nf4_matmul as knf4
+from qlora_fast.reference.lora import dequantize_weight_4bit_ref
+
+bnb_functional = pytest.importorskip("bitsandbytes.functional", reason="bitsandbytes (test extra) is the oracle")
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+# ------------------------------------------------------------------ helpers shared with the LoRA tests
+
+def quantize(weight, quant_type="nf4", nested=True, blocksize=64):
+    """(packed, QuantState) from qlora_fast's quantizer."""
+    return quantize_4bit(weight, blocksize=blocksize, quant_type=quant_type, compress_statistics=nested)
+
+
+def oracle_dequantize(packed, state):
+    """The fp32 weight bitsandbytes decodes from exactly these tensors."""
+    state2 = None
+    if state.nested:
+        state2 = bnb_functional.QuantState(absmax=state.nested_absmax, code=state.nested_code,
+                                           blocksize=state.nested_blocksize, dtype=torch.float32)
+    bnb_state = bnb_functional.QuantState(absmax=state.absmax, shape=state.shape, code=state.code,
+                                          blocksize=state.blocksize, quant_type=state.quant_type,
+                                          dtype=torch.float32, offset=state.offset, state2=state2)
+    return bnb_functional.dequantize_4bit(packed, bnb_state)
+
+
+def weight4bit(packed, state):
+    return knf4.Weight4bit(packed, state.absmax, state.code, tuple(state.shape), state.blocksize,
+                           state.nested_absmax, state.nested_code, state.offset, state.nested_blocksize)
+
+
+def assert_matches_float64(out, ref64, out_torch, abs_sum=None, msg=""):
+    """|out - ref64| <= 2 * max|out_torch - ref64| + one ulp of out's dtype at max|ref64|
+    (+ fp32 accumulation in another order: eps32 * sqrt(K) * max sum_k |a_k b_k|, given as
+    `abs_sum` = (max of |A| @ |B|, K) when the kernel sums in a different order than torch)."""
+    torch_err = (out_torch.double() - ref64).abs().max().item()
+    ulp = torch.finfo(out.dtype).eps * ref64.abs().max().item()
+    order = 0.0
+    if abs_sum is not None:
+        order = torch.finfo(torch.float32).eps * abs_sum[1] ** 0.5 * abs_sum[0]
+    assert out.dtype == out_torch.dtype, f"{msg} dtype {out.dtype} != {out_torch.dtype}"
+    assert_close(out, ref64, atol=2 * torch_err + ulp + order, msg=msg)
+
+
+def abs_sum(a, b):
+    """(max of |a| @ |b|, inner dimension) for `assert_matches_float64`."""
+    return (a.double().abs() @ b.double().abs()).max().item(), a.shape[-1]
+
+
+@pytest.fixture
+def triton_backend(monkeypatch):
+    monkeypatch.setenv("QLORA_FAST_BACKEND", "triton")
+
+
+# ------------------------------------------------------------------ dequantization
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("nested", [True, False])
+@pytest.mark.parametrize("shape,blocksize", [((37, 83), 64), ((5, 129), 128), ((300, 7), 32)])
+def test_dequantize_matches_bitsandbytes(seed, quant_type, nested, shape, blocksize):
+    weight = torch.randn(shape) * 3
+    packed, state = quantize(weight, quant_type, nested, blocksize)
+    expected = oracle_dequantize(packed, state)
+    w = weight4bit(packed, state)
+    kernel = knf4.dequantize_4bit_into(*w, dtype=torch.float32)
+    assert_close(kernel, expected, msg="kernel")
+    reference = dequantize_weight_4bit_ref(*w, dtype=torch.float32)
+    assert_close(reference, expected, msg="reference")
+    half = knf4.dequantize_4bit_into(*w, dtype=torch.float16)
+    assert_close(half, expected.half(), msg="fp16 output")
+
+
+def test_workspace_is_reused(seed):
+    weight = torch.randn(24, 40)
+    packed, state = quantize(weight)
+    first = knf4.dequantize_to_workspace(*weight4bit(packed, state), dtype=torch.float32)
+    assert_close(first, oracle_dequantize(packed, state))
+    ptr = first.data_ptr()
+    small = knf4.dequantize_to_workspace(*weight4bit(*quantize(torch.randn(8, 16))), dtype=torch.float32)
+    assert small.data_ptr() == ptr, "a smaller weight must reuse the same buffer"
+
+
+# ------------------------------------------------------------------ kernels
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows,method", [(1, "fused"), (5, "fused"), (16, "auto"), (19, "fused"), (19, "auto")])
+@pytest.mark.parametrize("transpose", [False, True])
+def test_nf4_matmul_kernel(seed, dtype, rows, method, transpose):
+    out_features, in_features = 45, 131
+    packed, state = quantize(torch.randn(out_features, in_features), nested=rows != 5)
+    w64 = oracle_dequantize(packed, state).double()
+    k_dim, n_dim = (out_features, in_features) if transpose else (in_features, out_features)
+    x = torch.randn(rows, k_dim).to(dtype)
+    bias = torch.randn(n_dim).to(dtype) if rows != 1 else None
+    out = knf4.nf4_matmul(x, *weight4bit(packed, state), bias=bias, transpose=transpose, method=method)
+    w_op = w64 if transpose else w64.t()
+    ref64 = x.double() @ w_op + (0 if bias is None else bias.double())
+    out_torch = x @ w_op.to(dtype) + (0 if bias is None else bias)
+    assert_matches_float64(out, ref64, out_torch, abs_sum(x, w_op), msg=f"{dtype} rows={rows} {method}")
+
+
+def test_nf4_matmul_batched_input_and_fp4(seed):
+    packed, state = quantize(torch.randn(33, 70), quant_type="fp4", nested=False)
+    x = torch.randn(2, 3, 70)
+    out = knf4.nf4_matmul(x, *weight4bit(packed, state))
+    ref64 = x.double() @ oracle_dequantize(packed, state).double().t()
+    assert out.shape == (2, 3, 33)
+    w = oracle_dequantize(packed, state).t()
+    assert_matches_float64(out, ref64, x @ w, abs_sum(x, w))
+
+
+def test_nf4_matmul_bad_input():
+    packed, state = quantize(torch.randn(16, 32))
+    w = weight4bit(packed, state)
+    with pytest.raises(ValueError, match="last dimension"):
+        knf4.nf4_matmul(torch.randn(2, 31), *w)
+    with pytest.raises(TypeError, match="float16, bfloat16 or float32"):
+        knf4.nf4_matmul(torch.randn(2, 32, dtype=torch.float64), *w)
+    with pytest.raises(ValueError, match="packed must hold"):
+        knf4.nf4_matmul(torch.randn(2, 32), packed[:-1], *w[1:])
+    with pytest.raises(ValueError, match="blocksize"):
+        knf4.nf4_matmul(torch.randn(2, 32), *w[:4], 48, *w[5:])
+    with pytest.raises(ValueError, match="method"):
+        knf4.nf4_matmul(torch.randn(2, 32), *w, method="fast")
+    with pytest.raises(ValueError, match="bias"):
+        knf4.nf4_matmul(torch.randn(2, 32), *w, bias=torch.randn(15))
+
+
+# ------------------------------------------------------------------ functional matmul_4bit
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_matmul_4bit_forward_and_grads(seed, monkeypatch, backend, dtype):
+    monkeypatch.setenv("QLORA_FAST_BACKEND", backend)
+    packed, state = quantize(torch.randn(29, 67))
+    w64 = oracle_dequantize(packed, state).double()
+    x = torch.randn(3, 67).to(dtype).requires_grad_()
+    bias = torch.randn(29).to(dtype).requires_grad_()
+    grad = torch.randn(3, 29).to(dtype)
+    out = matmul_4bit(x, packed, state, bias)
+    out.backward(grad)
+    ref64 = x.double() @ w64.t() + bias.double()
+    assert_matches_float64(out, ref64.detach(), (x @ w64.t().to(dtype) + bias).detach(), abs_sum(x, w64.t()),
+                           msg="forward")
+    assert_matches_float64(x.grad, grad.double() @ w64, grad @ w64.to(dtype), abs_sum(grad, w64), msg="grad x")
+    assert_matches_float64(bias.grad, grad.double().sum(0), grad.sum(0), msg="grad bias")
+
+
+def test_matmul_4bit_gradcheck_reference(seed, monkeypatch):
+    monkeypatch.setenv("QLORA_FAST_BACKEND", "reference")
+    packed, state = quantize(torch.randn(9, 21))
+    x = torch.randn(4, 21, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(9, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, b: matmul_4bit(x, packed, state, b), (x, bias))
+
+
+def test_matmul_4bit_compiles(seed, monkeypatch):
+    monkeypatch.setenv("QLORA_FAST_BACKEND", "reference")
+    packed, state = quantize(torch.randn(12, 20))
+    x = torch.randn(3, 20, requires_grad=True)
+    compiled = torch.compile(lambda x: matmul_4bit(x, packed, state), backend="aot_eager", fullgraph=True)
+    out = compiled(x)
+    out.sum().backward()
+    w = oracle_dequantize(packed, state)
+    assert_close(out, x @ w.t(), atol=1e-5)
+    assert_close(x.grad, w.sum(0).expand(3, -1), atol=1e-5)
+
+
+def test_interpreter_is_on():
+    # Guards the whole file: without the interpreter the "triton" cases would not run a kernel on CPU.
+    assert os.environ.get("TRITON_INTERPRET") == "1"
