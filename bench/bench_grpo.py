@@ -1,0 +1,169 @@
+"""GRPO on the CPU: generation speed, log-prob memory and a whole GRPO step, each against its peer
+in the same run.
+
+- generation (tokens generated per second): `generate()` with the KV cache vs re-running the
+  whole prefix every step (what a cache-less sampler does);
+- per-token log-probs, forward + backward, vocabulary 32k: `sequence_logprobs` (chunked, logits
+  recomputed in backward) vs full logits + log_softmax; time here, peak memory in the summary;
+- one GRPO step (sample, score, reference pass, loss, backward, optimizer) on the built-in model
+  with LoRA vs QLoRA (NF4 base).
+
+`pytest bench/bench_grpo.py --benchmark-only` for pytest-benchmark tables;
+`python bench/bench_grpo.py` for a summary with ratios and peak memory (used for RESULTS.md).
+Peak memory is the resident-set high-water mark of a fresh child process running only that
+provider (the CPU has no allocator counter like torch.cuda.max_memory_allocated).
+"""
+import multiprocessing as mp
+import resource
+import time
+
+import pytest
+import torch
+
+from qlora_fast.models import BASE_CONFIG, LlamaForCausalLM
+from qlora_fast.models.generate import generate
+from qlora_fast.nn import replace_linear
+from qlora_fast.nn.lora import mark_only_lora_as_trainable
+from qlora_fast.tokenizer import ByteTokenizer
+from qlora_fast.train import GRPOConfig, GRPOTrainer
+from qlora_fast.train.policy_gradient import sequence_logprobs
+from qlora_fast.train.rewards import arithmetic_rewards, load_arithmetic_task
+
+GEN_BATCH, GEN_PROMPT, GEN_NEW = 16, 48, 32
+LP_TOKENS, LP_HIDDEN, LP_VOCAB, LP_CHUNK = 2048, 256, 32000, 256
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def built_in_model(seed=0):
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(BASE_CONFIG).eval()
+
+
+@torch.no_grad()
+def generate_without_cache(model, ids, max_new_tokens, generator):
+    """The peer: sample by re-running the whole sequence for every new token."""
+    for _ in range(max_new_tokens):
+        logits = model(input_ids=ids).logits[:, -1].float()
+        nxt = torch.multinomial(logits.softmax(-1), 1, generator=generator)
+        ids = torch.cat([ids, nxt], 1)
+    return ids
+
+
+def gen_inputs():
+    g = torch.Generator().manual_seed(0)
+    return torch.randint(0, 256, (GEN_BATCH, GEN_PROMPT), generator=g)
+
+
+def run_generate(model, ids, provider):
+    g = torch.Generator().manual_seed(1)
+    if provider == "kv_cache":
+        return generate(model, ids, max_new_tokens=GEN_NEW, temperature=1.0, generator=g)
+    return generate_without_cache(model, ids, GEN_NEW, g)
+
+
+def logprob_inputs():
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(LP_TOKENS, LP_HIDDEN, generator=g).requires_grad_(True)
+    weight = (torch.randn(LP_VOCAB, LP_HIDDEN, generator=g) / LP_HIDDEN**0.5).requires_grad_(True)
+    targets = torch.randint(0, LP_VOCAB, (LP_TOKENS,), generator=g)
+    return hidden, weight, targets
+
+
+def run_logprobs(hidden, weight, targets, provider):
+    if provider == "chunked":
+        out = sequence_logprobs(hidden, weight, targets, chunk_size=LP_CHUNK)
+    else:
+        out = torch.log_softmax(hidden @ weight.t(), -1).gather(-1, targets[:, None]).squeeze(-1)
+    out.sum().backward()
+    hidden.grad = weight.grad = None
+
+
+def grpo_trainer(quantize):
+    model = built_in_model()
+    replace_linear(model, quant_type="nf4" if quantize else None, target=TARGETS, lora_r=8, lora_alpha=16)
+    mark_only_lora_as_trainable(model)
+    fns, weights = arithmetic_rewards()
+    config = GRPOConfig(steps=1_000_000, group_size=8, prompts_per_step=4, max_new_tokens=16, beta=0.04,
+                        reward_weights=weights, progress=False)
+    return GRPOTrainer(model, ByteTokenizer(), fns, load_arithmetic_task("train"), config)
+
+
+# ------------------------------------------------------------------------------------------ pytest
+@pytest.mark.parametrize("provider", ["kv_cache", "no_cache"])
+def test_generate(benchmark, provider):
+    model, ids = built_in_model(), gen_inputs()
+    benchmark.extra_info["new_tokens"] = GEN_BATCH * GEN_NEW
+    benchmark.pedantic(run_generate, args=(model, ids, provider), rounds=3, warmup_rounds=1)
+
+
+@pytest.mark.parametrize("provider", ["chunked", "full_logits"])
+def test_logprobs_forward_backward(benchmark, provider):
+    hidden, weight, targets = logprob_inputs()
+    benchmark.pedantic(run_logprobs, args=(hidden, weight, targets, provider), rounds=3, warmup_rounds=1)
+
+
+@pytest.mark.parametrize("provider", ["lora", "qlora"])
+def test_grpo_step(benchmark, provider):
+    trainer = grpo_trainer(provider == "qlora")
+    benchmark.pedantic(trainer.train_step, rounds=3, warmup_rounds=1)
+
+
+# ------------------------------------------------------------------------------------------ summary
+def _median_time(fn, rounds=3):
+    fn()
+    times = []
+    for _ in range(rounds):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return sorted(times)[len(times) // 2]
+
+
+def _peak_rss_child(kind, provider, queue):
+    if kind == "logprobs":
+        hidden, weight, targets = logprob_inputs()
+        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        run_logprobs(hidden, weight, targets, provider)
+    else:
+        trainer = grpo_trainer(provider == "qlora")
+        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        trainer.train_step()
+    queue.put((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024)  # KiB -> MiB
+
+
+def peak_mib(kind, provider):
+    """Growth of the peak resident set while running one provider in a fresh process (MiB)."""
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_peak_rss_child, args=(kind, provider, queue))
+    proc.start()
+    value = queue.get()
+    proc.join()
+    return value
+
+
+def main():
+    torch.manual_seed(0)
+    print(f"# bench_grpo on CPU, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
+    model, ids = built_in_model(), gen_inputs()
+    gen = {p: _median_time(lambda: run_generate(model, ids, p)) for p in ("kv_cache", "no_cache")}
+    n = GEN_BATCH * GEN_NEW
+    print(f"generate {GEN_BATCH}x({GEN_PROMPT}+{GEN_NEW}) built-in model: KV cache {n / gen['kv_cache']:.0f} tok/s, "
+          f"no cache {n / gen['no_cache']:.0f} tok/s ({gen['no_cache'] / gen['kv_cache']:.2f}x)")
+    hidden, weight, targets = logprob_inputs()
+    lp = {p: _median_time(lambda: run_logprobs(hidden, weight, targets, p)) for p in ("chunked", "full_logits")}
+    mem = {p: peak_mib("logprobs", p) for p in ("chunked", "full_logits")}
+    print(f"log-probs fwd+bwd {LP_TOKENS} tokens x vocab {LP_VOCAB} (hidden {LP_HIDDEN}, chunk {LP_CHUNK}): "
+          f"chunked {lp['chunked'] * 1e3:.0f} ms / +{mem['chunked']:.0f} MiB peak, "
+          f"full logits {lp['full_logits'] * 1e3:.0f} ms / +{mem['full_logits']:.0f} MiB peak "
+          f"(time {lp['chunked'] / lp['full_logits']:.2f}x, memory {mem['full_logits'] / max(mem['chunked'], 1e-9):.1f}x less)")
+    for provider in ("lora", "qlora"):
+        trainer = grpo_trainer(provider == "qlora")
+        step = _median_time(trainer.train_step)
+        print(f"GRPO step, built-in model ({provider}), 4 prompts x G=8, 16 new tokens, beta 0.04: "
+              f"{step * 1e3:.0f} ms, +{peak_mib('step', provider):.0f} MiB peak")
+
+
+if __name__ == "__main__":
+    main()
