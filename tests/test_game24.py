@@ -213,3 +213,54 @@ def test_search_solves_puzzles_with_perfect_experts(search):
         assert len(result.path) == 3 and result.path[-1].status == "final"
         # Expand + judge per level, except that the final level's answer is verified, not judged.
         assert result.model_calls == llm.calls == 5
+
+
+# ---- the command line ----------------------------------------------------------------------------
+
+
+def run_cli(argv):
+    import argparse
+
+    from qlora_fast.commands import tot
+
+    parser = argparse.ArgumentParser(prog="qlora-fast")
+    tot.register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+def test_cli_reports_solve_rate_calls_and_tokens(monkeypatch, capsys):
+    """`qlora-fast tot` on the built-in model (a small random one instead of the pretrained base,
+    which would take a minute to train): its totals equal a direct run of the same search."""
+    import torch
+
+    import qlora_fast.models
+    from qlora_fast.models import LlamaConfig, LlamaForCausalLM
+    from qlora_fast.reasoning import BuiltinLM
+    from qlora_fast.tokenizer import ByteTokenizer
+
+    config = LlamaConfig(vocab_size=259, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2, num_kv_heads=1, max_seq_len=256)
+    model = LlamaForCausalLM(config).eval()
+    monkeypatch.setattr(qlora_fast.models, "load_base_model", lambda cache_dir=None, progress=True: (model, ByteTokenizer()))
+    puzzles = [" ".join(map(str, p)) for p in random.Random().sample(game24.puzzles(low=1, high=5), 2)]
+    argv = ["tot", "--task", "game24", "--model", "builtin", "--temperature", "0", "--max-new-tokens", "6",
+            "--breadth", "2", "--device", "cpu", "--show-tree"]
+    for p in puzzles:
+        argv += ["--puzzle", p]
+    assert run_cli(argv) == 0
+    out = capsys.readouterr().out
+    tot = TreeOfThought(BuiltinLM(model, ByteTokenizer()), task=Game24Task(), n_experts=3, max_steps=3, breadth=2,
+                        temperature=0.0, max_new_tokens=6)
+    results = [tot.solve(p) for p in puzzles]
+    solved = sum(r.solved for r in results)
+    calls = sum(r.model_calls for r in results)
+    prompt, completion = sum(r.prompt_tokens for r in results), sum(r.completion_tokens for r in results)
+    assert f"solve rate: {solved}/2 ({50.0 * solved:.1f}%)" in out
+    assert f"model calls: {calls} ({calls / 2:.1f} per puzzle)" in out
+    assert f"tokens: {prompt + completion} (prompt {prompt}, completion {completion})" in out
+    assert out.count("Question: ") == 2 and calls >= 2
+
+
+def test_cli_rejects_a_missing_model_dir(tmp_path, capsys):
+    assert run_cli(["tot", "--model", str(tmp_path / "nope"), "--puzzle", "1 2 3 4"]) == 2
+    assert "--model must be 'builtin' or a local Hugging Face model directory" in capsys.readouterr().err

@@ -1,0 +1,105 @@
+"""`qlora-fast tot`: Tree-of-Thought reasoning with a group of experts on a shipped task
+(Game of 24), printing the solve rate, the model calls and the tokens spent."""
+import argparse
+import os
+import random
+import sys
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "tot",
+        help="run Tree-of-Thought reasoning (a group of experts) on a task and report solve rate, calls, tokens",
+        description="Tree-of-Thought search with a group of experts: every expert proposes a step per "
+        "round (one batched generate call), the model judges each step through a value prompt, experts "
+        "judged wrong leave. Prints the solve rate, model calls and tokens.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--task", choices=["game24"], default="game24", help="the task to solve (Game of 24: reach 24 from four numbers)")
+    p.add_argument("--model", default="builtin",
+                   help="'builtin' for the tiny built-in base model (pretrained and cached on first use), "
+                   "or a local Hugging Face causal LM directory")
+    p.add_argument("--cache-dir", default=None, help="where the built-in model is cached (default $QLORA_FAST_CACHE or ~/.cache/qlora_fast)")
+    p.add_argument("--puzzles", type=int, default=10, help="how many shipped puzzles to run (ignored with --puzzle)")
+    p.add_argument("--puzzle", action="append", default=None, metavar='"A B C D"',
+                   help="a puzzle to run, e.g. --puzzle '4 6 8 13' (repeatable; replaces --puzzles)")
+    p.add_argument("--seed", type=int, default=0, help="seed for the choice of puzzles and for sampling")
+    p.add_argument("--search", choices=["bfs", "dfs"], default="bfs", help="breadth-first with a beam, or depth-first with backtracking")
+    p.add_argument("--n-experts", type=int, default=3, help="experts proposing a step for each line of reasoning")
+    p.add_argument("--breadth", type=int, default=3, help="beam width (BFS) / most children explored per node (DFS)")
+    p.add_argument("--max-steps", type=int, default=3, help="most steps on a line (Game of 24 needs 3)")
+    p.add_argument("--threshold", type=float, default=0.5, help="steps judged below this value are wrong: their expert leaves")
+    p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature of the proposals (0 = greedy)")
+    p.add_argument("--max-new-tokens", type=int, default=20, help="most tokens of one proposed step")
+    p.add_argument("--value-max-new-tokens", type=int, default=8, help="most tokens of one judgement")
+    p.add_argument("--max-model-calls", type=int, default=None, help="give up a puzzle after this many model calls")
+    p.add_argument("--device", default=None, help="device for the model, e.g. cpu or cuda (default: cuda when available)")
+    p.add_argument("--show-tree", action="store_true", help="print each search tree as an indented outline")
+    p.set_defaults(func=run)
+
+
+def load_llm(model: str, device, cache_dir=None, seed=None):
+    """The `llm` for `--model`: `BuiltinLM` on the built-in base model, or `HFCausalLM` on a
+    local transformers directory (ValueError when it is neither)."""
+    from qlora_fast.reasoning import BuiltinLM, HFCausalLM
+
+    if model == "builtin":
+        from qlora_fast.models import load_base_model
+
+        base, tokenizer = load_base_model(cache_dir=cache_dir, progress=True)
+        return BuiltinLM(base.to(device), tokenizer, seed=seed)
+    if not os.path.isdir(model):
+        raise ValueError(f"--model must be 'builtin' or a local Hugging Face model directory, got {model!r}")
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if seed is not None:
+        torch.manual_seed(seed)
+    tokenizer = AutoTokenizer.from_pretrained(model, local_files_only=True)
+    hf_model = AutoModelForCausalLM.from_pretrained(model, local_files_only=True).to(device).eval()
+    return HFCausalLM(hf_model, tokenizer)
+
+
+def run(args) -> int:
+    import torch
+    from tqdm.auto import tqdm
+
+    from qlora_fast.reasoning import TreeOfThought
+    from qlora_fast.reasoning import game24
+
+    if args.puzzle:
+        puzzles = [" ".join(str(x) for x in game24.parse_numbers(p)) for p in args.puzzle]
+    else:
+        if args.puzzles < 1:
+            raise SystemExit(f"--puzzles must be >= 1, got {args.puzzles}")
+        puzzles = [" ".join(map(str, p)) for p in game24.puzzles(args.puzzles, seed=args.seed)]
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        llm = load_llm(args.model, device, cache_dir=args.cache_dir, seed=args.seed)
+        tot = TreeOfThought(
+            llm, n_experts=args.n_experts, max_steps=args.max_steps, breadth=args.breadth, threshold=args.threshold,
+            search=args.search, task=game24.Game24Task(), max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature, value_max_new_tokens=args.value_max_new_tokens,
+            max_model_calls=args.max_model_calls,
+        )
+    except (ValueError, TypeError) as e:
+        print(f"qlora-fast tot: error: {e}", file=sys.stderr)
+        return 2
+    random.seed(args.seed)
+    solved = calls = prompt_tokens = completion_tokens = 0
+    for puzzle in tqdm(puzzles, desc="game24", unit="puzzle"):
+        result = tot.solve(puzzle)
+        solved += result.solved
+        calls += result.model_calls
+        prompt_tokens += result.prompt_tokens or 0
+        completion_tokens += result.completion_tokens or 0
+        status = f"solved: {result.answer}" if result.solved else "unsolved"
+        tqdm.write(f"{puzzle}: {status} | model calls {result.model_calls} | tokens {result.tokens}")
+        if args.show_tree:
+            tqdm.write(result.outline())
+    n = len(puzzles)
+    print(f"task: game24 | model: {args.model} | search: {args.search} | experts: {args.n_experts} | breadth: {args.breadth}")
+    print(f"solve rate: {solved}/{n} ({100.0 * solved / n:.1f}%)")
+    print(f"model calls: {calls} ({calls / n:.1f} per puzzle)")
+    print(f"tokens: {prompt_tokens + completion_tokens} (prompt {prompt_tokens}, completion {completion_tokens})")
+    return 0

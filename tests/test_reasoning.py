@@ -1,0 +1,549 @@
+"""Tree-of-Thought search on scripted llms (known solutions, pruning, breadth and depth limits,
+depth-first backtracking, exact call/token counts), bad input, the templates, and the llm adapters
+for the built-in model and Hugging Face models checked against a plain greedy loop."""
+import random
+import re
+
+import pytest
+import torch
+
+from qlora_fast.reasoning import (
+    BuiltinLM, ExpertsTask, Game24Task, HFCausalLM, TreeOfThought, Usage, experts_prompt, format_tree, parse_value,
+)
+
+# ---- a scripted group of experts ----------------------------------------------------------------
+
+_LINE = re.compile(r"^Expert (\d+): (.*)$")
+
+
+def read_prompt(prompt):
+    """(kind, path, expert) from an `ExpertsTask` prompt: the shared steps, and for a propose
+    prompt the expert asked."""
+    lines = prompt.split("\n")
+    start = next(i for i, line in enumerate(lines) if line.startswith("Question: ")) + 1
+    path = []
+    for line in lines[start:]:
+        match = _LINE.match(line)
+        if match:
+            path.append(match.group(2))
+    if lines[-1].startswith("Judgement:"):
+        return "value", tuple(path), None
+    expert = int(re.match(r"^Expert (\d+):$", lines[-1]).group(1))
+    return "propose", tuple(path), expert
+
+
+class ScriptedLM:
+    """Proposals from `script[path][expert - 1]`, judgements `values[path]` written as text
+    (numbers, or the words sure/likely/impossible for 1/0.5/0). Records every call."""
+
+    def __init__(self, script, values=None, words=False):
+        self.script, self.values, self.words = script, values or {}, words
+        self.calls = []
+        self.last_usage = None
+
+    def generate(self, prompts, max_new_tokens, temperature, stop):
+        outputs = []
+        for prompt in prompts:
+            kind, path, expert = read_prompt(prompt)
+            if kind == "propose":
+                outputs.append(" " + self.script.get(path, [""] * 9)[expert - 1])
+            else:
+                value = self.values.get(path, 0.0)
+                text = {1.0: "sure", 0.5: "likely", 0.0: "impossible"}[value] if self.words else f"{value:.3f}"
+                outputs.append(f" {text} because")
+        self.calls.append((list(prompts), outputs, max_new_tokens, temperature, list(stop)))
+        self.last_usage = Usage(sum(len(p) for p in prompts), sum(len(o) for o in outputs))
+        return outputs
+
+
+class CountingProxy:
+    """Counts what passes through to the wrapped llm: calls, prompts and the usage it reports."""
+
+    def __init__(self, llm):
+        self.llm = llm
+        self.calls = self.prompts = self.prompt_tokens = self.completion_tokens = 0
+
+    @property
+    def last_usage(self):
+        return self.llm.last_usage
+
+    def generate(self, prompts, max_new_tokens, temperature, stop):
+        out = self.llm.generate(prompts, max_new_tokens=max_new_tokens, temperature=temperature, stop=stop)
+        self.calls += 1
+        self.prompts += len(prompts)
+        self.prompt_tokens += self.llm.last_usage.prompt_tokens
+        self.completion_tokens += self.llm.last_usage.completion_tokens
+        return out
+
+
+# A question with one right line of reasoning: 2 + 3 * 4 = 14.
+ARITH_SCRIPT = {
+    (): ["2 + 3 = 5", "3 * 4 = 12", "Multiply first"],
+    ("3 * 4 = 12",): ["2 + 12 = 14", "12 + 2 = 14", "3 * 4 = 12 again"],
+    ("Multiply first",): ["2 * 3 = 6", "3 * 4 = 12", "Add after"],
+    ("3 * 4 = 12", "2 + 12 = 14"): ["Answer: 14", "Answer: 15", "Answer: 14"],
+    ("3 * 4 = 12", "12 + 2 = 14"): ["Answer: 14", "Answer: 14", "Answer: 14"],
+    ("Multiply first", "3 * 4 = 12"): ["Answer: 14", "Answer: 14", "Answer: 14"],
+}
+ARITH_VALUES = {
+    ("2 + 3 = 5",): 0.0, ("3 * 4 = 12",): 1.0, ("Multiply first",): 0.5,
+    ("3 * 4 = 12", "2 + 12 = 14"): 1.0, ("3 * 4 = 12", "12 + 2 = 14"): 0.5, ("3 * 4 = 12", "3 * 4 = 12 again"): 0.0,
+    ("Multiply first", "2 * 3 = 6"): 0.0, ("Multiply first", "3 * 4 = 12"): 0.5, ("Multiply first", "Add after"): 0.5,
+    ("3 * 4 = 12", "2 + 12 = 14", "Answer: 14"): 1.0, ("3 * 4 = 12", "2 + 12 = 14", "Answer: 15"): 0.0,
+}
+
+
+@pytest.mark.parametrize("words", [False, True])
+def test_bfs_finds_the_known_solution_and_prunes_as_judged(words):
+    llm = ScriptedLM(ARITH_SCRIPT, ARITH_VALUES, words=words)
+    tot = TreeOfThought(llm, n_experts=3, max_steps=4, breadth=2, threshold=0.5, max_new_tokens=17, temperature=0.3)
+    result = tot.solve("What is 2 + 3 * 4?")
+    assert result.answer == "14" and result.solved
+    assert [n.step for n in result.path] == ["3 * 4 = 12", "2 + 12 = 14", "Answer: 14"]
+    assert [n.expert for n in result.path] == [2, 1, 1]
+    # Round 1: 3 proposals, 3 judgements (2 survive); round 2: 2 lines x 3 experts, 6 judgements
+    # (4 survive, breadth keeps 2); round 3: 6 proposals, of which 3 are repeats on their line and
+    # are not judged.
+    sizes = [len(prompts) for prompts, *_ in llm.calls]
+    assert sizes == [3, 3, 6, 6, 6, 3]
+    second = {tuple(n.steps()): n.status for n in result.tree.walk() if n.depth == 2}
+    assert second[("3 * 4 = 12", "12 + 2 = 14")] == "kept" and second[("Multiply first", "Add after")] == "dropped"
+    assert second[("Multiply first", "2 * 3 = 6")] == "pruned"
+    proposals = [c for c in llm.calls if not c[0][0].endswith("Judgement:")]
+    assert all(c[2] == 17 and c[3] == 0.3 and c[4] == ["\n"] for c in proposals)
+    # The expert judged wrong left: its step never appears in a later prompt.
+    first = {n.step: n for n in result.tree.children}
+    assert first["2 + 3 = 5"].status == "pruned" and first["2 + 3 = 5"].children == []
+    assert all("2 + 3 = 5" not in p for prompts, *_ in llm.calls[2:] for p in prompts)
+    assert result.model_calls == len(llm.calls) == 6
+    assert result.prompt_tokens == sum(len(p) for c in llm.calls for p in c[0])
+    assert result.completion_tokens == sum(len(o) for c in llm.calls for o in c[1])
+
+
+def test_search_ends_when_every_expert_leaves():
+    llm = ScriptedLM({(): ["a", "b", "c"]}, {})  # every step judged 0
+    result = TreeOfThought(llm, n_experts=3).solve("q")
+    assert result.answer is None and result.path == [] and result.model_calls == 2
+    assert [n.status for n in result.tree.children] == ["pruned"] * 3
+
+
+def test_invalid_and_duplicate_steps_leave_without_a_judgement():
+    llm = ScriptedLM({(): ["same", "  ", "same"]}, {("same",): 1.0})
+    result = TreeOfThought(llm, n_experts=3, max_steps=1).solve("q")
+    assert [n.status for n in result.tree.children] == ["kept", "invalid", "duplicate"]
+    assert len(llm.calls[1][0]) == 1  # one judgement: the only usable step
+    assert result.answer is None and [n.step for n in result.path] == ["same"]
+
+
+def test_user_evaluator_and_threshold():
+    seen = []
+
+    def judge(question, steps):
+        seen.append(tuple(steps))
+        return {"good": 0.9, "fine": 0.6, "bad": 0.2}.get(steps[-1], False) if steps[-1] != "Answer: 1" else True
+
+    script = {(): ["good", "fine", "bad"], ("good",): ["Answer: 1", "x", "y"], ("fine",): ["Answer: 1"] * 3}
+    result = TreeOfThought(ScriptedLM(script), n_experts=3, breadth=3, threshold=0.7, evaluator=judge).solve("q")
+    statuses = {n.step: n.status for n in result.tree.children}
+    assert statuses == {"good": "kept", "fine": "pruned", "bad": "pruned"}
+    assert result.answer == "1" and result.model_calls == 2  # no value calls with a user evaluator
+    assert seen[:3] == [("good",), ("fine",), ("bad",)]
+
+
+def _random_script(rng, n_experts, depth):
+    """A random tree of proposals: some blank, some repeated, some answers; random values."""
+    script, values = {}, {}
+    frontier = [()]
+    for _ in range(depth):
+        nxt = []
+        for path in frontier:
+            steps = []
+            for _ in range(n_experts):
+                r = rng.random()
+                if r < 0.1:
+                    steps.append("")
+                elif r < 0.2 and steps:
+                    steps.append(rng.choice(steps))
+                elif r < 0.3:
+                    steps.append(f"Answer: {rng.randint(0, 99)}")
+                else:
+                    steps.append(f"s{rng.randint(0, 10**6)}")
+            script[path] = steps
+            for s in steps:
+                if s.strip():
+                    values[path + (s,)] = rng.choice([0.0, 0.25, 0.5, 0.75, 1.0])
+                    if not s.startswith("Answer"):
+                        nxt.append(path + (s,))
+        frontier = nxt
+    return script, values
+
+
+def reference_search(script, values, n_experts, breadth, max_steps, threshold, search):
+    """The search written out plainly: returns (answer, path, proposal calls, value calls)."""
+    counts = {"propose": 0, "value": 0}
+
+    def children(paths):
+        counts["propose"] += 1
+        out = []
+        for path in paths:
+            seen = set()
+            for e in range(n_experts):
+                step = script.get(path, [""] * n_experts)[e].strip()
+                if step and step not in seen:
+                    seen.add(step)
+                    out.append(path + (step,))
+        if out:
+            counts["value"] += 1
+        judged = [(c, values.get(c, 0.0)) for c in out]
+        good = [(c, v) for c, v in judged if v >= threshold]
+        finals = [(c, v) for c, v in good if c[-1].startswith("Answer: ")]
+        if finals:
+            best = max(v for _, v in finals)
+            return next(c for c, v in finals if v == best), []
+        good.sort(key=lambda cv: -cv[1])
+        return None, [c for c, _ in good[:breadth]]
+
+    if search == "bfs":
+        beam = [()]
+        for _ in range(max_steps):
+            final, beam = children(beam)
+            if final or not beam:
+                return final, counts
+        return None, counts
+
+    def dfs(path):
+        if len(path) >= max_steps:
+            return None
+        final, kept = children([path])
+        if final:
+            return final
+        for child in kept:
+            found = dfs(child)
+            if found:
+                return found
+        return None
+
+    return dfs(()), counts
+
+
+@pytest.mark.parametrize("search", ["bfs", "dfs"])
+def test_random_trees_match_the_plain_search(seed, search):
+    rng = random.Random(seed)
+    for _ in range(25):
+        n_experts, breadth, max_steps = rng.randint(1, 4), rng.randint(1, 3), rng.randint(1, 4)
+        script, values = _random_script(rng, n_experts, max_steps)
+        llm = CountingProxy(ScriptedLM(script, values))
+        tot = TreeOfThought(llm, n_experts=n_experts, breadth=breadth, max_steps=max_steps, threshold=0.5, search=search)
+        result = tot.solve("q")
+        final, counts = reference_search(script, values, n_experts, breadth, max_steps, 0.5, search)
+        assert result.answer == (final[-1][len("Answer: "):] if final else None)
+        if final:
+            assert tuple(n.step for n in result.path) == final
+        assert result.model_calls == llm.calls == counts["propose"] + counts["value"]
+        assert (result.prompt_tokens, result.completion_tokens) == (llm.prompt_tokens, llm.completion_tokens)
+        # Limits: no line longer than max_steps; in BFS no round extends more than `breadth` lines.
+        assert all(n.depth <= max_steps for n in result.nodes())
+        if search == "bfs":
+            proposals = [c for c in llm.llm.calls if not c[0][0].endswith("Judgement:")]
+            assert all(len(c[0]) <= breadth * n_experts for c in proposals)
+            assert len(proposals) <= max_steps
+
+
+def test_dfs_backtracks_from_a_dead_line():
+    script = {
+        (): ["a", "b", "c"],
+        ("a",): ["a1", "a2", "a3"],          # all judged wrong: a dead line
+        ("b",): ["b1", "b2", "b3"],
+        ("b", "b1"): ["b1x", "b1y", "b1z"],  # reaches max_steps=3 without an answer
+        ("b", "b2"): ["Answer: found", "q", "r"],
+    }
+    values = {("a",): 0.9, ("b",): 0.8, ("c",): 0.1, ("b", "b1"): 0.9, ("b", "b2"): 0.6, ("b", "b1", "b1x"): 0.7,
+              ("b", "b2", "Answer: found"): 1.0}
+    llm = ScriptedLM(script, values)
+    result = TreeOfThought(llm, n_experts=3, breadth=2, max_steps=3, search="dfs").solve("q")
+    assert result.answer == "found"
+    assert [n.step for n in result.path] == ["b", "b2", "Answer: found"]
+    expanded = sorted((n for n in result.tree.walk() if n.order is not None), key=lambda n: n.order)
+    assert [tuple(n.steps()) for n in expanded] == [(), ("a",), ("b",), ("b", "b1"), ("b", "b2")]
+    assert result.model_calls == 10  # 5 expansions, each one propose + one judge call
+    # The same tree breadth first: the beam holds both lines, no backtracking needed.
+    bfs = TreeOfThought(ScriptedLM(script, values), n_experts=3, breadth=2, max_steps=3).solve("q")
+    assert bfs.answer == "found" and bfs.model_calls == 6
+
+
+def test_max_model_calls_stops_the_search():
+    llm = ScriptedLM(ARITH_SCRIPT, ARITH_VALUES)
+    result = TreeOfThought(llm, n_experts=3, breadth=2, max_model_calls=3).solve("What is 2 + 3 * 4?")
+    assert result.answer is None and result.model_calls == len(llm.calls) == 3
+
+
+def test_outline_and_transcript_are_well_formed():
+    result = TreeOfThought(ScriptedLM(ARITH_SCRIPT, ARITH_VALUES), n_experts=3, breadth=2).solve("What is 2 + 3 * 4?")
+    lines = result.outline().split("\n")
+    assert lines[0] == "Question: What is 2 + 3 * 4?"
+    nodes = result.nodes()
+    assert len(lines) == 1 + len(nodes)
+    pattern = re.compile(r"^( *)- Expert ([1-3]): (.*) \[(kept|final|pruned|invalid|duplicate|dropped|unjudged)( value=\d\.\d\d)?( answer=.*)?\]$")
+    for line, node in zip(lines[1:], nodes):
+        match = pattern.match(line)
+        assert match, line
+        assert len(match.group(1)) == 2 * node.depth and int(match.group(2)) == node.expert
+    assert str(result) == format_tree(result.tree)
+    assert result.transcript().split("\n") == [
+        "Question: What is 2 + 3 * 4?", "Expert 2: 3 * 4 = 12", "Expert 1: 2 + 12 = 14", "Expert 1: Answer: 14", "Answer: 14"]
+
+
+def test_llm_without_usage_gives_no_token_counts():
+    class Plain:
+        def generate(self, prompts, max_new_tokens, temperature, stop):
+            return ["Answer: 1"] * len(prompts)
+
+    result = TreeOfThought(Plain(), evaluator=lambda q, s: 1.0).solve("q")
+    assert result.answer == "1" and result.model_calls == 1
+    assert result.prompt_tokens is None and result.tokens is None
+
+
+# ---- bad input ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n_experts", [0, -2, 1.5, True, "3"])
+def test_n_experts_must_be_a_positive_int(n_experts):
+    with pytest.raises(ValueError, match="n_experts"):
+        TreeOfThought(ScriptedLM({}), n_experts=n_experts)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(max_steps=0), "max_steps"), (dict(breadth=0), "breadth"), (dict(search="astar"), "search"),
+    (dict(max_new_tokens=0), "max_new_tokens"), (dict(temperature=-1.0), "temperature"),
+    (dict(max_model_calls=-1), "max_model_calls"),
+])
+def test_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        TreeOfThought(ScriptedLM({}), **kwargs)
+
+
+def test_bad_llm_evaluator_task_question():
+    with pytest.raises(TypeError, match="generate"):
+        TreeOfThought(object())
+    with pytest.raises(TypeError, match="evaluator"):
+        TreeOfThought(ScriptedLM({}), evaluator=0.5)
+    with pytest.raises(TypeError, match="task"):
+        TreeOfThought(ScriptedLM({}), task="game24")
+    with pytest.raises(TypeError, match="question"):
+        TreeOfThought(ScriptedLM({})).solve(["q"])
+
+
+@pytest.mark.parametrize("delta", [-1, 1])
+def test_llm_returning_the_wrong_number_of_strings(delta):
+    class Wrong:
+        def generate(self, prompts, max_new_tokens, temperature, stop):
+            return ["Answer: 1"] * (len(prompts) + delta)
+
+    with pytest.raises(ValueError, match=r"one string per prompt: 3 prompts, got %d outputs" % (3 + delta)):
+        TreeOfThought(Wrong(), n_experts=3).solve("q")
+
+
+def test_llm_returning_non_strings():
+    class NotText:
+        def generate(self, prompts, max_new_tokens, temperature, stop):
+            return [None] * len(prompts)
+
+    with pytest.raises(TypeError, match="strings"):
+        TreeOfThought(NotText()).solve("q")
+    with pytest.raises(ValueError, match="one string per prompt"):
+        TreeOfThought(type("S", (), {"generate": lambda self, p, **k: "Answer: 1"})()).solve("q")
+
+
+# ---- templates and value parsing -----------------------------------------------------------------
+
+
+def test_single_prompt_experts_template():
+    question = f"What is {random.randint(10, 99)} + {random.randint(10, 99)}?"
+    text = experts_prompt(question)
+    assert text.startswith("Imagine three different experts") and question in text and "leave" in text
+    assert "Imagine five different experts" in experts_prompt(question, n_experts=5)
+    assert "Imagine 12 different experts" in experts_prompt(question, n_experts=12)
+    with pytest.raises(ValueError, match="n_experts"):
+        experts_prompt(question, n_experts=0)
+    with pytest.raises(TypeError, match="question"):
+        experts_prompt(None)
+
+
+def test_step_prompts_share_the_transcript():
+    task = ExpertsTask(n_experts=4)
+    prompt = task.propose_prompt("Why?", ["first", "second"], [3, 1], 2)
+    assert prompt.endswith("Question: Why?\nExpert 3: first\nExpert 1: second\nExpert 2:")
+    assert prompt.startswith("4 experts")
+    assert task.value_prompt("Why?", ["first"], [3]).endswith("Expert 3: first\n" + prompt[:0] + task.value_prompt("Why?", [], [])[len("Question: Why?\n"):])
+    assert task.final_answer("Why?", ["x", "  Final answer: because "]) == "because"
+    assert task.final_answer("Why?", ["the answer is near"]) is None
+
+
+def test_parse_value():
+    assert parse_value(" Sure, because") == 1.0
+    assert parse_value("likely") == 0.5 and parse_value("IMPOSSIBLE!") == 0.0
+    assert parse_value("0.25") == 0.25 and parse_value("7") == 0.7 and parse_value("85%") == 0.85
+    assert parse_value("3/4") == 0.75 and parse_value("value 1000") is None and parse_value("hmm") is None
+    x = random.random()
+    assert abs(parse_value(f"{x:.6f}") - x) < 1e-6
+    with pytest.raises(TypeError):
+        parse_value(3)
+
+
+# ---- llm adapters against a plain greedy loop ---------------------------------------------------
+
+
+def greedy_reference(logits_fn, prompt_ids, max_new_tokens, decode, stop, end_ids):
+    """One prompt, no padding, no cache: argmax token by token; stops at an end token or when the
+    text holds a stop string. Returns (text before the stop, tokens spent)."""
+    ids = list(prompt_ids)
+    new = []
+    for _ in range(max_new_tokens):
+        token = int(logits_fn(torch.tensor([ids]))[0, -1].argmax())
+        ids.append(token)
+        new.append(token)
+        if token in end_ids:
+            return decode(new[:-1]), len(new)
+        text = decode(new)
+        hits = [text.find(s) for s in stop if s in text]
+        if hits:
+            return text[: min(hits)], len(new)
+    return decode(new), len(new)
+
+
+@pytest.fixture(scope="module")
+def builtin_model():
+    from qlora_fast.models import LlamaConfig, LlamaForCausalLM
+    from qlora_fast.tokenizer import ByteTokenizer
+
+    config = LlamaConfig(vocab_size=259, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
+                         num_kv_heads=2, max_seq_len=256)
+    model = LlamaForCausalLM(config).double().eval()
+    return model, ByteTokenizer()
+
+
+def _pick_stop(texts):
+    """A stop string the outputs actually contain (so the cut is exercised), from the outputs."""
+    for text in texts:
+        if len(text) >= 3:
+            return text[2]
+    return "\n"
+
+
+def test_builtin_lm_matches_a_greedy_loop(builtin_model):
+    model, tok = builtin_model
+    prompts = [f"Numbers: {random.randint(1, 13)} {random.randint(1, 13)}\nExpert {k}:" for k in range(1, 4)] + ["x"]
+    lm = BuiltinLM(model, tok)
+    free = lm.generate(prompts, max_new_tokens=9, temperature=0.0, stop=[])
+    for stop in ([], [_pick_stop(free)], ["zz", _pick_stop(free[::-1])]):
+        texts = lm.generate(prompts, max_new_tokens=9, temperature=0.0, stop=stop)
+        expected = [greedy_reference(lambda ids: model(input_ids=ids).logits, tok.encode(p, add_bos=True), 9,
+                                     tok.decode, stop, {tok.eos_id}) for p in prompts]
+        assert texts == [t for t, _ in expected]
+        assert lm.last_usage == Usage(sum(len(p) + 1 for p in prompts), sum(n for _, n in expected))
+
+
+def test_builtin_lm_sampling_is_seeded_and_prompts_fit_the_context(builtin_model):
+    model, tok = builtin_model
+    prompts = ["a" * 300, "Question: why?"]  # the first is cut from the left to fit 256 - 8
+    a = BuiltinLM(model, tok, seed=7).generate(prompts, max_new_tokens=8, temperature=1.0, stop=["\n"])
+    b_lm = BuiltinLM(model, tok, seed=7)
+    b = b_lm.generate(prompts, max_new_tokens=8, temperature=1.0, stop=["\n"])
+    assert a == b and len(a) == 2 and all(isinstance(t, str) for t in a)
+    assert b_lm.last_usage.prompt_tokens == 248 + len(prompts[1]) + 1
+    assert b_lm.last_usage.completion_tokens <= 16
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        b_lm.generate(prompts, max_new_tokens=256, temperature=0.0, stop=[])
+    with pytest.raises(TypeError, match="prompts"):
+        b_lm.generate("one prompt", max_new_tokens=4, temperature=0.0, stop=[])
+    with pytest.raises(ValueError, match="temperature"):
+        b_lm.generate(["p"], max_new_tokens=4, temperature=-1, stop=[])
+
+
+@pytest.fixture(scope="module")
+def hf_model():
+    transformers = pytest.importorskip("transformers")
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=320, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  special_tokens=["<pad>", "<eos>"], show_progress=False)
+    text = ["Question: what is 4 + 8? Expert 1: 4 + 8 = 12 (left: 6 12 13)\nAnswer: twelve"] * 10
+    tok.train_from_iterator(text, trainer=trainer)
+    hf_tok = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>")
+    config = transformers.LlamaConfig(
+        vocab_size=len(hf_tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128, pad_token_id=hf_tok.pad_token_id,
+        eos_token_id=hf_tok.eos_token_id, bos_token_id=None)
+    torch.manual_seed(random.randint(0, 2**31))
+    model = transformers.LlamaForCausalLM(config).double().eval()
+    return model, hf_tok
+
+
+def test_hf_causal_lm_matches_a_greedy_loop(hf_model):
+    model, tok = hf_model
+    prompts = [f"Question: what is {random.randint(1, 99)} + {random.randint(1, 9)}?", "Expert 1:", "Answer"]
+    lm = HFCausalLM(model, tok)
+    free = lm.generate(prompts, max_new_tokens=7, temperature=0.0, stop=[])
+    decode = lambda ids: tok.decode(ids, skip_special_tokens=True)  # noqa: E731
+    for stop in ([], [_pick_stop(free)]):
+        texts = lm.generate(prompts, max_new_tokens=7, temperature=0.0, stop=stop)
+        expected = [greedy_reference(lambda ids: model(input_ids=ids).logits, tok(p)["input_ids"], 7, decode, stop,
+                                     {tok.eos_token_id}) for p in prompts]
+        assert texts == [t for t, _ in expected]
+        assert lm.last_usage == Usage(sum(len(tok(p)["input_ids"]) for p in prompts), sum(n for _, n in expected))
+    torch.manual_seed(0)
+    sampled = lm.generate(prompts, max_new_tokens=5, temperature=1.0, stop=["\n"])
+    assert len(sampled) == 3 and all(isinstance(t, str) for t in sampled)
+
+
+# ---- end to end on the built-in model --------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("search", ["bfs", "dfs"])
+def test_end_to_end_on_the_builtin_model(builtin_model, search):
+    model, tok = builtin_model
+    lm = CountingProxy(BuiltinLM(model, tok, seed=random.randint(0, 2**31)))
+    # The model judges (a random model rarely says "sure"); every step is kept by a user evaluator.
+    for evaluator, task in ((None, Game24Task()), (lambda q, s: 1.0, ExpertsTask(3)), (None, ExpertsTask(3))):
+        lm.calls = lm.prompts = lm.prompt_tokens = lm.completion_tokens = 0
+        tot = TreeOfThought(lm, n_experts=3, breadth=2, max_steps=2, task=task, evaluator=evaluator,
+                            max_new_tokens=6, value_max_new_tokens=3, search=search)
+        result = tot.solve("4 6 8 13" if isinstance(task, Game24Task) else "What is 2 + 2?")
+        assert result.model_calls == lm.calls >= 1
+        assert (result.prompt_tokens, result.completion_tokens) == (lm.prompt_tokens, lm.completion_tokens)
+        assert result.completion_tokens <= 6 * lm.prompts
+        # One prompt per proposal, plus one per judgement when the model judges.
+        judged = sum(n.value is not None for n in result.nodes()) if evaluator is None else 0
+        assert lm.prompts == len(result.nodes()) + judged
+        lines = result.outline().split("\n")
+        assert len(lines) == 1 + len(result.nodes()) and all(re.match(r"^ *- Expert [1-3]: .* \[\w+.*\]$", x) for x in lines[1:])
+        assert result.transcript().startswith("Question: ")
+        if evaluator is not None:
+            assert all(n.status == "kept" for n in result.path) and len(result.path) in (0, 1, 2)
+
+
+def test_cli_on_a_local_hugging_face_model(hf_model, tmp_path, capsys):
+    """`qlora-fast tot --model DIR` loads a saved transformers model and reports the same totals
+    as a direct run of the search on it."""
+    import argparse
+
+    from qlora_fast.commands import tot as tot_command
+
+    model, tok = hf_model
+    model.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    parser = argparse.ArgumentParser(prog="qlora-fast")
+    tot_command.register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["tot", "--model", str(tmp_path), "--puzzle", "4 6 8 13", "--temperature", "0",
+                              "--max-new-tokens", "5", "--n-experts", "2", "--device", "cpu"])
+    assert args.func(args) == 0
+    out = capsys.readouterr().out
+    result = TreeOfThought(HFCausalLM(model, tok), task=Game24Task(), n_experts=2, max_steps=3, breadth=3,
+                           temperature=0.0, max_new_tokens=5).solve("4 6 8 13")
+    assert f"solve rate: {int(result.solved)}/1" in out
+    assert f"model calls: {result.model_calls} (" in out
+    assert f"tokens: {result.tokens} (prompt {result.prompt_tokens}, completion {result.completion_tokens})" in out
