@@ -72,6 +72,7 @@ def replace_linear(
     are converted. blocksize, compress_statistics, compute_dtype: passed to `Linear4bit`.
     lora_r: when set, wrap each converted layer with a LoRA adapter of this rank (`QLoRALinear`
     on a 4-bit base, `LoRALinear` on a full-precision one); lora_alpha defaults to 2 * lora_r.
+    With lora_r, every other parameter of the model is frozen (only the adapters train).
     Raises ValueError when there is nothing to do (quant_type and lora_r both None) or when
     `target` matches no layer.
     """
@@ -120,6 +121,11 @@ def replace_linear(
     walk(model, "")
     if target and not converted:
         raise ValueError(f"target {target!r} matched no nn.Linear or Conv1D layer of the model")
+    if lora_r is not None:
+        # as PEFT does: only the adapters train (embeddings, norms, lm_head are frozen too)
+        from qlora_fast.nn.lora import mark_only_lora_as_trainable
+
+        mark_only_lora_as_trainable(model)
     return model
 
 
