@@ -1,0 +1,102 @@
+"""Autoregressive decoding with a KV cache, shared by the built-in model, PEFT-wrapped models and
+Hugging Face causal LMs.
+
+`model(input_ids=..., attention_mask=..., past_key_values=..., position_ids=..., use_cache=True)`
+must return an object with `.logits` and `.past_key_values`; that is all `generate` uses.
+"""
+from typing import Iterable, Optional
+
+import torch
+
+from .llama import positions_from_mask
+
+
+def _filter_logits(logits: torch.Tensor, top_k: Optional[int], top_p: Optional[float]) -> torch.Tensor:
+    """Set to -inf every logit outside the top-k and outside the smallest set whose probability
+    reaches top-p (the most likely token always stays)."""
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        # Drop a token when the tokens ranked above it already reach top_p.
+        drop_sorted = probs.cumsum(-1) - probs >= top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+@torch.no_grad()
+def generate(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: Optional[torch.Tensor] = None,
+    max_new_tokens: int = 32,
+    temperature: float = 0.0,
+    top_k: Optional[int] = None,
+    top_p: Optional[float] = None,
+    eos_token_id: Optional[int] = None,
+    stop_token_ids: Optional[Iterable[int]] = None,
+    pad_token_id: int = 0,
+    generator: Optional[torch.Generator] = None,
+) -> torch.LongTensor:
+    """Continue each prompt; returns (B, T_prompt + n_new) with n_new <= max_new_tokens.
+
+    input_ids (B, T) LongTensor, prompts LEFT-padded, with attention_mask (B, T) marking real
+    tokens (all real when omitted). temperature 0 is greedy; otherwise sampling from
+    softmax(logits / temperature) restricted by top_k / top_p, drawn with `generator`.
+    A row finishes after emitting eos_token_id or any of stop_token_ids (the stop token is kept);
+    later positions of finished rows hold pad_token_id. Decoding stops early when all rows finish.
+    """
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype != torch.long:
+        raise TypeError("input_ids must be a (batch, length) LongTensor")
+    if input_ids.shape[1] == 0:
+        raise ValueError("input_ids must hold at least one token per prompt")
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if top_k is not None and (not isinstance(top_k, int) or top_k <= 0):
+        raise ValueError(f"top_k must be a positive int or None, got {top_k!r}")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    if attention_mask.shape != input_ids.shape:
+        raise ValueError(f"attention_mask must have the shape of input_ids {tuple(input_ids.shape)}, got {tuple(attention_mask.shape)}")
+    stops = set(stop_token_ids or ())
+    if eos_token_id is not None:
+        stops.add(int(eos_token_id))
+    stop_tensor = torch.tensor(sorted(stops), dtype=torch.long, device=input_ids.device)
+
+    was_training = model.training
+    model.eval()
+    try:
+        mask = attention_mask.long()
+        tokens = input_ids
+        finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        step_ids, positions, past = input_ids, positions_from_mask(mask), None
+        for _ in range(max_new_tokens):
+            out = model(input_ids=step_ids, attention_mask=mask, past_key_values=past, position_ids=positions, use_cache=True)
+            past = out.past_key_values
+            logits = out.logits[:, -1, :].float()
+            if temperature == 0.0:
+                next_ids = logits.argmax(-1)
+            else:
+                logits = _filter_logits(logits / temperature, top_k, top_p)
+                next_ids = torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
+            # Finished rows show pad_token_id but feed the model their sampled token, which is
+            # always a valid id (pad_token_id need not be one).
+            shown = torch.where(finished, torch.full_like(next_ids, pad_token_id), next_ids)
+            tokens = torch.cat([tokens, shown[:, None]], dim=1)
+            if len(stops):
+                finished = finished | torch.isin(next_ids, stop_tensor)
+            if bool(finished.all()):
+                break
+            step_ids = next_ids[:, None]
+            positions = positions[:, -1:] + 1
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        return tokens
+    finally:
+        model.train(was_training)

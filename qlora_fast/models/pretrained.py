@@ -1,0 +1,147 @@
+"""The tiny built-in base model: a `LlamaForCausalLM` pretrained on the shipped corpus with the
+byte tokenizer, trained on first use (about a minute on two idle CPU cores) and cached on disk.
+
+The cache file name carries a hash of the config, the training recipe and the corpus, so a change
+to any of them trains a new model instead of loading a stale one.
+"""
+import hashlib
+import json
+import math
+import os
+import tempfile
+from dataclasses import asdict, dataclass
+from typing import Optional, Tuple
+
+import torch
+
+from .llama import LlamaConfig, LlamaForCausalLM
+
+BASE_CONFIG = LlamaConfig(
+    vocab_size=259, hidden_size=96, intermediate_size=256, num_layers=3, num_heads=4, num_kv_heads=2,
+    max_seq_len=256, rope_theta=10000.0, norm_eps=1e-5, tie_embeddings=False,
+)
+
+
+@dataclass
+class PretrainRecipe:
+    """How the base model is pretrained (part of the cache key)."""
+
+    steps: int = 300
+    batch_size: int = 16
+    seq_len: int = 64
+    lr: float = 3e-3
+    warmup: int = 30
+    weight_decay: float = 0.01
+    seed: int = 0
+
+
+def default_cache_dir() -> str:
+    """$QLORA_FAST_CACHE, else ~/.cache/qlora_fast."""
+    return os.environ.get("QLORA_FAST_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "qlora_fast")
+
+
+def _atomic_write_bytes(path: str, data: bytes) -> None:
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(path))
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def save_model(model: LlamaForCausalLM, directory: str) -> None:
+    """Write `config.json` and `model.safetensors` into `directory`, each atomically."""
+    from safetensors.torch import save
+
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    if model.config.tie_embeddings:
+        state.pop("lm_head.weight", None)
+    _atomic_write_bytes(os.path.join(directory, "model.safetensors"), save(state))
+    _atomic_write_bytes(os.path.join(directory, "config.json"), json.dumps(model.config.to_dict(), indent=2).encode())
+
+
+def load_model(directory: str, device=None) -> LlamaForCausalLM:
+    """Load a model written by `save_model`."""
+    from safetensors.torch import load_file
+
+    with open(os.path.join(directory, "config.json")) as f:
+        config = LlamaConfig(**json.load(f))
+    model = LlamaForCausalLM(config)
+    state = load_file(os.path.join(directory, "model.safetensors"))
+    model.load_state_dict(state, strict=not config.tie_embeddings)
+    return model.to(device) if device is not None else model
+
+
+def _cache_key(config: LlamaConfig, recipe: PretrainRecipe, corpus: str) -> str:
+    blob = json.dumps({"config": config.to_dict(), "recipe": asdict(recipe), "v": 1}, sort_keys=True) + corpus
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def pretrain(model: LlamaForCausalLM, ids: torch.Tensor, recipe: PretrainRecipe, progress: bool = True) -> list:
+    """Train `model` on random windows of the token stream `ids` (1-D LongTensor) with AdamW and a
+    warmup + cosine schedule. Returns the loss per step."""
+    from tqdm.auto import tqdm
+
+    if ids.numel() <= recipe.seq_len + 1:
+        raise ValueError(f"the corpus must hold more than seq_len + 1 = {recipe.seq_len + 1} tokens, got {ids.numel()}")
+    gen = torch.Generator().manual_seed(recipe.seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay, betas=(0.9, 0.95))
+
+    def lr_at(step):
+        if step < recipe.warmup:
+            return (step + 1) / recipe.warmup
+        t = (step - recipe.warmup) / max(1, recipe.steps - recipe.warmup)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    model.train()
+    losses = []
+    bar = tqdm(range(recipe.steps), desc="pretraining base model", disable=not progress)
+    for _ in bar:
+        starts = torch.randint(0, ids.numel() - recipe.seq_len, (recipe.batch_size,), generator=gen)
+        batch = torch.stack([ids[s:s + recipe.seq_len] for s in starts.tolist()])
+        loss = model(input_ids=batch, labels=batch).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+    model.eval()
+    return losses
+
+
+def load_base_model(cache_dir: Optional[str] = None, progress: bool = True, recipe: Optional[PretrainRecipe] = None,
+                    config: Optional[LlamaConfig] = None) -> Tuple[LlamaForCausalLM, "object"]:
+    """The tiny base model pretrained on the shipped corpus, and its tokenizer (`ByteTokenizer`).
+
+    Loaded from `cache_dir` (default `default_cache_dir()`) when present, else pretrained (tqdm bar
+    when `progress`) and saved there atomically. The model is returned in eval mode on the CPU.
+    """
+    from qlora_fast.data import load_corpus
+    from qlora_fast.tokenizer.base import ByteTokenizer
+
+    tokenizer = ByteTokenizer()
+    config = config or BASE_CONFIG
+    recipe = recipe or PretrainRecipe()
+    if config.vocab_size != tokenizer.vocab_size:
+        raise ValueError(f"config.vocab_size must match the tokenizer ({tokenizer.vocab_size}), got {config.vocab_size}")
+    corpus = load_corpus()
+    directory = os.path.join(cache_dir or default_cache_dir(), f"base-{_cache_key(config, recipe, corpus)}")
+    if os.path.exists(os.path.join(directory, "model.safetensors")) and os.path.exists(os.path.join(directory, "config.json")):
+        return load_model(directory).eval(), tokenizer
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(recipe.seed)
+        model = LlamaForCausalLM(config)
+    ids = torch.tensor(tokenizer.encode(corpus), dtype=torch.long)
+    pretrain(model, ids, recipe, progress=progress)
+    save_model(model, directory)
+    return model.eval(), tokenizer
