@@ -13,7 +13,7 @@ from typing import Dict, List, Optional
 
 import torch
 
-from qlora_fast.optim.paging import Budget, PageManager, StepStats, timed
+from qlora_fast.optim.paging import Budget, PageManager, StepStats, check_budget, timed
 from qlora_fast.reference.optim import QUANT_BLOCK, dynamic_map
 
 __all__ = ["Adam", "AdamW", "AdamW8bit", "PagedAdamW", "PagedAdamW8bit", "paging_stats"]
@@ -77,6 +77,8 @@ class _PagedAdamBase(torch.optim.Optimizer):
             raise ValueError(f"page_bytes must hold at least {QUANT_BLOCK} elements of state "
                              f"({8 * QUANT_BLOCK} bytes), got {page_bytes}")
         self._page_bytes = page_bytes
+        if paged:
+            check_budget(budget, page_bytes)
         self._managers: Dict[torch.device, PageManager] = {}
         self._maps: Dict[torch.device, tuple] = {}
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)

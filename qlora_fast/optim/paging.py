@@ -74,6 +74,21 @@ def _available_bytes(device: torch.device) -> int:
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
+def check_budget(budget: Budget, min_bytes: int) -> None:
+    """ValueError/TypeError unless `budget` is None, an int >= `min_bytes`, or a float in (0, 1]."""
+    if budget is None:
+        return
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)):
+        raise TypeError(f"budget must be None, an int (bytes) or a float fraction, got {budget!r}")
+    if isinstance(budget, float) and not 0.0 < budget <= 1.0:
+        raise ValueError(f"a fractional budget must be in (0, 1], got {budget}")
+    if isinstance(budget, int) and budget < min_bytes:
+        raise ValueError(
+            f"budget of {budget} bytes is smaller than one page ({min_bytes} bytes); "
+            "raise the budget or lower page_bytes"
+        )
+
+
 class PageManager:
     """Residency, budget and copies of the pages of one optimizer on one device.
 
@@ -85,16 +100,7 @@ class PageManager:
 
     def __init__(self, device: torch.device, budget: Budget = None, min_budget_bytes: int = 0):
         self.device = torch.device(device)
-        if budget is not None:
-            if isinstance(budget, bool) or not isinstance(budget, (int, float)):
-                raise TypeError(f"budget must be None, an int (bytes) or a float fraction, got {budget!r}")
-            if isinstance(budget, float) and not 0.0 < budget <= 1.0:
-                raise ValueError(f"a fractional budget must be in (0, 1], got {budget}")
-            if isinstance(budget, int) and budget < min_budget_bytes:
-                raise ValueError(
-                    f"budget of {budget} bytes is smaller than one page ({min_budget_bytes} bytes); "
-                    "raise the budget or lower page_bytes"
-                )
+        check_budget(budget, min_budget_bytes)
         self.budget = budget
         self.pages: List[Page] = []
         self.clock = 0
