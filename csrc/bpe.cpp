@@ -1,6 +1,10 @@
 // The byte-pair merge loop of qlora_fast.tokenizer.BPETokenizer, as `qlora_fast._bpe`.
 //
-// Python splits the text with the pre-tokenisation regex and hands the list of pieces here.
+// For GPT-2's and cl100k's patterns the text is split here too, by a hand-written scanner that
+// follows the regex alternatives in order (possessive quantifiers mean no backtracking except
+// where noted) over a per-code-point class table (letter / number / whitespace) that Python builds
+// from the `regex` module, so the classes are exactly the regex's. Other patterns are split in
+// Python with `regex` and the list of pieces is handed here.
 // Each piece is looked up whole, then in a cache, and only then merged: tiktoken's algorithm,
 // which keeps the parts' boundaries and the rank of each adjacent pair's concatenation and
 // repeatedly merges the lowest-ranked pair (leftmost on a tie), O(n * merges) per piece.
@@ -14,6 +18,7 @@
 #include <cstdint>
 #include <limits>
 #include <queue>
+#include <stdexcept>
 #include <string>
 #include <unordered_map>
 #include <unordered_set>
@@ -27,6 +32,116 @@ namespace {
 using Rank = uint32_t;
 constexpr Rank kNoRank = std::numeric_limits<Rank>::max();
 constexpr size_t kCacheLimit = 1 << 18;
+
+// Code-point classes, filled by set_char_classes().
+constexpr uint8_t kLetter = 1, kNumber = 2, kSpace = 4;
+std::vector<uint8_t> g_classes;
+
+enum Pattern { kGpt2 = 1, kCl100k = 2 };
+
+inline uint8_t cls(uint32_t c) { return c < g_classes.size() ? g_classes[c] : 0; }
+inline bool is_letter(uint32_t c) { return cls(c) & kLetter; }
+inline bool is_number(uint32_t c) { return cls(c) & kNumber; }
+inline bool is_space(uint32_t c) { return cls(c) & kSpace; }
+inline bool is_other(uint32_t c) { return !(cls(c) & (kLetter | kNumber | kSpace)); }  // [^\s\p{L}\p{N}]
+inline bool is_newline(uint32_t c) { return c == '\r' || c == '\n'; }
+
+// Decode valid UTF-8 (Python produced it) into code points and their byte offsets (+ end).
+void decode_utf8(const unsigned char* s, size_t len, std::vector<uint32_t>& cps, std::vector<size_t>& offs) {
+  cps.clear();
+  offs.clear();
+  for (size_t i = 0; i < len;) {
+    unsigned char b = s[i];
+    uint32_t c;
+    size_t n;
+    if (b < 0x80) { c = b; n = 1; }
+    else if (b < 0xE0) { c = b & 0x1F; n = 2; }
+    else if (b < 0xF0) { c = b & 0x0F; n = 3; }
+    else { c = b & 0x07; n = 4; }
+    for (size_t k = 1; k < n; ++k) c = (c << 6) | (s[i + k] & 0x3F);
+    cps.push_back(c);
+    offs.push_back(i);
+    i += n;
+  }
+  offs.push_back(len);
+}
+
+// '(?:[sdmt]|ll|ve|re) with or without case folding; returns the match length in code points or 0.
+size_t contraction(const std::vector<uint32_t>& c, size_t i, bool ignore_case) {
+  size_t n = c.size();
+  if (c[i] != '\'' || i + 1 >= n) return 0;
+  auto lower = [&](uint32_t x) -> uint32_t {
+    if (!ignore_case) return x;
+    if (x == 0x17F) return 's';  // LATIN SMALL LETTER LONG S folds to 's'
+    return (x >= 'A' && x <= 'Z') ? x + 32 : x;
+  };
+  uint32_t a = lower(c[i + 1]);
+  if (a == 's' || a == 'd' || a == 'm' || a == 't') return 2;
+  if (i + 2 < n) {
+    uint32_t b = lower(c[i + 2]);
+    if ((a == 'l' && b == 'l') || (a == 'v' && b == 'e') || (a == 'r' && b == 'e')) return 3;
+  }
+  return 0;
+}
+
+// End (exclusive) of the whitespace run starting at i.
+size_t space_run_end(const std::vector<uint32_t>& c, size_t i) {
+  while (i < c.size() && is_space(c[i])) ++i;
+  return i;
+}
+
+// End of the piece starting at i for cl100k's pattern:
+// '(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+| ?[^\s\p{L}\p{N}]++[\r\n]*+|\s++$|\s*[\r\n]|\s+(?!\S)|\s
+size_t next_cl100k(const std::vector<uint32_t>& c, size_t i) {
+  const size_t n = c.size();
+  if (size_t m = contraction(c, i, true)) return i + m;
+  {  // optional non-letter/number/newline, then letters (possessive: no retry without it)
+    size_t j = i;
+    if (!is_letter(c[j]) && !is_number(c[j]) && !is_newline(c[j])) ++j;
+    if (j < n && is_letter(c[j])) {
+      while (j < n && is_letter(c[j])) ++j;
+      return j;
+    }
+  }
+  if (is_number(c[i])) {
+    size_t j = i;
+    while (j < n && j < i + 3 && is_number(c[j])) ++j;
+    return j;
+  }
+  {  // ' ?' may back off, so a space counts only when "other" characters follow it
+    size_t j = (c[i] == ' ' && i + 1 < n && is_other(c[i + 1])) ? i + 1 : i;
+    if (is_other(c[j])) {
+      while (j < n && is_other(c[j])) ++j;
+      while (j < n && is_newline(c[j])) ++j;
+      return j;
+    }
+  }
+  const size_t k = space_run_end(c, i);  // c[i] is whitespace from here on
+  if (k == n) return n;                  // \s++$
+  for (size_t m = k; m > i; --m) {       // \s*[\r\n]: up to the run's last newline
+    if (is_newline(c[m - 1])) return m;
+  }
+  if (k - i >= 2) return k - 1;  // \s+(?!\S): leave the last space to the next piece
+  return i + 1;                  // \s
+}
+
+// End of the piece starting at i for GPT-2's pattern:
+// '(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s
+size_t next_gpt2(const std::vector<uint32_t>& c, size_t i) {
+  const size_t n = c.size();
+  if (size_t m = contraction(c, i, false)) return i + m;
+  for (auto in_class : {is_letter, is_number, is_other}) {
+    size_t j = (c[i] == ' ' && i + 1 < n && in_class(c[i + 1])) ? i + 1 : i;
+    if (in_class(c[j])) {
+      while (j < n && in_class(c[j])) ++j;
+      return j;
+    }
+  }
+  const size_t k = space_run_end(c, i);
+  if (k == n) return n;
+  if (k - i >= 2) return k - 1;
+  return i + 1;
+}
 
 class Encoder {
  public:
@@ -54,21 +169,27 @@ class Encoder {
       const char* data = PyUnicode_AsUTF8AndSize(obj, &len);
       if (data == nullptr) throw py::error_already_set();  // e.g. UnicodeEncodeError on a lone surrogate
       key.assign(data, static_cast<size_t>(len));
-      auto whole = encoder_.find(key);
-      if (whole != encoder_.end()) {
-        ids.push_back(whole->second);
-        continue;
-      }
-      auto hit = cache_.find(key);
-      if (hit != cache_.end()) {
-        ids.insert(ids.end(), hit->second.begin(), hit->second.end());
-        continue;
-      }
-      std::vector<Rank> merged;
-      merge_into(key, merged);
-      ids.insert(ids.end(), merged.begin(), merged.end());
-      if (cache_.size() >= kCacheLimit) cache_.clear();
-      cache_.emplace(key, std::move(merged));
+      append_piece(key, ids);
+    }
+    return to_list(ids);
+  }
+
+  // Split `text` with the built-in scanner for `pattern` (1: GPT-2, 2: cl100k) and encode it.
+  py::list encode_ordinary(py::str text, int pattern) {
+    if (g_classes.empty()) throw std::runtime_error("set_char_classes() must be called before encode_ordinary()");
+    if (pattern != kGpt2 && pattern != kCl100k) throw py::value_error("pattern must be 1 (gpt2) or 2 (cl100k)");
+    Py_ssize_t len = 0;
+    const char* data = PyUnicode_AsUTF8AndSize(text.ptr(), &len);
+    if (data == nullptr) throw py::error_already_set();  // lone surrogates: Python replaces and retries
+    decode_utf8(reinterpret_cast<const unsigned char*>(data), static_cast<size_t>(len), cps_, offs_);
+    std::vector<Rank> ids;
+    ids.reserve(static_cast<size_t>(len) / 3 + 1);
+    std::string key;
+    for (size_t i = 0; i < cps_.size();) {
+      size_t j = pattern == kCl100k ? next_cl100k(cps_, i) : next_gpt2(cps_, i);
+      key.assign(data + offs_[i], offs_[j] - offs_[i]);
+      append_piece(key, ids);
+      i = j;
     }
     return to_list(ids);
   }
@@ -93,6 +214,25 @@ class Encoder {
       PyList_SET_ITEM(list, static_cast<Py_ssize_t>(i), v);
     }
     return py::reinterpret_steal<py::list>(list);
+  }
+
+  // Ids of one piece: the whole piece as a token, a cached result, or the merge loop.
+  void append_piece(const std::string& key, std::vector<Rank>& ids) {
+    auto whole = encoder_.find(key);
+    if (whole != encoder_.end()) {
+      ids.push_back(whole->second);
+      return;
+    }
+    auto hit = cache_.find(key);
+    if (hit != cache_.end()) {
+      ids.insert(ids.end(), hit->second.begin(), hit->second.end());
+      return;
+    }
+    std::vector<Rank> merged;
+    merge_into(key, merged);
+    ids.insert(ids.end(), merged.begin(), merged.end());
+    if (cache_.size() >= kCacheLimit) cache_.clear();
+    cache_.emplace(key, std::move(merged));
   }
 
   Rank rank_of(const std::string& piece, size_t start, size_t end) const {
@@ -139,7 +279,40 @@ class Encoder {
 
   std::unordered_map<std::string, Rank> encoder_;
   std::unordered_map<std::string, std::vector<Rank>> cache_;
+  std::vector<uint32_t> cps_;  // scratch buffers of encode_ordinary
+  std::vector<size_t> offs_;
 };
+
+// ranges: list of (first code point, end code point, class bits) covering \p{L}, \p{N}, \s.
+void set_char_classes(py::list ranges) {
+  std::vector<uint8_t> table(0x110000, 0);
+  for (auto item : ranges) {
+    auto t = item.cast<py::tuple>();
+    size_t a = t[0].cast<size_t>(), b = t[1].cast<size_t>();
+    uint8_t bits = t[2].cast<uint8_t>();
+    if (a > b || b > table.size()) throw py::value_error("set_char_classes: range outside [0, 0x110000]");
+    for (size_t c = a; c < b; ++c) table[c] |= bits;
+  }
+  g_classes.swap(table);
+}
+
+// The pieces (as bytes) the built-in scanner cuts `text` into: for testing against the regex.
+py::list split(py::str text, int pattern) {
+  if (g_classes.empty()) throw std::runtime_error("set_char_classes() must be called before split()");
+  Py_ssize_t len = 0;
+  const char* data = PyUnicode_AsUTF8AndSize(text.ptr(), &len);
+  if (data == nullptr) throw py::error_already_set();
+  std::vector<uint32_t> cps;
+  std::vector<size_t> offs;
+  decode_utf8(reinterpret_cast<const unsigned char*>(data), static_cast<size_t>(len), cps, offs);
+  py::list out;
+  for (size_t i = 0; i < cps.size();) {
+    size_t j = pattern == kCl100k ? next_cl100k(cps, i) : next_gpt2(cps, i);
+    out.append(py::bytes(data + offs[i], offs[j] - offs[i]));
+    i = j;
+  }
+  return out;
+}
 
 struct PairHash {
   size_t operator()(const std::pair<int32_t, int32_t>& p) const noexcept {
@@ -270,7 +443,12 @@ PYBIND11_MODULE(_bpe, m) {
       .def(py::init<py::dict>(), py::arg("ranks"), "ranks: dict bytes -> rank")
       .def("encode_pieces", &Encoder::encode_pieces, py::arg("pieces"),
            "ids of a list of str pieces, each merged on its own (UTF-8 bytes)")
-      .def("encode_piece", &Encoder::encode_piece, py::arg("piece"), "ids of one bytes piece merged as a unit");
+      .def("encode_piece", &Encoder::encode_piece, py::arg("piece"), "ids of one bytes piece merged as a unit")
+      .def("encode_ordinary", &Encoder::encode_ordinary, py::arg("text"), py::arg("pattern"),
+           "ids of text split by the built-in scanner (1: GPT-2 pattern, 2: cl100k pattern)");
+  m.def("set_char_classes", &set_char_classes, py::arg("ranges"),
+        "code-point class table from (start, end, bits) ranges; bits 1 letter, 2 number, 4 whitespace");
+  m.def("split", &split, py::arg("text"), py::arg("pattern"), "the scanner's pieces of text, as bytes");
   m.def("train", &train, py::arg("words"), py::arg("n_merges"),
         "merged tokens' bytes in merge order from a list of (piece bytes, count)");
 }

@@ -62,12 +62,16 @@ def _train(pattern: str, seed: int, vocab_size: int = 700) -> BPETokenizer:
     return BPETokenizer.train(texts, vocab_size, pattern=pattern, progress=False)
 
 
-@pytest.fixture(scope="module", params=["cl100k", "gpt2"])
+# A pattern the C++ scanner does not implement: split by `regex` in Python, merged in C++.
+CUSTOM_PATTERN = r"""[a-zA-Z]+| ?[0-9]+|\s+|[^a-zA-Z0-9\s]+"""
+
+
+@pytest.fixture(scope="module", params=["cl100k", "gpt2", CUSTOM_PATTERN])
 def trained(request):
     seed = int.from_bytes(os.urandom(4), "little")
     print(f"corpus seed={seed}")
     tok = _train(request.param, seed)
-    enc = tiktoken.Encoding(f"test-{request.param}", **tok.tiktoken_kwargs())
+    enc = tiktoken.Encoding(f"test-{len(request.param)}", **tok.tiktoken_kwargs())
     return tok, enc
 
 
@@ -140,6 +144,21 @@ def test_encode_bytes_equals_tiktoken_on_arbitrary_bytes(pair, data):
     ids = tok.encode_bytes(data)
     assert ids == enc._encode_bytes(data)
     assert tok.decode_bytes(ids) == data == enc.decode_bytes(ids)
+
+
+_SPLIT_ALPHABET = list(" \t\n\r\x0b\x0c\x85\u00a0\u2028\u3000abcSsTdDmMlLvVeErR'\u017f19\u0663\u2167.,!-_(é日😀\u0301")
+
+
+@pytest.mark.parametrize("pattern", ["gpt2", "cl100k"])
+@settings(max_examples=300, deadline=None)
+@given(text=st.one_of(st.text(), st.text(alphabet=st.sampled_from(_SPLIT_ALPHABET))))
+def test_native_scanner_splits_exactly_like_the_regex(pattern, text):
+    if bpe_module._native is None:
+        pytest.skip("qlora_fast._bpe is not built (pip install -e . builds it)")
+    bpe_module._ensure_char_classes()
+    regex_pattern = bpe_module.PATTERNS[pattern]
+    expected = [p.encode("utf-8") for p in regex.findall(regex_pattern, text)]
+    assert bpe_module._native.split(text, bpe_module._NATIVE_SPLIT[regex_pattern]) == expected
 
 
 INVALID_UTF8 = [

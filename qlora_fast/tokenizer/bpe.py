@@ -42,6 +42,22 @@ def _load_native():
 
 
 _native = _load_native()
+_char_classes_ready = False
+
+
+def _ensure_char_classes() -> None:
+    """Give the C++ scanner the code-point classes \\p{L}, \\p{N}, \\s exactly as `regex` defines them."""
+    global _char_classes_ready
+    if _char_classes_ready:
+        return
+    import numpy as np
+
+    every_char = np.arange(0x110000, dtype="<u4").tobytes().decode("utf-32-le", "surrogatepass")
+    ranges = []
+    for bit, pattern in ((1, r"\p{L}+"), (2, r"\p{N}+"), (4, r"\s+")):
+        ranges += [(m.start(), m.end(), bit) for m in regex.finditer(pattern, every_char)]
+    _native.set_char_classes(ranges)
+    _char_classes_ready = True
 
 # GPT-2's pattern as tiktoken writes it (equivalent to the original, faster with possessives).
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
@@ -51,6 +67,7 @@ CL100K_PATTERN = (
     r"""|\s++$|\s*[\r\n]|\s+(?!\S)|\s"""
 )
 PATTERNS = {"gpt2": GPT2_PATTERN, "cl100k": CL100K_PATTERN}
+_NATIVE_SPLIT = {GPT2_PATTERN: 1, CL100K_PATTERN: 2}  # patterns the C++ scanner implements
 
 DEFAULT_SPECIAL_TOKENS = ("<|pad|>", "<|bos|>", "<|eos|>")
 _FORMAT = "qlora_fast.bpe"
@@ -172,6 +189,9 @@ class BPETokenizer:
         self._special_decoder: Dict[int, bytes] = {i: t.encode("utf-8") for t, i in specials.items()}
         self._cache: Dict[str, Tuple[int, ...]] = {}
         self._native = _native.Encoder(ranks) if _native is not None else None
+        self._native_split = _NATIVE_SPLIT.get(self.pattern) if _native is not None and hasattr(_native, "split") else None
+        if self._native_split is not None:
+            _ensure_char_classes()
         self._special_pat_cache: Dict[frozenset, "regex.Pattern"] = {}
 
     # ------------------------------------------------------------------ properties
@@ -210,6 +230,8 @@ class BPETokenizer:
         return out
 
     def _encode_ordinary(self, text: str) -> List[int]:
+        if self._native is not None and self._native_split is not None:
+            return self._native.encode_ordinary(text, self._native_split)
         return self._encode_pieces(self._pat.findall(text))
 
     def encode_ordinary(self, text: str) -> List[int]:
