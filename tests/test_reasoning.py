@@ -517,7 +517,8 @@ def test_end_to_end_on_the_builtin_model(builtin_model, search):
         assert (result.prompt_tokens, result.completion_tokens) == (lm.prompt_tokens, lm.completion_tokens)
         assert result.completion_tokens <= 6 * lm.prompts
         # One prompt per proposal, plus one per judgement when the model judges.
-        judged = sum(n.value is not None for n in result.nodes()) if evaluator is None else 0
+        judged = sum(n.judgement is not None for n in result.nodes())
+        assert judged == 0 or evaluator is None
         assert lm.prompts == len(result.nodes()) + judged
         lines = result.outline().split("\n")
         assert len(lines) == 1 + len(result.nodes()) and all(re.match(r"^ *- Expert [1-3]: .* \[\w+.*\]$", x) for x in lines[1:])

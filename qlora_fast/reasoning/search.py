@@ -40,8 +40,9 @@ UNJUDGED = "unjudged"  # proposed in the round that found the answer, never judg
 @dataclass(eq=False)
 class Node:
     """One step of one expert (the root holds the question). `depth` is the number of steps on
-    the line; `value` the evaluator's score (None when not judged); `order` the position in which
-    the search expanded this node (None when never expanded)."""
+    the line; `value` the evaluator's score (None when not judged or unreadable); `judgement` the
+    model's own words when the model judged it; `raw` the proposal as generated; `order` the
+    position in which the search expanded this node (None when never expanded)."""
 
     step: str
     expert: Optional[int] = None
@@ -52,6 +53,7 @@ class Node:
     status: str = ROOT
     answer: Optional[str] = None
     raw: str = ""
+    judgement: Optional[str] = None
     order: Optional[int] = None
 
     def path(self) -> List["Node"]:
@@ -342,6 +344,8 @@ class TreeOfThought:
         if self.evaluator is None:
             prompts = [self.task.value_prompt(self._question, c.steps(), c.experts()) for c in children]
             outputs = self._generate(prompts, self.value_max_new_tokens, self.value_temperature)
+            for child, text in zip(children, outputs):
+                child.judgement = text
             values = [self.task.parse_value(text) for text in outputs]
         else:
             values = [self.evaluator(self._question, c.steps()) for c in children]
