@@ -450,15 +450,25 @@ class BPETokenizer:
             raise ValueError(f"special_tokens must be distinct, got {specials}")
         if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 256 + len(specials):
             raise ValueError(f"vocab_size must be an int >= 256 + number of special tokens ({256 + len(specials)}), got {vocab_size!r}")
-        pat = regex.compile(_resolve_pattern(pattern))
-        counts: Counter = Counter()
+        pattern_str = _resolve_pattern(pattern)
+        pat = regex.compile(pattern_str)
+        native_split = _NATIVE_SPLIT.get(pattern_str) if _native is not None and hasattr(_native, "split") else None
+        if native_split is not None:
+            _ensure_char_classes()
+        counts: Counter = Counter()  # piece bytes -> count
         from tqdm.auto import tqdm
 
         for i, text in enumerate(tqdm(texts, desc="bpe: pre-tokenising", unit="text", disable=not progress)):
             if not isinstance(text, str):
                 raise TypeError(f"texts[{i}] must be a str, got {type(text).__name__}")
-            counts.update(pat.findall(text))
-        words = [(piece.encode("utf-8", "surrogatepass"), n) for piece, n in counts.items()]
+            if native_split is not None:
+                try:
+                    counts.update(_native.split(text, native_split))
+                    continue
+                except UnicodeEncodeError:  # lone surrogates: the regex path below keeps them
+                    pass
+            counts.update(piece.encode("utf-8", "surrogatepass") for piece in pat.findall(text))
+        words = list(counts.items())
         n_merges = vocab_size - 256 - len(specials)
         if _native is not None and hasattr(_native, "train"):
             merged = _native.train(words, n_merges)
