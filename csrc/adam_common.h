@@ -71,7 +71,7 @@ QF_HOST_DEVICE inline void adam_element(const AdamScalars& s, float& p, float g,
 // the first midpoint >= x (ties go to the lower code, like torch.bucketize(right=False)).
 QF_HOST_DEVICE inline int nearest_code(const float* midpoints, float x) {
   int lo = 0;  // answer in [lo, lo + 256)
-#ifdef __CUDACC__
+#ifdef __CUDA_ARCH__
 #pragma unroll
 #endif
   for (int half = 128; half >= 1; half >>= 1) {

@@ -1,0 +1,107 @@
+"""qlora_fast.optim on a CUDA device (skipped without one): the CUDA kernels against the C++ CPU
+ops, paged (budget holding a quarter of the states) against unpaged, and state_dict moving
+between CPU and GPU. Unverified here: written on a machine without a GPU."""
+import copy
+
+import pytest
+import torch
+from conftest import assert_close
+
+from qlora_fast.optim import AdamW, AdamW8bit, PagedAdamW, PagedAdamW8bit
+from qlora_fast.reference.optim import dynamic_map, quantize_blockwise_ref
+
+pytestmark = pytest.mark.gpu
+
+SHAPES = [(257, 131), (4099,), (1,), (3, 1000), (65536 + 13,)]
+
+
+def make_params(dtype, device):
+    return [torch.nn.Parameter(torch.randn(s, device=device).to(dtype)) for s in SHAPES]
+
+
+def run(opt, params, grads):
+    for step_grads in grads:
+        for p, g in zip(params, step_grads):
+            p.grad = g.clone()
+        opt.step()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_cuda_32bit_op_matches_cpu_op(seed, dtype):
+    params = [torch.randn(s).to(dtype) for s in SHAPES]
+    grads = [torch.randn(s).to(dtype) for s in SHAPES]
+    m = [torch.randn(s).reshape(-1) * 0.1 for s in SHAPES]
+    v = [torch.rand(s).reshape(-1) * 0.01 for s in SHAPES]
+    cuda = [[t.cuda() for t in ts] for ts in (params, grads, m, v)]
+    steps = [3] * len(SHAPES)
+    torch.ops.qlora_fast.adam_step_(params, grads, m, v, steps, 1e-2, 0.9, 0.999, 1e-8, 0.01, True)
+    torch.ops.qlora_fast.adam_step_(*cuda, steps, 1e-2, 0.9, 0.999, 1e-8, 0.01, True)
+    ulp = torch.finfo(dtype).eps
+    for ours, theirs in zip(cuda[0], params):
+        assert_close(ours, theirs, atol=ulp, rtol=ulp)  # FMA contraction on the GPU: 1 ulp
+    for ours, theirs in zip(cuda[2] + cuda[3], m + v):
+        assert_close(ours, theirs, atol=1e-7, rtol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_8bit_op_matches_cpu_op(seed, dtype):
+    n = 256 * 300 + 17
+    p, g = torch.randn(n).to(dtype), torch.randn(n).to(dtype)
+    mq, ma = quantize_blockwise_ref(torch.randn(n) * 0.1, dynamic_map(True))
+    vq, va = quantize_blockwise_ref(torch.rand(n) * 0.01, dynamic_map(False))
+    cpu = [p, g, mq, vq, ma, va]
+    gpu = [t.clone().cuda() for t in cpu]
+    maps = (dynamic_map(True), dynamic_map(False))
+    args = ([5], 1e-2, 0.9, 0.999, 1e-8, 0.01, True)
+    torch.ops.qlora_fast.adam8bit_step_(*([t] for t in cpu), *maps, *args)
+    torch.ops.qlora_fast.adam8bit_step_(*([t] for t in gpu), *(x.cuda() for x in maps), *args)
+    ulp = torch.finfo(dtype).eps
+    assert_close(gpu[0], cpu[0], atol=ulp, rtol=ulp)
+    assert_close(gpu[4], cpu[4], rtol=1e-6)
+    assert_close(gpu[5], cpu[5], rtol=1e-6)
+    for ours, theirs in ((gpu[2], cpu[2]), (gpu[3], cpu[3])):
+        diff = (ours.cpu().int() - theirs.int()).abs()
+        assert diff.max() <= 1 and (diff > 0).float().mean() < 1e-3
+
+
+@pytest.mark.parametrize("paged_cls,cls", [(PagedAdamW, AdamW), (PagedAdamW8bit, AdamW8bit)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_paged_quarter_budget_equals_unpaged(seed, paged_cls, cls, dtype):
+    params = make_params(dtype, "cuda")
+    peer = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    kw = {"min_8bit_size": 0} if cls is AdamW8bit else {}
+    reference = cls(peer, lr=1e-2, **kw)
+    grads = [[torch.randn_like(p) for p in params] for _ in range(10)]
+    run(reference, peer, grads[:1])
+    state_bytes = sum(t.numel() * t.element_size() for s in reference.state.values()
+                      for pg in s["pages"] for t in pg.tensors.values())
+    page_bytes = 64 * 1024
+    paged = paged_cls(params, lr=1e-2, budget=max(page_bytes, state_bytes // 4), page_bytes=page_bytes, **kw)
+    run(paged, params, grads[:1])
+    run(reference, peer, grads[1:])
+    run(paged, params, grads[1:])
+    for p, q in zip(params, peer):
+        assert torch.equal(p, q)
+    stats = paged.paging_stats()[str(params[0].device)]
+    assert stats["host_bytes"] > 0 and stats["resident_bytes"] <= stats["budget_bytes"]
+    assert stats["last_step"]["h2d_bytes"] > 0
+
+
+def test_fractional_budget_and_state_dict_across_devices(seed):
+    params = make_params(torch.float32, "cpu")
+    gpu_params = [torch.nn.Parameter(p.detach().clone().cuda()) for p in params]
+    cpu_opt = AdamW8bit(params, lr=1e-2, min_8bit_size=0)
+    grads = [[torch.randn_like(p) for p in params] for _ in range(4)]
+    run(cpu_opt, params, grads[:3])
+    gpu_opt = PagedAdamW8bit(gpu_params, lr=1e-2, min_8bit_size=0, budget=0.5)
+    gpu_opt.load_state_dict(copy.deepcopy(cpu_opt.state_dict()))
+    for p, q in zip(params, gpu_params):
+        q.data.copy_(p.data)
+    run(cpu_opt, params, grads[3:])
+    run(gpu_opt, gpu_params, [[g.cuda() for g in gs] for gs in grads[3:]])
+    for p, q in zip(params, gpu_params):
+        assert_close(q, p, atol=1e-6, rtol=1e-6)
+    back = AdamW8bit(params, lr=1e-2, min_8bit_size=0)
+    back.load_state_dict(gpu_opt.state_dict())
+    for s in back.state.values():
+        assert all(t.device.type == "cpu" for pg in s["pages"] for t in pg.tensors.values())
