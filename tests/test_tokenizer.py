@@ -3,6 +3,7 @@ and its files, special tokens and errors. Every encoding test runs on both merge
 extension `qlora_fast._bpe` and the pure-Python fallback."""
 import base64
 import os
+import pickle
 import random
 from collections import Counter
 
@@ -371,3 +372,37 @@ def test_shipped_bpe_is_trained_once_then_loaded_from_cache(tmp_path):
     assert first.mergeable_ranks == BPETokenizer.train([corpus], 400, progress=False).mergeable_ranks
     assert first.decode(first.encode(corpus[:2000])) == corpus[:2000]
     assert len(first.encode(corpus)) < len(corpus.encode("utf-8")) / 2  # merges actually compress
+
+
+def test_pickle_roundtrip_rebuilds_the_encoder(trained, seed):
+    tok, enc = trained
+    clone = pickle.loads(pickle.dumps(tok))
+    assert clone.mergeable_ranks == tok.mergeable_ranks and clone.special_tokens == tok.special_tokens
+    assert clone.uses_native == tok.uses_native
+    text = random_text(random.Random(seed), 100)
+    assert clone.encode(text) == enc.encode(text)
+
+
+def test_train_bpe_command(tmp_path, seed):
+    import argparse
+
+    from qlora_fast import cli
+    from qlora_fast.commands import train_bpe
+
+    assert "qlora_fast.commands.train_bpe" in cli.COMMANDS
+    parser = argparse.ArgumentParser()
+    train_bpe.register(parser.add_subparsers())
+
+    def main(argv):
+        args = parser.parse_args(argv)
+        return args.func(args)
+
+    rng = random.Random(seed)
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_bytes(random_text(rng, 2000).encode("utf-8"))
+    out, ranks = tmp_path / "tok.json", tmp_path / "tok.tiktoken"
+    assert main(["train-bpe", str(corpus), "--vocab-size", "350", "--pattern", "gpt2", "--out", str(out), "--tiktoken-out", str(ranks), "--no-progress"]) == 0
+    tok = BPETokenizer.load(out)
+    assert tok.vocab_size == 350 and tok.pattern == bpe_module.GPT2_PATTERN
+    assert tok.mergeable_ranks == BPETokenizer.train([corpus.read_bytes().decode("utf-8")], 350, pattern="gpt2", progress=False).mergeable_ranks
+    assert tiktoken_load.load_tiktoken_bpe(str(ranks)) == tok.mergeable_ranks

@@ -210,6 +210,14 @@ class BPETokenizer:
         """True when the C++ merge loop (`qlora_fast._bpe`) is in use."""
         return self._native is not None
 
+    def __getstate__(self) -> dict:
+        # The C++ encoder cannot be pickled (DataLoader workers, multiprocessing): rebuild it.
+        return self.to_dict()
+
+    def __setstate__(self, state: dict) -> None:
+        ranks = {base64.b64decode(t): int(r) for t, r in state["mergeable_ranks"]}
+        self.__init__(ranks, state["pattern"], state["special_tokens"], state["pad_token"], state["bos_token"], state["eos_token"])
+
     def __repr__(self) -> str:
         return f"BPETokenizer(vocab_size={self.vocab_size}, specials={len(self._special)}, native={self.uses_native})"
 
