@@ -1,0 +1,153 @@
+"""replace_linear on Hugging Face models built from tiny configs (no downloads) and on plain stacks.
+
+"Close to the original" is judged against an independent model: the original with every
+converted weight replaced by bitsandbytes' own quantize + dequantize of it (the oracle). The
+converted model's logits must equal that model's up to fp32 rounding; the distance to the
+full-precision logits is only sanity-checked (it is the 4-bit error itself).
+"""
+import contextlib
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from qlora_fast.nn import Linear4bit, replace_linear
+
+transformers = pytest.importorskip("transformers", reason="transformers is a test extra")
+bnb = pytest.importorskip("bitsandbytes", reason="bitsandbytes (the oracle) is a test extra")
+import bitsandbytes.functional as bnbF  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def reference_backend(monkeypatch):
+    monkeypatch.setenv("QLORA_FAST_BACKEND", "reference")
+
+
+@contextlib.contextmanager
+def no_dynamo():
+    with torch._dynamo.config.patch(disable=True):
+        yield
+
+
+def oracle_fake_quant_(model, names, transposed=False, blocksize=64):
+    """Replace each named module's weight (out, in) by bitsandbytes' NF4 round trip of it.
+
+    No double quantization here: the oracle's compiled 8-bit kernel is not always nearest
+    (test_quant.py), and double quantization is checked bit-exactly elsewhere.
+    """
+    modules = dict(model.named_modules())
+    with torch.no_grad(), no_dynamo():
+        for name in names:
+            weight = modules[name].weight
+            w = weight.t().contiguous() if transposed else weight
+            packed, state = bnbF.quantize_4bit(w, blocksize=blocksize, quant_type="nf4")
+            # the PyTorch backend: the compiled CPU kernel is wrong when blocks straddle rows
+            keys = torch._C.DispatchKeySet(torch._C.DispatchKey.CompositeExplicitAutograd)
+            deq = torch.ops.bitsandbytes.dequantize_4bit.default.redispatch(
+                keys, packed, state.absmax, blocksize, "nf4", w.shape, torch.float32
+            ).reshape(w.shape)
+            weight.copy_(deq.t() if transposed else deq)
+
+
+def tiny_llama():
+    config = transformers.LlamaConfig(
+        vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+    )
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+def tiny_gpt2():
+    config = transformers.GPT2Config(
+        vocab_size=101, n_positions=32, n_embd=48, n_layer=2, n_head=4, bos_token_id=0, eos_token_id=0
+    )
+    return transformers.GPT2LMHeadModel(config).eval()
+
+
+def linear_names(model, cls):
+    return [n for n, m in model.named_modules() if isinstance(m, cls) and not n.endswith("lm_head")]
+
+
+def check_logits(model, ids, oracle, original_logits):
+    with torch.no_grad():
+        out = model(ids).logits
+        expected = oracle(ids).logits
+    err = (out - expected).abs().max().item()
+    scale = expected.abs().max().item()
+    assert err <= 1e-5 * max(scale, 1.0), f"logits differ from the oracle-quantized model by {err:.3e}"
+    rel = ((out - original_logits).norm() / original_logits.norm()).item()
+    assert rel < 0.5, f"4-bit logits drift {rel:.3f} from the original"
+
+
+def test_llama_tiny(seed):
+    model = tiny_llama()
+    ids = torch.randint(0, 101, (2, 13))
+    with torch.no_grad():
+        original = model(ids).logits
+    names = linear_names(model, nn.Linear)
+    assert len(names) == 14  # 7 projections x 2 layers
+    oracle = copy.deepcopy(model)
+    oracle_fake_quant_(oracle, names)
+
+    assert replace_linear(model, compress_statistics=False) is model
+    modules = dict(model.named_modules())
+    assert all(isinstance(modules[n], Linear4bit) for n in names)
+    assert isinstance(model.lm_head, nn.Linear) and not isinstance(model.lm_head, Linear4bit)
+    check_logits(model, ids, oracle, original)
+
+
+def test_gpt2_tiny_conv1d(seed):
+    from transformers.pytorch_utils import Conv1D
+
+    model = tiny_gpt2()
+    ids = torch.randint(0, 101, (2, 9))
+    with torch.no_grad():
+        original = model(ids).logits
+    names = linear_names(model, Conv1D)
+    assert len(names) == 8  # c_attn, c_proj, mlp.c_fc, mlp.c_proj x 2 layers
+    oracle = copy.deepcopy(model)
+    oracle_fake_quant_(oracle, names, transposed=True)
+
+    replace_linear(model, compress_statistics=False)
+    modules = dict(model.named_modules())
+    for n in names:
+        assert isinstance(modules[n], Linear4bit)
+    attn = modules["transformer.h.0.attn.c_attn"]
+    assert (attn.in_features, attn.out_features) == (48, 144)
+    check_logits(model, ids, oracle, original)
+
+
+def test_target_skip_and_idempotence(seed):
+    model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Sequential(nn.Linear(32, 64), nn.Linear(64, 8)))
+    replace_linear(model, target=("2.0",), skip=())
+    assert isinstance(model[2][0], Linear4bit)
+    assert type(model[0]) is nn.Linear and type(model[2][1]) is nn.Linear
+    replace_linear(model, skip=("2.1",), blocksize=32, quant_type="fp4")
+    assert isinstance(model[0], Linear4bit) and model[0].quant_type == "fp4" and model[0].blocksize == 32
+    assert model[2][0].quant_type == "nf4"  # converted once, left alone the second time
+    assert type(model[2][1]) is nn.Linear
+    with pytest.raises(ValueError, match="matched no"):
+        replace_linear(model, target="nonexistent")
+    with pytest.raises(ValueError, match="nothing to do"):
+        replace_linear(model, quant_type=None)
+    with pytest.raises(TypeError, match="model must be an nn.Module"):
+        replace_linear("model")
+    with pytest.raises(ValueError, match="quant_type"):
+        replace_linear(nn.Sequential(nn.Linear(64, 8)), quant_type="int4")
+
+
+def test_lora_branch(seed):
+    lora = pytest.importorskip("qlora_fast.nn.lora")
+    model = nn.Sequential(nn.Linear(64, 32), nn.Linear(32, 16))
+    x = torch.randn(3, 64)
+    replace_linear(model, lora_r=4, target=("0",))
+    assert isinstance(model[0], lora.QLoRALinear) and isinstance(model[0].base, Linear4bit)
+    assert model[0].r == 4 and model[0].scaling == 2.0  # alpha defaults to 2 * r
+    assert type(model[1]) is nn.Linear
+    plain = nn.Sequential(nn.Linear(64, 32))
+    reference = copy.deepcopy(plain)
+    replace_linear(plain, quant_type=None, lora_r=2, lora_alpha=4.0, skip=())
+    assert isinstance(plain[0], lora.LoRALinear) and isinstance(plain[0].base, nn.Linear)
+    # a fresh adapter (B = 0) leaves the full-precision function unchanged
+    torch.testing.assert_close(plain(x), reference(x))
