@@ -264,3 +264,7 @@ def test_cli_reports_solve_rate_calls_and_tokens(monkeypatch, capsys):
 def test_cli_rejects_a_missing_model_dir(tmp_path, capsys):
     assert run_cli(["tot", "--model", str(tmp_path / "nope"), "--puzzle", "1 2 3 4"]) == 2
     assert "--model must be 'builtin' or a local Hugging Face model directory" in capsys.readouterr().err
+    assert run_cli(["tot", "--adapter", str(tmp_path / "nope"), "--puzzle", "1 2 3 4"]) == 2
+    assert "--adapter must be a directory" in capsys.readouterr().err
+    assert run_cli(["tot", "--model", str(tmp_path), "--adapter", str(tmp_path), "--puzzle", "1 2 3 4"]) == 2
+    assert "--adapter applies to the built-in model only" in capsys.readouterr().err

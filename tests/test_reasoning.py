@@ -460,6 +460,48 @@ def test_builtin_lm_sampling_is_seeded_and_prompts_fit_the_context(builtin_model
         b_lm.generate(["p"], max_new_tokens=4, temperature=-1, stop=[])
 
 
+@pytest.mark.parametrize("method", ["lora", "qlora", "prompt"])
+def test_builtin_lm_with_an_adapter_loaded(method, tmp_path, monkeypatch):
+    """Through a `qlora_fast.peft` adapter (random, so it changes the logits) the adapted model is
+    what generates; `BuiltinLM.from_pretrained(adapter=...)` loads a saved one the same way."""
+    import qlora_fast.models
+    from qlora_fast.models import LlamaConfig, LlamaForCausalLM
+    from qlora_fast.peft import LoraConfig, PromptTuningConfig, get_peft_model, save_adapter
+    from qlora_fast.tokenizer import ByteTokenizer
+
+    config = LlamaConfig(vocab_size=259, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
+                         num_kv_heads=2, max_seq_len=64)
+    peft_config = {"lora": LoraConfig(r=4), "qlora": LoraConfig(r=4, quantize_base="nf4"),
+                   "prompt": PromptTuningConfig(num_virtual_tokens=5)}[method]
+    base_state = LlamaForCausalLM(config).state_dict()
+
+    def fresh_base():
+        model = LlamaForCausalLM(config)
+        model.load_state_dict(base_state)
+        return model.eval() if method == "qlora" else model.double().eval()  # NF4 takes float32
+
+    model = get_peft_model(fresh_base(), peft_config)
+    with torch.no_grad():
+        for _, p in model.adapter_parameters():
+            p.normal_(0.0, 0.5)
+    tok = ByteTokenizer()
+    ids = torch.tensor([tok.encode("Expert 1: 4 + 8 = 12", add_bos=True)])
+    assert (model(input_ids=ids).logits - fresh_base()(input_ids=ids).logits).abs().max() > 1e-3
+    prompts = [f"Numbers: {random.randint(1, 13)} {random.randint(1, 13)}", "Expert 2:", "z" * 70]
+    lm = BuiltinLM(model.eval(), tok)
+    texts = lm.generate(prompts, max_new_tokens=5, temperature=0.0, stop=[])
+    room = 64 - 5 - (5 if method == "prompt" else 0)  # context minus new and virtual tokens
+    expected = [greedy_reference(lambda ids: model(input_ids=ids).logits, tok.encode(p, add_bos=True)[-room:], 5,
+                                 tok.decode, [], {tok.eos_id}) for p in prompts]
+    assert texts == [t for t, _ in expected]
+    assert lm.last_usage.prompt_tokens == sum(min(len(p) + 1, room) for p in prompts)
+
+    save_adapter(model, str(tmp_path / "adapter"))
+    monkeypatch.setattr(qlora_fast.models, "load_base_model", lambda cache_dir=None, progress=True: (fresh_base(), tok))
+    loaded = BuiltinLM.from_pretrained(adapter=str(tmp_path / "adapter"))
+    assert loaded.generate(prompts, max_new_tokens=5, temperature=0.0, stop=[]) == texts
+
+
 @pytest.fixture(scope="module")
 def hf_model():
     transformers = pytest.importorskip("transformers")

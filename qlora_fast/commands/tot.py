@@ -19,6 +19,8 @@ def register(subparsers) -> None:
     p.add_argument("--model", default="builtin",
                    help="'builtin' for the tiny built-in base model (pretrained and cached on first use), "
                    "or a local Hugging Face causal LM directory")
+    p.add_argument("--adapter", default=None, metavar="DIR",
+                   help="an adapter saved by qlora_fast.peft (e.g. by `qlora-fast finetune`) to load on the built-in model")
     p.add_argument("--cache-dir", default=None, help="where the built-in model is cached (default $QLORA_FAST_CACHE or ~/.cache/qlora_fast)")
     p.add_argument("--puzzles", type=int, default=10, help="how many shipped puzzles to run (ignored with --puzzle)")
     p.add_argument("--puzzle", action="append", default=None, metavar='"A B C D"',
@@ -38,16 +40,17 @@ def register(subparsers) -> None:
     p.set_defaults(func=run)
 
 
-def load_llm(model: str, device, cache_dir=None, seed=None):
-    """The `llm` for `--model`: `BuiltinLM` on the built-in base model, or `HFCausalLM` on a
-    local transformers directory (ValueError when it is neither)."""
+def load_llm(model: str, device, cache_dir=None, seed=None, adapter=None):
+    """The `llm` for `--model`: `BuiltinLM` on the built-in base model (with `adapter` loaded when
+    given), or `HFCausalLM` on a local transformers directory (ValueError when it is neither)."""
     from qlora_fast.reasoning import BuiltinLM, HFCausalLM
 
     if model == "builtin":
-        from qlora_fast.models import load_base_model
-
-        base, tokenizer = load_base_model(cache_dir=cache_dir, progress=True)
-        return BuiltinLM(base.to(device), tokenizer, seed=seed)
+        if adapter is not None and not os.path.isdir(adapter):
+            raise ValueError(f"--adapter must be a directory written by qlora_fast.peft.save_adapter, got {adapter!r}")
+        return BuiltinLM.from_pretrained(adapter=adapter, cache_dir=cache_dir, device=device, seed=seed)
+    if adapter is not None:
+        raise ValueError("--adapter applies to the built-in model only (--model builtin)")
     if not os.path.isdir(model):
         raise ValueError(f"--model must be 'builtin' or a local Hugging Face model directory, got {model!r}")
     import torch
@@ -75,7 +78,7 @@ def run(args) -> int:
         puzzles = [" ".join(map(str, p)) for p in game24.puzzles(args.puzzles, seed=args.seed)]
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        llm = load_llm(args.model, device, cache_dir=args.cache_dir, seed=args.seed)
+        llm = load_llm(args.model, device, cache_dir=args.cache_dir, seed=args.seed, adapter=args.adapter)
         tot = TreeOfThought(
             llm, n_experts=args.n_experts, max_steps=args.max_steps, breadth=args.breadth, threshold=args.threshold,
             search=args.search, task=game24.Game24Task(), max_new_tokens=args.max_new_tokens,

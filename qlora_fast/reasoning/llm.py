@@ -72,8 +72,9 @@ class BuiltinLM:
     """The built-in model behind the `llm` interface.
 
     `model` has `generate(input_ids, attention_mask, max_new_tokens, temperature, eos_token_id,
-    stop_token_ids, pad_token_id, generator)` (as `qlora_fast.models.LlamaForCausalLM`); LoRA
-    modules applied to it are used as they are. `tokenizer` follows
+    stop_token_ids, pad_token_id, generator)`: `qlora_fast.models.LlamaForCausalLM`, with or
+    without LoRA/QLoRA modules swapped in, or a `qlora_fast.peft` model wrapping it (LoRA, prefix
+    or prompt tuning; see `from_pretrained` for loading a saved adapter). `tokenizer` follows
     `qlora_fast.tokenizer.Tokenizer`. Prompts start with the BOS token (as in training) and are
     cut from the left when prompt + `max_new_tokens` would not fit `model.config.max_seq_len`.
     `seed` makes sampling (temperature > 0) reproducible.
@@ -94,6 +95,22 @@ class BuiltinLM:
             self.generator.manual_seed(seed)
         self.last_usage: Optional[Usage] = None
 
+    @classmethod
+    def from_pretrained(cls, adapter: Optional[str] = None, cache_dir: Optional[str] = None, device=None,
+                        seed: Optional[int] = None, progress: bool = True) -> "BuiltinLM":
+        """The built-in base model (`qlora_fast.models.load_base_model`), with the adapter saved
+        at `adapter` (`qlora_fast.peft.save_adapter`) loaded on top when given."""
+        from qlora_fast.models import load_base_model
+
+        model, tokenizer = load_base_model(cache_dir=cache_dir, progress=progress)
+        if device is not None:
+            model = model.to(device)
+        if adapter is not None:
+            from qlora_fast.peft import load_adapter
+
+            model = load_adapter(model, adapter)
+        return cls(model.eval(), tokenizer, seed=seed)
+
     def _device(self) -> torch.device:
         param = next(self.model.parameters(), None)
         return param.device if param is not None else torch.device("cpu")
@@ -103,9 +120,13 @@ class BuiltinLM:
         max_len = getattr(config, "max_seq_len", None)
         if max_len is None:
             return None
-        if max_new_tokens >= max_len:
-            raise ValueError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in max_seq_len={max_len}")
-        return max_len - max_new_tokens
+        # Prompt/prefix tuning (qlora_fast.peft) puts virtual tokens in front of every prompt.
+        virtual = getattr(getattr(self.model, "peft_config", None), "num_virtual_tokens", 0) or 0
+        room = max_len - virtual - max_new_tokens
+        if room < 1:
+            raise ValueError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in max_seq_len={max_len}"
+                             + (f" ({virtual} virtual tokens)" if virtual else ""))
+        return room
 
     @torch.inference_mode()
     def generate(self, prompts, max_new_tokens: int = 64, temperature: float = 0.0, stop=()) -> List[str]:

@@ -1,0 +1,106 @@
+"""Tree-of-Thought on the CPU: one batched `generate` call per round (what `BuiltinLM` does) vs
+one call per expert's prompt (what a naive loop over experts does), on the built-in model's
+architecture (`BASE_CONFIG`, random weights: speed does not depend on them).
+
+- one round: 3 experts x a beam of 3 Game-of-24 propose prompts, 16 new tokens each, greedy;
+- one whole search: `TreeOfThought` (3 experts, breadth 3, 3 steps, greedy) on a question, with
+  every step kept by a user evaluator so that it runs all 3 rounds (3 + 9 + 9 proposals; a random
+  model's Game-of-24 steps would all be rejected in the first round).
+
+`pytest bench/bench_reasoning.py --benchmark-only` for pytest-benchmark tables;
+`python bench/bench_reasoning.py` for a summary with ratios (used for RESULTS.md).
+The summary also says whether both providers generated the same greedy text (left padding in
+float32 may flip a near-tie).
+"""
+import time
+
+import pytest
+import torch
+
+from qlora_fast.models import BASE_CONFIG, LlamaForCausalLM
+from qlora_fast.reasoning import BuiltinLM, ExpertsTask, TreeOfThought, Usage
+from qlora_fast.reasoning.game24 import Game24Task
+from qlora_fast.tokenizer import ByteTokenizer
+
+PUZZLE = "4 6 8 13"
+ROUND_NEW_TOKENS = 16
+
+
+class OnePromptAtATime:
+    """The peer: the same model, one `generate` call per prompt."""
+
+    def __init__(self, llm):
+        self.llm = llm
+        self.last_usage = None
+
+    def generate(self, prompts, max_new_tokens, temperature, stop):
+        outputs, prompt_tokens, completion_tokens = [], 0, 0
+        for prompt in prompts:
+            outputs += self.llm.generate([prompt], max_new_tokens=max_new_tokens, temperature=temperature, stop=stop)
+            prompt_tokens += self.llm.last_usage.prompt_tokens
+            completion_tokens += self.llm.last_usage.completion_tokens
+        self.last_usage = Usage(prompt_tokens, completion_tokens)
+        return outputs
+
+
+def make_llm(provider):
+    torch.manual_seed(0)
+    llm = BuiltinLM(LlamaForCausalLM(BASE_CONFIG).eval(), ByteTokenizer())
+    return llm if provider == "batched" else OnePromptAtATime(llm)
+
+
+def round_prompts():
+    task = Game24Task()
+    lines = [[], ["4 + 6 = 10 (left: 8 10 13)"], ["13 - 8 = 5 (left: 4 5 6)"]]
+    return [task.propose_prompt(PUZZLE, steps, [1] * len(steps), e) for steps in lines for e in (1, 2, 3)]
+
+
+def one_round(llm):
+    # stop=[] so every prompt decodes all ROUND_NEW_TOKENS tokens: equal work for both providers.
+    return llm.generate(round_prompts(), max_new_tokens=ROUND_NEW_TOKENS, temperature=0.0, stop=[])
+
+
+def whole_search(llm):
+    tot = TreeOfThought(llm, task=ExpertsTask(3), n_experts=3, breadth=3, max_steps=3, temperature=0.0,
+                        max_new_tokens=ROUND_NEW_TOKENS, evaluator=lambda q, steps: 1.0)
+    return tot.solve("What is 12 times 3, plus 7?")
+
+
+@pytest.mark.parametrize("provider", ["batched", "one_prompt_at_a_time"])
+def test_round(benchmark, provider):
+    llm = make_llm(provider)
+    benchmark.group = "tot round (9 prompts x 16 tokens)"
+    out = benchmark(one_round, llm)
+    assert len(out) == 9
+
+
+@pytest.mark.parametrize("provider", ["batched", "one_prompt_at_a_time"])
+def test_search(benchmark, provider):
+    llm = make_llm(provider)
+    benchmark.group = "tot search (game24, 3 experts, breadth 3)"
+    result = benchmark.pedantic(whole_search, args=(llm,), rounds=2, iterations=1)
+    assert result.model_calls == 3
+
+
+def _time(fn, *args, repeat=3):
+    best = float("inf")
+    for _ in range(repeat):
+        start = time.perf_counter()
+        out = fn(*args)
+        best = min(best, time.perf_counter() - start)
+    return best, out
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    batched, naive = make_llm("batched"), make_llm("one_prompt_at_a_time")
+    t_b, out_b = _time(one_round, batched)
+    t_n, out_n = _time(one_round, naive)
+    tokens = batched.last_usage.completion_tokens
+    print(f"one round, 9 prompts x {ROUND_NEW_TOKENS} tokens: batched {t_b * 1e3:.0f} ms ({tokens / t_b:.0f} tok/s), "
+          f"one prompt at a time {t_n * 1e3:.0f} ms ({tokens / t_n:.0f} tok/s), speed-up x{t_n / t_b:.2f}; "
+          f"same text: {out_b == out_n}")
+    s_b, r_b = _time(whole_search, batched, repeat=1)
+    s_n, r_n = _time(whole_search, naive, repeat=1)
+    print(f"whole search ({len(r_b.nodes())} proposals in {r_b.model_calls} batched calls, "
+          f"{r_b.tokens} tokens): batched {s_b:.2f} s, one prompt at a time {s_n:.2f} s, speed-up x{s_n / s_b:.2f}")
