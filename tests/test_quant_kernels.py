@@ -18,9 +18,10 @@ bnb = pytest.importorskip("bitsandbytes", reason="bitsandbytes (the oracle) is a
 import bitsandbytes.functional as bnbF  # noqa: E402
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-DEVICE = "cuda" if torch.cuda.is_available() and not INTERPRET else "cpu"
+# the interpreter runs on CPU tensors; bench/gpu_check.sh runs the compiled kernels on CUDA
+DEVICE = "cpu" if INTERPRET else "cuda"
 
-if DEVICE == "cpu" and not INTERPRET:
+if not INTERPRET and not torch.cuda.is_available():
     pytest.skip("Triton kernels need CUDA or TRITON_INTERPRET=1", allow_module_level=True)
 
 
@@ -30,8 +31,8 @@ def no_dynamo():
         yield
 
 
-def random_input(n, dtype):
-    return (torch.randn(n) * torch.empty(1).uniform_(0.1, 10)).to(dtype).to(DEVICE)
+def random_input(n, dtype, device=None):
+    return (torch.randn(n) * torch.empty(1).uniform_(0.1, 10)).to(dtype).to(device or DEVICE)
 
 
 # every blocksize with an odd element count that is not a multiple of it; input dtypes rotate so
@@ -51,8 +52,22 @@ CASES = [
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
 @pytest.mark.parametrize("blocksize,n,dtype", CASES)
 def test_kernels_match_reference_and_oracle(seed, quant_type, blocksize, n, dtype):
-    x = random_input(n, dtype)
-    code = ref.code_for(quant_type).to(DEVICE)
+    check_against_reference_and_oracle(quant_type, blocksize, n, dtype, DEVICE)
+
+
+@pytest.mark.gpu
+def test_compiled_kernels_on_gpu(seed):
+    # every case again with compiled Triton, plus a large one (bench/gpu_check.sh runs this)
+    if INTERPRET:
+        pytest.skip("runs the compiled kernels: TRITON_INTERPRET=0")
+    for quant_type in ("nf4", "fp4"):
+        for blocksize, n, dtype in CASES + [(64, 4096 * 4096 + 3, torch.bfloat16)]:
+            check_against_reference_and_oracle(quant_type, blocksize, n, dtype, "cuda")
+
+
+def check_against_reference_and_oracle(quant_type, blocksize, n, dtype, device):
+    x = random_input(n, dtype, device)
+    code = ref.code_for(quant_type).to(device)
     packed, absmax = kernels.quantize_4bit(x, blocksize, code)
     ref_packed, ref_absmax = ref.quantize_4bit_ref(x, blocksize, quant_type)
     assert torch.equal(packed, ref_packed) and torch.equal(absmax, ref_absmax)
@@ -60,7 +75,7 @@ def test_kernels_match_reference_and_oracle(seed, quant_type, blocksize, n, dtyp
         bnb_packed, bnb_state = bnbF.quantize_4bit(x.cpu(), blocksize=blocksize, quant_type=quant_type)
     assert torch.equal(packed.cpu(), bnb_packed) and torch.equal(absmax.cpu(), bnb_state.absmax)
 
-    dyn = ref.dynamic_map_signed().to(DEVICE)
+    dyn = ref.dynamic_map_signed().to(device)
     q, nested, offset = kernels.quantize_absmax(absmax, dyn)
     ref_q, ref_nested, ref_offset = ref.quantize_absmax_ref(absmax)
     assert torch.equal(q, ref_q) and torch.equal(nested, ref_nested) and torch.equal(offset, ref_offset)
