@@ -19,6 +19,8 @@
 #include <limits>
 #include <queue>
 #include <stdexcept>
+#include <tuple>
+#include <functional>
 #include <string>
 #include <unordered_map>
 #include <unordered_set>
@@ -32,6 +34,7 @@ namespace {
 using Rank = uint32_t;
 constexpr Rank kNoRank = std::numeric_limits<Rank>::max();
 constexpr size_t kCacheLimit = 1 << 18;
+constexpr size_t kLongPiece = 128;  // pieces longer than this (bytes) use the heap-based merge
 
 // Code-point classes, filled by set_char_classes().
 constexpr uint8_t kLetter = 1, kNumber = 2, kSpace = 4;
@@ -240,11 +243,61 @@ class Encoder {
     return it == encoder_.end() ? kNoRank : it->second;
   }
 
+  // The same merges as the loop below in O(n log n): parts in a linked list (a part is named by
+  // its first byte), candidate pairs in a min-heap keyed (rank, start) so the lowest rank wins and
+  // the leftmost on a tie, stale entries skipped by a per-part generation count. Used for long
+  // pieces, where the quadratic loop would take seconds (e.g. 40k letters without a space).
+  void merge_long(const std::string& piece, std::vector<Rank>& out) const {
+    const size_t n = piece.size();
+    std::vector<size_t> next(n), prev(n);
+    std::vector<uint32_t> gen(n, 0);
+    std::vector<char> alive(n, 1);
+    for (size_t i = 0; i < n; ++i) {
+      next[i] = i + 1;
+      prev[i] = i == 0 ? n : i - 1;  // n: no previous part
+    }
+    auto pair_rank = [&](size_t i) -> Rank {
+      size_t j = next[i];
+      return j >= n ? kNoRank : rank_of(piece, i, next[j]);
+    };
+    using Entry = std::tuple<Rank, size_t, uint32_t>;
+    std::priority_queue<Entry, std::vector<Entry>, std::greater<Entry>> heap;
+    for (size_t i = 0; i + 1 < n; ++i) {
+      Rank r = pair_rank(i);
+      if (r != kNoRank) heap.emplace(r, i, 0u);
+    }
+    auto refresh = [&](size_t i) {
+      ++gen[i];
+      Rank r = pair_rank(i);
+      if (r != kNoRank) heap.emplace(r, i, gen[i]);
+    };
+    while (!heap.empty()) {
+      auto [r, i, g] = heap.top();
+      heap.pop();
+      if (!alive[i] || gen[i] != g) continue;
+      size_t j = next[i];
+      alive[j] = 0;
+      next[i] = next[j];
+      if (next[j] < n) prev[next[j]] = i;
+      refresh(i);
+      if (prev[i] < n) refresh(prev[i]);
+    }
+    for (size_t i = 0; i < n; i = next[i]) {
+      auto it = encoder_.find(piece.substr(i, next[i] - i));
+      if (it == encoder_.end()) throw py::value_error("a single byte is missing from the ranks");
+      out.push_back(it->second);
+    }
+  }
+
   void merge_into(const std::string& piece, std::vector<Rank>& out) const {
     if (piece.empty()) return;
     auto whole = encoder_.find(piece);
     if (whole != encoder_.end()) {
       out.push_back(whole->second);
+      return;
+    }
+    if (piece.size() > kLongPiece) {
+      merge_long(piece, out);
       return;
     }
     // parts[i] = (start of part i, rank of merging part i with part i + 1).

@@ -162,6 +162,23 @@ def test_native_scanner_splits_exactly_like_the_regex(pattern, text):
     assert bpe_module._native.split(text, bpe_module._NATIVE_SPLIT[regex_pattern]) == expected
 
 
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(text=st.text(alphabet=st.sampled_from(list("abé日 ")), min_size=100, max_size=2500), spaced=st.booleans())
+def test_long_pieces_use_the_heap_merge_and_equal_tiktoken(pair, text, spaced):
+    # Pieces over 128 bytes take the O(n log n) merge; without spaces the whole text is one piece.
+    tok, enc = pair
+    text = text if spaced else text.replace(" ", "")
+    assert tok.encode_ordinary(text) == enc.encode_ordinary(text)
+    data = text.encode("utf-8")
+    assert tok.encode_single_piece(data) == enc._encode_single_piece(data)
+
+
+def test_very_long_piece_is_fast_enough(pair):
+    tok, enc = pair
+    text = "ab" * 20000 + "é" * 5000  # quadratic merging would take minutes in Python
+    assert tok.encode_ordinary(text) == enc.encode_ordinary(text)
+
+
 INVALID_UTF8 = [
     b"\xff",
     b"\x80\x80abc",
