@@ -140,14 +140,16 @@ def test_user_evaluator_and_threshold():
 
     def judge(question, steps):
         seen.append(tuple(steps))
-        return {"good": 0.9, "fine": 0.6, "bad": 0.2}.get(steps[-1], False) if steps[-1] != "Answer: 1" else True
+        values = {"good": 0.9, "fine": 0.6, "bad": 0.2, "nan": float("nan"), "none": None}
+        return values.get(steps[-1], False) if steps[-1] != "Answer: 1" else True
 
-    script = {(): ["good", "fine", "bad"], ("good",): ["Answer: 1", "x", "y"], ("fine",): ["Answer: 1"] * 3}
-    result = TreeOfThought(ScriptedLM(script), n_experts=3, breadth=3, threshold=0.7, evaluator=judge).solve("q")
+    script = {(): ["good", "fine", "bad", "nan", "none"], ("good",): ["Answer: 1", "x", "y", "z", "w"],
+              ("fine",): ["Answer: 1"] * 5}
+    result = TreeOfThought(ScriptedLM(script), n_experts=5, breadth=3, threshold=0.7, evaluator=judge).solve("q")
     statuses = {n.step: n.status for n in result.tree.children}
-    assert statuses == {"good": "kept", "fine": "pruned", "bad": "pruned"}
+    assert statuses == {"good": "kept", "fine": "pruned", "bad": "pruned", "nan": "pruned", "none": "pruned"}
     assert result.answer == "1" and result.model_calls == 2  # no value calls with a user evaluator
-    assert seen[:3] == [("good",), ("fine",), ("bad",)]
+    assert seen[:5] == [("good",), ("fine",), ("bad",), ("nan",), ("none",)]
 
 
 def _random_script(rng, n_experts, depth):

@@ -351,7 +351,8 @@ class TreeOfThought:
             values = [self.evaluator(self._question, c.steps()) for c in children]
         for child, value in zip(children, values):
             child.value = None if value is None else float(value)
-            if child.value is None or child.value < self.threshold:
+            # `not >=` so that NaN, like None, counts as judged wrong.
+            if child.value is None or not child.value >= self.threshold:
                 child.status = PRUNED
         finals = [c for c in children if c.status == KEPT and c.answer is not None]
         if not finals:
