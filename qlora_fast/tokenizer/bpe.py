@@ -3,8 +3,11 @@
 A token is a byte string with a *rank*; the rank is also the token's id. Encoding splits the text
 with a pre-tokenisation regex (GPT-2's or cl100k's pattern), then merges each piece's bytes the way
 tiktoken does: while some adjacent pair of parts concatenates to a known token, merge the pair whose
-concatenation has the lowest rank (the leftmost one on a tie). The merge loop runs in the C++
-extension `qlora_fast._bpe` when it is built and in pure Python otherwise; both give the same ids.
+concatenation has the lowest rank (the leftmost one on a tie); pieces over 128 bytes use an
+equivalent O(n log n) heap-based merge. With the C++ extension `qlora_fast._bpe` built, the merge
+loop (with a cache of encoded pieces) runs in C++, and for GPT-2's and cl100k's patterns so does the
+split, by a scanner using the `regex` module's own character classes; otherwise everything runs in
+pure Python. Both paths give the same ids (tested against each other and against tiktoken).
 
 Training learns merges by pair frequency over the pre-tokenised corpus. Ties are broken
 deterministically: the pair with the highest count wins; among equal counts, the pair whose
@@ -22,6 +25,16 @@ from heapq import heappop, heappush
 from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import regex
+
+# GPT-2's pattern as tiktoken writes it (equivalent to the original, faster with possessives).
+GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
+# cl100k_base's pattern: case-insensitive contractions, digits in groups of at most three.
+CL100K_PATTERN = (
+    r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+| ?[^\s\p{L}\p{N}]++[\r\n]*+"""
+    r"""|\s++$|\s*[\r\n]|\s+(?!\S)|\s"""
+)
+PATTERNS = {"gpt2": GPT2_PATTERN, "cl100k": CL100K_PATTERN}
+_NATIVE_SPLIT = {GPT2_PATTERN: 1, CL100K_PATTERN: 2}  # patterns the C++ scanner implements
 
 
 def _load_native():
@@ -59,15 +72,7 @@ def _ensure_char_classes() -> None:
     _native.set_char_classes(ranges)
     _char_classes_ready = True
 
-# GPT-2's pattern as tiktoken writes it (equivalent to the original, faster with possessives).
-GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
-# cl100k_base's pattern: case-insensitive contractions, digits in groups of at most three.
-CL100K_PATTERN = (
-    r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+| ?[^\s\p{L}\p{N}]++[\r\n]*+"""
-    r"""|\s++$|\s*[\r\n]|\s+(?!\S)|\s"""
-)
-PATTERNS = {"gpt2": GPT2_PATTERN, "cl100k": CL100K_PATTERN}
-_NATIVE_SPLIT = {GPT2_PATTERN: 1, CL100K_PATTERN: 2}  # patterns the C++ scanner implements
+
 
 DEFAULT_SPECIAL_TOKENS = ("<|pad|>", "<|bos|>", "<|eos|>")
 _FORMAT = "qlora_fast.bpe"
