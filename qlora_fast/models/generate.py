@@ -1,14 +1,36 @@
 """Autoregressive decoding with a KV cache, shared by the built-in model, PEFT-wrapped models and
 Hugging Face causal LMs.
 
-`model(input_ids=..., attention_mask=..., past_key_values=..., position_ids=..., use_cache=True)`
-must return an object with `.logits` and `.past_key_values`; that is all `generate` uses.
+`model(input_ids=..., attention_mask=..., past_key_values=... (or cache=...), position_ids=...,
+use_cache=True)` must return an object with `.logits` and `.past_key_values` (or `.cache`); that is
+all `generate` uses.
 """
+import inspect
 from typing import Iterable, Optional
 
 import torch
 
 from .llama import positions_from_mask
+
+
+def _takes_cache_keyword(model) -> bool:
+    # transformers >= 5.2x renamed `past_key_values` to `cache` (the old name is deprecated).
+    try:
+        return "cache" in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def call_causal_lm(model, past_key_values=None, **kwargs):
+    """model(**kwargs) with the KV cache passed under the name the model takes; returns
+    (logits, cache). Works for qlora_fast models and transformers models old and new."""
+    if past_key_values is not None:
+        kwargs["cache" if _takes_cache_keyword(model) else "past_key_values"] = past_key_values
+    out = model(**kwargs)
+    cache = getattr(out, "cache", None)
+    if cache is None:
+        cache = getattr(out, "past_key_values", None)
+    return out.logits, cache
 
 
 def _filter_logits(logits: torch.Tensor, top_k: Optional[int], top_p: Optional[float]) -> torch.Tensor:
@@ -78,9 +100,9 @@ def generate(
         finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
         step_ids, positions, past = input_ids, positions_from_mask(mask), None
         for _ in range(max_new_tokens):
-            out = model(input_ids=step_ids, attention_mask=mask, past_key_values=past, position_ids=positions, use_cache=True)
-            past = out.past_key_values
-            logits = out.logits[:, -1, :].float()
+            logits, past = call_causal_lm(model, input_ids=step_ids, attention_mask=mask, past_key_values=past,
+                                          position_ids=positions, use_cache=True)
+            logits = logits[:, -1, :].float()
             if temperature == 0.0:
                 next_ids = logits.argmax(-1)
             else:

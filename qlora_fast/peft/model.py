@@ -1,0 +1,474 @@
+"""`get_peft_model` and `PeftModel`: LoRA/QLoRA, prefix tuning and prompt tuning on the built-in
+`LlamaForCausalLM` and on transformers causal LMs (Llama, GPT-2, ...).
+
+- LoRA swaps the targeted linear layers for `LoRALinear` (or `QLoRALinear` on a 4-bit base) in
+  place; the forward pass is the base model's.
+- Prefix tuning hands every attention layer `num_virtual_tokens` learned keys and values through
+  the model's own KV cache (`past_key_values`: a tuple of pairs for the built-in model, a
+  `DynamicCache` for transformers), with the attention mask extended to cover them.
+- Prompt tuning prepends learned embeddings through `inputs_embeds`; its logits are returned
+  for the real tokens only, so they line up with `input_ids` and `labels`.
+
+Positions: the virtual tokens of both methods take positions 0..n-1 and the real tokens follow
+them (as if n tokens came first), so a prefix equal to the KV cache of n real tokens, or a soft
+prompt equal to their embeddings, gives exactly the base model's output on those tokens followed
+by the input. `generate()` works on every kind.
+"""
+import contextlib
+import json
+import os
+import re
+import tempfile
+from typing import Optional
+
+import torch
+from torch import nn
+
+from qlora_fast.models.generate import call_causal_lm
+from qlora_fast.models.llama import CausalLMOutput, LlamaForCausalLM, causal_lm_loss, positions_from_mask
+
+from .config import LoraConfig, PrefixTuningConfig, PromptTuningConfig, config_from_dict
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+
+# ---------------------------------------------------------------------------- model geometry
+def attention_geometry(model: nn.Module):
+    """(num_layers, num_kv_heads, head_dim, hidden_size) of a supported model, or ValueError."""
+    if isinstance(model, LlamaForCausalLM):
+        c = model.config
+        return c.num_layers, c.num_kv_heads, c.head_dim, c.hidden_size
+    cfg = getattr(model, "config", None)
+    layers = getattr(cfg, "num_hidden_layers", None)
+    heads = getattr(cfg, "num_attention_heads", None)
+    hidden = getattr(cfg, "hidden_size", None)
+    if not (isinstance(layers, int) and isinstance(heads, int) and isinstance(hidden, int)) or not hasattr(model, "get_input_embeddings"):
+        raise ValueError(
+            f"{type(model).__name__} has no attention this adapter understands: expected a qlora_fast "
+            "LlamaForCausalLM or a transformers causal LM (config.num_hidden_layers, num_attention_heads, hidden_size)"
+        )
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+    head_dim = getattr(cfg, "head_dim", None) or hidden // heads
+    return layers, kv_heads, head_dim, hidden
+
+
+def _is_hf(model: nn.Module) -> bool:
+    return not isinstance(model, LlamaForCausalLM)
+
+
+def _cache_pairs(cache):
+    """(key, value) per layer from a built-in tuple cache or a transformers Cache."""
+    if isinstance(cache, (tuple, list)):
+        return [(k, v) for k, v in cache]
+    return [(layer.keys, layer.values) for layer in cache.layers]
+
+
+def _linear_names(model: nn.Module):
+    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D"]
+
+
+def _match_lora_targets(model: nn.Module, config: LoraConfig):
+    names = [n for n in _linear_names(model) if n.split(".")[-1] != "lm_head" and n != "lm_head"]
+    if isinstance(config.target_modules, str):
+        pattern = re.compile(config.target_modules)
+        matched = [n for n in names if pattern.fullmatch(n)]
+        if not matched:
+            raise ValueError(f"target_modules regex {config.target_modules!r} matches no linear layer; linear layers: {names[:12]}")
+        return matched
+    matched = []
+    for target in config.target_modules:
+        hits = [n for n in names if n == target or n.endswith("." + target)]
+        if not hits:
+            short = sorted({n.split(".")[-1] for n in names})
+            raise ValueError(f"target module {target!r} not found in {type(model).__name__}; its linear layers are named {short}")
+        matched += hits
+    return sorted(set(matched))
+
+
+# ---------------------------------------------------------------------------- encoders
+class PrefixEncoder(nn.Module):
+    """Produces the prefix keys/values, shape (num_layers, 2, kv_heads, n, head_dim)."""
+
+    def __init__(self, config: PrefixTuningConfig, geometry, init_pairs=None, dtype=torch.float32):
+        super().__init__()
+        self.layers, self.kv_heads, self.head_dim, hidden = geometry
+        n = config.num_virtual_tokens
+        self.n = n
+        out = self.layers * 2 * self.kv_heads * self.head_dim
+        if config.prefix_projection:
+            self.embedding = nn.Embedding(n, hidden)
+            self.mlp = nn.Sequential(nn.Linear(hidden, config.encoder_hidden_size), nn.Tanh(), nn.Linear(config.encoder_hidden_size, out))
+            self.prefix = None
+            self.to(dtype)
+        else:
+            self.embedding = self.mlp = None
+            init = torch.randn(self.layers, 2, self.kv_heads, n, self.head_dim) * 0.02
+            if init_pairs is not None:
+                # Keys/values of real tokens: attention starts in the range it was trained on.
+                init = torch.stack([torch.stack([k[0], v[0]]) for k, v in init_pairs])
+            self.prefix = nn.Parameter(init.to(dtype).contiguous())
+
+    def forward(self) -> torch.Tensor:
+        if self.prefix is not None:
+            return self.prefix
+        flat = self.mlp(self.embedding.weight)  # (n, L * 2 * kv * hd)
+        return flat.view(self.n, self.layers, 2, self.kv_heads, self.head_dim).permute(1, 2, 3, 0, 4)
+
+
+class PromptEncoder(nn.Module):
+    """The soft prompt: (n, hidden) embeddings."""
+
+    def __init__(self, init: torch.Tensor, dtype=torch.float32):
+        super().__init__()
+        self.embedding = nn.Parameter(init.detach().clone().to(dtype).contiguous())
+
+    def forward(self) -> torch.Tensor:
+        return self.embedding
+
+
+# ---------------------------------------------------------------------------- the wrapper
+class PeftModel(nn.Module):
+    """A base causal LM with one adapter. Build it with `get_peft_model`.
+
+    forward(input_ids=None, attention_mask=None, past_key_values=None, inputs_embeds=None,
+    labels=None, use_cache=False, position_ids=None) -> CausalLMOutput whose logits (B, T, vocab)
+    line up with the inputs; `loss` is the shifted next-token cross entropy (-100 ignored).
+    `attention_mask` covers real tokens (and the cache's real tokens) only, never the virtual ones.
+    """
+
+    def __init__(self, model: nn.Module, config, tokenizer=None):
+        super().__init__()
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        self.base_model = model
+        self.peft_config = config
+        self.adapter_enabled = True
+        self.prompt_encoder: Optional[nn.Module] = None
+        for p in model.parameters():
+            p.requires_grad_(False)
+        if isinstance(config, LoraConfig):
+            self._inject_lora(config)
+        elif isinstance(config, PrefixTuningConfig):
+            geometry = attention_geometry(model)
+            init_pairs = None if config.prefix_projection else self._real_token_cache(config.num_virtual_tokens)
+            self.prompt_encoder = PrefixEncoder(config, geometry, init_pairs, self._adapter_dtype())
+        elif isinstance(config, PromptTuningConfig):
+            attention_geometry(model)
+            self.prompt_encoder = PromptEncoder(self._prompt_init(config, tokenizer), self._adapter_dtype())
+        else:
+            raise TypeError(f"config must be a LoraConfig, PrefixTuningConfig or PromptTuningConfig, got {type(config).__name__}")
+
+    # ---- construction helpers
+    def _inject_lora(self, config: LoraConfig):
+        from qlora_fast.nn.lora import LoRALinear, QLoRALinear
+        from qlora_fast.nn.replace import _conv1d_to_linear
+
+        for name in _match_lora_targets(self.base_model, config):
+            parent_name, _, child = name.rpartition(".")
+            parent = self.base_model.get_submodule(parent_name) if parent_name else self.base_model
+            linear = getattr(parent, child)
+            if not isinstance(linear, nn.Linear):
+                linear = _conv1d_to_linear(linear)
+            args = dict(r=config.r, alpha=config.alpha, dropout=config.dropout, use_rslora=config.use_rslora)
+            if config.quantize_base:
+                module = QLoRALinear.from_linear(linear, quant_type=config.quantize_base, blocksize=config.blocksize,
+                                                 compress_statistics=config.double_quant, **args)
+            else:
+                module = LoRALinear.from_linear(linear, **args)
+            setattr(parent, child, module)
+        if config.quantize_base:
+            # QLoRA: every other linear (but the lm_head) is stored in 4 bits too.
+            from qlora_fast.nn.replace import replace_linear
+
+            replace_linear(self.base_model, quant_type=config.quantize_base, skip=("lm_head",),
+                           blocksize=config.blocksize, compress_statistics=config.double_quant)
+        for p in self.base_model.parameters():
+            p.requires_grad_(False)
+        for m in self.lora_modules():
+            m.lora_A.requires_grad_(True)
+            m.lora_B.requires_grad_(True)
+
+    @torch.no_grad()
+    def _real_token_cache(self, n: int):
+        ids = torch.randint(0, self.base_model.get_input_embeddings().num_embeddings, (1, n), device=self._device())
+        was = self.base_model.training
+        self.base_model.eval()
+        _, cache = call_causal_lm(self.base_model, input_ids=ids, use_cache=True)
+        self.base_model.train(was)
+        return [(k.detach().cpu(), v.detach().cpu()) for k, v in _cache_pairs(cache)]
+
+    def _prompt_init(self, config: PromptTuningConfig, tokenizer):
+        table = self.base_model.get_input_embeddings().weight.detach()
+        n = config.num_virtual_tokens
+        if config.init == "random":
+            return torch.randn(n, table.shape[1], device=table.device, dtype=table.dtype) * table.float().std()
+        if tokenizer is None:
+            raise ValueError("PromptTuningConfig(init='text') needs the tokenizer passed to get_peft_model")
+        ids = tokenizer.encode(config.init_text)
+        if not ids:
+            raise ValueError("init_text encodes to no tokens")
+        ids = (ids * (n // len(ids) + 1))[:n]
+        return table[torch.tensor(ids, device=table.device)]
+
+    def _adapter_dtype(self):
+        # Adapters train in float32 over a low-precision base (as LoRALinear), float64 over float64.
+        is64 = self.base_model.get_input_embeddings().weight.dtype == torch.float64
+        return torch.float64 if is64 else torch.float32
+
+    def _device(self):
+        return next(iter(self.base_model.parameters())).device
+
+    # ---- introspection
+    @property
+    def method(self) -> str:
+        return self.peft_config.peft_type
+
+    @property
+    def config(self):
+        return self.base_model.config
+
+    def lora_modules(self):
+        from qlora_fast.nn.lora import lora_modules
+
+        return lora_modules(self.base_model)
+
+    def adapter_parameters(self):
+        """(name, parameter) of the adapter's own parameters (what training updates and
+        `save_adapter` writes)."""
+        if self.prompt_encoder is not None:
+            return [(f"prompt_encoder.{n}", p) for n, p in self.prompt_encoder.named_parameters()]
+        return [(f"base_model.{n}", p) for n, p in self.base_model.named_parameters() if n.endswith("lora_A") or n.endswith("lora_B")]
+
+    def parameter_counts(self):
+        """(trainable, total); a 4-bit weight counts its logical (out * in) elements."""
+        from qlora_fast.nn.linear4bit import Linear4bit
+
+        total = trainable = 0
+        packed = {id(m.weight): m.in_features * m.out_features for m in self.modules() if isinstance(m, Linear4bit)}
+        seen = set()
+        for p in self.parameters():
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
+            n = packed.get(id(p), p.numel())
+            total += n
+            if p.requires_grad:
+                trainable += n
+        return trainable, total
+
+    def print_trainable_parameters(self):
+        """Print and return (trainable, total) parameter counts."""
+        trainable, total = self.parameter_counts()
+        print(f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}")
+        return trainable, total
+
+    def get_input_embeddings(self):
+        return self.base_model.get_input_embeddings()
+
+    def gradient_checkpointing_enable(self):
+        self.base_model.gradient_checkpointing_enable()
+
+    # ---- forward
+    @contextlib.contextmanager
+    def disable_adapter(self):
+        """Inside the block the model computes its base (no LoRA, no prefix, no soft prompt)."""
+        if self.prompt_encoder is None:
+            from qlora_fast.nn.lora import disable_adapter
+
+            with disable_adapter(self.base_model):
+                yield self
+            return
+        previous, self.adapter_enabled = self.adapter_enabled, False
+        try:
+            yield self
+        finally:
+            self.adapter_enabled = previous
+
+    def _virtual(self) -> int:
+        if self.prompt_encoder is None or not self.adapter_enabled:
+            return 0
+        return self.peft_config.num_virtual_tokens
+
+    def forward(self, input_ids=None, attention_mask=None, past_key_values=None, inputs_embeds=None, labels=None,
+                use_cache=False, position_ids=None) -> CausalLMOutput:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        ref = input_ids if input_ids is not None else inputs_embeds
+        B, T = ref.shape[:2]
+        n = self._virtual()
+        if n == 0:
+            logits, cache = call_causal_lm(self.base_model, input_ids=input_ids, attention_mask=attention_mask,
+                                           past_key_values=past_key_values, inputs_embeds=inputs_embeds,
+                                           position_ids=position_ids, use_cache=use_cache)
+            return CausalLMOutput(logits=logits, loss=None if labels is None else causal_lm_loss(logits, labels),
+                                  past_key_values=cache if use_cache else None)
+        device = ref.device
+        past_len = 0 if past_key_values is None else _cache_pairs(past_key_values)[0][0].shape[2]
+        real_past = past_len - n if past_key_values is not None else 0
+        if attention_mask is None:
+            attention_mask = torch.ones(B, real_past + T, dtype=torch.long, device=device)
+        if attention_mask.shape != (B, real_past + T):
+            raise ValueError(f"attention_mask must have shape {(B, real_past + T)} (real tokens only), got {tuple(attention_mask.shape)}")
+        if position_ids is None:
+            position_ids = positions_from_mask(attention_mask)[:, -T:]
+        position_ids = position_ids + n  # the virtual tokens take positions 0..n-1
+        ones = torch.ones(B, n, dtype=attention_mask.dtype, device=device)
+        full_mask = torch.cat([ones, attention_mask], dim=1)
+
+        if isinstance(self.peft_config, PrefixTuningConfig):
+            if past_key_values is None:
+                past_key_values = self._prefix_cache(B, ref)
+            logits, cache = call_causal_lm(self.base_model, input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=full_mask,
+                                           past_key_values=past_key_values, position_ids=position_ids, use_cache=use_cache)
+        else:  # prompt tuning
+            if past_key_values is None:
+                embeds = inputs_embeds if inputs_embeds is not None else self.base_model.get_input_embeddings()(input_ids)
+                soft = self.prompt_encoder().to(embeds.dtype)[None].expand(B, -1, -1)
+                embeds = torch.cat([soft, embeds], dim=1)
+                virtual_pos = torch.arange(n, device=device)[None].expand(B, -1)
+                logits, cache = call_causal_lm(self.base_model, inputs_embeds=embeds, attention_mask=full_mask,
+                                               position_ids=torch.cat([virtual_pos, position_ids], 1), use_cache=use_cache)
+                logits = logits[:, n:]
+            else:
+                logits, cache = call_causal_lm(self.base_model, input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=full_mask,
+                                               past_key_values=past_key_values, position_ids=position_ids, use_cache=use_cache)
+        loss = None if labels is None else causal_lm_loss(logits, labels)
+        return CausalLMOutput(logits=logits, loss=loss, past_key_values=cache if use_cache else None)
+
+    def _prefix_cache(self, batch: int, ref: torch.Tensor):
+        dtype = ref.dtype if ref.is_floating_point() else next(iter(self.base_model.parameters())).dtype
+        prefix = self.prompt_encoder().to(dtype)  # (L, 2, kv, n, hd)
+        pairs = [(prefix[i, 0][None].expand(batch, -1, -1, -1), prefix[i, 1][None].expand(batch, -1, -1, -1)) for i in range(prefix.shape[0])]
+        if not _is_hf(self.base_model):
+            return tuple(pairs)
+        from transformers import DynamicCache
+
+        return DynamicCache(ddp_cache_data=pairs)
+
+    @torch.no_grad()
+    def generate(self, input_ids, attention_mask=None, **kwargs):
+        """`qlora_fast.models.generate` through the adapter (same arguments)."""
+        from qlora_fast.models.generate import generate
+
+        return generate(self, input_ids, attention_mask=attention_mask, **kwargs)
+
+    # ---- save / load / merge
+    def adapter_state_dict(self):
+        return {name: p.detach().cpu().contiguous() for name, p in self.adapter_parameters()}
+
+    def save_adapter(self, path: str) -> str:
+        """Write `adapter_config.json` and `adapter_model.safetensors` into directory `path`
+        (created if needed), each atomically. Returns `path`."""
+        from safetensors.torch import save
+
+        os.makedirs(path, exist_ok=True)
+        _atomic_write(os.path.join(path, ADAPTER_WEIGHTS), save(self.adapter_state_dict()))
+        _atomic_write(os.path.join(path, ADAPTER_CONFIG), json.dumps(self.peft_config.to_dict(), indent=2).encode())
+        return path
+
+    def load_adapter(self, path: str) -> "PeftModel":
+        """Load weights written by `save_adapter` into this model (same config required)."""
+        from safetensors.torch import load_file
+
+        config = read_adapter_config(path)
+        if config.to_dict() != self.peft_config.to_dict():
+            raise ValueError(f"adapter at {path} has config {config.to_dict()}, this model has {self.peft_config.to_dict()}")
+        state = load_file(os.path.join(path, ADAPTER_WEIGHTS))
+        own = dict(self.adapter_parameters())
+        if set(state) != set(own):
+            raise ValueError(f"adapter at {path} does not fit this model: missing {sorted(set(own) - set(state))[:5]}, "
+                             f"unexpected {sorted(set(state) - set(own))[:5]}")
+        with torch.no_grad():
+            for name, tensor in state.items():
+                if own[name].shape != tensor.shape:
+                    raise ValueError(f"adapter tensor {name} has shape {tuple(tensor.shape)}, the model expects {tuple(own[name].shape)}")
+                own[name].copy_(tensor)
+        return self
+
+    @torch.no_grad()
+    def merge_and_unload(self, requantize: bool = False) -> nn.Module:
+        """Fold every LoRA adapter into its base weight and return the plain base model.
+
+        A full-precision base gets W + scaling * B A (float32 math, rounded to W's dtype). A 4-bit
+        base is dequantized and merged into a float32 `nn.Linear` by default (logits equal the
+        adapted model's up to float rounding); with `requantize=True` the sum is quantized
+        again to 4 bits instead, which adds quantization error. Only LoRA adapters merge
+        (ValueError otherwise).
+        """
+        if self.prompt_encoder is not None:
+            raise ValueError(f"merge_and_unload needs a LoRA adapter; {self.method} tuning has nothing to merge")
+        from qlora_fast.nn.lora import QLoRALinear
+
+        lora_ids = {id(m) for m in self.lora_modules()}
+        for name, module in list(self.base_model.named_modules()):
+            if id(module) not in lora_ids:
+                continue
+            parent_name, _, child = name.rpartition(".")
+            parent = self.base_model.get_submodule(parent_name) if parent_name else self.base_model
+            if isinstance(module, QLoRALinear) and not requantize:
+                weight = module._dequantized_fp32() + module._delta()
+                linear = nn.Linear(module.in_features, module.out_features, bias=module.base.bias is not None, device=weight.device)
+                linear.weight.copy_(weight)
+                if module.base.bias is not None:
+                    linear.bias.copy_(module.base.bias.float())
+                replacement = linear
+            else:
+                if not module.merged:
+                    module.merge()
+                replacement = module.base
+            replacement.requires_grad_(False)
+            setattr(parent, child, replacement)
+        return self.base_model
+
+
+def _atomic_write(path: str, data: bytes) -> None:
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def read_adapter_config(path: str):
+    """The config saved by `save_adapter` in directory `path`."""
+    file = os.path.join(path, ADAPTER_CONFIG)
+    if not os.path.exists(file):
+        raise FileNotFoundError(f"no {ADAPTER_CONFIG} in {path}")
+    with open(file) as f:
+        return config_from_dict(json.load(f))
+
+
+def get_peft_model(model: nn.Module, config, tokenizer=None) -> PeftModel:
+    """Wrap `model` with the adapter `config` describes; the base is frozen (LoRA modules are
+    swapped into it in place). `tokenizer` is needed only for PromptTuningConfig(init="text").
+    Raises ValueError for a target that matches nothing or a model without the expected attention."""
+    return PeftModel(model, config, tokenizer=tokenizer)
+
+
+def load_adapter(model: nn.Module, path: str) -> PeftModel:
+    """A fresh `PeftModel` on `model` with the adapter saved at `path`."""
+    config = read_adapter_config(path)
+    if isinstance(config, PromptTuningConfig) and config.init == "text":
+        # The saved weights overwrite the initial prompt, so build it with a random init.
+        saved = config
+        config = PromptTuningConfig(num_virtual_tokens=saved.num_virtual_tokens)
+        peft = get_peft_model(model, config)
+        peft.peft_config = saved
+    else:
+        peft = get_peft_model(model, config)
+    return peft.load_adapter(path)
+
+
+def save_adapter(model: PeftModel, path: str) -> str:
+    """`model.save_adapter(path)`."""
+    if not isinstance(model, PeftModel):
+        raise TypeError(f"model must be a PeftModel, got {type(model).__name__}")
+    return model.save_adapter(path)
