@@ -113,9 +113,12 @@ def _blockwise_scale(flat: torch.Tensor, blocksize: int):
 
 
 def _nearest_code(scaled: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
-    """Index of the nearest code value (int64); a value exactly between two goes to the lower."""
+    """Index of the nearest code value (int32); a value exactly between two goes to the lower."""
     midpoints, order = _bucket_tables(code.to(scaled.device))
-    return order[torch.bucketize(scaled, midpoints)]
+    bucket = torch.bucketize(scaled, midpoints, out_int32=True)
+    if torch.equal(order, torch.arange(order.numel(), device=order.device)):
+        return bucket  # a sorted table (NF4, the dynamic map): the bucket is the index
+    return order.to(torch.int32).index_select(0, bucket.reshape(-1)).reshape(bucket.shape)
 
 
 def quantize_4bit_ref(x: torch.Tensor, blocksize: int = 64, quant_type: str = "nf4"):
@@ -147,11 +150,21 @@ def dequantize_4bit_ref(
     n = 1
     for s in shape:
         n *= int(s)
-    flat = packed.reshape(-1)
-    nibbles = torch.stack([flat >> 4, flat & 0xF], dim=1).reshape(-1)[:n].long()
-    values = code_for(quant_type).to(packed.device)[nibbles]
-    scale = absmax.float().repeat_interleave(blocksize)[:n]
-    return (values * scale).to(out_dtype).reshape(shape)
+    code = code_for(quant_type).to(packed.device)
+    # one lookup per byte: a 256-entry table of (high nibble, low nibble) code pairs
+    pairs = torch.stack([code.repeat_interleave(16), code.repeat(16)], dim=1)
+    values = pairs.index_select(0, packed.reshape(-1).int()).reshape(-1)[:n]
+    return _scale_by_block(values, absmax.float(), blocksize).to(out_dtype).reshape(shape)
+
+
+def _scale_by_block(values: torch.Tensor, absmax: torch.Tensor, blocksize: int) -> torch.Tensor:
+    """values[i] * absmax[i // blocksize] in fp32 (flat)."""
+    n = values.numel()
+    full = n - n % blocksize
+    head = (values[:full].view(-1, blocksize) * absmax[: full // blocksize, None]).reshape(-1)
+    if full == n:
+        return head
+    return torch.cat([head, values[full:] * absmax[-1]])
 
 
 def quantize_blockwise_ref(x: torch.Tensor, code: torch.Tensor = None, blocksize: int = NESTED_BLOCKSIZE):
@@ -171,9 +184,7 @@ def dequantize_blockwise_ref(
 ) -> torch.Tensor:
     """Inverse of `quantize_blockwise_ref`: `code[q] * absmax[block]` in fp32."""
     code = (_DYNAMIC_MAP if code is None else code).to(q.device)
-    values = code[q.reshape(-1).long()]
-    scale = absmax.repeat_interleave(blocksize)[: values.numel()]
-    return (values * scale).reshape(q.shape)
+    return _scale_by_block(code.index_select(0, q.reshape(-1).int()), absmax, blocksize).reshape(q.shape)
 
 
 def quantize_absmax_ref(absmax: torch.Tensor):
