@@ -79,7 +79,7 @@ def parse_numbers(puzzle) -> List[Fraction]:
     return numbers
 
 
-class _Evaluator(ast.NodeVisitor):
+class _Evaluator:
     """Exact value of an arithmetic expression, collecting the numbers it uses."""
 
     def __init__(self):
