@@ -10,11 +10,12 @@ in the same run.
 
 `pytest bench/bench_grpo.py --benchmark-only` for pytest-benchmark tables;
 `python bench/bench_grpo.py` for a summary with ratios and peak memory (used for RESULTS.md).
-Peak memory is the resident-set high-water mark of a fresh child process running only that
-provider (the CPU has no allocator counter like torch.cuda.max_memory_allocated).
+Peak memory: growth of the resident-set high-water mark (/proc VmHWM, reset through clear_refs) over
+one run of a provider in a fresh process; the CPU has no counter like torch.cuda.max_memory_allocated.
 """
-import multiprocessing as mp
-import resource
+import os
+import subprocess
+import sys
 import time
 
 import pytest
@@ -29,8 +30,9 @@ from qlora_fast.train import GRPOConfig, GRPOTrainer
 from qlora_fast.train.policy_gradient import sequence_logprobs
 from qlora_fast.train.rewards import arithmetic_rewards, load_arithmetic_task
 
-GEN_BATCH, GEN_PROMPT, GEN_NEW = 16, 48, 32
-LP_TOKENS, LP_HIDDEN, LP_VOCAB, LP_CHUNK = 2048, 256, 32000, 256
+GEN_BATCH, GEN_PROMPT, GEN_NEW = 16, 48, 16
+LP_TOKENS, LP_HIDDEN, LP_VOCAB, LP_CHUNK = 1024, 128, 32000, 128
+STEP_NEW = 8
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -83,7 +85,7 @@ def grpo_trainer(quantize):
     replace_linear(model, quant_type="nf4" if quantize else None, target=TARGETS, lora_r=8, lora_alpha=16)
     mark_only_lora_as_trainable(model)
     fns, weights = arithmetic_rewards()
-    config = GRPOConfig(steps=1_000_000, group_size=8, prompts_per_step=4, max_new_tokens=16, beta=0.04,
+    config = GRPOConfig(steps=1_000_000, group_size=8, prompts_per_step=4, max_new_tokens=STEP_NEW, beta=0.04,
                         reward_weights=weights, progress=False)
     return GRPOTrainer(model, ByteTokenizer(), fns, load_arithmetic_task("train"), config)
 
@@ -119,27 +121,40 @@ def _median_time(fn, rounds=3):
     return sorted(times)[len(times) // 2]
 
 
-def _peak_rss_child(kind, provider, queue):
+def _status_kib(field):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise KeyError(field)
+
+
+def _measure_in_this_process(kind, provider):
+    """Set up one provider, reset the resident-set high-water mark, run it once, print the growth."""
     if kind == "logprobs":
         hidden, weight, targets = logprob_inputs()
-        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        run_logprobs(hidden, weight, targets, provider)
+        fn = lambda: run_logprobs(hidden, weight, targets, provider)  # noqa: E731
     else:
         trainer = grpo_trainer(provider == "qlora")
-        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        trainer.train_step()
-    queue.put((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024)  # KiB -> MiB
+        fn = trainer.train_step
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    base = _status_kib("VmRSS")
+    fn()
+    print((_status_kib("VmHWM") - base) / 1024)
 
 
 def peak_mib(kind, provider):
-    """Growth of the peak resident set while running one provider in a fresh process (MiB)."""
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    proc = ctx.Process(target=_peak_rss_child, args=(kind, provider, queue))
-    proc.start()
-    value = queue.get()
-    proc.join()
-    return value
+    """Peak resident-set growth (MiB) of one run of a provider in a fresh process (so earlier
+    runs' freed-but-kept heap does not hide it); NaN where /proc is unavailable (not Linux)."""
+    if not os.path.exists("/proc/self/clear_refs"):
+        return float("nan")
+    # Large blocks straight from mmap and back on free, so the resident set follows live tensors
+    # instead of glibc's heap, which keeps freed blocks and hides or inflates the figure.
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="1048576")
+    out = subprocess.run([sys.executable, os.path.abspath(__file__), "--peak", kind, provider],
+                         capture_output=True, text=True, check=True, env=env).stdout
+    return float(out.strip().splitlines()[-1])
 
 
 def main():
@@ -157,13 +172,16 @@ def main():
     print(f"log-probs fwd+bwd {LP_TOKENS} tokens x vocab {LP_VOCAB} (hidden {LP_HIDDEN}, chunk {LP_CHUNK}): "
           f"chunked {lp['chunked'] * 1e3:.0f} ms / +{mem['chunked']:.0f} MiB peak, "
           f"full logits {lp['full_logits'] * 1e3:.0f} ms / +{mem['full_logits']:.0f} MiB peak "
-          f"(time {lp['chunked'] / lp['full_logits']:.2f}x, memory {mem['full_logits'] / max(mem['chunked'], 1e-9):.1f}x less)")
+          f"(time {lp['chunked'] / lp['full_logits']:.2f}x)")
     for provider in ("lora", "qlora"):
         trainer = grpo_trainer(provider == "qlora")
         step = _median_time(trainer.train_step)
-        print(f"GRPO step, built-in model ({provider}), 4 prompts x G=8, 16 new tokens, beta 0.04: "
+        print(f"GRPO step, built-in model ({provider}), 4 prompts x G=8, {STEP_NEW} new tokens, beta 0.04: "
               f"{step * 1e3:.0f} ms, +{peak_mib('step', provider):.0f} MiB peak")
 
 
 if __name__ == "__main__":
-    main()
+    if len(sys.argv) == 4 and sys.argv[1] == "--peak":
+        _measure_in_this_process(sys.argv[2], sys.argv[3])
+    else:
+        main()

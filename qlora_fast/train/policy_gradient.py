@@ -80,7 +80,7 @@ class SequenceLogprobsFunction(torch.autograd.Function):
             # d logp[target] / d logits = onehot(target) - softmax, times the incoming grad,
             # then through the 1/temperature scaling.
             g = grad_out[start:stop].to(dt)
-            grad_logits = torch.exp(logits - lse[start:stop, None]).mul_(-g[:, None])
+            grad_logits = logits.sub_(lse[start:stop, None]).exp_().mul_(-g[:, None])  # in place: one chunk buffer
             grad_logits.scatter_add_(1, targets[start:stop, None], g[:, None])
             if temperature != 1.0:
                 grad_logits.div_(temperature)
