@@ -185,3 +185,11 @@ def test_errors_name_the_argument():
         Linear4bit(64, 8, blocksize=48)
     with pytest.raises(ValueError, match="quant_type"):
         Linear4bit(64, 8, quant_type="int4")
+
+
+def test_torch_compile_fullgraph_forward(seed):
+    layer = Linear4bit.from_linear(nn.Linear(96, 40))
+    x = torch.randn(5, 96)
+    # aot_eager: dynamo + AOTAutograd through the custom ops' fake impls, no C++ build
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    assert_close(compiled(x), layer(x))
