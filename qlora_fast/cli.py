@@ -8,6 +8,7 @@ import sys
 # Command modules, in the order `--help` lists them.
 COMMANDS = [
     "qlora_fast.commands.quantize_report",
+    "qlora_fast.commands.finetune",
     "qlora_fast.commands.tot",
     "qlora_fast.commands.train_bpe",
 ]

@@ -1,0 +1,331 @@
+"""Supervised instruction tuning: `SFTTrainer` trains a (PEFT-wrapped) causal LM on
+(instruction, output) pairs rendered with a prompt template, with the loss on output tokens only.
+
+Features: optional packing (several examples per row; attention is not blocked between them, as
+in TRL's simple packing), gradient accumulation, gradient checkpointing, warmup + cosine lr,
+the qlora_fast optimizers (paged 8-bit AdamW by default), a tqdm bar, periodic held-out
+perplexity, checkpoints that resume exactly, and DDP under torchrun (gloo on the CPU).
+
+Data order is a function of (seed, step): each epoch is a fresh permutation drawn from the seed,
+and each global batch takes the next `batch_size * grad_accum * world_size` examples, so a
+resumed run sees the same batches as an uninterrupted one.
+"""
+import contextlib
+import math
+from dataclasses import asdict, dataclass
+from typing import Dict, List, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from qlora_fast.data import PROMPT_TEMPLATE
+
+from .checkpoint import checkpoint_path, latest_checkpoint, load_checkpoint, save_checkpoint, unwrap
+from .schedule import warmup_cosine_schedule
+
+OPTIMIZERS = ("paged_adamw_8bit", "paged_adamw", "adamw_8bit", "adamw", "torch_adamw")
+
+
+@dataclass
+class SFTConfig:
+    """Training settings. Steps count optimizer updates (each = grad_accum micro-batches)."""
+
+    max_steps: int = 100
+    batch_size: int = 8
+    grad_accum: int = 1
+    lr: float = 3e-3
+    weight_decay: float = 0.0
+    warmup_steps: int = 10
+    min_lr_ratio: float = 0.1
+    max_grad_norm: Optional[float] = 1.0
+    max_seq_len: int = 128
+    packing: bool = False
+    gradient_checkpointing: bool = False
+    optimizer: str = "paged_adamw_8bit"
+    eval_every: int = 0
+    eval_batch_size: int = 32
+    checkpoint_every: int = 0
+    output_dir: Optional[str] = None
+    seed: int = 0
+    progress: bool = True
+    prompt_template: str = PROMPT_TEMPLATE
+
+    def __post_init__(self):
+        for name in ("max_steps", "batch_size", "grad_accum", "max_seq_len", "eval_batch_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"SFTConfig.{name} must be a positive int, got {value!r}")
+        for name in ("warmup_steps", "eval_every", "checkpoint_every"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 0:
+                raise ValueError(f"SFTConfig.{name} must be an int >= 0, got {value!r}")
+        if not self.lr > 0:
+            raise ValueError(f"SFTConfig.lr must be > 0, got {self.lr}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"SFTConfig.optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        if "{instruction}" not in self.prompt_template:
+            raise ValueError("SFTConfig.prompt_template must contain '{instruction}'")
+        if self.checkpoint_every and not self.output_dir:
+            raise ValueError("SFTConfig.checkpoint_every needs output_dir")
+
+
+# ---------------------------------------------------------------------------- data
+def encode_example(tokenizer, instruction: str, output: str, template: str = PROMPT_TEMPLATE, max_len: Optional[int] = None):
+    """(ids, labels): <bos> prompt output <eos>, labels -100 on <bos> and the prompt. Cut to
+    max_len tokens (from the end of the output)."""
+    prompt = [tokenizer.bos_id] + tokenizer.encode(template.format(instruction=instruction))
+    answer = tokenizer.encode(output) + [tokenizer.eos_id]
+    ids = prompt + answer
+    labels = [-100] * len(prompt) + answer
+    if max_len is not None:
+        ids, labels = ids[:max_len], labels[:max_len]
+    return ids, labels
+
+
+def _check_pairs(pairs, what):
+    if not isinstance(pairs, Sequence) or not pairs:
+        raise ValueError(f"{what} must be a non-empty list of {{'instruction', 'output'}} dicts")
+    for p in pairs[:3]:
+        if not isinstance(p, dict) or "instruction" not in p or "output" not in p:
+            raise ValueError(f"{what} items must be dicts with 'instruction' and 'output', got {p!r}")
+
+
+def build_examples(tokenizer, pairs, template: str, max_len: int, packing: bool, seed: int = 0):
+    """Encoded rows: one per pair, or with `packing` rows of exactly `max_len` tokens filled with
+    consecutive examples of a seeded shuffle (the last partial row is dropped)."""
+    encoded = [encode_example(tokenizer, p["instruction"], p["output"], template, max_len) for p in pairs]
+    if not packing:
+        return encoded
+    order = torch.randperm(len(encoded), generator=torch.Generator().manual_seed(seed)).tolist()
+    rows, ids, labels = [], [], []
+    for i in order:
+        ids += encoded[i][0]
+        labels += encoded[i][1]
+        while len(ids) >= max_len:
+            rows.append((ids[:max_len], labels[:max_len]))
+            ids, labels = ids[max_len:], labels[max_len:]
+    if not rows:
+        raise ValueError(f"packing needs at least max_seq_len={max_len} tokens of data")
+    return rows
+
+
+def collate(rows, pad_id: int, device=None) -> Dict[str, torch.Tensor]:
+    """Right-pad rows of (ids, labels) into input_ids, attention_mask and labels tensors."""
+    T = max(len(ids) for ids, _ in rows)
+    input_ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), T), -100, dtype=torch.long)
+    mask = torch.zeros((len(rows), T), dtype=torch.long)
+    for i, (ids, lab) in enumerate(rows):
+        input_ids[i, :len(ids)] = torch.tensor(ids)
+        labels[i, :len(lab)] = torch.tensor(lab)
+        mask[i, :len(ids)] = 1
+    batch = {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+    return {k: v.to(device) for k, v in batch.items()} if device is not None else batch
+
+
+# ---------------------------------------------------------------------------- evaluation
+@torch.no_grad()
+def evaluate_loss(model, tokenizer, pairs, template: str = PROMPT_TEMPLATE, max_len: int = 128, batch_size: int = 32) -> dict:
+    """Mean cross entropy per output token over `pairs` (each token weighted equally) and its
+    perplexity exp(loss)."""
+    was = model.training
+    model.eval()
+    device = _device(model)
+    total, count = 0.0, 0
+    rows = [encode_example(tokenizer, p["instruction"], p["output"], template, max_len) for p in pairs]
+    for i in range(0, len(rows), batch_size):
+        batch = collate(rows[i:i + batch_size], tokenizer.pad_id, device)
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        targets = batch["labels"][:, 1:]
+        nll = torch.nn.functional.cross_entropy(logits[:, :-1].float().transpose(1, 2), targets, ignore_index=-100, reduction="sum")
+        total += nll.item()
+        count += int((targets != -100).sum())
+    model.train(was)
+    loss = total / max(count, 1)
+    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
+
+
+@torch.no_grad()
+def exact_match(model, tokenizer, pairs, template: str = PROMPT_TEMPLATE, max_new_tokens: int = 16, batch_size: int = 32,
+                return_predictions: bool = False):
+    """Fraction of pairs whose greedy answer (up to <eos>, stripped) equals the output exactly."""
+    device = _device(model)
+    hits, predictions = 0, []
+    for i in range(0, len(pairs), batch_size):
+        chunk = pairs[i:i + batch_size]
+        prompts = [[tokenizer.bos_id] + tokenizer.encode(template.format(instruction=p["instruction"])) for p in chunk]
+        T = max(len(p) for p in prompts)
+        ids = torch.full((len(chunk), T), tokenizer.pad_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for j, p in enumerate(prompts):  # left padding
+            ids[j, T - len(p):] = torch.tensor(p)
+            mask[j, T - len(p):] = 1
+        out = model.generate(ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
+                             eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id)
+        for j, p in enumerate(chunk):
+            new = out[j, T:].tolist()
+            if tokenizer.eos_id in new:
+                new = new[:new.index(tokenizer.eos_id)]
+            text = tokenizer.decode([t for t in new if t != tokenizer.pad_id]).strip()
+            predictions.append(text)
+            hits += text == str(p["output"]).strip()
+    score = hits / len(pairs)
+    return (score, predictions) if return_predictions else score
+
+
+def _device(model) -> torch.device:
+    return next(iter(unwrap(model).parameters())).device
+
+
+# ---------------------------------------------------------------------------- optimizer
+def make_optimizer(name: str, params, lr: float, weight_decay: float):
+    """One of OPTIMIZERS over `params`; the qlora_fast ones need its compiled extension."""
+    if name == "torch_adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    from qlora_fast import optim
+
+    cls = {"paged_adamw_8bit": optim.PagedAdamW8bit, "paged_adamw": optim.PagedAdamW,
+           "adamw_8bit": optim.AdamW8bit, "adamw": optim.AdamW}[name]
+    return cls(params, lr=lr, weight_decay=weight_decay)
+
+
+# ---------------------------------------------------------------------------- trainer
+class SFTTrainer:
+    """Instruction tuning of `model` (usually a `PeftModel`; only parameters with requires_grad
+    train) on `train_data`, a list of {"instruction", "output"} dicts, with optional `eval_data`
+    for held-out perplexity. Under an initialised torch.distributed process group the model is
+    wrapped in DistributedDataParallel and each rank trains on its slice of every global batch;
+    rank 0 logs, evaluates and writes checkpoints.
+    """
+
+    def __init__(self, model: nn.Module, tokenizer, train_data: List[dict], eval_data: Optional[List[dict]] = None,
+                 config: Optional[SFTConfig] = None, optimizer=None):
+        self.config = config or SFTConfig()
+        if not isinstance(self.config, SFTConfig):
+            raise TypeError(f"config must be an SFTConfig, got {type(self.config).__name__}")
+        _check_pairs(train_data, "train_data")
+        if eval_data is not None:
+            _check_pairs(eval_data, "eval_data")
+        self.tokenizer = tokenizer
+        self.eval_data = eval_data
+        self.model = model
+        c = self.config
+        self.rows = build_examples(tokenizer, train_data, c.prompt_template, c.max_seq_len, c.packing, c.seed)
+        params = [p for p in model.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError("model has no trainable parameters (wrap it with get_peft_model first)")
+        if c.gradient_checkpointing:
+            if not hasattr(model, "gradient_checkpointing_enable"):
+                raise ValueError(f"{type(model).__name__} has no gradient_checkpointing_enable()")
+            model.gradient_checkpointing_enable()
+        self.distributed = dist.is_available() and dist.is_initialized()
+        self.rank = dist.get_rank() if self.distributed else 0
+        self.world = dist.get_world_size() if self.distributed else 1
+        self.optimizer = optimizer or make_optimizer(c.optimizer, params, c.lr, c.weight_decay)
+        self.scheduler = warmup_cosine_schedule(self.optimizer, c.warmup_steps, c.max_steps, c.min_lr_ratio)
+        self.step = 0
+        self.history: List[dict] = []
+        self._ddp = None
+        self._perm, self._perm_epoch = None, None
+        if self.distributed:
+            device_ids = [_device(model).index] if _device(model).type == "cuda" else None
+            self._ddp = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def _micro_batches(self, step: int):
+        """The rows this rank trains on at `step`, as grad_accum lists of batch_size rows."""
+        c = self.config
+        per_step = c.batch_size * c.grad_accum * self.world
+        n = len(self.rows)
+        start = step * per_step
+        indices = []
+        for pos in range(start, start + per_step):
+            epoch, offset = divmod(pos, n)
+            indices.append(self._permutation(epoch)[offset])
+        mine = indices[self.rank::self.world]
+        return [[self.rows[i] for i in mine[k * c.batch_size:(k + 1) * c.batch_size]] for k in range(c.grad_accum)]
+
+    def _permutation(self, epoch: int) -> List[int]:
+        if self._perm_epoch != epoch:
+            gen = torch.Generator().manual_seed(self.config.seed * 100003 + epoch)
+            self._perm, self._perm_epoch = torch.randperm(len(self.rows), generator=gen).tolist(), epoch
+        return self._perm
+
+    def evaluate(self) -> dict:
+        """Held-out loss and perplexity of the current model (needs eval_data)."""
+        if self.eval_data is None:
+            raise ValueError("evaluate() needs eval_data")
+        c = self.config
+        return evaluate_loss(self.model, self.tokenizer, self.eval_data, c.prompt_template, c.max_seq_len, c.eval_batch_size)
+
+    def save_checkpoint(self, path: Optional[str] = None) -> Optional[str]:
+        """Write the resumable state (rank 0 only); default path output_dir/checkpoint-<step>.pt."""
+        if not self.is_main:
+            return None
+        if path is None:
+            if not self.config.output_dir:
+                raise ValueError("save_checkpoint needs a path or config.output_dir")
+            path = checkpoint_path(self.config.output_dir, self.step)
+        return save_checkpoint(path, self.model, self.optimizer, self.scheduler, self.step,
+                               extra={"history": self.history, "config": asdict(self.config)})
+
+    def load_checkpoint(self, path: str) -> None:
+        state = load_checkpoint(path, self.model, self.optimizer, self.scheduler)
+        self.step = state["step"]
+        self.history = list(state["extra"].get("history", []))
+
+    def train(self, resume_from: Optional[str] = None) -> List[dict]:
+        """Train until config.max_steps; returns the history (one dict per step: step, loss, lr,
+        and eval_loss / eval_perplexity at evaluation steps). `resume_from`: a checkpoint file, or
+        "latest" for the newest in output_dir."""
+        from tqdm.auto import tqdm
+
+        c = self.config
+        if resume_from == "latest":
+            resume_from = latest_checkpoint(c.output_dir) if c.output_dir else None
+        if resume_from:
+            self.load_checkpoint(resume_from)
+        model = self._ddp or self.model
+        model.train()
+        device = _device(self.model)
+        bar = tqdm(total=c.max_steps, initial=self.step, desc="instruction tuning", disable=not (c.progress and self.is_main))
+        while self.step < c.max_steps:
+            batches = self._micro_batches(self.step)
+            total_loss = 0.0
+            self.optimizer.zero_grad(set_to_none=True)
+            for k, rows in enumerate(batches):
+                batch = collate(rows, self.tokenizer.pad_id, device)
+                sync = self._ddp is None or k == len(batches) - 1
+                ctx = model.no_sync() if not sync else contextlib.nullcontext()
+                with ctx:
+                    loss = model(**batch).loss / c.grad_accum
+                    loss.backward()
+                total_loss += loss.item()
+            if c.max_grad_norm:
+                torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], c.max_grad_norm)
+            self.optimizer.step()
+            self.scheduler.step()
+            self.step += 1
+            if self.distributed:
+                t = torch.tensor([total_loss], device=device)
+                dist.all_reduce(t)
+                total_loss = t.item() / self.world
+            record = {"step": self.step, "loss": total_loss, "lr": self.scheduler.get_last_lr()[0]}
+            if c.eval_every and self.eval_data is not None and (self.step % c.eval_every == 0 or self.step == c.max_steps):
+                ev = self.evaluate()
+                record.update(eval_loss=ev["loss"], eval_perplexity=ev["perplexity"])
+                model.train()
+            self.history.append(record)
+            bar.update(1)
+            bar.set_postfix({k: f"{v:.3f}" for k, v in record.items() if k in ("loss", "eval_loss")})
+            if c.checkpoint_every and self.step % c.checkpoint_every == 0:
+                self.save_checkpoint()
+                if self.distributed:
+                    dist.barrier()
+        bar.close()
+        self.model.eval()
+        return self.history
