@@ -162,7 +162,7 @@ def test_resume_is_exact(one_thread, tmp_path):
 
 
 def test_qlora_with_paged_8bit_optimizer(one_thread, tmp_path):
-    trainer = make_trainer(add_adapters(tiny_base(9), quantize=True), optimizer="paged_adamw8bit", steps=2,
+    trainer = make_trainer(add_adapters(tiny_base(9), quantize=True), optimizer="paged_adamw_8bit", steps=2,
                            grad_accum_steps=2, gradient_checkpointing=True)
     start = trainable(trainer.model)
     history = trainer.train()
@@ -176,6 +176,23 @@ def test_qlora_with_paged_8bit_optimizer(one_thread, tmp_path):
 
     saved = load_file(str(path))
     assert set(saved) == set(end) and all(torch.equal(saved[n], end[n]) for n in end)
+
+
+def test_peft_model_uses_chunked_logprobs_and_saves_its_adapter(one_thread, tmp_path):
+    """A `get_peft_model` QLoRA model trains through the chunked path; its saved adapter loads into
+    a fresh base and gives the trained model's logits."""
+    from qlora_fast.peft import LoraConfig, get_peft_model, load_adapter
+    from qlora_fast.train.grpo import _output_layer
+
+    peft = get_peft_model(tiny_base(11), LoraConfig(r=4, alpha=8, quantize_base="nf4"))
+    assert _output_layer(peft) is not None
+    trainer = make_trainer(peft, steps=2)
+    trainer.train()
+    trainer.save_adapter(str(tmp_path / "adapter"))
+    probe = torch.randint(0, 256, (2, 15))
+    loaded = load_adapter(tiny_base(11), str(tmp_path / "adapter"))
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=probe).logits, peft(input_ids=probe).logits)
 
 
 # ------------------------------------------------------------------------------------------

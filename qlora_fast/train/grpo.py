@@ -25,7 +25,8 @@ from torch import nn
 from .policy_gradient import ADVANTAGE_SCALES, LOSS_TYPES, group_advantages, grpo_loss, sequence_logprobs
 
 RewardFunction = Callable[..., List[float]]
-OPTIMIZERS = ("adamw", "torch_adamw", "adamw8bit", "paged_adamw", "paged_adamw8bit")
+# Same names as the SFT trainer: qlora_fast.optim's fused optimizers, or torch's AdamW.
+OPTIMIZERS = ("paged_adamw_8bit", "paged_adamw", "adamw_8bit", "adamw", "torch_adamw")
 
 
 @dataclass
@@ -39,8 +40,9 @@ class GRPOConfig:
     from the second pass on). beta: weight of the k3 KL to the reference (0 skips the reference
     pass). eps_low / eps_high: clip range (eps_high > eps_low is clip-higher). loss_type:
     "grpo" | "dapo" | "dr_grpo". advantage_scale: "group" | "batch" | "none".
-    optimizer: "adamw" (torch AdamW), or qlora_fast.optim's "adamw8bit", "paged_adamw",
-    "paged_adamw8bit". reward_weights: one per reward function (default all 1).
+    optimizer: qlora_fast.optim's "paged_adamw_8bit" (8-bit states paged to host memory: the
+    QLoRA recipe), "paged_adamw", "adamw_8bit", "adamw", or "torch_adamw" (torch.optim.AdamW).
+    reward_weights: one per reward function (default all 1).
     """
 
     steps: int = 50
@@ -63,7 +65,7 @@ class GRPOConfig:
     weight_decay: float = 0.0
     warmup_steps: int = 0
     max_grad_norm: Optional[float] = 1.0
-    optimizer: str = "adamw"
+    optimizer: str = "paged_adamw_8bit"
     grad_accum_steps: int = 1
     gradient_checkpointing: bool = False
     logprob_chunk_size: int = 1024
@@ -115,6 +117,9 @@ class GRPOConfig:
 def _output_layer(model):
     """(backbone, lm_head weight, bias) when the model splits as backbone + plain linear head,
     so log-probs can be chunked; None otherwise (then full logits are used)."""
+    if getattr(model, "prompt_encoder", "absent") is None and isinstance(getattr(model, "base_model", None), nn.Module):
+        # A PeftModel with LoRA: its forward is exactly its base model's (the adapters live inside).
+        model = model.base_model
     head = getattr(model, "lm_head", None)
     backbone = getattr(model, "model", None)
     if type(head) is nn.Linear and isinstance(backbone, nn.Module):
@@ -164,11 +169,12 @@ def _atomic_save(obj, path):
 
 
 def _make_optimizer(name, params, lr, weight_decay):
-    if name in ("adamw", "torch_adamw"):
+    if name == "torch_adamw":
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     import qlora_fast.optim as qoptim
 
-    cls = {"adamw8bit": "AdamW8bit", "paged_adamw": "PagedAdamW", "paged_adamw8bit": "PagedAdamW8bit"}[name]
+    cls = {"paged_adamw_8bit": "PagedAdamW8bit", "paged_adamw": "PagedAdamW", "adamw_8bit": "AdamW8bit",
+           "adamw": "AdamW"}[name]
     return getattr(qoptim, cls)(params, lr=lr, weight_decay=weight_decay)
 
 
@@ -497,16 +503,17 @@ class GRPOTrainer:
         self.history = list(state["history"])
 
     def save_adapter(self, path: str) -> None:
-        """The trained parameters alone (safetensors, atomic); the model's own `save_adapter` when
-        it has one (PEFT-wrapped models)."""
+        """The trained parameters alone, written atomically: through the model's own
+        `save_adapter(path)` when it has one (a `PeftModel`: `path` is a directory holding
+        adapter_config.json + adapter_model.safetensors), else as one safetensors file `path`."""
+        if any(not torch.isfinite(p).all() for p in self.params):
+            raise FloatingPointError("refusing to save the adapter: a parameter is NaN or inf")
         if hasattr(self.model, "save_adapter"):
             self.model.save_adapter(path)
             return
         from safetensors.torch import save_file
 
         state = {n: t.contiguous() for n, t in self.trainable_state_dict().items()}
-        if any(not torch.isfinite(t).all() for t in state.values()):
-            raise FloatingPointError("refusing to save the adapter: a parameter is NaN or inf")
         directory = os.path.dirname(os.path.abspath(path))
         os.makedirs(directory, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".safetensors")
