@@ -75,8 +75,9 @@ QF_HOST_DEVICE inline int nearest_code(const float* midpoints, float x) {
 #pragma unroll
 #endif
   for (int half = 128; half >= 1; half >>= 1) {
-    // Is the answer above lo + half - 1? i.e. midpoints[lo + half - 1] < x.
-    if (midpoints[lo + half - 1] < x) lo += half;
+    // Is the answer above lo + half - 1, i.e. midpoints[lo + half - 1] < x? Branch-free
+    // (a select), since the outcome is data dependent and would mispredict half the time.
+    lo += (midpoints[lo + half - 1] < x) ? half : 0;
   }
   return lo;
 }

@@ -4,8 +4,8 @@
 // at::parallel_for; the inner loop is branch-free float math that GCC vectorises (-O3
 // -fno-math-errno lets sqrtf vectorise).
 // 8-bit states: per block of 256 elements, dequantize m and v (code lookup * absmax), update,
-// take the new absmax of each block and requantize to the nearest code (binary search over the
-// 255 midpoints). Traffic per element: p, g (2 or 4 bytes each, p written back) + 2 bytes of codes.
+// take the new absmax of each block and requantize to the nearest code (a bucket table over the
+// float's exponent and top mantissa bits, then a short scan of the 255 midpoints). Traffic per element: p, g (2 or 4 bytes each, p written back) + 2 bytes of codes.
 #include "optim.h"
 
 #include <ATen/Dispatch.h>
@@ -16,6 +16,9 @@
 #include <algorithm>
 #include <array>
 #include <cmath>
+#include <cstring>
+#include <memory>
+#include <mutex>
 #include <vector>
 
 #include "adam_common.h"
@@ -41,21 +44,78 @@ void adam_tensor_cpu(const AdamScalars& s, scalar_t* __restrict__ p, const scala
   });
 }
 
-std::array<float, 255> midpoints_of(const float* code) {
-  std::array<float, 255> mid;
-  for (int i = 0; i < 255; ++i) mid[i] = (code[i] + code[i + 1]) * 0.5f;
-  return mid;
+// Nearest-code search for the CPU. A plain binary search is a chain of 8 dependent loads per
+// value; instead a table indexed by the float's sign, exponent and top kMantissaBits mantissa bits
+// gives the few codes a value in that bucket can round to (the dynamic map is close to
+// log-spaced, so a bucket spans at most a handful), then a short linear scan finishes. The
+// result is identical to the binary search: the count of midpoints below x.
+class CodeIndex {
+ public:
+  static constexpr int kMantissaBits = 5;
+  static constexpr int kShift = 23 - kMantissaBits;
+
+  explicit CodeIndex(const float* code) {
+    std::copy(code, code + 256, code_.begin());
+    for (int i = 0; i < 255; ++i) mid_[i] = (code[i] + code[i + 1]) * 0.5f;
+    const uint32_t keys = 1u << (32 - kShift);
+    first_.resize(keys);
+    last_.resize(keys);
+    for (uint32_t k = 0; k < keys; ++k) {
+      const float low = bits_to_float(k << kShift);
+      const float high = bits_to_float((k << kShift) | ((1u << kShift) - 1));
+      const bool negative = (k >> (31 - kShift)) & 1u;
+      first_[k] = static_cast<uint8_t>(nearest_code(mid_.data(), negative ? high : low));
+      last_[k] = static_cast<uint8_t>(nearest_code(mid_.data(), negative ? low : high));
+    }
+  }
+
+  bool same_code(const float* code) const { return std::equal(code, code + 256, code_.begin()); }
+
+  int nearest(float x) const {
+    uint32_t bits;
+    std::memcpy(&bits, &x, sizeof(bits));
+    const uint32_t key = bits >> kShift;
+    int i = first_[key];
+    const int end = last_[key];
+    while (i < end && mid_[i] < x) ++i;
+    return i;
+  }
+
+ private:
+  static float bits_to_float(uint32_t bits) {
+    float f;
+    std::memcpy(&f, &bits, sizeof(f));
+    return f;
+  }
+
+  std::array<float, 256> code_;
+  std::array<float, 255> mid_;
+  std::vector<uint8_t> first_, last_;
+};
+
+// The index of a code table, built once per distinct table (the optimizer passes the same two
+// maps on every call).
+std::shared_ptr<const CodeIndex> code_index(const float* code) {
+  static std::mutex mutex;
+  static std::vector<std::shared_ptr<const CodeIndex>> cache;
+  std::lock_guard<std::mutex> lock(mutex);
+  for (const auto& index : cache) {
+    if (index->same_code(code)) return index;
+  }
+  if (cache.size() >= 8) cache.erase(cache.begin());
+  cache.push_back(std::make_shared<const CodeIndex>(code));
+  return cache.back();
 }
 
-// Quantize `x[0..n)` (one block) against `code` with the block's absmax; returns the absmax.
-float requantize_block(const float* x, int64_t n, const std::array<float, 255>& mid, uint8_t* out) {
+// Quantize `x[0..n)` (one block) with the block's absmax; returns the absmax.
+float requantize_block(const float* x, int64_t n, const CodeIndex& index, uint8_t* out) {
   float absmax = 0.0f;
   for (int64_t i = 0; i < n; ++i) absmax = std::max(absmax, std::fabs(x[i]));
   // An all-zero block stays zero (code of 0) instead of dividing by zero.
   const float inv = absmax > 0.0f ? 1.0f / absmax : 0.0f;
   for (int64_t i = 0; i < n; ++i) {
     const float scaled = std::min(1.0f, std::max(-1.0f, x[i] * inv));
-    out[i] = static_cast<uint8_t>(nearest_code(mid.data(), scaled));
+    out[i] = static_cast<uint8_t>(index.nearest(scaled));
   }
   return absmax;
 }
@@ -64,8 +124,7 @@ template <typename scalar_t>
 void adam8bit_tensor_cpu(const AdamScalars& s, scalar_t* __restrict__ p, const scalar_t* __restrict__ g,
                          uint8_t* __restrict__ mq, uint8_t* __restrict__ vq, float* __restrict__ m_absmax,
                          float* __restrict__ v_absmax, const float* signed_code, const float* unsigned_code,
-                         const std::array<float, 255>& signed_mid, const std::array<float, 255>& unsigned_mid,
-                         int64_t n) {
+                         const CodeIndex& signed_index, const CodeIndex& unsigned_index, int64_t n) {
   const int64_t blocks = (n + kQuantBlock - 1) / kQuantBlock;
   at::parallel_for(0, blocks, std::max<int64_t>(1, kGrain / kQuantBlock), [&](int64_t b0, int64_t b1) {
     float m[kQuantBlock];
@@ -82,8 +141,8 @@ void adam8bit_tensor_cpu(const AdamScalars& s, scalar_t* __restrict__ p, const s
         adam_element(s, pf, static_cast<float>(g[start + i]), m[i], v[i]);
         p[start + i] = static_cast<scalar_t>(pf);
       }
-      m_absmax[b] = requantize_block(m, len, signed_mid, mq + start);
-      v_absmax[b] = requantize_block(v, len, unsigned_mid, vq + start);
+      m_absmax[b] = requantize_block(m, len, signed_index, mq + start);
+      v_absmax[b] = requantize_block(v, len, unsigned_index, vq + start);
     }
   });
 }
@@ -114,8 +173,8 @@ void adam8bit_step_cpu(at::TensorList params, at::TensorList grads, at::TensorLi
   check_adam8bit_states(params, m_codes, v_codes, m_absmax, v_absmax, signed_map, unsigned_map);
   const float* signed_code = signed_map.data_ptr<float>();
   const float* unsigned_code = unsigned_map.data_ptr<float>();
-  const auto signed_mid = midpoints_of(signed_code);
-  const auto unsigned_mid = midpoints_of(unsigned_code);
+  const auto signed_index = code_index(signed_code);
+  const auto unsigned_index = code_index(unsigned_code);
   for (size_t t = 0; t < params.size(); ++t) {
     const AdamScalars s = make_adam_scalars(lr, beta1, beta2, eps, weight_decay, steps[t], decoupled);
     const at::Tensor& p = params[t];
@@ -123,7 +182,7 @@ void adam8bit_step_cpu(at::TensorList params, at::TensorList grads, at::TensorLi
       adam8bit_tensor_cpu<scalar_t>(s, p.data_ptr<scalar_t>(), grads[t].data_ptr<scalar_t>(),
                                     m_codes[t].data_ptr<uint8_t>(), v_codes[t].data_ptr<uint8_t>(),
                                     m_absmax[t].data_ptr<float>(), v_absmax[t].data_ptr<float>(),
-                                    signed_code, unsigned_code, signed_mid, unsigned_mid, p.numel());
+                                    signed_code, unsigned_code, *signed_index, *unsigned_index, p.numel());
     });
   }
 }

@@ -374,7 +374,7 @@ struct PairHash {
 };
 
 // Merged tokens' bytes in merge order; same rule and same result as bpe._train_merges.
-py::list train(py::list words, int64_t n_merges) {
+py::list train(py::list words, int64_t n_merges, py::object progress) {
   using Pair = std::pair<int32_t, int32_t>;
   std::vector<std::string> token_bytes;
   std::unordered_map<std::string, int32_t> by_bytes;
@@ -440,6 +440,7 @@ py::list train(py::list words, int64_t n_merges) {
       by_bytes.emplace(new_bytes, fresh);
       merged.append(py::bytes(new_bytes));
       ++done;
+      if (!progress.is_none() && (done % 64 == 0 || done == n_merges)) progress(done);
     }
     changed.clear();
     std::vector<int32_t> affected = std::move(where[top.pair]);
@@ -502,6 +503,7 @@ PYBIND11_MODULE(_bpe, m) {
   m.def("set_char_classes", &set_char_classes, py::arg("ranges"),
         "code-point class table from (start, end, bits) ranges; bits 1 letter, 2 number, 4 whitespace");
   m.def("split", &split, py::arg("text"), py::arg("pattern"), "the scanner's pieces of text, as bytes");
-  m.def("train", &train, py::arg("words"), py::arg("n_merges"),
-        "merged tokens' bytes in merge order from a list of (piece bytes, count)");
+  m.def("train", &train, py::arg("words"), py::arg("n_merges"), py::arg("progress") = py::none(),
+        "merged tokens' bytes in merge order from a list of (piece bytes, count); "
+        "progress(merges_done) is called every 64 merges when given");
 }

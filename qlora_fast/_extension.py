@@ -1,6 +1,7 @@
 """Find the compiled optimizer extension `qlora_fast._C`, or build it on first use.
 
-Order: the module built into the wheel / editable install; else a JIT build of `csrc/` with
+Order: the module built into the wheel / editable install (unless csrc/ has changed since that
+in-place build); else a JIT build of `csrc/` with
 `torch.utils.cpp_extension.load` (ninja) into a cache directory
 (`$QLORA_FAST_EXTENSION_DIR`, default `~/.cache/qlora_fast/extensions/<torch build>`); else an
 ImportError that says what is missing. The CUDA kernels join the JIT build when torch has CUDA,
@@ -81,6 +82,19 @@ def _jit_build(import_error: Exception):
         ) from build_error
 
 
+def _stale_in_tree_build() -> bool:
+    """True when `_C` was built in place (editable install) and a source in csrc/ changed since:
+    importing it would silently run old code, so the JIT build is used instead."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("qlora_fast._C")
+    if spec is None or not spec.origin or not CSRC.is_dir():
+        return False
+    sources = [CSRC / s for s in CPU_SOURCES + CUDA_SOURCES] + list(CSRC.glob("*.h"))
+    newest = max((s.stat().st_mtime for s in sources if s.exists()), default=0.0)
+    return newest > os.path.getmtime(spec.origin)
+
+
 def load():
     """The optimizer extension module; its ops are `torch.ops.qlora_fast.adam_step_` and
     `torch.ops.qlora_fast.adam8bit_step_`. Raises ImportError naming what is missing."""
@@ -88,6 +102,8 @@ def load():
     with _LOCK:
         if _MODULE is None:
             try:
+                if _stale_in_tree_build():
+                    raise ImportError("the in-place qlora_fast._C is older than csrc/ (rebuild with pip install -e .)")
                 from qlora_fast import _C as module
             except ImportError as import_error:
                 module = _jit_build(import_error)
