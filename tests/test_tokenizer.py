@@ -326,7 +326,10 @@ def test_native_and_python_trainers_agree_on_a_larger_corpus(seed):
     rng = random.Random(seed)
     text = random_text(rng, 3000)
     words = [(w.encode("utf-8"), n) for w, n in Counter(regex.findall(bpe_module.CL100K_PATTERN, text)).items()]
-    assert bpe_module._native.train(words, 400) == bpe_module._train_merges(words, 400, progress=False)
+    reported = []
+    merges = bpe_module._native.train(words, 400, reported.append)
+    assert merges == bpe_module._train_merges(words, 400, progress=False)
+    assert reported == list(range(64, len(merges) + 1, 64)) + ([len(merges)] if len(merges) % 64 else [])
 
 
 def test_save_load_json_and_tiktoken_files(trained, tmp_path, seed):

@@ -531,7 +531,8 @@ class BPETokenizer:
         words = list(counts.items())
         n_merges = vocab_size - 256 - len(specials)
         if _native is not None and hasattr(_native, "train"):
-            merged = _native.train(words, n_merges)
+            with tqdm(total=n_merges, desc="bpe: merges", unit="merge", disable=not progress) as bar:
+                merged = _native.train(words, n_merges, lambda done: bar.update(done - bar.n))
         else:
             merged = _train_merges(words, n_merges, progress)
         ranks = {bytes([b]): b for b in range(256)}
