@@ -156,12 +156,12 @@ def dot_dtype(dtype: torch.dtype):
 
     bf16 operands are what the GPU's tensor cores want, but the interpreter multiplies bf16's raw
     bits, so there bf16 is fed to the dot as fp32. fp32 uses exact ("ieee") products, like
-    torch.matmul's default.
+    torch.matmul's default; 16-bit operands keep tl.dot's default (None).
     """
     if dtype == torch.float16:
-        return tl.float16, "tf32"
+        return tl.float16, None
     if dtype == torch.bfloat16:
-        return (tl.float32, "ieee") if INTERPRET else (tl.bfloat16, "tf32")
+        return (tl.float32, "ieee") if INTERPRET else (tl.bfloat16, None)
     if dtype == torch.float32:
         return tl.float32, "ieee"
     raise TypeError(f"activations must be float16, bfloat16 or float32, got {dtype}")
