@@ -504,8 +504,8 @@ def test_builtin_lm_with_an_adapter_loaded(method, tmp_path, monkeypatch):
     assert loaded.generate(prompts, max_new_tokens=5, temperature=0.0, stop=[]) == texts
 
 
-@pytest.fixture(scope="module")
-def hf_model():
+@pytest.fixture(scope="module", params=["llama", "gpt2"])
+def hf_model(request):
     transformers = pytest.importorskip("transformers")
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -517,30 +517,43 @@ def hf_model():
     text = ["Question: what is 4 + 8? Expert 1: 4 + 8 = 12 (left: 6 12 13)\nAnswer: twelve"] * 10
     tok.train_from_iterator(text, trainer=trainer)
     hf_tok = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>")
-    config = transformers.LlamaConfig(
-        vocab_size=len(hf_tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=128, pad_token_id=hf_tok.pad_token_id,
-        eos_token_id=hf_tok.eos_token_id, bos_token_id=None)
     torch.manual_seed(random.randint(0, 2**31))
-    model = transformers.LlamaForCausalLM(config).double().eval()
+    if request.param == "llama":
+        config = transformers.LlamaConfig(
+            vocab_size=len(hf_tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=128, pad_token_id=hf_tok.pad_token_id,
+            eos_token_id=hf_tok.eos_token_id, bos_token_id=None)
+        model = transformers.LlamaForCausalLM(config)
+    else:
+        config = transformers.GPT2Config(vocab_size=len(hf_tok), n_embd=32, n_layer=2, n_head=4, n_positions=128,
+                                         pad_token_id=hf_tok.pad_token_id, eos_token_id=hf_tok.eos_token_id,
+                                         bos_token_id=hf_tok.eos_token_id)
+        model = transformers.GPT2LMHeadModel(config)
+    model = model.double().eval()
     return model, hf_tok
 
 
 def test_hf_causal_lm_matches_a_greedy_loop(hf_model):
     model, tok = hf_model
-    prompts = [f"Question: what is {random.randint(1, 99)} + {random.randint(1, 9)}?", "Expert 1:", "Answer"]
+    # The last prompt is longer than the 128 positions: it is cut from the left to 128 - 7 tokens.
+    prompts = [f"Question: what is {random.randint(1, 99)} + {random.randint(1, 9)}?", "Expert 1:", "Answer",
+               "Expert 2: 4 + 8 = 12 " * 20]
+    assert len(tok(prompts[-1])["input_ids"]) > 128
     lm = HFCausalLM(model, tok)
     free = lm.generate(prompts, max_new_tokens=7, temperature=0.0, stop=[])
     decode = lambda ids: tok.decode(ids, skip_special_tokens=True)  # noqa: E731
     for stop in ([], [_pick_stop(free)]):
         texts = lm.generate(prompts, max_new_tokens=7, temperature=0.0, stop=stop)
-        expected = [greedy_reference(lambda ids: model(input_ids=ids).logits, tok(p)["input_ids"], 7, decode, stop,
-                                     {tok.eos_token_id}) for p in prompts]
+        expected = [greedy_reference(lambda ids: model(input_ids=ids).logits, tok(p)["input_ids"][-121:], 7, decode,
+                                     stop, {tok.eos_token_id}) for p in prompts]
         assert texts == [t for t, _ in expected]
-        assert lm.last_usage == Usage(sum(len(tok(p)["input_ids"]) for p in prompts), sum(n for _, n in expected))
+        prompt_tokens = sum(min(len(tok(p)["input_ids"]), 121) for p in prompts)
+        assert lm.last_usage == Usage(prompt_tokens, sum(n for _, n in expected))
     torch.manual_seed(0)
     sampled = lm.generate(prompts, max_new_tokens=5, temperature=1.0, stop=["\n"])
-    assert len(sampled) == 3 and all(isinstance(t, str) for t in sampled)
+    assert len(sampled) == 4 and all(isinstance(t, str) for t in sampled)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        lm.generate(prompts, max_new_tokens=128, temperature=0.0, stop=[])
 
 
 # ---- end to end on the built-in model --------------------------------------------------------------

@@ -192,8 +192,9 @@ class _StopOnStrings:
 class HFCausalLM:
     """A Hugging Face transformers causal LM behind the `llm` interface.
 
-    Prompts are tokenized with the tokenizer's special tokens, left-padded (the pad token falls
-    back to EOS when the tokenizer has none) and generated in one `model.generate` call: greedy at
+    Prompts are tokenized with the tokenizer's special tokens, cut from the left to fit
+    `config.max_position_embeddings` with the new tokens, left-padded (the pad token falls back
+    to EOS when the tokenizer has none) and generated in one `model.generate` call: greedy at
     temperature 0, sampling otherwise (seed torch for reproducible samples). Stop strings end a
     row as soon as its text holds one.
     """
@@ -225,6 +226,12 @@ class HFCausalLM:
         tok = self.tokenizer
         pad_id = self._pad_id()
         encoded = [tok(p)["input_ids"] for p in prompts]
+        # Learned position tables (GPT-2) cannot go past max_position_embeddings: cut from the left.
+        max_len = getattr(getattr(self.model, "config", None), "max_position_embeddings", None)
+        if max_len is not None:
+            if max_new_tokens >= max_len:
+                raise ValueError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in max_position_embeddings={max_len}")
+            encoded = [ids[-(max_len - max_new_tokens):] for ids in encoded]
         width = max(len(ids) for ids in encoded)
         if width == 0:
             raise ValueError("every prompt tokenizes to nothing: nothing to condition on")
