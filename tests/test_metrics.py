@@ -336,5 +336,7 @@ def test_perplexity_bad_input():
         perplexity(model, torch.tensor([1, 2, 3]), max_length=4, stride=5)
     with pytest.raises(ValueError, match="logits must have shape"):
         perplexity(lambda x: torch.zeros(x.shape[1], 11), torch.tensor([1, 2, 3]), max_length=4)
+    with pytest.raises(ValueError, match="model's vocabulary"):
+        perplexity(lambda x: torch.zeros(*x.shape, 5), torch.tensor([1, 2, 7]), max_length=4)
     with pytest.raises(TypeError, match="must return logits"):
         perplexity(lambda x: "nope", torch.tensor([1, 2, 3]), max_length=4)

@@ -240,6 +240,11 @@ def test_add_bos_eos_and_batch(pair, seed):
     assert batch == [[tok.bos_id] + enc.encode_ordinary(t) + [tok.eos_id] for t in texts]
     assert tok.encode_batch(texts) == [enc.encode_ordinary(t) for t in texts]
     assert [tok.decode(ids) for ids in batch] == texts
+    import numpy as np
+    import torch
+
+    assert [tok.decode(torch.tensor(ids)) for ids in batch] == texts  # tensors and numpy ints decode too
+    assert [tok.decode(np.array(ids, dtype=np.int64)) for ids in batch] == texts
 
 
 def test_bad_input_gets_clear_errors(trained):

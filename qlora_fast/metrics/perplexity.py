@@ -105,6 +105,8 @@ def perplexity(
                 logits = _logits_of(model(window))
                 if logits.dim() != 3 or logits.shape[:2] != window.shape:
                     raise ValueError(f"logits must have shape (B, T, V) = ({window.shape[0]}, {window.shape[1]}, V), got {tuple(logits.shape)}")
+                if int(window.max()) >= logits.shape[-1] or int(window.min()) < 0:
+                    raise ValueError(f"token_ids must lie in [0, {logits.shape[-1]}) (the model's vocabulary), got {int(window.min())}..{int(window.max())}")
                 # Score tokens prev_end..end-1 (never the window's first token: it has no context).
                 first = max(prev_end, begin + 1) - begin
                 log_probs = F.log_softmax(logits[:, first - 1 : -1].double(), dim=-1)
