@@ -2,7 +2,6 @@
 (Game of 24), printing the solve rate, the model calls and the tokens spent."""
 import argparse
 import os
-import random
 import sys
 
 
@@ -88,7 +87,6 @@ def run(args) -> int:
     except (ValueError, TypeError) as e:
         print(f"qlora-fast tot: error: {e}", file=sys.stderr)
         return 2
-    random.seed(args.seed)
     solved = calls = prompt_tokens = completion_tokens = 0
     for puzzle in tqdm(puzzles, desc="game24", unit="puzzle"):
         result = tot.solve(puzzle)

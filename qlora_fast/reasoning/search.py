@@ -22,7 +22,7 @@ llm's `last_usage` (the adapters in `llm.py` report it) and are None when the ll
 """
 import itertools
 from dataclasses import dataclass, field
-from typing import Callable, List, Optional, Sequence, Union
+from typing import Callable, List, Optional, Union
 
 from qlora_fast.reasoning.tasks import ExpertsTask, ReasoningTask
 
