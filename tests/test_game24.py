@@ -232,7 +232,6 @@ def run_cli(argv):
 def test_cli_reports_solve_rate_calls_and_tokens(monkeypatch, capsys):
     """`qlora-fast tot` on the built-in model (a small random one instead of the pretrained base,
     which would take a minute to train): its totals equal a direct run of the same search."""
-
     import qlora_fast.models
     from qlora_fast.models import LlamaConfig, LlamaForCausalLM
     from qlora_fast.reasoning import BuiltinLM
