@@ -9,6 +9,7 @@ import sys
 COMMANDS = [
     "qlora_fast.commands.quantize_report",
     "qlora_fast.commands.finetune",
+    "qlora_fast.commands.grpo",
     "qlora_fast.commands.tot",
     "qlora_fast.commands.train_bpe",
 ]

@@ -11,17 +11,17 @@ Per-token log-probabilities go through `sequence_logprobs`: hidden states throug
 layer a chunk of tokens at a time, recomputed in backward, so no batch x length x vocabulary
 logits tensor ever exists.
 """
-import contextlib
 import math
 import os
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
-from typing import Callable, Dict, Iterable, List, Optional, Sequence
+from dataclasses import asdict, dataclass
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 from torch import nn
 
+from . import checkpoint
 from .policy_gradient import ADVANTAGE_SCALES, LOSS_TYPES, group_advantages, grpo_loss, sequence_logprobs
 
 RewardFunction = Callable[..., List[float]]
@@ -152,20 +152,6 @@ def reference_context(model):
     from qlora_fast.nn import disable_adapter
 
     return disable_adapter(model)
-
-
-def _atomic_save(obj, path):
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(path))
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def _make_optimizer(name, params, lr, weight_decay):
@@ -456,51 +442,35 @@ class GRPOTrainer:
     def checkpoint_path(self, step: int) -> str:
         if not self.config.output_dir:
             raise ValueError("config.output_dir is not set")
-        return os.path.join(self.config.output_dir, f"checkpoint-{step:06d}.pt")
+        return checkpoint.checkpoint_path(self.config.output_dir, step)
 
     def _resolve_checkpoint(self, path):
         if path != "latest":
             return path
-        directory = self.config.output_dir
-        found = sorted(f for f in os.listdir(directory) if f.startswith("checkpoint-") and f.endswith(".pt")) if directory and os.path.isdir(directory) else []
-        if not found:
-            raise FileNotFoundError(f"no checkpoint-*.pt in {directory!r}")
-        return os.path.join(directory, found[-1])
+        found = checkpoint.latest_checkpoint(self.config.output_dir) if self.config.output_dir else None
+        if found is None:
+            raise FileNotFoundError(f"no checkpoint-*.pt in {self.config.output_dir!r}")
+        return found
 
     def trainable_state_dict(self) -> Dict[str, torch.Tensor]:
         return {n: p.detach().cpu().clone() for n, p in zip(self.param_names, self.params)}
 
     def save_checkpoint(self, path: str) -> None:
-        """Adapter, optimizer, scheduler, RNG and data position, written atomically."""
-        for p in self.params:
-            if not torch.isfinite(p).all():
-                raise FloatingPointError("refusing to checkpoint: a trainable parameter is NaN or inf")
-        _atomic_save({
-            "trainable": self.trainable_state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "step": self.step, "epoch": self.epoch, "position": self.position,
-            "torch_rng": torch.get_rng_state(),
-            "sample_rng": self.sample_generator.get_state(),
-            "history": self.history,
-            "config": asdict(self.config),
-        }, path)
+        """Adapter, optimizer, scheduler, every RNG, the sampling generator and the data position,
+        written atomically (the SFT trainer's checkpoint format). Refuses non-finite parameters."""
+        if any(not torch.isfinite(p).all() for p in self.params):
+            raise FloatingPointError("refusing to checkpoint: a trainable parameter is NaN or inf")
+        extra = {"epoch": self.epoch, "position": self.position, "sample_rng": self.sample_generator.get_state(),
+                 "history": self.history, "config": asdict(self.config)}
+        checkpoint.save_checkpoint(path, self.model, self.optimizer, self.scheduler, step=self.step, extra=extra)
 
     def load_checkpoint(self, path: str) -> None:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-        trainable = state["trainable"]
-        missing = [n for n in self.param_names if n not in trainable]
-        if missing:
-            raise ValueError(f"checkpoint {path} lacks trainable parameters {missing[:5]}")
-        with torch.no_grad():
-            for n, p in zip(self.param_names, self.params):
-                p.copy_(trainable[n].to(p.device, p.dtype))
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.step, self.epoch, self.position = state["step"], state["epoch"], state["position"]
-        torch.set_rng_state(state["torch_rng"])
-        self.sample_generator.set_state(state["sample_rng"])
-        self.history = list(state["history"])
+        """Restore what `save_checkpoint` wrote; ValueError when it does not fit the model."""
+        state = checkpoint.load_checkpoint(path, self.model, self.optimizer, self.scheduler)
+        extra = state["extra"]
+        self.step, self.epoch, self.position = state["step"], extra["epoch"], extra["position"]
+        self.sample_generator.set_state(extra["sample_rng"])
+        self.history = list(extra["history"])
 
     def save_adapter(self, path: str) -> None:
         """The trained parameters alone, written atomically: through the model's own

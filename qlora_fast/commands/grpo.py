@@ -1,0 +1,179 @@
+"""`qlora-fast grpo`: GRPO on the shipped arithmetic task, starting from the SFT demo's adapter.
+
+Loads the built-in base model, loads the adapter `qlora-fast finetune` wrote (or trains one first
+with the SFT trainer and saves it there), measures held-out accuracy, runs GRPO with the
+correctness + format rewards, prints the reward curve and writes it as a PNG, measures held-out
+accuracy again and saves the GRPO adapter.
+"""
+import os
+import tempfile
+import time
+
+import torch
+
+DEFAULT_SFT_ADAPTER = os.path.join("qlora_fast_output", "adapter-qlora")  # `qlora-fast finetune`'s default
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "grpo", help="GRPO on the shipped arithmetic task from the SFT demo's adapter (CPU, a few minutes)",
+        description=__doc__.splitlines()[0],
+    )
+    p.add_argument("--sft-adapter", default=DEFAULT_SFT_ADAPTER, metavar="DIR",
+                   help="adapter to start from; trained here with the SFT trainer and saved there when absent "
+                        f"(default {DEFAULT_SFT_ADAPTER}, where `qlora-fast finetune` writes it)")
+    p.add_argument("--sft-steps", type=int, default=250, help="SFT steps when the adapter has to be trained first")
+    p.add_argument("--cache-dir", default=None, help="cache of the built-in base model (default $QLORA_FAST_CACHE or ~/.cache/qlora_fast)")
+    p.add_argument("--device", default="auto", help="'auto' (cuda when present, else cpu), 'cpu', 'cuda', ...")
+    p.add_argument("--steps", type=int, default=40, help="GRPO steps")
+    p.add_argument("--group-size", type=int, default=8, help="completions sampled per prompt (G >= 2)")
+    p.add_argument("--prompts-per-step", type=int, default=4, help="prompts per GRPO step")
+    p.add_argument("--max-new-tokens", type=int, default=6, help="longest completion")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling threshold (default: off)")
+    p.add_argument("--lr", type=float, default=1e-3, help="learning rate of the adapter")
+    p.add_argument("--beta", type=float, default=0.04, help="weight of the KL to the reference (0 skips the reference pass)")
+    p.add_argument("--eps-low", type=float, default=0.2, help="lower clip range of the ratio")
+    p.add_argument("--eps-high", type=float, default=None, help="upper clip range (default eps-low; larger is clip-higher)")
+    p.add_argument("--num-iterations", type=int, default=1, help="optimisation passes over each sampled batch")
+    p.add_argument("--loss-type", choices=("grpo", "dapo", "dr_grpo"), default="grpo",
+                   help="aggregation: per-sequence mean (grpo), token mean over the batch (dapo), constant (dr_grpo)")
+    p.add_argument("--advantage-scale", choices=("group", "batch", "none"), default="group",
+                   help="divide advantages by the group std, the batch std, or nothing (Dr. GRPO)")
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step")
+    p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward")
+    p.add_argument("--optimizer", default="paged_adamw_8bit",
+                   choices=("paged_adamw_8bit", "paged_adamw", "adamw_8bit", "adamw", "torch_adamw"), help="optimizer")
+    p.add_argument("--heldout", type=int, default=None, help="held-out problems to score (default: all)")
+    p.add_argument("--output", default="qlora_fast_output", help="directory for the GRPO adapter, checkpoints and plot")
+    p.add_argument("--checkpoint-every", type=int, default=0, help="write a resumable checkpoint every N steps (0: never)")
+    p.add_argument("--resume", action="store_true", help="resume from the newest GRPO checkpoint in --output")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.set_defaults(func=run)
+
+
+def _device(name):
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("error: --device cuda asked for, but no CUDA device is available")
+    return device
+
+
+def _train_sft_adapter(path, steps, cache_dir, device, seed, progress):
+    """The SFT demo's QLoRA adapter, trained with `qlora-fast finetune`'s defaults and saved to `path`."""
+    from qlora_fast.data import load_instructions
+    from qlora_fast.models import load_base_model
+    from qlora_fast.peft import LoraConfig, get_peft_model
+    from qlora_fast.train.sft import SFTConfig, SFTTrainer
+
+    print(f"no SFT adapter at {path}: training one first ({steps} SFT steps, QLoRA)")
+    torch.manual_seed(seed)
+    model, tokenizer = load_base_model(cache_dir=cache_dir, progress=progress)
+    peft = get_peft_model(model, LoraConfig(r=8, alpha=16.0, quantize_base="nf4")).to(device)
+    config = SFTConfig(max_steps=steps, batch_size=16, lr=3e-3, warmup_steps=15, max_seq_len=96, seed=seed,
+                       progress=progress)
+    SFTTrainer(peft, tokenizer, load_instructions("train"), None, config).train()
+    peft.save_adapter(path)
+
+
+def _save_plot(history, before, after, path):
+    """Reward per step, its moving average and the correctness share, written atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [h["step"] for h in history]
+    reward = [h["reward"] for h in history]
+    correct = [h.get("reward/correctness_reward", float("nan")) for h in history]
+    window = max(1, len(reward) // 8)
+    smooth = [sum(reward[max(0, i - window + 1): i + 1]) / len(reward[max(0, i - window + 1): i + 1]) for i in range(len(reward))]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(steps, reward, ".", alpha=0.4, label="mean reward (batch)")
+    ax.plot(steps, smooth, "-", label=f"moving average ({window} steps)")
+    ax.plot(steps, correct, "--", alpha=0.7, label="share correct (batch)")
+    ax.set_xlabel("GRPO step")
+    ax.set_ylabel("reward")
+    ax.set_title(f"GRPO on shipped arithmetic: held-out accuracy {100 * before:.1f}% -> {100 * after:.1f}%")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".png")
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=100)
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def run(args) -> int:
+    from qlora_fast.models import load_base_model
+    from qlora_fast.peft import load_adapter
+    from qlora_fast.train.grpo import GRPOConfig, GRPOTrainer
+    from qlora_fast.train.rewards import arithmetic_rewards, load_arithmetic_task
+
+    for name in ("steps", "sft_steps", "prompts_per_step", "max_new_tokens"):
+        if getattr(args, name) <= 0:
+            raise SystemExit(f"error: --{name.replace('_', '-')} must be positive")
+    if args.heldout is not None and args.heldout <= 0:
+        raise SystemExit("error: --heldout must be positive")
+    started = time.time()
+    device = _device(args.device)
+    progress = not args.no_progress
+    if not os.path.exists(os.path.join(args.sft_adapter, "adapter_config.json")):
+        _train_sft_adapter(args.sft_adapter, args.sft_steps, args.cache_dir, device, args.seed, progress)
+    torch.manual_seed(args.seed)
+    base, tokenizer = load_base_model(cache_dir=args.cache_dir, progress=progress)
+    model = load_adapter(base, args.sft_adapter).to(device)
+    print(f"policy: built-in base + adapter {os.path.abspath(args.sft_adapter)} "
+          f"({sum(p.numel() for p in model.parameters() if p.requires_grad):,} trainable parameters); "
+          f"reference: the same model with its adapter disabled; device {device}")
+
+    funcs, weights = arithmetic_rewards()
+    config = GRPOConfig(
+        steps=args.steps, group_size=args.group_size, prompts_per_step=args.prompts_per_step,
+        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, lr=args.lr,
+        beta=args.beta, eps_low=args.eps_low, eps_high=args.eps_high, num_iterations=args.num_iterations,
+        loss_type=args.loss_type, advantage_scale=args.advantage_scale, grad_accum_steps=args.grad_accum,
+        gradient_checkpointing=args.gradient_checkpointing, optimizer=args.optimizer, reward_weights=weights,
+        output_dir=os.path.join(args.output, "grpo-checkpoints"), save_every=args.checkpoint_every,
+        seed=args.seed, progress=progress,
+    )
+    trainer = GRPOTrainer(model, tokenizer, funcs, load_arithmetic_task("train"), config)
+    heldout = load_arithmetic_task("heldout", limit=args.heldout)
+    before = trainer.evaluate(heldout)["reward/correctness_reward"]
+    print(f"held-out accuracy before GRPO: {100 * before:.1f}% ({len(heldout)} problems, greedy)")
+
+    history = trainer.train(resume_from_checkpoint="latest" if args.resume else None)
+    after = trainer.evaluate(heldout)["reward/correctness_reward"]
+
+    print("\nreward curve (batch means):")
+    print(f"{'step':>5} {'reward':>7} {'std':>6} {'correct':>7} {'format':>6} {'kl':>7} {'clip':>5} {'len':>4} {'time s':>6}")
+    every = max(1, len(history) // 20)
+    for h in history:
+        if h["step"] % every == 0 or h["step"] in (1, len(history)):
+            print(f"{h['step']:>5} {h['reward']:>7.3f} {h['reward_std']:>6.3f} {h['reward/correctness_reward']:>7.3f} "
+                  f"{h['reward/format_reward']:>6.3f} {h['kl']:>7.4f} {h['clip_fraction']:>5.2f} "
+                  f"{h['completion_length']:>4.1f} {h['time']:>6.2f}")
+    plot = os.path.join(args.output, "grpo_reward_curve.png")
+    _save_plot(history, before, after, plot)
+    adapter_dir = os.path.join(args.output, "adapter-grpo")
+    trainer.save_adapter(adapter_dir)
+    first = history[: max(1, len(history) // 5)]
+    last = history[-max(1, len(history) // 5):]
+    print("\n=== qlora-fast grpo report ===")
+    print(f"mean reward            {sum(h['reward'] for h in first) / len(first):.3f} (first {len(first)} steps) -> "
+          f"{sum(h['reward'] for h in last) / len(last):.3f} (last {len(last)} steps)")
+    print(f"held-out accuracy      {100 * before:.1f}% -> {100 * after:.1f}% ({len(heldout)} problems, greedy)")
+    print(f"reward curve plot      {os.path.abspath(plot)}")
+    print(f"adapter saved to       {os.path.abspath(adapter_dir)}")
+    print(f"wall time              {time.time() - started:.0f} s")
+    return 0
