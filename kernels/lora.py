@@ -32,7 +32,8 @@ import triton
 import triton.language as tl
 
 from .nf4_matmul import (
-    SKINNY_MAX_M, Weight4bit, _dequantize_4bit_tile, dequantize_to_workspace, dot_dtype,
+    SKINNY_MAX_M, Weight4bit, _dequantize_4bit_rows, _dequantize_4bit_tile, dequantize_to_workspace, dot_dtype,
+    row_pairs,
 )
 from .utils import INTERPRET
 
@@ -46,13 +47,13 @@ def _lora_matmul_kernel(
     stride_mm, stride_mp, stride_os, stride_om, stride_op,
     WEIGHT_4BIT: tl.constexpr, BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr,
     NESTED_BLOCKSIZE: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, ROW_PAIRS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     """out[s] = a @ Wop (this split's part of Q) + [split 0 only] s * (lo @ hi) * mask + bias.
 
     a (M, Q); Wop (Q, P) at w_ptr + q*stride_wq + p*stride_wp (dense) or at that flat index of
-    the 4-bit tensor; lo (M, R); hi (R, P); mask (M, P).
+    the 4-bit tensor; lo (M, R); hi (R, P); mask (M, P). ROW_PAIRS: see `_nf4_matmul_kernel`.
     """
     pid_p = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -74,7 +75,12 @@ def _lora_matmul_kernel(
         ).to(tl.float32)
         w_mask = q_mask[:, None] & p_mask[None, :]
         w_offs = offs_q[:, None] * stride_wq + offs_p[None, :] * stride_wp
-        if WEIGHT_4BIT:
+        if WEIGHT_4BIT and ROW_PAIRS:
+            w = tl.trans(_dequantize_4bit_rows(
+                w_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr,
+                offs_p, p_mask, q0, q_end, ROW_PAIRS, BLOCKSIZE, NESTED, NESTED_BLOCKSIZE, BLOCK_Q,
+            ))
+        elif WEIGHT_4BIT:
             w = _dequantize_4bit_tile(
                 w_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr,
                 w_offs, w_mask, BLOCKSIZE, NESTED, NESTED_BLOCKSIZE,
@@ -156,11 +162,12 @@ def lora_matmul(a, weight: Weight, lo, hi, scale: float, bias=None, mask=None, t
         nested = weight.nested_absmax is not None
         w_args = weight.pointer_args()
         stride_wq, stride_wp = (in_features, 1) if transpose else (1, in_features)
-        quant = dict(BLOCKSIZE=weight.blocksize, NESTED=nested, NESTED_BLOCKSIZE=weight.nested_blocksize)
+        quant = dict(BLOCKSIZE=weight.blocksize, NESTED=nested, NESTED_BLOCKSIZE=weight.nested_blocksize,
+                     ROW_PAIRS=row_pairs(in_features, weight.blocksize, transpose))
     else:
         w_args = (weight,) * 6
         stride_wq, stride_wp = (weight.stride(0), weight.stride(1)) if transpose else (weight.stride(1), weight.stride(0))
-        quant = dict(BLOCKSIZE=64, NESTED=False, NESTED_BLOCKSIZE=256)
+        quant = dict(BLOCKSIZE=64, NESTED=False, NESTED_BLOCKSIZE=256, ROW_PAIRS=0)
     grid = (triton.cdiv(P, block_p), triton.cdiv(M, block_m), split)
     _lora_matmul_kernel[grid](
         a, *w_args, lo, hi, mask if mask is not None else a, bias if bias is not None else a, out,

@@ -52,11 +52,13 @@ def low_rank_sums(grad, x_adapter, A, B, scale):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("base", ["dense", "nf4"])
-@pytest.mark.parametrize("rows,method,dropout,bias", [
-    (1, "fused", False, True), (7, "fused", True, False), (19, "fused", True, True), (19, "vendor", True, True),
+@pytest.mark.parametrize("rows,method,dropout,bias,in_features", [
+    # even in_features: the NF4 forward reads whole bytes along rows; odd: one gathered byte per element
+    (1, "fused", False, True, 98), (7, "fused", True, False, 97), (19, "fused", True, True, 98),
+    (19, "vendor", True, True, 97),
 ])
-def test_lora_kernels_forward_backward(seed, dtype, base, rows, method, dropout, bias):
-    out_features, in_features, r, scale = 53, 97, 5, 0.7
+def test_lora_kernels_forward_backward(seed, dtype, base, rows, method, dropout, bias, in_features):
+    out_features, r, scale = 53, 5, 0.7
     weight, w64, x, A, B, b, mask = make_case(rows, out_features, in_features, r, dtype, base, dropout, bias)
     w = weight if base == "dense" else weight4bit(*weight)
     x_adapter = x if mask is None else x * mask
@@ -188,3 +190,38 @@ def test_lora_linear_bad_input():
     packed, state = quantize(torch.randn(8, 12))
     with pytest.raises(TypeError, match="packed uint8"):
         lora_linear(x, packed.float(), A, B, 1.0, quant_state=state)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("base", ["dense", "nf4"])
+def test_compiled_lora_kernels_on_gpu(seed, base):
+    # The compiled Triton kernels (bench/gpu_check.sh runs this with TRITON_INTERPRET=0), bf16
+    # operands on the tensor cores, at sizes above the tiles and with split-K on skinny inputs.
+    from qlora_fast.kernels.utils import INTERPRET
+
+    if INTERPRET:
+        pytest.skip("runs the compiled kernels: TRITON_INTERPRET=0")
+    for dtype in (torch.bfloat16, torch.float16):
+        for rows, method in ((1, "fused"), (16, "fused"), (300, "fused"), (300, "vendor")):
+            weight, w64, x, A, B, b, mask = make_case(rows, 1000, 2333, 16, dtype, base, True, True)
+            if base == "dense":
+                w = weight.cuda()
+            else:
+                w = weight4bit(weight[0].cuda(), weight[1].to("cuda"))
+            cuda = [t.cuda() for t in (x, A, B, b, mask)]
+            xc, Ac, Bc, bc, maskc = cuda
+            x_adapter = xc * maskc
+            y, xa = klora.lora_forward(xc, w, Ac, Bc, 0.5, bc, x_adapter, method=method)
+            grad = torch.randn(rows, 1000).to(dtype)
+            dx, dA, dB = klora.lora_backward(grad.cuda(), x_adapter, xa, w, Ac, Bc, 0.5, maskc, method=method)
+            want = float64_grads(x, w64, A, B, 0.5, b, mask, grad)
+            pt = float64_grads(x, w64, A, B, 0.5, b, mask, grad, dtype=torch.float32)  # CPU fp32 ...
+            pt = [t.to(dtype) for t in pt]  # ... rounded to the dtype: the error torch's own bf16 result carries
+            sums_A, sums_B = low_rank_sums(grad, x * mask, A, B, 0.5)
+            sums = (abs_sum(x, w64.t()), abs_sum(grad, w64), sums_A, sums_B)
+            for got, w_, p_, s_, name in zip((y, dx, dA, dB), want, pt, sums, ("y", "dx", "dA", "dB")):
+                # bf16 tensor-core products of bf16-rounded operands: allow the operand rounding too
+                operand = 2 * torch.finfo(dtype).eps * s_[0]
+                err_budget = (p_.double() - w_).abs().max().item() * 2 + operand
+                assert_close(got.cpu(), w_, atol=err_budget + torch.finfo(dtype).eps * w_.abs().max().item(),
+                             msg=f"{dtype} rows={rows} {method} {name}")

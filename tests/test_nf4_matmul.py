@@ -114,6 +114,20 @@ def test_nf4_matmul_kernel(seed, dtype, rows, method, transpose):
     assert_matches_float64(out, ref64, out_torch, abs_sum(x, w_op), msg=f"{dtype} rows={rows} {method}")
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("quant_type,nested,blocksize", [("nf4", True, 64), ("fp4", False, 32), ("nf4", True, 128)])
+def test_row_pair_decode(seed, dtype, quant_type, nested, blocksize):
+    # even in_features, not a multiple of the blocksize or the K tile: the fused forward reads
+    # whole bytes along each row and interleaves the nibbles; rows start mid-block
+    out_features, in_features = 37, 134
+    packed, state = quantize(torch.randn(out_features, in_features), quant_type, nested, blocksize)
+    assert knf4.row_pairs(in_features, blocksize, False) == in_features
+    w_t = oracle_dequantize(packed, state).double().t()
+    x = torch.randn(3, in_features).to(dtype)
+    out = knf4.nf4_matmul(x, *weight4bit(packed, state), method="fused")
+    assert_matches_float64(out, x.double() @ w_t, x @ w_t.to(dtype), abs_sum(x, w_t), msg=f"{dtype}")
+
+
 def test_nf4_matmul_batched_input_and_fp4(seed):
     packed, state = quantize(torch.randn(33, 70), quant_type="fp4", nested=False)
     x = torch.randn(2, 3, 70)
