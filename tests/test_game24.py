@@ -7,7 +7,7 @@ from fractions import Fraction
 
 import pytest
 
-from qlora_fast.reasoning import TreeOfThought, Usage
+from qlora_fast.reasoning import TreeOfThought, Usage, ask_experts
 from qlora_fast.reasoning import game24
 from qlora_fast.reasoning.game24 import Game24Task, verify_expression
 
@@ -257,6 +257,14 @@ def test_cli_reports_solve_rate_calls_and_tokens(monkeypatch, capsys):
     assert f"model calls: {calls} ({calls / 2:.1f} per puzzle)" in out
     assert f"tokens: {prompt + completion} (prompt {prompt}, completion {completion})" in out
     assert out.count("Question: ") == 2 and calls >= 2
+
+    # The single-prompt variant: one call per puzzle.
+    assert run_cli(["tot", "--prompting", "single", "--puzzle", puzzles[0], "--temperature", "0", "--max-new-tokens", "12",
+                    "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    single = ask_experts(BuiltinLM(model, ByteTokenizer()), puzzles[0], task=Game24Task(), max_new_tokens=12)
+    assert "single prompt" in out and "model calls: 1 (1.0 per puzzle)" in out
+    assert f"tokens: {single.tokens} (prompt {single.prompt_tokens}, completion {single.completion_tokens})" in out
 
 
 def test_cli_rejects_a_missing_model_dir(tmp_path, capsys):

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from qlora_fast.reasoning import (
-    BuiltinLM, ExpertsTask, Game24Task, HFCausalLM, TreeOfThought, Usage, experts_prompt, format_tree, parse_value,
+    BuiltinLM, ExpertsTask, Game24Task, HFCausalLM, TreeOfThought, Usage, ask_experts, experts_prompt, format_tree,
+    parse_value,
 )
 
 # ---- a scripted group of experts ----------------------------------------------------------------
@@ -605,3 +606,58 @@ def test_cli_on_a_local_hugging_face_model(hf_model, tmp_path, capsys):
     assert f"solve rate: {int(result.solved)}/1" in out
     assert f"model calls: {result.model_calls} (" in out
     assert f"tokens: {result.tokens} (prompt {result.prompt_tokens}, completion {result.completion_tokens})" in out
+
+
+# ---- the single-prompt variant -----------------------------------------------------------------------
+
+
+class OneText:
+    """Returns the same text for every prompt and records what it was asked."""
+
+    def __init__(self, text):
+        self.text, self.asked, self.last_usage = text, [], None
+
+    def generate(self, prompts, max_new_tokens, temperature, stop):
+        self.asked.append((list(prompts), max_new_tokens, temperature, list(stop)))
+        self.last_usage = Usage(len(prompts[0]), len(self.text))
+        return [self.text] * len(prompts)
+
+
+def test_ask_experts_reads_the_discussion():
+    discussion = ("Expert 1: 3 * 4 = 12\nExpert 2: 2 + 3 = 5\nsome chatter\nExpert 3: multiply first\n"
+                  "Expert 2: I was wrong, I leave.\nExpert 1: 2 + 12 = 14\nExpert 1: Answer: 14\nExpert 3: Answer: 15")
+    llm = OneText(discussion)
+    question = f"What is 2 + 3 * 4? ({random.randint(0, 999)})"
+    result = ask_experts(llm, question, n_experts=3, max_new_tokens=99, temperature=0.2)
+    assert llm.asked == [([experts_prompt(question, 3)], 99, 0.2, [])]
+    assert result.answer == "14" and result.model_calls == 1 and result.search == "single-prompt"
+    assert [n.step for n in result.path] == ["3 * 4 = 12", "2 + 12 = 14", "Answer: 14"]
+    assert [n.expert for n in result.tree.children] == [1, 2, 3]
+    assert [n.step for n in result.tree.children[1].walk()] == ["2 + 3 = 5", "I was wrong, I leave."]
+    assert result.tree.raw == discussion
+    assert (result.prompt_tokens, result.completion_tokens) == (len(experts_prompt(question, 3)), len(discussion))
+
+
+def test_ask_experts_on_game24_accepts_only_verified_answers():
+    text = "Expert 1: 4 * 6 = 24\nExpert 1: Answer: 4 * 6\nExpert 2: 13 - 6 = 7\nExpert 2: Answer: (13 - 6 - 4) * 8"
+    result = ask_experts(OneText(text), "4 6 8 13", task=Game24Task())
+    assert result.answer == "(13 - 6 - 4) * 8 = 24" and [n.expert for n in result.path] == [2, 2]
+    assert [n.status for n in result.nodes()] == ["kept", "kept", "kept", "final"]
+    unsolved = ask_experts(OneText("Expert 3: 8 + 4 = 12\nExpert 3: 12 * 2 = 24\nExpert 1: hmm"), "4 6 8 13",
+                           task=Game24Task())
+    assert unsolved.answer is None and [n.step for n in unsolved.path] == ["8 + 4 = 12", "12 * 2 = 24"]
+    assert ask_experts(OneText("no experts here"), "4 6 8 13", task=Game24Task()).path == []
+
+
+def test_ask_experts_bad_input():
+    with pytest.raises(ValueError, match="n_experts"):
+        ask_experts(OneText(""), "q", n_experts=0)
+    with pytest.raises(TypeError, match="question"):
+        ask_experts(OneText(""), 7)
+
+    class Two:
+        def generate(self, prompts, max_new_tokens, temperature, stop):
+            return ["a", "b"]
+
+    with pytest.raises(ValueError, match="one string per prompt: 1 prompts, got 2 outputs"):
+        ask_experts(Two(), "q")

@@ -25,13 +25,17 @@ def register(subparsers) -> None:
     p.add_argument("--puzzle", action="append", default=None, metavar='"A B C D"',
                    help="a puzzle to run, e.g. --puzzle '4 6 8 13' (repeatable; replaces --puzzles)")
     p.add_argument("--seed", type=int, default=0, help="seed for the choice of puzzles and for sampling")
+    p.add_argument("--prompting", choices=["search", "single"], default="search",
+                   help="'search': the Tree-of-Thought search; 'single': the single-prompt 'imagine N experts' "
+                   "variant (one generation per puzzle, no search, no judge) for comparison")
     p.add_argument("--search", choices=["bfs", "dfs"], default="bfs", help="breadth-first with a beam, or depth-first with backtracking")
     p.add_argument("--n-experts", type=int, default=3, help="experts proposing a step for each line of reasoning")
     p.add_argument("--breadth", type=int, default=3, help="beam width (BFS) / most children explored per node (DFS)")
     p.add_argument("--max-steps", type=int, default=3, help="most steps on a line (Game of 24 needs 3)")
     p.add_argument("--threshold", type=float, default=0.5, help="steps judged below this value are wrong: their expert leaves")
     p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature of the proposals (0 = greedy)")
-    p.add_argument("--max-new-tokens", type=int, default=20, help="most tokens of one proposed step")
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help="most tokens of one proposed step (default 20), or of the whole discussion with --prompting single (default 200)")
     p.add_argument("--value-max-new-tokens", type=int, default=8, help="most tokens of one judgement")
     p.add_argument("--max-model-calls", type=int, default=None, help="give up a puzzle after this many model calls")
     p.add_argument("--device", default=None, help="device for the model, e.g. cpu or cuda (default: cuda when available)")
@@ -66,7 +70,7 @@ def run(args) -> int:
     import torch
     from tqdm.auto import tqdm
 
-    from qlora_fast.reasoning import TreeOfThought
+    from qlora_fast.reasoning import TreeOfThought, ask_experts
     from qlora_fast.reasoning import game24
 
     if args.puzzle:
@@ -76,20 +80,28 @@ def run(args) -> int:
             raise SystemExit(f"--puzzles must be >= 1, got {args.puzzles}")
         puzzles = [" ".join(map(str, p)) for p in game24.puzzles(args.puzzles, seed=args.seed)]
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    task = game24.Game24Task()
+    max_new_tokens = args.max_new_tokens or (200 if args.prompting == "single" else 20)
     try:
         llm = load_llm(args.model, device, cache_dir=args.cache_dir, seed=args.seed, adapter=args.adapter)
         tot = TreeOfThought(
             llm, n_experts=args.n_experts, max_steps=args.max_steps, breadth=args.breadth, threshold=args.threshold,
-            search=args.search, task=game24.Game24Task(), max_new_tokens=args.max_new_tokens,
+            search=args.search, task=task, max_new_tokens=max_new_tokens,
             temperature=args.temperature, value_max_new_tokens=args.value_max_new_tokens,
             max_model_calls=args.max_model_calls,
         )
     except (ValueError, TypeError) as e:
         print(f"qlora-fast tot: error: {e}", file=sys.stderr)
         return 2
+
+    def solve(puzzle):
+        if args.prompting == "single":
+            return ask_experts(llm, puzzle, n_experts=args.n_experts, task=task, max_new_tokens=max_new_tokens,
+                               temperature=args.temperature)
+        return tot.solve(puzzle)
     solved = calls = prompt_tokens = completion_tokens = 0
     for puzzle in tqdm(puzzles, desc="game24", unit="puzzle"):
-        result = tot.solve(puzzle)
+        result = solve(puzzle)
         solved += result.solved
         calls += result.model_calls
         prompt_tokens += result.prompt_tokens or 0
@@ -99,7 +111,8 @@ def run(args) -> int:
         if args.show_tree:
             tqdm.write(result.outline())
     n = len(puzzles)
-    print(f"task: game24 | model: {args.model} | search: {args.search} | experts: {args.n_experts} | breadth: {args.breadth}")
+    how = "single prompt" if args.prompting == "single" else f"search: {args.search} | breadth: {args.breadth}"
+    print(f"task: game24 | model: {args.model} | {how} | experts: {args.n_experts}")
     print(f"solve rate: {solved}/{n} ({100.0 * solved / n:.1f}%)")
     print(f"model calls: {calls} ({calls / n:.1f} per puzzle)")
     print(f"tokens: {prompt_tokens + completion_tokens} (prompt {prompt_tokens}, completion {completion_tokens})")

@@ -19,6 +19,7 @@ from functools import lru_cache
 from typing import List, Optional, Sequence, Tuple
 
 from qlora_fast.reasoning.tasks import ReasoningTask, parse_value
+from qlora_fast.reasoning.templates import experts_prompt
 
 TARGET = 24
 
@@ -281,3 +282,14 @@ class Game24Task(ReasoningTask):
 
     def parse_value(self, text):
         return parse_value(text)
+
+    def single_prompt(self, question, n_experts):
+        numbers = " ".join(format_number(x) for x in self._numbers(question))
+        return experts_prompt(f"use each of the numbers {numbers} exactly once, with + - * / and parentheses, "
+                              f"to make {self.target}.", n_experts)
+
+    def check_answer(self, question, answer):
+        answer = answer.strip()
+        if not verify_expression(answer, self._numbers(question), self.target):
+            return None
+        return answer if "=" in answer else f"{answer} = {self.target}"

@@ -21,6 +21,7 @@ Model calls and tokens are counted exactly: a call is one `llm.generate`; tokens
 llm's `last_usage` (the adapters in `llm.py` report it) and are None when the llm reports none.
 """
 import itertools
+import re
 from dataclasses import dataclass, field
 from typing import Callable, List, Optional, Union
 
@@ -146,6 +147,37 @@ class _BudgetExhausted(Exception):
     pass
 
 
+class _CountedLLM:
+    """Calls `llm.generate`, checks that it returns one string per prompt, and counts calls and
+    tokens (tokens from the llm's `last_usage`; None once a call reports none)."""
+
+    def __init__(self, llm, max_calls: Optional[int] = None):
+        self.llm = llm
+        self.max_calls = max_calls
+        self.calls = 0
+        self.prompt_tokens: Optional[int] = 0
+        self.completion_tokens: Optional[int] = 0
+
+    def generate(self, prompts: List[str], max_new_tokens: int, temperature: float, stop: List[str]) -> List[str]:
+        if self.max_calls is not None and self.calls >= self.max_calls:
+            raise _BudgetExhausted
+        outputs = self.llm.generate(prompts, max_new_tokens=max_new_tokens, temperature=temperature, stop=stop)
+        self.calls += 1
+        if not isinstance(outputs, (list, tuple)) or len(outputs) != len(prompts):
+            got = f"{len(outputs)} outputs" if isinstance(outputs, (list, tuple)) else type(outputs).__name__
+            raise ValueError(f"llm.generate must return one string per prompt: {len(prompts)} prompts, got {got}")
+        bad = [type(o).__name__ for o in outputs if not isinstance(o, str)]
+        if bad:
+            raise TypeError(f"llm.generate must return strings, got {bad[0]}")
+        usage = getattr(self.llm, "last_usage", None)
+        if usage is None or self.prompt_tokens is None:
+            self.prompt_tokens = self.completion_tokens = None
+        else:
+            self.prompt_tokens += int(usage.prompt_tokens)
+            self.completion_tokens += int(usage.completion_tokens)
+        return list(outputs)
+
+
 Evaluator = Callable[[str, List[str]], Union[float, bool, None]]
 
 
@@ -232,9 +264,7 @@ class TreeOfThought:
         if not isinstance(question, str):
             raise TypeError(f"question must be a str, got {type(question).__name__}")
         self._question = question
-        self._calls = 0
-        self._prompt_tokens: Optional[int] = 0
-        self._completion_tokens: Optional[int] = 0
+        self._llm = _CountedLLM(self.llm, self.max_model_calls)
         self._order = itertools.count()
         root = Node(step=question)
         final = None
@@ -247,8 +277,8 @@ class TreeOfThought:
         else:
             path, answer = self._best_line(root), None
         return ToTResult(
-            question=question, answer=answer, path=path, tree=root, model_calls=self._calls,
-            prompt_tokens=self._prompt_tokens, completion_tokens=self._completion_tokens, search=self.search,
+            question=question, answer=answer, path=path, tree=root, model_calls=self._llm.calls,
+            prompt_tokens=self._llm.prompt_tokens, completion_tokens=self._llm.completion_tokens, search=self.search,
         )
 
     def _bfs(self, root: Node) -> Optional[Node]:
@@ -279,23 +309,7 @@ class TreeOfThought:
     # -- the steps of a round ---------------------------------------------------------------
 
     def _generate(self, prompts: List[str], max_new_tokens: int, temperature: float) -> List[str]:
-        if self.max_model_calls is not None and self._calls >= self.max_model_calls:
-            raise _BudgetExhausted
-        outputs = self.llm.generate(prompts, max_new_tokens=max_new_tokens, temperature=temperature, stop=list(self.task.stop))
-        self._calls += 1
-        if not isinstance(outputs, (list, tuple)) or len(outputs) != len(prompts):
-            got = f"{len(outputs)} outputs" if isinstance(outputs, (list, tuple)) else type(outputs).__name__
-            raise ValueError(f"llm.generate must return one string per prompt: {len(prompts)} prompts, got {got}")
-        bad = [type(o).__name__ for o in outputs if not isinstance(o, str)]
-        if bad:
-            raise TypeError(f"llm.generate must return strings, got {bad[0]}")
-        usage = getattr(self.llm, "last_usage", None)
-        if usage is None or self._prompt_tokens is None:
-            self._prompt_tokens = self._completion_tokens = None
-        else:
-            self._prompt_tokens += int(usage.prompt_tokens)
-            self._completion_tokens += int(usage.completion_tokens)
-        return list(outputs)
+        return self._llm.generate(prompts, max_new_tokens, temperature, list(self.task.stop))
 
     def _expand(self, nodes: List[Node]) -> List[Node]:
         """Every expert proposes a step for every node in one batched call; the task reads each
@@ -377,3 +391,52 @@ class TreeOfThought:
             return []
         best = max(standing, key=lambda n: (n.depth, n.value if n.value is not None else float("-inf")))
         return best.path()
+
+
+_EXPERT_LINE = re.compile(r"^\s*Expert\s+(\d+)\s*:\s*(.*?)\s*$", re.IGNORECASE)
+_ANSWER = re.compile(r"answer\s*:\s*(.+?)\s*$", re.IGNORECASE)
+
+
+def ask_experts(llm, question: str, n_experts: int = 3, task: Optional[ReasoningTask] = None,
+                max_new_tokens: int = 256, temperature: float = 0.0) -> ToTResult:
+    """The single-prompt variant: one `generate` call on `task.single_prompt` (the "imagine
+    n experts" template), no search and no evaluator.
+
+    The generated `Expert k: step` lines become the tree (each expert's lines a chain under the
+    root, whose `raw` holds the whole generation); the first `Answer: X` line whose answer the
+    task accepts (`check_answer`) is the answer, and the path is the chain of the expert who gave
+    it (or of the expert with the most steps). Raises as `TreeOfThought` does on bad input.
+    """
+    # The same argument checks as the search.
+    task = TreeOfThought(llm, n_experts=n_experts, task=task, max_new_tokens=max_new_tokens, temperature=temperature).task
+    if not isinstance(question, str):
+        raise TypeError(f"question must be a str, got {type(question).__name__}")
+    counted = _CountedLLM(llm)
+    text = counted.generate([task.single_prompt(question, n_experts)], max_new_tokens, temperature, stop=[])[0]
+    root = Node(step=question, raw=text)
+    last = {}  # expert -> its latest node
+    answer_node = None
+    for line in text.split("\n"):
+        match = _EXPERT_LINE.match(line)
+        if match is None:
+            continue
+        expert, step = int(match.group(1)), match.group(2)
+        parent = last.get(expert, root)
+        node = Node(step=step, expert=expert, depth=parent.depth + 1, parent=parent, raw=line, status=KEPT)
+        parent.children.append(node)
+        last[expert] = node
+        found = _ANSWER.search(step)
+        if answer_node is None and found is not None:
+            node.answer = task.check_answer(question, found.group(1))
+            if node.answer is not None:
+                node.status = FINAL
+                answer_node = node
+    if answer_node is not None:
+        path = answer_node.path()
+    else:
+        path = max(last.values(), key=lambda n: n.depth).path() if last else []
+    return ToTResult(
+        question=question, answer=answer_node.answer if answer_node else None, path=path, tree=root,
+        model_calls=counted.calls, prompt_tokens=counted.prompt_tokens, completion_tokens=counted.completion_tokens,
+        search="single-prompt",
+    )

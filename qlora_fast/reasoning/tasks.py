@@ -8,7 +8,7 @@ question, where an expert finishes by writing `Answer: ...`. Game of 24 lives in
 import re
 from typing import Optional, Sequence
 
-from qlora_fast.reasoning.templates import STEP_PROPOSE_PROMPT, STEP_VALUE_PROMPT, format_transcript
+from qlora_fast.reasoning.templates import STEP_PROPOSE_PROMPT, STEP_VALUE_PROMPT, experts_prompt, format_transcript
 
 # Words a judge may answer with, and the value each stands for (the Tree-of-Thoughts paper's
 # sure/likely/impossible, plus their obvious synonyms).
@@ -76,6 +76,15 @@ class ReasoningTask:
     def parse_value(self, text: str) -> Optional[float]:
         """The model's judgement as a value in [0, 1], or None when unreadable."""
         return parse_value(text)
+
+    def single_prompt(self, question: str, n_experts: int) -> str:
+        """The single-prompt variant (`ask_experts`): the whole group in one generation."""
+        return experts_prompt(question, n_experts)
+
+    def check_answer(self, question: str, answer: str) -> Optional[str]:
+        """The answer as reported when it is acceptable, else None (default: any non-empty text)."""
+        answer = answer.strip()
+        return answer or None
 
 
 class ExpertsTask(ReasoningTask):

@@ -10,7 +10,8 @@ EXPERTS_PROMPT = """\
 Imagine {n_words} different experts are independently solving this question. All experts will \
 write down 1 step of their thinking, then share it with the group. Then all experts will go on \
 to the next step, etc. If any expert realises they're wrong at any point then they leave. \
-When an expert reaches the answer, they write "Answer: " followed by it.
+Each step is one line "Expert <number>: <step>". When an expert reaches the answer, they write \
+"Answer: " followed by it.
 The question is: {question}
 """
 
