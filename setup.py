@@ -16,6 +16,22 @@ def _exists(path):
 OPTIM_CPU_SOURCES = ["csrc/optim.cpp", "csrc/adamw_cpu.cpp"]
 OPTIM_CUDA_SOURCES = ["csrc/optim_cuda.cpp", "csrc/adamw.cu"]
 OPTIM_CXX_FLAGS = ["-O3", "-fno-math-errno"]  # no errno lets sqrtf vectorise; results unchanged
+OPTIM_HASHED = ["adam_common.h", "optim.h", "adamw_cuda.h", "optim.cpp", "adamw_cpu.cpp", "optim_cuda.cpp", "adamw.cu"]
+
+
+def _optim_source_hash():
+    """Hash of the optimizer sources, compiled into `_C` so a stale in-place build is detected
+    (same recipe as qlora_fast/_extension.py: source_hash)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name in OPTIM_HASHED:
+        path = os.path.join(HERE, "csrc", name)
+        if os.path.exists(path):
+            digest.update(name.encode() + b"\0")
+            with open(path, "rb") as f:
+                digest.update(f.read())
+    return "h" + digest.hexdigest()[:32]
 
 
 def _cuda_build_wanted(cpp_extension):
@@ -45,10 +61,12 @@ def optim_extension(cpp_extension):
             "qlora_fast._C",
             OPTIM_CPU_SOURCES + OPTIM_CUDA_SOURCES,
             extra_compile_args={"cxx": OPTIM_CXX_FLAGS, "nvcc": ["-O3", "-lineinfo"]},
+            define_macros=[("QLORA_FAST_SOURCE_HASH", _optim_source_hash())],
             optional=True,  # a failed build warns; the package then JIT-builds on first use
         )
     return cpp_extension.CppExtension(
-        "qlora_fast._C", OPTIM_CPU_SOURCES, extra_compile_args=OPTIM_CXX_FLAGS, optional=True
+        "qlora_fast._C", OPTIM_CPU_SOURCES, extra_compile_args=OPTIM_CXX_FLAGS, optional=True,
+        define_macros=[("QLORA_FAST_SOURCE_HASH", _optim_source_hash())],
     )
 
 

@@ -79,4 +79,12 @@ def summary(repeats=10):
 
 
 if __name__ == "__main__":
-    summary()
+    import argparse
+
+    parser = argparse.ArgumentParser(description="CPU optimizer step summary")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--repeats", type=int, default=10, help="timed steps per provider (median reported)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    summary(args.repeats)

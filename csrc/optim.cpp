@@ -89,8 +89,19 @@ TORCH_LIBRARY_IMPL(qlora_fast, CPU, m) {
   m.impl("adam8bit_step_", &qlora_fast::adam8bit_step_cpu);
 }
 
+// The hash of the sources this library was built from (setup.py / the JIT loader define it):
+// qlora_fast/_extension.py reads it from the file, before loading, to skip a stale build.
+#define QF_STRINGIFY2(x) #x
+#define QF_STRINGIFY(x) QF_STRINGIFY2(x)
+#ifndef QLORA_FAST_SOURCE_HASH
+#define QLORA_FAST_SOURCE_HASH unknown
+#endif
+__attribute__((used)) static const char kSourceHash[] = "qlora_fast_source_hash:" QF_STRINGIFY(QLORA_FAST_SOURCE_HASH);
+
 // A bare module: importing it runs the static registrations above.
 extern "C" PyObject* PyInit__C(void) {
   static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", "qlora_fast optimizer ops (torch.ops.qlora_fast)", -1, nullptr};
-  return PyModule_Create(&module_def);
+  PyObject* module = PyModule_Create(&module_def);
+  if (module != nullptr) PyModule_AddStringConstant(module, "source_hash", kSourceHash + sizeof("qlora_fast_source_hash:") - 1);
+  return module;
 }

@@ -19,6 +19,8 @@ _MODULE = None
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
 CPU_SOURCES = ("optim.cpp", "adamw_cpu.cpp")
 CUDA_SOURCES = ("optim_cuda.cpp", "adamw.cu")
+HEADERS = ("adam_common.h", "optim.h", "adamw_cuda.h")
+HASHED = HEADERS + CPU_SOURCES + CUDA_SOURCES  # same order as setup.py's OPTIM_HASHED
 CXX_FLAGS = ["-O3", "-fno-math-errno"]
 
 
@@ -69,7 +71,7 @@ def _jit_build(import_error: Exception):
         return cpp_extension.load(
             name="_C",
             sources=sources,
-            extra_cflags=CXX_FLAGS,
+            extra_cflags=CXX_FLAGS + [f"-DQLORA_FAST_SOURCE_HASH={source_hash()}"],
             extra_cuda_cflags=["-O3", "-lineinfo"],
             build_directory=str(build_dir),
             with_cuda=with_cuda,
@@ -82,17 +84,39 @@ def _jit_build(import_error: Exception):
         ) from build_error
 
 
+def source_hash() -> str:
+    """Hash of the optimizer sources in csrc/ (same recipe as setup.py: _optim_source_hash)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name in HASHED:
+        path = CSRC / name
+        if path.exists():
+            digest.update(name.encode() + b"\0")
+            digest.update(path.read_bytes())
+    return "h" + digest.hexdigest()[:32]
+
+
+_MARKER = b"qlora_fast_source_hash:"
+
+
 def _stale_in_tree_build() -> bool:
-    """True when `_C` was built in place (editable install) and a source in csrc/ changed since:
-    importing it would silently run old code, so the JIT build is used instead."""
+    """True when this is a source checkout whose csrc/ differs from the sources the importable
+    `_C` was built from (its hash is read from the file, before loading it): importing it would
+    silently run old code, so the JIT build is used instead."""
     import importlib.util
 
+    if not (CSRC / CPU_SOURCES[0]).exists():
+        return False  # an installed wheel: nothing to compare with
     spec = importlib.util.find_spec("qlora_fast._C")
-    if spec is None or not spec.origin or not CSRC.is_dir():
+    if spec is None or not spec.origin:
         return False
-    sources = [CSRC / s for s in CPU_SOURCES + CUDA_SOURCES] + list(CSRC.glob("*.h"))
-    newest = max((s.stat().st_mtime for s in sources if s.exists()), default=0.0)
-    return newest > os.path.getmtime(spec.origin)
+    data = Path(spec.origin).read_bytes()
+    at = data.find(_MARKER)
+    if at < 0:
+        return True  # built before hashes were recorded
+    built = data[at + len(_MARKER): at + len(_MARKER) + 33].decode("ascii", "replace")
+    return built != source_hash()
 
 
 def load():
@@ -103,7 +127,8 @@ def load():
         if _MODULE is None:
             try:
                 if _stale_in_tree_build():
-                    raise ImportError("the in-place qlora_fast._C is older than csrc/ (rebuild with pip install -e .)")
+                    raise ImportError("the in-place qlora_fast._C was built from other sources than csrc/ "
+                                      "(rebuild with pip install -e .)")
                 from qlora_fast import _C as module
             except ImportError as import_error:
                 module = _jit_build(import_error)

@@ -56,6 +56,11 @@ def test_extension_loads_and_registers_ops():
     module = qlora_fast.load_extension()
     assert module is qlora_fast.load_extension()
     assert hasattr(torch.ops.qlora_fast, "adam_step_") and hasattr(torch.ops.qlora_fast, "adam8bit_step_")
+    # The loaded library was built from the sources in this checkout (a stale one is skipped).
+    from qlora_fast import _extension
+
+    if _extension.CSRC.is_dir():
+        assert module.source_hash == _extension.source_hash()
 
 
 def test_jit_build_names_missing_sources(monkeypatch, tmp_path):
