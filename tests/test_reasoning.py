@@ -377,7 +377,9 @@ def test_step_prompts_share_the_transcript():
     prompt = task.propose_prompt("Why?", ["first", "second"], [3, 1], 2)
     assert prompt.endswith("Question: Why?\nExpert 3: first\nExpert 1: second\nExpert 2:")
     assert prompt.startswith("4 experts")
-    assert task.value_prompt("Why?", ["first"], [3]).endswith("Expert 3: first\n" + prompt[:0] + task.value_prompt("Why?", [], [])[len("Question: Why?\n"):])
+    judge = task.value_prompt("Why?", ["first"], [3])
+    assert judge.startswith("Question: Why?\nExpert 3: first\n") and judge.endswith("Judgement:")
+    assert "sure, likely or impossible" in judge and parse_value(" likely") == 0.5
     assert task.final_answer("Why?", ["x", "  Final answer: because "]) == "because"
     assert task.final_answer("Why?", ["the answer is near"]) is None
 
