@@ -92,9 +92,14 @@ def _check_pairs(pairs, what):
 
 
 def build_examples(tokenizer, pairs, template: str, max_len: int, packing: bool, seed: int = 0):
-    """Encoded rows: one per pair, or with `packing` rows of exactly `max_len` tokens filled with
+    """Encoded rows: one per pair (pairs whose answer does not fit in max_len are dropped), or
+    with `packing` rows of exactly `max_len` tokens filled with
     consecutive examples of a seeded shuffle (the last partial row is dropped)."""
     encoded = [encode_example(tokenizer, p["instruction"], p["output"], template, max_len) for p in pairs]
+    # An example cut before its answer would teach nothing (and a batch of them has no loss).
+    encoded = [(ids, labels) for ids, labels in encoded if any(t != -100 for t in labels)]
+    if not encoded:
+        raise ValueError(f"no example keeps any answer token within max_seq_len={max_len}; raise max_seq_len")
     if not packing:
         return encoded
     order = torch.randperm(len(encoded), generator=torch.Generator().manual_seed(seed)).tolist()

@@ -1,0 +1,223 @@
+"""SFTTrainer: every PEFT method lowers held-out loss on the shipped data, loss only on output
+tokens, packing, the schedule, exact resume from a checkpoint, DDP with two processes, and the
+`finetune` command end to end."""
+import math
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import assert_close
+
+from qlora_fast.data import PROMPT_TEMPLATE, format_prompt, load_instructions
+from qlora_fast.models import LlamaConfig, PretrainRecipe, load_base_model
+from qlora_fast.peft import LoraConfig, PrefixTuningConfig, PromptTuningConfig, get_peft_model
+from qlora_fast.tokenizer.base import ByteTokenizer
+from qlora_fast.train.checkpoint import latest_checkpoint
+from qlora_fast.train.schedule import warmup_cosine
+from qlora_fast.train.sft import SFTConfig, SFTTrainer, build_examples, encode_example, evaluate_loss, exact_match
+
+pytest.importorskip("qlora_fast.nn.lora")
+
+TINY = LlamaConfig(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2, max_seq_len=128)
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tmp_path_factory):
+    """One tiny base model pretrained briefly on the shipped corpus, shared by this file."""
+    cache = tmp_path_factory.mktemp("base-cache")
+    recipe = PretrainRecipe(steps=30, batch_size=4, seq_len=64, lr=1e-2, warmup=5)
+    return str(cache), recipe
+
+
+def fresh_base(tiny_base):
+    cache, recipe = tiny_base
+    model, tok = load_base_model(cache_dir=cache, progress=False, recipe=recipe, config=TINY)
+    return model, tok
+
+
+TRAIN = load_instructions("train")
+HELDOUT = load_instructions("heldout")[:24]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["lora", "qlora", "prefix", "prompt"])
+def test_each_method_lowers_heldout_loss(tiny_base, method):
+    model, tok = fresh_base(tiny_base)
+    config = {
+        "lora": LoraConfig(r=4),
+        "qlora": LoraConfig(r=4, quantize_base="nf4"),
+        "prefix": PrefixTuningConfig(num_virtual_tokens=6),
+        "prompt": PromptTuningConfig(num_virtual_tokens=6, init="text", init_text="Answer:"),
+    }[method]
+    peft = get_peft_model(model, config, tokenizer=tok)
+    frozen = {n: p.detach().clone() for n, p in peft.base_model.named_parameters() if not p.requires_grad}
+    before = evaluate_loss(peft, tok, HELDOUT, max_len=96)["loss"]
+    lr = 2e-2 if method in ("lora", "qlora") else 5e-2
+    trainer = SFTTrainer(peft, tok, TRAIN, HELDOUT, SFTConfig(max_steps=12, batch_size=8, lr=lr, warmup_steps=2,
+                                                              max_seq_len=96, eval_every=12, progress=False))
+    history = trainer.train()
+    after = evaluate_loss(peft, tok, HELDOUT, max_len=96)["loss"]
+    print(method, before, after)
+    assert after < before - 0.2, (before, after)
+    assert history[-1]["eval_loss"] == pytest.approx(after, rel=1e-5)
+    for n, p in peft.base_model.named_parameters():  # the base stays frozen
+        if n in frozen:
+            assert torch.equal(p, frozen[n]), n
+
+
+def test_loss_is_on_output_tokens_only(tiny_base, seed):
+    model, tok = fresh_base(tiny_base)
+    pair = {"instruction": "Write the word cat in capital letters.", "output": "CAT"}
+    ids, labels = encode_example(tok, pair["instruction"], pair["output"])
+    prompt = [tok.bos_id] + list(format_prompt(pair["instruction"]).encode())
+    assert ids == prompt + list(b"CAT") + [tok.eos_id]
+    assert labels == [-100] * len(prompt) + list(b"CAT") + [tok.eos_id]
+    # evaluate_loss against cross entropy of the 4 answer tokens computed by hand in float64
+    logits = model(input_ids=torch.tensor([ids])).logits[0].double()
+    logp = torch.log_softmax(logits, -1)
+    want = -sum(logp[len(prompt) - 1 + i, t] for i, t in enumerate(list(b"CAT") + [tok.eos_id])) / 4
+    got = evaluate_loss(model, tok, [pair])
+    assert got["loss"] == pytest.approx(want.item(), rel=1e-5)
+    assert got["perplexity"] == pytest.approx(math.exp(want.item()), rel=1e-5)
+
+
+def test_packing_fills_rows_with_whole_examples_in_order():
+    tok = ByteTokenizer()
+    pairs = TRAIN[:40]
+    rows = build_examples(tok, pairs, PROMPT_TEMPLATE, 57, packing=True, seed=3)
+    unpacked = build_examples(tok, pairs, PROMPT_TEMPLATE, 57, packing=False)
+    order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(3)).tolist()
+    stream_ids = [t for i in order for t in unpacked[i][0]]
+    stream_labels = [t for i in order for t in unpacked[i][1]]
+    assert all(len(ids) == 57 == len(lab) for ids, lab in rows)
+    assert len(rows) == len(stream_ids) // 57
+    assert [t for ids, _ in rows for t in ids] == stream_ids[:57 * len(rows)]
+    assert [t for _, lab in rows for t in lab] == stream_labels[:57 * len(rows)]
+
+
+def test_warmup_cosine_schedule_values():
+    # warmup 4: 1/4, 2/4, 3/4, 4/4; then cosine from 1 to 0.1 over 10 steps
+    assert [warmup_cosine(s, 4, 14, 0.1) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    for s in range(4, 20):
+        t = min(1.0, (s - 4) / 10)
+        assert warmup_cosine(s, 4, 14, 0.1) == pytest.approx(0.1 + 0.9 * (1 + math.cos(math.pi * t)) / 2)
+    with pytest.raises(ValueError):
+        warmup_cosine(0, -1, 10)
+
+
+@pytest.mark.parametrize("optimizer", ["paged_adamw_8bit", "torch_adamw"])
+def test_resume_from_checkpoint_is_exact(tiny_base, tmp_path, optimizer):
+    def make(out):
+        model, tok = fresh_base(tiny_base)
+        torch.manual_seed(7)
+        peft = get_peft_model(model, LoraConfig(r=4, dropout=0.2))  # dropout: the RNG state matters
+        cfg = SFTConfig(max_steps=6, batch_size=4, grad_accum=2, lr=1e-2, warmup_steps=2, max_seq_len=80,
+                        checkpoint_every=3, output_dir=str(out), optimizer=optimizer, progress=False, seed=5)
+        return peft, SFTTrainer(peft, tok, TRAIN[:200], config=cfg)
+
+    straight, trainer = make(tmp_path / "a")
+    torch.manual_seed(99)
+    history = trainer.train()
+
+    interrupted, trainer = make(tmp_path / "b")
+    trainer.config.max_steps = 3
+    torch.manual_seed(99)
+    trainer.train()
+    path = latest_checkpoint(str(tmp_path / "b"))
+    assert path.endswith("checkpoint-3.pt")
+    assert sorted(os.listdir(tmp_path / "b")) == ["checkpoint-3.pt"]  # no temp files left
+    torch.manual_seed(12345)  # the checkpoint must restore the RNG, not rely on this
+    resumed, trainer = make(tmp_path / "b")
+    history2 = trainer.train(resume_from="latest")
+    assert [h["loss"] for h in history2] == [h["loss"] for h in history]
+    for (n, a), (_, b) in zip(straight.adapter_parameters(), resumed.adapter_parameters()):
+        assert torch.equal(a, b), n
+    assert not torch.equal(dict(straight.adapter_parameters())[n], dict(interrupted.adapter_parameters())[n])
+
+
+def test_gradient_checkpointing_gives_the_same_training(tiny_base):
+    losses = []
+    for ckpt in (False, True):
+        model, tok = fresh_base(tiny_base)
+        torch.manual_seed(3)
+        peft = get_peft_model(model, LoraConfig(r=2))
+        cfg = SFTConfig(max_steps=3, batch_size=4, max_seq_len=64, gradient_checkpointing=ckpt, optimizer="torch_adamw", progress=False)
+        losses.append(torch.tensor([h["loss"] for h in SFTTrainer(peft, tok, TRAIN[:50], config=cfg).train()]))
+    assert_close(losses[1], losses[0], atol=1e-5, rtol=1e-5)
+
+
+def test_exact_match_scores_greedy_answers(tiny_base):
+    model, tok = fresh_base(tiny_base)
+    pairs = HELDOUT[:6]
+    score, predictions = exact_match(model, tok, pairs, max_new_tokens=6, return_predictions=True)
+    # recompute every answer one prompt at a time, without padding
+    for pair, pred in zip(pairs, predictions):
+        ids = torch.tensor([[tok.bos_id] + tok.encode(format_prompt(pair["instruction"]))])
+        new = model.generate(ids, max_new_tokens=6, eos_token_id=tok.eos_id)[0, ids.shape[1]:].tolist()
+        new = new[:new.index(tok.eos_id)] if tok.eos_id in new else new
+        assert pred == tok.decode(new).strip()
+    assert score == sum(p == q["output"] for p, q in zip(predictions, pairs)) / len(pairs)
+
+
+def test_bad_sft_configs():
+    with pytest.raises(ValueError, match="batch_size"):
+        SFTConfig(batch_size=0)
+    with pytest.raises(ValueError, match="optimizer"):
+        SFTConfig(optimizer="sgd")
+    with pytest.raises(ValueError, match="output_dir"):
+        SFTConfig(checkpoint_every=5)
+    tok = ByteTokenizer()
+    from qlora_fast.models import LlamaForCausalLM
+
+    frozen = LlamaForCausalLM(TINY).requires_grad_(False)
+    with pytest.raises(ValueError, match="trainable"):
+        SFTTrainer(frozen, tok, TRAIN[:4])
+    with pytest.raises(ValueError, match="instruction"):
+        SFTTrainer(LlamaForCausalLM(TINY), tok, [{"prompt": "x"}])
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_train_the_same_adapter(tmp_path):
+    worker = os.path.join(os.path.dirname(__file__), "sft_ddp_worker.py")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}", worker, str(tmp_path)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
+    assert r0["world"] == r1["world"] == 2
+    assert r0["first_batch"] != r1["first_batch"]  # each rank trains on its own slice
+    for name, p in r0["adapter"].items():
+        assert torch.equal(p, r1["adapter"][name]), name  # gradients were averaged: ranks agree
+    assert any(not torch.equal(p, r0["initial"][n]) for n, p in r0["adapter"].items())
+    assert [h["loss"] for h in r0["history"]] == [h["loss"] for h in r1["history"]]  # all-reduced
+
+
+@pytest.mark.slow
+def test_finetune_command_end_to_end(tmp_path, capsys):
+    from qlora_fast.cli import main
+
+    rc = main(["finetune", "--method", "qlora", "--steps", "3", "--batch-size", "4", "--eval-pairs", "8", "--max-new-tokens", "4",
+               "--pretrain-steps", "2", "--cache-dir", str(tmp_path / "cache"), "--output", str(tmp_path / "out"), "--no-progress"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    for needle in ("trainable", "4-bit linear layers", "peak memory", "held-out perplexity", "exact match", "adapter saved to"):
+        assert needle in out, needle
+    assert sorted(os.listdir(tmp_path / "out" / "adapter-qlora")) == ["adapter_config.json", "adapter_model.safetensors"]
+
+
+def test_examples_cut_before_their_answer_are_dropped():
+    tok = ByteTokenizer()
+    pairs = [{"instruction": "x" * 200, "output": "long"}, {"instruction": "Hi?", "output": "yes"}]
+    rows = build_examples(tok, pairs, PROMPT_TEMPLATE, 64, packing=False)
+    assert rows == [encode_example(tok, "Hi?", "yes", PROMPT_TEMPLATE, 64)]
+    with pytest.raises(ValueError, match="max_seq_len"):
+        build_examples(tok, pairs[:1], PROMPT_TEMPLATE, 64, packing=False)
