@@ -40,7 +40,8 @@ def dequantize_weight_4bit_ref(packed: torch.Tensor, absmax: torch.Tensor, code:
         scales = absmax.reshape(-1).float()
     # scale block by block (a view, no per-element index of the scales)
     n_blocks = scales.numel()
-    values = torch.nn.functional.pad(values, (0, n_blocks * blocksize - numel))
+    if n_blocks * blocksize != numel:  # a partial last block
+        values = torch.nn.functional.pad(values, (0, n_blocks * blocksize - numel))
     values = (values.view(n_blocks, blocksize) * scales[:, None]).reshape(-1)[:numel]
     return values.reshape(int(shape[0]), int(shape[1])).to(dtype)
 
