@@ -165,8 +165,10 @@ def check_against_compiled_kernel(ours, theirs, centered, nested_absmax, max_fra
     dist_ours = (scaled - code[ours.long()]).abs()
     dist_theirs = (scaled - code[theirs.long()]).abs()
     best = (scaled[:, None] - code[None, :]).abs().min(1).values
-    assert (dist_ours - best).abs().max().item() < 1e-9, "our 8-bit code is not the nearest one"
-    assert bool((dist_theirs[differ] > dist_ours[differ]).all()), "a difference where the oracle is nearer"
+    # nearest up to the fp32 rounding of the scaling and of the midpoints (|scaled| <= 1)
+    eps = 2.4e-7
+    assert (dist_ours - best).max().item() <= eps, "our 8-bit code is not the nearest one"
+    assert bool((dist_theirs[differ] > dist_ours[differ] - eps).all()), "a difference where the oracle is nearer"
     assert fraction <= max_fraction
 
 
