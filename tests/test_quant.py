@@ -357,3 +357,27 @@ def test_oracle_compiled_dequantize_is_inconsistent_when_blocks_straddle_rows(se
     compiled = bnb_dequantize(packed, state, torch.float32).reshape(shape)
     differ = (compiled != ours).float().mean().item()
     print(f"oracle's compiled CPU dequantize differs from its PyTorch backend on {differ:.2%} of elements")
+
+
+hypothesis = pytest.importorskip("hypothesis")
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    n=st.integers(1, 5000),
+    blocksize=st.sampled_from(BLOCKSIZES),
+    quant_type=st.sampled_from(["nf4", "fp4"]),
+    dtype=st.sampled_from(DTYPES),
+    scale=st.floats(1e-3, 1e3),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_any_size_matches_oracle(n, blocksize, quant_type, dtype, scale, seed):
+    x = (torch.randn(n, generator=torch.Generator().manual_seed(seed)) * scale).to(dtype)
+    packed, state = quantize_4bit(x, blocksize, quant_type, compress_statistics=False)
+    bnb_packed, bnb_state = bnb_quantize(x, blocksize, quant_type, nested=False)
+    assert torch.equal(packed, bnb_packed) and torch.equal(state.absmax, bnb_state.absmax)
+    ours = dequantize_4bit(packed, state)
+    theirs = bnb_default_dequantize_4bit(bnb_packed, bnb_state.absmax, blocksize, quant_type, x.shape, dtype)
+    assert torch.equal(ours, theirs.reshape(x.shape))
