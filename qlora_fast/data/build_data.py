@@ -63,6 +63,13 @@ def _split(items, heldout_fraction, rng):
     return items[n:], items[:n]
 
 
+def _cap_task(rows, tasks, limit, rng):
+    """Keep at most `limit` rows of the given tasks (a random subset), order otherwise kept."""
+    picked = [i for i, r in enumerate(rows) if r[0] in tasks]
+    drop = set(picked) - set(rng.sample(picked, min(limit, len(picked))))
+    return [r for i, r in enumerate(rows) if i not in drop]
+
+
 def build(seed: int = 1234):
     rng = random.Random(seed)
     train_words, held_words = _split(WORDS, 0.2, rng)
@@ -116,7 +123,11 @@ def build(seed: int = 1234):
     held = word_tasks(held_words) + fact_tasks(held_caps, held_sounds, held_opp, held_cols) + sum_tasks(held_sums) + unit_tasks(held_values)
     rng.shuffle(train)
     rng.shuffle(held)
-    held = held[:240]
+    # Sums would otherwise be most of the set; keep a share so every task is seen often.
+    # (A separate RNG: the corpus below stays exactly as before.)
+    sub = random.Random(seed + 1)
+    train = _cap_task(train, ("add", "subtract"), 300, sub)
+    held = _cap_task(held, ("add", "subtract"), 40, sub)[:240]
 
     # The corpus knows every fact, word and number (both splits) in prose form.
     sentences = []
