@@ -151,3 +151,16 @@ def test_lora_branch(seed):
     assert isinstance(plain[0], lora.LoRALinear) and isinstance(plain[0].base, nn.Linear)
     # a fresh adapter (B = 0) leaves the full-precision function unchanged
     torch.testing.assert_close(plain(x), reference(x))
+
+
+def test_converted_model_state_dict_round_trip(seed, tmp_path):
+    # a whole converted model saves and loads (strict) with bitsandbytes-style keys
+    model = replace_linear(tiny_llama())
+    sd = model.state_dict()
+    assert "model.layers.0.self_attn.q_proj.weight.quant_state.bitsandbytes__nf4" in sd
+    assert sd["model.layers.0.self_attn.q_proj.weight"].dtype == torch.uint8
+    fresh = replace_linear(tiny_llama())
+    fresh.load_state_dict(sd, strict=True)
+    ids = torch.randint(0, 101, (1, 7))
+    with torch.no_grad():
+        assert torch.equal(fresh(ids).logits, model(ids).logits)
