@@ -153,7 +153,7 @@ def test_lora_branch(seed):
     torch.testing.assert_close(plain(x), reference(x))
 
 
-def test_converted_model_state_dict_round_trip(seed, tmp_path):
+def test_converted_model_state_dict_round_trip(seed):
     # a whole converted model saves and loads (strict) with bitsandbytes-style keys
     model = replace_linear(tiny_llama())
     sd = model.state_dict()
