@@ -177,8 +177,9 @@ class _PagedAdamBase(torch.optim.Optimizer):
                 state = self.state[p]
                 state["step"] += 1
                 work[p.device].append((group, p, grad.contiguous(), state))
-        for device, items in work.items():
-            self._step_device(self._manager(device), items)
+        # Every device's budget is re-read each step, also where no parameter has a gradient.
+        for device in list(self._managers) + [d for d in work if d not in self._managers]:
+            self._step_device(self._manager(device), work.get(device, []))
         return loss
 
     def _step_device(self, manager: PageManager, items) -> None:
