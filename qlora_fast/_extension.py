@@ -41,7 +41,9 @@ def _want_cuda() -> bool:
 
     if os.environ.get("QLORA_FAST_SKIP_CUDA_BUILD", "0") == "1" or not torch.cuda.is_available():
         return False
-    return cpp_extension.CUDA_HOME is not None and all((CSRC / s).exists() for s in CUDA_SOURCES)
+    home = cpp_extension.CUDA_HOME
+    nvcc = home is not None and os.path.exists(os.path.join(home, "bin", "nvcc"))
+    return nvcc and all((CSRC / s).exists() for s in CUDA_SOURCES)
 
 
 def _jit_build(import_error: Exception):

@@ -68,6 +68,15 @@ def test_extension_loads_and_registers_ops():
         assert module.source_hash == _extension.source_hash()
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error of a CPU-only build")
+def test_cuda_params_with_cpu_only_build_get_a_clear_error():
+    from qlora_fast.optim.adam import _ops
+
+    assert _ops(torch.device("cpu")) is torch.ops.qlora_fast
+    with pytest.raises(RuntimeError, match="without its CUDA kernels"):
+        _ops(torch.device("cuda"))
+
+
 def test_jit_build_names_missing_sources(monkeypatch, tmp_path):
     from qlora_fast import _extension
 

@@ -23,10 +23,18 @@ STATE32 = ("exp_avg", "exp_avg_sq")
 STATE8 = ("exp_avg_codes", "exp_avg_sq_codes", "exp_avg_absmax", "exp_avg_sq_absmax")
 
 
-def _ops():
+def _ops(device: torch.device):
+    """torch.ops.qlora_fast, with the extension loaded; a clear error when `device` is CUDA and
+    the extension was built without its CUDA kernels."""
     from qlora_fast._extension import load
 
     load()
+    if device.type == "cuda" and not torch._C._dispatch_has_kernel_for_dispatch_key("qlora_fast::adam_step_", "CUDA"):
+        raise RuntimeError(
+            "qlora_fast._C was built without its CUDA kernels (a CPU-only torch or no nvcc at build "
+            "time, or QLORA_FAST_SKIP_CUDA_BUILD=1); rebuild it with a CUDA torch and nvcc: "
+            "pip install --no-build-isolation -e ."
+        )
     return torch.ops.qlora_fast
 
 
@@ -211,7 +219,7 @@ class _PagedAdamBase(torch.optim.Optimizer):
         manager.finish_step(stats)
 
     def _update(self, device, kind, group, entries, states) -> None:
-        ops = _ops()
+        ops = _ops(device)
         beta1, beta2 = group["betas"]
         args = ([e[1] for e in entries], [e[2] for e in entries])
         steps = [e[3]["step"] for e in entries]
