@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.cu csrc/*.h)
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/qlora-fast quantize-report
+	$(BIN)/qlora-fast finetune
 
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS) tests

@@ -33,10 +33,10 @@ def register(subparsers) -> None:
     parser.add_argument("--pretrain-steps", type=int, default=None,
                         help="pretraining steps of the built-in base model (default: its recipe's; a new value trains and caches a new base)")
     parser.add_argument("--device", default="auto", help="'auto' (cuda when present, else cpu), 'cpu', 'cuda', 'cuda:1', ...")
-    parser.add_argument("--steps", type=int, default=250, help="optimizer steps")
+    parser.add_argument("--steps", type=int, default=200, help="optimizer steps")
     parser.add_argument("--batch-size", type=int, default=16, help="examples per micro-batch")
     parser.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
-    parser.add_argument("--lr", type=float, default=None, help="peak learning rate (default: 3e-3 for LoRA/QLoRA, 1e-2 for prefix/prompt)")
+    parser.add_argument("--lr", type=float, default=None, help="peak learning rate (default: 5e-3 for LoRA/QLoRA, 1e-2 for prefix/prompt)")
     parser.add_argument("--warmup-steps", type=int, default=15, help="linear warmup steps before the cosine decay")
     parser.add_argument("--optimizer", default="paged_adamw_8bit",
                         choices=("paged_adamw_8bit", "paged_adamw", "adamw_8bit", "adamw", "torch_adamw"), help="optimizer")
@@ -120,7 +120,7 @@ def run(args) -> int:
     train_pairs = load_instructions("train")
     eval_pairs = load_instructions("heldout")[:args.eval_pairs]
     peft = get_peft_model(model, _peft_config(args, tokenizer), tokenizer=tokenizer).to(device)
-    lr = args.lr or (3e-3 if args.method in ("lora", "qlora") else 1e-2)
+    lr = args.lr or (5e-3 if args.method in ("lora", "qlora") else 1e-2)
     config = SFTConfig(
         max_steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=lr, warmup_steps=args.warmup_steps,
         max_seq_len=args.max_seq_len, packing=args.packing, gradient_checkpointing=args.gradient_checkpointing,
@@ -130,8 +130,14 @@ def run(args) -> int:
 
     def measure(tag):
         ppl = evaluate_loss(peft, tokenizer, eval_pairs, config.prompt_template, config.max_seq_len)["perplexity"]
-        em = exact_match(peft, tokenizer, eval_pairs, config.prompt_template, max_new_tokens=args.max_new_tokens)
-        print(f"{tag:>6}: held-out perplexity {ppl:.3f}, exact match {100 * em:.1f}% ({len(eval_pairs)} pairs)")
+        em, predictions = exact_match(peft, tokenizer, eval_pairs, config.prompt_template, max_new_tokens=args.max_new_tokens,
+                                      return_predictions=True)
+        per_task = {}
+        for pair, pred in zip(eval_pairs, predictions):
+            hits, n = per_task.get(pair.get("task", "all"), (0, 0))
+            per_task[pair.get("task", "all")] = (hits + (pred == pair["output"].strip()), n + 1)
+        tasks = ", ".join(f"{t} {h}/{n}" for t, (h, n) in sorted(per_task.items()))
+        print(f"{tag:>6}: held-out perplexity {ppl:.3f}, exact match {100 * em:.1f}% ({len(eval_pairs)} pairs: {tasks})")
         return ppl, em
 
     with peft.disable_adapter():
