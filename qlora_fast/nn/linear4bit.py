@@ -11,6 +11,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from qlora_fast.functional.lora import matmul_4bit
 from qlora_fast.functional.quant import dequantize_4bit, quantize_4bit
 from qlora_fast.quant_state import FLOAT_DTYPES, QuantState
 
@@ -124,9 +125,10 @@ class Linear4bit(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
             raise ValueError(f"x must have last dimension {self.in_features}, got shape {tuple(x.shape)}")
-        weight = self.dequantize_weight()
+        # The fused 4-bit matmul: on CUDA the decode kernel for few rows, a dequantize workspace
+        # plus the vendor GEMM for many; on the CPU dequantize + matmul (the reference).
         bias = None if self.bias is None else self.bias.to(self.compute_dtype)
-        return nn.functional.linear(x.to(self.compute_dtype), weight, bias).to(x.dtype)
+        return matmul_4bit(x.to(self.compute_dtype), self.weight, self.quant_state, bias).to(x.dtype)
 
     def extra_repr(self) -> str:
         return (
