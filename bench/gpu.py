@@ -11,7 +11,7 @@ import sys
 import time
 import traceback
 
-AREAS = ["nf4", "lora", "optim", "grpo"]
+AREAS = ["nf4", "lora", "optim", "grpo", "reasoning"]
 
 
 def main(argv=None) -> int:

@@ -6,6 +6,8 @@ _LAZY = {
     "LoRALinear": "qlora_fast.nn.lora",
     "QLoRALinear": "qlora_fast.nn.lora",
     "disable_adapter": "qlora_fast.nn.lora",
+    "mark_only_lora_as_trainable": "qlora_fast.nn.lora",
+    "lora_modules": "qlora_fast.nn.lora",
     "replace_linear": "qlora_fast.nn.replace",
 }
 
