@@ -267,5 +267,7 @@ def test_reward_functions_by_hand():
     # Half for the digit share of the first line, half for a clean bare integer.
     assert format_reward(prompts, completions) == [1.0, 1.0, 1.0, 1.0, 0.5 * 1 / 8, 0.5]
     assert format_reward(["p"], [""]) == [0.0]
+    # A completion cut off at the length limit is not well formed, even if it reads as a number.
+    assert format_reward(["p", "p"], ["12", "12"], stopped=[True, False]) == [1.0, 0.5]
     with pytest.raises(ValueError, match="answers"):
         correctness_reward(["p"], ["1"], answer=[1, 2])

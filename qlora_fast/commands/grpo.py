@@ -1,9 +1,11 @@
 """`qlora-fast grpo`: GRPO on the shipped arithmetic task, starting from the SFT demo's adapter.
 
 Loads the built-in base model, loads the adapter `qlora-fast finetune` wrote (or trains one first
-with the SFT trainer and saves it there), measures held-out accuracy, runs GRPO with the
-correctness + format rewards, prints the reward curve and writes it as a PNG, measures held-out
-accuracy again and saves the GRPO adapter.
+with the SFT trainer and saves it there) and merges it into the base, so the SFT model is the
+starting policy and the KL reference; GRPO then trains a fresh (Q)LoRA adapter on top (the
+reference is that same model with the fresh adapter disabled: no second copy). Measures held-out
+accuracy, runs GRPO with the correctness + format rewards, prints the reward curve and writes it
+as a PNG, measures held-out accuracy again and saves the GRPO adapter.
 """
 import os
 import tempfile
@@ -29,7 +31,11 @@ def register(subparsers) -> None:
     p.add_argument("--group-size", type=int, default=8, help="completions sampled per prompt (G >= 2)")
     p.add_argument("--prompts-per-step", type=int, default=4, help="prompts per GRPO step")
     p.add_argument("--max-new-tokens", type=int, default=6, help="longest completion")
-    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
+    p.add_argument("--method", choices=("qlora", "lora"), default="qlora",
+                   help="GRPO adapter: QLoRA (NF4 base of the merged SFT model) or LoRA (full-precision base)")
+    p.add_argument("--r", type=int, default=8, help="rank of the GRPO adapter")
+    p.add_argument("--alpha", type=float, default=16.0, help="alpha of the GRPO adapter (scaling alpha / r)")
+    p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature")
     p.add_argument("--top-p", type=float, default=None, help="nucleus sampling threshold (default: off)")
     p.add_argument("--lr", type=float, default=1e-3, help="learning rate of the adapter")
     p.add_argument("--beta", type=float, default=0.04, help="weight of the KL to the reference (0 skips the reference pass)")
@@ -116,7 +122,7 @@ def _save_plot(history, before, after, path):
 
 def run(args) -> int:
     from qlora_fast.models import load_base_model
-    from qlora_fast.peft import load_adapter
+    from qlora_fast.peft import LoraConfig, get_peft_model, load_adapter
     from qlora_fast.train.grpo import GRPOConfig, GRPOTrainer
     from qlora_fast.train.rewards import arithmetic_rewards, load_arithmetic_task
 
@@ -132,10 +138,12 @@ def run(args) -> int:
         _train_sft_adapter(args.sft_adapter, args.sft_steps, args.cache_dir, device, args.seed, progress)
     torch.manual_seed(args.seed)
     base, tokenizer = load_base_model(cache_dir=args.cache_dir, progress=progress)
-    model = load_adapter(base, args.sft_adapter).to(device)
-    print(f"policy: built-in base + adapter {os.path.abspath(args.sft_adapter)} "
-          f"({sum(p.numel() for p in model.parameters() if p.requires_grad):,} trainable parameters); "
-          f"reference: the same model with its adapter disabled; device {device}")
+    sft_model = load_adapter(base, args.sft_adapter).merge_and_unload()
+    model = get_peft_model(sft_model, LoraConfig(r=args.r, alpha=args.alpha,
+                                                 quantize_base="nf4" if args.method == "qlora" else None)).to(device)
+    print(f"policy: built-in base + SFT adapter {os.path.abspath(args.sft_adapter)} (merged) + a fresh "
+          f"{args.method} adapter ({sum(p.numel() for p in model.parameters() if p.requires_grad):,} trainable "
+          f"parameters); reference: the same model with the fresh adapter disabled; device {device}")
 
     funcs, weights = arithmetic_rewards()
     config = GRPOConfig(

@@ -260,8 +260,8 @@ class GRPOTrainer:
     @torch.no_grad()
     def sample(self, prompts: Sequence[str], n: int, greedy: bool = False):
         """Each prompt `n` times (rows grouped by prompt): (prompt ids, prompt mask, completion
-        ids, completion mask, completion texts). The mask covers tokens up to and including the
-        first stop token."""
+        ids, completion mask, completion texts, stopped flags). The mask covers tokens up to and
+        including the first stop token; stopped[i] says row i emitted one."""
         from qlora_fast.models.generate import generate
 
         ids, mask = self.encode_prompts(prompts)
@@ -281,12 +281,16 @@ class GRPOTrainer:
             self.tokenizer.decode([t for t, keep, stop in zip(row.tolist(), m.tolist(), s.tolist()) if keep and not stop])
             for row, m, s in zip(completion, completion_mask, is_stop)
         ]
-        return ids, mask, completion, completion_mask, texts
+        stopped = is_stop.any(1).tolist()
+        return ids, mask, completion, completion_mask, texts, stopped
 
-    def score(self, rows: Sequence[dict], completions: List[str], n: int):
-        """(total weighted rewards (len(completions),), {function name: mean reward})."""
+    def score(self, rows: Sequence[dict], completions: List[str], n: int, stopped: Optional[List[bool]] = None):
+        """(total weighted rewards (len(completions),), {function name: mean reward}). Reward
+        functions get the rows' fields and, when given, `stopped` (completion ended with a stop token)."""
         prompts = [r["prompt"] for r in rows for _ in range(n)]
         fields = {k: [r.get(k) for r in rows for _ in range(n)] for k in rows[0] if k != "prompt"}
+        if stopped is not None:
+            fields["stopped"] = list(stopped)
         total = torch.zeros(len(completions), dtype=torch.float32)
         means = {}
         for fn, weight in zip(self.reward_funcs, self.reward_weights):
@@ -319,8 +323,8 @@ class GRPOTrainer:
         c = self.config
         start = time.perf_counter()
         rows = self._next_rows()
-        prompt_ids, prompt_mask, completion, completion_mask, texts = self.sample([r["prompt"] for r in rows], c.group_size)
-        rewards, reward_means = self.score(rows, texts, c.group_size)
+        prompt_ids, prompt_mask, completion, completion_mask, texts, stopped = self.sample([r["prompt"] for r in rows], c.group_size)
+        rewards, reward_means = self.score(rows, texts, c.group_size, stopped)
         advantages = group_advantages(rewards, c.group_size, scale=c.advantage_scale).to(self.device)
 
         input_ids = torch.cat([prompt_ids, completion], 1)
@@ -429,8 +433,8 @@ class GRPOTrainer:
         totals, per_fn = [], {}
         for s in range(0, len(dataset), batch_size):
             rows = dataset[s : s + batch_size]
-            texts = self.sample([r["prompt"] for r in rows], 1, greedy=True)[4]
-            total, means = self.score(rows, texts, 1)
+            texts, stopped = self.sample([r["prompt"] for r in rows], 1, greedy=True)[4:]
+            total, means = self.score(rows, texts, 1, stopped)
             totals.append(total)
             for k, v in means.items():
                 per_fn[k] = per_fn.get(k, 0.0) + v * len(rows)

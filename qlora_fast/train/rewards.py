@@ -1,8 +1,9 @@
 """The verifiable task shipped for GRPO (small-number arithmetic) and its reward functions.
 
 A reward function takes the prompts, the completions (decoded text, one per sampled sequence)
-and, as keyword lists aligned with them, every other field of the dataset rows (here `answer`),
-and returns one float per completion:
+and, as keyword lists aligned with them, every other field of the dataset rows (here `answer`)
+plus `stopped` (whether each completion ended with a stop token), and returns one float per
+completion (so it should accept **kwargs for fields it does not use):
 
     def reward(prompts: list[str], completions: list[str], **fields) -> list[float]
 
@@ -63,18 +64,21 @@ def correctness_reward(prompts: List[str], completions: List[str], answer: List[
     return [1.0 if parse_answer(c) == int(a) else 0.0 for c, a in zip(completions, answer)]
 
 
-def format_reward(prompts: List[str], completions: List[str], **_) -> List[float]:
+def format_reward(prompts: List[str], completions: List[str], stopped: Optional[List[bool]] = None, **_) -> List[float]:
     """Credit for answering with a bare number, graded so a model far from it still gets signal:
     half for the share of the first line's characters that are digits (or a leading minus), half
-    when the first line is a bare integer and is not run on into more text (the completion stops,
-    or a newline ends it)."""
+    when the completion is a bare integer and nothing else. `stopped` (the trainer passes it: the
+    completion ended with a stop token rather than at the length limit) is then required too, so
+    a completion cut off mid-way ("12\n\n\n\n...") does not count as well formed."""
     _check(prompts, completions)
+    if stopped is not None and len(stopped) != len(completions):
+        raise ValueError(f"got {len(stopped)} stopped flags for {len(completions)} completions")
     rewards = []
-    for c in completions:
+    for i, c in enumerate(completions):
         line = answer_line(c)
         share = sum(ch.isdigit() or (i == 0 and ch == "-") for i, ch in enumerate(line)) / len(line) if line else 0.0
         rest = c.split("\n", 1)[1] if "\n" in c else ""
-        clean = _INTEGER.fullmatch(line) is not None and rest.strip() == ""
+        clean = _INTEGER.fullmatch(line) is not None and rest.strip() == "" and (stopped is None or bool(stopped[i]))
         rewards.append(0.5 * share + 0.5 * float(clean))
     return rewards
 
