@@ -271,3 +271,27 @@ def test_reward_functions_by_hand():
     assert format_reward(["p", "p"], ["12", "12"], stopped=[True, False]) == [1.0, 0.5]
     with pytest.raises(ValueError, match="answers"):
         correctness_reward(["p"], ["1"], answer=[1, 2])
+
+
+# ------------------------------------------------------------------------------------------
+# The command
+# ------------------------------------------------------------------------------------------
+def test_grpo_command_end_to_end(one_thread, tmp_path, monkeypatch, capsys):
+    """`qlora-fast grpo` with a tiny base in place of the pretrained one: trains the SFT adapter
+    first (absent), merges it, runs GRPO, writes the plot and the adapter, reports accuracy."""
+    import qlora_fast.models
+    from qlora_fast.cli import main
+
+    monkeypatch.setattr(qlora_fast.models, "load_base_model",
+                        lambda cache_dir=None, progress=True, **_: (tiny_base(4).eval(), ByteTokenizer()))
+    out, sft = tmp_path / "out", tmp_path / "sft"
+    code = main(["grpo", "--sft-adapter", str(sft), "--sft-steps", "2", "--steps", "2", "--group-size", "2",
+                 "--prompts-per-step", "2", "--max-new-tokens", "3", "--heldout", "4", "--output", str(out),
+                 "--checkpoint-every", "1", "--no-progress"])
+    assert code == 0
+    text = capsys.readouterr().out
+    assert "no SFT adapter" in text and "held-out accuracy" in text and "reward curve" in text
+    assert (sft / "adapter_config.json").exists()
+    assert (out / "grpo_reward_curve.png").stat().st_size > 1000
+    assert (out / "adapter-grpo" / "adapter_model.safetensors").exists()
+    assert len(list((out / "grpo-checkpoints").glob("checkpoint-*.pt"))) == 2

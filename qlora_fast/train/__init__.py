@@ -6,6 +6,10 @@ _LAZY = {
     "SFTConfig": "qlora_fast.train.sft",
     "GRPOTrainer": "qlora_fast.train.grpo",
     "GRPOConfig": "qlora_fast.train.grpo",
+    "grpo_loss": "qlora_fast.train.policy_gradient",
+    "group_advantages": "qlora_fast.train.policy_gradient",
+    "sequence_logprobs": "qlora_fast.train.policy_gradient",
+    "reinforce_loss": "qlora_fast.train.policy_gradient",
 }
 
 
