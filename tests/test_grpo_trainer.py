@@ -117,6 +117,33 @@ def test_completion_logprobs_match_model_logits(seed, quantize):
         assert_close(out, expect, atol=2e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_completion_logprobs_on_transformers_models(seed, arch):
+    """transformers models from tiny configs, left-padded: Llama (with LoRA) goes through the
+    chunked path, GPT-2 (no `.model`) through full logits; both number positions from the mask
+    as generate() does (GPT-2's absolute positions would otherwise shift) and match the model."""
+    transformers = pytest.importorskip("transformers")
+    if arch == "llama":
+        config = transformers.LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+        model = add_adapters(transformers.LlamaForCausalLM(config).eval())
+        for m in model.modules():
+            if isinstance(m, LoRALinear):
+                torch.nn.init.normal_(m.lora_B, std=0.1)
+    else:
+        config = transformers.GPT2Config(vocab_size=97, n_embd=32, n_layer=2, n_head=4, n_positions=64)
+        model = transformers.GPT2LMHeadModel(config).eval()
+    ids = torch.randint(0, 97, (2, 12))
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    n = 4
+    out = completion_logprobs(model, ids, mask, n, chunk_size=3)
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits.double()[:, -n - 1 : -1]
+    expect = torch.log_softmax(logits, -1).gather(-1, ids[:, -n:, None]).squeeze(-1)
+    assert_close(out, expect, atol=2e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("loss_type", ["grpo", "dapo", "dr_grpo"])
 def test_gradient_accumulation_and_checkpointing_match_one_batch(one_thread, loss_type):
     """SGD with lr 1 makes the update the gradient: micro-batches and recomputed activations

@@ -130,18 +130,24 @@ def _output_layer(model):
 def completion_logprobs(model, input_ids, attention_mask, n_completion, temperature=1.0, chunk_size=1024):
     """Per-token log-probs (B, n_completion) of the last `n_completion` tokens of `input_ids`
     under softmax(logits / temperature), with the chunked output layer when the model allows."""
+    from qlora_fast.models import positions_from_mask
+
     split = _output_layer(model)
     prompt_len = input_ids.shape[1] - n_completion
     targets = input_ids[:, prompt_len:]
+    # Positions count real tokens only, as generate() numbered them (left-padded prompts start at
+    # 0); transformers models would otherwise number the padding too.
+    positions = positions_from_mask(attention_mask)
     if split is not None:
         backbone, weight, bias = split
-        out = backbone(input_ids=input_ids, attention_mask=attention_mask)
+        out = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions)
         hidden = getattr(out, "last_hidden_state", None)
         if hidden is None:
             hidden = out[0] if isinstance(out, (tuple, list)) else out
         hidden = hidden[:, prompt_len - 1 : -1]
         return sequence_logprobs(hidden, weight, targets, bias=bias, chunk_size=chunk_size, temperature=temperature)
-    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, prompt_len - 1 : -1].float()
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions).logits
+    logits = logits[:, prompt_len - 1 : -1].float()
     return torch.log_softmax(logits / temperature, -1).gather(-1, targets[..., None]).squeeze(-1)
 
 
