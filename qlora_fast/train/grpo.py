@@ -36,8 +36,10 @@ class GRPOConfig:
     group_size (G) completions per prompt, at least 2 (the group mean is the baseline).
     prompts_per_step prompts per optimisation step, so a step samples prompts_per_step * G
     sequences; grad_accum_steps splits those into micro-batches (must divide the count).
-    num_iterations: optimisation passes over each sampled batch (PPO-style; the clip matters
-    from the second pass on). beta: weight of the k3 KL to the reference (0 skips the reference
+    temperature / top_k / top_p: sampling; log-probs use softmax(logits / temperature), so the
+    ratios ignore the top-k / top-p truncation (as TRL does). num_iterations: optimisation passes
+    over each sampled batch (PPO-style; the clip matters from the second pass on; the sampling
+    policy's log-probs come from an eval-mode pass, so LoRA dropout makes ratios differ from 1). beta: weight of the k3 KL to the reference (0 skips the reference
     pass). eps_low / eps_high: clip range (eps_high > eps_low is clip-higher). loss_type:
     "grpo" | "dapo" | "dr_grpo". advantage_scale: "group" | "batch" | "none".
     optimizer: qlora_fast.optim's "paged_adamw_8bit" (8-bit states paged to host memory: the
