@@ -86,16 +86,17 @@ def test_loss_is_on_output_tokens_only(tiny_base, seed):
 
 def test_packing_fills_rows_with_whole_examples_in_order():
     tok = ByteTokenizer()
-    pairs = TRAIN[:40]
-    rows = build_examples(tok, pairs, PROMPT_TEMPLATE, 57, packing=True, seed=3)
-    unpacked = build_examples(tok, pairs, PROMPT_TEMPLATE, 57, packing=False)
+    L = 101
+    pairs = [p for p in TRAIN[:60] if len(encode_example(tok, p["instruction"], p["output"])[0]) <= L][:40]
+    rows = build_examples(tok, pairs, PROMPT_TEMPLATE, L, packing=True, seed=3)
+    unpacked = [encode_example(tok, p["instruction"], p["output"]) for p in pairs]
     order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(3)).tolist()
     stream_ids = [t for i in order for t in unpacked[i][0]]
     stream_labels = [t for i in order for t in unpacked[i][1]]
-    assert all(len(ids) == 57 == len(lab) for ids, lab in rows)
-    assert len(rows) == len(stream_ids) // 57
-    assert [t for ids, _ in rows for t in ids] == stream_ids[:57 * len(rows)]
-    assert [t for _, lab in rows for t in lab] == stream_labels[:57 * len(rows)]
+    assert all(len(ids) == L == len(lab) for ids, lab in rows)
+    assert len(rows) == len(stream_ids) // L
+    assert [t for ids, _ in rows for t in ids] == stream_ids[:L * len(rows)]
+    assert [t for _, lab in rows for t in lab] == stream_labels[:L * len(rows)]
 
 
 def test_warmup_cosine_schedule_values():
