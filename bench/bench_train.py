@@ -57,7 +57,7 @@ def main():
         step, tokens = setup(provider)
         step()
         times = []
-        for _ in range(5):
+        for _ in range(9):
             start = time.perf_counter()
             step()
             times.append(time.perf_counter() - start)
