@@ -4,7 +4,6 @@ import os
 
 import pytest
 import torch
-import torch.nn.functional as F
 from conftest import assert_close
 
 from qlora_fast.models import LlamaConfig, LlamaForCausalLM, PretrainRecipe, generate, load_base_model
