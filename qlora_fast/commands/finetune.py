@@ -5,7 +5,8 @@ a local Hugging Face model directory (`--model DIR`), wraps it with the chosen P
 NF4 base with double quantization + LoRA adapters), instruction-tunes it on the shipped
 instruction set with the paged 8-bit AdamW, and prints a report: trainable/total parameters,
 bytes of the 4-bit base vs bf16, peak memory, held-out perplexity and exact-match accuracy
-before and after tuning, and where the adapter was saved.
+before and after tuning, and where the adapter was saved. Under `torchrun --nproc_per_node N`
+it trains with DDP (gloo on the CPU); rank 0 reports and saves.
 """
 import argparse
 import os
@@ -71,6 +72,18 @@ def _device(name: str) -> torch.device:
     return device
 
 
+def _init_distributed(device: torch.device) -> int:
+    """Under torchrun (WORLD_SIZE > 1) join the process group (gloo on the CPU, nccl on CUDA) so
+    SFTTrainer trains with DDP; returns this process's rank (0 without torchrun)."""
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 0
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank()
+
+
 def _peak_memory(device: torch.device) -> str:
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
     text = f"peak process RSS {rss / 2**20:.0f} MiB"
@@ -102,7 +115,10 @@ def run(args) -> int:
         raise SystemExit("error: --steps and --eval-pairs must be positive")
     torch.manual_seed(args.seed)
     device = _device(args.device)
-    progress = not args.no_progress
+    rank = _init_distributed(device)
+    if rank:  # under torchrun only rank 0 reports, shows bars and writes files
+        sys.stdout = open(os.devnull, "w")
+    progress = not args.no_progress and rank == 0
     started = time.time()
     if args.model:
         from qlora_fast.models.hf import load_hf_model
@@ -147,7 +163,8 @@ def run(args) -> int:
     after = measure("after")
 
     adapter_dir = os.path.join(args.output, f"adapter-{args.method}")
-    peft.save_adapter(adapter_dir)
+    if rank == 0:
+        peft.save_adapter(adapter_dir)
     trainable, total = peft.parameter_counts()
     sizes = base_weight_bytes(peft)
     print("\n=== qlora-fast finetune report ===")
@@ -162,4 +179,6 @@ def run(args) -> int:
     print(f"held-out exact match   {100 * before[1]:.1f}% -> {100 * after[1]:.1f}%")
     print(f"adapter saved to       {os.path.abspath(adapter_dir)}")
     print(f"wall time              {time.time() - started:.0f} s")
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
     return 0
