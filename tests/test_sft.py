@@ -251,3 +251,15 @@ def test_finetune_command_on_a_local_hf_model_dir(tmp_path, capsys):
     from qlora_fast.peft import read_adapter_config
 
     assert read_adapter_config(str(tmp_path / "out" / "adapter-lora")).quantize_base is None
+
+
+@pytest.mark.slow
+def test_finetune_command_under_torchrun(tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}", "-m", "qlora_fast.cli",
+           "finetune", "--steps", "2", "--batch-size", "2", "--eval-pairs", "4", "--max-new-tokens", "2", "--pretrain-steps", "2",
+           "--cache-dir", str(tmp_path / "cache"), "--output", str(tmp_path / "out"), "--no-progress"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("=== qlora-fast finetune report ===") == 1  # rank 0 only
+    assert sorted(os.listdir(tmp_path / "out" / "adapter-qlora")) == ["adapter_config.json", "adapter_model.safetensors"]
