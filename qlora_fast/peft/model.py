@@ -18,7 +18,6 @@ import contextlib
 import json
 import os
 import re
-import tempfile
 from typing import Optional
 
 import torch
@@ -26,6 +25,7 @@ from torch import nn
 
 from qlora_fast.models.generate import call_causal_lm
 from qlora_fast.models.llama import CausalLMOutput, LlamaForCausalLM, causal_lm_loss, positions_from_mask
+from qlora_fast.utils import atomic_write_bytes
 
 from .config import LoraConfig, PrefixTuningConfig, PromptTuningConfig, config_from_dict
 
@@ -363,8 +363,8 @@ class PeftModel(nn.Module):
         from safetensors.torch import save
 
         os.makedirs(path, exist_ok=True)
-        _atomic_write(os.path.join(path, ADAPTER_WEIGHTS), save(self.adapter_state_dict()))
-        _atomic_write(os.path.join(path, ADAPTER_CONFIG), json.dumps(self.peft_config.to_dict(), indent=2).encode())
+        atomic_write_bytes(os.path.join(path, ADAPTER_WEIGHTS), save(self.adapter_state_dict()))
+        atomic_write_bytes(os.path.join(path, ADAPTER_CONFIG), json.dumps(self.peft_config.to_dict(), indent=2).encode())
         return path
 
     def load_adapter(self, path: str) -> "PeftModel":
@@ -420,21 +420,6 @@ class PeftModel(nn.Module):
             replacement.requires_grad_(False)
             setattr(parent, child, replacement)
         return self.base_model
-
-
-def _atomic_write(path: str, data: bytes) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def read_adapter_config(path: str):

@@ -19,12 +19,13 @@ from __future__ import annotations
 import base64
 import json
 import os
-import tempfile
 from collections import Counter
 from heapq import heappop, heappush
 from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import regex
+
+from qlora_fast.utils import atomic_write_bytes
 
 # GPT-2's pattern as tiktoken writes it (equivalent to the original, faster with possessives).
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
@@ -148,24 +149,6 @@ def _merge_piece(piece: bytes, ranks: Mapping[bytes, int]) -> List[int]:
             break
         parts[best_i : best_i + 2] = [parts[best_i] + parts[best_i + 1]]
     return [ranks[p] for p in parts]
-
-
-def _atomic_write(path: Union[str, os.PathLike], data: bytes) -> None:
-    """Write `data` to `path` through a temp file in the same directory and os.replace."""
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(path))
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 class BPETokenizer:
@@ -583,7 +566,7 @@ class BPETokenizer:
 
     def save(self, path: Union[str, os.PathLike]) -> None:
         """Write our JSON form to `path` atomically."""
-        _atomic_write(path, json.dumps(self.to_dict(), ensure_ascii=False, indent=1).encode("utf-8"))
+        atomic_write_bytes(path, json.dumps(self.to_dict(), ensure_ascii=False, indent=1).encode("utf-8"))
 
     @classmethod
     def load(cls, path: Union[str, os.PathLike]) -> "BPETokenizer":
@@ -597,7 +580,7 @@ class BPETokenizer:
         The pattern and special tokens are not part of that format; `tiktoken_kwargs()` has them.
         """
         lines = [f"{base64.b64encode(t).decode('ascii')} {r}\n" for t, r in sorted(self._ranks.items(), key=lambda kv: kv[1])]
-        _atomic_write(path, "".join(lines).encode("ascii"))
+        atomic_write_bytes(path, "".join(lines).encode("ascii"))
 
     @classmethod
     def load_tiktoken(cls, path: Union[str, os.PathLike], pattern: str = "cl100k", special_tokens: Optional[Mapping[str, int]] = None, **kwargs) -> "BPETokenizer":

@@ -7,11 +7,12 @@ crash mid-save leaves the previous checkpoint intact. The GRPO trainer uses the 
 import os
 import random
 import re
-import tempfile
 from typing import Optional
 
 import torch
 from torch import nn
+
+from qlora_fast.utils import atomic_write
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)\.pt$")
 
@@ -52,19 +53,7 @@ def set_rng_state(state: dict) -> None:
 
 def atomic_torch_save(obj, path: str) -> None:
     """torch.save to a temp file beside `path`, then os.replace onto it."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".pt")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def save_checkpoint(path: str, model: nn.Module, optimizer=None, scheduler=None, step: int = 0, extra: Optional[dict] = None) -> str:
