@@ -1,5 +1,6 @@
 """Shared test set-up: Triton runs in its CPU interpreter unless a GPU run asks otherwise,
 and `assert_close` reports where tensors differ."""
+import contextlib
 import os
 
 # Must be set before triton is imported anywhere: every kernel runs on the CPU in CI.
@@ -44,3 +45,18 @@ def seed():
     torch.manual_seed(s)
     print(f"seed={s}")
     return s
+
+
+@pytest.fixture
+def reference_backend(monkeypatch):
+    """Dispatch to the plain-PyTorch reference path (a module opts in with
+    `pytestmark = pytest.mark.usefixtures("reference_backend")`)."""
+    monkeypatch.setenv("QLORA_FAST_BACKEND", "reference")
+
+
+@contextlib.contextmanager
+def no_dynamo():
+    """Run with torch._dynamo disabled: bitsandbytes' pure-PyTorch fallbacks wrap themselves in
+    torch.compile, and eager is enough for an oracle."""
+    with torch._dynamo.config.patch(disable=True):
+        yield

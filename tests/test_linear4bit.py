@@ -1,10 +1,8 @@
 """Linear4bit: forward against a float64 matmul with the oracle's dequantized weight, state_dict
 round trips (ours, safetensors, and to/from bitsandbytes' Linear4bit), device moves, errors."""
-import contextlib
-
 import pytest
 import torch
-from conftest import assert_close
+from conftest import assert_close, no_dynamo
 from torch import nn
 
 from qlora_fast.nn import Linear4bit
@@ -13,15 +11,7 @@ bnb = pytest.importorskip("bitsandbytes", reason="bitsandbytes (the oracle) is a
 import bitsandbytes.functional as bnbF  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def reference_backend(monkeypatch):
-    monkeypatch.setenv("QLORA_FAST_BACKEND", "reference")
-
-
-@contextlib.contextmanager
-def no_dynamo():
-    with torch._dynamo.config.patch(disable=True):
-        yield
+pytestmark = pytest.mark.usefixtures("reference_backend")
 
 
 def oracle_weight(weight, quant_type, blocksize, nested):

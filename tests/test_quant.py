@@ -7,14 +7,13 @@ the same op uses an approximate binary search and picks a farther code for a sma
 values (measured below), so against it we assert that every difference is one where the oracle's
 code is not the nearest one, and bound the fraction.
 """
-import contextlib
 import dataclasses
 import itertools
 import json
 
 import pytest
 import torch
-from conftest import assert_close
+from conftest import assert_close, no_dynamo
 
 from qlora_fast.functional import dequantize_4bit, quantize_4bit
 from qlora_fast.quant_state import QuantState
@@ -27,16 +26,7 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 BLOCKSIZES = [32, 64, 128, 256, 512, 1024, 2048, 4096]
 
 
-@pytest.fixture(autouse=True)
-def reference_backend(monkeypatch):
-    monkeypatch.setenv("QLORA_FAST_BACKEND", "reference")
-
-
-@contextlib.contextmanager
-def no_dynamo():
-    # bitsandbytes' pure-PyTorch fallbacks wrap themselves in torch.compile; eager is enough here
-    with torch._dynamo.config.patch(disable=True):
-        yield
+pytestmark = pytest.mark.usefixtures("reference_backend")
 
 
 def bnb_quantize(x, blocksize, quant_type, nested):

@@ -4,10 +4,10 @@ PyTorch reference and the bitsandbytes oracle, bit for bit.
 bf16 output: the kernel rounds to nearest-even by hand under the interpreter (whose own cast
 truncates), so bf16 is compared exactly too.
 """
-import contextlib
 
 import pytest
 import torch
+from conftest import no_dynamo
 
 from qlora_fast.functional import dequantize_4bit, quantize_4bit
 from qlora_fast.kernels import nf4 as kernels
@@ -23,12 +23,6 @@ DEVICE = "cpu" if INTERPRET else "cuda"
 
 if not INTERPRET and not torch.cuda.is_available():
     pytest.skip("Triton kernels need CUDA or TRITON_INTERPRET=1", allow_module_level=True)
-
-
-@contextlib.contextmanager
-def no_dynamo():
-    with torch._dynamo.config.patch(disable=True):
-        yield
 
 
 def random_input(n, dtype, device=None):

@@ -5,11 +5,11 @@ converted weight replaced by bitsandbytes' own quantize + dequantize of it (the 
 converted model's logits must equal that model's up to fp32 rounding; the distance to the
 full-precision logits is only sanity-checked (it is the 4-bit error itself).
 """
-import contextlib
 import copy
 
 import pytest
 import torch
+from conftest import no_dynamo
 from torch import nn
 
 from qlora_fast.nn import Linear4bit, replace_linear
@@ -19,15 +19,7 @@ bnb = pytest.importorskip("bitsandbytes", reason="bitsandbytes (the oracle) is a
 import bitsandbytes.functional as bnbF  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def reference_backend(monkeypatch):
-    monkeypatch.setenv("QLORA_FAST_BACKEND", "reference")
-
-
-@contextlib.contextmanager
-def no_dynamo():
-    with torch._dynamo.config.patch(disable=True):
-        yield
+pytestmark = pytest.mark.usefixtures("reference_backend")
 
 
 def oracle_fake_quant_(model, names, transposed=False, blocksize=64):
