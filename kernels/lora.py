@@ -32,8 +32,7 @@ import triton
 import triton.language as tl
 
 from .nf4_matmul import (
-    SKINNY_MAX_M, Weight4bit, _dequantize_4bit_rows, _dequantize_4bit_tile, dequantize_to_workspace, dot_dtype,
-    row_pairs,
+    SKINNY_MAX_M, Weight4bit, _dequantize_4bit_operand, dequantize_to_workspace, dot_dtype, row_pairs,
 )
 from .utils import INTERPRET
 
@@ -73,20 +72,17 @@ def _lora_matmul_kernel(
             a_ptr + offs_m[:, None] * stride_am + offs_q[None, :] * stride_aq,
             mask=m_mask[:, None] & q_mask[None, :], other=0.0,
         ).to(tl.float32)
-        w_mask = q_mask[:, None] & p_mask[None, :]
-        w_offs = offs_q[:, None] * stride_wq + offs_p[None, :] * stride_wp
-        if WEIGHT_4BIT and ROW_PAIRS:
-            w = tl.trans(_dequantize_4bit_rows(
+        if WEIGHT_4BIT:
+            w = _dequantize_4bit_operand(
                 w_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr,
-                offs_p, p_mask, q0, q_end, ROW_PAIRS, BLOCKSIZE, NESTED, NESTED_BLOCKSIZE, BLOCK_Q,
-            ))
-        elif WEIGHT_4BIT:
-            w = _dequantize_4bit_tile(
-                w_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr,
-                w_offs, w_mask, BLOCKSIZE, NESTED, NESTED_BLOCKSIZE,
+                offs_q, q_mask, offs_p, p_mask, q0, q_end, stride_wq, stride_wp, ROW_PAIRS,
+                BLOCKSIZE, NESTED, NESTED_BLOCKSIZE, BLOCK_Q,
             )
         else:
-            w = tl.load(w_ptr + w_offs, mask=w_mask, other=0.0).to(tl.float32)
+            w = tl.load(
+                w_ptr + offs_q[:, None] * stride_wq + offs_p[None, :] * stride_wp,
+                mask=q_mask[:, None] & p_mask[None, :], other=0.0,
+            ).to(tl.float32)
         acc += tl.dot(a.to(DOT_DTYPE), w.to(DOT_DTYPE), input_precision=INPUT_PRECISION)
     if pid_s == 0:
         offs_r = tl.arange(0, BLOCK_R)

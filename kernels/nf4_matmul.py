@@ -26,7 +26,8 @@ Two paths:
   figures; it is NOT measured (no GPU was available when it was written): bench/gpu_lora.py
   times both (`method="fused"` vs `method="dequant"`) so the threshold can be set by measurement.
 
-`_dequantize_4bit_tile` is reused by kernels/lora.py for the fused LoRA GEMM with an NF4 base.
+`_dequantize_4bit_operand` (either decode, as a tl.dot operand) is reused by kernels/lora.py for
+the fused LoRA GEMM with an NF4 base.
 This module imports torch and triton only.
 """
 from typing import NamedTuple, Optional
@@ -70,6 +71,23 @@ class Weight4bit(NamedTuple):
 
 
 @triton.jit
+def _block_scale(
+    absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, block, mask,
+    NESTED: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr,
+):
+    """fp32 absmax of the quantization blocks `block` (any shape), decoding the double-quantized
+    absmax when NESTED; 0 where masked."""
+    if NESTED:
+        q = tl.load(absmax_ptr + block, mask=mask, other=0).to(tl.int32)
+        scale = tl.load(nested_code_ptr + q, mask=mask, other=0.0)
+        scale = scale * tl.load(nested_absmax_ptr + block // NESTED_BLOCKSIZE, mask=mask, other=0.0)
+        scale = scale + tl.load(offset_ptr)
+    else:
+        scale = tl.load(absmax_ptr + block, mask=mask, other=0.0)
+    return scale
+
+
+@triton.jit
 def _dequantize_4bit_tile(
     packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr,
     flat, mask,
@@ -79,14 +97,8 @@ def _dequantize_4bit_tile(
     byte = tl.load(packed_ptr + flat // 2, mask=mask, other=0).to(tl.int32)
     nibble = tl.where(flat % 2 == 0, byte >> 4, byte & 15)
     value = tl.load(code_ptr + nibble, mask=mask, other=0.0)
-    block = flat // BLOCKSIZE
-    if NESTED:
-        q = tl.load(absmax_ptr + block, mask=mask, other=0).to(tl.int32)
-        scale = tl.load(nested_code_ptr + q, mask=mask, other=0.0)
-        scale = scale * tl.load(nested_absmax_ptr + block // NESTED_BLOCKSIZE, mask=mask, other=0.0)
-        scale = scale + tl.load(offset_ptr)
-    else:
-        scale = tl.load(absmax_ptr + block, mask=mask, other=0.0)
+    scale = _block_scale(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, flat // BLOCKSIZE, mask,
+                         NESTED, NESTED_BLOCKSIZE)
     return value * scale
 
 
@@ -105,16 +117,34 @@ def _dequantize_4bit_rows(
     byte = tl.load(packed_ptr + byte_idx, mask=mask, other=0).to(tl.int32)
     # both nibbles of a byte share a block (blocksize is even): one scale per byte
     block = (byte_idx * 2) // BLOCKSIZE
-    if NESTED:
-        q = tl.load(absmax_ptr + block, mask=mask, other=0).to(tl.int32)
-        scale = tl.load(nested_code_ptr + q, mask=mask, other=0.0)
-        scale = scale * tl.load(nested_absmax_ptr + block // NESTED_BLOCKSIZE, mask=mask, other=0.0)
-        scale = scale + tl.load(offset_ptr)
-    else:
-        scale = tl.load(absmax_ptr + block, mask=mask, other=0.0)
+    scale = _block_scale(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, block, mask, NESTED, NESTED_BLOCKSIZE)
     high = tl.load(code_ptr + (byte >> 4), mask=mask, other=0.0) * scale
     low = tl.load(code_ptr + (byte & 15), mask=mask, other=0.0) * scale
     return tl.interleave(high, low)
+
+
+@triton.jit
+def _dequantize_4bit_operand(
+    packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr,
+    offs_k, k_mask, offs_n, n_mask, k0, k_end, stride_wk, stride_wn, ROW_PAIRS: tl.constexpr,
+    BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """fp32 (BLOCK_K, BLOCK_N) right-hand tl.dot operand Wop[offs_k, offs_n], Wop[k, n] being the
+    weight element at flat index k * stride_wk + n * stride_wn; 0 where masked. ROW_PAIRS: 0, or
+    the (even) row length when Wop = W^T is read along W's rows (`_dequantize_4bit_rows`, whole
+    bytes loaded contiguously) instead of one gathered byte per element."""
+    if ROW_PAIRS:
+        w = tl.trans(_dequantize_4bit_rows(
+            packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr,
+            offs_n, n_mask, k0, k_end, ROW_PAIRS, BLOCKSIZE, NESTED, NESTED_BLOCKSIZE, BLOCK_K,
+        ))
+    else:
+        w = _dequantize_4bit_tile(
+            packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr,
+            offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn, k_mask[:, None] & n_mask[None, :],
+            BLOCKSIZE, NESTED, NESTED_BLOCKSIZE,
+        )
+    return w
 
 
 @triton.jit
@@ -169,18 +199,11 @@ def _nf4_matmul_kernel(
             x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
             mask=m_mask[:, None] & k_mask[None, :], other=0.0,
         ).to(tl.float32)
-        if ROW_PAIRS:
-            w = tl.trans(_dequantize_4bit_rows(
-                packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr,
-                offs_n, n_mask, k0, k_end, ROW_PAIRS, BLOCKSIZE, NESTED, NESTED_BLOCKSIZE, BLOCK_K,
-            ))
-        else:
-            w_mask = k_mask[:, None] & n_mask[None, :]
-            flat = offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn
-            w = _dequantize_4bit_tile(
-                packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr,
-                flat, w_mask, BLOCKSIZE, NESTED, NESTED_BLOCKSIZE,
-            )
+        w = _dequantize_4bit_operand(
+            packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr,
+            offs_k, k_mask, offs_n, n_mask, k0, k_end, stride_wk, stride_wn, ROW_PAIRS,
+            BLOCKSIZE, NESTED, NESTED_BLOCKSIZE, BLOCK_K,
+        )
         acc += tl.dot(x.to(DOT_DTYPE), w.to(DOT_DTYPE), input_precision=INPUT_PRECISION)
     if HAS_BIAS:
         if pid_s == 0:
