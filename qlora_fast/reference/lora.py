@@ -8,6 +8,8 @@ from typing import Optional
 
 import torch
 
+from .quant import dequantize_4bit_code_ref, dequantize_blockwise_ref
+
 __all__ = [
     "dequantize_weight_4bit_ref",
     "matmul_4bit_ref",
@@ -27,23 +29,11 @@ def dequantize_weight_4bit_ref(packed: torch.Tensor, absmax: torch.Tensor, code:
     `nested_code` scaled by `nested_absmax` (one per `nested_blocksize` absmax) plus `offset`.
     Values are computed in fp32 as bitsandbytes does, then cast.
     """
-    numel = int(shape[0]) * int(shape[1])
-    # one lookup per byte in a (256, 2) table of (high, low) nibble values: half the index work
-    byte_values = torch.arange(256, device=packed.device)
-    pair_table = torch.stack((code.float()[byte_values >> 4], code.float()[byte_values & 15]), dim=1)
-    values = torch.nn.functional.embedding(packed.reshape(-1).long(), pair_table).reshape(-1)[:numel]
+    absmax = absmax.reshape(-1)
     if nested_absmax is not None:
-        q = absmax.reshape(-1).long()
-        block_scale = nested_absmax.float().repeat_interleave(nested_blocksize)[: q.numel()]
-        scales = nested_code.float()[q] * block_scale + offset.float()
-    else:
-        scales = absmax.reshape(-1).float()
-    # scale block by block (a view, no per-element index of the scales)
-    n_blocks = scales.numel()
-    if n_blocks * blocksize != numel:  # a partial last block
-        values = torch.nn.functional.pad(values, (0, n_blocks * blocksize - numel))
-    values = (values.view(n_blocks, blocksize) * scales[:, None]).reshape(-1)[:numel]
-    return values.reshape(int(shape[0]), int(shape[1])).to(dtype)
+        absmax = dequantize_blockwise_ref(absmax, nested_absmax.float(), nested_code.float(), nested_blocksize)
+        absmax = absmax + offset.float()
+    return dequantize_4bit_code_ref(packed, absmax, code, (int(shape[0]), int(shape[1])), blocksize, dtype)
 
 
 def matmul_4bit_ref(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,

@@ -24,6 +24,7 @@ __all__ = [
     "code_for",
     "quantize_4bit_ref",
     "dequantize_4bit_ref",
+    "dequantize_4bit_code_ref",
     "quantize_blockwise_ref",
     "dequantize_blockwise_ref",
     "quantize_absmax_ref",
@@ -147,10 +148,22 @@ def dequantize_4bit_ref(
 
     `absmax` is the fp32 per-block absmax (already decoded if it was double-quantized).
     """
+    return dequantize_4bit_code_ref(packed, absmax, code_for(quant_type), shape, blocksize, out_dtype)
+
+
+def dequantize_4bit_code_ref(
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    code: torch.Tensor,
+    shape,
+    blocksize: int,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """`dequantize_4bit_ref` with the 16-entry code table given as a tensor instead of by name."""
     n = 1
     for s in shape:
         n *= int(s)
-    code = code_for(quant_type).to(packed.device)
+    code = code.to(packed.device).float()
     # one lookup per byte: a 256-entry table of (high nibble, low nibble) code pairs
     pairs = torch.stack([code.repeat_interleave(16), code.repeat(16)], dim=1)
     values = pairs.index_select(0, packed.reshape(-1).int()).reshape(-1)[:n]
