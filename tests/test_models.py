@@ -208,11 +208,11 @@ def test_bad_generate_args_raise():
 def test_load_base_model_trains_once_then_loads_the_cache(tmp_path):
     recipe = PretrainRecipe(steps=3, batch_size=2, seq_len=16)
     config = LlamaConfig(hidden_size=32, intermediate_size=40, num_layers=1, num_heads=2, num_kv_heads=1)
-    model, tok = load_base_model(cache_dir=str(tmp_path), progress=False, recipe=recipe, config=config)
+    model, tok = load_base_model(cache_dir=str(tmp_path), progress=False, recipe=recipe, config=config, tokenizer="byte")
     (entry,) = os.listdir(tmp_path)
     files = sorted(os.listdir(tmp_path / entry))
     assert files == ["config.json", "model.safetensors"]  # no temp files left behind
-    again, _ = load_base_model(cache_dir=str(tmp_path), progress=False, recipe=recipe, config=config)
+    again, _ = load_base_model(cache_dir=str(tmp_path), progress=False, recipe=recipe, config=config, tokenizer="byte")
     for (n, a), (_, b) in zip(model.state_dict().items(), again.state_dict().items()):
         assert torch.equal(a, b), n
     fresh = LlamaForCausalLM(config)
@@ -220,3 +220,28 @@ def test_load_base_model_trains_once_then_loads_the_cache(tmp_path):
     assert tok.vocab_size == config.vocab_size
     ids = torch.tensor([tok.encode("The capital")])
     assert model.generate(ids, max_new_tokens=3).shape == (1, ids.shape[1] + 3)
+
+
+def test_load_base_model_with_the_shipped_bpe_has_its_own_cache_entry(tmp_path):
+    from qlora_fast.tokenizer import BPETokenizer, ByteTokenizer, load_shipped_bpe
+
+    recipe = PretrainRecipe(steps=3, batch_size=2, seq_len=16)
+    shape = dict(hidden_size=32, intermediate_size=40, num_layers=1, num_heads=2, num_kv_heads=1)
+    model, tok = load_base_model(cache_dir=str(tmp_path), progress=False, recipe=recipe, config=LlamaConfig(**shape), tokenizer="bpe")
+    assert isinstance(tok, BPETokenizer) and model.config.vocab_size == tok.vocab_size  # config's 259 replaced
+    assert tok.to_dict() == load_shipped_bpe(cache_dir=str(tmp_path), progress=False).to_dict()
+    assert tok.vocab_size > 259  # merges beyond the 256 bytes
+    text = "The capital of France is Paris."
+    assert len(tok.encode(text)) < len(text.encode())  # BPE compresses the corpus's kind of text
+    assert tok.decode(tok.encode(text)) == text
+    bases = lambda: sorted(e for e in os.listdir(tmp_path) if e.startswith("base-"))  # noqa: E731
+    (bpe_entry,) = bases()
+    _, byte_tok = load_base_model(cache_dir=str(tmp_path), progress=False, recipe=recipe, config=LlamaConfig(**shape), tokenizer="byte")
+    assert isinstance(byte_tok, ByteTokenizer)
+    assert len(bases()) == 2 and bpe_entry in bases()  # the tokenizer is part of the cache key
+    again, _ = load_base_model(cache_dir=str(tmp_path), progress=False, recipe=recipe, config=model.config, tokenizer="bpe")
+    assert len(bases()) == 2  # loaded from the cache, not retrained
+    for (n, a), (_, b) in zip(model.state_dict().items(), again.state_dict().items()):
+        assert torch.equal(a, b), n
+    with pytest.raises(ValueError, match="tokenizer"):
+        load_base_model(cache_dir=str(tmp_path), progress=False, recipe=recipe, tokenizer="words")

@@ -31,6 +31,8 @@ def register(subparsers) -> None:
                         help="local Hugging Face causal LM directory; default: the built-in tiny base model")
     parser.add_argument("--cache-dir", default=None,
                         help="where the built-in base model is cached (default $QLORA_FAST_CACHE or ~/.cache/qlora_fast)")
+    parser.add_argument("--tokenizer", choices=("byte", "bpe"), default="byte",
+                        help="tokenizer of the built-in base model: bytes, or the BPE trained on the shipped corpus (ignored with --model)")
     parser.add_argument("--pretrain-steps", type=int, default=None,
                         help="pretraining steps of the built-in base model (default: its recipe's; a new value trains and caches a new base)")
     parser.add_argument("--device", default="auto", help="'auto' (cuda when present, else cpu), 'cpu', 'cuda', 'cuda:1', ...")
@@ -129,8 +131,9 @@ def run(args) -> int:
         from qlora_fast.models import PretrainRecipe, load_base_model
 
         recipe = PretrainRecipe() if args.pretrain_steps is None else PretrainRecipe(steps=args.pretrain_steps)
-        model, tokenizer = load_base_model(cache_dir=args.cache_dir, progress=progress, recipe=recipe)
-        source = "built-in tiny Llama (pretrained on the shipped corpus)"
+        model, tokenizer = load_base_model(cache_dir=args.cache_dir, progress=progress, recipe=recipe,
+                                           tokenizer=args.tokenizer)
+        source = f"built-in tiny Llama (pretrained on the shipped corpus, {args.tokenizer} tokenizer)"
     print(f"base model: {source}; {sum(p.numel() for p in model.parameters()):,} parameters; device {device}")
 
     train_pairs = load_instructions("train")
