@@ -142,8 +142,11 @@ def test_double_quant_matches_oracle(seed):
     assert torch.equal(state.absmax, default_q)
     assert torch.equal(state.nested_absmax, default_nested)
 
-    # against its compiled CPU kernel: differences only where that kernel's code is not nearest
-    check_against_compiled_kernel(state.absmax, bnb_state.absmax, absmax - state.offset, state.nested_absmax)
+    # against its compiled CPU kernel: differences only where that kernel's code is not nearest.
+    # How often it misses depends on the data: about 0.15% of codes for continuous values, up to
+    # about 2% here, where bf16 input makes many absmax values equal (seen: 11/700 codes).
+    check_against_compiled_kernel(state.absmax, bnb_state.absmax, absmax - state.offset, state.nested_absmax,
+                                  max_fraction=0.05)
 
 
 def check_against_compiled_kernel(ours, theirs, centered, nested_absmax, max_fraction=0.01):
