@@ -3,7 +3,7 @@
 Public names are imported lazily so that `import qlora_fast` stays cheap and never pulls
 Triton or the compiled extension until they are used.
 """
-import importlib
+from qlora_fast.utils import lazy_getattr
 
 __version__ = "0.1.0"
 
@@ -15,11 +15,7 @@ _LAZY = {
 }
 
 
-def __getattr__(name):
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'qlora_fast' has no attribute {name!r}")
-    return getattr(importlib.import_module(module), name)
+__getattr__ = lazy_getattr(__name__, _LAZY)
 
 
 def load_extension():

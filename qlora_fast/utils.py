@@ -30,3 +30,17 @@ def atomic_write(path: Union[str, os.PathLike], write: Callable[[BinaryIO], obje
 def atomic_write_bytes(path: Union[str, os.PathLike], data: bytes) -> None:
     """Write `data` to the file `path` atomically (see `atomic_write`)."""
     atomic_write(path, lambda f: f.write(data))
+
+
+def lazy_getattr(package: str, names: dict):
+    """A module `__getattr__` that imports `names[attr]` (a module path) on first access, so a
+    package's `__init__` can list its public names without importing heavy submodules."""
+    import importlib
+
+    def __getattr__(attr):
+        module = names.get(attr)
+        if module is None:
+            raise AttributeError(f"module {package!r} has no attribute {attr!r}")
+        return getattr(importlib.import_module(module), attr)
+
+    return __getattr__

@@ -1,5 +1,5 @@
 """Drop-in torch.nn modules: Linear4bit, LoRALinear, QLoRALinear, and replace_linear."""
-import importlib
+from qlora_fast.utils import lazy_getattr
 
 _LAZY = {
     "Linear4bit": "qlora_fast.nn.linear4bit",
@@ -12,11 +12,7 @@ _LAZY = {
 }
 
 
-def __getattr__(name):
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'qlora_fast.nn' has no attribute {name!r}")
-    return getattr(importlib.import_module(module), name)
+__getattr__ = lazy_getattr(__name__, _LAZY)
 
 
 __all__ = sorted(_LAZY)

@@ -1,5 +1,5 @@
 """Trainers: SFT (instruction tuning) and GRPO."""
-import importlib
+from qlora_fast.utils import lazy_getattr
 
 _LAZY = {
     "SFTTrainer": "qlora_fast.train.sft",
@@ -13,11 +13,7 @@ _LAZY = {
 }
 
 
-def __getattr__(name):
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'qlora_fast.train' has no attribute {name!r}")
-    return getattr(importlib.import_module(module), name)
+__getattr__ = lazy_getattr(__name__, _LAZY)
 
 
 __all__ = sorted(_LAZY)
