@@ -239,13 +239,16 @@ def test_cli_reports_solve_rate_calls_and_tokens(monkeypatch, capsys):
 
     config = LlamaConfig(vocab_size=259, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2, num_kv_heads=1, max_seq_len=256)
     model = LlamaForCausalLM(config).eval()
-    monkeypatch.setattr(qlora_fast.models, "load_base_model", lambda cache_dir=None, progress=True: (model, ByteTokenizer()))
+    asked = []
+    monkeypatch.setattr(qlora_fast.models, "load_base_model",
+                        lambda cache_dir=None, progress=True, tokenizer="bpe": asked.append(tokenizer) or (model, ByteTokenizer()))
     puzzles = [" ".join(map(str, p)) for p in random.Random().sample(game24.puzzles(low=1, high=5), 2)]
     argv = ["tot", "--task", "game24", "--model", "builtin", "--temperature", "0", "--max-new-tokens", "6",
-            "--breadth", "2", "--device", "cpu", "--show-tree"]
+            "--breadth", "2", "--device", "cpu", "--show-tree", "--tokenizer", "byte"]
     for p in puzzles:
         argv += ["--puzzle", p]
     assert run_cli(argv) == 0
+    assert asked == ["byte"]  # --tokenizer reaches the built-in model
     out = capsys.readouterr().out
     tot = TreeOfThought(BuiltinLM(model, ByteTokenizer()), task=Game24Task(), n_experts=3, max_steps=3, breadth=2,
                         temperature=0.0, max_new_tokens=6)

@@ -311,13 +311,15 @@ def test_grpo_command_end_to_end(one_thread, tmp_path, monkeypatch, capsys):
     import qlora_fast.models
     from qlora_fast.cli import main
 
+    asked = []
     monkeypatch.setattr(qlora_fast.models, "load_base_model",
-                        lambda cache_dir=None, progress=True, **_: (tiny_base(4).eval(), ByteTokenizer()))
+                        lambda cache_dir=None, progress=True, tokenizer="bpe": asked.append(tokenizer) or (tiny_base(4).eval(), ByteTokenizer()))
     out, sft = tmp_path / "out", tmp_path / "sft"
     code = main(["grpo", "--sft-adapter", str(sft), "--sft-steps", "2", "--steps", "2", "--group-size", "2",
                  "--prompts-per-step", "2", "--max-new-tokens", "3", "--heldout", "4", "--output", str(out),
                  "--checkpoint-every", "1", "--no-progress"])
     assert code == 0
+    assert asked == ["bpe", "bpe"]  # the SFT adapter and the GRPO policy on the same (default) base
     text = capsys.readouterr().out
     assert "no SFT adapter" in text and "held-out accuracy" in text and "reward curve" in text
     assert (sft / "adapter_config.json").exists()

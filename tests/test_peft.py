@@ -273,6 +273,20 @@ def test_load_adapter_rejects_a_different_config(tmp_path):
         other.load_adapter(str(tmp_path))
 
 
+def test_load_adapter_rejects_a_base_with_another_vocabulary(tmp_path):
+    # Same layer shapes, other tokenizer: the LoRA tensors would fit, so only the stored base
+    # signature can tell (e.g. a byte-level demo adapter loaded onto the BPE built-in base).
+    peft = get_peft_model(builtin(), LoraConfig(r=2))
+    perturb_adapter(peft)
+    path = peft.save_adapter(str(tmp_path / "adapter"))
+    other_vocab = get_peft_model(builtin(vocab_size=VOCAB + 253), LoraConfig(r=2))
+    with pytest.raises(ValueError, match=f"base_embedding_shape {VOCAB}x.*{VOCAB + 253}x"):
+        other_vocab.load_adapter(path)
+    same = get_peft_model(builtin(), LoraConfig(r=2)).load_adapter(path)  # the same kind of base loads
+    for (name, a), (_, b) in zip(same.adapter_parameters(), peft.adapter_parameters()):
+        assert torch.equal(a, b), name
+
+
 # ------------------------------------------------------------------------- bad configs
 @pytest.mark.parametrize(
     "make, error, match",

@@ -502,8 +502,11 @@ def test_builtin_lm_with_an_adapter_loaded(method, tmp_path, monkeypatch):
     assert lm.last_usage.prompt_tokens == sum(min(len(p) + 1, room) for p in prompts)
 
     save_adapter(model, str(tmp_path / "adapter"))
-    monkeypatch.setattr(qlora_fast.models, "load_base_model", lambda cache_dir=None, progress=True: (fresh_base(), tok))
-    loaded = BuiltinLM.from_pretrained(adapter=str(tmp_path / "adapter"))
+    asked = []
+    monkeypatch.setattr(qlora_fast.models, "load_base_model",
+                        lambda cache_dir=None, progress=True, tokenizer="bpe": asked.append(tokenizer) or (fresh_base(), tok))
+    loaded = BuiltinLM.from_pretrained(adapter=str(tmp_path / "adapter"), tokenizer="byte")
+    assert asked == ["byte"]
     assert loaded.generate(prompts, max_new_tokens=5, temperature=0.0, stop=[]) == texts
 
 

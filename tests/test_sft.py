@@ -213,6 +213,16 @@ def test_finetune_command_end_to_end(tmp_path, capsys):
     for needle in ("trainable", "4-bit linear layers", "peak memory", "held-out perplexity", "exact match", "adapter saved to"):
         assert needle in out, needle
     assert sorted(os.listdir(tmp_path / "out" / "adapter-qlora")) == ["adapter_config.json", "adapter_model.safetensors"]
+    # The demo's default base speaks the BPE trained on the shipped corpus, cached beside it.
+    from safetensors import safe_open
+
+    from qlora_fast.tokenizer import load_shipped_bpe
+
+    assert "bpe tokenizer" in out
+    (bpe_file,) = [f for f in os.listdir(tmp_path / "cache") if f.startswith("bpe-")]
+    vocab = load_shipped_bpe(cache_dir=str(tmp_path / "cache"), progress=False).vocab_size
+    with safe_open(str(tmp_path / "out" / "adapter-qlora" / "adapter_model.safetensors"), framework="pt") as f:
+        assert f.metadata()["base_embedding_shape"].startswith(f"{vocab}x")
 
 
 def test_examples_cut_before_their_answer_are_dropped():

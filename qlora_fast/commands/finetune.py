@@ -16,6 +16,8 @@ import time
 
 import torch
 
+from qlora_fast.commands import add_tokenizer_argument
+
 METHODS = ("lora", "qlora", "prefix", "prompt")
 
 
@@ -31,8 +33,7 @@ def register(subparsers) -> None:
                         help="local Hugging Face causal LM directory; default: the built-in tiny base model")
     parser.add_argument("--cache-dir", default=None,
                         help="where the built-in base model is cached (default $QLORA_FAST_CACHE or ~/.cache/qlora_fast)")
-    parser.add_argument("--tokenizer", choices=("byte", "bpe"), default="byte",
-                        help="tokenizer of the built-in base model: bytes, or the BPE trained on the shipped corpus (ignored with --model)")
+    add_tokenizer_argument(parser)
     parser.add_argument("--pretrain-steps", type=int, default=None,
                         help="pretraining steps of the built-in base model (default: its recipe's; a new value trains and caches a new base)")
     parser.add_argument("--device", default="auto", help="'auto' (cuda when present, else cpu), 'cpu', 'cuda', 'cuda:1', ...")

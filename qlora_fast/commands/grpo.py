@@ -13,6 +13,8 @@ import time
 
 import torch
 
+from qlora_fast.commands import add_tokenizer_argument
+
 DEFAULT_SFT_ADAPTER = os.path.join("qlora_fast_output", "adapter-qlora")  # `qlora-fast finetune`'s default
 
 
@@ -26,6 +28,7 @@ def register(subparsers) -> None:
                         f"(default {DEFAULT_SFT_ADAPTER}, where `qlora-fast finetune` writes it)")
     p.add_argument("--sft-steps", type=int, default=250, help="SFT steps when the adapter has to be trained first")
     p.add_argument("--cache-dir", default=None, help="cache of the built-in base model (default $QLORA_FAST_CACHE or ~/.cache/qlora_fast)")
+    add_tokenizer_argument(p)
     p.add_argument("--device", default="auto", help="'auto' (cuda when present, else cpu), 'cpu', 'cuda', ...")
     p.add_argument("--steps", type=int, default=40, help="GRPO steps")
     p.add_argument("--group-size", type=int, default=8, help="completions sampled per prompt (G >= 2)")
@@ -68,7 +71,7 @@ def _device(name):
     return device
 
 
-def _train_sft_adapter(path, steps, cache_dir, device, seed, progress):
+def _train_sft_adapter(path, steps, cache_dir, tokenizer, device, seed, progress):
     """The SFT demo's QLoRA adapter, trained with `qlora-fast finetune`'s defaults and saved to `path`."""
     from qlora_fast.data import load_instructions
     from qlora_fast.models import load_base_model
@@ -77,7 +80,7 @@ def _train_sft_adapter(path, steps, cache_dir, device, seed, progress):
 
     print(f"no SFT adapter at {path}: training one first ({steps} SFT steps, QLoRA)")
     torch.manual_seed(seed)
-    model, tokenizer = load_base_model(cache_dir=cache_dir, progress=progress)
+    model, tokenizer = load_base_model(cache_dir=cache_dir, progress=progress, tokenizer=tokenizer)
     peft = get_peft_model(model, LoraConfig(r=8, alpha=16.0, quantize_base="nf4")).to(device)
     config = SFTConfig(max_steps=steps, batch_size=16, lr=3e-3, warmup_steps=15, max_seq_len=96, seed=seed,
                        progress=progress)
@@ -135,9 +138,9 @@ def run(args) -> int:
     device = _device(args.device)
     progress = not args.no_progress
     if not os.path.exists(os.path.join(args.sft_adapter, "adapter_config.json")):
-        _train_sft_adapter(args.sft_adapter, args.sft_steps, args.cache_dir, device, args.seed, progress)
+        _train_sft_adapter(args.sft_adapter, args.sft_steps, args.cache_dir, args.tokenizer, device, args.seed, progress)
     torch.manual_seed(args.seed)
-    base, tokenizer = load_base_model(cache_dir=args.cache_dir, progress=progress)
+    base, tokenizer = load_base_model(cache_dir=args.cache_dir, progress=progress, tokenizer=args.tokenizer)
     sft_model = load_adapter(base, args.sft_adapter).merge_and_unload()
     model = get_peft_model(sft_model, LoraConfig(r=args.r, alpha=args.alpha,
                                                  quantize_base="nf4" if args.method == "qlora" else None)).to(device)

@@ -4,6 +4,8 @@ import argparse
 import os
 import sys
 
+from qlora_fast.commands import add_tokenizer_argument
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
@@ -21,6 +23,7 @@ def register(subparsers) -> None:
     p.add_argument("--adapter", default=None, metavar="DIR",
                    help="an adapter saved by qlora_fast.peft (e.g. by `qlora-fast finetune`) to load on the built-in model")
     p.add_argument("--cache-dir", default=None, help="where the built-in model is cached (None: $QLORA_FAST_CACHE, else ~/.cache/qlora_fast)")
+    add_tokenizer_argument(p)
     p.add_argument("--puzzles", type=int, default=10, help="how many shipped puzzles to run (ignored with --puzzle)")
     p.add_argument("--puzzle", action="append", default=None, metavar='"A B C D"',
                    help="a puzzle to run, e.g. --puzzle '4 6 8 13' (repeatable; replaces --puzzles)")
@@ -43,7 +46,7 @@ def register(subparsers) -> None:
     p.set_defaults(func=run)
 
 
-def load_llm(model: str, device, cache_dir=None, seed=None, adapter=None):
+def load_llm(model: str, device, cache_dir=None, seed=None, adapter=None, tokenizer="bpe"):
     """The `llm` for `--model`: `BuiltinLM` on the built-in base model (with `adapter` loaded when
     given), or `HFCausalLM` on a local transformers directory (ValueError when it is neither)."""
     from qlora_fast.reasoning import BuiltinLM, HFCausalLM
@@ -51,7 +54,7 @@ def load_llm(model: str, device, cache_dir=None, seed=None, adapter=None):
     if model == "builtin":
         if adapter is not None and not os.path.isdir(adapter):
             raise ValueError(f"--adapter must be a directory written by qlora_fast.peft.save_adapter, got {adapter!r}")
-        return BuiltinLM.from_pretrained(adapter=adapter, cache_dir=cache_dir, device=device, seed=seed)
+        return BuiltinLM.from_pretrained(adapter=adapter, cache_dir=cache_dir, device=device, seed=seed, tokenizer=tokenizer)
     if adapter is not None:
         raise ValueError("--adapter applies to the built-in model only (--model builtin)")
     if not os.path.isdir(model):
@@ -83,7 +86,8 @@ def run(args) -> int:
     task = game24.Game24Task()
     max_new_tokens = args.max_new_tokens or (200 if args.prompting == "single" else 20)
     try:
-        llm = load_llm(args.model, device, cache_dir=args.cache_dir, seed=args.seed, adapter=args.adapter)
+        llm = load_llm(args.model, device, cache_dir=args.cache_dir, seed=args.seed, adapter=args.adapter,
+                       tokenizer=args.tokenizer)
         tot = TreeOfThought(
             llm, n_experts=args.n_experts, max_steps=args.max_steps, breadth=args.breadth, threshold=args.threshold,
             search=args.search, task=task, max_new_tokens=max_new_tokens,

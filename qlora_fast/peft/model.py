@@ -363,17 +363,32 @@ class PeftModel(nn.Module):
         from safetensors.torch import save
 
         os.makedirs(path, exist_ok=True)
-        atomic_write_bytes(os.path.join(path, ADAPTER_WEIGHTS), save(self.adapter_state_dict()))
+        atomic_write_bytes(os.path.join(path, ADAPTER_WEIGHTS), save(self.adapter_state_dict(), metadata=self._base_signature()))
         atomic_write_bytes(os.path.join(path, ADAPTER_CONFIG), json.dumps(self.peft_config.to_dict(), indent=2).encode())
         return path
 
+    def _base_signature(self) -> dict:
+        """What identifies the base beyond its layer shapes (stored in the adapter file's metadata)."""
+        table = self.base_model.get_input_embeddings().weight
+        return {"base_embedding_shape": "x".join(str(n) for n in table.shape)}
+
     def load_adapter(self, path: str) -> "PeftModel":
         """Load weights written by `save_adapter` into this model (same config required)."""
+        from safetensors import safe_open
         from safetensors.torch import load_file
 
         config = read_adapter_config(path)
         if config.to_dict() != self.peft_config.to_dict():
             raise ValueError(f"adapter at {path} has config {config.to_dict()}, this model has {self.peft_config.to_dict()}")
+        with safe_open(os.path.join(path, ADAPTER_WEIGHTS), framework="pt") as f:
+            saved_base = f.metadata() or {}
+        ours = self._base_signature()
+        for key in ours.keys() & saved_base.keys():
+            # A LoRA adapter fits any base of the same layer shapes, so a base with another
+            # tokenizer (e.g. the byte-level vs the BPE built-in model) would load silently.
+            if saved_base[key] != ours[key]:
+                raise ValueError(f"adapter at {path} was trained on a base with {key} {saved_base[key]}; "
+                                 f"this model has {ours[key]} (a different base model or tokenizer)")
         state = load_file(os.path.join(path, ADAPTER_WEIGHTS))
         own = dict(self.adapter_parameters())
         if set(state) != set(own):

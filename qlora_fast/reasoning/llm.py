@@ -97,12 +97,13 @@ class BuiltinLM:
 
     @classmethod
     def from_pretrained(cls, adapter: Optional[str] = None, cache_dir: Optional[str] = None, device=None,
-                        seed: Optional[int] = None, progress: bool = True) -> "BuiltinLM":
-        """The built-in base model (`qlora_fast.models.load_base_model`), with the adapter saved
-        at `adapter` (`qlora_fast.peft.save_adapter`) loaded on top when given."""
+                        seed: Optional[int] = None, progress: bool = True, tokenizer: str = "bpe") -> "BuiltinLM":
+        """The built-in base model (`qlora_fast.models.load_base_model`, with `tokenizer` "bpe" or
+        "byte"), with the adapter saved at `adapter` (`qlora_fast.peft.save_adapter`) loaded on
+        top when given."""
         from qlora_fast.models import load_base_model
 
-        model, tokenizer = load_base_model(cache_dir=cache_dir, progress=progress)
+        model, tokenizer = load_base_model(cache_dir=cache_dir, progress=progress, tokenizer=tokenizer)
         if device is not None:
             model = model.to(device)
         if adapter is not None:

@@ -610,7 +610,13 @@ def default_cache_dir() -> str:
 SHIPPED_CORPUS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "corpus.txt")
 
 
-def load_shipped_bpe(vocab_size: int = 512, pattern: str = "cl100k", cache_dir: Optional[str] = None, progress: bool = True, corpus_path: Optional[str] = None) -> BPETokenizer:
+# The built-in base model's vocabulary: 384 tuned as well as bytes after `qlora-fast finetune` (held-out
+# exact match 11.9% and 11.2% over two seeds, bytes 11.2-12.5%), 512 did worse (5.0-8.1%); see
+# bench/RESULTS.md. The corpus is small (57 kB), so more merges mostly memorise whole words.
+SHIPPED_BPE_VOCAB_SIZE = 384
+
+
+def load_shipped_bpe(vocab_size: int = SHIPPED_BPE_VOCAB_SIZE, pattern: str = "cl100k", cache_dir: Optional[str] = None, progress: bool = True, corpus_path: Optional[str] = None) -> BPETokenizer:
     """A BPE trained on the shipped corpus (`qlora_fast/data/corpus.txt`), cached on disk.
 
     The cache file `bpe-<key>.json` in `cache_dir` (default `default_cache_dir()`) is keyed by the
