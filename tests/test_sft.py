@@ -33,8 +33,11 @@ def tiny_base(tmp_path_factory):
 
 
 def fresh_base(tiny_base):
+    """The byte-level base: its ids are the UTF-8 bytes (an independent reference for encoding),
+    and 30 pretraining steps leave it far enough from uniform for 16 tuning steps to show. The BPE
+    base (the demo's default) is covered by the finetune command tests below."""
     cache, recipe = tiny_base
-    model, tok = load_base_model(cache_dir=cache, progress=False, recipe=recipe, config=TINY)
+    model, tok = load_base_model(cache_dir=cache, progress=False, recipe=recipe, config=TINY, tokenizer="byte")
     return model, tok
 
 
