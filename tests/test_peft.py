@@ -287,6 +287,18 @@ def test_load_adapter_rejects_a_base_with_another_vocabulary(tmp_path):
         assert torch.equal(a, b), name
 
 
+def test_adapter_round_trip_on_a_module_without_embeddings(tmp_path, seed):
+    make = lambda: nn.Sequential(nn.Linear(9, 7), nn.ReLU(), nn.Linear(7, 5)).double()  # noqa: E731
+    torch.manual_seed(seed)
+    base = make()
+    fresh = copy.deepcopy(base)
+    peft = get_peft_model(base, LoraConfig(target_modules=["0", "2"], r=2))
+    perturb_adapter(peft)
+    loaded = load_adapter(fresh, peft.save_adapter(str(tmp_path / "adapter")))
+    x = torch.randn(4, 9, dtype=torch.float64)
+    assert torch.equal(loaded.base_model(x), peft.base_model(x))  # LoRA lives in the swapped layers
+
+
 # ------------------------------------------------------------------------- bad configs
 @pytest.mark.parametrize(
     "make, error, match",

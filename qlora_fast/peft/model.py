@@ -368,9 +368,12 @@ class PeftModel(nn.Module):
         return path
 
     def _base_signature(self) -> dict:
-        """What identifies the base beyond its layer shapes (stored in the adapter file's metadata)."""
-        table = self.base_model.get_input_embeddings().weight
-        return {"base_embedding_shape": "x".join(str(n) for n in table.shape)}
+        """What identifies the base beyond its layer shapes (stored in the adapter file's metadata);
+        empty for a base without token embeddings (LoRA on any module)."""
+        embeddings = getattr(self.base_model, "get_input_embeddings", lambda: None)()
+        if embeddings is None:
+            return {}
+        return {"base_embedding_shape": "x".join(str(n) for n in embeddings.weight.shape)}
 
     def load_adapter(self, path: str) -> "PeftModel":
         """Load weights written by `save_adapter` into this model (same config required)."""
