@@ -1,6 +1,19 @@
 """CLI commands, one module each (see qlora_fast/cli.py)."""
 
 
+def resolve_device(name: str):
+    """The torch.device for `--device`: "auto" is cuda when present, else cpu; asking for cuda
+    without one exits with a clear message."""
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("error: --device cuda asked for, but no CUDA device is available")
+    return device
+
+
 def add_tokenizer_argument(parser) -> None:
     """`--tokenizer` of the built-in base model, shared by the commands that load it (an adapter
     trained on one base only loads onto the same one)."""

@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from qlora_fast.commands import add_tokenizer_argument
+from qlora_fast.commands import add_tokenizer_argument, resolve_device
 
 METHODS = ("lora", "qlora", "prefix", "prompt")
 
@@ -66,15 +66,6 @@ def register(subparsers) -> None:
     parser.set_defaults(func=run)
 
 
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("error: --device cuda asked for, but no CUDA device is available")
-    return device
-
-
 def _init_distributed(device: torch.device) -> int:
     """Under torchrun (WORLD_SIZE > 1) join the process group (gloo on the CPU, nccl on CUDA) so
     SFTTrainer trains with DDP; returns this process's rank (0 without torchrun)."""
@@ -117,7 +108,7 @@ def run(args) -> int:
     if args.steps <= 0 or args.eval_pairs <= 0:
         raise SystemExit("error: --steps and --eval-pairs must be positive")
     torch.manual_seed(args.seed)
-    device = _device(args.device)
+    device = resolve_device(args.device)
     rank = _init_distributed(device)
     if rank:  # under torchrun only rank 0 reports, shows bars and writes files
         sys.stdout = open(os.devnull, "w")

@@ -13,7 +13,7 @@ import time
 
 import torch
 
-from qlora_fast.commands import add_tokenizer_argument
+from qlora_fast.commands import add_tokenizer_argument, resolve_device
 
 DEFAULT_SFT_ADAPTER = os.path.join("qlora_fast_output", "adapter-qlora")  # `qlora-fast finetune`'s default
 
@@ -60,15 +60,6 @@ def register(subparsers) -> None:
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.set_defaults(func=run)
-
-
-def _device(name):
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("error: --device cuda asked for, but no CUDA device is available")
-    return device
 
 
 def _train_sft_adapter(path, steps, cache_dir, tokenizer, device, seed, progress):
@@ -135,7 +126,7 @@ def run(args) -> int:
     if args.heldout is not None and args.heldout <= 0:
         raise SystemExit("error: --heldout must be positive")
     started = time.time()
-    device = _device(args.device)
+    device = resolve_device(args.device)
     progress = not args.no_progress
     if not os.path.exists(os.path.join(args.sft_adapter, "adapter_config.json")):
         _train_sft_adapter(args.sft_adapter, args.sft_steps, args.cache_dir, args.tokenizer, device, args.seed, progress)
