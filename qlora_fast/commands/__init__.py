@@ -19,4 +19,4 @@ def add_tokenizer_argument(parser) -> None:
     trained on one base only loads onto the same one)."""
     parser.add_argument("--tokenizer", choices=("bpe", "byte"), default="bpe",
                         help="tokenizer of the built-in base model: the BPE trained on the shipped corpus, or bytes "
-                             "(each has its own cached base; ignored with a Hugging Face --model)")
+                             "(each has its own cached base)")
