@@ -245,3 +245,15 @@ def test_load_base_model_with_the_shipped_bpe_has_its_own_cache_entry(tmp_path):
         assert torch.equal(a, b), n
     with pytest.raises(ValueError, match="tokenizer"):
         load_base_model(cache_dir=str(tmp_path), progress=False, recipe=recipe, tokenizer="words")
+
+
+def test_left_pad_matches_flipped_right_padding(seed):
+    from qlora_fast.models.generate import left_pad
+
+    rows = [torch.randint(0, 500, (n,)).tolist() for n in torch.randint(0, 9, (5,)).tolist()] + [[7, 8, 9]]
+    ids, mask = left_pad(rows, pad_id=511)
+    # Reference: right-pad the reversed rows with torch's pad_sequence, then flip back.
+    reference = torch.nn.utils.rnn.pad_sequence([torch.tensor(r[::-1], dtype=torch.long) for r in rows],
+                                                batch_first=True, padding_value=511).flip(1)
+    assert torch.equal(ids, reference)
+    assert mask.tolist() == [[0] * (ids.shape[1] - len(r)) + [1] * len(r) for r in rows]

@@ -33,6 +33,19 @@ def call_causal_lm(model, past_key_values=None, **kwargs):
     return out.logits, cache
 
 
+def left_pad(rows, pad_id: int):
+    """(input_ids, attention_mask) LongTensors for token-id lists padded on the left, as batched
+    generation wants (every row's next token lands in the last column)."""
+    width = max(len(ids) for ids in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for row, ids in enumerate(rows):
+        if len(ids):
+            input_ids[row, width - len(ids):] = torch.as_tensor(ids, dtype=torch.long)
+            attention_mask[row, width - len(ids):] = 1
+    return input_ids, attention_mask
+
+
 def _filter_logits(logits: torch.Tensor, top_k: Optional[int], top_p: Optional[float]) -> torch.Tensor:
     """Set to -inf every logit outside the top-k and outside the smallest set whose probability
     reaches top-p (the most likely token always stays)."""

@@ -16,6 +16,8 @@ from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 
+from qlora_fast.models.generate import left_pad
+
 
 @dataclass(frozen=True)
 class Usage:
@@ -142,15 +144,10 @@ class BuiltinLM:
         for prompt in prompts:
             ids = tok.encode(prompt, add_bos=self.add_bos) if self.add_bos else tok.encode(prompt)
             encoded.append(ids[-limit:] if limit is not None else ids)
-        width = max(len(ids) for ids in encoded)
-        if width == 0:
+        if not any(encoded):
             raise ValueError("every prompt is empty and add_bos is False: nothing to condition on")
-        input_ids = torch.full((len(encoded), width), tok.pad_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(encoded), width), dtype=torch.long)
-        for row, ids in enumerate(encoded):
-            if ids:
-                input_ids[row, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
-                attention_mask[row, width - len(ids):] = 1
+        input_ids, attention_mask = left_pad(encoded, tok.pad_id)
+        width = input_ids.shape[1]
         # Stop strings that are one token stop generation in the model; longer ones are cut after.
         stop_ids = sorted({ids[0] for ids in (tok.encode(s) for s in stop) if len(ids) == 1})
         device = self._device()
@@ -233,15 +230,10 @@ class HFCausalLM:
             if max_new_tokens >= max_len:
                 raise ValueError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in max_position_embeddings={max_len}")
             encoded = [ids[-(max_len - max_new_tokens):] for ids in encoded]
-        width = max(len(ids) for ids in encoded)
-        if width == 0:
+        if not any(encoded):
             raise ValueError("every prompt tokenizes to nothing: nothing to condition on")
-        input_ids = torch.full((len(encoded), width), pad_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(encoded), width), dtype=torch.long)
-        for row, ids in enumerate(encoded):
-            if ids:
-                input_ids[row, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
-                attention_mask[row, width - len(ids):] = 1
+        input_ids, attention_mask = left_pad(encoded, pad_id)
+        width = input_ids.shape[1]
         device = next(self.model.parameters()).device
         kwargs = dict(max_new_tokens=max_new_tokens, pad_token_id=pad_id)
         if temperature > 0:

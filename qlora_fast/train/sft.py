@@ -20,6 +20,7 @@ import torch.distributed as dist
 from torch import nn
 
 from qlora_fast.data import PROMPT_TEMPLATE
+from qlora_fast.models.generate import left_pad
 
 from .checkpoint import checkpoint_path, latest_checkpoint, load_checkpoint, save_checkpoint, unwrap
 from .schedule import warmup_cosine_schedule
@@ -160,12 +161,8 @@ def exact_match(model, tokenizer, pairs, template: str = PROMPT_TEMPLATE, max_ne
     for i in range(0, len(pairs), batch_size):
         chunk = pairs[i:i + batch_size]
         prompts = [[tokenizer.bos_id] + tokenizer.encode(template.format(instruction=p["instruction"])) for p in chunk]
-        T = max(len(p) for p in prompts)
-        ids = torch.full((len(chunk), T), tokenizer.pad_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for j, p in enumerate(prompts):  # left padding
-            ids[j, T - len(p):] = torch.tensor(p)
-            mask[j, T - len(p):] = 1
+        ids, mask = left_pad(prompts, tokenizer.pad_id)
+        T = ids.shape[1]
         out = model.generate(ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
                              eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id)
         for j, p in enumerate(chunk):
