@@ -47,7 +47,7 @@ HELDOUT = load_instructions("heldout")[:24]
 
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["lora", "qlora", "prefix", "prompt"])
-def test_each_method_lowers_heldout_loss(tiny_base, method):
+def test_each_method_lowers_heldout_loss(tiny_base, method, seed):
     model, tok = fresh_base(tiny_base)
     config = {
         "lora": LoraConfig(r=4),
