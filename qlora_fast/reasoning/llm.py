@@ -70,7 +70,43 @@ def cut_completion(new_ids: Sequence[int], decode: Callable[[Sequence[int]], str
     return text[: min(hits)], n  # unreachable: the full text holds a stop string
 
 
-class BuiltinLM:
+class _BatchedLM:
+    """What both `llm` wrappers share: prompts are encoded (each subclass cuts them to fit its
+    model), left-padded into one batch, generated in one call with the model in eval mode, and
+    each row decoded and cut before the first stop string or end token; `last_usage` counts
+    prompt and completion tokens. Subclasses give `model`, `_encode(prompts, max_new_tokens)`,
+    `_pad_id()`, `_run(input_ids, attention_mask, max_new_tokens, temperature, stop)` (the output
+    ids, prompt columns included), `_decode(ids)` and `_end_ids()`."""
+
+    _EMPTY_PROMPTS = "every prompt encodes to nothing: nothing to condition on"
+
+    @torch.inference_mode()
+    def generate(self, prompts, max_new_tokens: int = 64, temperature: float = 0.0, stop=()) -> List[str]:
+        """One completion per prompt, cut before the first of `stop`; sets `last_usage`."""
+        prompts, stop = _check_generate_args(prompts, max_new_tokens, temperature, stop)
+        if not prompts:
+            self.last_usage = Usage(0, 0)
+            return []
+        encoded = self._encode(prompts, max_new_tokens)
+        if not any(encoded):
+            raise ValueError(self._EMPTY_PROMPTS)
+        input_ids, attention_mask = left_pad(encoded, self._pad_id())
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            out = self._run(input_ids, attention_mask, max_new_tokens, float(temperature), stop)
+        finally:
+            self.model.train(was_training)
+        texts, completion_tokens = [], 0
+        for row in out[:, input_ids.shape[1]:].tolist():
+            text, n = cut_completion(row, self._decode, stop, self._end_ids())
+            texts.append(text)
+            completion_tokens += n
+        self.last_usage = Usage(sum(len(ids) for ids in encoded), completion_tokens)
+        return texts
+
+
+class BuiltinLM(_BatchedLM):
     """The built-in model behind the `llm` interface.
 
     `model` has `generate(input_ids, attention_mask, max_new_tokens, temperature, eos_token_id,
@@ -81,6 +117,8 @@ class BuiltinLM:
     cut from the left when prompt + `max_new_tokens` would not fit `model.config.max_seq_len`.
     `seed` makes sampling (temperature > 0) reproducible.
     """
+
+    _EMPTY_PROMPTS = "every prompt is empty and add_bos is False: nothing to condition on"
 
     def __init__(self, model, tokenizer, seed: Optional[int] = None, add_bos: bool = True):
         if not callable(getattr(model, "generate", None)):
@@ -131,44 +169,32 @@ class BuiltinLM:
                              + (f" ({virtual} virtual tokens)" if virtual else ""))
         return room
 
-    @torch.inference_mode()
-    def generate(self, prompts, max_new_tokens: int = 64, temperature: float = 0.0, stop=()) -> List[str]:
-        """One completion per prompt, cut before the first of `stop`; sets `last_usage`."""
-        prompts, stop = _check_generate_args(prompts, max_new_tokens, temperature, stop)
-        if not prompts:
-            self.last_usage = Usage(0, 0)
-            return []
-        tok = self.tokenizer
-        limit = self._max_prompt_tokens(max_new_tokens)
+    def _encode(self, prompts, max_new_tokens):
+        tok, limit = self.tokenizer, self._max_prompt_tokens(max_new_tokens)
         encoded = []
         for prompt in prompts:
             ids = tok.encode(prompt, add_bos=self.add_bos) if self.add_bos else tok.encode(prompt)
             encoded.append(ids[-limit:] if limit is not None else ids)
-        if not any(encoded):
-            raise ValueError("every prompt is empty and add_bos is False: nothing to condition on")
-        input_ids, attention_mask = left_pad(encoded, tok.pad_id)
-        width = input_ids.shape[1]
+        return encoded
+
+    def _pad_id(self) -> int:
+        return self.tokenizer.pad_id
+
+    def _run(self, input_ids, attention_mask, max_new_tokens, temperature, stop):
+        tok, device = self.tokenizer, self._device()
         # Stop strings that are one token stop generation in the model; longer ones are cut after.
         stop_ids = sorted({ids[0] for ids in (tok.encode(s) for s in stop) if len(ids) == 1})
-        device = self._device()
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            out = self.model.generate(
-                input_ids.to(device), attention_mask=attention_mask.to(device), max_new_tokens=max_new_tokens,
-                temperature=float(temperature), eos_token_id=tok.eos_id, stop_token_ids=stop_ids or None,
-                pad_token_id=tok.pad_id, generator=self.generator,
-            )
-        finally:
-            self.model.train(was_training)
-        new = out[:, width:].tolist()
-        texts, completion_tokens = [], 0
-        for row in new:
-            text, n = cut_completion(row, tok.decode, stop, {tok.eos_id})
-            texts.append(text)
-            completion_tokens += n
-        self.last_usage = Usage(sum(len(ids) for ids in encoded), completion_tokens)
-        return texts
+        return self.model.generate(
+            input_ids.to(device), attention_mask=attention_mask.to(device), max_new_tokens=max_new_tokens,
+            temperature=temperature, eos_token_id=tok.eos_id, stop_token_ids=stop_ids or None,
+            pad_token_id=tok.pad_id, generator=self.generator,
+        )
+
+    def _decode(self, ids):
+        return self.tokenizer.decode(ids)
+
+    def _end_ids(self):
+        return {self.tokenizer.eos_id}
 
 
 class _StopOnStrings:
@@ -187,7 +213,7 @@ class _StopOnStrings:
         return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
 
 
-class HFCausalLM:
+class HFCausalLM(_BatchedLM):
     """A Hugging Face transformers causal LM behind the `llm` interface.
 
     Prompts are tokenized with the tokenizer's special tokens, cut from the left to fit
@@ -196,6 +222,8 @@ class HFCausalLM:
     temperature 0, sampling otherwise (seed torch for reproducible samples). Stop strings end a
     row as soon as its text holds one.
     """
+
+    _EMPTY_PROMPTS = "every prompt tokenizes to nothing: nothing to condition on"
 
     def __init__(self, model, tokenizer):
         if not callable(getattr(model, "generate", None)):
@@ -214,30 +242,21 @@ class HFCausalLM:
             return tok.eos_token_id
         raise ValueError("the tokenizer has neither a pad nor an eos token: cannot pad a batch")
 
-    @torch.inference_mode()
-    def generate(self, prompts, max_new_tokens: int = 64, temperature: float = 0.0, stop=()) -> List[str]:
-        """One completion per prompt, cut before the first of `stop`; sets `last_usage`."""
-        prompts, stop = _check_generate_args(prompts, max_new_tokens, temperature, stop)
-        if not prompts:
-            self.last_usage = Usage(0, 0)
-            return []
-        tok = self.tokenizer
-        pad_id = self._pad_id()
-        encoded = [tok(p)["input_ids"] for p in prompts]
+    def _encode(self, prompts, max_new_tokens):
+        encoded = [self.tokenizer(p)["input_ids"] for p in prompts]
         # Learned position tables (GPT-2) cannot go past max_position_embeddings: cut from the left.
         max_len = getattr(getattr(self.model, "config", None), "max_position_embeddings", None)
         if max_len is not None:
             if max_new_tokens >= max_len:
                 raise ValueError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in max_position_embeddings={max_len}")
             encoded = [ids[-(max_len - max_new_tokens):] for ids in encoded]
-        if not any(encoded):
-            raise ValueError("every prompt tokenizes to nothing: nothing to condition on")
-        input_ids, attention_mask = left_pad(encoded, pad_id)
-        width = input_ids.shape[1]
-        device = next(self.model.parameters()).device
-        kwargs = dict(max_new_tokens=max_new_tokens, pad_token_id=pad_id)
+        return encoded
+
+    def _run(self, input_ids, attention_mask, max_new_tokens, temperature, stop):
+        tok = self.tokenizer
+        kwargs = dict(max_new_tokens=max_new_tokens, pad_token_id=self._pad_id())
         if temperature > 0:
-            kwargs.update(do_sample=True, temperature=float(temperature), top_k=None, top_p=None)
+            kwargs.update(do_sample=True, temperature=temperature, top_k=None, top_p=None)
         else:
             kwargs.update(do_sample=False, temperature=None, top_k=None, top_p=None)
         if tok.eos_token_id is not None:
@@ -245,19 +264,12 @@ class HFCausalLM:
         if stop:
             from transformers import StoppingCriteriaList
 
-            kwargs["stopping_criteria"] = StoppingCriteriaList([_StopOnStrings(tok, stop, width)])
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            out = self.model.generate(input_ids.to(device), attention_mask=attention_mask.to(device), **kwargs)
-        finally:
-            self.model.train(was_training)
-        end_ids = {tok.eos_token_id} if tok.eos_token_id is not None else set()
-        decode = lambda ids: tok.decode(ids, skip_special_tokens=True)  # noqa: E731
-        texts, completion_tokens = [], 0
-        for row in out[:, width:].tolist():
-            text, n = cut_completion(row, decode, stop, end_ids)
-            texts.append(text)
-            completion_tokens += n
-        self.last_usage = Usage(sum(len(ids) for ids in encoded), completion_tokens)
-        return texts
+            kwargs["stopping_criteria"] = StoppingCriteriaList([_StopOnStrings(tok, stop, input_ids.shape[1])])
+        device = next(self.model.parameters()).device
+        return self.model.generate(input_ids.to(device), attention_mask=attention_mask.to(device), **kwargs)
+
+    def _decode(self, ids):
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def _end_ids(self):
+        return {self.tokenizer.eos_token_id} if self.tokenizer.eos_token_id is not None else set()
