@@ -14,9 +14,11 @@ def resolve_device(name: str):
     return device
 
 
-def add_tokenizer_argument(parser) -> None:
-    """`--tokenizer` of the built-in base model, shared by the commands that load it (an adapter
-    trained on one base only loads onto the same one)."""
+def add_base_model_arguments(parser) -> None:
+    """`--cache-dir` and `--tokenizer` of the built-in base model, shared by the commands that load
+    it (an adapter trained on one base only loads onto the same one)."""
+    parser.add_argument("--cache-dir", default=None,
+                        help="where the built-in base model is cached (default $QLORA_FAST_CACHE or ~/.cache/qlora_fast)")
     parser.add_argument("--tokenizer", choices=("bpe", "byte"), default="bpe",
                         help="tokenizer of the built-in base model: the BPE trained on the shipped corpus, or bytes "
                              "(each has its own cached base)")

@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from qlora_fast.commands import add_tokenizer_argument, resolve_device
+from qlora_fast.commands import add_base_model_arguments, resolve_device
 
 METHODS = ("lora", "qlora", "prefix", "prompt")
 
@@ -31,9 +31,7 @@ def register(subparsers) -> None:
     parser.add_argument("--method", choices=METHODS, default="qlora", help="PEFT method")
     parser.add_argument("--model", default=None, metavar="DIR",
                         help="local Hugging Face causal LM directory; default: the built-in tiny base model")
-    parser.add_argument("--cache-dir", default=None,
-                        help="where the built-in base model is cached (default $QLORA_FAST_CACHE or ~/.cache/qlora_fast)")
-    add_tokenizer_argument(parser)
+    add_base_model_arguments(parser)
     parser.add_argument("--pretrain-steps", type=int, default=None,
                         help="pretraining steps of the built-in base model (default: its recipe's; a new value trains and caches a new base)")
     parser.add_argument("--device", default="auto", help="'auto' (cuda when present, else cpu), 'cpu', 'cuda', 'cuda:1', ...")

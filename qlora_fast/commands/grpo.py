@@ -13,7 +13,7 @@ import time
 
 import torch
 
-from qlora_fast.commands import add_tokenizer_argument, resolve_device
+from qlora_fast.commands import add_base_model_arguments, resolve_device
 
 DEFAULT_SFT_ADAPTER = os.path.join("qlora_fast_output", "adapter-qlora")  # `qlora-fast finetune`'s default
 
@@ -27,8 +27,7 @@ def register(subparsers) -> None:
                    help="adapter to start from; trained here with the SFT trainer and saved there when absent "
                         f"(default {DEFAULT_SFT_ADAPTER}, where `qlora-fast finetune` writes it)")
     p.add_argument("--sft-steps", type=int, default=250, help="SFT steps when the adapter has to be trained first")
-    p.add_argument("--cache-dir", default=None, help="cache of the built-in base model (default $QLORA_FAST_CACHE or ~/.cache/qlora_fast)")
-    add_tokenizer_argument(p)
+    add_base_model_arguments(p)
     p.add_argument("--device", default="auto", help="'auto' (cuda when present, else cpu), 'cpu', 'cuda', ...")
     p.add_argument("--steps", type=int, default=40, help="GRPO steps")
     p.add_argument("--group-size", type=int, default=8, help="completions sampled per prompt (G >= 2)")

@@ -4,7 +4,7 @@ import argparse
 import os
 import sys
 
-from qlora_fast.commands import add_tokenizer_argument
+from qlora_fast.commands import add_base_model_arguments
 
 
 def register(subparsers) -> None:
@@ -22,8 +22,7 @@ def register(subparsers) -> None:
                    "or a local Hugging Face causal LM directory")
     p.add_argument("--adapter", default=None, metavar="DIR",
                    help="an adapter saved by qlora_fast.peft (e.g. by `qlora-fast finetune`) to load on the built-in model")
-    p.add_argument("--cache-dir", default=None, help="where the built-in model is cached (None: $QLORA_FAST_CACHE, else ~/.cache/qlora_fast)")
-    add_tokenizer_argument(p)
+    add_base_model_arguments(p)
     p.add_argument("--puzzles", type=int, default=10, help="how many shipped puzzles to run (ignored with --puzzle)")
     p.add_argument("--puzzle", action="append", default=None, metavar='"A B C D"',
                    help="a puzzle to run, e.g. --puzzle '4 6 8 13' (repeatable; replaces --puzzles)")
