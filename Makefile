@@ -28,7 +28,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS) tests
 
 bench: $(STAMP)
-	$(BIN)/python -m pytest bench --benchmark-only -q
+	$(BIN)/python -m pytest bench/bench_*.py --benchmark-only -q
 
 wheel: $(STAMP)
 	$(BIN)/python -m pip wheel --no-deps --no-build-isolation . -w dist/
