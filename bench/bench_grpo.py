@@ -30,6 +30,8 @@ from qlora_fast.train import GRPOConfig, GRPOTrainer
 from qlora_fast.train.policy_gradient import sequence_logprobs
 from qlora_fast.train.rewards import arithmetic_rewards, load_arithmetic_task
 
+from timing import median, run_times
+
 GEN_BATCH, GEN_PROMPT, GEN_NEW = 16, 48, 16
 LP_TOKENS, LP_HIDDEN, LP_VOCAB, LP_CHUNK = 1024, 128, 32000, 128
 STEP_NEW = 8
@@ -112,13 +114,7 @@ def test_grpo_step(benchmark, provider):
 
 # ------------------------------------------------------------------------------------------ summary
 def _median_time(fn, rounds=3):
-    fn()
-    times = []
-    for _ in range(rounds):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return sorted(times)[len(times) // 2]
+    return median(run_times(fn, rounds))
 
 
 def _status_kib(field):

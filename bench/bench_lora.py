@@ -12,7 +12,6 @@ Cases (fp32 activations, r = 16, dropout 0.05, fwd + bwd, 512 tokens):
 Run `pytest bench/bench_lora.py --benchmark-only` for pytest-benchmark tables, or
 `python bench/bench_lora.py` for a short summary with the ratios.
 """
-import time
 
 import pytest
 import torch
@@ -20,6 +19,8 @@ from torch import nn
 
 from qlora_fast.functional import matmul_4bit
 from qlora_fast.nn import LoRALinear, QLoRALinear
+
+from timing import run_times
 
 TOKENS, IN, OUT, RANK, DROPOUT = 512, 1024, 1024, 16, 0.05
 
@@ -126,13 +127,7 @@ def test_decode_matmul_4bit(benchmark, provider):
 
 
 def _time(fn, repeat=10):
-    fn()
-    best = float("inf")
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t)
-    return best * 1e3
+    return min(run_times(fn, repeat)) * 1e3
 
 
 def main():

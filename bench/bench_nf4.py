@@ -19,6 +19,8 @@ import torch  # noqa: E402
 
 from qlora_fast.functional import dequantize_4bit, quantize_4bit  # noqa: E402
 
+from timing import median, run_times  # noqa: E402
+
 SHAPES = [((1024, 1024), torch.float32), ((4096, 1024), torch.bfloat16)]
 INTERPRETER_SHAPE = ((256, 256), torch.float32)
 BLOCKSIZE = 64
@@ -96,13 +98,7 @@ def test_nf4(benchmark, op, shape, dtype, provider):
 
 
 def _median_ms(fn, repeat):
-    fn()
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2] * 1e3
+    return median(run_times(fn, repeat)) * 1e3
 
 
 def main():

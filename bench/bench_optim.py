@@ -5,12 +5,13 @@ Problem: 8 fp32 tensors of 512x1031 (4.2M parameters, 67 MB of fp32 state), rand
 (never zeros). Run `pytest bench/bench_optim.py --benchmark-only` for pytest-benchmark tables, or
 `python bench/bench_optim.py` for a short summary with the ratios (used for RESULTS.md).
 """
-import time
 
 import pytest
 import torch
 
 from qlora_fast.optim import AdamW, AdamW8bit, PagedAdamW, PagedAdamW8bit
+
+from timing import median, run_times
 
 SHAPES = [(512, 1031)] * 8
 
@@ -65,13 +66,7 @@ def summary(repeats=10):
     for name, make in PROVIDERS.items():
         params = make_problem()
         opt = make(params)
-        opt.step()
-        samples = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            opt.step()
-            samples.append(time.perf_counter() - t0)
-        times[name] = sorted(samples)[len(samples) // 2]
+        times[name] = median(run_times(opt.step, repeats))
     base = times["torch AdamW (single-tensor)"]
     print(f"threads={torch.get_num_threads()}  params={sum(torch.Size(s).numel() for s in SHAPES)}")
     for name, t in times.items():

@@ -21,6 +21,8 @@ import pytest
 from qlora_fast.tokenizer import BPETokenizer
 from qlora_fast.tokenizer import bpe as bpe_module
 
+from timing import run_times
+
 VOCAB_SIZE = 4096
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _CORPUS = os.path.join(_HERE, "..", "qlora_fast", "data", "corpus.txt")
@@ -120,13 +122,7 @@ def train_hf(texts):
 
 
 def _best(fn, rounds=3):
-    fn()
-    times = []
-    for _ in range(rounds):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return min(times)
+    return min(run_times(fn, rounds))
 
 
 def _best_fresh(make, text, rounds=3):

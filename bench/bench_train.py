@@ -6,7 +6,6 @@ full fine-tuning also with torch AdamW as the peer).
 `pytest bench/bench_train.py --benchmark-only` for pytest-benchmark tables;
 `python bench/bench_train.py` for a summary with tokens/s and ratios to full fine-tuning.
 """
-import time
 
 import pytest
 import torch
@@ -16,6 +15,8 @@ from qlora_fast.models import BASE_CONFIG, LlamaForCausalLM
 from qlora_fast.peft import LoraConfig, get_peft_model
 from qlora_fast.tokenizer.base import ByteTokenizer
 from qlora_fast.train.sft import build_examples, collate, make_optimizer
+
+from timing import median, run_times
 
 BATCH, MAX_LEN = 16, 96
 PROVIDERS = ("full_torch_adamw", "full_paged_adamw_8bit", "lora", "qlora")
@@ -55,13 +56,7 @@ def main():
     results = {}
     for provider in PROVIDERS:
         step, tokens = setup(provider)
-        step()
-        times = []
-        for _ in range(9):
-            start = time.perf_counter()
-            step()
-            times.append(time.perf_counter() - start)
-        results[provider] = tokens / sorted(times)[len(times) // 2]
+        results[provider] = tokens / median(run_times(step, 9))
     base = results["full_torch_adamw"]
     print(f"{'provider':24s} {'tokens/s':>10s} {'vs full (torch AdamW)':>22s}")
     for provider, tps in results.items():
