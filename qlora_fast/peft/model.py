@@ -378,13 +378,13 @@ class PeftModel(nn.Module):
     def load_adapter(self, path: str) -> "PeftModel":
         """Load weights written by `save_adapter` into this model (same config required)."""
         from safetensors import safe_open
-        from safetensors.torch import load_file
 
         config = read_adapter_config(path)
         if config.to_dict() != self.peft_config.to_dict():
             raise ValueError(f"adapter at {path} has config {config.to_dict()}, this model has {self.peft_config.to_dict()}")
         with safe_open(os.path.join(path, ADAPTER_WEIGHTS), framework="pt") as f:
             saved_base = f.metadata() or {}
+            state = {name: f.get_tensor(name) for name in f.keys()}
         ours = self._base_signature()
         for key in ours.keys() & saved_base.keys():
             # A LoRA adapter fits any base of the same layer shapes, so a base with another
@@ -392,7 +392,6 @@ class PeftModel(nn.Module):
             if saved_base[key] != ours[key]:
                 raise ValueError(f"adapter at {path} was trained on a base with {key} {saved_base[key]}; "
                                  f"this model has {ours[key]} (a different base model or tokenizer)")
-        state = load_file(os.path.join(path, ADAPTER_WEIGHTS))
         own = dict(self.adapter_parameters())
         if set(state) != set(own):
             raise ValueError(f"adapter at {path} does not fit this model: missing {sorted(set(own) - set(state))[:5]}, "
