@@ -12,8 +12,6 @@ layer a chunk of tokens at a time, recomputed in backward, so no batch x length 
 logits tensor ever exists.
 """
 import math
-import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from typing import Callable, Dict, List, Optional, Sequence
@@ -21,12 +19,15 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 from torch import nn
 
+from qlora_fast.models.generate import left_pad
+from qlora_fast.utils import atomic_write_bytes
+
 from . import checkpoint
 from .policy_gradient import ADVANTAGE_SCALES, LOSS_TYPES, group_advantages, grpo_loss, sequence_logprobs
+from .schedule import warmup_cosine_schedule
+from .sft import OPTIMIZERS, make_optimizer  # the SFT trainer's optimizer names and factory
 
 RewardFunction = Callable[..., List[float]]
-# Same names as the SFT trainer: qlora_fast.optim's fused optimizers, or torch's AdamW.
-OPTIMIZERS = ("paged_adamw_8bit", "paged_adamw", "adamw_8bit", "adamw", "torch_adamw")
 
 
 @dataclass
@@ -162,16 +163,6 @@ def reference_context(model):
     return disable_adapter(model)
 
 
-def _make_optimizer(name, params, lr, weight_decay):
-    if name == "torch_adamw":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    import qlora_fast.optim as qoptim
-
-    cls = {"paged_adamw_8bit": "PagedAdamW8bit", "paged_adamw": "PagedAdamW", "adamw_8bit": "AdamW8bit",
-           "adamw": "AdamW"}[name]
-    return getattr(qoptim, cls)(params, lr=lr, weight_decay=weight_decay)
-
-
 # ------------------------------------------------------------------------------------------
 # The trainer
 # ------------------------------------------------------------------------------------------
@@ -204,13 +195,10 @@ class GRPOTrainer:
         self.params = [p for p in model.parameters() if p.requires_grad]
         if not self.params:
             raise ValueError("model has no trainable parameters: add adapters (LoRA / QLoRA) first")
-        self.param_names = [n for n, p in model.named_parameters() if p.requires_grad]
         self.device = self.params[0].device
-        self.optimizer = optimizer or _make_optimizer(self.config.optimizer, self.params, self.config.lr, self.config.weight_decay)
-        warmup = self.config.warmup_steps
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0
-        )
+        self.optimizer = optimizer or make_optimizer(self.config.optimizer, self.params, self.config.lr, self.config.weight_decay)
+        # Linear warmup, then constant (a cosine that ends where it starts).
+        self.scheduler = warmup_cosine_schedule(self.optimizer, self.config.warmup_steps, self.config.steps, min_ratio=1.0)
         if self.config.gradient_checkpointing:
             if not hasattr(model, "gradient_checkpointing_enable"):
                 raise ValueError("gradient_checkpointing=True but the model has no gradient_checkpointing_enable()")
@@ -219,6 +207,7 @@ class GRPOTrainer:
         self.step = 0
         self.epoch = 0
         self.position = 0  # next index into this epoch's prompt order
+        self._epoch_order = (-1, [])
         self.history: List[Dict[str, float]] = []
         stops = set(self.config.stop_token_ids or ())
         stops.add(int(tokenizer.eos_id))
@@ -237,8 +226,10 @@ class GRPOTrainer:
         return list(dataset)
 
     def _order(self, epoch):
-        g = torch.Generator().manual_seed(self.config.seed * 1_000_003 + epoch)
-        return torch.randperm(len(self.dataset), generator=g).tolist()
+        if self._epoch_order[0] != epoch:  # one permutation per epoch, not one per step
+            g = torch.Generator().manual_seed(self.config.seed * 1_000_003 + epoch)
+            self._epoch_order = (epoch, torch.randperm(len(self.dataset), generator=g).tolist())
+        return self._epoch_order[1]
 
     def _next_rows(self):
         rows = []
@@ -256,12 +247,7 @@ class GRPOTrainer:
         encoded = [self.tokenizer.encode(p, add_bos=self.config.add_bos) for p in prompts]
         if any(len(e) == 0 for e in encoded):
             raise ValueError("a prompt encodes to no tokens")
-        width = max(len(e) for e in encoded)
-        ids = torch.full((len(encoded), width), self.tokenizer.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(encoded), width), dtype=torch.long)
-        for i, e in enumerate(encoded):
-            ids[i, width - len(e):] = torch.tensor(e, dtype=torch.long)
-            mask[i, width - len(e):] = 1
+        ids, mask = left_pad(encoded, self.tokenizer.pad_id)
         return ids.to(self.device), mask.to(self.device)
 
     # --- sampling and rewards ------------------------------------------------------------
@@ -380,7 +366,7 @@ class GRPOTrainer:
                     ratio_min, ratio_max = min(ratio_min, stats.ratio_min), max(ratio_max, stats.ratio_max)
                     n_stats += 1
                 grads = [p.grad for p in self.params if p.grad is not None]
-                if any(not torch.isfinite(g).all() for g in grads):
+                if grads and not torch.stack([torch.isfinite(g).all() for g in grads]).all():  # one sync, not one per tensor
                     raise FloatingPointError(
                         f"GRPO step {self.step + 1}: a gradient is NaN or inf; stopping before the optimizer step, "
                         "so the adapter keeps its last finite values"
@@ -465,7 +451,7 @@ class GRPOTrainer:
         return found
 
     def trainable_state_dict(self) -> Dict[str, torch.Tensor]:
-        return {n: p.detach().cpu().clone() for n, p in zip(self.param_names, self.params)}
+        return checkpoint.trainable_state_dict(self.model)
 
     def save_checkpoint(self, path: str) -> None:
         """Adapter, optimizer, scheduler, every RNG, the sampling generator and the data position,
@@ -493,17 +479,6 @@ class GRPOTrainer:
         if hasattr(self.model, "save_adapter"):
             self.model.save_adapter(path)
             return
-        from safetensors.torch import save_file
+        from safetensors.torch import save
 
-        state = {n: t.contiguous() for n, t in self.trainable_state_dict().items()}
-        directory = os.path.dirname(os.path.abspath(path))
-        os.makedirs(directory, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".safetensors")
-        os.close(fd)
-        try:
-            save_file(state, tmp)
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            raise
+        atomic_write_bytes(path, save({n: t.contiguous() for n, t in self.trainable_state_dict().items()}))
