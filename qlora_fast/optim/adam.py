@@ -264,7 +264,7 @@ class _PagedAdamBase(torch.optim.Optimizer):
             raise ValueError(f"state_dict has {len(saved_ids)} parameters, this optimizer {len(params)}")
         saved_states = state_dict["state"]
         for manager in self._managers.values():
-            manager.pages.clear()
+            manager.clear()
         super().load_state_dict({**state_dict, "state": {}})
         self.state = defaultdict(dict)
         for saved_id, p in zip(saved_ids, params):

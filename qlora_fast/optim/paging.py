@@ -33,9 +33,9 @@ class Page:
     on_device: bool
     last_used: int = 0
 
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.tensors.values())
+    def __post_init__(self):
+        # Fixed for the page's life: moves replace its tensors with copies of the same shapes.
+        self.nbytes = sum(t.numel() * t.element_size() for t in self.tensors.values())
 
 
 @dataclass
@@ -103,6 +103,7 @@ class PageManager:
         check_budget(budget, min_budget_bytes)
         self.budget = budget
         self.pages: List[Page] = []
+        self._resident = 0  # bytes of the pages on the device, kept by add/_move/clear (no re-summing)
         self.clock = 0
         self.totals = PagingTotals()
         self._staging: Dict[tuple, List[torch.Tensor]] = {}
@@ -115,7 +116,7 @@ class PageManager:
         return self.budget is not None
 
     def resident_bytes(self) -> int:
-        return sum(p.nbytes for p in self.pages if p.on_device)
+        return self._resident
 
     def host_bytes(self) -> int:
         return sum(p.nbytes for p in self.pages if not p.on_device)
@@ -141,14 +142,16 @@ class PageManager:
         budget has no room for it."""
         page = Page(start, end, tensors, on_device=True, last_used=self.clock)
         budget = self.budget_bytes()
-        if budget is not None and self.resident_bytes() + page.nbytes > budget:
-            self._move(page, to_device=False, stats=None)
         self.pages.append(page)
+        self._resident += page.nbytes
+        if budget is not None and self._resident > budget:
+            self._move(page, to_device=False, stats=None)
         return page
 
-    def remove(self, pages: List[Page]) -> None:
-        gone = {id(p) for p in pages}
-        self.pages = [p for p in self.pages if id(p) not in gone]
+    def clear(self) -> None:
+        """Forget every page (the optimizer is about to load other states)."""
+        self.pages.clear()
+        self._resident = 0
 
     def _move(self, page: Page, to_device: bool, stats: Optional[StepStats]) -> None:
         if page.on_device == to_device:
@@ -158,6 +161,7 @@ class PageManager:
         else:
             page.tensors = {k: self._to_host(t) for k, t in page.tensors.items()}
         page.on_device = to_device
+        self._resident += page.nbytes if to_device else -page.nbytes
         if stats is not None:
             if to_device:
                 stats.h2d_bytes += page.nbytes
@@ -172,7 +176,7 @@ class PageManager:
         if budget is None:
             return
         resident = sorted((p for p in self.pages if p.on_device), key=lambda p: p.last_used)
-        used = sum(p.nbytes for p in resident)
+        used = self._resident
         for page in resident:
             if used <= budget:
                 break
