@@ -4,6 +4,7 @@ QLORA_FAST_BACKEND=auto (default): Triton kernels for CUDA tensors, the PyTorch 
 otherwise. `triton`: kernels wherever Triton can run (CPU only under TRITON_INTERPRET=1).
 `reference`: always the PyTorch reference.
 """
+import functools
 import os
 
 import torch
@@ -19,6 +20,7 @@ def backend() -> str:
     return value
 
 
+@functools.cache  # a failed import is not cached by Python: without this every CPU op call retries it
 def _triton_importable() -> bool:
     try:
         import triton  # noqa: F401

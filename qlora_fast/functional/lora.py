@@ -57,7 +57,7 @@ def _dense_ref(weight, absmax, code, nested_absmax, nested_code, offset, out_fea
                                            nested_absmax, nested_code, offset, nested_blocksize, dtype)
 
 
-def _kernel_weight(x, weight, absmax, *quant):
+def _kernel_weight(weight, absmax, *quant):
     if absmax is None:
         return weight
     return _weight4bit(weight, absmax, *quant)
@@ -81,7 +81,7 @@ def _lora_forward_op(
     if _use_kernels(x, weight):
         from qlora_fast.kernels.lora import lora_forward
 
-        return lora_forward(x, _kernel_weight(x, weight, *quant), lora_A, lora_B, scale, bias, x_adapter)
+        return lora_forward(x, _kernel_weight(weight, *quant), lora_A, lora_B, scale, bias, x_adapter)
     dense = _dense_ref(weight, *quant, dtype=x.dtype)
     return _ref.lora_forward_ref(x, dense, lora_A, lora_B, scale, bias, x_adapter)
 
@@ -106,7 +106,7 @@ def _lora_backward_op(
     if _use_kernels(grad_out, weight):
         from qlora_fast.kernels.lora import lora_backward
 
-        grad_x, grad_A, grad_B = lora_backward(grad_out, x_adapter, xa, _kernel_weight(grad_out, weight, *quant),
+        grad_x, grad_A, grad_B = lora_backward(grad_out, x_adapter, xa, _kernel_weight(weight, *quant),
                                                lora_A, lora_B, scale, dropout_mask, need_grad_input)
     else:
         dense = _dense_ref(weight, *quant, dtype=grad_out.dtype)

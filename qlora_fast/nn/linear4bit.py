@@ -1,7 +1,8 @@
 """`Linear4bit`: a drop-in `nn.Linear` whose weight is stored in 4 bits (NF4/FP4).
 
 The weight lives as a packed uint8 `nn.Parameter` (frozen) plus a `QuantState`; the forward pass
-dequantizes it to the compute dtype and runs a plain matmul (a fused kernel replaces this later).
+runs `functional.matmul_4bit` in the compute dtype (the fused NF4 kernels on CUDA, dequantize +
+matmul on the CPU).
 `state_dict` uses bitsandbytes' keys (`weight`, `weight.absmax`, `weight.quant_map`, ...,
 `weight.quant_state.bitsandbytes__nf4`, `bias`), so checkpoints move both ways.
 """
@@ -202,4 +203,3 @@ def _quant_state_from(state_dict: dict, prefix: str) -> QuantState:
 def _check_compute_dtype(compute_dtype):
     if compute_dtype is not None and compute_dtype not in FLOAT_DTYPES:
         raise TypeError(f"compute_dtype must be float32, float16, bfloat16 or None, got {compute_dtype}")
-    return compute_dtype
