@@ -4,6 +4,12 @@ import tempfile
 from typing import BinaryIO, Callable, Union
 
 
+def default_cache_dir() -> str:
+    """Where qlora_fast caches what it builds on first use (the shipped BPE, the built-in base
+    model): $QLORA_FAST_CACHE, else ~/.cache/qlora_fast."""
+    return os.environ.get("QLORA_FAST_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "qlora_fast")
+
+
 def atomic_write(path: Union[str, os.PathLike], write: Callable[[BinaryIO], object]) -> None:
     """Write the file `path` atomically: `write(f)` fills a binary file open on a temp file in the
     same directory (created if missing), which is flushed, fsynced and `os.replace`d onto `path`.

@@ -8,12 +8,12 @@ accuracy, runs GRPO with the correctness + format rewards, prints the reward cur
 as a PNG, measures held-out accuracy again and saves the GRPO adapter.
 """
 import os
-import tempfile
 import time
 
 import torch
 
 from qlora_fast.commands import add_base_model_arguments, resolve_device
+from qlora_fast.utils import atomic_write
 
 DEFAULT_SFT_ADAPTER = os.path.join("qlora_fast_output", "adapter-qlora")  # `qlora-fast finetune`'s default
 
@@ -100,17 +100,10 @@ def _save_plot(history, before, after, path):
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right")
     fig.tight_layout()
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".png")
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=100)
-        os.replace(tmp, path)
+        atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def run(args) -> int:

@@ -14,7 +14,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from qlora_fast.utils import atomic_write_bytes
+from qlora_fast.utils import atomic_write_bytes, default_cache_dir
 
 from .llama import LlamaConfig, LlamaForCausalLM
 
@@ -35,11 +35,6 @@ class PretrainRecipe:
     warmup: int = 30
     weight_decay: float = 0.01
     seed: int = 0
-
-
-def default_cache_dir() -> str:
-    """$QLORA_FAST_CACHE, else ~/.cache/qlora_fast."""
-    return os.environ.get("QLORA_FAST_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "qlora_fast")
 
 
 def save_model(model: LlamaForCausalLM, directory: str) -> None:

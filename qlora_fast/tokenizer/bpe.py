@@ -25,7 +25,7 @@ from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Uni
 
 import regex
 
-from qlora_fast.utils import atomic_write_bytes
+from qlora_fast.utils import atomic_write_bytes, default_cache_dir
 
 # GPT-2's pattern as tiktoken writes it (equivalent to the original, faster with possessives).
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
@@ -217,6 +217,7 @@ class BPETokenizer:
 
         self._ranks = ranks
         self._special = specials
+        self._special_set = frozenset(specials)
         self.pad_token, self.bos_token, self.eos_token = pad_token, bos_token, eos_token
         self.pad_id, self.bos_id, self.eos_id = specials[pad_token], specials[bos_token], specials[eos_token]
         self.vocab_size = max(list(ranks.values()) + list(specials.values())) + 1
@@ -296,7 +297,9 @@ class BPETokenizer:
         return pat
 
     def _allowed_sets(self, allowed_special, disallowed_special) -> Tuple[frozenset, frozenset]:
-        specials = frozenset(self._special)
+        specials = self._special_set
+        if isinstance(allowed_special, tuple) and not allowed_special and disallowed_special == "all":
+            return frozenset(), specials  # the defaults, on every trainer's encode: nothing to check
         if allowed_special == "all":
             allowed = specials
         else:
@@ -600,11 +603,6 @@ class BPETokenizer:
     def tiktoken_kwargs(self) -> dict:
         """Keyword arguments for `tiktoken.Encoding(name, **tok.tiktoken_kwargs())` giving the same ids."""
         return {"pat_str": self.pattern, "mergeable_ranks": dict(self._ranks), "special_tokens": dict(self._special)}
-
-
-def default_cache_dir() -> str:
-    """$QLORA_FAST_CACHE, else ~/.cache/qlora_fast (the same place the models package uses)."""
-    return os.environ.get("QLORA_FAST_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "qlora_fast")
 
 
 SHIPPED_CORPUS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "corpus.txt")
