@@ -15,6 +15,8 @@ import json
 import os
 import random
 
+from qlora_fast.utils import atomic_write_bytes
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 MAX_OPERAND = 29
 TRAIN_SIZE = 400
@@ -39,11 +41,7 @@ def sft_train_instructions():
 
 
 def _write(path, rows):
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
-    os.replace(tmp, path)
+    atomic_write_bytes(path, "".join(json.dumps(row) + "\n" for row in rows).encode("utf-8"))
 
 
 def main():

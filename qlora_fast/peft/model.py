@@ -69,7 +69,7 @@ def _linear_names(model: nn.Module):
 
 
 def _match_lora_targets(model: nn.Module, config: LoraConfig):
-    names = [n for n in _linear_names(model) if n.split(".")[-1] != "lm_head" and n != "lm_head"]
+    names = [n for n in _linear_names(model) if n.split(".")[-1] != "lm_head"]
     if isinstance(config.target_modules, str):
         pattern = re.compile(config.target_modules)
         matched = [n for n in names if pattern.fullmatch(n)]

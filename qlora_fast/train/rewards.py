@@ -14,8 +14,9 @@ import os
 import re
 from typing import Dict, List, Optional
 
+from qlora_fast.data import DATA_DIR
+
 SPLITS = ("train", "heldout")
-DATA_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data")
 # Weights for (correctness, format): the right answer counts most, the answer format a little.
 DEFAULT_WEIGHTS = (1.0, 0.2)
 

@@ -214,7 +214,7 @@ class SFTTrainer:
         self.model = model
         c = self.config
         self.rows = build_examples(tokenizer, train_data, c.prompt_template, c.max_seq_len, c.packing, c.seed)
-        params = [p for p in model.parameters() if p.requires_grad]
+        self.params = params = [p for p in model.parameters() if p.requires_grad]
         if not params:
             raise ValueError("model has no trainable parameters (wrap it with get_peft_model first)")
         if c.gradient_checkpointing:
@@ -308,7 +308,7 @@ class SFTTrainer:
                     loss.backward()
                 total_loss += loss.item()
             if c.max_grad_norm:
-                torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], c.max_grad_norm)
+                torch.nn.utils.clip_grad_norm_(self.params, c.max_grad_norm)
             self.optimizer.step()
             self.scheduler.step()
             self.step += 1
