@@ -17,6 +17,8 @@ is the raw max while that of the partial last block is clamped to at least 1e-38
 """
 import torch
 
+from .optim import dynamic_map
+
 __all__ = [
     "NF4_CODE",
     "FP4_CODE",
@@ -65,19 +67,9 @@ NESTED_BLOCKSIZE = 256
 
 
 def dynamic_map_signed() -> torch.Tensor:
-    """bitsandbytes' signed 8-bit dynamic map: 256 sorted fp32 values in [-0.993, 1.0].
-
-    For each decade 10^-6 .. 10^0 it holds the midpoints of a linear grid on [0.1, 1] (2^i cells
-    in decade i), with both signs, plus 0 and 1.
-    """
-    values = [0.0, 1.0]
-    for i in range(7):
-        edges = torch.linspace(0.1, 1, 2**i + 1, dtype=torch.float32)
-        midpoints = (edges[:-1] + edges[1:]) / 2.0
-        scale = 10 ** (i - 6)
-        # The product is taken in fp32 (tensor times Python scalar), as bitsandbytes does.
-        values += (scale * midpoints).tolist() + (-scale * midpoints).tolist()
-    return torch.tensor(sorted(values), dtype=torch.float32)
+    """bitsandbytes' signed 8-bit dynamic map (256 sorted fp32 values in [-0.993, 1.0]), the code
+    of the double-quantized absmax: the optimizers' signed state map, `optim.dynamic_map(True)`."""
+    return dynamic_map(True)
 
 
 _DYNAMIC_MAP = dynamic_map_signed()
