@@ -92,7 +92,8 @@ def perplexity(
     was_training = getattr(model, "training", False)
     if isinstance(model, torch.nn.Module):
         model.eval()
-    nll_sum = 0.0
+    lowest, highest = int(ids.min()), int(ids.max())  # once, not a device sync per window
+    nll_sum = torch.zeros((), dtype=torch.float64, device=device)  # read back once, after the loop
     n_scored = 0
     prev_end = 0
     try:
@@ -105,16 +106,16 @@ def perplexity(
                 logits = _logits_of(model(window))
                 if logits.dim() != 3 or logits.shape[:2] != window.shape:
                     raise ValueError(f"logits must have shape (B, T, V) = ({window.shape[0]}, {window.shape[1]}, V), got {tuple(logits.shape)}")
-                if int(window.max()) >= logits.shape[-1] or int(window.min()) < 0:
-                    raise ValueError(f"token_ids must lie in [0, {logits.shape[-1]}) (the model's vocabulary), got {int(window.min())}..{int(window.max())}")
+                if highest >= logits.shape[-1] or lowest < 0:
+                    raise ValueError(f"token_ids must lie in [0, {logits.shape[-1]}) (the model's vocabulary), got {lowest}..{highest}")
                 # Score tokens prev_end..end-1 (never the window's first token: it has no context).
                 first = max(prev_end, begin + 1) - begin
                 log_probs = F.log_softmax(logits[:, first - 1 : -1].double(), dim=-1)
                 targets = window[:, first:]
-                nll_sum -= log_probs.gather(-1, targets.unsqueeze(-1)).sum().item()
+                nll_sum -= log_probs.gather(-1, targets.unsqueeze(-1)).sum()
                 n_scored += targets.numel()
                 prev_end = end
     finally:
         if isinstance(model, torch.nn.Module):
             model.train(was_training)
-    return math.exp(nll_sum / n_scored)
+    return math.exp(nll_sum.item() / n_scored)

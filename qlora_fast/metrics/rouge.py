@@ -53,10 +53,11 @@ def _score_ngrams(target: Counter, prediction: Counter) -> RougeScore:
 
 def _lcs_table(ref: List[str], can: List[str]) -> List[List[int]]:
     table = [[0] * (len(can) + 1) for _ in range(len(ref) + 1)]
-    for i in range(1, len(ref) + 1):
+    for i, r in enumerate(ref, 1):  # the hot loop of rougeL/rougeLsum: locals, no re-indexing
         row, prev = table[i], table[i - 1]
-        for j in range(1, len(can) + 1):
-            row[j] = prev[j - 1] + 1 if ref[i - 1] == can[j - 1] else max(prev[j], row[j - 1])
+        left = 0
+        for j, c in enumerate(can, 1):
+            left = row[j] = prev[j - 1] + 1 if r == c else max(prev[j], left)
     return table
 
 
