@@ -5,6 +5,7 @@ Hugging Face causal LMs.
 use_cache=True)` must return an object with `.logits` and `.past_key_values` (or `.cache`); that is
 all `generate` uses.
 """
+import functools
 import inspect
 from typing import Iterable, Optional
 
@@ -15,8 +16,20 @@ from .llama import positions_from_mask
 
 def _takes_cache_keyword(model) -> bool:
     # transformers >= 5.2x renamed `past_key_values` to `cache` (the old name is deprecated).
+    if "forward" in vars(model):  # a forward patched onto this instance: look at it
+        return _forward_takes_cache(model.forward)
+    return _class_takes_cache(type(model))
+
+
+@functools.lru_cache(maxsize=None)
+def _class_takes_cache(cls) -> bool:
+    """Per class, since `inspect.signature` on every decoding step costs more than a tiny model's step."""
+    return _forward_takes_cache(cls.forward)
+
+
+def _forward_takes_cache(forward) -> bool:
     try:
-        return "cache" in inspect.signature(model.forward).parameters
+        return "cache" in inspect.signature(forward).parameters
     except (TypeError, ValueError):
         return False
 
