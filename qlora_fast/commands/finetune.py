@@ -14,8 +14,6 @@ import resource
 import sys
 import time
 
-import torch
-
 from qlora_fast.commands import add_base_model_arguments, resolve_device
 
 METHODS = ("lora", "qlora", "prefix", "prompt")
@@ -64,7 +62,7 @@ def register(subparsers) -> None:
     parser.set_defaults(func=run)
 
 
-def _init_distributed(device: torch.device) -> int:
+def _init_distributed(device) -> int:
     """Under torchrun (WORLD_SIZE > 1) join the process group (gloo on the CPU, nccl on CUDA) so
     SFTTrainer trains with DDP; returns this process's rank (0 without torchrun)."""
     import torch.distributed as dist
@@ -76,7 +74,9 @@ def _init_distributed(device: torch.device) -> int:
     return dist.get_rank()
 
 
-def _peak_memory(device: torch.device) -> str:
+def _peak_memory(device) -> str:
+    import torch
+
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
     text = f"peak process RSS {rss / 2**20:.0f} MiB"
     if device.type == "cuda":
@@ -99,6 +99,7 @@ def _peft_config(args, tokenizer):
 
 
 def run(args) -> int:
+    import torch  # here, not at import: `qlora-fast --help` should not load torch
     from qlora_fast.data import load_instructions
     from qlora_fast.peft import base_weight_bytes, get_peft_model
     from qlora_fast.train.sft import SFTConfig, SFTTrainer, evaluate_loss, exact_match

@@ -10,8 +10,6 @@ as a PNG, measures held-out accuracy again and saves the GRPO adapter.
 import os
 import time
 
-import torch
-
 from qlora_fast.commands import add_base_model_arguments, resolve_device
 from qlora_fast.utils import atomic_write
 
@@ -63,6 +61,8 @@ def register(subparsers) -> None:
 
 def _train_sft_adapter(path, steps, cache_dir, tokenizer, device, seed, progress):
     """The SFT demo's QLoRA adapter, trained with `qlora-fast finetune`'s defaults and saved to `path`."""
+    import torch
+
     from qlora_fast.data import load_instructions
     from qlora_fast.models import load_base_model
     from qlora_fast.peft import LoraConfig, get_peft_model
@@ -107,6 +107,7 @@ def _save_plot(history, before, after, path):
 
 
 def run(args) -> int:
+    import torch  # here, not at import: `qlora-fast --help` should not load torch
     from qlora_fast.models import load_base_model
     from qlora_fast.peft import LoraConfig, get_peft_model, load_adapter
     from qlora_fast.train.grpo import GRPOConfig, GRPOTrainer

@@ -7,10 +7,9 @@ The model is the built-in Llama (`qlora_fast.models`) from a small config, or a 
 import argparse
 import time
 
-import torch
-from torch import nn
+from qlora_fast.commands import resolve_device
 
-QUANT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+QUANT_DTYPES = ("float32", "float16", "bfloat16")  # names of torch dtypes (torch loads only when run)
 
 
 def register(subparsers) -> None:
@@ -31,14 +30,16 @@ def register(subparsers) -> None:
     parser.add_argument("--quant-type", choices=("nf4", "fp4"), default="nf4", help="4-bit code")
     parser.add_argument("--blocksize", type=int, default=64, help="elements per absmax block (power of two, 32..4096)")
     parser.add_argument("--no-double-quant", action="store_true", help="keep absmax in fp32 (no double quantization)")
-    parser.add_argument("--dtype", choices=tuple(QUANT_DTYPES), default="bfloat16", help="weight dtype before quantization")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="device to run on")
+    parser.add_argument("--dtype", choices=QUANT_DTYPES, default="bfloat16", help="weight dtype before quantization")
+    parser.add_argument("--device", default="auto", help="'auto' (cuda when present, else cpu), 'cpu', 'cuda', ...")
     parser.add_argument("--seed", type=int, default=0, help="random seed of the model's initialisation")
     parser.set_defaults(func=run)
 
 
-def build_model(args) -> nn.Module:
+def build_model(args):
     """A randomly initialised model with Llama-shaped linear layers."""
+    from torch import nn
+
     if args.model == "llama":
         from qlora_fast.models import LlamaConfig, LlamaForCausalLM
 
@@ -59,6 +60,8 @@ def build_model(args) -> nn.Module:
 
 
 def _timed(fn, device):
+    import torch
+
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     start = time.perf_counter()
@@ -76,13 +79,15 @@ def _human(nbytes: float) -> str:
 
 
 def run(args) -> int:
+    import torch
+    from torch import nn
     from tqdm import tqdm
 
     from qlora_fast.functional import dequantize_4bit, quantize_4bit
 
     torch.manual_seed(args.seed)
-    device = torch.device(args.device)
-    dtype = QUANT_DTYPES[args.dtype]
+    device = resolve_device(args.device)
+    dtype = getattr(torch, args.dtype)
     model = build_model(args).to(device=device, dtype=dtype)
     linears = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)]
     nested = not args.no_double_quant
