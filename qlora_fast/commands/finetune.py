@@ -84,7 +84,7 @@ def _peak_memory(device) -> str:
     return text
 
 
-def _peft_config(args, tokenizer):
+def _peft_config(args):
     from qlora_fast.peft import LoraConfig, PrefixTuningConfig, PromptTuningConfig
 
     if args.method in ("lora", "qlora"):
@@ -129,7 +129,7 @@ def run(args) -> int:
 
     train_pairs = load_instructions("train")
     eval_pairs = load_instructions("heldout")[:args.eval_pairs]
-    peft = get_peft_model(model, _peft_config(args, tokenizer), tokenizer=tokenizer).to(device)
+    peft = get_peft_model(model, _peft_config(args), tokenizer=tokenizer).to(device)
     lr = args.lr or (5e-3 if args.method in ("lora", "qlora") else 1e-2)
     config = SFTConfig(
         max_steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=lr, warmup_steps=args.warmup_steps,

@@ -4,7 +4,7 @@ import argparse
 import os
 import sys
 
-from qlora_fast.commands import add_base_model_arguments
+from qlora_fast.commands import add_base_model_arguments, resolve_device
 
 
 def register(subparsers) -> None:
@@ -40,7 +40,7 @@ def register(subparsers) -> None:
                    help="most tokens of one proposed step (default 20), or of the whole discussion with --prompting single (default 200)")
     p.add_argument("--value-max-new-tokens", type=int, default=8, help="most tokens of one judgement")
     p.add_argument("--max-model-calls", type=int, default=None, help="give up a puzzle after this many model calls")
-    p.add_argument("--device", default=None, help="device for the model, e.g. cpu or cuda (default: cuda when available)")
+    p.add_argument("--device", default="auto", help="'auto' (cuda when present, else cpu), 'cpu', 'cuda', ...")
     p.add_argument("--show-tree", action="store_true", help="print each search tree as an indented outline")
     p.set_defaults(func=run)
 
@@ -69,7 +69,6 @@ def load_llm(model: str, device, cache_dir=None, seed=None, adapter=None, tokeni
 
 
 def run(args) -> int:
-    import torch
     from tqdm.auto import tqdm
 
     from qlora_fast.reasoning import TreeOfThought, ask_experts
@@ -81,7 +80,7 @@ def run(args) -> int:
         if args.puzzles < 1:
             raise SystemExit(f"--puzzles must be >= 1, got {args.puzzles}")
         puzzles = [" ".join(map(str, p)) for p in game24.puzzles(args.puzzles, seed=args.seed)]
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(args.device)
     task = game24.Game24Task()
     max_new_tokens = args.max_new_tokens or (200 if args.prompting == "single" else 20)
     try:

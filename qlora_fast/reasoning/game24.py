@@ -18,7 +18,7 @@ from fractions import Fraction
 from functools import lru_cache
 from typing import List, Optional, Sequence, Tuple
 
-from qlora_fast.reasoning.tasks import ReasoningTask, parse_value
+from qlora_fast.reasoning.tasks import ReasoningTask
 from qlora_fast.reasoning.templates import experts_prompt
 
 TARGET = 24
@@ -279,9 +279,6 @@ class Game24Task(ReasoningTask):
     def value_prompt(self, question, steps, experts):
         left = apply_steps(self._numbers(question), steps)
         return VALUE_PROMPT.format(numbers=_left_text(left))
-
-    def parse_value(self, text):
-        return parse_value(text)
 
     def single_prompt(self, question, n_experts):
         numbers = " ".join(format_number(x) for x in self._numbers(question))

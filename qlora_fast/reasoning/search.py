@@ -315,16 +315,16 @@ class TreeOfThought:
         """Every expert proposes a step for every node in one batched call; the task reads each
         proposal (INVALID when unusable, DUPLICATE when an earlier expert on the same line said
         the same) and spots final answers."""
-        prompts = []
+        prompts, steps_of = [], []
         for node in nodes:
             node.order = next(self._order)
             steps, experts = node.steps(), node.experts()
+            steps_of.append(steps)
             for expert in range(1, self.n_experts + 1):
                 prompts.append(self.task.propose_prompt(self._question, steps, experts, expert))
         outputs = iter(self._generate(prompts, self.max_new_tokens, self.temperature))
         children = []
-        for node in nodes:
-            steps = node.steps()
+        for node, steps in zip(nodes, steps_of):
             seen = set()
             for expert in range(1, self.n_experts + 1):
                 raw = next(outputs)
