@@ -29,3 +29,15 @@ def test_quantize_report_runs(capsys):
     # 64*64 .. 96*64 weights at blocksize 64 with double quantization: 4 + 8/64 + (nested + offset)
     assert 4.125 < bits < 4.2
     assert 0.05 < float(total[5]) < 0.15  # NF4 relative error of Gaussian-like weights is ~0.09
+
+
+def test_cli_registers_without_torch_and_names_the_trainers_optimizers():
+    # `qlora-fast --help` stays fast: registering every command must not import torch.
+    code = ("import sys; from qlora_fast.cli import build_parser; build_parser(); "
+            "assert 'torch' not in sys.modules, 'torch imported at registration'")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    from qlora_fast.commands import OPTIMIZERS
+    from qlora_fast.train.sft import OPTIMIZERS as TRAINER_OPTIMIZERS
+
+    assert OPTIMIZERS == TRAINER_OPTIMIZERS

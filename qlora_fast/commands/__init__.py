@@ -1,6 +1,22 @@
 """CLI commands, one module each (see qlora_fast/cli.py)."""
 
 
+# The trainers' optimizer names (`qlora_fast.train.sft.OPTIMIZERS`; spelled out here so that
+# registering the commands does not import torch; a test keeps the two equal).
+OPTIMIZERS = ("paged_adamw_8bit", "paged_adamw", "adamw_8bit", "adamw", "torch_adamw")
+
+
+def add_training_arguments(parser) -> None:
+    """Options every training command shares: device, optimizer, gradient checkpointing,
+    checkpoint frequency, seed and progress bars."""
+    parser.add_argument("--device", default="auto", help="'auto' (cuda when present, else cpu), 'cpu', 'cuda', 'cuda:1', ...")
+    parser.add_argument("--optimizer", default="paged_adamw_8bit", choices=OPTIMIZERS, help="optimizer")
+    parser.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward")
+    parser.add_argument("--checkpoint-every", type=int, default=0, help="write a resumable checkpoint every N steps (0: never)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed")
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
 def resolve_device(name: str):
     """The torch.device for `--device`: "auto" is cuda when present, else cpu; asking for cuda
     without one exits with a clear message."""

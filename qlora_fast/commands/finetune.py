@@ -14,7 +14,7 @@ import resource
 import sys
 import time
 
-from qlora_fast.commands import add_base_model_arguments, resolve_device
+from qlora_fast.commands import add_base_model_arguments, add_training_arguments, resolve_device
 
 METHODS = ("lora", "qlora", "prefix", "prompt")
 
@@ -32,14 +32,11 @@ def register(subparsers) -> None:
     add_base_model_arguments(parser)
     parser.add_argument("--pretrain-steps", type=int, default=None,
                         help="pretraining steps of the built-in base model (default: its recipe's; a new value trains and caches a new base)")
-    parser.add_argument("--device", default="auto", help="'auto' (cuda when present, else cpu), 'cpu', 'cuda', 'cuda:1', ...")
     parser.add_argument("--steps", type=int, default=200, help="optimizer steps")
     parser.add_argument("--batch-size", type=int, default=16, help="examples per micro-batch")
     parser.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
     parser.add_argument("--lr", type=float, default=None, help="peak learning rate (default: 5e-3 for LoRA/QLoRA, 1e-2 for prefix/prompt)")
     parser.add_argument("--warmup-steps", type=int, default=15, help="linear warmup steps before the cosine decay")
-    parser.add_argument("--optimizer", default="paged_adamw_8bit",
-                        choices=("paged_adamw_8bit", "paged_adamw", "adamw_8bit", "adamw", "torch_adamw"), help="optimizer")
     parser.add_argument("--r", type=int, default=8, help="LoRA rank")
     parser.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha (scaling alpha / r)")
     parser.add_argument("--lora-dropout", type=float, default=0.0, help="LoRA dropout")
@@ -50,15 +47,12 @@ def register(subparsers) -> None:
     parser.add_argument("--prefix-projection", action="store_true", help="prefix tuning through an MLP (Li & Liang)")
     parser.add_argument("--max-seq-len", type=int, default=96, help="tokens per training example (longer ones are cut)")
     parser.add_argument("--packing", action="store_true", help="pack several examples per row")
-    parser.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward")
     parser.add_argument("--eval-pairs", type=int, default=160, help="held-out pairs used for perplexity and exact match")
     parser.add_argument("--eval-every", type=int, default=0, help="evaluate held-out perplexity every N steps (0: only before/after)")
-    parser.add_argument("--checkpoint-every", type=int, default=0, help="write a resumable checkpoint every N steps (0: never)")
     parser.add_argument("--resume", action="store_true", help="resume from the newest checkpoint in --output")
     parser.add_argument("--max-new-tokens", type=int, default=12, help="generation length for exact match")
     parser.add_argument("--output", default="qlora_fast_output", help="directory for the adapter and checkpoints")
-    parser.add_argument("--seed", type=int, default=0, help="random seed")
-    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    add_training_arguments(parser)
     parser.set_defaults(func=run)
 
 

@@ -10,7 +10,7 @@ as a PNG, measures held-out accuracy again and saves the GRPO adapter.
 import os
 import time
 
-from qlora_fast.commands import add_base_model_arguments, resolve_device
+from qlora_fast.commands import add_base_model_arguments, add_training_arguments, resolve_device
 from qlora_fast.utils import atomic_write
 
 DEFAULT_SFT_ADAPTER = os.path.join("qlora_fast_output", "adapter-qlora")  # `qlora-fast finetune`'s default
@@ -26,7 +26,6 @@ def register(subparsers) -> None:
                         f"(default {DEFAULT_SFT_ADAPTER}, where `qlora-fast finetune` writes it)")
     p.add_argument("--sft-steps", type=int, default=250, help="SFT steps when the adapter has to be trained first")
     add_base_model_arguments(p)
-    p.add_argument("--device", default="auto", help="'auto' (cuda when present, else cpu), 'cpu', 'cuda', ...")
     p.add_argument("--steps", type=int, default=40, help="GRPO steps")
     p.add_argument("--group-size", type=int, default=8, help="completions sampled per prompt (G >= 2)")
     p.add_argument("--prompts-per-step", type=int, default=4, help="prompts per GRPO step")
@@ -47,15 +46,10 @@ def register(subparsers) -> None:
     p.add_argument("--advantage-scale", choices=("group", "batch", "none"), default="group",
                    help="divide advantages by the group std, the batch std, or nothing (Dr. GRPO)")
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step")
-    p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward")
-    p.add_argument("--optimizer", default="paged_adamw_8bit",
-                   choices=("paged_adamw_8bit", "paged_adamw", "adamw_8bit", "adamw", "torch_adamw"), help="optimizer")
     p.add_argument("--heldout", type=int, default=None, help="held-out problems to score (default: all)")
     p.add_argument("--output", default="qlora_fast_output", help="directory for the GRPO adapter, checkpoints and plot")
-    p.add_argument("--checkpoint-every", type=int, default=0, help="write a resumable checkpoint every N steps (0: never)")
     p.add_argument("--resume", action="store_true", help="resume from the newest GRPO checkpoint in --output")
-    p.add_argument("--seed", type=int, default=0, help="random seed")
-    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    add_training_arguments(p)
     p.set_defaults(func=run)
 
 
