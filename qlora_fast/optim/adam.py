@@ -9,7 +9,7 @@ and one state_dict format (whole flat tensors per parameter, independent of page
 import math
 from collections import defaultdict
 from itertools import chain
-from typing import Dict, List, Optional
+from typing import Dict, Optional
 
 import torch
 
@@ -23,9 +23,14 @@ STATE32 = ("exp_avg", "exp_avg_sq")
 STATE8 = ("exp_avg_codes", "exp_avg_sq_codes", "exp_avg_absmax", "exp_avg_sq_absmax")
 
 
+_READY_DEVICE_TYPES = set()  # device types whose kernels were found: checked once, not per update
+
+
 def _ops(device: torch.device):
     """torch.ops.qlora_fast, with the extension loaded; a clear error when `device` is CUDA and
     the extension was built without its CUDA kernels."""
+    if device.type in _READY_DEVICE_TYPES:
+        return torch.ops.qlora_fast
     from qlora_fast._extension import load
 
     load()
@@ -35,6 +40,7 @@ def _ops(device: torch.device):
             "time, or QLORA_FAST_SKIP_CUDA_BUILD=1); rebuild it with a CUDA torch and nvcc: "
             "pip install --no-build-isolation -e ."
         )
+    _READY_DEVICE_TYPES.add(device.type)
     return torch.ops.qlora_fast
 
 
