@@ -1,6 +1,7 @@
 """Build script: the Python packages, with `kernels/` installed as `qlora_fast.kernels`, and the
 compiled extensions: `qlora_fast._C` (optimizers; CUDA part skipped when there is no CUDA torch
 or QLORA_FAST_SKIP_CUDA_BUILD=1) and `qlora_fast._bpe` (the BPE merge loop)."""
+import importlib.util
 import os
 
 from setuptools import find_packages, setup
@@ -13,25 +14,18 @@ def _exists(path):
     return os.path.exists(os.path.join(HERE, path))
 
 
-OPTIM_CPU_SOURCES = ["csrc/optim.cpp", "csrc/adamw_cpu.cpp"]
-OPTIM_CUDA_SOURCES = ["csrc/optim_cuda.cpp", "csrc/adamw.cu"]
-OPTIM_CXX_FLAGS = ["-O3", "-fno-math-errno"]  # no errno lets sqrtf vectorise; results unchanged
-OPTIM_HASHED = ["adam_common.h", "optim.h", "adamw_cuda.h", "optim.cpp", "adamw_cpu.cpp", "optim_cuda.cpp", "adamw.cu"]
+def _load_extension_config():
+    """qlora_fast/_extension.py, loaded by path (not by importing the package): the source
+    lists, flags and source hash shared with the JIT build."""
+    spec = importlib.util.spec_from_file_location("_qlora_fast_extension", os.path.join(HERE, "qlora_fast", "_extension.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
-def _optim_source_hash():
-    """Hash of the optimizer sources, compiled into `_C` so a stale in-place build is detected
-    (same recipe as qlora_fast/_extension.py: source_hash)."""
-    import hashlib
-
-    digest = hashlib.sha256()
-    for name in OPTIM_HASHED:
-        path = os.path.join(HERE, "csrc", name)
-        if os.path.exists(path):
-            digest.update(name.encode() + b"\0")
-            with open(path, "rb") as f:
-                digest.update(f.read())
-    return "h" + digest.hexdigest()[:32]
+_EXT = _load_extension_config()
+OPTIM_CPU_SOURCES = [f"csrc/{s}" for s in _EXT.CPU_SOURCES]
+OPTIM_CUDA_SOURCES = [f"csrc/{s}" for s in _EXT.CUDA_SOURCES]
 
 
 def _cuda_build_wanted(cpp_extension):
@@ -60,13 +54,13 @@ def optim_extension(cpp_extension):
         return cpp_extension.CUDAExtension(
             "qlora_fast._C",
             OPTIM_CPU_SOURCES + OPTIM_CUDA_SOURCES,
-            extra_compile_args={"cxx": OPTIM_CXX_FLAGS, "nvcc": ["-O3", "-lineinfo"]},
-            define_macros=[("QLORA_FAST_SOURCE_HASH", _optim_source_hash())],
+            extra_compile_args={"cxx": _EXT.CXX_FLAGS, "nvcc": _EXT.NVCC_FLAGS},
+            define_macros=[("QLORA_FAST_SOURCE_HASH", _EXT.source_hash())],
             optional=True,  # a failed build warns; the package then JIT-builds on first use
         )
     return cpp_extension.CppExtension(
-        "qlora_fast._C", OPTIM_CPU_SOURCES, extra_compile_args=OPTIM_CXX_FLAGS, optional=True,
-        define_macros=[("QLORA_FAST_SOURCE_HASH", _optim_source_hash())],
+        "qlora_fast._C", OPTIM_CPU_SOURCES, extra_compile_args=_EXT.CXX_FLAGS, optional=True,
+        define_macros=[("QLORA_FAST_SOURCE_HASH", _EXT.source_hash())],
     )
 
 

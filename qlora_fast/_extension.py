@@ -20,8 +20,11 @@ CSRC = Path(__file__).resolve().parent.parent / "csrc"
 CPU_SOURCES = ("optim.cpp", "adamw_cpu.cpp")
 CUDA_SOURCES = ("optim_cuda.cpp", "adamw.cu")
 HEADERS = ("adam_common.h", "optim.h", "adamw_cuda.h")
-HASHED = HEADERS + CPU_SOURCES + CUDA_SOURCES  # same order as setup.py's OPTIM_HASHED
-CXX_FLAGS = ["-O3", "-fno-math-errno"]
+HASHED = HEADERS + CPU_SOURCES + CUDA_SOURCES
+CXX_FLAGS = ["-O3", "-fno-math-errno"]  # no errno lets sqrtf vectorise; results unchanged
+NVCC_FLAGS = ["-O3", "-lineinfo"]
+# setup.py reads the lists, flags and `source_hash` above from this file (it keeps its top-level
+# imports to the standard library for that), so the wheel's build and the JIT build agree.
 
 
 def cache_dir() -> Path:
@@ -74,7 +77,7 @@ def _jit_build(import_error: Exception):
             name="_C",
             sources=sources,
             extra_cflags=CXX_FLAGS + [f"-DQLORA_FAST_SOURCE_HASH={source_hash()}"],
-            extra_cuda_cflags=["-O3", "-lineinfo"],
+            extra_cuda_cflags=NVCC_FLAGS,
             build_directory=str(build_dir),
             with_cuda=with_cuda,
             verbose=os.environ.get("QLORA_FAST_VERBOSE_BUILD", "0") == "1",
@@ -87,7 +90,8 @@ def _jit_build(import_error: Exception):
 
 
 def source_hash() -> str:
-    """Hash of the optimizer sources in csrc/ (same recipe as setup.py: _optim_source_hash)."""
+    """Hash of the optimizer sources in csrc/, compiled into `_C` (by setup.py and the JIT build)
+    so that a stale in-place build is detected."""
     import hashlib
 
     digest = hashlib.sha256()
