@@ -25,16 +25,16 @@ the addmm costs only one extra pass over y. That split is reasoned, NOT measured
 available when it was written); bench/gpu_lora.py times both paths to settle it.
 This module imports torch and triton only.
 """
-from typing import Optional, Union
+from typing import Union
 
 import torch
 import triton
 import triton.language as tl
 
 from .nf4_matmul import (
-    SKINNY_MAX_M, Weight4bit, _dequantize_4bit_operand, dequantize_to_workspace, dot_dtype, row_pairs,
+    SKINNY_MAX_M, Weight4bit, _dequantize_4bit_operand, dequantize_to_workspace, dot_dtype, reduce_splits, row_pairs,
+    split_k_launch,
 )
-from .utils import INTERPRET
 
 
 @triton.jit
@@ -141,18 +141,8 @@ def lora_matmul(a, weight: Weight, lo, hi, scale: float, bias=None, mask=None, t
         raise ValueError(f"shapes do not chain: a {tuple(a.shape)}, lo {tuple(lo.shape)}, hi {tuple(hi.shape)}, "
                          f"weight {(out_features, in_features)}, transpose={transpose}")
     dot_dt, precision = dot_dtype(a.dtype)
-    block_m = 16 if M <= SKINNY_MAX_M else 64
-    block_p = 64 if P >= 64 else max(16, triton.next_power_of_2(P))
-    block_q = 128 if Q >= 128 else max(16, triton.next_power_of_2(Q))
+    block_m, block_p, block_q, k_per_split, out = split_k_launch(M, P, Q, a.device, a.dtype)
     block_r = max(16, triton.next_power_of_2(R))
-    programs = triton.cdiv(P, block_p) * triton.cdiv(M, block_m)
-    split = 1
-    if not INTERPRET and M <= SKINNY_MAX_M:
-        while programs * split * 2 <= 512 and Q // (split * 2) >= 4 * block_q:
-            split *= 2
-    k_per_split = triton.cdiv(triton.cdiv(Q, split), block_q) * block_q
-    split = triton.cdiv(Q, k_per_split)
-    out = torch.empty((split, M, P), device=a.device, dtype=a.dtype if split == 1 else torch.float32)
 
     if isinstance(weight, Weight4bit):
         nested = weight.nested_absmax is not None
@@ -164,7 +154,7 @@ def lora_matmul(a, weight: Weight, lo, hi, scale: float, bias=None, mask=None, t
         w_args = (weight,) * 6
         stride_wq, stride_wp = (weight.stride(0), weight.stride(1)) if transpose else (weight.stride(1), weight.stride(0))
         quant = dict(BLOCKSIZE=64, NESTED=False, NESTED_BLOCKSIZE=256, ROW_PAIRS=0)
-    grid = (triton.cdiv(P, block_p), triton.cdiv(M, block_m), split)
+    grid = (triton.cdiv(P, block_p), triton.cdiv(M, block_m), out.shape[0])
     _lora_matmul_kernel[grid](
         a, *w_args, lo, hi, mask if mask is not None else a, bias if bias is not None else a, out,
         M, P, Q, R, k_per_split, float(scale),
@@ -175,7 +165,7 @@ def lora_matmul(a, weight: Weight, lo, hi, scale: float, bias=None, mask=None, t
         DOT_DTYPE=dot_dt, INPUT_PRECISION=precision,
         BLOCK_M=block_m, BLOCK_P=block_p, BLOCK_Q=block_q, BLOCK_R=block_r, **quant,
     )
-    return out[0] if split == 1 else out.sum(0).to(a.dtype)
+    return reduce_splits(out, a.dtype)
 
 
 def _check(x, weight, lora_A, lora_B, bias, same_shape, method):

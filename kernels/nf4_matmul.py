@@ -312,17 +312,30 @@ def row_pairs(in_features: int, blocksize: int, transpose: bool) -> int:
     return in_features if not transpose and in_features % 2 == 0 and blocksize % 2 == 0 else 0
 
 
-def _skinny_config(M, N, K):
-    block_m = 16
+def split_k_launch(M, N, K, device, dtype):
+    """Tiles and split-K partition of an (M, K) x (K, N) product, shared by the 4-bit and LoRA
+    matmul kernels: (block_m, block_n, block_k, k_per_split, out), where `out` is the (split, M,
+    N) buffer the programs write (in `dtype` when unsplit, fp32 partial sums otherwise;
+    `reduce_splits` finishes it)."""
+    block_m = 16 if M <= SKINNY_MAX_M else 64
     block_n = 64 if N >= 64 else max(16, triton.next_power_of_2(N))
     block_k = 128 if K >= 128 else max(16, triton.next_power_of_2(K))
     programs = triton.cdiv(N, block_n) * triton.cdiv(M, block_m)
-    # Aim for a few hundred programs so a GPU's ~130 SMs are busy; each split keeps >= 4 K-steps.
+    # Few rows: aim for a few hundred programs so a GPU's ~130 SMs are busy; each split keeps
+    # >= 4 K-steps. Many rows (a forced fused call) fill the GPU without splitting.
     split = 1
-    if not INTERPRET:
+    if not INTERPRET and M <= SKINNY_MAX_M:
         while programs * split * 2 <= 512 and K // (split * 2) >= 4 * block_k:
             split *= 2
-    return block_m, block_n, block_k, split
+    k_per_split = triton.cdiv(triton.cdiv(K, split), block_k) * block_k
+    split = triton.cdiv(K, k_per_split)
+    out = torch.empty((split, M, N), device=device, dtype=dtype if split == 1 else torch.float32)
+    return block_m, block_n, block_k, k_per_split, out
+
+
+def reduce_splits(out, dtype):
+    """The (M, N) result of a `split_k_launch` buffer."""
+    return out[0] if out.shape[0] == 1 else out.sum(0).to(dtype)
 
 
 def nf4_matmul(x, packed, absmax, code, shape, blocksize, nested_absmax=None, nested_code=None,
@@ -356,17 +369,9 @@ def nf4_matmul(x, packed, absmax, code, shape, blocksize, nested_absmax=None, ne
             out = torch.nn.functional.linear(x2, w, bias)
         return out.reshape(*lead, n_dim)
 
-    block_m, block_n, block_k, split = _skinny_config(M, n_dim, k_dim)
-    if M > SKINNY_MAX_M:  # forced fused on many rows: bigger M tiles
-        block_m, split = 64, 1
-    k_per_split = triton.cdiv(triton.cdiv(k_dim, split), block_k) * block_k
-    split = triton.cdiv(k_dim, k_per_split)
-    if split == 1:
-        out = torch.empty((1, M, n_dim), device=x.device, dtype=x.dtype)
-    else:
-        out = torch.empty((split, M, n_dim), device=x.device, dtype=torch.float32)
+    block_m, block_n, block_k, k_per_split, out = split_k_launch(M, n_dim, k_dim, x.device, x.dtype)
     stride_wn, stride_wk = (1, in_features) if transpose else (in_features, 1)
-    grid = (triton.cdiv(n_dim, block_n), triton.cdiv(M, block_m), split)
+    grid = (triton.cdiv(n_dim, block_n), triton.cdiv(M, block_m), out.shape[0])
     _nf4_matmul_kernel[grid](
         x2, *_quant_args(packed, absmax, code, nested_absmax, nested_code, offset),
         bias if bias is not None else x2, out,
@@ -377,5 +382,4 @@ def nf4_matmul(x, packed, absmax, code, shape, blocksize, nested_absmax=None, ne
         ROW_PAIRS=row_pairs(in_features, blocksize, transpose),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
     )
-    out = out[0] if split == 1 else out.sum(0).to(x.dtype)
-    return out.reshape(*lead, n_dim)
+    return reduce_splits(out, x.dtype).reshape(*lead, n_dim)
