@@ -86,6 +86,20 @@ def _resolve_pattern(pattern: str) -> str:
     return PATTERNS.get(pattern, pattern)
 
 
+def _native_split_for(pattern: str) -> Optional[int]:
+    """The C++ scanner's id for `pattern` (its character tables made ready), or None when the
+    extension is missing or the pattern is not one it implements (the regex module splits then)."""
+    split = _NATIVE_SPLIT.get(pattern) if _native is not None and hasattr(_native, "split") else None
+    if split is not None:
+        _ensure_char_classes()
+    return split
+
+
+def _replace_lone_surrogates(text: str) -> str:
+    """Lone surrogates cannot be UTF-8 encoded: U+FFFD instead, as tiktoken does."""
+    return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+
+
 _LONG_PIECE = 128  # pieces longer than this (bytes) use the heap-based merge, as the C++ loop does
 
 
@@ -225,9 +239,7 @@ class BPETokenizer:
         self._special_decoder: Dict[int, bytes] = {i: t.encode("utf-8") for t, i in specials.items()}
         self._cache: Dict[str, Tuple[int, ...]] = {}
         self._native = _native.Encoder(ranks) if _native is not None else None
-        self._native_split = _NATIVE_SPLIT.get(self.pattern) if _native is not None and hasattr(_native, "split") else None
-        if self._native_split is not None:
-            _ensure_char_classes()
+        self._native_split = _native_split_for(self.pattern)
         self._special_pat_cache: Dict[frozenset, "regex.Pattern"] = {}
 
     # ------------------------------------------------------------------ properties
@@ -285,8 +297,7 @@ class BPETokenizer:
         try:
             return self._encode_ordinary(text)
         except UnicodeEncodeError:
-            # Lone surrogates cannot be UTF-8 encoded: replace them with U+FFFD as tiktoken does.
-            return self._encode_ordinary(text.encode("utf-16", "surrogatepass").decode("utf-16", "replace"))
+            return self._encode_ordinary(_replace_lone_surrogates(text))
 
     def _special_regex(self, tokens: frozenset) -> "regex.Pattern":
         pat = self._special_pat_cache.get(tokens)
@@ -347,7 +358,7 @@ class BPETokenizer:
         try:
             ids.extend(self._encode_with_specials(text, allowed))
         except UnicodeEncodeError:
-            fixed = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+            fixed = _replace_lone_surrogates(text)
             ids = ([self.bos_id] if add_bos else []) + self._encode_with_specials(fixed, allowed)
         if add_eos:
             ids.append(self.eos_id)
@@ -498,9 +509,7 @@ class BPETokenizer:
             raise ValueError(f"vocab_size must be an int >= 256 + number of special tokens ({256 + len(specials)}), got {vocab_size!r}")
         pattern_str = _resolve_pattern(pattern)
         pat = regex.compile(pattern_str)
-        native_split = _NATIVE_SPLIT.get(pattern_str) if _native is not None and hasattr(_native, "split") else None
-        if native_split is not None:
-            _ensure_char_classes()
+        native_split = _native_split_for(pattern_str)
         counts: Counter = Counter()  # piece bytes -> count
         from tqdm.auto import tqdm
 
