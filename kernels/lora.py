@@ -134,7 +134,13 @@ def lora_matmul(a, weight: Weight, lo, hi, scale: float, bias=None, mask=None, t
     a (M, Q), lo (M, R), hi (R, P) (any strides), mask (M, P) or None, bias (P,) or None;
     W (out, in) dense in a's dtype or a Weight4bit. Returns (M, P) in a's dtype.
     """
-    out_features, in_features = _weight_shape(weight)
+    return _lora_matmul(a, weight, _weight_shape(weight), lo, hi, scale, bias, mask, transpose)
+
+
+def _lora_matmul(a, weight: Weight, shape, lo, hi, scale, bias, mask, transpose):
+    """`lora_matmul` with the weight already validated (its (out, in) `shape` given): the forward
+    and backward check it once per call, not twice, on the latency-bound decode path."""
+    out_features, in_features = shape
     Q, P = (out_features, in_features) if transpose else (in_features, out_features)
     M, R = a.shape[0], lo.shape[1]
     if a.shape[1] != Q or lo.shape[0] != M or hi.shape != (R, P):
@@ -206,7 +212,7 @@ def lora_forward(x, weight: Weight, lora_A, lora_B, scale: float, bias=None, x_a
     x2 = x.reshape(-1, in_features)
     xa = (x2 if x_adapter is None else x_adapter.reshape(-1, in_features)) @ lora_A.t()
     if method == "fused" or (method == "auto" and x2.shape[0] <= SKINNY_MAX_M):
-        y = lora_matmul(x2, weight, xa, lora_B.t(), scale, bias=bias)
+        y = _lora_matmul(x2, weight, (out_features, in_features), xa, lora_B.t(), scale, bias, None, False)
     else:
         y = torch.nn.functional.linear(x2, _dense_weight(weight, x.dtype), bias)
         y.addmm_(xa, lora_B.t(), alpha=scale)
@@ -231,7 +237,7 @@ def lora_backward(grad_out, x_adapter, xa, weight: Weight, lora_A, lora_B, scale
     if need_grad_input:
         mask = None if dropout_mask is None else dropout_mask.reshape(-1, in_features)
         if method == "fused" or (method == "auto" and dy.shape[0] <= SKINNY_MAX_M):
-            grad_x = lora_matmul(dy, weight, dyb, lora_A, scale, mask=mask, transpose=True)
+            grad_x = _lora_matmul(dy, weight, (out_features, in_features), dyb, lora_A, scale, None, mask, True)
         else:
             grad_x = dy @ _dense_weight(weight, dy.dtype)
             low_rank = dyb @ lora_A
