@@ -1,7 +1,11 @@
 """Small helpers shared across qlora_fast. Imports the standard library only, so any layer may use it."""
+import contextlib
+import math
 import os
+import re
 import tempfile
-from typing import BinaryIO, Callable, Union
+import time
+from typing import BinaryIO, Callable, Optional, Union
 
 
 def default_cache_dir() -> str:
@@ -10,18 +14,69 @@ def default_cache_dir() -> str:
     return os.environ.get("QLORA_FAST_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "qlora_fast")
 
 
+# Temp files are named ".tmp-<pid>-<random><name>": the pid says whether their writer still runs.
+_TMP_PREFIX = ".tmp-"
+_TMP_PATTERN = re.compile(r"^\.tmp-(\d+)-")
+_LEGACY_TMP_AGE_S = 3600.0  # temp files without a pid (older versions) count as stale after an hour
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def clean_stale_temporaries(directory: Union[str, os.PathLike]) -> list:
+    """Remove the temp files that a killed `atomic_write` left in `directory` (their writer no
+    longer runs, or, for temp files without a pid, older than an hour). Returns the removed paths."""
+    removed = []
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return removed
+    now = time.time()
+    for name in names:
+        if not name.startswith(_TMP_PREFIX):
+            continue
+        path = os.path.join(directory, name)
+        m = _TMP_PATTERN.match(name)
+        try:
+            stale = not _pid_alive(int(m.group(1))) if m else now - os.path.getmtime(path) > _LEGACY_TMP_AGE_S
+            if stale and os.path.isfile(path):
+                os.unlink(path)
+                removed.append(path)
+        except OSError:  # raced with another cleaner, or not ours to remove
+            pass
+    return removed
+
+
 def atomic_write(path: Union[str, os.PathLike], write: Callable[[BinaryIO], object]) -> None:
     """Write the file `path` atomically: `write(f)` fills a binary file open on a temp file in the
     same directory (created if missing), which is flushed, fsynced and `os.replace`d onto `path`.
+    The file gets the mode a plain `open()` would give (0666 less the umask), not mkstemp's 0600.
 
     A crash or an exception in `write` leaves any previous `path` intact; the temp file is removed
-    and the exception propagates.
+    and the exception propagates. Temp files of killed writers are cleaned up on the next write.
     """
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(path))
+    clean_stale_temporaries(directory)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f"{_TMP_PREFIX}{os.getpid()}-", suffix=os.path.basename(path))
     try:
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
@@ -36,6 +91,120 @@ def atomic_write(path: Union[str, os.PathLike], write: Callable[[BinaryIO], obje
 def atomic_write_bytes(path: Union[str, os.PathLike], data: bytes) -> None:
     """Write `data` to the file `path` atomically (see `atomic_write`)."""
     atomic_write(path, lambda f: f.write(data))
+
+
+def check_writable_dir(path: Union[str, os.PathLike], what: str = "output directory") -> str:
+    """Create the directory `path` if needed and prove it writable by writing and removing a temp
+    file, so a run fails before any work rather than at its first save. Returns the path.
+    Raises NotADirectoryError / PermissionError / OSError naming `what` and the path."""
+    path = os.fspath(path)
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise NotADirectoryError(f"{what} {path!r} exists and is not a directory")
+    try:
+        os.makedirs(path, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=path, prefix=f"{_TMP_PREFIX}{os.getpid()}-", suffix="write-test")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise type(e)(e.errno, f"{what} {path!r} is not writable: {e.strerror or e}") from e
+    return path
+
+
+_HELD_LOCKS: dict = {}  # realpath -> [open file, count]: the lock is re-entrant within a process
+
+
+@contextlib.contextmanager
+def output_lock(directory: Union[str, os.PathLike], what: str = "output directory"):
+    """Hold an exclusive lock on `directory` (fcntl.flock on `<directory>/.qlora_fast.lock`) while
+    the block runs, so two runs cannot write the same outputs; a second run raises RuntimeError
+    naming the directory and the holder's pid. The kernel drops the lock when its process dies,
+    so a killed run never leaves a stale lock. Re-entrant within one process; a no-op without fcntl."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: no flock
+        yield
+        return
+    key = os.path.realpath(check_writable_dir(directory, what))
+    held = _HELD_LOCKS.get(key)
+    if held is not None:
+        held[1] += 1
+        try:
+            yield
+        finally:
+            held[1] -= 1
+        return
+    f = open(os.path.join(key, ".qlora_fast.lock"), "a+")
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        holder = f.read().strip() or "unknown"
+        f.close()
+        raise RuntimeError(f"{what} {os.fspath(directory)!r} is in use by another run (pid {holder}); "
+                           "wait for it, or choose another directory") from None
+    f.seek(0)
+    f.truncate()
+    f.write(str(os.getpid()))
+    f.flush()
+    _HELD_LOCKS[key] = [f, 1]
+    try:
+        yield
+    finally:
+        del _HELD_LOCKS[key]
+        f.close()  # releases the flock
+
+
+def check_finite_state(state: dict, what: str) -> None:
+    """Raise FloatingPointError naming the first tensor of `state` ({name: tensor}) holding NaN or
+    inf, so `what` (an adapter, a checkpoint) is never written with non-finite values."""
+    for name, t in state.items():
+        if hasattr(t, "is_floating_point") and t.is_floating_point() and t.numel() and not bool(t.isfinite().all()):
+            bad = int((~t.isfinite()).sum())
+            raise FloatingPointError(f"refusing to write {what}: {name} holds {bad} NaN/inf value(s) of {t.numel()}")
+
+
+def check_number(owner: str, name: str, value, *, integer: bool = False, minimum=None, maximum=None,
+                 exclusive_minimum: bool = False, optional: bool = False):
+    """Validate one hyperparameter: a (non-bool) int when `integer`, else a finite real; within
+    [minimum, maximum] (minimum excluded when `exclusive_minimum`); None allowed when `optional`.
+    Raises ValueError/TypeError as "<owner>.<name> must be ..., got <value>". Returns the value."""
+    if value is None and optional:
+        return value
+    kind = "an int" if integer else "a finite number"
+    ok_type = isinstance(value, int) if integer else isinstance(value, (int, float))
+    if isinstance(value, bool) or not ok_type:
+        # numpy / torch scalars: accept when they convert exactly
+        try:
+            converted = int(value) if integer else float(value)
+            if integer and converted != value:
+                raise ValueError
+        except (TypeError, ValueError):
+            raise TypeError(f"{owner}.{name} must be {kind}{' or None' if optional else ''}, got {value!r}") from None
+        value = converted
+    if not integer and not math.isfinite(value):
+        raise ValueError(f"{owner}.{name} must be {kind}, got {value!r}")
+    low_bad = minimum is not None and (value <= minimum if exclusive_minimum else value < minimum)
+    if low_bad or (maximum is not None and value > maximum):
+        bounds = []
+        if minimum is not None:
+            bounds.append(f"{'>' if exclusive_minimum else '>='} {minimum}")
+        if maximum is not None:
+            bounds.append(f"<= {maximum}")
+        raise ValueError(f"{owner}.{name} must be {kind} {' and '.join(bounds)}{' (or None)' if optional else ''}, got {value!r}")
+    return value
+
+
+def read_json(path: Union[str, os.PathLike], what: Optional[str] = None):
+    """json.load of the file `path`; a truncated or corrupt file raises ValueError naming it."""
+    import json
+
+    path = os.fspath(path)
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    try:
+        return json.loads(text)
+    except ValueError as e:
+        raise ValueError(f"{what or 'file'} {path!r} is not valid JSON (truncated or corrupt?): {e}") from e
 
 
 def lazy_getattr(package: str, names: dict):

@@ -3,16 +3,24 @@ scheduler, every RNG (torch CPU and CUDA, Python, NumPy), the step and any extra
 
 One file per checkpoint, written atomically (temp file in the same directory + os.replace), so a
 crash mid-save leaves the previous checkpoint intact. The GRPO trainer uses the same helpers.
+
+Each checkpoint records what identifies its run (`run_identity`: the model and its adapters, the
+data, the seed, the optimizer and the hyperparameters that shape the trajectory); loading into a
+different run raises ValueError naming what differs, and `resolve_resume` makes "resume, but
+there is nothing to resume" an explicit choice rather than a silent fresh start.
 """
+import hashlib
+import json
 import os
 import random
 import re
-from typing import Optional
+import warnings
+from typing import Iterable, Optional
 
 import torch
 from torch import nn
 
-from qlora_fast.utils import atomic_write
+from qlora_fast.utils import atomic_write, check_finite_state  # noqa: F401 (check_finite_state: re-exported for trainers)
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)\.pt$")
 
@@ -56,11 +64,85 @@ def atomic_torch_save(obj, path: str) -> None:
     atomic_write(path, lambda f: torch.save(obj, f))
 
 
-def save_checkpoint(path: str, model: nn.Module, optimizer=None, scheduler=None, step: int = 0, extra: Optional[dict] = None) -> str:
-    """Write a checkpoint to the file `path` atomically and return `path`."""
+def _digest(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=repr).encode()).hexdigest()[:16]
+
+
+def model_fingerprint(model: nn.Module) -> dict:
+    """What identifies a model without hashing all its weights: the base (every tensor's name,
+    shape and dtype, and the first values of the frozen ones) and the adapters (trainable names
+    and shapes, the PEFT config when there is one)."""
+    model = unwrap(model)
+    base, adapters = [], []
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                adapters.append((name, list(p.shape)))
+            else:
+                head = p.detach().reshape(-1)[:4].cpu()
+                base.append((name, list(p.shape), str(p.dtype), (head.real if head.is_complex() else head).double().tolist()))
+    peft = getattr(model, "peft_config", None)
+    peft = peft.to_dict() if hasattr(peft, "to_dict") else (vars(peft) if peft is not None and hasattr(peft, "__dict__") else peft)
+    return {"model": f"{type(model).__name__}:{_digest(base)}", "adapters": _digest(adapters), "peft_config": peft}
+
+
+def run_identity(model: nn.Module, config: Optional[dict] = None, data=None, ignore: Iterable[str] = ()) -> dict:
+    """What a checkpoint must share with the run that resumes it: `model_fingerprint(model)`, a
+    hash of `data` (its JSON form) and the `config` dict minus the keys in `ignore` (those a
+    resumed run may change: max steps, logging, output paths...)."""
+    identity = model_fingerprint(model)
+    if data is not None:
+        identity["data"] = _digest(data)
+    for k, v in (config or {}).items():
+        if k not in set(ignore):
+            identity[f"config.{k}"] = v
+    return json.loads(json.dumps(identity, default=repr))  # plain JSON values compare reliably
+
+
+def check_same_run(saved: Optional[dict], current: Optional[dict], path: str) -> None:
+    """Raise ValueError naming every field in which the checkpoint `path`'s run differs from this one."""
+    if current is None:
+        return
+    if saved is None:
+        warnings.warn(f"checkpoint {path} records no run identity (written by an older version): "
+                      "cannot check that it belongs to this run", stacklevel=3)
+        return
+    diffs = [f"{k}: checkpoint {saved.get(k, '<absent>')!r}, this run {current.get(k, '<absent>')!r}"
+             for k in sorted(set(saved) | set(current)) if saved.get(k) != current.get(k)]
+    if diffs:
+        raise ValueError(f"checkpoint {path} belongs to a different run; refusing to resume it ("
+                         + "; ".join(diffs[:8]) + ("; ..." if len(diffs) > 8 else "")
+                         + "). Use another output directory, or the original settings.")
+
+
+def resolve_resume(resume_from: Optional[str], directory: Optional[str], allow_fresh: bool = False) -> Optional[str]:
+    """The checkpoint file to resume from: `resume_from` itself (it must exist), or for "latest"
+    the newest in `directory`. When "latest" finds none, FileNotFoundError naming the directory,
+    unless `allow_fresh` (then None: start from step 0). None / "" means no resume."""
+    if not resume_from:
+        return None
+    if resume_from != "latest":
+        if not os.path.isfile(resume_from):
+            raise FileNotFoundError(f"no checkpoint file at {resume_from!r}")
+        return resume_from
+    found = latest_checkpoint(directory) if directory else None
+    if found is None and not allow_fresh:
+        where = f"in {directory!r}" if directory else "(no output directory set)"
+        raise FileNotFoundError(f"resume asked for, but there is no checkpoint-*.pt {where}; "
+                                "start a fresh run without resume, or allow it explicitly (allow_fresh=True / --resume-if-exists)")
+    return found
+
+
+def save_checkpoint(path: str, model: nn.Module, optimizer=None, scheduler=None, step: int = 0, extra: Optional[dict] = None,
+                    run: Optional[dict] = None) -> str:
+    """Write a checkpoint to the file `path` atomically and return `path`. `run`: the run's
+    `run_identity`, checked by `load_checkpoint`. Refuses (FloatingPointError) NaN/inf parameters."""
+    trainable = trainable_state_dict(model)
+    check_finite_state(trainable, f"checkpoint {path}")
     state = {
         "step": int(step),
-        "trainable": trainable_state_dict(model),
+        "run": run,
+        "trainable": trainable,
         "optimizer": None if optimizer is None else optimizer.state_dict(),
         "scheduler": None if scheduler is None else scheduler.state_dict(),
         "rng": rng_state(),
@@ -70,25 +152,52 @@ def save_checkpoint(path: str, model: nn.Module, optimizer=None, scheduler=None,
     return path
 
 
-def load_checkpoint(path: str, model: nn.Module, optimizer=None, scheduler=None, restore_rng: bool = True) -> dict:
-    """Restore what `save_checkpoint` wrote into `model` (its trainable parameters, by name),
-    `optimizer`, `scheduler` and the RNGs. Returns {"step": int, "extra": dict}.
-    Raises FileNotFoundError or ValueError when the checkpoint does not fit the model."""
+def read_checkpoint(path: str) -> dict:
+    """The dict `save_checkpoint` wrote to `path`; FileNotFoundError, or ValueError naming the file
+    when it is truncated, corrupt or not a checkpoint."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no checkpoint file at {path}")
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # torch raises RuntimeError, EOFError, UnpicklingError... for a damaged file
+        raise ValueError(f"checkpoint {path} is unreadable (truncated or corrupt; delete it to resume from an "
+                         f"earlier one): {type(e).__name__}: {e}") from e
+    needed = ("step", "trainable", "optimizer", "scheduler", "rng", "extra")
+    if not isinstance(state, dict) or any(k not in state for k in needed):
+        raise ValueError(f"{path} is not a qlora_fast checkpoint (expected the keys {needed})")
+    return state
+
+
+def load_checkpoint(path: str, model: nn.Module, optimizer=None, scheduler=None, restore_rng: bool = True,
+                    run: Optional[dict] = None) -> dict:
+    """Restore what `save_checkpoint` wrote into `model` (its trainable parameters, by name),
+    `optimizer`, `scheduler` and the RNGs. Returns {"step": int, "extra": dict}.
+    Raises FileNotFoundError or ValueError (naming the file) when the checkpoint is unreadable,
+    does not fit the model, or was written by a different run than `run` (a `run_identity`).
+    On an error the model's parameters are left as they were."""
+    state = read_checkpoint(path)
+    check_same_run(state.get("run"), run, path)
     params = dict(unwrap(model).named_parameters())
     missing = [n for n, p in params.items() if p.requires_grad and n not in state["trainable"]]
     unknown = [n for n in state["trainable"] if n not in params]
-    if missing or unknown:
-        raise ValueError(f"checkpoint {path} does not fit the model: missing {missing[:5]}, unknown {unknown[:5]}")
-    with torch.no_grad():
-        for name, tensor in state["trainable"].items():
-            params[name].copy_(tensor)
-    if optimizer is not None and state["optimizer"] is not None:
-        optimizer.load_state_dict(state["optimizer"])
-    if scheduler is not None and state["scheduler"] is not None:
-        scheduler.load_state_dict(state["scheduler"])
+    wrong = [n for n, t in state["trainable"].items() if n in params and tuple(t.shape) != tuple(params[n].shape)]
+    if missing or unknown or wrong:
+        raise ValueError(f"checkpoint {path} does not fit the model: missing {missing[:5]}, unknown {unknown[:5]}, "
+                         f"wrong shape {wrong[:5]}")
+    backup = {n: params[n].detach().clone() for n in state["trainable"]}
+    try:
+        with torch.no_grad():
+            for name, tensor in state["trainable"].items():
+                params[name].copy_(tensor)
+        if optimizer is not None and state["optimizer"] is not None:
+            optimizer.load_state_dict(state["optimizer"])
+        if scheduler is not None and state["scheduler"] is not None:
+            scheduler.load_state_dict(state["scheduler"])
+    except Exception as e:
+        with torch.no_grad():
+            for name, tensor in backup.items():
+                params[name].copy_(tensor)
+        raise ValueError(f"checkpoint {path} could not be restored: {type(e).__name__}: {e}") from e
     if restore_rng:
         set_rng_state(state["rng"])
     return {"step": state["step"], "extra": state["extra"]}

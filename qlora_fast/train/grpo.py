@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from qlora_fast.models.generate import left_pad
-from qlora_fast.utils import atomic_write_bytes
+from qlora_fast.utils import atomic_write_bytes, check_number, check_writable_dir
 
 from . import checkpoint
 from .policy_gradient import ADVANTAGE_SCALES, LOSS_TYPES, group_advantages, grpo_loss, sequence_logprobs
@@ -101,11 +101,17 @@ class GRPOConfig:
             raise ValueError(f"GRPOConfig.advantage_scale must be one of {ADVANTAGE_SCALES}, got {self.advantage_scale!r}")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"GRPOConfig.optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
-        for name in ("beta", "eps_low", "lr", "weight_decay"):
-            if not getattr(self, name) >= 0:
-                raise ValueError(f"GRPOConfig.{name} must be >= 0, got {getattr(self, name)!r}")
-        if self.eps_high is not None and not self.eps_high >= 0:
-            raise ValueError(f"GRPOConfig.eps_high must be >= 0 or None, got {self.eps_high!r}")
+        for name in ("beta", "eps_low", "lr", "weight_decay"):  # finite: NaN/inf would give a NaN adapter
+            check_number("GRPOConfig", name, getattr(self, name), minimum=0)
+        check_number("GRPOConfig", "eps_high", self.eps_high, minimum=0, optional=True)
+        check_number("GRPOConfig", "temperature", self.temperature)
+        # A negative norm would flip the gradient (clip_grad_norm_ scales by max_norm / norm): None disables clipping.
+        check_number("GRPOConfig", "max_grad_norm", self.max_grad_norm, minimum=0, exclusive_minimum=True, optional=True)
+        check_number("GRPOConfig", "top_p", self.top_p, minimum=0, exclusive_minimum=True, maximum=1, optional=True)
+        check_number("GRPOConfig", "top_k", self.top_k, integer=True, minimum=1, optional=True)
+        check_number("GRPOConfig", "seed", self.seed, integer=True)
+        for i, w in enumerate(self.reward_weights or ()):
+            check_number("GRPOConfig", f"reward_weights[{i}]", w)
         if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
             raise ValueError(f"GRPOConfig.warmup_steps must be an int >= 0, got {self.warmup_steps!r}")
         if not isinstance(self.save_every, int) or self.save_every < 0:
@@ -192,6 +198,8 @@ class GRPOTrainer:
         if len(self.reward_weights) != len(self.reward_funcs):
             raise ValueError(f"reward_weights has {len(self.reward_weights)} entries for {len(self.reward_funcs)} reward functions")
         self.dataset = self._check_dataset(train_dataset)
+        if self.config.output_dir:  # fail now, not at the first checkpoint
+            check_writable_dir(self.config.output_dir, "GRPOConfig.output_dir")
         self.params = [p for p in model.parameters() if p.requires_grad]
         if not self.params:
             raise ValueError("model has no trainable parameters: add adapters (LoRA / QLoRA) first")
@@ -399,13 +407,15 @@ class GRPOTrainer:
         return log
 
     # --- the loop -----------------------------------------------------------------------
-    def train(self, resume_from_checkpoint: Optional[str] = None) -> List[Dict[str, float]]:
+    def train(self, resume_from_checkpoint: Optional[str] = None, allow_fresh: bool = False) -> List[Dict[str, float]]:
         """Run until config.steps; returns the per-step logs. `resume_from_checkpoint`: a
-        checkpoint file, or "latest" for the newest in config.output_dir."""
+        checkpoint file, or "latest" for the newest in config.output_dir (none there:
+        FileNotFoundError unless `allow_fresh`, as in the SFT trainer)."""
         from tqdm.auto import tqdm
 
-        if resume_from_checkpoint:
-            self.load_checkpoint(self._resolve_checkpoint(resume_from_checkpoint))
+        resume = checkpoint.resolve_resume(resume_from_checkpoint, self.config.output_dir, allow_fresh)
+        if resume:
+            self.load_checkpoint(resume)
         c = self.config
         bar = tqdm(total=c.steps, initial=self.step, desc="GRPO", disable=not c.progress, dynamic_ncols=True)
         try:
@@ -442,14 +452,6 @@ class GRPOTrainer:
             raise ValueError("config.output_dir is not set")
         return checkpoint.checkpoint_path(self.config.output_dir, step)
 
-    def _resolve_checkpoint(self, path):
-        if path != "latest":
-            return path
-        found = checkpoint.latest_checkpoint(self.config.output_dir) if self.config.output_dir else None
-        if found is None:
-            raise FileNotFoundError(f"no checkpoint-*.pt in {self.config.output_dir!r}")
-        return found
-
     def trainable_state_dict(self) -> Dict[str, torch.Tensor]:
         return checkpoint.trainable_state_dict(self.model)
 
@@ -460,11 +462,19 @@ class GRPOTrainer:
             raise FloatingPointError("refusing to checkpoint: a trainable parameter is NaN or inf")
         extra = {"epoch": self.epoch, "position": self.position, "sample_rng": self.sample_generator.get_state(),
                  "history": self.history, "config": asdict(self.config)}
-        checkpoint.save_checkpoint(path, self.model, self.optimizer, self.scheduler, step=self.step, extra=extra)
+        checkpoint.save_checkpoint(path, self.model, self.optimizer, self.scheduler, step=self.step, extra=extra,
+                                   run=self.run_identity())
+
+    def run_identity(self) -> dict:
+        """What a checkpoint of this run records and a resume must match (checkpoint.run_identity)."""
+        config = {k: v for k, v in asdict(self.config).items() if k not in ("steps", "output_dir", "save_every", "progress",
+                                                                            "gradient_checkpointing", "logprob_chunk_size")}
+        return checkpoint.run_identity(self.model, config, data=self.dataset)
 
     def load_checkpoint(self, path: str) -> None:
-        """Restore what `save_checkpoint` wrote; ValueError when it does not fit the model."""
-        state = checkpoint.load_checkpoint(path, self.model, self.optimizer, self.scheduler)
+        """Restore what `save_checkpoint` wrote; ValueError when it does not fit the model or
+        another run (different model, adapters, data or settings) wrote it."""
+        state = checkpoint.load_checkpoint(path, self.model, self.optimizer, self.scheduler, run=self.run_identity())
         extra = state["extra"]
         self.step, self.epoch, self.position = state["step"], extra["epoch"], extra["position"]
         self.sample_generator.set_state(extra["sample_rng"])

@@ -12,6 +12,7 @@ resumed run sees the same batches as an uninterrupted one.
 """
 import contextlib
 import math
+import os
 from dataclasses import asdict, dataclass
 from typing import Dict, List, Optional, Sequence
 
@@ -21,8 +22,9 @@ from torch import nn
 
 from qlora_fast.data import PROMPT_TEMPLATE
 from qlora_fast.models.generate import left_pad
+from qlora_fast.utils import check_number, check_writable_dir
 
-from .checkpoint import checkpoint_path, latest_checkpoint, load_checkpoint, save_checkpoint, unwrap
+from .checkpoint import checkpoint_path, load_checkpoint, resolve_resume, run_identity, save_checkpoint, unwrap
 from .schedule import warmup_cosine_schedule
 
 OPTIMIZERS = ("paged_adamw_8bit", "paged_adamw", "adamw_8bit", "adamw", "torch_adamw")
@@ -54,21 +56,35 @@ class SFTConfig:
 
     def __post_init__(self):
         for name in ("max_steps", "batch_size", "grad_accum", "max_seq_len", "eval_batch_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"SFTConfig.{name} must be a positive int, got {value!r}")
+            check_number("SFTConfig", name, getattr(self, name), integer=True, minimum=1)
         for name in ("warmup_steps", "eval_every", "checkpoint_every"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 0:
-                raise ValueError(f"SFTConfig.{name} must be an int >= 0, got {value!r}")
-        if not self.lr > 0:
-            raise ValueError(f"SFTConfig.lr must be > 0, got {self.lr}")
+            check_number("SFTConfig", name, getattr(self, name), integer=True, minimum=0)
+        check_number("SFTConfig", "seed", self.seed, integer=True)
+        check_number("SFTConfig", "lr", self.lr, minimum=0, exclusive_minimum=True)
+        check_number("SFTConfig", "weight_decay", self.weight_decay, minimum=0)
+        check_number("SFTConfig", "min_lr_ratio", self.min_lr_ratio, minimum=0, maximum=1)
+        # A negative norm would flip the gradient (clip_grad_norm_ scales by max_norm / norm): None disables clipping.
+        check_number("SFTConfig", "max_grad_norm", self.max_grad_norm, minimum=0, exclusive_minimum=True, optional=True)
+        for name in ("packing", "gradient_checkpointing", "progress"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"SFTConfig.{name} must be a bool, got {getattr(self, name)!r}")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"SFTConfig.optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
-        if "{instruction}" not in self.prompt_template:
-            raise ValueError("SFTConfig.prompt_template must contain '{instruction}'")
+        if self.output_dir is not None and not isinstance(self.output_dir, (str, os.PathLike)):
+            raise TypeError(f"SFTConfig.output_dir must be a path or None, got {self.output_dir!r}")
+        if not isinstance(self.prompt_template, str) or "{instruction}" not in self.prompt_template:
+            raise ValueError("SFTConfig.prompt_template must be a str containing '{instruction}'")
+        try:
+            self.prompt_template.format(instruction="")
+        except (KeyError, IndexError, ValueError) as e:
+            raise ValueError(f"SFTConfig.prompt_template must format with only {{instruction}}: {e!r}") from None
         if self.checkpoint_every and not self.output_dir:
             raise ValueError("SFTConfig.checkpoint_every needs output_dir")
+
+
+# The SFTConfig fields a resumed run may change (the rest must match the checkpoint's run).
+RESUMABLE_CHANGES = ("max_steps", "eval_every", "eval_batch_size", "checkpoint_every", "output_dir", "progress",
+                     "gradient_checkpointing")
 
 
 # ---------------------------------------------------------------------------- data
@@ -213,6 +229,9 @@ class SFTTrainer:
         self.eval_data = eval_data
         self.model = model
         c = self.config
+        if c.output_dir:  # fail now, not at the first checkpoint after minutes of training
+            check_writable_dir(c.output_dir, "SFTConfig.output_dir")
+        self._train_data, self._run = train_data, None
         self.rows = build_examples(tokenizer, train_data, c.prompt_template, c.max_seq_len, c.packing, c.seed)
         self.params = params = [p for p in model.parameters() if p.requires_grad]
         if not params:
@@ -273,22 +292,31 @@ class SFTTrainer:
                 raise ValueError("save_checkpoint needs a path or config.output_dir")
             path = checkpoint_path(self.config.output_dir, self.step)
         return save_checkpoint(path, self.model, self.optimizer, self.scheduler, self.step,
-                               extra={"history": self.history, "config": asdict(self.config)})
+                               extra={"history": self.history, "config": asdict(self.config)}, run=self.run_identity())
+
+    def run_identity(self) -> dict:
+        """What a checkpoint of this run records and a resume must match (see checkpoint.run_identity)."""
+        if self._run is None:  # computed once: it hashes the data
+            self._run = run_identity(self.model, asdict(self.config), data=list(self._train_data), ignore=RESUMABLE_CHANGES)
+        return self._run
 
     def load_checkpoint(self, path: str) -> None:
-        state = load_checkpoint(path, self.model, self.optimizer, self.scheduler)
+        """Restore a checkpoint of this run; ValueError naming what differs when another run wrote it."""
+        state = load_checkpoint(path, self.model, self.optimizer, self.scheduler, run=self.run_identity())
         self.step = state["step"]
         self.history = list(state["extra"].get("history", []))
 
-    def train(self, resume_from: Optional[str] = None) -> List[dict]:
+    def train(self, resume_from: Optional[str] = None, allow_fresh: bool = False) -> List[dict]:
         """Train until config.max_steps; returns the history (one dict per step: step, loss, lr,
         and eval_loss / eval_perplexity at evaluation steps). `resume_from`: a checkpoint file, or
-        "latest" for the newest in output_dir."""
+        "latest" for the newest in output_dir; when there is none, FileNotFoundError unless
+        `allow_fresh` (then training starts at step 0). A checkpoint of another run (different
+        model, adapters, data, seed, optimizer or hyperparameters) raises ValueError naming what
+        differs. A non-finite loss or gradient raises FloatingPointError before the optimizer step."""
         from tqdm.auto import tqdm
 
         c = self.config
-        if resume_from == "latest":
-            resume_from = latest_checkpoint(c.output_dir) if c.output_dir else None
+        resume_from = resolve_resume(resume_from, c.output_dir, allow_fresh)
         if resume_from:
             self.load_checkpoint(resume_from)
         model = self._ddp or self.model
@@ -305,9 +333,19 @@ class SFTTrainer:
                 ctx = model.no_sync() if not sync else contextlib.nullcontext()
                 with ctx:
                     loss = model(**batch).loss / c.grad_accum
+                    if not torch.isfinite(loss):
+                        self.optimizer.zero_grad(set_to_none=True)
+                        raise FloatingPointError(
+                            f"SFT step {self.step + 1}: the loss is {loss.item()}; stopping before the optimizer step, "
+                            "so the adapter keeps its last finite values (lower lr or check the data)")
                     loss.backward()
                 total_loss += loss.item()
-            if c.max_grad_norm:
+            grads = [p.grad for p in self.params if p.grad is not None]
+            if grads and not torch.stack([torch.isfinite(g).all() for g in grads]).all():  # one sync, not one per tensor
+                self.optimizer.zero_grad(set_to_none=True)
+                raise FloatingPointError(f"SFT step {self.step + 1}: a gradient is NaN or inf; stopping before the "
+                                         "optimizer step, so the adapter keeps its last finite values")
+            if c.max_grad_norm is not None:
                 torch.nn.utils.clip_grad_norm_(self.params, c.max_grad_norm)
             self.optimizer.step()
             self.scheduler.step()
