@@ -1,8 +1,13 @@
 """The `qlora-fast` command line. Each command lives in `qlora_fast/commands/<name>.py` and
 provides `register(subparsers)`, which adds its parser (with help for every option) and sets
-`func` to the function that runs it."""
+`func` to the function that runs it.
+
+User-facing errors (a bad value, a missing or unwritable path, a run that would diverge) print
+as one line, `qlora-fast <command>: error: ...`, with exit status 2; `--debug` (or
+QLORA_FAST_DEBUG=1) shows the traceback instead."""
 import argparse
 import importlib
+import os
 import sys
 
 # Command modules, in the order `--help` lists them.
@@ -14,6 +19,10 @@ COMMANDS = [
     "qlora_fast.commands.train_bpe",
 ]
 
+# What a user's input can cause (bad values, paths, files, NaN training); anything else is a bug
+# and keeps its traceback.
+USER_ERRORS = (ValueError, TypeError, OSError, FloatingPointError, ImportError)
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -21,6 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Fine-tune large language models on small hardware: NF4 quantization, "
         "fused LoRA/QLoRA, paged optimizers, SFT and GRPO trainers.",
     )
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error (also QLORA_FAST_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for name in COMMANDS:
@@ -30,7 +40,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)
+    debug = args.debug or os.environ.get("QLORA_FAST_DEBUG", "") not in ("", "0")
+    try:
+        return int(args.func(args) or 0)
+    except USER_ERRORS as e:
+        if debug:
+            raise
+        print(f"qlora-fast {args.command}: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

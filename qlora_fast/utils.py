@@ -106,7 +106,9 @@ def check_writable_dir(path: Union[str, os.PathLike], what: str = "output direct
         os.close(fd)
         os.unlink(probe)
     except OSError as e:
-        raise type(e)(e.errno, f"{what} {path!r} is not writable: {e.strerror or e}") from e
+        error = type(e)(f"{what} {path!r} is not writable: {e.strerror or e}")
+        error.errno = e.errno
+        raise error from e
     return path
 
 
@@ -116,7 +118,7 @@ _HELD_LOCKS: dict = {}  # realpath -> [open file, count]: the lock is re-entrant
 @contextlib.contextmanager
 def output_lock(directory: Union[str, os.PathLike], what: str = "output directory"):
     """Hold an exclusive lock on `directory` (fcntl.flock on `<directory>/.qlora_fast.lock`) while
-    the block runs, so two runs cannot write the same outputs; a second run raises RuntimeError
+    the block runs, so two runs cannot write the same outputs; a second run raises BlockingIOError (an OSError)
     naming the directory and the holder's pid. The kernel drops the lock when its process dies,
     so a killed run never leaves a stale lock. Re-entrant within one process; a no-op without fcntl."""
     try:
@@ -140,7 +142,7 @@ def output_lock(directory: Union[str, os.PathLike], what: str = "output director
         f.seek(0)
         holder = f.read().strip() or "unknown"
         f.close()
-        raise RuntimeError(f"{what} {os.fspath(directory)!r} is in use by another run (pid {holder}); "
+        raise BlockingIOError(f"{what} {os.fspath(directory)!r} is in use by another run (pid {holder}); "
                            "wait for it, or choose another directory") from None
     f.seek(0)
     f.truncate()
@@ -171,8 +173,10 @@ def check_number(owner: str, name: str, value, *, integer: bool = False, minimum
     if value is None and optional:
         return value
     kind = "an int" if integer else "a finite number"
-    ok_type = isinstance(value, int) if integer else isinstance(value, (int, float))
-    if isinstance(value, bool) or not ok_type:
+    # True is an int to Python and "1e-3" converts to a float: neither is a hyperparameter value
+    if isinstance(value, (bool, str, bytes)) or type(value).__name__ == "bool_":
+        raise TypeError(f"{owner}.{name} must be {kind}{' or None' if optional else ''}, got {value!r}")
+    if not (isinstance(value, int) if integer else isinstance(value, (int, float))):
         # numpy / torch scalars: accept when they convert exactly
         try:
             converted = int(value) if integer else float(value)

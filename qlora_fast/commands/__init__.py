@@ -1,4 +1,45 @@
 """CLI commands, one module each (see qlora_fast/cli.py)."""
+import argparse
+import math
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows "(default: X)" once: not when the help already says its default, nor for flags and
+    options without one."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text or action.default in (None, False, argparse.SUPPRESS) or not action.option_strings:
+            return text
+        return super()._get_help_string(action)
+
+
+def _number(kind, minimum=None, exclusive=False, maximum=None):
+    """An argparse `type` parsing `kind` (int or float) that must be finite and within bounds, so a
+    bad value ends as one usage error naming the option."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an int' if kind is int else 'a number'}, got {text!r}") from None
+        if kind is float and not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+        if minimum is not None and (value <= minimum if exclusive else value < minimum):
+            raise argparse.ArgumentTypeError(f"must be {'>' if exclusive else '>='} {minimum}, got {text!r}")
+        if maximum is not None and value > maximum:
+            raise argparse.ArgumentTypeError(f"must be <= {maximum}, got {text!r}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in some messages
+    return parse
+
+
+positive_int = _number(int, 1)
+nonnegative_int = _number(int, 0)
+finite_float = _number(float)
+positive_float = _number(float, 0, exclusive=True)
+nonnegative_float = _number(float, 0)
+probability = _number(float, 0, exclusive=True, maximum=1)
 
 
 # The trainers' optimizer names (`qlora_fast.train.sft.OPTIMIZERS`; spelled out here so that
@@ -12,22 +53,53 @@ def add_training_arguments(parser) -> None:
     parser.add_argument("--device", default="auto", help="'auto' (cuda when present, else cpu), 'cpu', 'cuda', 'cuda:1', ...")
     parser.add_argument("--optimizer", default="paged_adamw_8bit", choices=OPTIMIZERS, help="optimizer")
     parser.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward")
-    parser.add_argument("--checkpoint-every", type=int, default=0, help="write a resumable checkpoint every N steps (0: never)")
+    parser.add_argument("--checkpoint-every", type=nonnegative_int, default=0, help="write a resumable checkpoint every N steps (0: never)")
     parser.add_argument("--seed", type=int, default=0, help="random seed")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
+def add_resume_arguments(parser, what: str) -> None:
+    """`--resume` (the newest checkpoint in `what`; an error when there is none) and
+    `--resume-if-exists` (the same, but start fresh when there is none)."""
+    parser.add_argument("--resume", action="store_true",
+                        help=f"resume from the newest checkpoint in {what} (an error when there is none, or when another run wrote it)")
+    parser.add_argument("--resume-if-exists", action="store_true",
+                        help=f"like --resume, but start from step 0 when {what} holds no checkpoint")
+
+
+def resume_mode(args, directory: str):
+    """(resume_from, allow_fresh) for the trainers from --resume / --resume-if-exists; with
+    --resume and no checkpoint in `directory`, FileNotFoundError now, before any work."""
+    if not (args.resume or args.resume_if_exists):
+        return None, False
+    from qlora_fast.train.checkpoint import resolve_resume
+
+    resolve_resume("latest", directory, allow_fresh=bool(args.resume_if_exists))
+    return "latest", bool(args.resume_if_exists)
+
+
 def resolve_device(name: str):
-    """The torch.device for `--device`: "auto" is cuda when present, else cpu; asking for cuda
-    without one exits with a clear message."""
+    """The torch.device for `--device`: "auto" is cuda when present, else cpu; a bad name or cuda
+    without a CUDA device raises ValueError naming --device."""
     import torch
 
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise ValueError(f"--device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {name!r}") from e
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("error: --device cuda asked for, but no CUDA device is available")
+        raise ValueError("--device cuda asked for, but no CUDA device is available")
     return device
+
+
+def check_output(path: str):
+    """A context holding `path` as this run's output directory: writable (checked now, before any
+    work) and locked against a second run writing the same files (see `qlora_fast.utils.output_lock`)."""
+    from qlora_fast.utils import output_lock
+
+    return output_lock(path, "--output")
 
 
 def add_base_model_arguments(parser) -> None:

@@ -8,13 +8,15 @@ bytes of the 4-bit base vs bf16, peak memory, held-out perplexity and exact-matc
 before and after tuning, and where the adapter was saved. Under `torchrun --nproc_per_node N`
 it trains with DDP (gloo on the CPU); rank 0 reports and saves.
 """
-import argparse
+import contextlib
 import os
 import resource
 import sys
 import time
 
-from qlora_fast.commands import add_base_model_arguments, add_training_arguments, resolve_device
+from qlora_fast.commands import (HelpFormatter, add_base_model_arguments, add_resume_arguments, add_training_arguments,
+                                 check_output, finite_float, nonnegative_float, nonnegative_int, positive_float,
+                                 positive_int, resolve_device, resume_mode)
 
 METHODS = ("lora", "qlora", "prefix", "prompt")
 
@@ -24,33 +26,33 @@ def register(subparsers) -> None:
         "finetune",
         help="instruction-tune a model with LoRA/QLoRA/prefix/prompt tuning and report before/after quality",
         description=__doc__,
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("--method", choices=METHODS, default="qlora", help="PEFT method")
     parser.add_argument("--model", default=None, metavar="DIR",
                         help="local Hugging Face causal LM directory; default: the built-in tiny base model")
     add_base_model_arguments(parser)
-    parser.add_argument("--pretrain-steps", type=int, default=None,
+    parser.add_argument("--pretrain-steps", type=positive_int, default=None,
                         help="pretraining steps of the built-in base model (default: its recipe's; a new value trains and caches a new base)")
-    parser.add_argument("--steps", type=int, default=200, help="optimizer steps")
-    parser.add_argument("--batch-size", type=int, default=16, help="examples per micro-batch")
-    parser.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
-    parser.add_argument("--lr", type=float, default=None, help="peak learning rate (default: 5e-3 for LoRA/QLoRA, 1e-2 for prefix/prompt)")
-    parser.add_argument("--warmup-steps", type=int, default=15, help="linear warmup steps before the cosine decay")
-    parser.add_argument("--r", type=int, default=8, help="LoRA rank")
-    parser.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha (scaling alpha / r)")
-    parser.add_argument("--lora-dropout", type=float, default=0.0, help="LoRA dropout")
+    parser.add_argument("--steps", type=positive_int, default=200, help="optimizer steps")
+    parser.add_argument("--batch-size", type=positive_int, default=16, help="examples per micro-batch")
+    parser.add_argument("--grad-accum", type=positive_int, default=1, help="micro-batches per optimizer step")
+    parser.add_argument("--lr", type=positive_float, default=None, help="peak learning rate (default: 5e-3 for LoRA/QLoRA, 1e-2 for prefix/prompt)")
+    parser.add_argument("--warmup-steps", type=nonnegative_int, default=15, help="linear warmup steps before the cosine decay")
+    parser.add_argument("--r", type=positive_int, default=8, help="LoRA rank")
+    parser.add_argument("--alpha", type=finite_float, default=16.0, help="LoRA alpha (scaling alpha / r)")
+    parser.add_argument("--lora-dropout", type=nonnegative_float, default=0.0, help="LoRA dropout")
     parser.add_argument("--rslora", action="store_true", help="rank-stabilised LoRA scaling alpha / sqrt(r)")
     parser.add_argument("--target-modules", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
                         help="comma-separated module names for LoRA (or a regex when it starts with 're:')")
-    parser.add_argument("--num-virtual-tokens", type=int, default=16, help="prefix / soft prompt length")
+    parser.add_argument("--num-virtual-tokens", type=positive_int, default=16, help="prefix / soft prompt length")
     parser.add_argument("--prefix-projection", action="store_true", help="prefix tuning through an MLP (Li & Liang)")
-    parser.add_argument("--max-seq-len", type=int, default=96, help="tokens per training example (longer ones are cut)")
+    parser.add_argument("--max-seq-len", type=positive_int, default=96, help="tokens per training example (longer ones are cut)")
     parser.add_argument("--packing", action="store_true", help="pack several examples per row")
-    parser.add_argument("--eval-pairs", type=int, default=160, help="held-out pairs used for perplexity and exact match")
-    parser.add_argument("--eval-every", type=int, default=0, help="evaluate held-out perplexity every N steps (0: only before/after)")
-    parser.add_argument("--resume", action="store_true", help="resume from the newest checkpoint in --output")
-    parser.add_argument("--max-new-tokens", type=int, default=12, help="generation length for exact match")
+    parser.add_argument("--eval-pairs", type=positive_int, default=160, help="held-out pairs used for perplexity and exact match")
+    parser.add_argument("--eval-every", type=nonnegative_int, default=0, help="evaluate held-out perplexity every N steps (0: only before/after)")
+    add_resume_arguments(parser, "--output")
+    parser.add_argument("--max-new-tokens", type=positive_int, default=12, help="generation length for exact match")
     parser.add_argument("--output", default="qlora_fast_output", help="directory for the adapter and checkpoints")
     add_training_arguments(parser)
     parser.set_defaults(func=run)
@@ -78,6 +80,29 @@ def _peak_memory(device) -> str:
     return text
 
 
+def _four_bit_weight_bytes(model):
+    """(bytes, weights) of the 4-bit layers' weights alone: packed codes + per-block statistics,
+    biases left out, so bytes * 8 / weights is the bits per weight."""
+    from qlora_fast.nn.linear4bit import Linear4bit
+
+    nbytes = n = 0
+    seen = set()
+    for m in model.modules():
+        if isinstance(m, Linear4bit) and id(m.weight) not in seen:
+            seen.add(id(m.weight))
+            nbytes += m.weight.numel() * m.weight.element_size() + m.quant_state.statistics_bytes()
+            n += m.in_features * m.out_features
+    return nbytes, n
+
+
+def _dense_dtype(model) -> str:
+    """The dtype of the frozen floating-point weights (the model was loaded in it: float32 here)."""
+    for p in model.parameters():
+        if not p.requires_grad and p.is_floating_point():
+            return str(p.dtype).replace("torch.", "")
+    return "float32"
+
+
 def _peft_config(args):
     from qlora_fast.peft import LoraConfig, PrefixTuningConfig, PromptTuningConfig
 
@@ -94,15 +119,25 @@ def _peft_config(args):
 
 def run(args) -> int:
     import torch  # here, not at import: `qlora-fast --help` should not load torch
-    from qlora_fast.data import load_instructions
-    from qlora_fast.peft import base_weight_bytes, get_peft_model
-    from qlora_fast.train.sft import SFTConfig, SFTTrainer, evaluate_loss, exact_match
 
-    if args.steps <= 0 or args.eval_pairs <= 0:
-        raise SystemExit("error: --steps and --eval-pairs must be positive")
+    if args.model and not os.path.isdir(args.model):
+        raise FileNotFoundError(f"--model must be a local Hugging Face model directory, got {args.model!r} (no such directory)")
+    resume_from, allow_fresh = resume_mode(args, args.output)
     torch.manual_seed(args.seed)
     device = resolve_device(args.device)
     rank = _init_distributed(device)
+    # Before any work: --output must be writable, and no other run may be writing it (rank 0 writes).
+    with (check_output(args.output) if rank == 0 else contextlib.nullcontext()):
+        return _run(args, device, rank, resume_from, allow_fresh)
+
+
+def _run(args, device, rank, resume_from, allow_fresh) -> int:
+    import torch
+    from qlora_fast.data import load_instructions
+    from qlora_fast.peft import base_weight_bytes, get_peft_model
+    from qlora_fast.train.sft import SFTConfig, SFTTrainer, evaluate_loss, exact_match
+    from qlora_fast.utils import check_finite_state
+
     if rank:  # under torchrun only rank 0 reports, shows bars and writes files
         sys.stdout = open(os.devnull, "w")
     progress = not args.no_progress and rank == 0
@@ -124,7 +159,7 @@ def run(args) -> int:
     train_pairs = load_instructions("train")
     eval_pairs = load_instructions("heldout")[:args.eval_pairs]
     peft = get_peft_model(model, _peft_config(args), tokenizer=tokenizer).to(device)
-    lr = args.lr or (5e-3 if args.method in ("lora", "qlora") else 1e-2)
+    lr = args.lr if args.lr is not None else (5e-3 if args.method in ("lora", "qlora") else 1e-2)
     config = SFTConfig(
         max_steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=lr, warmup_steps=args.warmup_steps,
         max_seq_len=args.max_seq_len, packing=args.packing, gradient_checkpointing=args.gradient_checkpointing,
@@ -147,21 +182,24 @@ def run(args) -> int:
     with peft.disable_adapter():
         before = measure("before")
     trainer = SFTTrainer(peft, tokenizer, train_pairs, eval_pairs, config)
-    trainer.train(resume_from="latest" if args.resume else None)
+    trainer.train(resume_from=resume_from, allow_fresh=allow_fresh)
     after = measure("after")
 
     adapter_dir = os.path.join(args.output, f"adapter-{args.method}")
     if rank == 0:
+        check_finite_state(peft.adapter_state_dict(), f"the adapter {adapter_dir}")  # never write a NaN adapter
         peft.save_adapter(adapter_dir)
     trainable, total = peft.parameter_counts()
     sizes = base_weight_bytes(peft)
     print("\n=== qlora-fast finetune report ===")
     print(f"method                 {args.method} ({type(trainer.optimizer).__name__})")
     print(f"parameters             trainable {trainable:,} / total {total:,} ({100 * trainable / total:.2f}%)")
-    if sizes["quantized_params"]:
-        print(f"4-bit linear layers    {sizes['quantized']:,} bytes vs {sizes['quantized_bf16']:,} in bf16 "
-              f"({8 * sizes['quantized'] / sizes['quantized_params']:.3f} bits/weight)")
-    print(f"base model weights     {sizes['stored']:,} bytes as stored vs {sizes['bf16']:,} in bf16; adapter {sizes['adapter']:,} bytes")
+    four_bit, n_weights = _four_bit_weight_bytes(peft)
+    if n_weights:
+        print(f"4-bit linear layers    {four_bit:,} bytes (codes + block statistics) for {n_weights:,} weights vs "
+              f"{2 * n_weights:,} in bf16 ({8 * four_bit / n_weights:.3f} bits/weight; biases not counted)")
+    print(f"base model in memory   {sizes['stored']:,} bytes (4-bit layers, everything else in {_dense_dtype(peft)}) vs "
+          f"{sizes['bf16']:,} if all of it were bf16; adapter {sizes['adapter']:,} bytes")
     print(f"peak memory            {_peak_memory(device)}")
     print(f"held-out perplexity    {before[0]:.3f} -> {after[0]:.3f}")
     print(f"held-out exact match   {100 * before[1]:.1f}% -> {100 * after[1]:.1f}%")

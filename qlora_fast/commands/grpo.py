@@ -10,7 +10,9 @@ as a PNG, measures held-out accuracy again and saves the GRPO adapter.
 import os
 import time
 
-from qlora_fast.commands import add_base_model_arguments, add_training_arguments, resolve_device
+from qlora_fast.commands import (HelpFormatter, add_base_model_arguments, add_resume_arguments, add_training_arguments,
+                                 check_output, finite_float, nonnegative_float, positive_float, positive_int, probability,
+                                 resolve_device, resume_mode)
 from qlora_fast.utils import atomic_write
 
 DEFAULT_SFT_ADAPTER = os.path.join("qlora_fast_output", "adapter-qlora")  # `qlora-fast finetune`'s default
@@ -19,36 +21,36 @@ DEFAULT_SFT_ADAPTER = os.path.join("qlora_fast_output", "adapter-qlora")  # `qlo
 def register(subparsers) -> None:
     p = subparsers.add_parser(
         "grpo", help="GRPO on the shipped arithmetic task from the SFT demo's adapter (CPU, a few minutes)",
-        description=__doc__.splitlines()[0],
+        description=__doc__.splitlines()[0], formatter_class=HelpFormatter,
     )
     p.add_argument("--sft-adapter", default=DEFAULT_SFT_ADAPTER, metavar="DIR",
                    help="adapter to start from; trained here with the SFT trainer and saved there when absent "
                         f"(default {DEFAULT_SFT_ADAPTER}, where `qlora-fast finetune` writes it)")
-    p.add_argument("--sft-steps", type=int, default=250, help="SFT steps when the adapter has to be trained first")
+    p.add_argument("--sft-steps", type=positive_int, default=250, help="SFT steps when the adapter has to be trained first")
     add_base_model_arguments(p)
-    p.add_argument("--steps", type=int, default=40, help="GRPO steps")
-    p.add_argument("--group-size", type=int, default=8, help="completions sampled per prompt (G >= 2)")
-    p.add_argument("--prompts-per-step", type=int, default=4, help="prompts per GRPO step")
-    p.add_argument("--max-new-tokens", type=int, default=6, help="longest completion")
+    p.add_argument("--steps", type=positive_int, default=40, help="GRPO steps")
+    p.add_argument("--group-size", type=positive_int, default=8, help="completions sampled per prompt (G >= 2)")
+    p.add_argument("--prompts-per-step", type=positive_int, default=4, help="prompts per GRPO step")
+    p.add_argument("--max-new-tokens", type=positive_int, default=6, help="longest completion")
     p.add_argument("--method", choices=("qlora", "lora"), default="qlora",
                    help="GRPO adapter: QLoRA (NF4 base of the merged SFT model) or LoRA (full-precision base)")
-    p.add_argument("--r", type=int, default=8, help="rank of the GRPO adapter")
-    p.add_argument("--alpha", type=float, default=16.0, help="alpha of the GRPO adapter (scaling alpha / r)")
-    p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature")
-    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling threshold (default: off)")
-    p.add_argument("--lr", type=float, default=1e-3, help="learning rate of the adapter")
-    p.add_argument("--beta", type=float, default=0.04, help="weight of the KL to the reference (0 skips the reference pass)")
-    p.add_argument("--eps-low", type=float, default=0.2, help="lower clip range of the ratio")
-    p.add_argument("--eps-high", type=float, default=None, help="upper clip range (default eps-low; larger is clip-higher)")
-    p.add_argument("--num-iterations", type=int, default=1, help="optimisation passes over each sampled batch")
+    p.add_argument("--r", type=positive_int, default=8, help="rank of the GRPO adapter")
+    p.add_argument("--alpha", type=finite_float, default=16.0, help="alpha of the GRPO adapter (scaling alpha / r)")
+    p.add_argument("--temperature", type=positive_float, default=0.7, help="sampling temperature")
+    p.add_argument("--top-p", type=probability, default=None, help="nucleus sampling threshold (default: off)")
+    p.add_argument("--lr", type=positive_float, default=1e-3, help="learning rate of the adapter")
+    p.add_argument("--beta", type=nonnegative_float, default=0.04, help="weight of the KL to the reference (0 skips the reference pass)")
+    p.add_argument("--eps-low", type=nonnegative_float, default=0.2, help="lower clip range of the ratio")
+    p.add_argument("--eps-high", type=nonnegative_float, default=None, help="upper clip range (default eps-low; larger is clip-higher)")
+    p.add_argument("--num-iterations", type=positive_int, default=1, help="optimisation passes over each sampled batch")
     p.add_argument("--loss-type", choices=("grpo", "dapo", "dr_grpo"), default="grpo",
                    help="aggregation: per-sequence mean (grpo), token mean over the batch (dapo), constant (dr_grpo)")
     p.add_argument("--advantage-scale", choices=("group", "batch", "none"), default="group",
                    help="divide advantages by the group std, the batch std, or nothing (Dr. GRPO)")
-    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step")
-    p.add_argument("--heldout", type=int, default=None, help="held-out problems to score (default: all)")
+    p.add_argument("--grad-accum", type=positive_int, default=1, help="micro-batches per step")
+    p.add_argument("--heldout", type=positive_int, default=None, help="held-out problems to score (default: all)")
     p.add_argument("--output", default="qlora_fast_output", help="directory for the GRPO adapter, checkpoints and plot")
-    p.add_argument("--resume", action="store_true", help="resume from the newest GRPO checkpoint in --output")
+    add_resume_arguments(p, "--output/grpo-checkpoints")
     add_training_arguments(p)
     p.set_defaults(func=run)
 
@@ -101,19 +103,20 @@ def _save_plot(history, before, after, path):
 
 
 def run(args) -> int:
+    started = time.time()
+    resume_from, allow_fresh = resume_mode(args, os.path.join(args.output, "grpo-checkpoints"))
+    device = resolve_device(args.device)
+    with check_output(args.output):  # writable, and no other run writing it, before any work
+        return _run(args, device, started, resume_from, allow_fresh)
+
+
+def _run(args, device, started, resume_from, allow_fresh) -> int:
     import torch  # here, not at import: `qlora-fast --help` should not load torch
     from qlora_fast.models import load_base_model
     from qlora_fast.peft import LoraConfig, get_peft_model, load_adapter
     from qlora_fast.train.grpo import GRPOConfig, GRPOTrainer
     from qlora_fast.train.rewards import arithmetic_rewards, load_arithmetic_task
 
-    for name in ("steps", "sft_steps", "prompts_per_step", "max_new_tokens"):
-        if getattr(args, name) <= 0:
-            raise SystemExit(f"error: --{name.replace('_', '-')} must be positive")
-    if args.heldout is not None and args.heldout <= 0:
-        raise SystemExit("error: --heldout must be positive")
-    started = time.time()
-    device = resolve_device(args.device)
     progress = not args.no_progress
     if not os.path.exists(os.path.join(args.sft_adapter, "adapter_config.json")):
         _train_sft_adapter(args.sft_adapter, args.sft_steps, args.cache_dir, args.tokenizer, device, args.seed, progress)
@@ -141,7 +144,7 @@ def run(args) -> int:
     before = trainer.evaluate(heldout)["reward/correctness_reward"]
     print(f"held-out accuracy before GRPO: {100 * before:.1f}% ({len(heldout)} problems, greedy)")
 
-    history = trainer.train(resume_from_checkpoint="latest" if args.resume else None)
+    history = trainer.train(resume_from_checkpoint=resume_from, allow_fresh=allow_fresh)
     after = trainer.evaluate(heldout)["reward/correctness_reward"]
 
     print("\nreward curve (batch means):")

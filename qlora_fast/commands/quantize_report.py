@@ -4,10 +4,9 @@ layer and in total, bits per parameter, bytes saved, relative error and quantize
 The model is the built-in Llama (`qlora_fast.models`) from a small config, or a plain stack of
 `nn.Linear` layers in Llama shapes (`--model stack`). Nothing is downloaded.
 """
-import argparse
 import time
 
-from qlora_fast.commands import resolve_device
+from qlora_fast.commands import HelpFormatter, positive_int, resolve_device
 
 QUANT_DTYPES = ("float32", "float16", "bfloat16")  # names of torch dtypes (torch loads only when run)
 
@@ -17,18 +16,18 @@ def register(subparsers) -> None:
         "quantize-report",
         help="quantize a random model to NF4/FP4 and print per-layer bits, bytes saved, error and timings",
         description=__doc__,
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("--model", choices=("llama", "stack"), default="llama",
                         help="built-in Llama from a small config, or a plain stack of nn.Linear layers")
-    parser.add_argument("--hidden-size", type=int, default=256, help="model width")
-    parser.add_argument("--intermediate-size", type=int, default=688, help="MLP width")
-    parser.add_argument("--layers", type=int, default=2, help="number of decoder layers")
-    parser.add_argument("--heads", type=int, default=8, help="attention heads (Llama only)")
-    parser.add_argument("--kv-heads", type=int, default=4, help="key/value heads (Llama only)")
-    parser.add_argument("--vocab-size", type=int, default=512, help="vocabulary size (Llama only)")
+    parser.add_argument("--hidden-size", type=positive_int, default=256, help="model width")
+    parser.add_argument("--intermediate-size", type=positive_int, default=688, help="MLP width")
+    parser.add_argument("--layers", type=positive_int, default=2, help="number of decoder layers")
+    parser.add_argument("--heads", type=positive_int, default=8, help="attention heads (Llama only)")
+    parser.add_argument("--kv-heads", type=positive_int, default=4, help="key/value heads (Llama only)")
+    parser.add_argument("--vocab-size", type=positive_int, default=512, help="vocabulary size (Llama only)")
     parser.add_argument("--quant-type", choices=("nf4", "fp4"), default="nf4", help="4-bit code")
-    parser.add_argument("--blocksize", type=int, default=64, help="elements per absmax block (power of two, 32..4096)")
+    parser.add_argument("--blocksize", type=positive_int, default=64, help="elements per absmax block (power of two, 32..4096)")
     parser.add_argument("--no-double-quant", action="store_true", help="keep absmax in fp32 (no double quantization)")
     parser.add_argument("--dtype", choices=QUANT_DTYPES, default="bfloat16", help="weight dtype before quantization")
     parser.add_argument("--device", default="auto", help="'auto' (cuda when present, else cpu), 'cpu', 'cuda', ...")

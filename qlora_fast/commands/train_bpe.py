@@ -1,6 +1,8 @@
 """`qlora-fast train-bpe`: train a byte-level BPE tokenizer on text files and save it (our JSON,
 optionally tiktoken-format ranks too)."""
-import argparse
+import sys
+
+from qlora_fast.commands import HelpFormatter, positive_int
 
 
 def register(subparsers) -> None:
@@ -9,10 +11,10 @@ def register(subparsers) -> None:
         help="train a byte-level BPE tokenizer on UTF-8 text files and save it as JSON",
         description="Learn byte-level BPE merges by pair frequency (ties: lexicographically smallest pair) "
         "over the pre-tokenised files, then save the tokenizer (and optionally tiktoken-format ranks).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument("files", nargs="+", help="UTF-8 text files to train on (each read whole)")
-    p.add_argument("--vocab-size", type=int, default=4096, help="total vocabulary: 256 bytes + merges + special tokens")
+    p.add_argument("--vocab-size", type=positive_int, default=4096, help="total vocabulary: 256 bytes + merges + special tokens")
     p.add_argument("--pattern", default="cl100k", help="pre-tokenisation regex: 'gpt2', 'cl100k' or a regex")
     p.add_argument("--special", action="append", default=None, metavar="TOKEN",
                    help="a special token (repeatable; default <|pad|>, <|bos|>, <|eos|>; those three are always added)")
@@ -31,5 +33,8 @@ def run(args) -> int:
     tok.save(args.out)
     if args.tiktoken_out:
         tok.save_tiktoken(args.tiktoken_out)
+    if tok.vocab_size < args.vocab_size:  # the corpus ran out of pairs to merge
+        print(f"qlora-fast train-bpe: warning: the vocabulary has {tok.vocab_size} tokens, fewer than the "
+              f"{args.vocab_size} asked for: the training text has no pair left to merge (give it more text)", file=sys.stderr)
     print(f"trained {tok!r}: {len(tok.mergeable_ranks) - 256} merges, saved to {args.out}")
     return 0

@@ -9,6 +9,7 @@ import hashlib
 import json
 import math
 import os
+import warnings
 from dataclasses import asdict, dataclass
 from typing import Optional, Tuple
 
@@ -49,14 +50,26 @@ def save_model(model: LlamaForCausalLM, directory: str) -> None:
 
 
 def load_model(directory: str, device=None) -> LlamaForCausalLM:
-    """Load a model written by `save_model`."""
+    """Load a model written by `save_model`. A missing file raises FileNotFoundError; a truncated
+    or corrupt one ValueError naming it."""
     from safetensors.torch import load_file
 
-    with open(os.path.join(directory, "config.json")) as f:
-        config = LlamaConfig(**json.load(f))
+    from qlora_fast.utils import read_json
+
+    config_path, weights_path = os.path.join(directory, "config.json"), os.path.join(directory, "model.safetensors")
+    try:
+        config = LlamaConfig(**read_json(config_path, "model config"))
+    except TypeError as e:
+        raise ValueError(f"model config {config_path!r} does not describe a LlamaConfig: {e}") from e
     model = LlamaForCausalLM(config)
-    state = load_file(os.path.join(directory, "model.safetensors"))
-    model.load_state_dict(state, strict=not config.tie_embeddings)
+    if not os.path.isfile(weights_path):
+        raise FileNotFoundError(f"no model weights at {weights_path!r}")
+    try:
+        state = load_file(weights_path)
+        model.load_state_dict(state, strict=not config.tie_embeddings)
+    except Exception as e:  # safetensors raises its own SafetensorError for a truncated file
+        raise ValueError(f"model weights {weights_path!r} are unreadable or do not fit {config_path!r} "
+                         f"(truncated or corrupt?): {e}") from e
     return model.to(device) if device is not None else model
 
 
@@ -151,7 +164,10 @@ def load_base_model(cache_dir: Optional[str] = None, progress: bool = True, reci
     corpus = load_corpus()
     directory = os.path.join(cache_dir, f"base-{_cache_key(config, recipe, corpus, tok)}")
     if os.path.exists(os.path.join(directory, "model.safetensors")) and os.path.exists(os.path.join(directory, "config.json")):
-        return load_model(directory).eval(), tok
+        try:
+            return load_model(directory).eval(), tok
+        except (OSError, ValueError) as e:  # a damaged cache entry: rebuild it rather than fail every later run
+            warnings.warn(f"the cached base model in {directory} is unreadable ({e}); pretraining it again", stacklevel=2)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(recipe.seed)
         model = LlamaForCausalLM(config)

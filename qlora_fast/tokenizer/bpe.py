@@ -582,9 +582,14 @@ class BPETokenizer:
 
     @classmethod
     def load(cls, path: Union[str, os.PathLike]) -> "BPETokenizer":
-        """Read a tokenizer written by `save`."""
-        with open(path, encoding="utf-8") as f:
-            return cls.from_dict(json.load(f))
+        """Read a tokenizer written by `save`; a truncated or malformed file raises ValueError naming it."""
+        from qlora_fast.utils import read_json
+
+        d = read_json(path, "tokenizer")
+        try:
+            return cls.from_dict(d)
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"tokenizer {os.fspath(path)!r} is not a qlora_fast BPE file: {type(e).__name__}: {e}") from e
 
     def save_tiktoken(self, path: Union[str, os.PathLike]) -> None:
         """Write the mergeable ranks in tiktoken's format ("<base64 token> <rank>" per line), atomically.
@@ -638,7 +643,12 @@ def load_shipped_bpe(vocab_size: int = SHIPPED_BPE_VOCAB_SIZE, pattern: str = "c
     key = hashlib.sha256(corpus + f"|{vocab_size}|{_resolve_pattern(pattern)}|v1".encode()).hexdigest()[:16]
     path = os.path.join(cache_dir or default_cache_dir(), f"bpe-{key}.json")
     if os.path.exists(path):
-        return BPETokenizer.load(path)
+        try:
+            return BPETokenizer.load(path)
+        except (OSError, ValueError) as e:  # a damaged cache entry: rebuild it rather than fail every later run
+            import warnings
+
+            warnings.warn(f"the cached tokenizer {path} is unreadable ({e}); training it again", stacklevel=2)
     tok = BPETokenizer.train([corpus.decode("utf-8")], vocab_size, pattern=pattern, progress=progress)
     tok.save(path)
     return tok

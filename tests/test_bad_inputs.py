@@ -1,0 +1,353 @@
+"""Bad inputs across the API and the CLI end in one clear error naming the argument or the file,
+and never in silently wrong results or lost data (issue 18 sections 2-6, issue 14 section 7):
+output safety (file modes, stale temporaries, a lock, writability checked first), resume that
+cannot continue the wrong run, validated hyperparameters and NaN guards, unreadable files and
+corrupt caches named (caches rebuilt), and the CLI's one-line errors."""
+import json
+import os
+import signal
+import stat
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from qlora_fast.cli import build_parser, main
+from qlora_fast.models import LlamaConfig, LlamaForCausalLM, PretrainRecipe, load_base_model
+from qlora_fast.models.pretrained import load_model, save_model
+from qlora_fast.peft import LoraConfig, get_peft_model
+from qlora_fast.tokenizer import ByteTokenizer
+from qlora_fast.tokenizer.bpe import BPETokenizer, load_shipped_bpe
+from qlora_fast.train import GRPOConfig, GRPOTrainer
+from qlora_fast.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from qlora_fast.train.rewards import arithmetic_rewards, load_arithmetic_task
+from qlora_fast.train.sft import SFTConfig, SFTTrainer
+from qlora_fast.utils import atomic_write_bytes, check_finite_state, output_lock
+
+TINY = LlamaConfig(vocab_size=259, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=4, num_kv_heads=2,
+                   max_seq_len=64)
+PAIRS = [{"instruction": f"Add {i} and {i + 1}.", "output": str(2 * i + 1)} for i in range(12)]
+
+
+def tiny_peft(seed=0, r=2, **lora):
+    torch.manual_seed(seed)
+    return get_peft_model(LlamaForCausalLM(TINY), LoraConfig(r=r, **lora))
+
+
+def sft(out=None, model=None, data=PAIRS, **overrides):
+    options = dict(max_steps=2, batch_size=2, warmup_steps=0, max_seq_len=48, optimizer="torch_adamw", progress=False,
+                   output_dir=None if out is None else str(out))
+    options.update(overrides)
+    return SFTTrainer(model or tiny_peft(), ByteTokenizer(), data, config=SFTConfig(**options))
+
+
+def adapter(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def run_cli(argv, capsys):
+    """(exit status, stderr) of `qlora-fast argv` run in this process."""
+    try:
+        rc = main(argv)
+    except SystemExit as e:  # argparse's usage errors
+        rc = e.code
+    err = capsys.readouterr().err
+    return rc, err
+
+
+def dead_pid():
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+# ------------------------------------------------------------------------------ output safety
+def test_atomic_write_honours_the_umask(tmp_path):
+    old = os.umask(0o022)
+    try:
+        atomic_write_bytes(tmp_path / "a.bin", b"x")
+        os.umask(0o077)
+        atomic_write_bytes(tmp_path / "b.bin", b"x")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(os.stat(tmp_path / "a.bin").st_mode) == 0o644  # was mkstemp's 0600
+    assert stat.S_IMODE(os.stat(tmp_path / "b.bin").st_mode) == 0o600
+
+
+def test_stale_temporaries_of_killed_writers_are_cleaned(tmp_path):
+    dead = tmp_path / f".tmp-{dead_pid()}-abcdadapter.safetensors"
+    live = tmp_path / f".tmp-{os.getpid()}-efghmodel.safetensors"  # a write in progress: kept
+    legacy_old = tmp_path / ".tmp-k2j4x9zqconfig.json"
+    legacy_new = tmp_path / ".tmp-p0o9i8u7config.json"
+    for f in (dead, live, legacy_old, legacy_new):
+        f.write_bytes(b"partial")
+    os.utime(legacy_old, (time.time() - 2 * 3600,) * 2)
+    atomic_write_bytes(tmp_path / "data.bin", b"new")
+    assert sorted(os.listdir(tmp_path)) == sorted(["data.bin", live.name, legacy_new.name])
+
+
+def test_output_lock_refuses_a_second_run_and_survives_a_kill(tmp_path):
+    out = tmp_path / "out"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from qlora_fast.utils import output_lock\n"
+         f"with output_lock({str(out)!r}):\n    print('locked', flush=True); time.sleep(60)"],
+        stdout=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONPATH=os.getcwd() + os.pathsep + os.environ.get("PYTHONPATH", "")))
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(BlockingIOError, match=f"in use by another run \\(pid {holder.pid}\\)"):
+            with output_lock(out):
+                pass
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    with output_lock(out):  # the kernel dropped the dead holder's lock: no stale lock
+        with output_lock(out):  # re-entrant within one process
+            pass
+
+
+def test_unwritable_output_is_found_before_training(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    with pytest.raises(NotADirectoryError, match="SFTConfig.output_dir"):
+        sft(blocker)
+    with pytest.raises(OSError, match="SFTConfig.output_dir"):
+        sft(blocker / "sub")
+    fns, weights = arithmetic_rewards()
+    with pytest.raises(OSError, match="GRPOConfig.output_dir"):
+        GRPOTrainer(tiny_peft(), ByteTokenizer(), fns, load_arithmetic_task("train"),
+                    GRPOConfig(steps=1, group_size=2, prompts_per_step=1, reward_weights=weights, progress=False,
+                               output_dir=str(blocker / "ckpt")))
+
+
+# ------------------------------------------------------------------------------ resume
+def test_resume_with_nothing_to_resume_is_an_explicit_choice(tmp_path):
+    with pytest.raises(FileNotFoundError, match=f"no checkpoint-\\*.pt in '{tmp_path / 'empty'}'"):
+        sft(tmp_path / "empty").train(resume_from="latest")
+    assert len(sft(tmp_path / "empty").train(resume_from="latest", allow_fresh=True)) == 2
+    with pytest.raises(FileNotFoundError, match="nope.pt"):
+        sft(tmp_path).train(resume_from=str(tmp_path / "nope.pt"))
+    fns, weights = arithmetic_rewards()
+    grpo = GRPOTrainer(tiny_peft(), ByteTokenizer(), fns, load_arithmetic_task("train")[:4],
+                       GRPOConfig(steps=1, group_size=2, prompts_per_step=1, max_new_tokens=2, reward_weights=weights,
+                                  progress=False, optimizer="torch_adamw", output_dir=str(tmp_path / "grpo")))
+    with pytest.raises(FileNotFoundError, match="allow_fresh"):
+        grpo.train(resume_from_checkpoint="latest")
+    assert len(grpo.train(resume_from_checkpoint="latest", allow_fresh=True)) == 1
+
+
+@pytest.mark.parametrize("change,named", [
+    (dict(lr=1e-2), "config.lr"), (dict(seed=1), "config.seed"), (dict(max_grad_norm=0.5), "config.max_grad_norm"),
+    (dict(data=PAIRS[:6]), "data"), (dict(r=4), "adapters"), (dict(model_seed=1), "model"),
+])
+def test_resuming_a_different_run_is_refused_naming_what_differs(tmp_path, change, named):
+    first = sft(tmp_path, checkpoint_every=2)
+    first.train()
+    path = latest_checkpoint(str(tmp_path))
+    change = dict(change)
+    model = tiny_peft(seed=change.pop("model_seed", 0), r=change.pop("r", 2))
+    data = change.pop("data", PAIRS)
+    other = sft(tmp_path, model=model, data=data, max_steps=4, checkpoint_every=2, **change)
+    before = adapter(model)
+    with pytest.raises(ValueError, match=f"{path} belongs to a different run.*{named}"):
+        other.train(resume_from="latest")
+    assert all(torch.equal(before[n], p) for n, p in adapter(model).items())  # nothing was loaded
+    # The same run with more steps resumes.
+    same = sft(tmp_path, max_steps=3, checkpoint_every=2)
+    assert [h["step"] for h in same.train(resume_from="latest")] == [1, 2, 3]
+
+
+def test_unreadable_checkpoint_names_the_file_and_a_failed_load_changes_nothing(tmp_path):
+    trainer = sft(tmp_path, checkpoint_every=2)
+    trainer.train()
+    path = latest_checkpoint(str(tmp_path))
+    data = open(path, "rb").read()
+    truncated = tmp_path / "checkpoint-9.pt"
+    truncated.write_bytes(data[: len(data) // 2])
+    model = tiny_peft(seed=3)
+    before = adapter(model)
+    with pytest.raises(ValueError, match=f"checkpoint {truncated} is unreadable"):
+        load_checkpoint(str(truncated), model)
+    # An optimizer state that does not fit: the parameters copied before it are restored.
+    bad_opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))])
+    with pytest.raises(ValueError, match="could not be restored"):
+        load_checkpoint(path, model, optimizer=bad_opt)
+    assert all(torch.equal(before[n], p) for n, p in adapter(model).items())
+
+
+# ------------------------------------------------------------------------------ hyperparameters
+@pytest.mark.parametrize("overrides,error,named", [
+    (dict(max_grad_norm=-1.0), ValueError, "max_grad_norm"), (dict(max_grad_norm=float("nan")), ValueError, "max_grad_norm"),
+    (dict(max_grad_norm=0.0), ValueError, "max_grad_norm"), (dict(lr=0.0), ValueError, "lr"),
+    (dict(lr=float("nan")), ValueError, "lr"), (dict(lr=float("inf")), ValueError, "lr"),
+    (dict(weight_decay=float("nan")), ValueError, "weight_decay"), (dict(weight_decay=-0.1), ValueError, "weight_decay"),
+    (dict(min_lr_ratio=1.5), ValueError, "min_lr_ratio"), (dict(min_lr_ratio=float("nan")), ValueError, "min_lr_ratio"),
+    (dict(batch_size=True), TypeError, "batch_size"), (dict(warmup_steps=2.5), TypeError, "warmup_steps"),
+    (dict(eval_every=True), TypeError, "eval_every"), (dict(seed="0"), TypeError, "seed"),
+    (dict(packing="yes"), TypeError, "packing"), (dict(lr="1e-3"), TypeError, "lr"),
+    (dict(prompt_template="{output}"), ValueError, "prompt_template"),
+    (dict(prompt_template="{instruction} {answer}"), ValueError, "prompt_template"),
+    (dict(output_dir=3), TypeError, "output_dir"),
+])
+def test_sft_config_rejects_every_bad_hyperparameter(overrides, error, named):
+    with pytest.raises(error, match=f"SFTConfig.{named}"):
+        SFTConfig(**overrides)
+
+
+@pytest.mark.parametrize("overrides,named", [
+    (dict(max_grad_norm=-1.0), "max_grad_norm"), (dict(max_grad_norm=float("nan")), "max_grad_norm"),
+    (dict(lr=float("nan")), "lr"), (dict(beta=float("inf")), "beta"), (dict(eps_low=float("nan")), "eps_low"),
+    (dict(temperature=float("inf")), "temperature"), (dict(top_p=1.5), "top_p"), (dict(top_k=0), "top_k"),
+    (dict(reward_weights=[1.0, float("nan")]), "reward_weights"),
+])
+def test_grpo_config_rejects_non_finite_and_flipping_values(overrides, named):
+    with pytest.raises(ValueError, match=f"GRPOConfig.{named}"):
+        GRPOConfig(**overrides)
+
+
+def test_sft_stops_on_a_nan_loss_or_gradient_and_keeps_the_adapter(tmp_path):
+    model = tiny_peft()
+    trainer = sft(tmp_path, model=model, checkpoint_every=1)
+    before = adapter(model)
+    hook = model.base_model.lm_head.register_forward_hook(lambda m, a, out: out * float("nan"))
+    with pytest.raises(FloatingPointError, match="SFT step 1: the loss is nan"):
+        trainer.train()
+    hook.remove()
+    assert all(torch.equal(before[n], p) for n, p in adapter(model).items())
+    lora_b = next(p for n, p in model.named_parameters() if p.requires_grad and "lora_B" in n)
+    handle = lora_b.register_hook(lambda g: torch.full_like(g, float("inf")))
+    with pytest.raises(FloatingPointError, match="gradient is NaN or inf"):
+        trainer.train()
+    handle.remove()
+    assert all(torch.equal(before[n], p) for n, p in adapter(model).items())
+    assert os.listdir(tmp_path) == []  # no checkpoint written
+
+
+def test_a_nan_adapter_is_never_written(tmp_path):
+    model = tiny_peft()
+    with torch.no_grad():
+        next(p for p in model.parameters() if p.requires_grad)[0, 0] = float("nan")
+    with pytest.raises(FloatingPointError, match="refusing to write checkpoint .*1 NaN/inf value"):
+        save_checkpoint(str(tmp_path / "checkpoint-1.pt"), model)
+    with pytest.raises(FloatingPointError, match="refusing to write the adapter"):
+        check_finite_state(dict(model.adapter_parameters()), "the adapter")
+    assert os.listdir(tmp_path) == []
+
+
+# ------------------------------------------------------------------------------ files and caches
+def test_truncated_model_files_are_named_and_a_corrupt_base_cache_is_rebuilt(tmp_path):
+    config = LlamaConfig(hidden_size=16, intermediate_size=32, num_layers=1, num_heads=2, num_kv_heads=1, max_seq_len=64)
+    recipe = PretrainRecipe(steps=1, batch_size=2, seq_len=16, warmup=1)
+    model, _ = load_base_model(cache_dir=str(tmp_path), progress=False, recipe=recipe, config=config, tokenizer="byte")
+    (entry,) = [d for d in os.listdir(tmp_path) if d.startswith("base-")]
+    weights = tmp_path / entry / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(ValueError, match=f"model weights '{weights}' are unreadable"):
+        load_model(str(tmp_path / entry))
+    with pytest.warns(UserWarning, match=f"cached base model in {tmp_path / entry} is unreadable"):
+        again, _ = load_base_model(cache_dir=str(tmp_path), progress=False, recipe=recipe, config=config, tokenizer="byte")
+    for (n, a), (_, b) in zip(model.state_dict().items(), again.state_dict().items()):
+        assert torch.equal(a, b), n  # rebuilt deterministically
+    assert isinstance(load_model(str(tmp_path / entry)), LlamaForCausalLM)  # and the cache is whole again
+    (tmp_path / entry / "config.json").write_text('{"hidden_size": 16,')
+    with pytest.raises(ValueError, match="config.json' is not valid JSON"):
+        load_model(str(tmp_path / entry))
+
+
+def test_truncated_tokenizer_is_named_and_a_corrupt_bpe_cache_is_rebuilt(tmp_path):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("the cat sat on the mat; the cat ate the rat. " * 20)
+    tok = load_shipped_bpe(vocab_size=280, cache_dir=str(tmp_path / "cache"), progress=False, corpus_path=str(corpus))
+    (cached,) = (tmp_path / "cache").iterdir()
+    cached.write_text(cached.read_text()[:50])
+    with pytest.raises(ValueError, match=f"tokenizer '{cached}' is not valid JSON"):
+        BPETokenizer.load(cached)
+    with pytest.warns(UserWarning, match=f"cached tokenizer {cached} is unreadable"):
+        again = load_shipped_bpe(vocab_size=280, cache_dir=str(tmp_path / "cache"), progress=False, corpus_path=str(corpus))
+    assert again.mergeable_ranks == tok.mergeable_ranks
+    assert BPETokenizer.load(cached).mergeable_ranks == tok.mergeable_ranks
+
+
+def test_finetune_report_counts_weights_not_biases():
+    from qlora_fast.commands.finetune import _four_bit_weight_bytes
+    from qlora_fast.nn.linear4bit import Linear4bit
+
+    layers = torch.nn.Sequential(torch.nn.Linear(64, 96, bias=True), torch.nn.Linear(96, 32, bias=True))
+    model = torch.nn.Sequential(*[Linear4bit.from_linear(m, quant_type="nf4") for m in layers])
+    nbytes, n = _four_bit_weight_bytes(model)
+    assert n == 64 * 96 + 96 * 32
+    assert nbytes == n // 2 + sum(m.quant_state.statistics_bytes() for m in model)  # 4 bits a code, no bias
+
+
+# ------------------------------------------------------------------------------ the CLI
+@pytest.mark.parametrize("argv,named", [
+    (["finetune", "--alpha", "nan"], "--alpha: must be a finite number"),
+    (["finetune", "--alpha", "inf"], "--alpha: must be a finite number"),
+    (["finetune", "--lr", "0"], "--lr: must be > 0"),
+    (["finetune", "--steps", "-1"], "--steps: must be >= 1"),
+    (["finetune", "--batch-size", "many"], "--batch-size: expected an int"),
+    (["finetune", "--checkpoint-every", "-2"], "--checkpoint-every: must be >= 0"),
+    (["grpo", "--top-p", "2"], "--top-p: must be <= 1"),
+    (["grpo", "--temperature", "0"], "--temperature: must be > 0"),
+    (["tot", "--puzzles", "0"], "--puzzles: must be >= 1"),
+    (["quantize-report", "--blocksize", "0"], "--blocksize: must be >= 1"),
+    (["train-bpe", "x.txt", "--out", "y.json", "--vocab-size", "-5"], "--vocab-size: must be >= 1"),
+])
+def test_cli_rejects_bad_values_naming_the_option(argv, named, capsys):
+    rc, err = run_cli(argv, capsys)
+    assert rc == 2 and named in err and "Traceback" not in err
+
+
+def test_cli_errors_are_one_line_before_any_work(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    cases = [
+        (["finetune", "--model", str(tmp_path / "missing")], "qlora-fast finetune: error: --model must be a local"),
+        (["finetune", "--device", "gpu0"], "qlora-fast finetune: error: --device must be"),
+        (["finetune", "--output", str(blocker / "out")], "qlora-fast finetune: error: --output"),
+        (["finetune", "--output", str(tmp_path / "o"), "--resume"], "there is no checkpoint-*.pt in"),
+        (["grpo", "--output", str(tmp_path / "o"), "--resume"], "grpo-checkpoints"),
+        (["train-bpe", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "t.json"), "--no-progress"],
+         f"qlora-fast train-bpe: error: paths: '{tmp_path / 'missing.txt'}' is not a file"),
+        (["tot", "--model", str(tmp_path / "missing"), "--no-progress"], "qlora-fast tot: error: --model must be 'builtin'"),
+    ]
+    for argv, expected in cases:
+        rc, err = run_cli(argv, capsys)
+        assert rc == 2, argv
+        assert expected in err and "Traceback" not in err and err.count("\n") == 1, (argv, err)
+    with output_lock(tmp_path / "busy"):  # another run holds --output: refused (the lock is per process, so fake it)
+        from qlora_fast import utils
+
+        held = utils._HELD_LOCKS.pop(os.path.realpath(tmp_path / "busy"))
+        try:
+            rc, err = run_cli(["finetune", "--output", str(tmp_path / "busy")], capsys)
+        finally:
+            utils._HELD_LOCKS[os.path.realpath(tmp_path / "busy")] = held
+    assert rc == 2 and "in use by another run" in err
+    with pytest.raises(FileNotFoundError):  # --debug keeps the traceback
+        main(["--debug", "finetune", "--model", str(tmp_path / "missing")])
+
+
+def test_train_bpe_says_when_the_vocabulary_falls_short(tmp_path, capsys):
+    text = tmp_path / "tiny.txt"
+    text.write_text("abab abab")
+    rc, err = run_cli(["train-bpe", str(text), "--vocab-size", "400", "--out", str(tmp_path / "t.json"), "--no-progress"], capsys)
+    assert rc == 0 and "fewer than the 400 asked for" in err
+    assert json.loads((tmp_path / "t.json").read_text())
+
+
+def test_help_shows_each_default_once(capsys):
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.choices and "finetune" in a.choices).choices
+    finetune, grpo, tot = (" ".join(sub[c].format_help().split()) for c in ("finetune", "grpo", "tot"))
+    assert "(default: 5e-3 for LoRA/QLoRA, 1e-2 for prefix/prompt)" in finetune
+    assert "(default: None)" not in finetune and "(default: False)" not in finetune
+    for name in ("finetune", "grpo", "tot", "train-bpe", "quantize-report"):
+        formatter = sub[name]._get_formatter()
+        for action in sub[name]._actions:
+            if action.help and "default" in action.help:  # says its default itself: not added again
+                assert formatter._get_help_string(action) == action.help, (name, action.dest)
+    assert "GRPO steps (default: 40)" in grpo and "learning rate of the adapter (default: 0.001)" in grpo
+    assert "--no-progress" in tot
+    assert build_parser().parse_args(["tot", "--no-progress"]).no_progress
