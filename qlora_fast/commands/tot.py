@@ -1,6 +1,7 @@
 """`qlora-fast tot`: Tree-of-Thought reasoning with a group of experts on a shipped task
 (Game of 24), printing the solve rate, the model calls and the tokens spent."""
 import os
+import sys
 
 from qlora_fast.commands import (HelpFormatter, add_base_model_arguments, finite_float, nonnegative_float, positive_int,
                                  resolve_device)
@@ -82,14 +83,18 @@ def run(args) -> int:
     device = resolve_device(args.device)
     task = game24.Game24Task()
     max_new_tokens = args.max_new_tokens or (200 if args.prompting == "single" else 20)
-    llm = load_llm(args.model, device, cache_dir=args.cache_dir, seed=args.seed, adapter=args.adapter,
-                   tokenizer=args.tokenizer, progress=not args.no_progress)
-    tot = TreeOfThought(  # a bad value raises ValueError, printed as one line by qlora_fast.cli
-        llm, n_experts=args.n_experts, max_steps=args.max_steps, breadth=args.breadth, threshold=args.threshold,
-        search=args.search, task=task, max_new_tokens=max_new_tokens,
-        temperature=args.temperature, value_max_new_tokens=args.value_max_new_tokens,
-        max_model_calls=args.max_model_calls,
-    )
+    try:
+        llm = load_llm(args.model, device, cache_dir=args.cache_dir, seed=args.seed, adapter=args.adapter,
+                       tokenizer=args.tokenizer, progress=not args.no_progress)
+        tot = TreeOfThought(
+            llm, n_experts=args.n_experts, max_steps=args.max_steps, breadth=args.breadth, threshold=args.threshold,
+            search=args.search, task=task, max_new_tokens=max_new_tokens,
+            temperature=args.temperature, value_max_new_tokens=args.value_max_new_tokens,
+            max_model_calls=args.max_model_calls,
+        )
+    except (ValueError, TypeError) as e:
+        print(f"qlora-fast tot: error: {e}", file=sys.stderr)
+        return 2
 
     def solve(puzzle):
         if args.prompting == "single":
