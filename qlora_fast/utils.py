@@ -21,7 +21,14 @@ _LEGACY_TMP_AGE_S = 3600.0  # temp files without a pid (older versions) count as
 
 
 def _umask() -> int:
-    mask = os.umask(0)
+    try:  # Linux: read it, since setting it to probe would race with other threads creating files
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
     os.umask(mask)
     return mask
 

@@ -135,6 +135,13 @@ def test_resume_with_nothing_to_resume_is_an_explicit_choice(tmp_path):
     with pytest.raises(FileNotFoundError, match="allow_fresh"):
         grpo.train(resume_from_checkpoint="latest")
     assert len(grpo.train(resume_from_checkpoint="latest", allow_fresh=True)) == 1
+    # GRPO checkpoints carry the run identity too: another lr is refused, naming it.
+    grpo.save_checkpoint(grpo.checkpoint_path(1))
+    other = GRPOTrainer(tiny_peft(), ByteTokenizer(), fns, load_arithmetic_task("train")[:4],
+                        GRPOConfig(steps=2, group_size=2, prompts_per_step=1, max_new_tokens=2, reward_weights=weights,
+                                   progress=False, optimizer="torch_adamw", output_dir=str(tmp_path / "grpo"), lr=1e-3))
+    with pytest.raises(ValueError, match="different run.*config.lr: checkpoint 0.0001, this run 0.001"):
+        other.train(resume_from_checkpoint="latest")
 
 
 @pytest.mark.parametrize("change,named", [
