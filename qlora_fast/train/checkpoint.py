@@ -83,7 +83,12 @@ def model_fingerprint(model: nn.Module) -> dict:
                 base.append((name, list(p.shape), str(p.dtype), (head.real if head.is_complex() else head).double().tolist()))
     peft = getattr(model, "peft_config", None)
     peft = peft.to_dict() if hasattr(peft, "to_dict") else (vars(peft) if peft is not None and hasattr(peft, "__dict__") else peft)
-    return {"model": f"{type(model).__name__}:{_digest(base)}", "adapters": _digest(adapters), "peft_config": peft}
+    identity = {"model": f"{type(model).__name__}:{_digest(base)}", "adapters": _digest(adapters)}
+    if isinstance(peft, dict):  # one entry per field, so a refusal names the field that changed
+        identity.update({f"peft_config.{k}": v for k, v in peft.items()})
+    elif peft is not None:
+        identity["peft_config"] = peft
+    return identity
 
 
 def run_identity(model: nn.Module, config: Optional[dict] = None, data=None, ignore: Iterable[str] = ()) -> dict:
