@@ -358,3 +358,31 @@ def test_help_shows_each_default_once(capsys):
     assert "GRPO steps (default: 40)" in grpo and "learning rate of the adapter (default: 0.001)" in grpo
     assert "--no-progress" in tot
     assert build_parser().parse_args(["tot", "--no-progress"]).no_progress
+
+
+def test_decoding_a_transformers_model_prints_no_deprecation_warning():
+    """Reading the deprecated `out.past_key_values` (when `out.cache` is None) printed a
+    transformers warning on every run."""
+    transformers = pytest.importorskip("transformers")
+    import logging
+
+    from qlora_fast.models.generate import call_causal_lm
+
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=50, n_embd=16, n_layer=1, n_head=2)).eval()
+    messages = []
+    handler = logging.Handler()
+    handler.emit = lambda record: messages.append(record.getMessage())
+    logger = logging.getLogger("transformers")
+    logger.addHandler(handler)
+    try:
+        if hasattr(logging.Logger, "warning_once"):
+            logging.Logger.warning_once.cache_clear()  # transformers prints it once per process
+        ids = torch.randint(0, 50, (2, 5))
+        for use_cache in (False, True):
+            logits, cache = call_causal_lm(model, input_ids=ids, use_cache=use_cache)
+            assert torch.equal(logits, model(input_ids=ids).logits)
+            assert (cache is None) == (not use_cache)
+    finally:
+        logger.removeHandler(handler)
+    assert not [m for m in messages if "deprecated" in m], messages

@@ -40,6 +40,10 @@ def call_causal_lm(model, past_key_values=None, **kwargs):
     if past_key_values is not None:
         kwargs["cache" if _takes_cache_keyword(model) else "past_key_values"] = past_key_values
     out = model(**kwargs)
+    if "cache" in getattr(out, "__dataclass_fields__", ()):
+        # transformers >= 5.2x: `cache` is the field, and reading the deprecated `past_key_values`
+        # property would print a warning on every run even when the cache is None.
+        return out.logits, out.cache
     cache = getattr(out, "cache", None)
     if cache is None:
         cache = getattr(out, "past_key_values", None)
