@@ -45,9 +45,17 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def temp_prefix() -> str:
+    """The name prefix of this process's temp files and directories (".tmp-<pid>-"): use it for a
+    temporary that is renamed into place, so `clean_stale_temporaries` can tell when it is stale."""
+    return f"{_TMP_PREFIX}{os.getpid()}-"
+
+
 def clean_stale_temporaries(directory: Union[str, os.PathLike]) -> list:
-    """Remove the temp files that a killed `atomic_write` left in `directory` (their writer no
-    longer runs, or, for temp files without a pid, older than an hour). Returns the removed paths."""
+    """Remove the temporaries that a killed writer left in `directory`: files and directories
+    named `temp_prefix()` by a process that no longer runs, and (older versions) ".tmp-*" files
+    without a pid older than an hour. Returns the removed paths. The pid is local to this host:
+    on a directory shared between machines, give each run its own output directory."""
     removed = []
     try:
         names = os.listdir(directory)
@@ -63,6 +71,11 @@ def clean_stale_temporaries(directory: Union[str, os.PathLike]) -> list:
             stale = not _pid_alive(int(m.group(1))) if m else now - os.path.getmtime(path) > _LEGACY_TMP_AGE_S
             if stale and os.path.isfile(path):
                 os.unlink(path)
+                removed.append(path)
+            elif stale and m and os.path.isdir(path) and not os.path.islink(path):
+                import shutil
+
+                shutil.rmtree(path)
                 removed.append(path)
         except OSError:  # raced with another cleaner, or not ours to remove
             pass
@@ -81,7 +94,7 @@ def atomic_write(path: Union[str, os.PathLike], write: Callable[[BinaryIO], obje
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     clean_stale_temporaries(directory)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f"{_TMP_PREFIX}{os.getpid()}-", suffix=os.path.basename(path))
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=temp_prefix(), suffix=os.path.basename(path))
     try:
         os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
@@ -109,7 +122,7 @@ def check_writable_dir(path: Union[str, os.PathLike], what: str = "output direct
         raise NotADirectoryError(f"{what} {path!r} exists and is not a directory")
     try:
         os.makedirs(path, exist_ok=True)
-        fd, probe = tempfile.mkstemp(dir=path, prefix=f"{_TMP_PREFIX}{os.getpid()}-", suffix="write-test")
+        fd, probe = tempfile.mkstemp(dir=path, prefix=temp_prefix(), suffix="write-test")
         os.close(fd)
         os.unlink(probe)
     except OSError as e:

@@ -16,7 +16,7 @@ import torch
 
 from qlora_fast.cli import build_parser, main
 from qlora_fast.models import LlamaConfig, LlamaForCausalLM, PretrainRecipe, load_base_model
-from qlora_fast.models.pretrained import load_model, save_model
+from qlora_fast.models.pretrained import load_model
 from qlora_fast.peft import LoraConfig, get_peft_model
 from qlora_fast.tokenizer import ByteTokenizer
 from qlora_fast.tokenizer.bpe import BPETokenizer, load_shipped_bpe
@@ -24,7 +24,7 @@ from qlora_fast.train import GRPOConfig, GRPOTrainer
 from qlora_fast.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from qlora_fast.train.rewards import arithmetic_rewards, load_arithmetic_task
 from qlora_fast.train.sft import SFTConfig, SFTTrainer
-from qlora_fast.utils import atomic_write_bytes, check_finite_state, output_lock
+from qlora_fast.utils import atomic_write_bytes, check_finite_state, output_lock, temp_prefix
 
 TINY = LlamaConfig(vocab_size=259, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=4, num_kv_heads=2,
                    max_seq_len=64)
@@ -81,11 +81,14 @@ def test_stale_temporaries_of_killed_writers_are_cleaned(tmp_path):
     live = tmp_path / f".tmp-{os.getpid()}-efghmodel.safetensors"  # a write in progress: kept
     legacy_old = tmp_path / ".tmp-k2j4x9zqconfig.json"
     legacy_new = tmp_path / ".tmp-p0o9i8u7config.json"
-    for f in (dead, live, legacy_old, legacy_new):
+    dead_dir = tmp_path / f".tmp-{dead_pid()}-adapter"  # a directory meant to be renamed into place
+    live_dir = tmp_path / f"{temp_prefix()}adapter"
+    for f in (dead, live, legacy_old, legacy_new, dead_dir / "adapter_config.json", live_dir / "x"):
+        f.parent.mkdir(exist_ok=True)
         f.write_bytes(b"partial")
     os.utime(legacy_old, (time.time() - 2 * 3600,) * 2)
     atomic_write_bytes(tmp_path / "data.bin", b"new")
-    assert sorted(os.listdir(tmp_path)) == sorted(["data.bin", live.name, legacy_new.name])
+    assert sorted(os.listdir(tmp_path)) == sorted(["data.bin", live.name, legacy_new.name, live_dir.name])
 
 
 def test_output_lock_refuses_a_second_run_and_survives_a_kill(tmp_path):
