@@ -389,3 +389,18 @@ def test_decoding_a_transformers_model_prints_no_deprecation_warning():
     finally:
         logger.removeHandler(handler)
     assert not [m for m in messages if "deprecated" in m], messages
+
+
+def test_grpo_command_rejects_a_bad_config_before_any_training(tmp_path, capsys):
+    # --group-size 1 used to surface only after the SFT adapter was trained (250 steps by default).
+    rc, err = run_cli(["grpo", "--group-size", "1", "--sft-adapter", str(tmp_path / "missing"), "--cache-dir",
+                       str(tmp_path / "cache"), "--output", str(tmp_path / "out"), "--no-progress"], capsys)
+    assert rc == 2 and "qlora-fast grpo: error: GRPOConfig.group_size must be an int >= 2" in err
+    assert not (tmp_path / "missing").exists() and not (tmp_path / "cache").exists()  # nothing was trained
+
+
+def test_finetune_command_rejects_a_bad_peft_value_before_loading_the_model(tmp_path, capsys):
+    rc, err = run_cli(["finetune", "--target-modules", " , ", "--cache-dir", str(tmp_path / "cache"),
+                       "--output", str(tmp_path / "out"), "--no-progress"], capsys)
+    assert rc == 2 and err.startswith("qlora-fast finetune: error: ") and "target_modules" in err, err
+    assert not (tmp_path / "cache").exists()  # no base model was built first

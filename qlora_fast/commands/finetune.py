@@ -142,6 +142,15 @@ def _run(args, device, rank, resume_from, allow_fresh) -> int:
         sys.stdout = open(os.devnull, "w")
     progress = not args.no_progress and rank == 0
     started = time.time()
+    # The configs first: a bad value fails before the model is loaded (or pretrained).
+    peft_config = _peft_config(args)
+    lr = args.lr if args.lr is not None else (5e-3 if args.method in ("lora", "qlora") else 1e-2)
+    config = SFTConfig(
+        max_steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=lr, warmup_steps=args.warmup_steps,
+        max_seq_len=args.max_seq_len, packing=args.packing, gradient_checkpointing=args.gradient_checkpointing,
+        optimizer=args.optimizer, eval_every=args.eval_every, checkpoint_every=args.checkpoint_every,
+        output_dir=args.output, seed=args.seed, progress=progress,
+    )
     if args.model:
         from qlora_fast.models.hf import load_hf_model
 
@@ -158,14 +167,7 @@ def _run(args, device, rank, resume_from, allow_fresh) -> int:
 
     train_pairs = load_instructions("train")
     eval_pairs = load_instructions("heldout")[:args.eval_pairs]
-    peft = get_peft_model(model, _peft_config(args), tokenizer=tokenizer).to(device)
-    lr = args.lr if args.lr is not None else (5e-3 if args.method in ("lora", "qlora") else 1e-2)
-    config = SFTConfig(
-        max_steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=lr, warmup_steps=args.warmup_steps,
-        max_seq_len=args.max_seq_len, packing=args.packing, gradient_checkpointing=args.gradient_checkpointing,
-        optimizer=args.optimizer, eval_every=args.eval_every, checkpoint_every=args.checkpoint_every,
-        output_dir=args.output, seed=args.seed, progress=progress,
-    )
+    peft = get_peft_model(model, peft_config, tokenizer=tokenizer).to(device)
 
     def measure(tag):
         ppl = evaluate_loss(peft, tokenizer, eval_pairs, config.prompt_template, config.max_seq_len)["perplexity"]

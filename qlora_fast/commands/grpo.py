@@ -118,6 +118,16 @@ def _run(args, device, started, resume_from, allow_fresh) -> int:
     from qlora_fast.train.rewards import arithmetic_rewards, load_arithmetic_task
 
     progress = not args.no_progress
+    funcs, weights = arithmetic_rewards()  # the config first: a bad value fails before any training
+    config = GRPOConfig(
+        steps=args.steps, group_size=args.group_size, prompts_per_step=args.prompts_per_step,
+        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, lr=args.lr,
+        beta=args.beta, eps_low=args.eps_low, eps_high=args.eps_high, num_iterations=args.num_iterations,
+        loss_type=args.loss_type, advantage_scale=args.advantage_scale, grad_accum_steps=args.grad_accum,
+        gradient_checkpointing=args.gradient_checkpointing, optimizer=args.optimizer, reward_weights=weights,
+        output_dir=os.path.join(args.output, "grpo-checkpoints"), save_every=args.checkpoint_every,
+        seed=args.seed, progress=progress,
+    )
     if not os.path.exists(os.path.join(args.sft_adapter, "adapter_config.json")):
         _train_sft_adapter(args.sft_adapter, args.sft_steps, args.cache_dir, args.tokenizer, device, args.seed, progress)
     torch.manual_seed(args.seed)
@@ -129,16 +139,6 @@ def _run(args, device, started, resume_from, allow_fresh) -> int:
           f"{args.method} adapter ({sum(p.numel() for p in model.parameters() if p.requires_grad):,} trainable "
           f"parameters); reference: the same model with the fresh adapter disabled; device {device}")
 
-    funcs, weights = arithmetic_rewards()
-    config = GRPOConfig(
-        steps=args.steps, group_size=args.group_size, prompts_per_step=args.prompts_per_step,
-        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, lr=args.lr,
-        beta=args.beta, eps_low=args.eps_low, eps_high=args.eps_high, num_iterations=args.num_iterations,
-        loss_type=args.loss_type, advantage_scale=args.advantage_scale, grad_accum_steps=args.grad_accum,
-        gradient_checkpointing=args.gradient_checkpointing, optimizer=args.optimizer, reward_weights=weights,
-        output_dir=os.path.join(args.output, "grpo-checkpoints"), save_every=args.checkpoint_every,
-        seed=args.seed, progress=progress,
-    )
     trainer = GRPOTrainer(model, tokenizer, funcs, load_arithmetic_task("train"), config)
     heldout = load_arithmetic_task("heldout", limit=args.heldout)
     before = trainer.evaluate(heldout)["reward/correctness_reward"]
