@@ -82,4 +82,16 @@ QF_HOST_DEVICE inline int nearest_code(const float* midpoints, float x) {
   return lo;
 }
 
+// The code of a scaled second moment (unsigned map, code[0] = 0, code[1] its smallest positive
+// value). A positive v never takes code 0: with nearest rounding, every v below half of code[1]
+// (~1.6e-7 of the block absmax, i.e. a gradient ~2500x smaller than the block's largest) became
+// exactly 0, and the next step divided a remembered m by sqrt((1-beta2) g^2) + eps instead of by
+// its history (by eps alone where g = 0): block-mates of an outlier drifted without bound.
+// Rounding such v up to code[1] overestimates v, which only shortens their steps (as the
+// second-moment maps without a zero of 4-bit Adam, Li et al. 2023, do).
+// `code` is the nearest code of `scaled` (CPU: CodeIndex, CUDA: the shared-memory search).
+QF_HOST_DEVICE inline int second_moment_code(int code, float scaled) {
+  return (code == 0 && scaled > 0.0f) ? 1 : code;
+}
+
 }  // namespace qlora_fast

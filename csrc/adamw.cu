@@ -173,7 +173,9 @@ __global__ void __launch_bounds__(kThreads) adam8bit_kernel(Batch8 batch) {
       const int64_t i = qb_begin + j * 32 + lane;
       if (i < n) {
         mq[i] = static_cast<uint8_t>(qlora_fast::nearest_code(signed_mid, fminf(1.0f, fmaxf(-1.0f, mr[j] * inv_m))));
-        vq[i] = static_cast<uint8_t>(qlora_fast::nearest_code(unsigned_mid, fminf(1.0f, fmaxf(-1.0f, vr[j] * inv_v))));
+        const float v_scaled = fminf(1.0f, fmaxf(-1.0f, vr[j] * inv_v));
+        vq[i] = static_cast<uint8_t>(
+            qlora_fast::second_moment_code(qlora_fast::nearest_code(unsigned_mid, v_scaled), v_scaled));
       }
     }
     if (lane == 0) {

@@ -95,6 +95,7 @@ class _PagedAdamBase(torch.optim.Optimizer):
             check_budget(budget, page_bytes)
         self._managers: Dict[torch.device, PageManager] = {}
         self._maps: Dict[torch.device, tuple] = {}
+        self._pending_checks = []  # CUDA: (event, pinned flag, states) of 8-bit updates not yet read
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
         super().__init__(params, defaults)
 
@@ -165,6 +166,7 @@ class _PagedAdamBase(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure=None):
         """One update of every parameter that has a gradient; returns the closure's loss."""
+        self._read_pending_checks(wait=False)
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -236,6 +238,58 @@ class _PagedAdamBase(torch.optim.Optimizer):
         else:
             signed, unsigned = self._maps_on(device)
             ops.adam8bit_step_(*args, *([s[name] for s in states] for name in STATE8), signed, unsigned, steps, *hyper)
+            self._check_finite(device, [e[3] for e in entries], states)
+
+    # ---- non-finite 8-bit states -----------------------------------------------------------
+    def _check_finite(self, device, owners, states) -> None:
+        """Flag 8-bit states whose new block absmax is not finite: a gradient element above
+        sqrt(float32 max / (1 - beta2)) (~5.8e20 at beta2 = 0.999; ~1.8e19 where g*g is formed
+        first, as in bitsandbytes) overflows the second moment, and the whole block's state
+        decodes to NaN from the next step on. One fused check over the (small) absmax tensors; on the CPU
+        it raises now, on CUDA the flag is copied to the host without a sync and read at the
+        next `step` or `state_dict` (the error comes one step late; untested without a GPU)."""
+        absmaxes = [s[name] for s in states for name in ("exp_avg_absmax", "exp_avg_sq_absmax")]
+        flag = torch.zeros(1, dtype=torch.float32, device=device)
+        torch._amp_foreach_non_finite_check_and_unscale_(absmaxes, flag, torch.ones(1, device=device))
+        if device.type != "cuda":
+            if flag.item():
+                self._raise_non_finite(owners)
+            return
+        host = torch.empty(1, dtype=torch.float32, pin_memory=True)
+        host.copy_(flag, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        self._pending_checks.append((event, host, owners))
+
+    def _read_pending_checks(self, wait: bool) -> None:
+        still = []
+        for event, host, owners in self._pending_checks:
+            if wait:
+                event.synchronize()
+            elif not event.query():
+                still.append((event, host, owners))
+                continue
+            if host.item():
+                self._pending_checks = []
+                self._raise_non_finite(owners)
+        self._pending_checks = still
+
+    def _raise_non_finite(self, owners) -> None:
+        where = {id(self.state[p]): (gi, pi, p) for gi, group in enumerate(self.param_groups)
+                 for pi, p in enumerate(group["params"]) if p in self.state}
+        bad = []
+        for state in owners:
+            if any(not torch.isfinite(pg.tensors[name]).all() for pg in state["pages"]
+                   for name in ("exp_avg_absmax", "exp_avg_sq_absmax")):
+                gi, pi, p = where[id(state)]
+                bad.append(f"param_groups[{gi}]['params'][{pi}] (shape {tuple(p.shape)}, step {state['step']})")
+        raise FloatingPointError(
+            f"{type(self).__name__}: the 8-bit state of {', '.join(bad) or 'a parameter'} is no longer finite: "
+            "a gradient element above ~5.8e20 (sqrt(float32 max / (1 - beta2))) or inf overflows the "
+            "second moment (1 - beta2) * g * g, and every "
+            "element of its 256-element block would decode to NaN. Clip the gradients (e.g. "
+            "torch.nn.utils.clip_grad_norm_) or skip such steps; reload a checkpoint to continue."
+        )
 
     # ---- state_dict ----------------------------------------------------------------------
     def _flat_state(self, state: dict) -> dict:
@@ -256,6 +310,7 @@ class _PagedAdamBase(torch.optim.Optimizer):
         on any device."""
         for manager in self._managers.values():
             manager.synchronize()
+        self._read_pending_checks(wait=True)
         sd = super().state_dict()
         sd["state"] = {k: (self._flat_state(v) if "pages" in v else v) for k, v in sd["state"].items()}
         return sd
