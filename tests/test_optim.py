@@ -386,6 +386,67 @@ def test_load_state_dict_rejects_other_state_kind(seed):
         AdamW8bit(params, min_8bit_size=0).load_state_dict(opt.state_dict())
 
 
+def _corruptions(sd):
+    """(description, bad copy of `sd`): each must be rejected before anything is loaded."""
+    last = max(sd["state"])
+    names = [k for k, v in sd["state"][last].items() if isinstance(v, torch.Tensor)]
+
+    def with_state(**changes):
+        bad = copy.deepcopy(sd)
+        bad["state"][last].update(changes)
+        for k, v in list(changes.items()):
+            if v is None:
+                del bad["state"][last][k]
+        return bad
+
+    first = names[0]
+    out = [
+        ("truncated", with_state(**{first: sd["state"][last][first][:-1]})),
+        ("missing", with_state(**{names[-1]: None})),
+        ("dtype", with_state(**{first: sd["state"][last][first].double()})),
+        ("kind", with_state(kind="8bit" if sd["state"][last]["kind"] == "32bit" else "32bit")),
+        ("step", with_state(step=-3)),
+        ("not a dict", {"state": sd["state"]}),
+    ]
+    nan = copy.deepcopy(sd)
+    floats = [k for k in names if sd["state"][last][k].is_floating_point()]
+    nan["state"][last][floats[0]].view(-1)[0] = float("nan")
+    out.append(("non-finite", nan))
+    groups = copy.deepcopy(sd)
+    groups["param_groups"][-1]["params"] = groups["param_groups"][-1]["params"][:-1]
+    out.append(("group size", groups))
+    return out
+
+
+@pytest.mark.parametrize("cls,kwargs", [(AdamW, {}), (AdamW8bit, {"min_8bit_size": 0}),
+                                        (PagedAdamW8bit, {"min_8bit_size": 0, "budget": 4096, "page_bytes": 2056})])
+def test_failed_load_state_dict_leaves_live_state_unchanged(seed, cls, kwargs):
+    """Issue 18 section 5: a bad state_dict used to wipe the live state before raising."""
+    params = make_params(shapes=[(300,), (40, 30), (1000,)])
+    opt = cls([{"params": params[:1]}, {"params": params[1:], "lr": 3e-3}], **kwargs)
+    run_steps(opt, params, random_grads(params, 2))
+    before = opt.state_dict()
+    snapshot = copy.deepcopy(before)
+    twin_params = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    twin = cls([{"params": twin_params[:1]}, {"params": twin_params[1:], "lr": 3e-3}], **kwargs)
+    twin.load_state_dict(copy.deepcopy(before))
+    for what, bad in _corruptions(before):
+        with pytest.raises((ValueError, TypeError)):
+            opt.load_state_dict(bad)
+        after = opt.state_dict()
+        assert after["param_groups"] == snapshot["param_groups"], what
+        for k, st in snapshot["state"].items():
+            for name, v in st.items():
+                assert (torch.equal(v, after["state"][k][name]) if isinstance(v, torch.Tensor)
+                        else v == after["state"][k][name]), (what, name)
+    # ...and it still trains exactly as an optimizer that never saw the bad loads.
+    grads = random_grads(params, 2)
+    run_steps(opt, params, grads)
+    run_steps(twin, twin_params, grads)
+    for p, q in zip(params, twin_params):
+        assert torch.equal(p, q)
+
+
 # ---- torch.optim conventions ------------------------------------------------------------------
 
 def test_lr_scheduler_closure_and_zero_grad(seed):

@@ -317,34 +317,79 @@ class _PagedAdamBase(torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Load a `state_dict()` (from a paged or unpaged optimizer, any device): states move to
-        each parameter's device keeping their dtypes (fp32 moments, uint8 codes)."""
-        saved_groups = state_dict["param_groups"]
-        saved_ids = list(chain.from_iterable(g["params"] for g in saved_groups))
-        params = list(chain.from_iterable(g["params"] for g in self.param_groups))
-        if len(saved_ids) != len(params):
-            raise ValueError(f"state_dict has {len(saved_ids)} parameters, this optimizer {len(params)}")
-        saved_states = state_dict["state"]
+        each parameter's device keeping their dtypes (fp32 moments, uint8 codes).
+
+        All or nothing: the whole state_dict is validated before anything of this optimizer
+        changes, so a bad one raises ValueError/TypeError and leaves the live state as it was."""
+        flats = self._validated_states(state_dict)
         for manager in self._managers.values():
             manager.clear()
         super().load_state_dict({**state_dict, "state": {}})
         self.state = defaultdict(dict)
+        params = list(chain.from_iterable(g["params"] for g in self.param_groups))
+        for p, loaded in zip(params, flats):
+            if loaded is not None:
+                self._init_state(p, loaded[0], step=loaded[1])
+
+    def _validated_states(self, state_dict) -> list:
+        """Per parameter of this optimizer: None (no saved state) or (flat state tensors, step),
+        after checking everything `load_state_dict` needs; raises before any change."""
+        if not isinstance(state_dict, dict) or not {"state", "param_groups"} <= state_dict.keys():
+            raise ValueError("state_dict must be a dict with 'state' and 'param_groups' (an optimizer's state_dict())")
+        saved_groups, saved_states = state_dict["param_groups"], state_dict["state"]
+        if not isinstance(saved_groups, (list, tuple)) or not isinstance(saved_states, dict):
+            raise ValueError("state_dict['param_groups'] must be a list and state_dict['state'] a dict")
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(f"state_dict has {len(saved_groups)} parameter groups, this optimizer "
+                             f"{len(self.param_groups)}")
+        for i, (saved, group) in enumerate(zip(saved_groups, self.param_groups)):
+            if not isinstance(saved, dict) or "params" not in saved:
+                raise ValueError(f"state_dict['param_groups'][{i}] has no 'params'")
+            if len(saved["params"]) != len(group["params"]):
+                raise ValueError(f"state_dict param group {i} has {len(saved['params'])} parameters, "
+                                 f"this optimizer's {len(group['params'])}")
+            hyper = {k: saved.get(k, group[k]) for k in ("lr", "betas", "eps", "weight_decay")}
+            try:
+                _check_hyperparameters(float(hyper["lr"]) if isinstance(hyper["lr"], torch.Tensor) else hyper["lr"],
+                                       hyper["betas"], hyper["eps"], hyper["weight_decay"])
+            except ValueError as e:
+                raise ValueError(f"state_dict param group {i}: {e}") from None
+        saved_ids = list(chain.from_iterable(g["params"] for g in saved_groups))
+        params = list(chain.from_iterable(g["params"] for g in self.param_groups))
+        out = []
         for saved_id, p in zip(saved_ids, params):
             if saved_id not in saved_states:
+                out.append(None)
                 continue
-            saved = dict(saved_states[saved_id])
+            saved = saved_states[saved_id]
+            if not isinstance(saved, dict):
+                raise ValueError(f"state of parameter {saved_id} must be a dict, got {type(saved).__name__}")
             kind = self._kind(p)
             if saved.get("kind") != kind:
                 raise ValueError(f"parameter {saved_id} has {saved.get('kind')!r} states in the state_dict "
                                  f"but this optimizer keeps {kind!r} states for it")
+            step = saved.get("step")
+            step = step.item() if isinstance(step, torch.Tensor) and step.numel() == 1 else step
+            if isinstance(step, bool) or not isinstance(step, (int, float)) or step != int(step) or step < 0:
+                raise ValueError(f"'step' of parameter {saved_id} must be an integer >= 0, got {saved.get('step')!r}")
             names = STATE32 if kind == "32bit" else STATE8
-            flat = {name: saved[name] for name in names}
+            flat = {}
             n = p.numel()
-            for name, t in flat.items():
+            for name in names:
+                t = saved.get(name)
+                if not isinstance(t, torch.Tensor):
+                    raise ValueError(f"state {name!r} of parameter {saved_id} is missing or not a tensor")
+                want_dtype = torch.uint8 if name.endswith("codes") else torch.float32
+                if t.dtype != want_dtype:
+                    raise ValueError(f"state {name!r} of parameter {saved_id} is {t.dtype}, expected {want_dtype}")
                 want = -(-n // QUANT_BLOCK) if name.endswith("absmax") else n
                 if t.numel() != want:
                     raise ValueError(f"state {name!r} of parameter {saved_id} has {t.numel()} elements, expected {want}")
-            flat = {name: t.reshape(-1) for name, t in flat.items()}
-            self._init_state(p, flat, step=int(saved["step"]))
+                if t.is_floating_point() and not torch.isfinite(t).all():
+                    raise ValueError(f"state {name!r} of parameter {saved_id} has non-finite values")
+                flat[name] = t.reshape(-1)
+            out.append((flat, int(step)))
+        return out
 
     # ---- paging stats --------------------------------------------------------------------
     def paging_stats(self) -> dict:
