@@ -58,6 +58,10 @@ class CodeIndex {
   explicit CodeIndex(const float* code) {
     std::copy(code, code + 256, code_.begin());
     for (int i = 0; i < 255; ++i) mid_[i] = (code[i] + code[i + 1]) * 0.5f;
+    // The bucket bounds come from the CUDA kernel's search (Eytzinger tree), so both devices
+    // give the same codes by construction.
+    std::array<float, 256> tree{};
+    for (int k = 1; k < 256; ++k) tree[k] = eytzinger_midpoint(code, k);
     const uint32_t keys = 1u << (32 - kShift);
     first_.resize(keys);
     last_.resize(keys);
@@ -65,8 +69,8 @@ class CodeIndex {
       const float low = bits_to_float(k << kShift);
       const float high = bits_to_float((k << kShift) | ((1u << kShift) - 1));
       const bool negative = (k >> (31 - kShift)) & 1u;
-      first_[k] = static_cast<uint8_t>(nearest_code(mid_.data(), negative ? high : low));
-      last_[k] = static_cast<uint8_t>(nearest_code(mid_.data(), negative ? low : high));
+      first_[k] = static_cast<uint8_t>(nearest_code(tree.data(), negative ? high : low));
+      last_[k] = static_cast<uint8_t>(nearest_code(tree.data(), negative ? low : high));
     }
   }
 

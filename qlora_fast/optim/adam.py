@@ -7,6 +7,7 @@ one page per parameter that never leaves the device, so paged and unpaged share 
 and one state_dict format (whole flat tensors per parameter, independent of pages and device).
 """
 import math
+import time
 from collections import defaultdict
 from itertools import chain
 from typing import Dict, Optional
@@ -42,6 +43,16 @@ def _ops(device: torch.device):
         )
     _READY_DEVICE_TYPES.add(device.type)
     return torch.ops.qlora_fast
+
+
+def _bad_gradient(p: torch.Tensor, grad: torch.Tensor) -> None:
+    """Raise the TypeError that says what is wrong with a gradient that failed the fast check."""
+    if grad.is_sparse or grad.layout != torch.strided:
+        raise TypeError("qlora_fast Adam optimizers do not support sparse gradients")
+    if grad.is_complex() or p.is_complex():
+        raise TypeError("qlora_fast Adam optimizers do not support complex parameters or gradients")
+    raise TypeError(f"gradient {grad.dtype} {tuple(grad.shape)} does not match its "
+                    f"parameter {p.dtype} {tuple(p.shape)}")
 
 
 def _check_hyperparameters(lr, betas, eps, weight_decay) -> None:
@@ -122,9 +133,15 @@ class _PagedAdamBase(torch.optim.Optimizer):
         return "8bit" if self._eight_bit and p.numel() >= self._min_8bit_size else "32bit"
 
     def _page_ranges(self, p: torch.Tensor, kind: str):
+        """Equal pages (whole 256-blocks, the last possibly shorter) of at most page_bytes each:
+        a 2048x2048 parameter splits into halves, not into a full page and a sliver."""
         n = p.numel()
-        size = self._page_elements[kind] if self._paged else max(n, 1)
-        return [(s, min(n, s + size)) for s in range(0, n, size)] or [(0, 0)]
+        if not self._paged or n == 0:
+            return [(0, n)]
+        blocks = -(-n // QUANT_BLOCK)
+        count = -(-n // self._page_elements[kind])
+        size = -(-blocks // count) * QUANT_BLOCK
+        return [(s, min(n, s + size)) for s in range(0, n, size)]
 
     @staticmethod
     def _empty_states(kind: str, n: int, device) -> Dict[str, torch.Tensor]:
@@ -153,7 +170,7 @@ class _PagedAdamBase(torch.optim.Optimizer):
                     for name, t in flat.items()
                 }
             pages.append(manager.add(start, end, tensors))
-        self.state[p] = {"step": step, "kind": kind, "pages": pages}
+        self.state[p] = {"step": step, "kind": kind, "pages": pages, "device": p.device}
 
     def _maps_on(self, device: torch.device):
         maps = self._maps.get(device)
@@ -172,27 +189,26 @@ class _PagedAdamBase(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         work = defaultdict(list)  # device -> [(group, param, grad, state)]
+        state_of = self.state
         for group in self.param_groups:
             lr = group["lr"]
             if isinstance(lr, torch.Tensor):
                 lr = group["lr"] = float(lr)
             _check_hyperparameters(lr, group["betas"], group["eps"], group["weight_decay"])
             for p in group["params"]:
-                if p.grad is None:
-                    continue
                 grad = p.grad
-                if grad.is_sparse or grad.layout != torch.strided:
-                    raise TypeError("qlora_fast Adam optimizers do not support sparse gradients")
-                if grad.is_complex() or p.is_complex():
-                    raise TypeError("qlora_fast Adam optimizers do not support complex parameters or gradients")
-                if grad.dtype != p.dtype or grad.shape != p.shape:
-                    raise TypeError(f"gradient {grad.dtype} {tuple(grad.shape)} does not match its "
-                                    f"parameter {p.dtype} {tuple(p.shape)}")
-                if p not in self.state or "pages" not in self.state[p]:
+                if grad is None:
+                    continue
+                # One cheap test per parameter (the host time of a step over hundreds of small
+                # LoRA tensors is this loop); the detailed checks run only when it fails.
+                if grad.layout is not torch.strided or grad.dtype is not p.dtype or grad.shape != p.shape:
+                    _bad_gradient(p, grad)
+                state = state_of.get(p)
+                if state is None or "pages" not in state:
                     self._init_state(p)
-                state = self.state[p]
+                    state = state_of[p]
                 state["step"] += 1
-                work[p.device].append((group, p, grad.contiguous(), state))
+                work[state["device"]].append((group, p, grad if grad.is_contiguous() else grad.contiguous(), state))
         # Every device's budget is re-read each step, also where no parameter has a gradient.
         for device in list(self._managers) + [d for d in work if d not in self._managers]:
             self._step_device(self._manager(device), work.get(device, []))
@@ -200,23 +216,30 @@ class _PagedAdamBase(torch.optim.Optimizer):
 
     def _step_device(self, manager: PageManager, items) -> None:
         stats = StepStats()
-        sync = manager.paged
-        with timed(stats, "total_s", manager, sync):
-            with timed(stats, "plan_s", manager, sync):
+        host_t0 = time.perf_counter()
+        with timed(stats, "total_s", manager):
+            with timed(stats, "plan_s", manager):
                 manager.plan(stats)
-            resident = defaultdict(list)  # (group index, kind) -> [(param view, grad view, state tensors, step)]
+            resident = defaultdict(list)  # (group id, kind) -> [(param view, grad view, state, page)]
             streamed = []
             for group, p, grad, state in items:
-                gi = id(group)
+                key = (id(group), state["kind"])
+                pages = state["pages"]
+                if len(pages) == 1 and pages[0].on_device:
+                    # A whole-tensor page: the op takes the parameter and gradient as they are.
+                    page = pages[0]
+                    manager.touch(page)
+                    resident[key].append((group, p, grad, state, page))
+                    continue
                 pflat, gflat = p.detach().view(-1), grad.view(-1)
-                for page in state["pages"]:
+                for page in pages:
                     manager.touch(page)
                     entry = (group, pflat[page.start:page.end], gflat[page.start:page.end], state, page)
-                    (resident[(gi, state["kind"])] if page.on_device else streamed).append(entry)
-            with timed(stats, "resident_update_s", manager, sync):
+                    (resident[key] if page.on_device else streamed).append(entry)
+            with timed(stats, "resident_update_s", manager):
                 for (_, kind), entries in resident.items():
                     self._update(manager.device, kind, entries[0][0], entries, [e[4].tensors for e in entries])
-            with timed(stats, "streamed_update_s", manager, sync):
+            with timed(stats, "streamed_update_s", manager):
                 by_page = {id(e[4]): e for e in streamed}
 
                 def update(page, device_tensors):
@@ -224,6 +247,7 @@ class _PagedAdamBase(torch.optim.Optimizer):
                     self._update(manager.device, e[3]["kind"], e[0], [e], [device_tensors])
 
                 manager.stream([e[4] for e in streamed], update, stats)
+        stats.host_s = time.perf_counter() - host_t0
         manager.finish_step(stats)
 
     def _update(self, device, kind, group, entries, states) -> None:
@@ -249,13 +273,12 @@ class _PagedAdamBase(torch.optim.Optimizer):
         it raises now, on CUDA the flag is copied to the host without a sync and read at the
         next `step` or `state_dict` (the error comes one step late; untested without a GPU)."""
         absmaxes = [s[name] for s in states for name in ("exp_avg_absmax", "exp_avg_sq_absmax")]
-        flag = torch.zeros(1, dtype=torch.float32, device=device)
-        torch._amp_foreach_non_finite_check_and_unscale_(absmaxes, flag, torch.ones(1, device=device))
+        flag = torch.isfinite(torch.cat(absmaxes)).all().logical_not_()
         if device.type != "cuda":
             if flag.item():
                 self._raise_non_finite(owners)
             return
-        host = torch.empty(1, dtype=torch.float32, pin_memory=True)
+        host = torch.empty((), dtype=torch.bool, pin_memory=True)
         host.copy_(flag, non_blocking=True)
         event = torch.cuda.Event()
         event.record()
