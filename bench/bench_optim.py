@@ -109,6 +109,25 @@ def host_summary(repeats=50):
         opt.step()
         t = median(cpu_times(opt.step, repeats))
         print(f"{name:45s} {t * 1e3:8.3f} ms CPU per step over {HOST_TENSORS} tensors ({t * 1e6 / HOST_TENSORS:5.2f} us each)")
+    # The floor: the fused ops alone on the same tensors (their arithmetic plus the op dispatch).
+    from qlora_fast.reference.optim import dynamic_map
+
+    ps = [torch.randn(HOST_SHAPE, generator=gen) for _ in range(HOST_TENSORS)]
+    gs = [torch.randn(HOST_SHAPE, generator=gen) for _ in range(HOST_TENSORS)]
+    n = ps[0].numel()
+    zeros = lambda dtype, k=n: [torch.zeros(k, dtype=dtype) for _ in ps]  # noqa: E731
+    hyper = (1e-3, 0.9, 0.999, 1e-8, 0.01, True)
+    ops = torch.ops.qlora_fast
+    m, v, mq, vq, ma, va = zeros(torch.float32), zeros(torch.float32), zeros(torch.uint8), zeros(torch.uint8), \
+        zeros(torch.float32, 1), zeros(torch.float32, 1)
+    floors = {
+        "op only: adam_step_": lambda: ops.adam_step_(ps, gs, m, v, [1] * len(ps), *hyper),
+        "op only: adam8bit_step_": lambda: ops.adam8bit_step_(ps, gs, mq, vq, ma, va, dynamic_map(True),
+                                                             dynamic_map(False), [1] * len(ps), *hyper),
+    }
+    for name, fn in floors.items():
+        t = median(cpu_times(fn, repeats))
+        print(f"{name:45s} {t * 1e3:8.3f} ms CPU per call over {HOST_TENSORS} tensors ({t * 1e6 / HOST_TENSORS:5.2f} us each)")
 
 
 if __name__ == "__main__":

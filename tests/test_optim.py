@@ -339,6 +339,37 @@ def test_page_manager_bookkeeping():
     assert seen == [pages[3]] and torch.equal(pages[3].tensors["x"], torch.ones(250))
 
 
+@pytest.mark.parametrize("cls,numel", [(PagedAdamW8bit, 2048 * 2048), (PagedAdamW8bit, 5 * 256 + 3),
+                                       (PagedAdamW, 3 * 1024 + 256), (PagedAdamW, 1)])
+def test_pages_of_a_parameter_are_equal_sized(cls, numel):
+    """Issue 13: a 2048x2048 parameter used to split into one full page and a sliver."""
+    p = torch.nn.Parameter(torch.zeros(numel))
+    page_bytes = (8 << 20) if numel > 10**6 else 2 * 1024
+    opt = cls([p], budget=1.0, page_bytes=page_bytes)
+    kind = opt._kind(p)
+    ranges = opt._page_ranges(p, kind)
+    sizes = [end - start for start, end in ranges]
+    assert ranges[0][0] == 0 and ranges[-1][1] == numel
+    assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
+    assert all(sz % 256 == 0 for sz in sizes[:-1]) and max(sizes) <= max(opt._page_elements[kind], 1)
+    assert max(sizes) - min(sizes) < 256  # equal up to the partial last block
+    if numel == 2048 * 2048:
+        assert sizes == [numel // 2, numel // 2]
+
+
+def test_fractional_budget_counts_memory_the_allocator_caches(monkeypatch):
+    """The CUDA budget counts memory torch's caching allocator holds but does not use (the
+    driver reports it as used); checked with the CUDA queries stubbed (no GPU here)."""
+    from qlora_fast.optim import paging
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (1000, 10_000))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 5000)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 3500)
+    assert paging._available_bytes(torch.device("cuda")) == 1000 + 1500
+    manager = PageManager(torch.device("cuda"), budget=0.5)
+    assert manager.budget_bytes() == 1250
+
+
 # ---- state_dict ---------------------------------------------------------------------------
 
 @pytest.mark.parametrize("first,second", [

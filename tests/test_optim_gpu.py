@@ -76,7 +76,7 @@ def test_cuda_8bit_op_matches_cpu_op(seed, dtype, device):
 
 @pytest.mark.parametrize("paged_cls,cls", [(PagedAdamW, AdamW), (PagedAdamW8bit, AdamW8bit)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_paged_quarter_budget_equals_unpaged(seed, paged_cls, cls, dtype, device):
+def test_paged_quarter_budget_equals_unpaged(seed, paged_cls, cls, dtype, device, monkeypatch):
     params = make_params(dtype, device)
     peer = [torch.nn.Parameter(p.detach().clone()) for p in params]
     kw = {"min_8bit_size": 0} if cls is AdamW8bit else {}
@@ -89,7 +89,11 @@ def test_paged_quarter_budget_equals_unpaged(seed, paged_cls, cls, dtype, device
     paged = paged_cls(params, lr=1e-2, budget=max(page_bytes, state_bytes // 4), page_bytes=page_bytes, **kw)
     run(paged, params, grads[:1])
     run(reference, peer, grads[1:])
+    syncs = []  # issue 13: a paged step orders its copies with events, never a device sync
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: syncs.append(a))
     run(paged, params, grads[1:])
+    monkeypatch.undo()
+    assert syncs == []
     for p, q in zip(params, peer):
         assert torch.equal(p, q)
     stats = paged.paging_stats()[str(params[0].device)]

@@ -417,8 +417,10 @@ class _PagedAdamBase(torch.optim.Optimizer):
     # ---- paging stats --------------------------------------------------------------------
     def paging_stats(self) -> dict:
         """Per device: resident and host bytes of the states, page counts, staging bytes, bytes
-        moved each way (total and last step), and the last step's time split in seconds
-        (plan, resident update, streamed update, total; device-synchronised when paged)."""
+        moved each way (total and last step), and the last step's time split in seconds (plan,
+        resident update, streamed update, total: wall time on the CPU, CUDA-event time on a GPU,
+        where this call waits for the last step's events; `host_s`: the step's host time). A
+        step itself never synchronises the device."""
         return {str(d): m.stats() for d, m in self._managers.items()}
 
 

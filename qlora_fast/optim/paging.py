@@ -319,7 +319,7 @@ class PageManager:
             "h2d_bytes_total": self.totals.h2d_bytes,
             "d2h_bytes_total": self.totals.d2h_bytes,
             "steps": self.totals.steps,
-            "last_step": dict(vars(last)),
+            "last_step": {k: v for k, v in vars(last).items() if k != "events"},
         }
 
 
