@@ -124,11 +124,12 @@ def test_op_matches_reference_and_keeps_small_second_moments(seed, dtype):
 @pytest.mark.parametrize("cls", [AdamW8bit, PagedAdamW8bit])
 def test_overflowing_gradient_is_reported_naming_the_parameter(seed, cls):
     params = [torch.nn.Parameter(torch.randn(300)), torch.nn.Parameter(torch.randn(64, 80))]
-    kwargs = dict(page_bytes=8 * 1024) if cls is PagedAdamW8bit else {}
+    # Paged: a budget of two pages, so the bad page may be streamed through a staging slot.
+    kwargs = dict(page_bytes=2056, budget=2 * 2056) if cls is PagedAdamW8bit else {}
     opt = cls([{"params": params[:1]}, {"params": params[1:]}], min_8bit_size=256, **kwargs)
     for p in params:
         p.grad = torch.randn_like(p) * 1e20  # large, but (1 - beta2) * g * g still fits in float32
     opt.step()
-    params[1].grad[7, 3] = 1e21
+    params[1].grad[63, 79] = 1e21  # in the last page (streamed when paged)
     with pytest.raises(FloatingPointError, match=r"param_groups\[1\]\['params'\]\[0\] \(shape \(64, 80\)"):
         opt.step()

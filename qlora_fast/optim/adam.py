@@ -276,7 +276,7 @@ class _PagedAdamBase(torch.optim.Optimizer):
         flag = torch.isfinite(torch.cat(absmaxes)).all().logical_not_()
         if device.type != "cuda":
             if flag.item():
-                self._raise_non_finite(owners)
+                self._raise_non_finite(owners, states)
             return
         host = torch.empty((), dtype=torch.bool, pin_memory=True)
         host.copy_(flag, non_blocking=True)
@@ -297,13 +297,19 @@ class _PagedAdamBase(torch.optim.Optimizer):
                 self._raise_non_finite(owners)
         self._pending_checks = still
 
-    def _raise_non_finite(self, owners) -> None:
+    def _raise_non_finite(self, owners, checked=None) -> None:
+        """`owners`: the states of the update that failed the check; `checked`: the state
+        tensors it checked (None when read later: then the pages, after a sync, are scanned)."""
         where = {id(self.state[p]): (gi, pi, p) for gi, group in enumerate(self.param_groups)
                  for pi, p in enumerate(group["params"]) if p in self.state}
+        if checked is None:
+            for manager in self._managers.values():
+                manager.synchronize()
+            checked = [None] * len(owners)
         bad = []
-        for state in owners:
-            if any(not torch.isfinite(pg.tensors[name]).all() for pg in state["pages"]
-                   for name in ("exp_avg_absmax", "exp_avg_sq_absmax")):
+        for state, tensors in zip(owners, checked):
+            pages = [tensors] if tensors is not None else [pg.tensors for pg in state["pages"]]
+            if any(not torch.isfinite(t[name]).all() for t in pages for name in ("exp_avg_absmax", "exp_avg_sq_absmax")):
                 gi, pi, p = where[id(state)]
                 bad.append(f"param_groups[{gi}]['params'][{pi}] (shape {tuple(p.shape)}, step {state['step']})")
         raise FloatingPointError(
