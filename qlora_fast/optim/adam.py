@@ -222,13 +222,15 @@ class _PagedAdamBase(torch.optim.Optimizer):
                 manager.plan(stats)
             resident = defaultdict(list)  # (group id, kind) -> [(param view, grad view, state, page)]
             streamed = []
+            paged = manager.paged  # recency only matters for eviction
             for group, p, grad, state in items:
                 key = (id(group), state["kind"])
                 pages = state["pages"]
                 if len(pages) == 1 and pages[0].on_device:
                     # A whole-tensor page: the op takes the parameter and gradient as they are.
                     page = pages[0]
-                    manager.touch(page)
+                    if paged:
+                        manager.touch(page)
                     resident[key].append((group, p, grad, state, page))
                     continue
                 pflat, gflat = p.detach().view(-1), grad.view(-1)
