@@ -6,6 +6,8 @@ Problem: 8 fp32 tensors of 512x1031 (4.2M parameters, 67 MB of fp32 state), rand
 `python bench/bench_optim.py` for a short summary with the ratios (used for RESULTS.md).
 """
 
+import time
+
 import pytest
 import torch
 
@@ -73,13 +75,71 @@ def summary(repeats=10):
         print(f"{name:45s} {t * 1e3:8.2f} ms   x{base / t:5.2f} vs torch single-tensor")
 
 
+# Host overhead: 448 tiny tensors (the count of a 7B model's LoRA A/B matrices at 7 targets x 32
+# layers), so the step time is the per-parameter bookkeeping, not the arithmetic.
+HOST_TENSORS, HOST_SHAPE = 448, (4, 16)
+HOST_PROVIDERS = {
+    "torch AdamW (foreach)": lambda ps: torch.optim.AdamW(ps, lr=1e-3, foreach=True),
+    "qlora_fast AdamW": lambda ps: AdamW(ps, lr=1e-3),
+    "qlora_fast AdamW8bit": lambda ps: AdamW8bit(ps, lr=1e-3, min_8bit_size=0),
+    "qlora_fast PagedAdamW8bit (all resident)": lambda ps: PagedAdamW8bit(ps, lr=1e-3, min_8bit_size=0),
+}
+
+
+def cpu_times(fn, rounds: int) -> list:
+    """CPU seconds of this process per call (one thread): unlike wall time, not inflated by
+    other processes on a shared, oversubscribed machine."""
+    fn()
+    times = []
+    for _ in range(rounds):
+        start = time.process_time()
+        fn()
+        times.append(time.process_time() - start)
+    return times
+
+
+def host_summary(repeats=50):
+    """Median CPU time of a step over 448 tiny tensors (host overhead per step and per parameter)."""
+    gen = torch.Generator().manual_seed(0)
+    for name, make in HOST_PROVIDERS.items():
+        params = [torch.nn.Parameter(torch.randn(HOST_SHAPE, generator=gen)) for _ in range(HOST_TENSORS)]
+        for p in params:
+            p.grad = torch.randn(HOST_SHAPE, generator=gen)
+        opt = make(params)
+        opt.step()
+        t = median(cpu_times(opt.step, repeats))
+        print(f"{name:45s} {t * 1e3:8.3f} ms CPU per step over {HOST_TENSORS} tensors ({t * 1e6 / HOST_TENSORS:5.2f} us each)")
+    # The floor: the fused ops alone on the same tensors (their arithmetic plus the op dispatch).
+    from qlora_fast.reference.optim import dynamic_map
+
+    ps = [torch.randn(HOST_SHAPE, generator=gen) for _ in range(HOST_TENSORS)]
+    gs = [torch.randn(HOST_SHAPE, generator=gen) for _ in range(HOST_TENSORS)]
+    n = ps[0].numel()
+    zeros = lambda dtype, k=n: [torch.zeros(k, dtype=dtype) for _ in ps]  # noqa: E731
+    hyper = (1e-3, 0.9, 0.999, 1e-8, 0.01, True)
+    ops = torch.ops.qlora_fast
+    m, v, mq, vq, ma, va = zeros(torch.float32), zeros(torch.float32), zeros(torch.uint8), zeros(torch.uint8), \
+        zeros(torch.float32, 1), zeros(torch.float32, 1)
+    floors = {
+        "op only: adam_step_": lambda: ops.adam_step_(ps, gs, m, v, [1] * len(ps), *hyper),
+        "op only: adam8bit_step_": lambda: ops.adam8bit_step_(ps, gs, mq, vq, ma, va, dynamic_map(True),
+                                                             dynamic_map(False), [1] * len(ps), *hyper),
+    }
+    for name, fn in floors.items():
+        t = median(cpu_times(fn, repeats))
+        print(f"{name:45s} {t * 1e3:8.3f} ms CPU per call over {HOST_TENSORS} tensors ({t * 1e6 / HOST_TENSORS:5.2f} us each)")
+
+
 if __name__ == "__main__":
     import argparse
 
     parser = argparse.ArgumentParser(description="CPU optimizer step summary")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--repeats", type=int, default=10, help="timed steps per provider (median reported)")
+    parser.add_argument("--host", action="store_true", help="only the host-overhead step over 448 tiny tensors")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    summary(args.repeats)
+    if not args.host:
+        summary(args.repeats)
+    host_summary()

@@ -67,19 +67,45 @@ QF_HOST_DEVICE inline void adam_element(const AdamScalars& s, float& p, float g,
   p = p - s.step_size * (m / denom);
 }
 
-// Index of the code nearest to x in a sorted 256-entry code, given its 255 midpoints:
-// the first midpoint >= x (ties go to the lower code, like torch.bucketize(right=False)).
-QF_HOST_DEVICE inline int nearest_code(const float* midpoints, float x) {
-  int lo = 0;  // answer in [lo, lo + 256)
+// The 255 midpoints of a sorted 256-entry code in breadth-first (Eytzinger) order: tree[1] is
+// the middle one and the children of tree[k] are tree[2k] and tree[2k+1] (tree[0] unused). A
+// search then reads tree[1], tree[2..3], tree[4..7], ...: the first levels are broadcasts and
+// the deeper ones spread over the shared-memory banks, unlike a search over the sorted array
+// where a warp's lanes pile onto the same few banks.
+QF_HOST_DEVICE inline int eytzinger_sorted_index(int k) {
+  int level = 0;
+  while ((k >> (level + 1)) != 0) ++level;  // floor(log2(k)), k in [1, 255]
+  return (2 * (k - (1 << level)) + 1) * (1 << (7 - level)) - 1;
+}
+
+QF_HOST_DEVICE inline float eytzinger_midpoint(const float* code, int k) {
+  const int i = eytzinger_sorted_index(k);
+  return (code[i] + code[i + 1]) * 0.5f;
+}
+
+// Index of the code nearest to x, given the midpoints as an Eytzinger `tree`: the number of
+// midpoints below x (the first midpoint >= x; ties go to the lower code, like
+// torch.bucketize(right=False)). In a perfect tree of 255 keys the leaf reached, k - 256, is
+// exactly that count. Branch-free (a select per level).
+QF_HOST_DEVICE inline int nearest_code(const float* tree, float x) {
+  int k = 1;
 #ifdef __CUDA_ARCH__
 #pragma unroll
 #endif
-  for (int half = 128; half >= 1; half >>= 1) {
-    // Is the answer above lo + half - 1, i.e. midpoints[lo + half - 1] < x? Branch-free
-    // (a select), since the outcome is data dependent and would mispredict half the time.
-    lo += (midpoints[lo + half - 1] < x) ? half : 0;
-  }
-  return lo;
+  for (int level = 0; level < 8; ++level) k = 2 * k + (tree[k] < x ? 1 : 0);
+  return k - 256;
+}
+
+// The code of a scaled second moment (unsigned map, code[0] = 0, code[1] its smallest positive
+// value). A positive v never takes code 0: with nearest rounding, every v below half of code[1]
+// (~1.6e-7 of the block absmax, i.e. a gradient ~2500x smaller than the block's largest) became
+// exactly 0, and the next step divided a remembered m by sqrt((1-beta2) g^2) + eps instead of by
+// its history (by eps alone where g = 0): block-mates of an outlier drifted without bound.
+// Rounding such v up to code[1] overestimates v, which only shortens their steps (as the
+// second-moment maps without a zero of 4-bit Adam, Li et al. 2023, do).
+// `code` is the nearest code of `scaled` (CPU: CodeIndex, CUDA: the shared-memory search).
+QF_HOST_DEVICE inline int second_moment_code(int code, float scaled) {
+  return (code == 0 && scaled > 0.0f) ? 1 : code;
 }
 
 }  // namespace qlora_fast

@@ -6,10 +6,14 @@
 // kIlp independent elements in flight per thread.
 // fp32 states: reads p, g, m, v and writes p, m, v: 28 bytes per element with fp32 params
 // (20 with bf16): 268M fp32 params -> 7.5 GB, ~2.3-2.5 ms at an H100's ~3.2 TB/s.
-// 8-bit states: one warp per 256-element block: dequantize (code table in shared memory),
-// update, warp-reduce the new absmax, requantize by binary search over the 255 code midpoints.
+// 8-bit states: one warp per 256-element block, each lane 8 consecutive elements (16-byte
+// loads of p and g, 8-byte loads of the codes): dequantize (code table in shared memory),
+// update, warp-reduce the new absmax, requantize by a branch-free binary search over the 255
+// code midpoints stored in Eytzinger order (the CPU path's codes come from the same search).
 // Traffic: p, g, p written back + 4 bytes of codes + ~1/32 byte of absmax per element
 // (16 bytes for fp32 params, ~1.4 ms for 268M params).
+// Status: compiled (sm_80, sm_90, no spills: bench/cuda_compile_check.sh) but never run here
+// (no GPU in the sessions that wrote it); tests/test_optim_gpu.py checks it against the CPU op.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -22,11 +26,17 @@ namespace {
 using qlora_fast::AdamScalars;
 using qlora_fast::kQuantBlock;
 
-constexpr int kMaxTensors = 24;
+constexpr int kMaxTensors = 56;  // per launch: the batch fits the 4 KB of kernel arguments
 constexpr int kThreads = 256;
 constexpr int kIlp = 4;
 constexpr int64_t kChunk32 = 16384;          // elements per CUDA block, fp32 states
 constexpr int64_t kChunk8 = 32 * kQuantBlock;  // 8 warps x 4 quant blocks each, 8-bit states
+
+// The scalars that depend on a tensor's step; the rest of AdamScalars is shared by the launch.
+struct StepScalars {
+  float step_size;
+  float bias_corr2_sqrt;
+};
 
 struct Batch32 {
   void* p[kMaxTensors];
@@ -34,8 +44,9 @@ struct Batch32 {
   float* m[kMaxTensors];
   float* v[kMaxTensors];
   int64_t n[kMaxTensors];
-  AdamScalars s[kMaxTensors];
+  StepScalars st[kMaxTensors];
   int chunk_start[kMaxTensors + 1];
+  AdamScalars s;
   int count;
 };
 
@@ -47,12 +58,20 @@ struct Batch8 {
   float* ma[kMaxTensors];
   float* va[kMaxTensors];
   int64_t n[kMaxTensors];
-  AdamScalars s[kMaxTensors];
+  StepScalars st[kMaxTensors];
   int chunk_start[kMaxTensors + 1];
+  AdamScalars s;
   int count;
   const float* signed_map;
   const float* unsigned_map;
 };
+static_assert(sizeof(Batch8) <= 4096 && sizeof(Batch32) <= 4096, "kernel arguments are limited to 4 KB");
+
+__device__ __forceinline__ AdamScalars scalars_of(AdamScalars s, const StepScalars& st) {
+  s.step_size = st.step_size;
+  s.bias_corr2_sqrt = st.bias_corr2_sqrt;
+  return s;
+}
 
 __device__ __forceinline__ float to_float(float x) { return x; }
 __device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
@@ -62,11 +81,15 @@ template <> __device__ __forceinline__ float from_float<float>(float x) { return
 template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
 template <> __device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
 
+// The tensor of CUDA block `block`: the last t with chunk_start[t] <= block (binary search).
 template <int N>
 __device__ __forceinline__ int tensor_of_block(const int (&chunk_start)[N], int count, int block) {
-  int t = 0;
-  while (t + 1 < count && chunk_start[t + 1] <= block) ++t;
-  return t;
+  int lo = 0, hi = count - 1;
+  while (lo < hi) {
+    const int mid = (lo + hi + 1) / 2;
+    if (chunk_start[mid] <= block) lo = mid; else hi = mid - 1;
+  }
+  return lo;
 }
 
 template <typename T>
@@ -78,7 +101,7 @@ __global__ void __launch_bounds__(kThreads) adam32_kernel(Batch32 batch) {
   const T* __restrict__ g = static_cast<const T*>(batch.g[t]);
   float* __restrict__ m = batch.m[t];
   float* __restrict__ v = batch.v[t];
-  const AdamScalars s = batch.s[t];
+  const AdamScalars s = scalars_of(batch.s, batch.st[t]);
   for (int64_t base = begin + threadIdx.x; base < end; base += kIlp * kThreads) {
     float pr[kIlp], gr[kIlp], mr[kIlp], vr[kIlp];
 #pragma unroll
@@ -110,18 +133,88 @@ __device__ __forceinline__ float warp_max(float x) {
   return x;
 }
 
+constexpr int kPerLane = kQuantBlock / 32;  // consecutive elements per lane in the 8-bit kernel
+
+// kPerLane consecutive values of type T from `src` as floats: 16-byte loads when `vec` (all
+// in range and 16-byte aligned), else element by element up to `count`.
+template <typename T>
+__device__ __forceinline__ void load_lane(const T* src, bool vec, int count, float (&out)[kPerLane]) {
+  if (vec) {
+    constexpr int kWords = kPerLane * sizeof(T) / 16;
+    uint4 words[kWords];
+#pragma unroll
+    for (int w = 0; w < kWords; ++w) words[w] = reinterpret_cast<const uint4*>(src)[w];
+    const T* vals = reinterpret_cast<const T*>(words);
+#pragma unroll
+    for (int j = 0; j < kPerLane; ++j) out[j] = to_float(vals[j]);
+  } else {
+#pragma unroll
+    for (int j = 0; j < kPerLane; ++j) out[j] = j < count ? to_float(src[j]) : 0.0f;
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ void store_lane(T* dst, bool vec, int count, const float (&in)[kPerLane]) {
+  if (vec) {
+    constexpr int kWords = kPerLane * sizeof(T) / 16;
+    uint4 words[kWords];
+    T* vals = reinterpret_cast<T*>(words);
+#pragma unroll
+    for (int j = 0; j < kPerLane; ++j) vals[j] = from_float<T>(in[j]);
+#pragma unroll
+    for (int w = 0; w < kWords; ++w) reinterpret_cast<uint4*>(dst)[w] = words[w];
+  } else {
+#pragma unroll
+    for (int j = 0; j < kPerLane; ++j) {
+      if (j < count) dst[j] = from_float<T>(in[j]);
+    }
+  }
+}
+
+// kPerLane codes (8 bytes) at `src`: one 8-byte load when `vec`.
+__device__ __forceinline__ void load_codes(const uint8_t* src, bool vec, int count, uint8_t (&out)[kPerLane]) {
+  if (vec) {
+    const uint2 word = *reinterpret_cast<const uint2*>(src);
+    const uint8_t* bytes = reinterpret_cast<const uint8_t*>(&word);
+#pragma unroll
+    for (int j = 0; j < kPerLane; ++j) out[j] = bytes[j];
+  } else {
+#pragma unroll
+    for (int j = 0; j < kPerLane; ++j) out[j] = j < count ? src[j] : 0;
+  }
+}
+
+__device__ __forceinline__ void store_codes(uint8_t* dst, bool vec, int count, const uint8_t (&in)[kPerLane]) {
+  if (vec) {
+    uint2 word;
+    uint8_t* bytes = reinterpret_cast<uint8_t*>(&word);
+#pragma unroll
+    for (int j = 0; j < kPerLane; ++j) bytes[j] = in[j];
+    *reinterpret_cast<uint2*>(dst) = word;
+  } else {
+#pragma unroll
+    for (int j = 0; j < kPerLane; ++j) {
+      if (j < count) dst[j] = in[j];
+    }
+  }
+}
+
+__device__ __forceinline__ bool aligned(const void* ptr, uintptr_t bytes) {
+  return (reinterpret_cast<uintptr_t>(ptr) & (bytes - 1)) == 0;
+}
+
 template <typename T>
 __global__ void __launch_bounds__(kThreads) adam8bit_kernel(Batch8 batch) {
   __shared__ float signed_code[256];
   __shared__ float unsigned_code[256];
-  __shared__ float signed_mid[256];
-  __shared__ float unsigned_mid[256];
+  __shared__ float signed_tree[256];    // midpoints in Eytzinger order (index 0 unused)
+  __shared__ float unsigned_tree[256];
   signed_code[threadIdx.x] = batch.signed_map[threadIdx.x];
   unsigned_code[threadIdx.x] = batch.unsigned_map[threadIdx.x];
   __syncthreads();
-  if (threadIdx.x < 255) {
-    signed_mid[threadIdx.x] = (signed_code[threadIdx.x] + signed_code[threadIdx.x + 1]) * 0.5f;
-    unsigned_mid[threadIdx.x] = (unsigned_code[threadIdx.x] + unsigned_code[threadIdx.x + 1]) * 0.5f;
+  if (threadIdx.x >= 1) {
+    signed_tree[threadIdx.x] = qlora_fast::eytzinger_midpoint(signed_code, threadIdx.x);
+    unsigned_tree[threadIdx.x] = qlora_fast::eytzinger_midpoint(unsigned_code, threadIdx.x);
   }
   __syncthreads();
 
@@ -132,31 +225,40 @@ __global__ void __launch_bounds__(kThreads) adam8bit_kernel(Batch8 batch) {
   const T* __restrict__ g = static_cast<const T*>(batch.g[t]);
   uint8_t* __restrict__ mq = batch.mq[t];
   uint8_t* __restrict__ vq = batch.vq[t];
-  const AdamScalars s = batch.s[t];
+  const AdamScalars s = scalars_of(batch.s, batch.st[t]);
   const int warp = threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
-  constexpr int kPerLane = kQuantBlock / 32;
   constexpr int kWarps = kThreads / 32;
+  // Vector loads need 16-byte aligned params/grads and 8-byte aligned codes; blocks start at
+  // multiples of 256 elements, so the base pointers decide.
+  const bool aligned_tensor = aligned(p, 16) && aligned(g, 16) && aligned(mq, 8) && aligned(vq, 8);
 
   for (int64_t qb_begin = chunk_begin + warp * kQuantBlock; qb_begin < min(n, chunk_begin + kChunk8);
        qb_begin += kWarps * kQuantBlock) {
     const int64_t qb = qb_begin / kQuantBlock;
+    const int64_t first = qb_begin + lane * kPerLane;  // this lane's kPerLane consecutive elements
+    const int64_t left = n - first;
+    const int count = left <= 0 ? 0 : (left >= kPerLane ? kPerLane : static_cast<int>(left));
+    const bool vec = aligned_tensor && count == kPerLane;
     const float am = batch.ma[t][qb];
     const float av = batch.va[t][qb];
-    float mr[kPerLane], vr[kPerLane];
+    float pr[kPerLane], gr[kPerLane], mr[kPerLane], vr[kPerLane];
+    uint8_t mc[kPerLane], vc[kPerLane];
+    load_lane(p + first, vec, count, pr);
+    load_lane(g + first, vec, count, gr);
+    load_codes(mq + first, vec, count, mc);
+    load_codes(vq + first, vec, count, vc);
 #pragma unroll
     for (int j = 0; j < kPerLane; ++j) {
-      const int64_t i = qb_begin + j * 32 + lane;
       mr[j] = 0.0f;
       vr[j] = 0.0f;
-      if (i < n) {
-        float pf = to_float(p[i]);
-        mr[j] = signed_code[mq[i]] * am;
-        vr[j] = unsigned_code[vq[i]] * av;
-        qlora_fast::adam_element(s, pf, to_float(g[i]), mr[j], vr[j]);
-        p[i] = from_float<T>(pf);
+      if (j < count) {
+        mr[j] = signed_code[mc[j]] * am;
+        vr[j] = unsigned_code[vc[j]] * av;
+        qlora_fast::adam_element(s, pr[j], gr[j], mr[j], vr[j]);
       }
     }
+    store_lane(p + first, vec, count, pr);
     float new_am = 0.0f, new_av = 0.0f;
 #pragma unroll
     for (int j = 0; j < kPerLane; ++j) {
@@ -170,12 +272,13 @@ __global__ void __launch_bounds__(kThreads) adam8bit_kernel(Batch8 batch) {
     const float inv_v = new_av > 0.0f ? 1.0f / new_av : 0.0f;
 #pragma unroll
     for (int j = 0; j < kPerLane; ++j) {
-      const int64_t i = qb_begin + j * 32 + lane;
-      if (i < n) {
-        mq[i] = static_cast<uint8_t>(qlora_fast::nearest_code(signed_mid, fminf(1.0f, fmaxf(-1.0f, mr[j] * inv_m))));
-        vq[i] = static_cast<uint8_t>(qlora_fast::nearest_code(unsigned_mid, fminf(1.0f, fmaxf(-1.0f, vr[j] * inv_v))));
-      }
+      mc[j] = static_cast<uint8_t>(qlora_fast::nearest_code(signed_tree, fminf(1.0f, fmaxf(-1.0f, mr[j] * inv_m))));
+      const float v_scaled = fminf(1.0f, fmaxf(-1.0f, vr[j] * inv_v));
+      vc[j] = static_cast<uint8_t>(
+          qlora_fast::second_moment_code(qlora_fast::nearest_code(unsigned_tree, v_scaled), v_scaled));
     }
+    store_codes(mq + first, vec, count, mc);
+    store_codes(vq + first, vec, count, vc);
     if (lane == 0) {
       batch.ma[t][qb] = new_am;
       batch.va[t][qb] = new_av;
@@ -183,8 +286,10 @@ __global__ void __launch_bounds__(kThreads) adam8bit_kernel(Batch8 batch) {
   }
 }
 
-AdamScalars scalars_for(const QfAdamHyper& h, int64_t step) {
-  return qlora_fast::make_adam_scalars(h.lr, h.beta1, h.beta2, h.eps, h.weight_decay, step, h.decoupled != 0);
+// The launch-wide scalars go to `shared` (the same for every step); returns the per-step ones.
+StepScalars step_scalars(AdamScalars& shared, const QfAdamHyper& h, int64_t step) {
+  shared = qlora_fast::make_adam_scalars(h.lr, h.beta1, h.beta2, h.eps, h.weight_decay, step, h.decoupled != 0);
+  return StepScalars{shared.step_size, shared.bias_corr2_sqrt};
 }
 
 // Fill batches of at most kMaxTensors tensors and launch each; `fill(batch, slot, tensor)`
@@ -223,7 +328,7 @@ int adam32_typed(const QfAdam32Tensor* tensors, int count, QfAdamHyper hyper, cu
     b.m[k] = x.exp_avg;
     b.v[k] = x.exp_avg_sq;
     b.n[k] = x.n;
-    b.s[k] = scalars_for(hyper, x.step);
+    b.st[k] = step_scalars(b.s, hyper, x.step);
   };
   auto launch = [&](const Batch32& b, int chunks) { adam32_kernel<T><<<chunks, kThreads, 0, stream>>>(b); };
   return launch_batches<Batch32>(tensors, count, kChunk32, fill, launch);
@@ -240,7 +345,7 @@ int adam8_typed(const QfAdam8Tensor* tensors, int count, const float* signed_map
     b.ma[k] = x.m_absmax;
     b.va[k] = x.v_absmax;
     b.n[k] = x.n;
-    b.s[k] = scalars_for(hyper, x.step);
+    b.st[k] = step_scalars(b.s, hyper, x.step);
     b.signed_map = signed_map;
     b.unsigned_map = unsigned_map;
   };

@@ -5,7 +5,8 @@
 // -fno-math-errno lets sqrtf vectorise).
 // 8-bit states: per block of 256 elements, dequantize m and v (code lookup * absmax), update,
 // take the new absmax of each block and requantize to the nearest code (a bucket table over the
-// float's exponent and top mantissa bits, then a short scan of the 255 midpoints). Traffic per element: p, g (2 or 4 bytes each, p written back) + 2 bytes of codes.
+// float's exponent and top mantissa bits, then a short scan of the 255 midpoints; a positive
+// second moment never takes code 0). Traffic per element: p, g (2 or 4 bytes each, p written back) + 2 bytes of codes.
 #include "optim.h"
 
 #include <ATen/Dispatch.h>
@@ -57,6 +58,10 @@ class CodeIndex {
   explicit CodeIndex(const float* code) {
     std::copy(code, code + 256, code_.begin());
     for (int i = 0; i < 255; ++i) mid_[i] = (code[i] + code[i + 1]) * 0.5f;
+    // The bucket bounds come from the CUDA kernel's search (Eytzinger tree), so both devices
+    // give the same codes by construction.
+    std::array<float, 256> tree{};
+    for (int k = 1; k < 256; ++k) tree[k] = eytzinger_midpoint(code, k);
     const uint32_t keys = 1u << (32 - kShift);
     first_.resize(keys);
     last_.resize(keys);
@@ -64,8 +69,8 @@ class CodeIndex {
       const float low = bits_to_float(k << kShift);
       const float high = bits_to_float((k << kShift) | ((1u << kShift) - 1));
       const bool negative = (k >> (31 - kShift)) & 1u;
-      first_[k] = static_cast<uint8_t>(nearest_code(mid_.data(), negative ? high : low));
-      last_[k] = static_cast<uint8_t>(nearest_code(mid_.data(), negative ? low : high));
+      first_[k] = static_cast<uint8_t>(nearest_code(tree.data(), negative ? high : low));
+      last_[k] = static_cast<uint8_t>(nearest_code(tree.data(), negative ? low : high));
     }
   }
 
@@ -108,14 +113,16 @@ std::shared_ptr<const CodeIndex> code_index(const float* code) {
 }
 
 // Quantize `x[0..n)` (one block) with the block's absmax; returns the absmax.
-float requantize_block(const float* x, int64_t n, const CodeIndex& index, uint8_t* out) {
+// `second_moment`: a positive value never takes code 0 (see second_moment_code).
+float requantize_block(const float* x, int64_t n, const CodeIndex& index, bool second_moment, uint8_t* out) {
   float absmax = 0.0f;
   for (int64_t i = 0; i < n; ++i) absmax = std::max(absmax, std::fabs(x[i]));
   // An all-zero block stays zero (code of 0) instead of dividing by zero.
   const float inv = absmax > 0.0f ? 1.0f / absmax : 0.0f;
   for (int64_t i = 0; i < n; ++i) {
     const float scaled = std::min(1.0f, std::max(-1.0f, x[i] * inv));
-    out[i] = static_cast<uint8_t>(index.nearest(scaled));
+    const int code = index.nearest(scaled);
+    out[i] = static_cast<uint8_t>(second_moment ? second_moment_code(code, scaled) : code);
   }
   return absmax;
 }
@@ -141,8 +148,8 @@ void adam8bit_tensor_cpu(const AdamScalars& s, scalar_t* __restrict__ p, const s
         adam_element(s, pf, static_cast<float>(g[start + i]), m[i], v[i]);
         p[start + i] = static_cast<scalar_t>(pf);
       }
-      m_absmax[b] = requantize_block(m, len, signed_index, mq + start);
-      v_absmax[b] = requantize_block(v, len, unsigned_index, vq + start);
+      m_absmax[b] = requantize_block(m, len, signed_index, false, mq + start);
+      v_absmax[b] = requantize_block(v, len, unsigned_index, true, vq + start);
     }
   });
 }

@@ -339,6 +339,37 @@ def test_page_manager_bookkeeping():
     assert seen == [pages[3]] and torch.equal(pages[3].tensors["x"], torch.ones(250))
 
 
+@pytest.mark.parametrize("cls,numel", [(PagedAdamW8bit, 2048 * 2048), (PagedAdamW8bit, 5 * 256 + 3),
+                                       (PagedAdamW, 3 * 1024 + 256), (PagedAdamW, 1)])
+def test_pages_of_a_parameter_are_equal_sized(cls, numel):
+    """Issue 13: a 2048x2048 parameter used to split into one full page and a sliver."""
+    p = torch.nn.Parameter(torch.zeros(numel))
+    page_bytes = (8 << 20) if numel > 10**6 else 2 * 1024
+    opt = cls([p], budget=1.0, page_bytes=page_bytes)
+    kind = opt._kind(p)
+    ranges = opt._page_ranges(p, kind)
+    sizes = [end - start for start, end in ranges]
+    assert ranges[0][0] == 0 and ranges[-1][1] == numel
+    assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
+    assert all(sz % 256 == 0 for sz in sizes[:-1]) and max(sizes) <= max(opt._page_elements[kind], 1)
+    assert max(sizes) - min(sizes) < 256  # equal up to the partial last block
+    if numel == 2048 * 2048:
+        assert sizes == [numel // 2, numel // 2]
+
+
+def test_fractional_budget_counts_memory_the_allocator_caches(monkeypatch):
+    """The CUDA budget counts memory torch's caching allocator holds but does not use (the
+    driver reports it as used); checked with the CUDA queries stubbed (no GPU here)."""
+    from qlora_fast.optim import paging
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (1000, 10_000))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 5000)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 3500)
+    assert paging._available_bytes(torch.device("cuda")) == 1000 + 1500
+    manager = PageManager(torch.device("cuda"), budget=0.5)
+    assert manager.budget_bytes() == 1250
+
+
 # ---- state_dict ---------------------------------------------------------------------------
 
 @pytest.mark.parametrize("first,second", [
@@ -384,6 +415,67 @@ def test_load_state_dict_rejects_other_state_kind(seed):
     opt.step()
     with pytest.raises(ValueError, match="8bit"):
         AdamW8bit(params, min_8bit_size=0).load_state_dict(opt.state_dict())
+
+
+def _corruptions(sd):
+    """(description, bad copy of `sd`): each must be rejected before anything is loaded."""
+    last = max(sd["state"])
+    names = [k for k, v in sd["state"][last].items() if isinstance(v, torch.Tensor)]
+
+    def with_state(**changes):
+        bad = copy.deepcopy(sd)
+        bad["state"][last].update(changes)
+        for k, v in list(changes.items()):
+            if v is None:
+                del bad["state"][last][k]
+        return bad
+
+    first = names[0]
+    out = [
+        ("truncated", with_state(**{first: sd["state"][last][first][:-1]})),
+        ("missing", with_state(**{names[-1]: None})),
+        ("dtype", with_state(**{first: sd["state"][last][first].double()})),
+        ("kind", with_state(kind="8bit" if sd["state"][last]["kind"] == "32bit" else "32bit")),
+        ("step", with_state(step=-3)),
+        ("not a dict", {"state": sd["state"]}),
+    ]
+    nan = copy.deepcopy(sd)
+    floats = [k for k in names if sd["state"][last][k].is_floating_point()]
+    nan["state"][last][floats[0]].view(-1)[0] = float("nan")
+    out.append(("non-finite", nan))
+    groups = copy.deepcopy(sd)
+    groups["param_groups"][-1]["params"] = groups["param_groups"][-1]["params"][:-1]
+    out.append(("group size", groups))
+    return out
+
+
+@pytest.mark.parametrize("cls,kwargs", [(AdamW, {}), (AdamW8bit, {"min_8bit_size": 0}),
+                                        (PagedAdamW8bit, {"min_8bit_size": 0, "budget": 4096, "page_bytes": 2056})])
+def test_failed_load_state_dict_leaves_live_state_unchanged(seed, cls, kwargs):
+    """Issue 18 section 5: a bad state_dict used to wipe the live state before raising."""
+    params = make_params(shapes=[(300,), (40, 30), (1000,)])
+    opt = cls([{"params": params[:1]}, {"params": params[1:], "lr": 3e-3}], **kwargs)
+    run_steps(opt, params, random_grads(params, 2))
+    before = opt.state_dict()
+    snapshot = copy.deepcopy(before)
+    twin_params = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    twin = cls([{"params": twin_params[:1]}, {"params": twin_params[1:], "lr": 3e-3}], **kwargs)
+    twin.load_state_dict(copy.deepcopy(before))
+    for what, bad in _corruptions(before):
+        with pytest.raises((ValueError, TypeError)):
+            opt.load_state_dict(bad)
+        after = opt.state_dict()
+        assert after["param_groups"] == snapshot["param_groups"], what
+        for k, st in snapshot["state"].items():
+            for name, v in st.items():
+                assert (torch.equal(v, after["state"][k][name]) if isinstance(v, torch.Tensor)
+                        else v == after["state"][k][name]), (what, name)
+    # ...and it still trains exactly as an optimizer that never saw the bad loads.
+    grads = random_grads(params, 2)
+    run_steps(opt, params, grads)
+    run_steps(twin, twin_params, grads)
+    for p, q in zip(params, twin_params):
+        assert torch.equal(p, q)
 
 
 # ---- torch.optim conventions ------------------------------------------------------------------

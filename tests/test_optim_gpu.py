@@ -1,18 +1,28 @@
-"""qlora_fast.optim on a CUDA device (skipped without one): the CUDA kernels against the C++ CPU
-ops, paged (budget holding a quarter of the states) against unpaged, and state_dict moving
-between CPU and GPU. Unverified here: written on a machine without a GPU."""
+"""qlora_fast.optim on a CUDA device: the CUDA kernels against the C++ CPU ops, paged (budget
+holding a quarter of the states) against unpaged, and state_dict moving between CPU and GPU.
+
+Every test runs twice: on "cuda" (gpu-marked, skipped without a GPU) and as a CPU rehearsal with
+the device swapped for the CPU (CPU op against itself, paging on the CPU), so imports, fixtures
+and the extension loading are proven in CI before a GPU window. The CUDA runs are unverified
+here: written on a machine without a GPU."""
 import copy
 
 import pytest
 import torch
 from conftest import assert_close
 
+import qlora_fast
 from qlora_fast.optim import AdamW, AdamW8bit, PagedAdamW, PagedAdamW8bit
 from qlora_fast.reference.optim import dynamic_map, quantize_blockwise_ref
 
-pytestmark = pytest.mark.gpu
-
 SHAPES = [(257, 131), (4099,), (1,), (3, 1000), (65536 + 13,)]
+
+
+@pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def device(request):
+    """The device under test; loads the extension itself (the ops are called directly below)."""
+    qlora_fast.load_extension()
+    return torch.device(request.param)
 
 
 def make_params(dtype, device):
@@ -27,38 +37,38 @@ def run(opt, params, grads):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_cuda_32bit_op_matches_cpu_op(seed, dtype):
+def test_cuda_32bit_op_matches_cpu_op(seed, dtype, device):
     params = [torch.randn(s).to(dtype) for s in SHAPES]
     grads = [torch.randn(s).to(dtype) for s in SHAPES]
     m = [torch.randn(s).reshape(-1) * 0.1 for s in SHAPES]
     v = [torch.rand(s).reshape(-1) * 0.01 for s in SHAPES]
-    cuda = [[t.cuda() for t in ts] for ts in (params, grads, m, v)]
+    cuda = [[t.clone().to(device) for t in ts] for ts in (params, grads, m, v)]
     steps = [3] * len(SHAPES)
     torch.ops.qlora_fast.adam_step_(params, grads, m, v, steps, 1e-2, 0.9, 0.999, 1e-8, 0.01, True)
     torch.ops.qlora_fast.adam_step_(*cuda, steps, 1e-2, 0.9, 0.999, 1e-8, 0.01, True)
     ulp = torch.finfo(dtype).eps
     for ours, theirs in zip(cuda[0], params):
-        assert_close(ours, theirs, atol=ulp, rtol=ulp)  # FMA contraction on the GPU: 1 ulp
+        assert_close(ours.cpu(), theirs, atol=ulp, rtol=ulp)  # FMA contraction on the GPU: 1 ulp
     for ours, theirs in zip(cuda[2] + cuda[3], m + v):
-        assert_close(ours, theirs, atol=1e-7, rtol=1e-6)
+        assert_close(ours.cpu(), theirs, atol=1e-7, rtol=1e-6)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cuda_8bit_op_matches_cpu_op(seed, dtype):
+def test_cuda_8bit_op_matches_cpu_op(seed, dtype, device):
     n = 256 * 300 + 17
     p, g = torch.randn(n).to(dtype), torch.randn(n).to(dtype)
     mq, ma = quantize_blockwise_ref(torch.randn(n) * 0.1, dynamic_map(True))
     vq, va = quantize_blockwise_ref(torch.rand(n) * 0.01, dynamic_map(False))
     cpu = [p, g, mq, vq, ma, va]
-    gpu = [t.clone().cuda() for t in cpu]
+    gpu = [t.clone().to(device) for t in cpu]
     maps = (dynamic_map(True), dynamic_map(False))
     args = ([5], 1e-2, 0.9, 0.999, 1e-8, 0.01, True)
     torch.ops.qlora_fast.adam8bit_step_(*([t] for t in cpu), *maps, *args)
-    torch.ops.qlora_fast.adam8bit_step_(*([t] for t in gpu), *(x.cuda() for x in maps), *args)
+    torch.ops.qlora_fast.adam8bit_step_(*([t] for t in gpu), *(x.to(device) for x in maps), *args)
     ulp = torch.finfo(dtype).eps
-    assert_close(gpu[0], cpu[0], atol=ulp, rtol=ulp)
-    assert_close(gpu[4], cpu[4], rtol=1e-6)
-    assert_close(gpu[5], cpu[5], rtol=1e-6)
+    assert_close(gpu[0].cpu(), cpu[0], atol=ulp, rtol=ulp)
+    assert_close(gpu[4].cpu(), cpu[4], rtol=1e-6)
+    assert_close(gpu[5].cpu(), cpu[5], rtol=1e-6)
     for ours, theirs in ((gpu[2], cpu[2]), (gpu[3], cpu[3])):
         diff = (ours.cpu().int() - theirs.int()).abs()
         assert diff.max() <= 1 and (diff > 0).float().mean() < 1e-3
@@ -66,8 +76,8 @@ def test_cuda_8bit_op_matches_cpu_op(seed, dtype):
 
 @pytest.mark.parametrize("paged_cls,cls", [(PagedAdamW, AdamW), (PagedAdamW8bit, AdamW8bit)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_paged_quarter_budget_equals_unpaged(seed, paged_cls, cls, dtype):
-    params = make_params(dtype, "cuda")
+def test_paged_quarter_budget_equals_unpaged(seed, paged_cls, cls, dtype, device, monkeypatch):
+    params = make_params(dtype, device)
     peer = [torch.nn.Parameter(p.detach().clone()) for p in params]
     kw = {"min_8bit_size": 0} if cls is AdamW8bit else {}
     reference = cls(peer, lr=1e-2, **kw)
@@ -79,7 +89,11 @@ def test_paged_quarter_budget_equals_unpaged(seed, paged_cls, cls, dtype):
     paged = paged_cls(params, lr=1e-2, budget=max(page_bytes, state_bytes // 4), page_bytes=page_bytes, **kw)
     run(paged, params, grads[:1])
     run(reference, peer, grads[1:])
+    syncs = []  # issue 13: a paged step orders its copies with events, never a device sync
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: syncs.append(a))
     run(paged, params, grads[1:])
+    monkeypatch.undo()
+    assert syncs == []
     for p, q in zip(params, peer):
         assert torch.equal(p, q)
     stats = paged.paging_stats()[str(params[0].device)]
@@ -87,9 +101,9 @@ def test_paged_quarter_budget_equals_unpaged(seed, paged_cls, cls, dtype):
     assert stats["last_step"]["h2d_bytes"] > 0
 
 
-def test_fractional_budget_and_state_dict_across_devices(seed):
+def test_fractional_budget_and_state_dict_across_devices(seed, device):
     params = make_params(torch.float32, "cpu")
-    gpu_params = [torch.nn.Parameter(p.detach().clone().cuda()) for p in params]
+    gpu_params = [torch.nn.Parameter(p.detach().clone().to(device)) for p in params]
     cpu_opt = AdamW8bit(params, lr=1e-2, min_8bit_size=0)
     grads = [[torch.randn_like(p) for p in params] for _ in range(4)]
     run(cpu_opt, params, grads[:3])
@@ -98,9 +112,9 @@ def test_fractional_budget_and_state_dict_across_devices(seed):
     for p, q in zip(params, gpu_params):
         q.data.copy_(p.data)
     run(cpu_opt, params, grads[3:])
-    run(gpu_opt, gpu_params, [[g.cuda() for g in gs] for gs in grads[3:]])
+    run(gpu_opt, gpu_params, [[g.to(device) for g in gs] for gs in grads[3:]])
     for p, q in zip(params, gpu_params):
-        assert_close(q, p, atol=1e-6, rtol=1e-6)
+        assert_close(q.detach().cpu(), p.detach(), atol=1e-6, rtol=1e-6)
     back = AdamW8bit(params, lr=1e-2, min_8bit_size=0)
     back.load_state_dict(gpu_opt.state_dict())
     for s in back.state.values():

@@ -7,6 +7,7 @@ one page per parameter that never leaves the device, so paged and unpaged share 
 and one state_dict format (whole flat tensors per parameter, independent of pages and device).
 """
 import math
+import time
 from collections import defaultdict
 from itertools import chain
 from typing import Dict, Optional
@@ -42,6 +43,16 @@ def _ops(device: torch.device):
         )
     _READY_DEVICE_TYPES.add(device.type)
     return torch.ops.qlora_fast
+
+
+def _bad_gradient(p: torch.Tensor, grad: torch.Tensor) -> None:
+    """Raise the TypeError that says what is wrong with a gradient that failed the fast check."""
+    if grad.is_sparse or grad.layout != torch.strided:
+        raise TypeError("qlora_fast Adam optimizers do not support sparse gradients")
+    if grad.is_complex() or p.is_complex():
+        raise TypeError("qlora_fast Adam optimizers do not support complex parameters or gradients")
+    raise TypeError(f"gradient {grad.dtype} {tuple(grad.shape)} does not match its "
+                    f"parameter {p.dtype} {tuple(p.shape)}")
 
 
 def _check_hyperparameters(lr, betas, eps, weight_decay) -> None:
@@ -95,6 +106,7 @@ class _PagedAdamBase(torch.optim.Optimizer):
             check_budget(budget, page_bytes)
         self._managers: Dict[torch.device, PageManager] = {}
         self._maps: Dict[torch.device, tuple] = {}
+        self._pending_checks = []  # CUDA: (event, pinned flag, states) of 8-bit updates not yet read
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
         super().__init__(params, defaults)
 
@@ -121,9 +133,15 @@ class _PagedAdamBase(torch.optim.Optimizer):
         return "8bit" if self._eight_bit and p.numel() >= self._min_8bit_size else "32bit"
 
     def _page_ranges(self, p: torch.Tensor, kind: str):
+        """Equal pages (whole 256-blocks, the last possibly shorter) of at most page_bytes each:
+        a 2048x2048 parameter splits into halves, not into a full page and a sliver."""
         n = p.numel()
-        size = self._page_elements[kind] if self._paged else max(n, 1)
-        return [(s, min(n, s + size)) for s in range(0, n, size)] or [(0, 0)]
+        if not self._paged or n == 0:
+            return [(0, n)]
+        blocks = -(-n // QUANT_BLOCK)
+        count = -(-n // self._page_elements[kind])
+        size = -(-blocks // count) * QUANT_BLOCK
+        return [(s, min(n, s + size)) for s in range(0, n, size)]
 
     @staticmethod
     def _empty_states(kind: str, n: int, device) -> Dict[str, torch.Tensor]:
@@ -152,7 +170,7 @@ class _PagedAdamBase(torch.optim.Optimizer):
                     for name, t in flat.items()
                 }
             pages.append(manager.add(start, end, tensors))
-        self.state[p] = {"step": step, "kind": kind, "pages": pages}
+        self.state[p] = {"step": step, "kind": kind, "pages": pages, "device": p.device}
 
     def _maps_on(self, device: torch.device):
         maps = self._maps.get(device)
@@ -165,32 +183,32 @@ class _PagedAdamBase(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure=None):
         """One update of every parameter that has a gradient; returns the closure's loss."""
+        self._read_pending_checks(wait=False)
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
         work = defaultdict(list)  # device -> [(group, param, grad, state)]
+        state_of = self.state
         for group in self.param_groups:
             lr = group["lr"]
             if isinstance(lr, torch.Tensor):
                 lr = group["lr"] = float(lr)
             _check_hyperparameters(lr, group["betas"], group["eps"], group["weight_decay"])
             for p in group["params"]:
-                if p.grad is None:
-                    continue
                 grad = p.grad
-                if grad.is_sparse or grad.layout != torch.strided:
-                    raise TypeError("qlora_fast Adam optimizers do not support sparse gradients")
-                if grad.is_complex() or p.is_complex():
-                    raise TypeError("qlora_fast Adam optimizers do not support complex parameters or gradients")
-                if grad.dtype != p.dtype or grad.shape != p.shape:
-                    raise TypeError(f"gradient {grad.dtype} {tuple(grad.shape)} does not match its "
-                                    f"parameter {p.dtype} {tuple(p.shape)}")
-                if p not in self.state or "pages" not in self.state[p]:
+                if grad is None:
+                    continue
+                # One cheap test per parameter (the host time of a step over hundreds of small
+                # LoRA tensors is this loop); the detailed checks run only when it fails.
+                if grad.layout is not torch.strided or grad.dtype is not p.dtype or grad.shape != p.shape:
+                    _bad_gradient(p, grad)
+                state = state_of.get(p)
+                if state is None or "pages" not in state:
                     self._init_state(p)
-                state = self.state[p]
+                    state = state_of[p]
                 state["step"] += 1
-                work[p.device].append((group, p, grad.contiguous(), state))
+                work[state["device"]].append((group, p, grad if grad.is_contiguous() else grad.contiguous(), state))
         # Every device's budget is re-read each step, also where no parameter has a gradient.
         for device in list(self._managers) + [d for d in work if d not in self._managers]:
             self._step_device(self._manager(device), work.get(device, []))
@@ -198,23 +216,32 @@ class _PagedAdamBase(torch.optim.Optimizer):
 
     def _step_device(self, manager: PageManager, items) -> None:
         stats = StepStats()
-        sync = manager.paged
-        with timed(stats, "total_s", manager, sync):
-            with timed(stats, "plan_s", manager, sync):
+        host_t0 = time.perf_counter()
+        with timed(stats, "total_s", manager):
+            with timed(stats, "plan_s", manager):
                 manager.plan(stats)
-            resident = defaultdict(list)  # (group index, kind) -> [(param view, grad view, state tensors, step)]
+            resident = defaultdict(list)  # (group id, kind) -> [(param view, grad view, state, page)]
             streamed = []
+            paged = manager.paged  # recency only matters for eviction
             for group, p, grad, state in items:
-                gi = id(group)
+                key = (id(group), state["kind"])
+                pages = state["pages"]
+                if len(pages) == 1 and pages[0].on_device:
+                    # A whole-tensor page: the op takes the parameter and gradient as they are.
+                    page = pages[0]
+                    if paged:
+                        manager.touch(page)
+                    resident[key].append((group, p, grad, state, page))
+                    continue
                 pflat, gflat = p.detach().view(-1), grad.view(-1)
-                for page in state["pages"]:
+                for page in pages:
                     manager.touch(page)
                     entry = (group, pflat[page.start:page.end], gflat[page.start:page.end], state, page)
-                    (resident[(gi, state["kind"])] if page.on_device else streamed).append(entry)
-            with timed(stats, "resident_update_s", manager, sync):
+                    (resident[key] if page.on_device else streamed).append(entry)
+            with timed(stats, "resident_update_s", manager):
                 for (_, kind), entries in resident.items():
                     self._update(manager.device, kind, entries[0][0], entries, [e[4].tensors for e in entries])
-            with timed(stats, "streamed_update_s", manager, sync):
+            with timed(stats, "streamed_update_s", manager):
                 by_page = {id(e[4]): e for e in streamed}
 
                 def update(page, device_tensors):
@@ -222,6 +249,7 @@ class _PagedAdamBase(torch.optim.Optimizer):
                     self._update(manager.device, e[3]["kind"], e[0], [e], [device_tensors])
 
                 manager.stream([e[4] for e in streamed], update, stats)
+        stats.host_s = time.perf_counter() - host_t0
         manager.finish_step(stats)
 
     def _update(self, device, kind, group, entries, states) -> None:
@@ -236,6 +264,63 @@ class _PagedAdamBase(torch.optim.Optimizer):
         else:
             signed, unsigned = self._maps_on(device)
             ops.adam8bit_step_(*args, *([s[name] for s in states] for name in STATE8), signed, unsigned, steps, *hyper)
+            self._check_finite(device, [e[3] for e in entries], states)
+
+    # ---- non-finite 8-bit states -----------------------------------------------------------
+    def _check_finite(self, device, owners, states) -> None:
+        """Flag 8-bit states whose new block absmax is not finite: a gradient element above
+        sqrt(float32 max / (1 - beta2)) (~5.8e20 at beta2 = 0.999; ~1.8e19 where g*g is formed
+        first, as in bitsandbytes) overflows the second moment, and the whole block's state
+        decodes to NaN from the next step on. One fused check over the (small) absmax tensors; on the CPU
+        it raises now, on CUDA the flag is copied to the host without a sync and read at the
+        next `step` or `state_dict` (the error comes one step late; untested without a GPU)."""
+        absmaxes = [s[name] for s in states for name in ("exp_avg_absmax", "exp_avg_sq_absmax")]
+        flag = torch.isfinite(torch.cat(absmaxes)).all().logical_not_()
+        if device.type != "cuda":
+            if flag.item():
+                self._raise_non_finite(owners, states)
+            return
+        host = torch.empty((), dtype=torch.bool, pin_memory=True)
+        host.copy_(flag, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        self._pending_checks.append((event, host, owners))
+
+    def _read_pending_checks(self, wait: bool) -> None:
+        still = []
+        for event, host, owners in self._pending_checks:
+            if wait:
+                event.synchronize()
+            elif not event.query():
+                still.append((event, host, owners))
+                continue
+            if host.item():
+                self._pending_checks = []
+                self._raise_non_finite(owners)
+        self._pending_checks = still
+
+    def _raise_non_finite(self, owners, checked=None) -> None:
+        """`owners`: the states of the update that failed the check; `checked`: the state
+        tensors it checked (None when read later: then the pages, after a sync, are scanned)."""
+        where = {id(self.state[p]): (gi, pi, p) for gi, group in enumerate(self.param_groups)
+                 for pi, p in enumerate(group["params"]) if p in self.state}
+        if checked is None:
+            for manager in self._managers.values():
+                manager.synchronize()
+            checked = [None] * len(owners)
+        bad = []
+        for state, tensors in zip(owners, checked):
+            pages = [tensors] if tensors is not None else [pg.tensors for pg in state["pages"]]
+            if any(not torch.isfinite(t[name]).all() for t in pages for name in ("exp_avg_absmax", "exp_avg_sq_absmax")):
+                gi, pi, p = where[id(state)]
+                bad.append(f"param_groups[{gi}]['params'][{pi}] (shape {tuple(p.shape)}, step {state['step']})")
+        raise FloatingPointError(
+            f"{type(self).__name__}: the 8-bit state of {', '.join(bad) or 'a parameter'} is no longer finite: "
+            "a gradient element above ~5.8e20 (sqrt(float32 max / (1 - beta2))) or inf overflows the "
+            "second moment (1 - beta2) * g * g, and every "
+            "element of its 256-element block would decode to NaN. Clip the gradients (e.g. "
+            "torch.nn.utils.clip_grad_norm_) or skip such steps; reload a checkpoint to continue."
+        )
 
     # ---- state_dict ----------------------------------------------------------------------
     def _flat_state(self, state: dict) -> dict:
@@ -256,46 +341,94 @@ class _PagedAdamBase(torch.optim.Optimizer):
         on any device."""
         for manager in self._managers.values():
             manager.synchronize()
+        self._read_pending_checks(wait=True)
         sd = super().state_dict()
         sd["state"] = {k: (self._flat_state(v) if "pages" in v else v) for k, v in sd["state"].items()}
         return sd
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Load a `state_dict()` (from a paged or unpaged optimizer, any device): states move to
-        each parameter's device keeping their dtypes (fp32 moments, uint8 codes)."""
-        saved_groups = state_dict["param_groups"]
-        saved_ids = list(chain.from_iterable(g["params"] for g in saved_groups))
-        params = list(chain.from_iterable(g["params"] for g in self.param_groups))
-        if len(saved_ids) != len(params):
-            raise ValueError(f"state_dict has {len(saved_ids)} parameters, this optimizer {len(params)}")
-        saved_states = state_dict["state"]
+        each parameter's device keeping their dtypes (fp32 moments, uint8 codes).
+
+        All or nothing: the whole state_dict is validated before anything of this optimizer
+        changes, so a bad one raises ValueError/TypeError and leaves the live state as it was."""
+        flats = self._validated_states(state_dict)
         for manager in self._managers.values():
             manager.clear()
         super().load_state_dict({**state_dict, "state": {}})
         self.state = defaultdict(dict)
+        params = list(chain.from_iterable(g["params"] for g in self.param_groups))
+        for p, loaded in zip(params, flats):
+            if loaded is not None:
+                self._init_state(p, loaded[0], step=loaded[1])
+
+    def _validated_states(self, state_dict) -> list:
+        """Per parameter of this optimizer: None (no saved state) or (flat state tensors, step),
+        after checking everything `load_state_dict` needs; raises before any change."""
+        if not isinstance(state_dict, dict) or not {"state", "param_groups"} <= state_dict.keys():
+            raise ValueError("state_dict must be a dict with 'state' and 'param_groups' (an optimizer's state_dict())")
+        saved_groups, saved_states = state_dict["param_groups"], state_dict["state"]
+        if not isinstance(saved_groups, (list, tuple)) or not isinstance(saved_states, dict):
+            raise ValueError("state_dict['param_groups'] must be a list and state_dict['state'] a dict")
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(f"state_dict has {len(saved_groups)} parameter groups, this optimizer "
+                             f"{len(self.param_groups)}")
+        for i, (saved, group) in enumerate(zip(saved_groups, self.param_groups)):
+            if not isinstance(saved, dict) or "params" not in saved:
+                raise ValueError(f"state_dict['param_groups'][{i}] has no 'params'")
+            if len(saved["params"]) != len(group["params"]):
+                raise ValueError(f"state_dict param group {i} has {len(saved['params'])} parameters, "
+                                 f"this optimizer's {len(group['params'])}")
+            hyper = {k: saved.get(k, group[k]) for k in ("lr", "betas", "eps", "weight_decay")}
+            try:
+                _check_hyperparameters(float(hyper["lr"]) if isinstance(hyper["lr"], torch.Tensor) else hyper["lr"],
+                                       hyper["betas"], hyper["eps"], hyper["weight_decay"])
+            except ValueError as e:
+                raise ValueError(f"state_dict param group {i}: {e}") from None
+        saved_ids = list(chain.from_iterable(g["params"] for g in saved_groups))
+        params = list(chain.from_iterable(g["params"] for g in self.param_groups))
+        out = []
         for saved_id, p in zip(saved_ids, params):
             if saved_id not in saved_states:
+                out.append(None)
                 continue
-            saved = dict(saved_states[saved_id])
+            saved = saved_states[saved_id]
+            if not isinstance(saved, dict):
+                raise ValueError(f"state of parameter {saved_id} must be a dict, got {type(saved).__name__}")
             kind = self._kind(p)
             if saved.get("kind") != kind:
                 raise ValueError(f"parameter {saved_id} has {saved.get('kind')!r} states in the state_dict "
                                  f"but this optimizer keeps {kind!r} states for it")
+            step = saved.get("step")
+            step = step.item() if isinstance(step, torch.Tensor) and step.numel() == 1 else step
+            if isinstance(step, bool) or not isinstance(step, (int, float)) or step != int(step) or step < 0:
+                raise ValueError(f"'step' of parameter {saved_id} must be an integer >= 0, got {saved.get('step')!r}")
             names = STATE32 if kind == "32bit" else STATE8
-            flat = {name: saved[name] for name in names}
+            flat = {}
             n = p.numel()
-            for name, t in flat.items():
+            for name in names:
+                t = saved.get(name)
+                if not isinstance(t, torch.Tensor):
+                    raise ValueError(f"state {name!r} of parameter {saved_id} is missing or not a tensor")
+                want_dtype = torch.uint8 if name.endswith("codes") else torch.float32
+                if t.dtype != want_dtype:
+                    raise ValueError(f"state {name!r} of parameter {saved_id} is {t.dtype}, expected {want_dtype}")
                 want = -(-n // QUANT_BLOCK) if name.endswith("absmax") else n
                 if t.numel() != want:
                     raise ValueError(f"state {name!r} of parameter {saved_id} has {t.numel()} elements, expected {want}")
-            flat = {name: t.reshape(-1) for name, t in flat.items()}
-            self._init_state(p, flat, step=int(saved["step"]))
+                if t.is_floating_point() and not torch.isfinite(t).all():
+                    raise ValueError(f"state {name!r} of parameter {saved_id} has non-finite values")
+                flat[name] = t.reshape(-1)
+            out.append((flat, int(step)))
+        return out
 
     # ---- paging stats --------------------------------------------------------------------
     def paging_stats(self) -> dict:
         """Per device: resident and host bytes of the states, page counts, staging bytes, bytes
-        moved each way (total and last step), and the last step's time split in seconds
-        (plan, resident update, streamed update, total; device-synchronised when paged)."""
+        moved each way (total and last step), and the last step's time split in seconds (plan,
+        resident update, streamed update, total: wall time on the CPU, CUDA-event time on a GPU,
+        where this call waits for the last step's events; `host_s`: the step's host time). A
+        step itself never synchronises the device."""
         return {str(d): m.stats() for d, m in self._managers.items()}
 
 

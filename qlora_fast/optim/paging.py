@@ -6,8 +6,10 @@ elements, a multiple of the 256-element quantization block), so any page can be 
 own. Each step, `PageManager.plan` re-reads the budget and moves whole pages: the least recently
 used resident pages go to the host until the resident bytes fit, then host pages come back (most
 recently used first) while they fit. Pages left on the host are streamed through two device
-staging slots: on CUDA the copies run on a side stream, so copying page i+1 in and page i-1 out
-overlaps the update of page i. Nothing uses unified memory: every move is an explicit copy.
+staging slots: on CUDA the copies in and out run on two side streams of their own, so copying
+page i+1 in, page i-1 out and the update of page i all overlap. Nothing uses unified memory:
+every move is an explicit copy. No step synchronises the device: timings are CUDA events, read
+(and waited for) only when the stats are asked for.
 
 On a CPU-only machine "device" and "host" are both the CPU; the bookkeeping, copies and stats
 all still run, which is how the logic is tested without a GPU.
@@ -49,6 +51,15 @@ class StepStats:
     streamed_update_s: float = 0.0
     total_s: float = 0.0
     pages_streamed: int = 0
+    host_s: float = 0.0  # wall time the step took on the host (the other *_s are device time on CUDA)
+    # CUDA: attr -> (start, end) events, turned into seconds by `resolve` (which waits for `end`).
+    events: Dict[str, tuple] = field(default_factory=dict, repr=False)
+
+    def resolve(self) -> None:
+        for attr, (start, end) in self.events.items():
+            end.synchronize()
+            setattr(self, attr, getattr(self, attr) + start.elapsed_time(end) / 1e3)
+        self.events = {}
 
 
 @dataclass
@@ -60,10 +71,12 @@ class PagingTotals:
 
 
 def _available_bytes(device: torch.device) -> int:
-    """Free memory on `device` now: the CUDA allocator's view, or MemAvailable for the CPU."""
+    """Free memory on `device` now: for CUDA, the driver's free memory plus what torch's caching
+    allocator holds but does not use (it is free for our pages too); MemAvailable for the CPU."""
     if device.type == "cuda":
         free, _total = torch.cuda.mem_get_info(device)
-        return int(free)
+        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return int(free) + int(cached)
     try:
         with open("/proc/meminfo") as f:
             for line in f:
@@ -107,7 +120,8 @@ class PageManager:
         self.clock = 0
         self.totals = PagingTotals()
         self._staging: Dict[tuple, List[torch.Tensor]] = {}
-        self._side_stream = None
+        self._h2d_stream = None  # CUDA: copies into the staging slots
+        self._d2h_stream = None  # CUDA: copies out of them, so both directions overlap
         self.last_budget_bytes: Optional[int] = None
 
     # ---- bookkeeping -------------------------------------------------------------------
@@ -205,7 +219,14 @@ class PageManager:
         for key, numel in need.items():
             slots = self._staging.get(key)
             if slots is None or slots[0].numel() < numel:
-                self._staging[key] = [torch.empty(numel, dtype=key[1], device=self.device) for _ in range(2)]
+                new = [torch.empty(numel, dtype=key[1], device=self.device) for _ in range(2)]
+                if self.device.type == "cuda":
+                    # The side streams use the slots: tell the caching allocator, so a freed slot
+                    # is not handed out again before their copies are done.
+                    for t in new:
+                        t.record_stream(self._h2d_stream)
+                        t.record_stream(self._d2h_stream)
+                self._staging[key] = new
 
     def _slot(self, index: int, page: Page) -> Dict[str, torch.Tensor]:
         """Device views for `page` in staging slot `index` (0 or 1)."""
@@ -217,25 +238,36 @@ class PageManager:
     def stream(self, pages: List[Page], update: Callable[[Page, Dict[str, torch.Tensor]], None],
                stats: StepStats) -> None:
         """Run `update(page, device_tensors)` for host pages through the two staging slots, the
-        copies (on a side stream on CUDA) overlapped with the updates."""
+        copies (on CUDA: in on one side stream, out on another) overlapped with the updates.
+        Ordering is by events only (no host synchronisation). Untested on a GPU (none here)."""
         if not pages:
             return
         cuda = self.device.type == "cuda"
-        if cuda and self._side_stream is None:
-            self._side_stream = torch.cuda.Stream(self.device)
+        if cuda and self._h2d_stream is None:
+            self._h2d_stream = torch.cuda.Stream(self.device)
+            self._d2h_stream = torch.cuda.Stream(self.device)
         main = torch.cuda.current_stream(self.device) if cuda else None
         self._prepare_slots(pages)
-        side_ctx = (lambda: torch.cuda.stream(self._side_stream)) if cuda else contextlib.nullcontext
+        if cuda:
+            # Slots (new ones, or memory the allocator recycled on the main stream) and the
+            # params/grads are written by earlier main-stream work: the copies wait for it.
+            self._h2d_stream.wait_stream(main)
+            self._d2h_stream.wait_stream(main)
+        h2d_ctx = (lambda: torch.cuda.stream(self._h2d_stream)) if cuda else contextlib.nullcontext
+        d2h_ctx = (lambda: torch.cuda.stream(self._d2h_stream)) if cuda else contextlib.nullcontext
         loaded = [None] * len(pages)  # event: page i is in its slot
+        unloaded = [None] * len(pages)  # event: page i has left its slot
 
         def load(i):
             views = self._slot(i % 2, pages[i])
-            with side_ctx():
+            with h2d_ctx():
+                if cuda and i >= 2:
+                    self._h2d_stream.wait_event(unloaded[i - 2])  # same slot as page i-2
                 for name, t in pages[i].tensors.items():
                     views[name].copy_(t, non_blocking=True)
                     stats.h2d_bytes += t.numel() * t.element_size()
                 if cuda:
-                    loaded[i] = self._side_stream.record_event()
+                    loaded[i] = self._h2d_stream.record_event()
             return views
 
         views_of = {0: load(0)}
@@ -246,17 +278,21 @@ class PageManager:
             if cuda:
                 main.wait_event(loaded[i])
             update(page, views)
-            with side_ctx():
+            with d2h_ctx():
                 if cuda:
-                    self._side_stream.wait_event(main.record_event())
+                    self._d2h_stream.wait_event(main.record_event())
                 for name, t in page.tensors.items():
                     t.copy_(views[name], non_blocking=True)
                     stats.d2h_bytes += t.numel() * t.element_size()
+                if cuda:
+                    unloaded[i] = self._d2h_stream.record_event()
             if i + 2 < len(pages):
-                # Same slot as page i: queued on the side stream after page i's copy out.
                 views_of[i + 2] = load(i + 2)
         if cuda:
-            main.wait_stream(self._side_stream)
+            # The host copies of the pages are complete before anything reads them again
+            # (the next step's loads, state_dict) and the slots are free for the next step.
+            main.wait_stream(self._d2h_stream)
+            main.wait_stream(self._h2d_stream)
         stats.pages_streamed += len(pages)
 
     def synchronize(self) -> None:
@@ -271,6 +307,7 @@ class PageManager:
 
     def stats(self) -> dict:
         last = self.totals.last
+        last.resolve()  # CUDA: waits for the last step's timing events (only here)
         return {
             "device": str(self.device),
             "budget_bytes": self.last_budget_bytes,
@@ -282,21 +319,29 @@ class PageManager:
             "h2d_bytes_total": self.totals.h2d_bytes,
             "d2h_bytes_total": self.totals.d2h_bytes,
             "steps": self.totals.steps,
-            "last_step": dict(vars(last)),
+            "last_step": {k: v for k, v in vars(last).items() if k != "events"},
         }
 
 
-def timed(stats: StepStats, attr: str, manager: PageManager, sync: bool):
-    """Context manager adding the wall time of a block (device-synchronised when `sync`) to `stats.attr`."""
+def timed(stats: StepStats, attr: str, manager: PageManager):
+    """Context manager adding the time of a block to `stats.attr`: wall time on the CPU; on CUDA
+    two events around the block, read by `StepStats.resolve` when the stats are asked for, so
+    timing never synchronises the device during a step."""
 
     @contextlib.contextmanager
     def _ctx():
+        if manager.device.type == "cuda":
+            start = torch.cuda.Event(enable_timing=True)
+            start.record()
+            yield
+            end = torch.cuda.Event(enable_timing=True)
+            end.record()
+            stats.events[attr] = (start, end)
+            return
         t0 = time.perf_counter()
         try:
             yield
         finally:
-            if sync:
-                manager.synchronize()
             setattr(stats, attr, getattr(stats, attr) + time.perf_counter() - t0)
 
     return _ctx()

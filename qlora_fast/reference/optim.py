@@ -3,7 +3,8 @@ benchmark baseline for the `qlora_fast._C` optimizer ops (same math, same roundi
 
 8-bit states follow bitsandbytes' blockwise 8-bit optimizers: blocks of 256 elements, one fp32
 absmax per block, the first moment coded with the signed dynamic map and the second with the
-unsigned one, requantized to the nearest code after each update.
+unsigned one, requantized to the nearest code after each update, except that a positive second
+moment never takes code 0 (see `adam8bit_step_ref`).
 """
 import math
 
@@ -41,10 +42,12 @@ def dynamic_map(signed: bool = True) -> torch.Tensor:
     return torch.tensor(sorted(values), dtype=torch.float32)
 
 
-def quantize_blockwise_ref(x: torch.Tensor, code: torch.Tensor, block: int = QUANT_BLOCK):
+def quantize_blockwise_ref(x: torch.Tensor, code: torch.Tensor, block: int = QUANT_BLOCK,
+                           positive_nonzero: bool = False):
     """(codes uint8 like x.flatten(), absmax fp32 (ceil(n/block),)): each value scaled by its
     block's absmax (an all-zero block scales by 0) and rounded to the nearest code, ties to the
-    lower code."""
+    lower code. `positive_nonzero` (for the unsigned map, code[0] = 0): a positive value that
+    rounds to code 0 takes code 1 instead."""
     flat = x.detach().reshape(-1).float()
     n = flat.numel()
     blocks = -(-n // block)
@@ -54,8 +57,10 @@ def quantize_blockwise_ref(x: torch.Tensor, code: torch.Tensor, block: int = QUA
     inv = torch.where(absmax > 0, 1.0 / absmax, torch.zeros_like(absmax))
     scaled = (padded.view(blocks, block) * inv[:, None]).clamp(-1, 1).reshape(-1)[:n]
     midpoints = (code[:-1] + code[1:]) * 0.5
-    codes = torch.bucketize(scaled, midpoints.to(scaled.device), right=False).to(torch.uint8)
-    return codes, absmax
+    codes = torch.bucketize(scaled, midpoints.to(scaled.device), right=False)
+    if positive_nonzero:
+        codes = torch.where((codes == 0) & (scaled > 0), torch.ones_like(codes), codes)
+    return codes.to(torch.uint8), absmax
 
 
 def dequantize_blockwise_ref(codes: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor,
@@ -92,7 +97,14 @@ def adam8bit_step_ref(param, grad, m_codes, v_codes, m_absmax, v_absmax, step, l
                       betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, decoupled=True,
                       signed_map=None, unsigned_map=None):
     """One step with 8-bit blockwise states, in place: dequantize, update as `adam_step_ref`,
-    requantize each block with its new absmax."""
+    requantize each block with its new absmax.
+
+    The second moment is requantized with `positive_nonzero`: under nearest rounding every v
+    below half the map's smallest positive code (~1.6e-7 of the block's absmax: a gradient
+    ~2500x smaller than the block's largest) became exactly 0, and the next step divided the
+    remembered m by sqrt((1-beta2) g^2) + eps (by eps where g = 0) instead of by its history, so
+    the block-mates of an outlier drifted without bound. Rounding such v up only shortens their
+    steps."""
     signed_map = dynamic_map(True) if signed_map is None else signed_map
     unsigned_map = dynamic_map(False) if unsigned_map is None else unsigned_map
     m = dequantize_blockwise_ref(m_codes, m_absmax, signed_map)
@@ -101,7 +113,7 @@ def adam8bit_step_ref(param, grad, m_codes, v_codes, m_absmax, v_absmax, step, l
     _adam_math(p32, grad.float().reshape(-1), m, v, step, lr, betas[0], betas[1], eps, weight_decay, decoupled)
     param.detach().copy_(p32.view_as(param))
     mq, ma = quantize_blockwise_ref(m, signed_map)
-    vq, va = quantize_blockwise_ref(v, unsigned_map)
+    vq, va = quantize_blockwise_ref(v, unsigned_map, positive_nonzero=True)
     m_codes.copy_(mq.view_as(m_codes))
     v_codes.copy_(vq.view_as(v_codes))
     m_absmax.copy_(ma)
