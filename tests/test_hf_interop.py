@@ -147,3 +147,140 @@ def test_unsupported_peft_settings_are_named(tmp_path):
         load_adapter(model, str(tmp_path))
     assert all(type(m) is not hf_peft.tuners.lora.Linear for m in model.modules())
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+# ------------------------------------------------------------------------- one unit, all or nothing
+def test_interrupted_save_leaves_the_previous_adapter_whole(tmp_path, seed, monkeypatch):
+    from qlora_fast.peft import io
+
+    base = hf_llama()
+    fresh = copy.deepcopy(base)
+    first = get_peft_model(base, LoraConfig(target_modules=["q_proj", "v_proj"], r=2, alpha=4.0))
+    perturb(p for _, p in first.adapter_parameters())
+    path = first.save_adapter(str(tmp_path / "adapter"))
+    (tmp_path / "adapter" / "README.md").write_text("kept")  # a file of the user's beside ours
+    expected = {n: p.clone() for n, p in first.adapter_parameters()}
+    # a second save with another rank and alpha hits a full disk between its two files
+    second = get_peft_model(hf_llama(), LoraConfig(target_modules=["q_proj", "v_proj"], r=3, alpha=7.0))
+    real_write, calls = io._write_file, []
+
+    def disk_full_on_second_file(file, data):
+        calls.append(file)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device", file)
+        real_write(file, data)
+
+    monkeypatch.setattr(io, "_write_file", disk_full_on_second_file)
+    with pytest.raises(OSError, match="No space"):
+        second.save_adapter(path)
+    monkeypatch.setattr(io, "_write_file", real_write)
+    assert sorted(os.listdir(tmp_path)) == ["adapter"]  # no temporary left behind
+    loaded = load_adapter(fresh, path)
+    assert loaded.peft_config.r == 2 and loaded.peft_config.alpha == 4.0
+    for name, p in loaded.adapter_parameters():
+        assert torch.equal(p, expected[name]), name
+    # a save that succeeds replaces the unit and keeps the user's file
+    second.save_adapter(path)
+    assert sorted(os.listdir(path)) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
+    assert load_adapter(hf_llama(), path).peft_config.r == 3
+    assert oct(os.stat(path).st_mode & 0o777) == oct(0o777 & ~_umask())
+
+
+def _umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def test_files_from_two_saves_are_refused(tmp_path):
+    a = get_peft_model(hf_llama(), LoraConfig(target_modules=["q_proj"], r=2, alpha=4.0))
+    b = get_peft_model(hf_llama(), LoraConfig(target_modules=["q_proj"], r=2, alpha=8.0))
+    a.save_adapter(str(tmp_path / "a"))
+    b.save_adapter(str(tmp_path / "b"))
+    os.replace(tmp_path / "b" / "adapter_config.json", tmp_path / "a" / "adapter_config.json")  # only alpha differs
+    with pytest.raises(ValueError, match="different saves"):
+        load_adapter(hf_llama(), str(tmp_path / "a"))
+
+
+def _snapshot(model):
+    return [(n, type(m)) for n, m in model.named_modules()], {k: v.clone() for k, v in model.state_dict().items()}, \
+        [p.requires_grad for p in model.parameters()]
+
+
+def _assert_unchanged(model, snapshot):
+    modules, state, grads = snapshot
+    assert [(n, type(m)) for n, m in model.named_modules()] == modules
+    now = model.state_dict()
+    assert set(now) == set(state) and all(torch.equal(now[k], v) for k, v in state.items())
+    assert [p.requires_grad for p in model.parameters()] == grads
+
+
+@pytest.mark.parametrize("damage", ["shape", "nan", "missing", "truncated", "bad_json"])
+def test_bad_adapter_leaves_the_model_as_it_was(tmp_path, seed, damage):
+    from safetensors.torch import load_file, save_file
+
+    ours = get_peft_model(hf_llama(), LoraConfig(target_modules=["q_proj", "v_proj", "down_proj"], r=2, quantize_base="nf4"))
+    perturb(p for _, p in ours.adapter_parameters())
+    path = ours.save_adapter(str(tmp_path / "adapter"))
+    weights = os.path.join(path, "adapter_model.safetensors")
+    with open(weights, "rb") as f:
+        from safetensors import safe_open
+
+        metadata = safe_open(weights, "pt").metadata()
+    state = load_file(weights)
+    last = sorted(state)[-1]  # damage the last tensor, so a loader copying in order would have changed the rest
+    if damage == "shape":
+        state[last] = state[last][:, :1].contiguous()
+    elif damage == "nan":
+        state[last][0, 0] = float("nan")
+    elif damage == "missing":
+        del state[last]
+    save_file(state, weights, metadata=metadata)
+    if damage == "truncated":
+        data = open(weights, "rb").read()
+        open(weights, "wb").write(data[: len(data) // 2])
+    if damage == "bad_json":
+        open(os.path.join(path, "adapter_config.json"), "w").write("{\"peft_type\": \"LORA\", ")
+    # a fresh model (module-level load_adapter) and a built PeftModel (its load_adapter)
+    model = hf_llama()
+    before = _snapshot(model)
+    with pytest.raises(ValueError):
+        load_adapter(model, path)
+    _assert_unchanged(model, before)
+    target = get_peft_model(hf_llama(), LoraConfig(target_modules=["q_proj", "v_proj", "down_proj"], r=2, quantize_base="nf4"))
+    before = _snapshot(target)
+    with pytest.raises(ValueError):
+        target.load_adapter(path)
+    _assert_unchanged(target, before)
+
+
+def test_replace_linear_is_all_or_nothing(seed):
+    from qlora_fast.nn import replace_linear
+
+    model = hf_llama()
+    before = _snapshot(model)
+    # rank 20 fits the 48/83-wide projections but not k_proj/v_proj (48 -> 16): the last built fails
+    with pytest.raises(ValueError, match="r must be"):
+        replace_linear(model, lora_r=20)
+    _assert_unchanged(model, before)
+    with pytest.raises(ValueError, match="r must be"):
+        get_peft_model(model, LoraConfig(r=20, quantize_base="nf4"))
+    _assert_unchanged(model, before)
+
+
+def test_replace_linear_twice_adds_adapters_or_says_why(seed):
+    from qlora_fast.nn import LoRALinear, Linear4bit, QLoRALinear, replace_linear
+
+    model = hf_llama()
+    replace_linear(model)  # quantize only
+    fours = {n: m for n, m in model.named_modules() if isinstance(m, Linear4bit)}
+    packed = {n: m.weight.clone() for n, m in fours.items()}
+    replace_linear(model, lora_r=4)  # adapters on the 4-bit layers, bytes kept
+    wrapped = {n: m for n, m in model.named_modules() if isinstance(m, QLoRALinear)}
+    assert set(wrapped) == set(fours)
+    assert all(torch.equal(wrapped[n].base.weight, packed[n]) for n in wrapped)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert trainable == sum(m.lora_A.numel() + m.lora_B.numel() for m in wrapped.values()) > 0
+    with pytest.raises(ValueError, match="already has a LoRA adapter"):
+        replace_linear(model, lora_r=4)
+    assert all(isinstance(m, LoRALinear) for n, m in model.named_modules() if n in wrapped)

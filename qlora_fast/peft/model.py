@@ -161,19 +161,25 @@ class PeftModel(nn.Module):
             from qlora_fast.nn.replace import default_lora_targets
 
             self.peft_config = config = dataclasses.replace(config, target_modules=default_lora_targets(model))
-        for p in model.parameters():
-            p.requires_grad_(False)
-        if isinstance(config, LoraConfig):
-            self._inject_lora(config)
-        elif isinstance(config, PrefixTuningConfig):
-            geometry = attention_geometry(model)
-            init_pairs = None if config.prefix_projection else self._real_token_cache(config.num_virtual_tokens)
-            self.prompt_encoder = PrefixEncoder(config, geometry, init_pairs, self._adapter_dtype())
-        elif isinstance(config, PromptTuningConfig):
-            attention_geometry(model)
-            self.prompt_encoder = PromptEncoder(self._prompt_init(config, tokenizer), self._adapter_dtype())
-        else:
+        if not isinstance(config, (LoraConfig, PrefixTuningConfig, PromptTuningConfig)):
             raise TypeError(f"config must be a LoraConfig, PrefixTuningConfig or PromptTuningConfig, got {type(config).__name__}")
+        trainable = [(p, p.requires_grad) for p in model.parameters()]
+        try:  # all or nothing: an error leaves the model as it was (LoRA swaps are undone in _inject_lora)
+            for p, _ in trainable:
+                p.requires_grad_(False)
+            if isinstance(config, LoraConfig):
+                self._inject_lora(config)
+            elif isinstance(config, PrefixTuningConfig):
+                geometry = attention_geometry(model)
+                init_pairs = None if config.prefix_projection else self._real_token_cache(config.num_virtual_tokens)
+                self.prompt_encoder = PrefixEncoder(config, geometry, init_pairs, self._adapter_dtype())
+            else:
+                attention_geometry(model)
+                self.prompt_encoder = PromptEncoder(self._prompt_init(config, tokenizer), self._adapter_dtype())
+        except BaseException:
+            for p, flag in trainable:
+                p.requires_grad_(flag)
+            raise
 
     # ---- construction helpers
     def _inject_lora(self, config: LoraConfig):
@@ -204,12 +210,18 @@ class PeftModel(nn.Module):
             if getattr(linear, "conv1d_class", None) is not None:
                 module.base.conv1d_class = linear.conv1d_class
             plan.append((parent, child, module))
+        originals = [(parent, child, getattr(parent, child)) for parent, child, _ in plan]
         for parent, child, module in plan:
             setattr(parent, child, module)
         if config.quantize_base:
             # QLoRA: every other linear (but the lm_head) is stored in 4 bits too.
-            replace_linear(self.base_model, quant_type=config.quantize_base, skip=("lm_head",),
-                           blocksize=config.blocksize, compress_statistics=config.double_quant)
+            try:
+                replace_linear(self.base_model, quant_type=config.quantize_base, skip=("lm_head",),
+                               blocksize=config.blocksize, compress_statistics=config.double_quant)
+            except BaseException:
+                for parent, child, module in originals:
+                    setattr(parent, child, module)
+                raise
         for p in self.base_model.parameters():
             p.requires_grad_(False)
         for m in self.lora_modules():
