@@ -467,7 +467,9 @@ class PeftModel(nn.Module):
 
         merge_linear_layers(self.base_model, keep_4bit=requantize, dtype=dtype)
         if dtype is not None:
-            self.base_model.to(dtype)
+            # parameters only: buffers such as rotary frequencies stay as the model computes them
+            for p in self.base_model.parameters():
+                p.data = p.data.to(dtype)
         return self.base_model
 
 
