@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from conftest import assert_close
 
-from qlora_fast.peft import LoraConfig, PrefixTuningConfig, PromptTuningConfig, get_peft_model, load_adapter
+from qlora_fast.peft import LoraConfig, PeftModel, PrefixTuningConfig, PromptTuningConfig, get_peft_model, load_adapter
 from qlora_fast.tokenizer.base import ByteTokenizer
 
 transformers = pytest.importorskip("transformers")
@@ -339,3 +339,84 @@ def test_keep_4bit_refuses_conv1d_and_needs_no_dtype():
     assert len(ours.lora_modules()) == 2  # all or nothing: still adapted
     with pytest.raises(ValueError, match="dtype"):
         ours.merge_and_unload(requantize=True, dtype=torch.float16)
+
+
+# ------------------------------------------------------------------------- bitsandbytes 4-bit checkpoints
+def tiny_tokenizer():
+    tokenizers = pytest.importorskip("tokenizers")
+    bpe = tokenizers.Tokenizer(tokenizers.models.BPE())
+    bpe.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = tokenizers.decoders.ByteLevel()
+    bpe.train_from_iterator(["hello world, a tiny corpus"], tokenizers.trainers.BpeTrainer(
+        vocab_size=VOCAB, special_tokens=["<eos>"], initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet()))
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<eos>")
+
+
+@pytest.fixture
+def bnb_checkpoint(tmp_path):
+    """A tiny Llama saved by transformers after loading it with BitsAndBytesConfig(nf4, double quant)."""
+    pytest.importorskip("bitsandbytes")
+    dense = tmp_path / "dense"
+    hf_llama(hidden=64).save_pretrained(str(dense))
+    bnb_config = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                                 bnb_4bit_compute_dtype=torch.float32)
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(dense), quantization_config=bnb_config, device_map="cpu")
+    path = tmp_path / "bnb"
+    model.save_pretrained(str(path))
+    tiny_tokenizer().save_pretrained(str(path))
+    return str(path), bnb_reference_path(model).eval()
+
+
+def test_bnb_4bit_model_is_adopted_byte_for_byte(bnb_checkpoint, seed):
+    from qlora_fast.models.hf import load_hf_model
+    from qlora_fast.nn import Linear4bit, QLoRALinear, replace_linear
+
+    path, bnb_model = bnb_checkpoint
+    ids = torch.randint(0, VOCAB, (2, 7))
+    want = bnb_model(input_ids=ids).logits
+    packed = {n: m.weight.detach().clone() for n, m in bnb_model.named_modules() if hasattr(m.__dict__.get("_parameters", {}).get("weight"), "quant_state")}
+    assert len(packed) == 14
+    for make in (lambda m: replace_linear(m, lora_r=4), lambda m: get_peft_model(m, LoraConfig(r=4)).eval(),
+                 lambda m: get_peft_model(m, LoraConfig(r=4, quantize_base="nf4")).eval()):
+        model = make(copy.deepcopy(bnb_model))
+        assert torch.equal(model(input_ids=ids).logits, want)  # fresh adapters (B = 0): the bnb model exactly
+        base = model.base_model if isinstance(model, PeftModel) else model
+        for name, data in packed.items():
+            layer = base.get_submodule(name)
+            assert isinstance(layer, QLoRALinear) and torch.equal(layer.base.weight, data), name
+    model, tokenizer = load_hf_model(path, dtype=torch.float32)
+    assert sum(isinstance(m, Linear4bit) for m in model.modules()) == 14
+    assert torch.equal(model(input_ids=ids).logits, want)
+    assert tokenizer.decode(tokenizer.encode("hello")) == "hello"
+
+
+def test_peft_qlora_adapter_on_bnb_model_loads_in_ours(bnb_checkpoint, tmp_path, seed):
+    from qlora_fast.models.hf import load_hf_model
+
+    path, bnb_model = bnb_checkpoint
+    theirs = hf_peft.get_peft_model(copy.deepcopy(bnb_model), hf_peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
+    perturb(p for p in theirs.parameters() if p.requires_grad)
+    theirs.save_pretrained(str(tmp_path / "adapter"))
+    ours = load_adapter(load_hf_model(path)[0], str(tmp_path / "adapter")).eval()
+    ids = torch.randint(0, VOCAB, (2, 6))
+    bnb_reference_path(theirs)
+    assert_close(ours(input_ids=ids).logits, theirs.eval()(input_ids=ids).logits, atol=1e-6, rtol=1e-5)
+
+
+def test_other_quantized_models_get_a_clear_error(tmp_path):
+    bnb = pytest.importorskip("bitsandbytes")
+    from qlora_fast.models.hf import load_hf_model
+    from qlora_fast.nn import replace_linear
+
+    model = nn.Sequential(nn.Linear(64, 64), bnb.nn.Linear8bitLt(64, 64, has_fp16_weights=False))
+    with pytest.raises(ValueError, match="already quantized"):
+        replace_linear(model)
+    with pytest.raises(ValueError, match="already quantized"):
+        get_peft_model(model, LoraConfig(target_modules=["1"], r=2))
+    assert type(model[0]) is nn.Linear  # all or nothing
+    hf_llama().save_pretrained(str(tmp_path))
+    config = json.load(open(tmp_path / "config.json"))
+    config["quantization_config"] = {"quant_method": "gptq", "bits": 4}
+    json.dump(config, open(tmp_path / "config.json", "w"))
+    with pytest.raises(ValueError, match="already quantized.*gptq"):
+        load_hf_model(str(tmp_path))

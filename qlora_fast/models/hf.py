@@ -1,5 +1,6 @@
 """Loading a local Hugging Face causal LM directory (no downloads) with its tokenizer behind the
 qlora_fast `Tokenizer` interface."""
+import json
 import os
 from typing import List, Sequence
 
@@ -31,12 +32,34 @@ class HFTokenizer:
 
 def load_hf_model(directory: str, device=None, dtype=None):
     """(model, tokenizer) from a local transformers model directory (config + weights +
-    tokenizer files). Raises FileNotFoundError when `directory` is not a model directory."""
-    if not os.path.isfile(os.path.join(directory, "config.json")):
+    tokenizer files). A bitsandbytes 4-bit checkpoint (`quantization_config` with `load_in_4bit`
+    in config.json, as saved by transformers) loads with its layers as our `Linear4bit`, the same
+    bytes (no requantization); `dtype` then applies to the layers kept in full precision.
+    Raises FileNotFoundError when `directory` is not a model directory, ValueError for a checkpoint
+    quantized in another format (8-bit, GPTQ, AWQ, ...)."""
+    config_file = os.path.join(directory, "config.json")
+    if not os.path.isfile(config_file):
         raise FileNotFoundError(f"{directory} is not a Hugging Face model directory (no config.json)")
+    try:
+        with open(config_file) as f:
+            quantization = json.load(f).get("quantization_config")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
+        raise ValueError(f"{config_file} is not a valid JSON config ({e})") from None
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(directory, local_files_only=True, dtype=dtype or "auto")
+    kwargs = dict(local_files_only=True, dtype=dtype or "auto")
+    if quantization:
+        method = quantization.get("quant_method")
+        if method != "bitsandbytes" or not quantization.get("load_in_4bit"):
+            raise ValueError(f"{directory} holds a model already quantized ({method}, "
+                             f"{'8-bit' if quantization.get('load_in_8bit') else quantization.get('bits', '?')}); only full-precision and "
+                             "bitsandbytes 4-bit (nf4/fp4) checkpoints can be loaded")
+        kwargs["device_map"] = "cpu"  # bitsandbytes' loader places the packed bytes
+    model = AutoModelForCausalLM.from_pretrained(directory, **kwargs)
+    if quantization:
+        from qlora_fast.nn.replace import adopt_bnb_4bit
+
+        adopt_bnb_4bit(model)
     tokenizer = HFTokenizer(AutoTokenizer.from_pretrained(directory, local_files_only=True))
     if device is not None:
         model = model.to(device)

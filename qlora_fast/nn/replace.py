@@ -16,7 +16,7 @@ from torch import nn
 
 from qlora_fast.nn.linear4bit import Linear4bit
 
-__all__ = ["replace_linear", "default_lora_targets", "linear_layer_names"]
+__all__ = ["replace_linear", "default_lora_targets", "linear_layer_names", "adopt_bnb_4bit", "merge_linear_layers"]
 
 ALL_LINEAR = "all-linear"
 # Per architecture, the projections LoRA usually targets (the PEFT/QLoRA choice).
@@ -87,6 +87,19 @@ def from_bnb_4bit(module: nn.Module, compute_dtype: Optional[torch.dtype] = None
     module._save_to_state_dict(state, "", keep_vars=False)
     dtype = compute_dtype or getattr(module, "compute_dtype", None)
     return Linear4bit.from_state_dict({k: v.detach() for k, v in state.items()}, compute_dtype=dtype)
+
+
+def adopt_bnb_4bit(model: nn.Module) -> nn.Module:
+    """Swap every bitsandbytes 4-bit layer of `model` for our `Linear4bit` with the same bytes
+    (in place, all built before any swap); the model forgets its transformers quantizer, which no
+    longer owns its layers. Returns `model`."""
+    plan = [(name, from_bnb_4bit(m)) for name, m in model.named_modules() if _is_bnb_4bit(m)]
+    for name, new in plan:
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+    if plan and "hf_quantizer" in model.__dict__:
+        model.hf_quantizer = None
+    return model
 
 
 def as_linear(module: nn.Module) -> Union[nn.Linear, Linear4bit]:
