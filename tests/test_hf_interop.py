@@ -33,7 +33,7 @@ def hf_llama(dtype=torch.float32, hidden=48):
 def hf_gpt2(dtype=torch.float32):
     # n_embd 48: attn.c_proj is square (48 x 48), the layer that reloads silently transposed if
     # a merge hands back an nn.Linear in place of the Conv1D.
-    cfg = transformers.GPT2Config(vocab_size=VOCAB, n_embd=48, n_layer=2, n_head=4, n_positions=64, bos_token_id=0, eos_token_id=0)
+    cfg = transformers.GPT2Config(vocab_size=VOCAB, n_embd=48, n_layer=2, n_head=4, n_positions=256, bos_token_id=0, eos_token_id=0)
     return transformers.GPT2LMHeadModel(cfg).to(dtype).eval()
 
 
@@ -347,7 +347,9 @@ def tiny_tokenizer():
     bpe = tokenizers.Tokenizer(tokenizers.models.BPE())
     bpe.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = tokenizers.decoders.ByteLevel()
-    bpe.train_from_iterator(["hello world, a tiny corpus"], tokenizers.trainers.BpeTrainer(
+    from qlora_fast.data import load_corpus
+
+    bpe.train_from_iterator([load_corpus()], tokenizers.trainers.BpeTrainer(
         vocab_size=VOCAB, special_tokens=["<eos>"], initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet()))
     return transformers.PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<eos>")
 
@@ -420,3 +422,28 @@ def test_other_quantized_models_get_a_clear_error(tmp_path):
     json.dump(config, open(tmp_path / "config.json", "w"))
     with pytest.raises(ValueError, match="already quantized.*gptq"):
         load_hf_model(str(tmp_path))
+
+
+# ------------------------------------------------------------------------- the CLI on transformers checkpoints
+@pytest.mark.slow
+@pytest.mark.parametrize("checkpoint", ["gpt2", "bnb_llama"])
+def test_finetune_command_default_targets_and_bnb_checkpoints(tmp_path, capsys, checkpoint, request):
+    from qlora_fast.cli import main
+
+    if checkpoint == "gpt2":  # default --target-modules on GPT-2: its own projections, not Llama's names
+        path = str(tmp_path / "gpt2")
+        hf_gpt2().save_pretrained(path)
+        tiny_tokenizer().save_pretrained(path)
+        method = "lora"
+    else:  # an already-4-bit checkpoint: its bytes are kept under the adapters
+        path = request.getfixturevalue("bnb_checkpoint")[0]
+        method = "qlora"
+    out = tmp_path / "out"
+    rc = main(["finetune", "--model", path, "--method", method, "--steps", "2", "--batch-size", "2", "--eval-pairs", "2",
+               "--max-new-tokens", "2", "--output", str(out), "--no-progress"])
+    assert rc == 0
+    adapter = out / f"adapter-{method}"
+    saved = json.load(open(adapter / "adapter_config.json"))
+    expected = {"gpt2": ["c_attn", "c_fc", "c_proj"], "bnb_llama": ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]}
+    assert saved["target_modules"] == expected[checkpoint]
+    assert saved["fan_in_fan_out"] is (checkpoint == "gpt2")
