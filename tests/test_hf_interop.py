@@ -426,7 +426,7 @@ def test_other_quantized_models_get_a_clear_error(tmp_path):
 
 # ------------------------------------------------------------------------- the CLI on transformers checkpoints
 @pytest.mark.slow
-@pytest.mark.parametrize("checkpoint", ["gpt2", "bnb_llama"])
+@pytest.mark.parametrize("checkpoint", ["gpt2", "bnb_llama", "llama_qlora"])
 def test_finetune_command_default_targets_and_bnb_checkpoints(tmp_path, capsys, checkpoint, request):
     from qlora_fast.cli import main
 
@@ -435,6 +435,11 @@ def test_finetune_command_default_targets_and_bnb_checkpoints(tmp_path, capsys, 
         hf_gpt2().save_pretrained(path)
         tiny_tokenizer().save_pretrained(path)
         method = "lora"
+    elif checkpoint == "llama_qlora":  # quantized layer by layer while loading
+        path = str(tmp_path / "llama")
+        hf_llama(hidden=64).save_pretrained(path)
+        tiny_tokenizer().save_pretrained(path)
+        method = "qlora"
     else:  # an already-4-bit checkpoint: its bytes are kept under the adapters
         path = request.getfixturevalue("bnb_checkpoint")[0]
         method = "qlora"
@@ -444,6 +449,47 @@ def test_finetune_command_default_targets_and_bnb_checkpoints(tmp_path, capsys, 
     assert rc == 0
     adapter = out / f"adapter-{method}"
     saved = json.load(open(adapter / "adapter_config.json"))
-    expected = {"gpt2": ["c_attn", "c_fc", "c_proj"], "bnb_llama": ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]}
+    llama = ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
+    expected = {"gpt2": ["c_attn", "c_fc", "c_proj"], "bnb_llama": llama, "llama_qlora": llama}
     assert saved["target_modules"] == expected[checkpoint]
     assert saved["fan_in_fan_out"] is (checkpoint == "gpt2")
+
+
+# ------------------------------------------------------------------------- low-memory loading
+@pytest.mark.parametrize("kind", list(MODELS))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_low_memory_4bit_loading_equals_load_then_quantize(tmp_path, seed, kind, dtype):
+    from qlora_fast.models.hf import load_hf_model
+    from qlora_fast.nn import Linear4bit, replace_linear
+
+    MODELS[kind]().to(dtype).save_pretrained(str(tmp_path), max_shard_size="40KB")  # several shards
+    assert len([f for f in os.listdir(tmp_path) if f.endswith(".safetensors")]) > 1
+    model, tokenizer = load_hf_model(str(tmp_path), quantize="nf4", tokenizer=False)
+    assert tokenizer is None
+    reference = replace_linear(transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path)).eval())
+    fours = [n for n, m in model.named_modules() if isinstance(m, Linear4bit)]
+    assert fours == [n for n, m in reference.named_modules() if isinstance(m, Linear4bit)] and len(fours) > 0
+    assert all(p.device.type != "meta" for p in model.parameters())
+    ref_state = reference.state_dict()
+    assert all(torch.equal(v, ref_state[k]) for k, v in model.state_dict().items())
+    ids = torch.randint(0, VOCAB, (2, 7))
+    assert torch.equal(model(input_ids=ids).logits, reference(input_ids=ids).logits)
+    # Conv1D layers remember their class, so a merge gives them back
+    assert all(getattr(model.get_submodule(n), "conv1d_class", None) is not None for n in fours) == (kind == "gpt2")
+
+
+def test_low_memory_loading_rejects_foreign_tensors(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from qlora_fast.models.hf import load_hf_model
+
+    hf_llama().save_pretrained(str(tmp_path))
+    state = load_file(str(tmp_path / "model.safetensors"))
+    state["model.layers.9.mlp.up_proj.weight"] = torch.ones(2, 2)
+    save_file(state, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="layers.9.mlp.up_proj.weight"):
+        load_hf_model(str(tmp_path), quantize="nf4", tokenizer=False)
+    del state["model.layers.9.mlp.up_proj.weight"], state["model.norm.weight"]
+    save_file(state, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="lacks.*model.norm.weight"):
+        load_hf_model(str(tmp_path), quantize="nf4", tokenizer=False)

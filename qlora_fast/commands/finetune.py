@@ -113,7 +113,8 @@ def run(args) -> int:
     if args.model:
         from qlora_fast.models.hf import load_hf_model
 
-        model, tokenizer = load_hf_model(args.model, dtype=torch.float32)
+        # QLoRA: 4-bit layer by layer as the checkpoint is read (never the whole fp32 model)
+        model, tokenizer = load_hf_model(args.model, dtype=torch.float32, quantize="nf4" if args.method == "qlora" else None)
         source = args.model
     else:
         from qlora_fast.models import PretrainRecipe, load_base_model

@@ -1,8 +1,12 @@
 """Loading a local Hugging Face causal LM directory (no downloads) with its tokenizer behind the
 qlora_fast `Tokenizer` interface."""
+import contextlib
 import json
 import os
 from typing import List, Sequence
+
+import torch
+from torch import nn
 
 
 class HFTokenizer:
@@ -30,9 +34,17 @@ class HFTokenizer:
         return [self.encode(t, add_bos=add_bos, add_eos=add_eos) for t in texts]
 
 
-def load_hf_model(directory: str, device=None, dtype=None):
+def load_hf_model(directory: str, device=None, dtype=None, quantize=None, blocksize: int = 64,
+                  compress_statistics: bool = True, tokenizer: bool = True):
     """(model, tokenizer) from a local transformers model directory (config + weights +
-    tokenizer files). A bitsandbytes 4-bit checkpoint (`quantization_config` with `load_in_4bit`
+    tokenizer files; `tokenizer=False` returns (model, None)).
+
+    quantize: None, or "nf4"/"fp4" to store every linear layer but the output layer in 4 bits as
+    our `Linear4bit` (blocksize, compress_statistics as `quantize_4bit`), quantized one tensor at a
+    time as the safetensors shards are read: the peak memory is about the 4-bit model plus one
+    layer, never the full-precision model. `dtype` (default: the checkpoint's) is that of the
+    layers kept in full precision and the 4-bit layers' compute dtype.
+    A bitsandbytes 4-bit checkpoint (`quantization_config` with `load_in_4bit`
     in config.json, as saved by transformers) loads with its layers as our `Linear4bit`, the same
     bytes (no requantization); `dtype` then applies to the layers kept in full precision.
     Raises FileNotFoundError when `directory` is not a model directory, ValueError for a checkpoint
@@ -48,19 +60,109 @@ def load_hf_model(directory: str, device=None, dtype=None):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     kwargs = dict(local_files_only=True, dtype=dtype or "auto")
-    if quantization:
+    if quantize is not None and not quantization:
+        model = _load_quantized(directory, dtype, quantize, blocksize, compress_statistics)
+    elif quantization:
         method = quantization.get("quant_method")
         if method != "bitsandbytes" or not quantization.get("load_in_4bit"):
             raise ValueError(f"{directory} holds a model already quantized ({method}, "
                              f"{'8-bit' if quantization.get('load_in_8bit') else quantization.get('bits', '?')}); only full-precision and "
                              "bitsandbytes 4-bit (nf4/fp4) checkpoints can be loaded")
         kwargs["device_map"] = "cpu"  # bitsandbytes' loader places the packed bytes
-    model = AutoModelForCausalLM.from_pretrained(directory, **kwargs)
-    if quantization:
+        model = AutoModelForCausalLM.from_pretrained(directory, **kwargs)
         from qlora_fast.nn.replace import adopt_bnb_4bit
 
         adopt_bnb_4bit(model)
-    tokenizer = HFTokenizer(AutoTokenizer.from_pretrained(directory, local_files_only=True))
+    else:
+        model = AutoModelForCausalLM.from_pretrained(directory, **kwargs)
+    if tokenizer:
+        tokenizer = HFTokenizer(AutoTokenizer.from_pretrained(directory, local_files_only=True))
     if device is not None:
         model = model.to(device)
-    return model.eval(), tokenizer
+    return model.eval(), (tokenizer or None)
+
+
+def _safetensors_files(directory: str):
+    index = os.path.join(directory, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index) as f:
+            return [os.path.join(directory, name) for name in sorted(set(json.load(f)["weight_map"].values()))]
+    single = os.path.join(directory, "model.safetensors")
+    if os.path.isfile(single):
+        return [single]
+    raise FileNotFoundError(f"{directory} has no model.safetensors (or index); low-memory 4-bit loading reads safetensors only")
+
+
+@contextlib.contextmanager
+def _parameters_on_meta():
+    """Inside the block new parameters are created on the meta device (no memory, no init), while
+    buffers (rotary frequencies, masks) are built for real, as accelerate's init_empty_weights."""
+    register = nn.Module.register_parameter
+
+    def on_meta(module, name, param):
+        register(module, name, param)
+        if param is not None:
+            module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+
+    nn.Module.register_parameter = on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register
+
+
+@torch.no_grad()
+def _load_quantized(directory, dtype, quant_type, blocksize, compress_statistics):
+    """A transformers causal LM whose linear layers (but the output layer) are quantized to 4 bits
+    tensor by tensor while the checkpoint's safetensors are read."""
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from qlora_fast.functional.quant import quantize_4bit
+    from qlora_fast.nn.linear4bit import Linear4bit
+    from qlora_fast.nn.replace import _is_conv1d, linear_layer_names
+
+    try:
+        files = _safetensors_files(directory)
+    except FileNotFoundError:  # a .bin checkpoint cannot be read tensor by tensor: load, then quantize
+        from qlora_fast.nn.replace import replace_linear
+
+        model = AutoModelForCausalLM.from_pretrained(directory, local_files_only=True, dtype=dtype or "auto")
+        output = model.get_output_embeddings()
+        skip = [n for n, m in model.named_modules() if m is output] or ["lm_head"]
+        return replace_linear(model, quant_type=quant_type, skip=skip, blocksize=blocksize,
+                              compress_statistics=compress_statistics, compute_dtype=dtype)
+    config = AutoConfig.from_pretrained(directory, local_files_only=True)
+    with _parameters_on_meta():
+        model = AutoModelForCausalLM.from_config(config)
+    targets = set(linear_layer_names(model))  # without the output layer
+    expected = set(model.state_dict())
+    for file in files:
+        with safe_open(file, framework="pt") as f:
+            for key in f.keys():
+                module_name, _, attr = key.rpartition(".")
+                if key not in expected:
+                    raise ValueError(f"{file}: tensor {key} does not belong to {type(model).__name__}")
+                tensor = f.get_tensor(key)
+                module = model.get_submodule(module_name)
+                if module_name in targets and attr == "weight":
+                    weight = tensor.t() if _is_conv1d(module) else tensor  # Conv1D stores (in, out)
+                    packed, state = quantize_4bit(weight.contiguous(), blocksize, quant_type, compress_statistics)
+                    # the bias (loaded already, or still on meta until its key comes) moves over
+                    layer = Linear4bit.from_quantized(packed, state, module.bias, compute_dtype=dtype or weight.dtype)
+                    if _is_conv1d(module):
+                        layer.conv1d_class = type(module)
+                    parent_name, _, child = module_name.rpartition(".")
+                    setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
+                    del tensor, weight
+                elif attr in module._parameters:
+                    module._parameters[attr] = nn.Parameter(tensor.to(dtype or tensor.dtype), requires_grad=False)
+                else:
+                    module._buffers[attr] = tensor.to(dtype or tensor.dtype) if tensor.is_floating_point() else tensor
+    model.tie_weights()
+    missing = [n for n, p in model.named_parameters() if p.device.type == "meta"]
+    if missing:
+        raise ValueError(f"{directory}: the checkpoint lacks {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
