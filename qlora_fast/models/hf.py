@@ -1,6 +1,6 @@
 """Loading a local Hugging Face causal LM directory (no downloads) with its tokenizer behind the
 qlora_fast `Tokenizer` interface."""
-import contextlib
+import ctypes
 import json
 import os
 from typing import List, Sequence
@@ -93,29 +93,62 @@ def _safetensors_files(directory: str):
     raise FileNotFoundError(f"{directory} has no model.safetensors (or index); low-memory 4-bit loading reads safetensors only")
 
 
-@contextlib.contextmanager
-def _parameters_on_meta():
-    """Inside the block new parameters are created on the meta device (no memory, no init), while
-    buffers (rotary frequencies, masks) are built for real, as accelerate's init_empty_weights."""
-    register = nn.Module.register_parameter
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64,
+                       "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
 
-    def on_meta(module, name, param):
-        register(module, name, param)
-        if param is not None:
-            module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
 
-    nn.Module.register_parameter = on_meta
+def _read_safetensors(file: str):
+    """(name, tensor) of a safetensors file one at a time, each read into its own memory (no
+    memory map: its pages would stay resident until the whole file is closed)."""
+    with open(file, "rb") as f:
+        try:
+            header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+            start = f.tell()
+            entries = sorted(((k, v) for k, v in header.items() if k != "__metadata__"), key=lambda kv: kv[1]["data_offsets"][0])
+        except (ValueError, KeyError, TypeError, OverflowError, MemoryError) as e:
+            raise ValueError(f"{file} is not a readable safetensors file ({e})") from None
+        for name, info in entries:
+            dtype = _SAFETENSORS_DTYPES.get(info.get("dtype"))
+            if dtype is None:
+                raise ValueError(f"{file}: tensor {name} has unsupported dtype {info.get('dtype')!r}")
+            tensor = torch.empty(info["shape"], dtype=dtype)
+            begin, end = info["data_offsets"]
+            raw = tensor.reshape(-1).view(torch.uint8).numpy()
+            f.seek(start + begin)
+            if end - begin != raw.nbytes or f.readinto(memoryview(raw)) != raw.nbytes:
+                raise ValueError(f"{file}: tensor {name} is truncated or its size disagrees with its shape")
+            yield name, tensor
+
+
+def _release_freed_memory() -> None:
+    """Hand freed heap memory back to the system (glibc keeps the full-precision tensors just
+    quantized otherwise, and the peak would grow shard by shard)."""
     try:
-        yield
-    finally:
-        nn.Module.register_parameter = register
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _rebuild_buffers(model: nn.Module) -> None:
+    """Modules built on the meta device whose buffers the checkpoint does not hold (rotary
+    frequencies: computed, not saved) are built again for real from the model's config."""
+    for name, module in list(model.named_modules()):
+        if not any(b is not None and b.is_meta for b in module._buffers.values()):
+            continue
+        if any(p is not None for p in module._parameters.values()):
+            raise ValueError(f"module {name} ({type(module).__name__}) has buffers the checkpoint does not hold; load with quantize=None")
+        try:
+            fresh = type(module)(config=getattr(module, "config", model.config))
+        except Exception as e:
+            raise ValueError(f"cannot rebuild {name} ({type(module).__name__}) after a low-memory load ({e}); load with quantize=None") from None
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, fresh)
 
 
 @torch.no_grad()
 def _load_quantized(directory, dtype, quant_type, blocksize, compress_statistics):
     """A transformers causal LM whose linear layers (but the output layer) are quantized to 4 bits
     tensor by tensor while the checkpoint's safetensors are read."""
-    from safetensors import safe_open
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from qlora_fast.functional.quant import quantize_4bit
@@ -133,33 +166,33 @@ def _load_quantized(directory, dtype, quant_type, blocksize, compress_statistics
         return replace_linear(model, quant_type=quant_type, skip=skip, blocksize=blocksize,
                               compress_statistics=compress_statistics, compute_dtype=dtype)
     config = AutoConfig.from_pretrained(directory, local_files_only=True)
-    with _parameters_on_meta():
+    with torch.device("meta"):  # no memory and no init for the full-precision model
         model = AutoModelForCausalLM.from_config(config)
     targets = set(linear_layer_names(model))  # without the output layer
     expected = set(model.state_dict())
     for file in files:
-        with safe_open(file, framework="pt") as f:
-            for key in f.keys():
-                module_name, _, attr = key.rpartition(".")
-                if key not in expected:
-                    raise ValueError(f"{file}: tensor {key} does not belong to {type(model).__name__}")
-                tensor = f.get_tensor(key)
-                module = model.get_submodule(module_name)
-                if module_name in targets and attr == "weight":
-                    weight = tensor.t() if _is_conv1d(module) else tensor  # Conv1D stores (in, out)
-                    packed, state = quantize_4bit(weight.contiguous(), blocksize, quant_type, compress_statistics)
-                    # the bias (loaded already, or still on meta until its key comes) moves over
-                    layer = Linear4bit.from_quantized(packed, state, module.bias, compute_dtype=dtype or weight.dtype)
-                    if _is_conv1d(module):
-                        layer.conv1d_class = type(module)
-                    parent_name, _, child = module_name.rpartition(".")
-                    setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
-                    del tensor, weight
-                elif attr in module._parameters:
-                    module._parameters[attr] = nn.Parameter(tensor.to(dtype or tensor.dtype), requires_grad=False)
-                else:
-                    module._buffers[attr] = tensor.to(dtype or tensor.dtype) if tensor.is_floating_point() else tensor
+        for key, tensor in _read_safetensors(file):
+            module_name, _, attr = key.rpartition(".")
+            if key not in expected:
+                raise ValueError(f"{file}: tensor {key} does not belong to {type(model).__name__}")
+            module = model.get_submodule(module_name)
+            if module_name in targets and attr == "weight":
+                weight = tensor.t() if _is_conv1d(module) else tensor  # Conv1D stores (in, out)
+                packed, state = quantize_4bit(weight.contiguous(), blocksize, quant_type, compress_statistics)
+                # the bias (loaded already, or still on meta until its key comes) moves over
+                layer = Linear4bit.from_quantized(packed, state, module.bias, compute_dtype=dtype or weight.dtype)
+                if _is_conv1d(module):
+                    layer.conv1d_class = type(module)
+                parent_name, _, child = module_name.rpartition(".")
+                setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
+                del tensor, weight
+            elif attr in module._parameters:
+                module._parameters[attr] = nn.Parameter(tensor.to(dtype or tensor.dtype), requires_grad=False)
+            else:
+                module._buffers[attr] = tensor.to(dtype or tensor.dtype) if tensor.is_floating_point() else tensor
+        _release_freed_memory()
     model.tie_weights()
+    _rebuild_buffers(model)
     missing = [n for n, p in model.named_parameters() if p.device.type == "meta"]
     if missing:
         raise ValueError(f"{directory}: the checkpoint lacks {missing[:5]}{' ...' if len(missing) > 5 else ''}")
