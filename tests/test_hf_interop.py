@@ -493,3 +493,52 @@ def test_low_memory_loading_rejects_foreign_tensors(tmp_path):
     save_file(state, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(ValueError, match="lacks.*model.norm.weight"):
         load_hf_model(str(tmp_path), quantize="nf4", tokenizer=False)
+
+
+# ------------------------------------------------------------------------- inside transformers' Trainer and TRL
+def _train_texts():
+    from qlora_fast.data import load_instructions
+
+    return [f"{p['instruction']} {p['output']}" for p in load_instructions("train")[:16]]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("trainer", ["transformers", "trl"])
+def test_trains_inside_hf_trainers_and_saves_a_peft_adapter(tmp_path, seed, trainer):
+    from qlora_fast.nn import replace_linear
+    from qlora_fast.peft import save_adapter
+
+    tokenizer = tiny_tokenizer()
+    tokenizer.pad_token = tokenizer.eos_token
+    base = hf_llama(hidden=64)
+    fresh, fresh_again = copy.deepcopy(base), copy.deepcopy(base)
+    model = replace_linear(base, lora_r=8)  # QLoRA in place; the model is still a transformers model
+    texts = _train_texts()
+    args = dict(output_dir=str(tmp_path / "run"), max_steps=8, per_device_train_batch_size=4, learning_rate=1e-2, logging_steps=1,
+                report_to=[], save_strategy="no", use_cpu=True, seed=seed % 2**31, disable_tqdm=True)
+    if trainer == "transformers":
+        rows = [tokenizer(t, truncation=True, max_length=48) for t in texts]
+        dataset = [dict(input_ids=r["input_ids"], attention_mask=r["attention_mask"]) for r in rows]
+        collator = transformers.DataCollatorForLanguageModeling(tokenizer, mlm=False)
+        run = transformers.Trainer(model=model, args=transformers.TrainingArguments(**args), train_dataset=dataset, data_collator=collator)
+    else:
+        trl = pytest.importorskip("trl")
+        datasets = pytest.importorskip("datasets")
+        run = trl.SFTTrainer(model=model, args=trl.SFTConfig(max_length=48, bf16=False, **args), processing_class=tokenizer,
+                             train_dataset=datasets.Dataset.from_dict({"text": texts}))
+    run.train()
+    losses = [h["loss"] for h in run.state.log_history if "loss" in h]
+    assert len(losses) == 8 and sum(losses[-3:]) / 3 < sum(losses[:3]) / 3, losses
+    path = save_adapter(model, str(tmp_path / "adapter"))
+    theirs = hf_peft.PeftModel.from_pretrained(fresh, path).eval()  # PEFT reads it: the trained tensors exactly
+    peft_tensors = {n.replace(".default", ""): p for n, p in theirs.named_parameters() if "lora_" in n}
+    wrapped = [(n, m) for n, m in model.named_modules() if hasattr(m, "lora_A")]
+    assert len(peft_tensors) == 2 * len(wrapped) == 28
+    for name, module in wrapped:
+        assert torch.equal(peft_tensors[f"base_model.model.{name}.lora_A.weight"], module.lora_A)
+        assert torch.equal(peft_tensors[f"base_model.model.{name}.lora_B.weight"], module.lora_B)
+    # and ours rebuilds the same QLoRA model from it (same 4-bit base, same adapter): same logits
+    again = load_adapter(fresh_again, path).eval()
+    ids = torch.randint(0, VOCAB, (2, 9))
+    with torch.no_grad():
+        assert torch.equal(again(input_ids=ids).logits, model.eval()(input_ids=ids).logits)

@@ -565,8 +565,32 @@ def load_adapter(model: nn.Module, path: str) -> PeftModel:
     return peft.load_adapter(path)
 
 
-def save_adapter(model: PeftModel, path: str) -> str:
-    """`model.save_adapter(path)`."""
-    if not isinstance(model, PeftModel):
-        raise TypeError(f"model must be a PeftModel, got {type(model).__name__}")
-    return model.save_adapter(path)
+def save_adapter(model: nn.Module, path: str) -> str:
+    """`model.save_adapter(path)` for a `PeftModel`; a model adapted in place by `replace_linear`
+    (e.g. one trained by transformers' Trainer or TRL) is saved the same way, its LoraConfig read
+    off its LoRA modules (which must share r, alpha, dropout and rsLoRA)."""
+    if isinstance(model, PeftModel):
+        return model.save_adapter(path)
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a PeftModel or an nn.Module with LoRA layers, got {type(model).__name__}")
+    return _wrap_adapted(model).save_adapter(path)
+
+
+def _wrap_adapted(model: nn.Module) -> PeftModel:
+    """A PeftModel view of a model whose LoRA modules are already in place (nothing is injected)."""
+    from qlora_fast.nn.lora import LoRALinear, QLoRALinear
+
+    names = [n for n, m in model.named_modules() if isinstance(m, LoRALinear)]
+    if not names:
+        raise TypeError(f"model ({type(model).__name__}) has no LoRA layers to save; build it with get_peft_model or replace_linear(lora_r=...)")
+    modules = [model.get_submodule(n) for n in names]
+    settings = {(m.r, m.alpha, m.dropout, m.use_rslora) for m in modules}
+    if len(settings) > 1:
+        raise ValueError(f"the LoRA layers mix settings (r, alpha, dropout, rslora) {sorted(settings)}; one adapter config holds one")
+    r, alpha, dropout, rslora = settings.pop()
+    quant = next((m.base.quant_type for m in modules if isinstance(m, QLoRALinear)), None)
+    config = LoraConfig(target_modules=names, r=r, alpha=float(alpha), dropout=dropout, use_rslora=rslora, quantize_base=quant)
+    view = PeftModel.__new__(PeftModel)
+    nn.Module.__init__(view)
+    view.base_model, view.peft_config, view.adapter_enabled, view.prompt_encoder = model, config, True, None
+    return view
