@@ -139,7 +139,30 @@ def check_tot(ns):
     assert ns["single"].model_calls >= 1 and ns["result"].model_calls >= 1
 
 
+def setup_hf(monkeypatch):
+    tokenizers = pytest.importorskip("tokenizers")
+    from qlora_fast.data import load_corpus
+
+    bpe = tokenizers.Tokenizer(tokenizers.models.BPE())
+    bpe.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.train_from_iterator([load_corpus()[:20000]], tokenizers.trainers.BpeTrainer(
+        vocab_size=101, special_tokens=["<eos>"], initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet()))
+    tiny_hf().save_pretrained("hf_dir")
+    transformers.PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<eos>").save_pretrained("hf_dir")
+    return {}
+
+
+def check_hf(ns):
+    peft = pytest.importorskip("peft")
+    loaded = peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained("hf_dir"), "adapter")
+    assert len([n for n, _ in loaded.named_parameters() if "lora_A" in n]) == 7
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained("merged").eval()
+    ids = torch.randint(0, 101, (1, 6))
+    assert torch.equal(reloaded(input_ids=ids).logits, ns["merged"](input_ids=ids).logits)
+
+
 STAND_INS = {
+    "from qlora_fast.models.hf import load_hf_model": (setup_hf, check_hf),
     "import torch\nfrom qlora_fast import quantize_4bit": (setup_quant, check_quant),
     "from torch import nn": (setup_lora, check_lora),
     "import torch\nfrom qlora_fast.optim import": (setup_optim, check_optim),
