@@ -503,7 +503,7 @@ def _train_texts():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("trainer", ["transformers", "trl"])
+@pytest.mark.parametrize("trainer", ["transformers", "transformers_get_peft_model", "trl"])
 def test_trains_inside_hf_trainers_and_saves_a_peft_adapter(tmp_path, seed, trainer):
     from qlora_fast.nn import replace_linear
     from qlora_fast.peft import save_adapter
@@ -512,11 +512,14 @@ def test_trains_inside_hf_trainers_and_saves_a_peft_adapter(tmp_path, seed, trai
     tokenizer.pad_token = tokenizer.eos_token
     base = hf_llama(hidden=64)
     fresh, fresh_again = copy.deepcopy(base), copy.deepcopy(base)
-    model = replace_linear(base, lora_r=8)  # QLoRA in place; the model is still a transformers model
+    if trainer == "transformers_get_peft_model":  # our PeftModel wrapper instead of the model adapted in place
+        model = get_peft_model(base, LoraConfig(r=8, alpha=16.0, quantize_base="nf4"))
+    else:
+        model = replace_linear(base, lora_r=8)  # QLoRA in place; the model is still a transformers model
     texts = _train_texts()
     args = dict(output_dir=str(tmp_path / "run"), max_steps=8, per_device_train_batch_size=4, learning_rate=1e-2, logging_steps=1,
                 report_to=[], save_strategy="no", use_cpu=True, seed=seed % 2**31, disable_tqdm=True)
-    if trainer == "transformers":
+    if trainer != "trl":
         rows = [tokenizer(t, truncation=True, max_length=48) for t in texts]
         dataset = [dict(input_ids=r["input_ids"], attention_mask=r["attention_mask"]) for r in rows]
         collator = transformers.DataCollatorForLanguageModeling(tokenizer, mlm=False)
@@ -532,7 +535,8 @@ def test_trains_inside_hf_trainers_and_saves_a_peft_adapter(tmp_path, seed, trai
     path = save_adapter(model, str(tmp_path / "adapter"))
     theirs = hf_peft.PeftModel.from_pretrained(fresh, path).eval()  # PEFT reads it: the trained tensors exactly
     peft_tensors = {n.replace(".default", ""): p for n, p in theirs.named_parameters() if "lora_" in n}
-    wrapped = [(n, m) for n, m in model.named_modules() if hasattr(m, "lora_A")]
+    inner = model.base_model if isinstance(model, PeftModel) else model
+    wrapped = [(n, m) for n, m in inner.named_modules() if hasattr(m, "lora_A")]
     assert len(peft_tensors) == 2 * len(wrapped) == 28
     for name, module in wrapped:
         assert torch.equal(peft_tensors[f"base_model.model.{name}.lora_A.weight"], module.lora_A)

@@ -98,6 +98,23 @@ def _layer_features(layer: nn.Module):
     return layer.in_features, layer.out_features
 
 
+@dataclasses.dataclass
+class PeftOutput(CausalLMOutput):
+    """`CausalLMOutput` that also reads like transformers' ModelOutput: `out[0]` is the loss when
+    there is one (else the logits), `out["loss"]`, `out.keys()` (transformers' Trainer reads these)."""
+
+    def _fields(self):
+        names = ["loss"] + [f.name for f in dataclasses.fields(self) if f.name != "loss"]  # transformers' order
+        return {k: getattr(self, k) for k in names if getattr(self, k) is not None}
+
+    def __getitem__(self, key):
+        fields = self._fields()
+        return fields[key] if isinstance(key, str) else list(fields.values())[key]
+
+    def keys(self):
+        return self._fields().keys()
+
+
 # ---------------------------------------------------------------------------- encoders
 class PrefixEncoder(nn.Module):
     """Produces the prefix keys/values, shape (num_layers, 2, kv_heads, n, head_dim)."""
@@ -330,7 +347,7 @@ class PeftModel(nn.Module):
         return self.peft_config.num_virtual_tokens
 
     def forward(self, input_ids=None, attention_mask=None, past_key_values=None, inputs_embeds=None, labels=None,
-                use_cache=False, position_ids=None) -> CausalLMOutput:
+                use_cache=False, position_ids=None) -> PeftOutput:
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         ref = input_ids if input_ids is not None else inputs_embeds
@@ -340,7 +357,7 @@ class PeftModel(nn.Module):
             logits, cache = call_causal_lm(self.base_model, input_ids=input_ids, attention_mask=attention_mask,
                                            past_key_values=past_key_values, inputs_embeds=inputs_embeds,
                                            position_ids=position_ids, use_cache=use_cache)
-            return CausalLMOutput(logits=logits, loss=None if labels is None else causal_lm_loss(logits, labels),
+            return PeftOutput(logits=logits, loss=None if labels is None else causal_lm_loss(logits, labels),
                                   past_key_values=cache if use_cache else None)
         device = ref.device
         past_len = 0 if past_key_values is None else _cache_pairs(past_key_values)[0][0].shape[2]
@@ -373,7 +390,7 @@ class PeftModel(nn.Module):
                 logits, cache = call_causal_lm(self.base_model, input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=full_mask,
                                                past_key_values=past_key_values, position_ids=position_ids, use_cache=use_cache)
         loss = None if labels is None else causal_lm_loss(logits, labels)
-        return CausalLMOutput(logits=logits, loss=loss, past_key_values=cache if use_cache else None)
+        return PeftOutput(logits=logits, loss=loss, past_key_values=cache if use_cache else None)
 
     def _prefix_cache(self, batch: int, ref: torch.Tensor):
         dtype = ref.dtype if ref.is_floating_point() else next(iter(self.base_model.parameters())).dtype
