@@ -242,12 +242,6 @@ def replace_linear(
     return model
 
 
-def _is_converted(module: nn.Module) -> bool:
-    from qlora_fast.nn.lora import LoRALinear
-
-    return isinstance(module, (Linear4bit, LoRALinear))
-
-
 # ---------------------------------------------------------------------------- merging back
 def _dense(weight: torch.Tensor, bias: Optional[torch.Tensor], conv1d_class, dtype: torch.dtype) -> nn.Module:
     """A plain layer computing x W^T + b for `weight` (out, in): an nn.Linear, or the layer's

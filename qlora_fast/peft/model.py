@@ -18,7 +18,6 @@ import contextlib
 import dataclasses
 import hashlib
 import json
-import os
 import re
 from typing import Optional
 
