@@ -189,6 +189,17 @@ def test_interrupted_save_leaves_the_previous_adapter_whole(tmp_path, seed, monk
     assert oct(os.stat(path).st_mode & 0o777) == oct(0o777 & ~_umask())
 
 
+def test_a_killed_saves_temporary_is_cleaned_up_later(tmp_path):
+    ours = get_peft_model(hf_llama(), LoraConfig(target_modules=["q_proj"], r=2))
+    stale, recent = tmp_path / ".tmp-adapter-killed", tmp_path / ".tmp-adapter-inprogress"
+    for d in (stale, recent):
+        d.mkdir()
+        (d / "adapter_model.safetensors").write_bytes(b"half")
+    os.utime(stale, (1, 1))  # a save killed long ago
+    ours.save_adapter(str(tmp_path / "adapter"))
+    assert sorted(os.listdir(tmp_path)) == [".tmp-adapter-inprogress", "adapter"]  # a save in progress is left alone
+
+
 def _umask():
     mask = os.umask(0)
     os.umask(mask)

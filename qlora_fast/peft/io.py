@@ -3,7 +3,8 @@ tensor names), written as one unit and read back only as one.
 
 Writing: both files go into a fresh hidden directory beside the target, which then takes the
 target's place in one atomic rename (Linux `renameat2(RENAME_EXCHANGE)` when the target exists,
-two renames elsewhere), so a crash or a full disk leaves the previous adapter whole. The weights'
+two renames elsewhere), so a crash or a full disk leaves the previous adapter whole (a killed save's temporary is removed
+by the next save to the same path once it is an hour old). The weights'
 metadata holds the SHA-256 of the config written with them: a directory whose files come from two
 different saves (copied by hand, or written by an older version file by file) is refused.
 """
@@ -14,6 +15,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 
 import torch
 
@@ -179,6 +181,21 @@ def _carry_over(old: str, new: str) -> None:
             link_or_copy(src, dst)
 
 
+STALE_AFTER_S = 3600  # a temporary this old is a save that was killed, not one in progress
+
+
+def _remove_stale(parent: str, prefix: str) -> None:
+    """Remove temporaries of earlier saves to the same path that were killed midway."""
+    now = time.time()
+    for name in os.listdir(parent):
+        full = os.path.join(parent, name)
+        try:
+            if name.startswith(prefix) and os.path.isdir(full) and now - os.stat(full).st_mtime > STALE_AFTER_S:
+                shutil.rmtree(full, ignore_errors=True)
+        except OSError:
+            pass
+
+
 def write_adapter_dir(path: str, files: dict) -> None:
     """Make directory `path` hold `files` ({name: bytes}) in one atomic step (see the module
     docstring). On any error the previous `path` is untouched and nothing is left behind."""
@@ -187,6 +204,7 @@ def write_adapter_dir(path: str, files: dict) -> None:
         raise ValueError(f"adapter path {path} exists and is not a directory")
     parent = os.path.dirname(path)
     os.makedirs(parent, exist_ok=True)
+    _remove_stale(parent, f".tmp-{os.path.basename(path)}-")
     tmp = tempfile.mkdtemp(dir=parent, prefix=f".tmp-{os.path.basename(path)}-")
     umask = os.umask(0)
     os.umask(umask)
