@@ -43,8 +43,10 @@ def register(subparsers) -> None:
     parser.add_argument("--alpha", type=finite_float, default=16.0, help="LoRA alpha (scaling alpha / r)")
     parser.add_argument("--lora-dropout", type=nonnegative_float, default=0.0, help="LoRA dropout")
     parser.add_argument("--rslora", action="store_true", help="rank-stabilised LoRA scaling alpha / sqrt(r)")
-    parser.add_argument("--target-modules", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
-                        help="comma-separated module names for LoRA (or a regex when it starts with 're:')")
+    parser.add_argument("--target-modules", default=None,
+                        help="comma-separated module names for LoRA, a regex when it starts with 're:', or 'all-linear' "
+                             "(default: the architecture's attention and MLP projections, e.g. q/k/v/o/gate/up/down_proj "
+                             "on Llama, c_attn/c_proj/c_fc on GPT-2)")
     parser.add_argument("--num-virtual-tokens", type=positive_int, default=16, help="prefix / soft prompt length")
     parser.add_argument("--prefix-projection", action="store_true", help="prefix tuning through an MLP (Li & Liang)")
     parser.add_argument("--max-seq-len", type=positive_int, default=96, help="tokens per training example (longer ones are cut)")
@@ -107,8 +109,9 @@ def _peft_config(args):
     from qlora_fast.peft import LoraConfig, PrefixTuningConfig, PromptTuningConfig
 
     if args.method in ("lora", "qlora"):
-        targets = args.target_modules
-        targets = targets[3:] if targets.startswith("re:") else [t.strip() for t in targets.split(",") if t.strip()]
+        targets = args.target_modules  # None: the architecture's usual targets (peft.default_lora_targets)
+        if targets is not None and targets != "all-linear":
+            targets = targets[3:] if targets.startswith("re:") else [t.strip() for t in targets.split(",") if t.strip()]
         return LoraConfig(target_modules=targets, r=args.r, alpha=args.alpha, dropout=args.lora_dropout,
                           use_rslora=args.rslora, quantize_base="nf4" if args.method == "qlora" else None)
     if args.method == "prefix":
@@ -154,7 +157,8 @@ def _run(args, device, rank, resume_from, allow_fresh) -> int:
     if args.model:
         from qlora_fast.models.hf import load_hf_model
 
-        model, tokenizer = load_hf_model(args.model, dtype=torch.float32)
+        # QLoRA: 4-bit layer by layer as the checkpoint is read (never the whole fp32 model)
+        model, tokenizer = load_hf_model(args.model, dtype=torch.float32, quantize="nf4" if args.method == "qlora" else None)
         source = args.model
     else:
         from qlora_fast.models import PretrainRecipe, load_base_model

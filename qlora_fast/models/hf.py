@@ -1,7 +1,12 @@
 """Loading a local Hugging Face causal LM directory (no downloads) with its tokenizer behind the
 qlora_fast `Tokenizer` interface."""
+import ctypes
+import json
 import os
 from typing import List, Sequence
+
+import torch
+from torch import nn
 
 
 class HFTokenizer:
@@ -29,15 +34,168 @@ class HFTokenizer:
         return [self.encode(t, add_bos=add_bos, add_eos=add_eos) for t in texts]
 
 
-def load_hf_model(directory: str, device=None, dtype=None):
+def load_hf_model(directory: str, device=None, dtype=None, quantize=None, blocksize: int = 64,
+                  compress_statistics: bool = True, tokenizer: bool = True):
     """(model, tokenizer) from a local transformers model directory (config + weights +
-    tokenizer files). Raises FileNotFoundError when `directory` is not a model directory."""
-    if not os.path.isfile(os.path.join(directory, "config.json")):
+    tokenizer files; `tokenizer=False` returns (model, None)).
+
+    quantize: None, or "nf4"/"fp4" to store every linear layer but the output layer in 4 bits as
+    our `Linear4bit` (blocksize, compress_statistics as `quantize_4bit`), quantized one tensor at a
+    time as the safetensors shards are read: the peak memory is about the 4-bit model plus one
+    layer, never the full-precision model. `dtype` (default: the checkpoint's) is that of the
+    layers kept in full precision and the 4-bit layers' compute dtype.
+    A bitsandbytes 4-bit checkpoint (`quantization_config` with `load_in_4bit`
+    in config.json, as saved by transformers) loads with its layers as our `Linear4bit`, the same
+    bytes (no requantization); `dtype` then applies to the layers kept in full precision.
+    Raises FileNotFoundError when `directory` is not a model directory, ValueError for a checkpoint
+    quantized in another format (8-bit, GPTQ, AWQ, ...)."""
+    config_file = os.path.join(directory, "config.json")
+    if not os.path.isfile(config_file):
         raise FileNotFoundError(f"{directory} is not a Hugging Face model directory (no config.json)")
+    try:
+        with open(config_file) as f:
+            quantization = json.load(f).get("quantization_config")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
+        raise ValueError(f"{config_file} is not a valid JSON config ({e})") from None
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(directory, local_files_only=True, dtype=dtype or "auto")
-    tokenizer = HFTokenizer(AutoTokenizer.from_pretrained(directory, local_files_only=True))
+    kwargs = dict(local_files_only=True, dtype=dtype or "auto")
+    if quantize is not None and not quantization:
+        model = _load_quantized(directory, dtype, quantize, blocksize, compress_statistics)
+    elif quantization:
+        method = quantization.get("quant_method")
+        if method != "bitsandbytes" or not quantization.get("load_in_4bit"):
+            raise ValueError(f"{directory} holds a model already quantized ({method}, "
+                             f"{'8-bit' if quantization.get('load_in_8bit') else quantization.get('bits', '?')}); only full-precision and "
+                             "bitsandbytes 4-bit (nf4/fp4) checkpoints can be loaded")
+        kwargs["device_map"] = "cpu"  # bitsandbytes' loader places the packed bytes
+        model = AutoModelForCausalLM.from_pretrained(directory, **kwargs)
+        from qlora_fast.nn.replace import adopt_bnb_4bit
+
+        adopt_bnb_4bit(model)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(directory, **kwargs)
+    if tokenizer:
+        tokenizer = HFTokenizer(AutoTokenizer.from_pretrained(directory, local_files_only=True))
     if device is not None:
         model = model.to(device)
-    return model.eval(), tokenizer
+    return model.eval(), (tokenizer or None)
+
+
+def _safetensors_files(directory: str):
+    index = os.path.join(directory, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index) as f:
+            return [os.path.join(directory, name) for name in sorted(set(json.load(f)["weight_map"].values()))]
+    single = os.path.join(directory, "model.safetensors")
+    if os.path.isfile(single):
+        return [single]
+    raise FileNotFoundError(f"{directory} has no model.safetensors (or index); low-memory 4-bit loading reads safetensors only")
+
+
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64,
+                       "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def _read_safetensors(file: str):
+    """(name, tensor) of a safetensors file one at a time, each read into its own memory (no
+    memory map: its pages would stay resident until the whole file is closed)."""
+    with open(file, "rb") as f:
+        try:
+            header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+            start = f.tell()
+            entries = sorted(((k, v) for k, v in header.items() if k != "__metadata__"), key=lambda kv: kv[1]["data_offsets"][0])
+        except (ValueError, KeyError, TypeError, OverflowError, MemoryError) as e:
+            raise ValueError(f"{file} is not a readable safetensors file ({e})") from None
+        for name, info in entries:
+            dtype = _SAFETENSORS_DTYPES.get(info.get("dtype"))
+            if dtype is None:
+                raise ValueError(f"{file}: tensor {name} has unsupported dtype {info.get('dtype')!r}")
+            tensor = torch.empty(info["shape"], dtype=dtype)
+            begin, end = info["data_offsets"]
+            raw = tensor.reshape(-1).view(torch.uint8).numpy()
+            f.seek(start + begin)
+            if end - begin != raw.nbytes or f.readinto(memoryview(raw)) != raw.nbytes:
+                raise ValueError(f"{file}: tensor {name} is truncated or its size disagrees with its shape")
+            yield name, tensor
+
+
+def _release_freed_memory() -> None:
+    """Hand freed heap memory back to the system (glibc keeps the full-precision tensors just
+    quantized otherwise, and the peak would grow shard by shard)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _rebuild_buffers(model: nn.Module) -> None:
+    """Modules built on the meta device whose buffers the checkpoint does not hold (rotary
+    frequencies: computed, not saved) are built again for real from the model's config."""
+    for name, module in list(model.named_modules()):
+        if not any(b is not None and b.is_meta for b in module._buffers.values()):
+            continue
+        if any(p is not None for p in module._parameters.values()):
+            raise ValueError(f"module {name} ({type(module).__name__}) has buffers the checkpoint does not hold; load with quantize=None")
+        try:
+            fresh = type(module)(config=getattr(module, "config", model.config))
+        except Exception as e:
+            raise ValueError(f"cannot rebuild {name} ({type(module).__name__}) after a low-memory load ({e}); load with quantize=None") from None
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, fresh)
+
+
+@torch.no_grad()
+def _load_quantized(directory, dtype, quant_type, blocksize, compress_statistics):
+    """A transformers causal LM whose linear layers (but the output layer) are quantized to 4 bits
+    tensor by tensor while the checkpoint's safetensors are read."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from qlora_fast.functional.quant import quantize_4bit
+    from qlora_fast.nn.linear4bit import Linear4bit
+    from qlora_fast.nn.replace import _is_conv1d, linear_layer_names
+
+    try:
+        files = _safetensors_files(directory)
+    except FileNotFoundError:  # a .bin checkpoint cannot be read tensor by tensor: load, then quantize
+        from qlora_fast.nn.replace import replace_linear
+
+        model = AutoModelForCausalLM.from_pretrained(directory, local_files_only=True, dtype=dtype or "auto")
+        output = model.get_output_embeddings()
+        skip = [n for n, m in model.named_modules() if m is output] or ["lm_head"]
+        return replace_linear(model, quant_type=quant_type, skip=skip, blocksize=blocksize,
+                              compress_statistics=compress_statistics, compute_dtype=dtype)
+    config = AutoConfig.from_pretrained(directory, local_files_only=True)
+    with torch.device("meta"):  # no memory and no init for the full-precision model
+        model = AutoModelForCausalLM.from_config(config)
+    targets = set(linear_layer_names(model))  # without the output layer
+    expected = set(model.state_dict())
+    for file in files:
+        for key, tensor in _read_safetensors(file):
+            module_name, _, attr = key.rpartition(".")
+            if key not in expected:
+                raise ValueError(f"{file}: tensor {key} does not belong to {type(model).__name__}")
+            module = model.get_submodule(module_name)
+            if module_name in targets and attr == "weight":
+                weight = tensor.t() if _is_conv1d(module) else tensor  # Conv1D stores (in, out)
+                packed, state = quantize_4bit(weight.contiguous(), blocksize, quant_type, compress_statistics)
+                # the bias (loaded already, or still on meta until its key comes) moves over
+                layer = Linear4bit.from_quantized(packed, state, module.bias, compute_dtype=dtype or weight.dtype)
+                if _is_conv1d(module):
+                    layer.conv1d_class = type(module)
+                parent_name, _, child = module_name.rpartition(".")
+                setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
+                del tensor, weight
+            elif attr in module._parameters:
+                module._parameters[attr] = nn.Parameter(tensor.to(dtype or tensor.dtype), requires_grad=False)
+            else:
+                module._buffers[attr] = tensor.to(dtype or tensor.dtype) if tensor.is_floating_point() else tensor
+        _release_freed_memory()
+    model.tie_weights()
+    _rebuild_buffers(model)
+    missing = [n for n, p in model.named_parameters() if p.device.type == "meta"]
+    if missing:
+        raise ValueError(f"{directory}: the checkpoint lacks {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model

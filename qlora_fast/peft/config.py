@@ -4,6 +4,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Optional, Sequence, Union
 
 DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+ALL_LINEAR = "all-linear"
 
 
 def _positive_int(name, value):
@@ -19,13 +20,16 @@ class LoraConfig:
 
     target_modules: a list of module names, each matching a module whose full dotted name equals it
     or ends with "." + it (e.g. "q_proj"), or one string used as a regular expression that must
-    match the full dotted name (re.fullmatch), e.g. r".*\\.(q|v)_proj". r > 0; alpha > 0;
+    match the full dotted name (re.fullmatch), e.g. r".*\\.(q|v)_proj", or "all-linear" (as PEFT:
+    every linear / Conv1D layer but the output layer). The default, None, means the model's usual
+    attention and MLP projections (`default_lora_targets`: q/k/v/o/gate/up/down_proj on Llama-style
+    models, c_attn/c_proj/c_fc on GPT-2, "all-linear" on anything else). r > 0; alpha > 0;
     dropout in [0, 1); use_rslora scales by alpha / sqrt(r) instead of alpha / r.
     quantize_base: None (full-precision base, LoRA) or "nf4"/"fp4": every linear layer except the
     lm_head is stored in 4 bits with double quantization (QLoRA). blocksize: 4-bit block size.
     """
 
-    target_modules: Union[Sequence[str], str] = DEFAULT_LORA_TARGETS
+    target_modules: Union[Sequence[str], str, None] = None
     r: int = 8
     alpha: float = 16.0
     dropout: float = 0.0
@@ -36,7 +40,9 @@ class LoraConfig:
     peft_type: str = field(default="lora", init=False)
 
     def __post_init__(self):
-        if isinstance(self.target_modules, str):
+        if self.target_modules is None or self.target_modules == ALL_LINEAR:
+            pass
+        elif isinstance(self.target_modules, str):
             import re
 
             try:
@@ -110,9 +116,76 @@ CONFIG_TYPES = {"lora": LoraConfig, "prefix": PrefixTuningConfig, "prompt": Prom
 
 
 def config_from_dict(d: dict):
-    """Rebuild a config from `to_dict()` output."""
+    """Rebuild a config from `to_dict()` output, or from an `adapter_config.json` in PEFT's format
+    (ours, or written by PEFT's own `save_pretrained`: see `config_from_peft_dict`)."""
+    if not isinstance(d, dict):
+        raise TypeError(f"an adapter config must be a JSON object, got {type(d).__name__}")
+    if d.get("peft_type") in PEFT_TYPES.values():
+        return config_from_peft_dict(d)
     d = dict(d)
     kind = d.pop("peft_type", None)
     if kind not in CONFIG_TYPES:
         raise ValueError(f"peft_type must be one of {sorted(CONFIG_TYPES)}, got {kind!r}")
     return CONFIG_TYPES[kind](**d)
+
+
+# ---------------------------------------------------------------------------- PEFT's format
+PEFT_TYPES = {"lora": "LORA", "prefix": "PREFIX_TUNING", "prompt": "PROMPT_TUNING"}
+# PEFT LoRA settings we do not implement, with the value that means "off".
+_PEFT_LORA_OFF = {
+    "use_dora": False, "bias": "none", "lora_bias": False, "rank_pattern": {}, "alpha_pattern": {}, "modules_to_save": None,
+    "layers_to_transform": None, "exclude_modules": None, "target_parameters": None, "trainable_token_indices": None,
+    "layer_replication": None, "use_qalora": False, "use_bdlora": None, "alora_invocation_tokens": None, "arrow_config": None,
+}
+
+
+def config_to_peft_dict(config, geometry=None, fan_in_fan_out=False, base_model_name_or_path=None) -> dict:
+    """`adapter_config.json` in PEFT's format (PEFT's `from_pretrained` reads it). Our exact config
+    (`to_dict()`) is stored beside it in the weights' metadata, where PEFT does not look.
+
+    geometry: (num_layers, kv_heads, head_dim, hidden, attention_heads) for prefix/prompt tuning.
+    fan_in_fan_out: the LoRA targets are GPT-2 style Conv1D layers (weight stored (in, out))."""
+    d = {"peft_type": PEFT_TYPES[config.peft_type], "task_type": "CAUSAL_LM", "inference_mode": True,
+         "base_model_name_or_path": base_model_name_or_path, "revision": None, "modules_to_save": None}
+    if isinstance(config, LoraConfig):
+        targets = config.target_modules
+        d.update(r=config.r, lora_alpha=config.alpha, lora_dropout=config.dropout, use_rslora=config.use_rslora,
+                 target_modules=targets if isinstance(targets, str) else sorted(targets), fan_in_fan_out=bool(fan_in_fan_out),
+                 init_lora_weights=True, **{k: v for k, v in _PEFT_LORA_OFF.items() if k != "modules_to_save"})
+    else:
+        layers, kv_heads, head_dim, hidden, heads = geometry
+        d.update(num_virtual_tokens=config.num_virtual_tokens, num_layers=layers, num_transformer_submodules=1)
+        if isinstance(config, PrefixTuningConfig):
+            d.update(token_dim=kv_heads * head_dim, num_attention_heads=kv_heads, prefix_projection=config.prefix_projection,
+                     encoder_hidden_size=config.encoder_hidden_size, init_weights=None)
+        else:
+            # "TEXT" would make PEFT load a tokenizer by name; the weights hold the prompt anyway.
+            d.update(token_dim=hidden, num_attention_heads=heads, prompt_tuning_init="RANDOM", prompt_tuning_init_text=None,
+                     tokenizer_name_or_path=None, tokenizer_kwargs=None)
+    return d
+
+
+def config_from_peft_dict(d: dict):
+    """Our config for an adapter_config.json written by PEFT (LoRA, prefix or prompt tuning of a
+    causal LM). A setting PEFT has and we do not (DoRA, biases, per-layer ranks, ...) is a
+    ValueError naming it, never silently dropped."""
+    kind = d.get("peft_type")
+    if d.get("task_type") not in (None, "CAUSAL_LM"):
+        raise ValueError(f"adapter task_type must be 'CAUSAL_LM', got {d.get('task_type')!r}")
+    if d.get("modules_to_save"):
+        raise ValueError(f"adapter has modules_to_save={d['modules_to_save']!r} (full copies of base layers), which is not supported")
+    if kind == "LORA":
+        for key, off in _PEFT_LORA_OFF.items():
+            if d.get(key, off) not in (off, None):
+                raise ValueError(f"PEFT LoRA setting {key}={d[key]!r} is not supported (only {off!r})")
+        return LoraConfig(target_modules=d.get("target_modules"), r=d.get("r", 8), alpha=d.get("lora_alpha", 8),
+                          dropout=d.get("lora_dropout", 0.0), use_rslora=bool(d.get("use_rslora", False)))
+    n = d.get("num_virtual_tokens")
+    if d.get("num_transformer_submodules", 1) not in (1, None):
+        raise ValueError(f"adapter num_transformer_submodules must be 1 (a decoder-only model), got {d['num_transformer_submodules']!r}")
+    if kind == "PREFIX_TUNING":
+        # PEFT saves a projected prefix as its output (the MLP is not saved), so it loads as a plain one.
+        return PrefixTuningConfig(num_virtual_tokens=n)
+    if kind == "PROMPT_TUNING":
+        return PromptTuningConfig(num_virtual_tokens=n)
+    raise ValueError(f"adapter peft_type must be one of {sorted(PEFT_TYPES.values())}, got {kind!r}")

@@ -15,8 +15,9 @@ prompt equal to their embeddings, gives exactly the base model's output on those
 by the input. `generate()` works on every kind.
 """
 import contextlib
+import dataclasses
+import hashlib
 import json
-import os
 import re
 from typing import Optional
 
@@ -25,12 +26,10 @@ from torch import nn
 
 from qlora_fast.models.generate import call_causal_lm
 from qlora_fast.models.llama import CausalLMOutput, LlamaForCausalLM, causal_lm_loss, positions_from_mask
-from qlora_fast.utils import atomic_write_bytes
 
-from .config import LoraConfig, PrefixTuningConfig, PromptTuningConfig, config_from_dict
+from .config import LoraConfig, PrefixTuningConfig, PromptTuningConfig, config_to_peft_dict
+from .io import ADAPTER_CONFIG, ADAPTER_WEIGHTS, CONFIG_HASH, OUR_CONFIG, check_state, from_peft_names, read_adapter, to_peft_names, write_adapter_dir
 
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 
 # ---------------------------------------------------------------------------- model geometry
@@ -64,26 +63,55 @@ def _cache_pairs(cache):
     return [(layer.keys, layer.values) for layer in cache.layers]
 
 
-def _linear_names(model: nn.Module):
-    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D"]
-
-
 def _match_lora_targets(model: nn.Module, config: LoraConfig):
-    names = [n for n in _linear_names(model) if n.split(".")[-1] != "lm_head"]
-    if isinstance(config.target_modules, str):
-        pattern = re.compile(config.target_modules)
+    from qlora_fast.nn.replace import ALL_LINEAR, default_lora_targets, linear_layer_names
+
+    names = linear_layer_names(model)
+    targets = config.target_modules if config.target_modules is not None else default_lora_targets(model)
+    if targets == ALL_LINEAR:
+        if not names:
+            raise ValueError(f"target_modules='all-linear' matches no linear layer of {type(model).__name__}")
+        return names
+    if isinstance(targets, str):
+        pattern = re.compile(targets)
         matched = [n for n in names if pattern.fullmatch(n)]
         if not matched:
-            raise ValueError(f"target_modules regex {config.target_modules!r} matches no linear layer; linear layers: {names[:12]}")
+            raise ValueError(f"target_modules regex {targets!r} matches no linear layer; linear layers: {names[:12]}")
         return matched
     matched = []
-    for target in config.target_modules:
+    for target in targets:
         hits = [n for n in names if n == target or n.endswith("." + target)]
         if not hits:
             short = sorted({n.split(".")[-1] for n in names})
             raise ValueError(f"target module {target!r} not found in {type(model).__name__}; its linear layers are named {short}")
         matched += hits
     return sorted(set(matched))
+
+
+def _layer_features(layer: nn.Module):
+    """(in_features, out_features) of a linear layer of any kind we wrap (Conv1D keeps (in, out))."""
+    from qlora_fast.nn.replace import _is_conv1d
+
+    if _is_conv1d(layer):
+        return tuple(layer.weight.shape)
+    return layer.in_features, layer.out_features
+
+
+@dataclasses.dataclass
+class PeftOutput(CausalLMOutput):
+    """`CausalLMOutput` that also reads like transformers' ModelOutput: `out[0]` is the loss when
+    there is one (else the logits), `out["loss"]`, `out.keys()` (transformers' Trainer reads these)."""
+
+    def _fields(self):
+        names = ["loss"] + [f.name for f in dataclasses.fields(self) if f.name != "loss"]  # transformers' order
+        return {k: getattr(self, k) for k in names if getattr(self, k) is not None}
+
+    def __getitem__(self, key):
+        fields = self._fields()
+        return fields[key] if isinstance(key, str) else list(fields.values())[key]
+
+    def keys(self):
+        return self._fields().keys()
 
 
 # ---------------------------------------------------------------------------- encoders
@@ -145,44 +173,71 @@ class PeftModel(nn.Module):
         self.peft_config = config
         self.adapter_enabled = True
         self.prompt_encoder: Optional[nn.Module] = None
-        for p in model.parameters():
-            p.requires_grad_(False)
-        if isinstance(config, LoraConfig):
-            self._inject_lora(config)
-        elif isinstance(config, PrefixTuningConfig):
-            geometry = attention_geometry(model)
-            init_pairs = None if config.prefix_projection else self._real_token_cache(config.num_virtual_tokens)
-            self.prompt_encoder = PrefixEncoder(config, geometry, init_pairs, self._adapter_dtype())
-        elif isinstance(config, PromptTuningConfig):
-            attention_geometry(model)
-            self.prompt_encoder = PromptEncoder(self._prompt_init(config, tokenizer), self._adapter_dtype())
-        else:
+        if isinstance(config, LoraConfig) and config.target_modules is None:
+            from qlora_fast.nn.replace import default_lora_targets
+
+            self.peft_config = config = dataclasses.replace(config, target_modules=default_lora_targets(model))
+        if not isinstance(config, (LoraConfig, PrefixTuningConfig, PromptTuningConfig)):
             raise TypeError(f"config must be a LoraConfig, PrefixTuningConfig or PromptTuningConfig, got {type(config).__name__}")
+        trainable = [(p, p.requires_grad) for p in model.parameters()]
+        try:  # all or nothing: an error leaves the model as it was (LoRA swaps are undone in _inject_lora)
+            for p, _ in trainable:
+                p.requires_grad_(False)
+            if isinstance(config, LoraConfig):
+                self._inject_lora(config)
+            elif isinstance(config, PrefixTuningConfig):
+                geometry = attention_geometry(model)
+                init_pairs = None if config.prefix_projection else self._real_token_cache(config.num_virtual_tokens)
+                self.prompt_encoder = PrefixEncoder(config, geometry, init_pairs, self._adapter_dtype())
+            else:
+                attention_geometry(model)
+                self.prompt_encoder = PromptEncoder(self._prompt_init(config, tokenizer), self._adapter_dtype())
+        except BaseException:
+            for p, flag in trainable:
+                p.requires_grad_(flag)
+            raise
 
     # ---- construction helpers
     def _inject_lora(self, config: LoraConfig):
+        """Swap the targets for LoRA modules, all or nothing: every module is built first. A layer
+        already in 4 bits (ours or bitsandbytes') keeps its bytes under the adapter."""
+        from qlora_fast.nn.linear4bit import Linear4bit
         from qlora_fast.nn.lora import LoRALinear, QLoRALinear
-        from qlora_fast.nn.replace import _conv1d_to_linear
+        from qlora_fast.nn.replace import _check_not_quantized, _is_bnb_4bit, as_linear, replace_linear
 
+        plan = []
         for name in _match_lora_targets(self.base_model, config):
             parent_name, _, child = name.rpartition(".")
             parent = self.base_model.get_submodule(parent_name) if parent_name else self.base_model
-            linear = getattr(parent, child)
-            if not isinstance(linear, nn.Linear):
-                linear = _conv1d_to_linear(linear)
+            layer = getattr(parent, child)
+            if isinstance(layer, LoRALinear):
+                raise ValueError(f"layer {name!r} already has a LoRA adapter; merge or unload it before adding another")
+            if not (isinstance(layer, Linear4bit) or _is_bnb_4bit(layer)):
+                _check_not_quantized(layer, name)
+            linear = as_linear(layer)
             args = dict(r=config.r, alpha=config.alpha, dropout=config.dropout, use_rslora=config.use_rslora)
-            if config.quantize_base:
+            if isinstance(linear, Linear4bit):
+                module = QLoRALinear(linear, **args)
+            elif config.quantize_base:
                 module = QLoRALinear.from_linear(linear, quant_type=config.quantize_base, blocksize=config.blocksize,
                                                  compress_statistics=config.double_quant, **args)
             else:
                 module = LoRALinear.from_linear(linear, **args)
+            if getattr(linear, "conv1d_class", None) is not None:
+                module.base.conv1d_class = linear.conv1d_class
+            plan.append((parent, child, module))
+        originals = [(parent, child, getattr(parent, child)) for parent, child, _ in plan]
+        for parent, child, module in plan:
             setattr(parent, child, module)
         if config.quantize_base:
             # QLoRA: every other linear (but the lm_head) is stored in 4 bits too.
-            from qlora_fast.nn.replace import replace_linear
-
-            replace_linear(self.base_model, quant_type=config.quantize_base, skip=("lm_head",),
-                           blocksize=config.blocksize, compress_statistics=config.double_quant)
+            try:
+                replace_linear(self.base_model, quant_type=config.quantize_base, skip=("lm_head",),
+                               blocksize=config.blocksize, compress_statistics=config.double_quant)
+            except BaseException:
+                for parent, child, module in originals:
+                    setattr(parent, child, module)
+                raise
         for p in self.base_model.parameters():
             p.requires_grad_(False)
         for m in self.lora_modules():
@@ -291,7 +346,7 @@ class PeftModel(nn.Module):
         return self.peft_config.num_virtual_tokens
 
     def forward(self, input_ids=None, attention_mask=None, past_key_values=None, inputs_embeds=None, labels=None,
-                use_cache=False, position_ids=None) -> CausalLMOutput:
+                use_cache=False, position_ids=None) -> PeftOutput:
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         ref = input_ids if input_ids is not None else inputs_embeds
@@ -301,7 +356,7 @@ class PeftModel(nn.Module):
             logits, cache = call_causal_lm(self.base_model, input_ids=input_ids, attention_mask=attention_mask,
                                            past_key_values=past_key_values, inputs_embeds=inputs_embeds,
                                            position_ids=position_ids, use_cache=use_cache)
-            return CausalLMOutput(logits=logits, loss=None if labels is None else causal_lm_loss(logits, labels),
+            return PeftOutput(logits=logits, loss=None if labels is None else causal_lm_loss(logits, labels),
                                   past_key_values=cache if use_cache else None)
         device = ref.device
         past_len = 0 if past_key_values is None else _cache_pairs(past_key_values)[0][0].shape[2]
@@ -334,7 +389,7 @@ class PeftModel(nn.Module):
                 logits, cache = call_causal_lm(self.base_model, input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=full_mask,
                                                past_key_values=past_key_values, position_ids=position_ids, use_cache=use_cache)
         loss = None if labels is None else causal_lm_loss(logits, labels)
-        return CausalLMOutput(logits=logits, loss=loss, past_key_values=cache if use_cache else None)
+        return PeftOutput(logits=logits, loss=loss, past_key_values=cache if use_cache else None)
 
     def _prefix_cache(self, batch: int, ref: torch.Tensor):
         dtype = ref.dtype if ref.is_floating_point() else next(iter(self.base_model.parameters())).dtype
@@ -355,122 +410,203 @@ class PeftModel(nn.Module):
 
     # ---- save / load / merge
     def adapter_state_dict(self):
+        """The adapter's tensors under our names (`adapter_parameters()`), on the CPU."""
         return {name: p.detach().cpu().contiguous() for name, p in self.adapter_parameters()}
 
+    def peft_state_dict(self):
+        """The adapter's tensors under PEFT's names, as `save_adapter` writes them."""
+        prefix_flat = None
+        if isinstance(self.peft_config, PrefixTuningConfig):
+            with torch.no_grad():  # PEFT stores the prefix (projected, if so) flattened per virtual token
+                prefix_flat = self.prompt_encoder().detach().permute(3, 0, 1, 2, 4).reshape(self.peft_config.num_virtual_tokens, -1)
+            prefix_flat = prefix_flat.cpu().contiguous()
+        return to_peft_names(self.adapter_state_dict(), self.peft_config, prefix_flat)
+
+    def peft_config_dict(self) -> dict:
+        """`adapter_config.json` as `save_adapter` writes it (PEFT's fields)."""
+        geometry = None
+        if not isinstance(self.peft_config, LoraConfig):
+            geometry = (*attention_geometry(self.base_model), _attention_heads(self.base_model))
+        fan_in_fan_out = any(getattr(m.base, "conv1d_class", None) is not None for m in self.lora_modules())
+        name = getattr(getattr(self.base_model, "config", None), "name_or_path", None) or None
+        return config_to_peft_dict(self.peft_config, geometry, fan_in_fan_out, name)
+
     def save_adapter(self, path: str) -> str:
-        """Write `adapter_config.json` and `adapter_model.safetensors` into directory `path`
-        (created if needed), each atomically. Returns `path`."""
+        """Write the adapter into directory `path` in PEFT's format (`adapter_config.json` +
+        `adapter_model.safetensors`: `peft.PeftModel.from_pretrained` loads it), as one unit: a
+        crash or an error leaves the previous adapter at `path` whole. Returns `path`."""
         from safetensors.torch import save
 
-        os.makedirs(path, exist_ok=True)
-        atomic_write_bytes(os.path.join(path, ADAPTER_WEIGHTS), save(self.adapter_state_dict(), metadata=self._base_signature()))
-        atomic_write_bytes(os.path.join(path, ADAPTER_CONFIG), json.dumps(self.peft_config.to_dict(), indent=2).encode())
+        config_bytes = json.dumps(self.peft_config_dict(), indent=2).encode()
+        metadata = {"format": "pt", **_base_signature(self.base_model), CONFIG_HASH: hashlib.sha256(config_bytes).hexdigest(),
+                    OUR_CONFIG: json.dumps(self.peft_config.to_dict())}
+        write_adapter_dir(path, {ADAPTER_WEIGHTS: save(self.peft_state_dict(), metadata=metadata), ADAPTER_CONFIG: config_bytes})
         return path
 
-    def _base_signature(self) -> dict:
-        """What identifies the base beyond its layer shapes (stored in the adapter file's metadata);
-        empty for a base without token embeddings (LoRA on any module)."""
-        embeddings = getattr(self.base_model, "get_input_embeddings", lambda: None)()
-        if embeddings is None:
-            return {}
-        return {"base_embedding_shape": "x".join(str(n) for n in embeddings.weight.shape)}
-
     def load_adapter(self, path: str) -> "PeftModel":
-        """Load weights written by `save_adapter` into this model (same config required)."""
-        from safetensors import safe_open
-
-        config = read_adapter_config(path)
-        if config.to_dict() != self.peft_config.to_dict():
+        """Load the adapter at `path` (ours, in PEFT's format or our earlier one, or PEFT's own
+        `save_pretrained` output) into this model, whose config must match. Everything is checked
+        before any tensor is copied: an error leaves this model as it was."""
+        config, state, metadata, by_peft = read_adapter(path)
+        if not _same_adapter(config, self.peft_config, by_peft):
             raise ValueError(f"adapter at {path} has config {config.to_dict()}, this model has {self.peft_config.to_dict()}")
-        with safe_open(os.path.join(path, ADAPTER_WEIGHTS), framework="pt") as f:
-            saved_base = f.metadata() or {}
-            state = {name: f.get_tensor(name) for name in f.keys()}
-        ours = self._base_signature()
-        for key in ours.keys() & saved_base.keys():
-            # A LoRA adapter fits any base of the same layer shapes, so a base with another
-            # tokenizer (e.g. the byte-level vs the BPE built-in model) would load silently.
-            if saved_base[key] != ours[key]:
-                raise ValueError(f"adapter at {path} was trained on a base with {key} {saved_base[key]}; "
-                                 f"this model has {ours[key]} (a different base model or tokenizer)")
+        _check_base_signature(self.base_model, metadata, path)
+        geometry = None if isinstance(config, LoraConfig) else attention_geometry(self.base_model)
+        state = from_peft_names(state, self.peft_config, geometry)
         own = dict(self.adapter_parameters())
-        if set(state) != set(own):
-            raise ValueError(f"adapter at {path} does not fit this model: missing {sorted(set(own) - set(state))[:5]}, "
-                             f"unexpected {sorted(set(state) - set(own))[:5]}")
+        check_state(state, {n: p.shape for n, p in own.items()}, path)
         with torch.no_grad():
             for name, tensor in state.items():
-                if own[name].shape != tensor.shape:
-                    raise ValueError(f"adapter tensor {name} has shape {tuple(tensor.shape)}, the model expects {tuple(own[name].shape)}")
                 own[name].copy_(tensor)
         return self
 
     @torch.no_grad()
-    def merge_and_unload(self, requantize: bool = False) -> nn.Module:
-        """Fold every LoRA adapter into its base weight and return the plain base model.
+    def merge_and_unload(self, requantize: bool = False, dtype: Optional[torch.dtype] = None) -> nn.Module:
+        """Fold every LoRA adapter into its base weight and return the plain base model, ready for
+        transformers' `save_pretrained` / `from_pretrained`.
 
-        A full-precision base gets W + scaling * B A (float32 math, rounded to W's dtype). A 4-bit
-        base is dequantized and merged into a float32 `nn.Linear` by default (logits equal the
-        adapted model's up to float rounding); with `requantize=True` the sum is quantized
-        again to 4 bits instead, which adds quantization error. Only LoRA adapters merge
-        (ValueError otherwise).
+        Default: a dense model. Every adapted layer becomes W + scaling * B A (float32 math); every
+        4-bit layer (adapted or not) is dequantized; each gets back its original class (a GPT-2
+        `Conv1D` stays a Conv1D, weight (in, out)) and its original dtype, or `dtype` for the whole
+        model when given. A model loaded in 4 bits by transformers loses its `quantization_config`.
+        requantize=True keeps 4 bits: each 4-bit adapted weight is merged and quantized again
+        (adding quantization error), and a transformers model's config gets the bitsandbytes
+        `quantization_config` that reloads it. Only LoRA adapters merge (ValueError otherwise).
         """
         if self.prompt_encoder is not None:
             raise ValueError(f"merge_and_unload needs a LoRA adapter; {self.method} tuning has nothing to merge")
-        from qlora_fast.nn.lora import QLoRALinear
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise TypeError(f"dtype must be a floating torch.dtype or None, got {dtype!r}")
+        if requantize and dtype is not None:
+            raise ValueError("dtype is for a dense merge; requantize=True keeps the 4-bit layers as they are")
+        from qlora_fast.nn.replace import merge_linear_layers
 
-        lora_ids = {id(m) for m in self.lora_modules()}
-        for name, module in list(self.base_model.named_modules()):
-            if id(module) not in lora_ids:
-                continue
-            parent_name, _, child = name.rpartition(".")
-            parent = self.base_model.get_submodule(parent_name) if parent_name else self.base_model
-            if isinstance(module, QLoRALinear) and not requantize:
-                weight = module._dequantized_fp32() + module._delta()
-                linear = nn.Linear(module.in_features, module.out_features, bias=module.base.bias is not None, device=weight.device)
-                linear.weight.copy_(weight)
-                if module.base.bias is not None:
-                    linear.bias.copy_(module.base.bias.float())
-                replacement = linear
-            else:
-                if not module.merged:
-                    module.merge()
-                replacement = module.base
-            replacement.requires_grad_(False)
-            setattr(parent, child, replacement)
+        merge_linear_layers(self.base_model, keep_4bit=requantize, dtype=dtype)
+        if dtype is not None:
+            # parameters only: buffers such as rotary frequencies stay as the model computes them
+            for p in self.base_model.parameters():
+                p.data = p.data.to(dtype)
         return self.base_model
 
 
+def _attention_heads(model: nn.Module) -> int:
+    cfg = model.config
+    return cfg.num_heads if isinstance(model, LlamaForCausalLM) else cfg.num_attention_heads
+
+
+def _base_signature(model: nn.Module) -> dict:
+    """What identifies the base beyond its layer shapes (stored in the adapter file's metadata);
+    empty for a base without token embeddings (LoRA on any module)."""
+    embeddings = getattr(model, "get_input_embeddings", lambda: None)()
+    if embeddings is None:
+        return {}
+    return {"base_embedding_shape": "x".join(str(n) for n in embeddings.weight.shape)}
+
+
+def _check_base_signature(model: nn.Module, saved: dict, path: str) -> None:
+    ours = _base_signature(model)
+    for key in ours.keys() & saved.keys():
+        # A LoRA adapter fits any base of the same layer shapes, so a base with another
+        # tokenizer (e.g. the byte-level vs the BPE built-in model) would load silently.
+        if saved[key] != ours[key]:
+            raise ValueError(f"adapter at {path} was trained on a base with {key} {saved[key]}; "
+                             f"this model has {ours[key]} (a different base model or tokenizer)")
+
+
+def _same_adapter(saved, ours, by_peft: bool) -> bool:
+    """Whether a saved config fits a model built with `ours`. PEFT's own files say nothing of how
+    the base is stored (4 bits or not) or how a prompt was initialised, so those are not compared."""
+    def key(config, loose):
+        d = config.to_dict()
+        if isinstance(d.get("target_modules"), list):
+            d["target_modules"] = sorted(d["target_modules"])
+        if loose:
+            for field in ("quantize_base", "blocksize", "double_quant", "init", "init_text"):
+                d.pop(field, None)
+            if not d.get("prefix_projection", True):
+                d.pop("encoder_hidden_size")
+        return d
+
+    return key(saved, by_peft) == key(ours, by_peft)
+
+
+def _expected_shapes(model: nn.Module, config) -> dict:
+    """{name: shape} of the adapter `config` would give `model`, worked out without changing it."""
+    if isinstance(config, LoraConfig):
+        if config.target_modules is None:
+            from qlora_fast.nn.replace import default_lora_targets
+
+            config = dataclasses.replace(config, target_modules=default_lora_targets(model))
+        shapes = {}
+        for name in _match_lora_targets(model, config):
+            in_features, out_features = _layer_features(model.get_submodule(name))
+            shapes[f"base_model.{name}.lora_A"] = (config.r, in_features)
+            shapes[f"base_model.{name}.lora_B"] = (out_features, config.r)
+        return shapes
+    geometry = attention_geometry(model)
+    if isinstance(config, PrefixTuningConfig):
+        return {f"prompt_encoder.{n}": tuple(p.shape) for n, p in PrefixEncoder(config, geometry).named_parameters()}
+    return {"prompt_encoder.embedding": (config.num_virtual_tokens, geometry[3])}
+
+
 def read_adapter_config(path: str):
-    """The config saved by `save_adapter` in directory `path`."""
-    file = os.path.join(path, ADAPTER_CONFIG)
-    if not os.path.exists(file):
-        raise FileNotFoundError(f"no {ADAPTER_CONFIG} in {path}")
-    with open(file) as f:
-        return config_from_dict(json.load(f))
+    """The config of the adapter saved in directory `path` (by `save_adapter`, or by PEFT)."""
+    return read_adapter(path)[0]
 
 
 def get_peft_model(model: nn.Module, config, tokenizer=None) -> PeftModel:
     """Wrap `model` with the adapter `config` describes; the base is frozen (LoRA modules are
-    swapped into it in place). `tokenizer` is needed only for PromptTuningConfig(init="text").
-    Raises ValueError for a target that matches nothing or a model without the expected attention."""
+    swapped into it in place, all or nothing). `tokenizer` is needed only for
+    PromptTuningConfig(init="text"). Layers already in 4 bits (ours, or bitsandbytes' from a model
+    loaded with `BitsAndBytesConfig(load_in_4bit=True)`) keep their bytes. Raises ValueError for a
+    target that matches nothing or a model without the expected attention."""
     return PeftModel(model, config, tokenizer=tokenizer)
 
 
 def load_adapter(model: nn.Module, path: str) -> PeftModel:
-    """A fresh `PeftModel` on `model` with the adapter saved at `path`."""
-    config = read_adapter_config(path)
+    """A fresh `PeftModel` on `model` with the adapter saved at `path` (by `save_adapter`, in our
+    earlier format, or by PEFT's `save_pretrained`). The files are read and checked against the
+    model before it is touched: a bad or mismatched adapter raises and leaves `model` as it was."""
+    config, state, metadata, _ = read_adapter(path)
+    _check_base_signature(model, metadata, path)
+    geometry = None if isinstance(config, LoraConfig) else attention_geometry(model)
+    check_state(from_peft_names(state, config, geometry), _expected_shapes(model, config), path)
     if isinstance(config, PromptTuningConfig) and config.init == "text":
         # The saved weights overwrite the initial prompt, so build it with a random init.
         saved = config
-        config = PromptTuningConfig(num_virtual_tokens=saved.num_virtual_tokens)
-        peft = get_peft_model(model, config)
+        peft = get_peft_model(model, PromptTuningConfig(num_virtual_tokens=saved.num_virtual_tokens))
         peft.peft_config = saved
     else:
         peft = get_peft_model(model, config)
     return peft.load_adapter(path)
 
 
-def save_adapter(model: PeftModel, path: str) -> str:
-    """`model.save_adapter(path)`."""
-    if not isinstance(model, PeftModel):
-        raise TypeError(f"model must be a PeftModel, got {type(model).__name__}")
-    return model.save_adapter(path)
+def save_adapter(model: nn.Module, path: str) -> str:
+    """`model.save_adapter(path)` for a `PeftModel`; a model adapted in place by `replace_linear`
+    (e.g. one trained by transformers' Trainer or TRL) is saved the same way, its LoraConfig read
+    off its LoRA modules (which must share r, alpha, dropout and rsLoRA)."""
+    if isinstance(model, PeftModel):
+        return model.save_adapter(path)
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a PeftModel or an nn.Module with LoRA layers, got {type(model).__name__}")
+    return _wrap_adapted(model).save_adapter(path)
+
+
+def _wrap_adapted(model: nn.Module) -> PeftModel:
+    """A PeftModel view of a model whose LoRA modules are already in place (nothing is injected)."""
+    from qlora_fast.nn.lora import LoRALinear, QLoRALinear
+
+    names = [n for n, m in model.named_modules() if isinstance(m, LoRALinear)]
+    if not names:
+        raise TypeError(f"model ({type(model).__name__}) has no LoRA layers to save; build it with get_peft_model or replace_linear(lora_r=...)")
+    modules = [model.get_submodule(n) for n in names]
+    settings = {(m.r, m.alpha, m.dropout, m.use_rslora) for m in modules}
+    if len(settings) > 1:
+        raise ValueError(f"the LoRA layers mix settings (r, alpha, dropout, rslora) {sorted(settings)}; one adapter config holds one")
+    r, alpha, dropout, rslora = settings.pop()
+    quant = next((m.base.quant_type for m in modules if isinstance(m, QLoRALinear)), None)
+    config = LoraConfig(target_modules=names, r=r, alpha=float(alpha), dropout=dropout, use_rslora=rslora, quantize_base=quant)
+    view = PeftModel.__new__(PeftModel)
+    nn.Module.__init__(view)
+    view.base_model, view.peft_config, view.adapter_enabled, view.prompt_encoder = model, config, True, None
+    return view

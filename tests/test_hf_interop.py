@@ -1,0 +1,559 @@
+"""The Hugging Face ecosystem as the oracle: adapters move both ways with PEFT (logits equal),
+saves are one unit and loads all-or-nothing, merged models round-trip through transformers'
+save_pretrained / from_pretrained, bitsandbytes 4-bit models are adopted byte for byte. Tiny
+Llama and GPT-2 models built from configs (no downloads)."""
+import copy
+import dataclasses
+import errno
+import json
+import os
+
+import pytest
+import torch
+from torch import nn
+from conftest import assert_close
+
+from qlora_fast.peft import LoraConfig, PeftModel, PrefixTuningConfig, PromptTuningConfig, get_peft_model, load_adapter
+from qlora_fast.tokenizer.base import ByteTokenizer
+
+transformers = pytest.importorskip("transformers")
+hf_peft = pytest.importorskip("peft")
+
+VOCAB = 259
+
+
+def hf_llama(dtype=torch.float32, hidden=48):
+    # hidden=64 (with intermediate 128) for bitsandbytes 4-bit: its CPU kernels misread rows that
+    # are not a whole number of 64-blocks (its own quantize -> dequantize is off there).
+    cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=83 if hidden == 48 else 2 * hidden, num_hidden_layers=2,
+                                   num_attention_heads=6 if hidden == 48 else 4, num_key_value_heads=2, max_position_embeddings=64)
+    return transformers.LlamaForCausalLM(cfg).to(dtype).eval()
+
+
+def hf_gpt2(dtype=torch.float32):
+    # n_embd 48: attn.c_proj is square (48 x 48), the layer that reloads silently transposed if
+    # a merge hands back an nn.Linear in place of the Conv1D.
+    cfg = transformers.GPT2Config(vocab_size=VOCAB, n_embd=48, n_layer=2, n_head=4, n_positions=256, bos_token_id=0, eos_token_id=0)
+    return transformers.GPT2LMHeadModel(cfg).to(dtype).eval()
+
+
+MODELS = {"llama": hf_llama, "gpt2": hf_gpt2}
+TARGETS = {"llama": ["q_proj", "v_proj", "down_proj"], "gpt2": ["c_attn", "c_proj"]}
+
+
+def ours_config(method, kind):
+    return {
+        "lora": LoraConfig(target_modules=TARGETS[kind], r=3, alpha=5.0, dropout=0.1),
+        "rslora": LoraConfig(target_modules=TARGETS[kind], r=4, alpha=3.0, use_rslora=True),
+        "qlora": LoraConfig(target_modules=TARGETS[kind], r=3, quantize_base="nf4", blocksize=32),
+        "prefix": PrefixTuningConfig(num_virtual_tokens=3),
+        "prefix_mlp": PrefixTuningConfig(num_virtual_tokens=3, prefix_projection=True, encoder_hidden_size=9),
+        "prompt": PromptTuningConfig(num_virtual_tokens=4, init="text", init_text="hi"),
+    }[method]
+
+
+def perturb(params):
+    with torch.no_grad():
+        for p in params:
+            p.add_(torch.randn_like(p) * 0.1)
+
+
+def real_logits(logits, t):
+    """PEFT's prompt tuning returns logits for the virtual tokens too; ours line up with the input."""
+    return logits[:, -t:]
+
+
+# ------------------------------------------------------------------------- ours -> PEFT
+@pytest.mark.parametrize("kind", list(MODELS))
+@pytest.mark.parametrize("method", ["lora", "rslora", "qlora", "prefix", "prefix_mlp", "prompt"])
+def test_our_adapter_loads_in_peft_with_equal_logits(tmp_path, seed, kind, method):
+    base = MODELS[kind]()
+    fresh, fresh_ours = copy.deepcopy(base), copy.deepcopy(base)
+    ours = get_peft_model(base, ours_config(method, kind), tokenizer=ByteTokenizer())
+    perturb(p for _, p in ours.adapter_parameters())
+    path = ours.save_adapter(str(tmp_path / "adapter"))
+    assert sorted(os.listdir(path)) == ["adapter_config.json", "adapter_model.safetensors"]
+    saved = json.load(open(os.path.join(path, "adapter_config.json")))
+    if method in ("lora", "rslora", "qlora"):
+        assert saved["fan_in_fan_out"] is (kind == "gpt2")
+    theirs = hf_peft.PeftModel.from_pretrained(fresh, path).eval()
+    ids = torch.randint(0, VOCAB, (2, 7))
+    ours.eval()
+    if method == "qlora":
+        # PEFT has no 4-bit base here: its adapter tensors must be ours exactly (the base differs).
+        got = {n: p for n, p in theirs.named_parameters() if "lora_" in n}
+        for name, p in ours.adapter_parameters():
+            key = "base_model.model." + name[len("base_model."):].replace("lora_A", "lora_A.default").replace("lora_B", "lora_B.default") + ".weight"
+            assert torch.equal(got[key], p), name
+        assert theirs.peft_config["default"].use_rslora is False and theirs.peft_config["default"].r == 3
+        return
+    assert_close(real_logits(theirs(input_ids=ids).logits, 7), ours(input_ids=ids).logits)
+    # and our own loader reads it back as it was (our extras kept beside PEFT's fields)
+    again = load_adapter(fresh_ours, path).eval()
+    assert again.peft_config.to_dict() == ours.peft_config.to_dict()
+    assert torch.equal(again(input_ids=ids).logits, ours(input_ids=ids).logits)
+
+
+# ------------------------------------------------------------------------- PEFT -> ours
+def peft_config(method, kind):
+    tm = TARGETS[kind]
+    return {
+        "lora": hf_peft.LoraConfig(r=3, lora_alpha=5, target_modules=tm, fan_in_fan_out=kind == "gpt2", task_type="CAUSAL_LM"),
+        "rslora": hf_peft.LoraConfig(r=4, lora_alpha=3, use_rslora=True, target_modules=tm, fan_in_fan_out=kind == "gpt2",
+                                     task_type="CAUSAL_LM"),
+        "all_linear": hf_peft.LoraConfig(r=2, target_modules="all-linear", task_type="CAUSAL_LM"),
+        "prefix": hf_peft.PrefixTuningConfig(num_virtual_tokens=3, task_type="CAUSAL_LM"),
+        "prefix_mlp": hf_peft.PrefixTuningConfig(num_virtual_tokens=3, prefix_projection=True, encoder_hidden_size=9, task_type="CAUSAL_LM"),
+        "prompt": hf_peft.PromptTuningConfig(num_virtual_tokens=4, task_type="CAUSAL_LM"),
+    }[method]
+
+
+@pytest.mark.parametrize("kind", list(MODELS))
+@pytest.mark.parametrize("method", ["lora", "rslora", "all_linear", "prefix", "prefix_mlp", "prompt"])
+def test_peft_adapter_loads_in_ours_with_equal_logits(tmp_path, seed, kind, method):
+    base = MODELS[kind]()
+    fresh, oracle_base, second = copy.deepcopy(base), copy.deepcopy(base), copy.deepcopy(base)
+    trained = hf_peft.get_peft_model(base, peft_config(method, kind))
+    perturb(p for p in trained.parameters() if p.requires_grad)
+    trained.save_pretrained(str(tmp_path))
+    theirs = hf_peft.PeftModel.from_pretrained(oracle_base, str(tmp_path)).eval()  # what the files hold
+    ours = load_adapter(fresh, str(tmp_path)).eval()
+    ids = torch.randint(0, VOCAB, (3, 6))
+    assert_close(ours(input_ids=ids).logits, real_logits(theirs(input_ids=ids).logits, 6))
+    # and back: ours re-saved loads in PEFT with the same logits
+    ours.save_adapter(str(tmp_path / "again"))
+    back = hf_peft.PeftModel.from_pretrained(second, str(tmp_path / "again")).eval()
+    assert_close(real_logits(back(input_ids=ids).logits, 6), ours(input_ids=ids).logits)
+
+
+def test_our_earlier_format_still_loads(tmp_path, seed):
+    from safetensors.torch import save_file
+
+    base = hf_llama()
+    fresh = copy.deepcopy(base)
+    ours = get_peft_model(base, LoraConfig(target_modules=["q_proj", "v_proj"], r=2))
+    perturb(p for _, p in ours.adapter_parameters())
+    # the layout save_adapter wrote before PEFT's: our config dict, our tensor names
+    (tmp_path / "adapter_config.json").write_text(json.dumps(ours.peft_config.to_dict()))
+    save_file(ours.adapter_state_dict(), str(tmp_path / "adapter_model.safetensors"), metadata={"base_embedding_shape": f"{VOCAB}x48"})
+    loaded = load_adapter(fresh, str(tmp_path)).eval()
+    ids = torch.randint(0, VOCAB, (2, 5))
+    assert torch.equal(loaded(input_ids=ids).logits, ours.eval()(input_ids=ids).logits)
+
+
+def test_unsupported_peft_settings_are_named(tmp_path):
+    trained = hf_peft.get_peft_model(hf_llama(), hf_peft.LoraConfig(r=2, target_modules=["q_proj"], use_dora=True, task_type="CAUSAL_LM"))
+    trained.save_pretrained(str(tmp_path))
+    model = hf_llama()
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match="use_dora"):
+        load_adapter(model, str(tmp_path))
+    assert all(type(m) is not hf_peft.tuners.lora.Linear for m in model.modules())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+# ------------------------------------------------------------------------- one unit, all or nothing
+def test_interrupted_save_leaves_the_previous_adapter_whole(tmp_path, seed, monkeypatch):
+    from qlora_fast.peft import io
+
+    base = hf_llama()
+    fresh = copy.deepcopy(base)
+    first = get_peft_model(base, LoraConfig(target_modules=["q_proj", "v_proj"], r=2, alpha=4.0))
+    perturb(p for _, p in first.adapter_parameters())
+    path = first.save_adapter(str(tmp_path / "adapter"))
+    (tmp_path / "adapter" / "README.md").write_text("kept")  # a file of the user's beside ours
+    expected = {n: p.clone() for n, p in first.adapter_parameters()}
+    # a second save with another rank and alpha hits a full disk between its two files
+    second = get_peft_model(hf_llama(), LoraConfig(target_modules=["q_proj", "v_proj"], r=3, alpha=7.0))
+    real_write, calls = io._write_file, []
+
+    def disk_full_on_second_file(file, data):
+        calls.append(file)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device", file)
+        real_write(file, data)
+
+    monkeypatch.setattr(io, "_write_file", disk_full_on_second_file)
+    with pytest.raises(OSError, match="No space"):
+        second.save_adapter(path)
+    monkeypatch.setattr(io, "_write_file", real_write)
+    assert sorted(os.listdir(tmp_path)) == ["adapter"]  # no temporary left behind
+    loaded = load_adapter(fresh, path)
+    assert loaded.peft_config.r == 2 and loaded.peft_config.alpha == 4.0
+    for name, p in loaded.adapter_parameters():
+        assert torch.equal(p, expected[name]), name
+    # a save that succeeds replaces the unit and keeps the user's file
+    second.save_adapter(path)
+    assert sorted(os.listdir(path)) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
+    assert load_adapter(hf_llama(), path).peft_config.r == 3
+    assert oct(os.stat(path).st_mode & 0o777) == oct(0o777 & ~_umask())
+
+
+def test_a_killed_saves_temporary_is_cleaned_up_later(tmp_path):
+    ours = get_peft_model(hf_llama(), LoraConfig(target_modules=["q_proj"], r=2))
+    stale, recent = tmp_path / ".tmp-adapter-killed", tmp_path / ".tmp-adapter-inprogress"
+    for d in (stale, recent):
+        d.mkdir()
+        (d / "adapter_model.safetensors").write_bytes(b"half")
+    os.utime(stale, (1, 1))  # a save killed long ago
+    ours.save_adapter(str(tmp_path / "adapter"))
+    assert sorted(os.listdir(tmp_path)) == [".tmp-adapter-inprogress", "adapter"]  # a save in progress is left alone
+
+
+def _umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def test_files_from_two_saves_are_refused(tmp_path):
+    a = get_peft_model(hf_llama(), LoraConfig(target_modules=["q_proj"], r=2, alpha=4.0))
+    b = get_peft_model(hf_llama(), LoraConfig(target_modules=["q_proj"], r=2, alpha=8.0))
+    a.save_adapter(str(tmp_path / "a"))
+    b.save_adapter(str(tmp_path / "b"))
+    os.replace(tmp_path / "b" / "adapter_config.json", tmp_path / "a" / "adapter_config.json")  # only alpha differs
+    with pytest.raises(ValueError, match="different saves"):
+        load_adapter(hf_llama(), str(tmp_path / "a"))
+
+
+def _snapshot(model):
+    return [(n, type(m)) for n, m in model.named_modules()], {k: v.clone() for k, v in model.state_dict().items()}, \
+        [p.requires_grad for p in model.parameters()]
+
+
+def _assert_unchanged(model, snapshot):
+    modules, state, grads = snapshot
+    assert [(n, type(m)) for n, m in model.named_modules()] == modules
+    now = model.state_dict()
+    assert set(now) == set(state) and all(torch.equal(now[k], v) for k, v in state.items())
+    assert [p.requires_grad for p in model.parameters()] == grads
+
+
+@pytest.mark.parametrize("damage", ["shape", "nan", "missing", "truncated", "bad_json"])
+def test_bad_adapter_leaves_the_model_as_it_was(tmp_path, seed, damage):
+    from safetensors.torch import load_file, save_file
+
+    ours = get_peft_model(hf_llama(), LoraConfig(target_modules=["q_proj", "v_proj", "down_proj"], r=2, quantize_base="nf4"))
+    perturb(p for _, p in ours.adapter_parameters())
+    path = ours.save_adapter(str(tmp_path / "adapter"))
+    weights = os.path.join(path, "adapter_model.safetensors")
+    with open(weights, "rb") as f:
+        from safetensors import safe_open
+
+        metadata = safe_open(weights, "pt").metadata()
+    state = load_file(weights)
+    last = sorted(state)[-1]  # damage the last tensor, so a loader copying in order would have changed the rest
+    if damage == "shape":
+        state[last] = state[last][:, :1].contiguous()
+    elif damage == "nan":
+        state[last][0, 0] = float("nan")
+    elif damage == "missing":
+        del state[last]
+    save_file(state, weights, metadata=metadata)
+    if damage == "truncated":
+        data = open(weights, "rb").read()
+        open(weights, "wb").write(data[: len(data) // 2])
+    if damage == "bad_json":
+        open(os.path.join(path, "adapter_config.json"), "w").write("{\"peft_type\": \"LORA\", ")
+    # a fresh model (module-level load_adapter) and a built PeftModel (its load_adapter)
+    model = hf_llama()
+    before = _snapshot(model)
+    with pytest.raises(ValueError):
+        load_adapter(model, path)
+    _assert_unchanged(model, before)
+    target = get_peft_model(hf_llama(), LoraConfig(target_modules=["q_proj", "v_proj", "down_proj"], r=2, quantize_base="nf4"))
+    before = _snapshot(target)
+    with pytest.raises(ValueError):
+        target.load_adapter(path)
+    _assert_unchanged(target, before)
+
+
+def test_replace_linear_is_all_or_nothing(seed):
+    from qlora_fast.nn import replace_linear
+
+    model = hf_llama()
+    before = _snapshot(model)
+    # rank 20 fits the 48/83-wide projections but not k_proj/v_proj (48 -> 16): the last built fails
+    with pytest.raises(ValueError, match="r must be"):
+        replace_linear(model, lora_r=20)
+    _assert_unchanged(model, before)
+    with pytest.raises(ValueError, match="r must be"):
+        get_peft_model(model, LoraConfig(r=20, quantize_base="nf4"))
+    _assert_unchanged(model, before)
+
+
+def test_replace_linear_twice_adds_adapters_or_says_why(seed):
+    from qlora_fast.nn import LoRALinear, Linear4bit, QLoRALinear, replace_linear
+
+    model = hf_llama()
+    replace_linear(model)  # quantize only
+    fours = {n: m for n, m in model.named_modules() if isinstance(m, Linear4bit)}
+    packed = {n: m.weight.clone() for n, m in fours.items()}
+    replace_linear(model, lora_r=4)  # adapters on the 4-bit layers, bytes kept
+    wrapped = {n: m for n, m in model.named_modules() if isinstance(m, QLoRALinear)}
+    assert set(wrapped) == set(fours)
+    assert all(torch.equal(wrapped[n].base.weight, packed[n]) for n in wrapped)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert trainable == sum(m.lora_A.numel() + m.lora_B.numel() for m in wrapped.values()) > 0
+    with pytest.raises(ValueError, match="already has a LoRA adapter"):
+        replace_linear(model, lora_r=4)
+    assert all(isinstance(m, LoRALinear) for n, m in model.named_modules() if n in wrapped)
+
+
+# ------------------------------------------------------------------------- merge -> save_pretrained -> from_pretrained
+def bnb_reference_path(model):
+    """bitsandbytes' CPU inference repacks its weight for an AVX512 kernel (and fails on some
+    shapes); its training path is dequantize + matmul, the oracle here."""
+    for m in model.modules():
+        if hasattr(m, "support_avx512bf16_for_cpu"):
+            m.support_avx512bf16_for_cpu = False
+    return model
+
+
+@pytest.mark.parametrize("kind", list(MODELS))
+@pytest.mark.parametrize("method, merge", [("lora", {}), ("rslora", {}), ("qlora", {}), ("qlora", {"dtype": torch.bfloat16}),
+                                           ("qlora_all", {}), ("qlora", {"requantize": True})])
+def test_merged_model_round_trips_through_transformers(tmp_path, seed, kind, method, merge):
+    if merge.get("requantize") and kind == "gpt2":
+        pytest.skip("keeping 4 bits is refused for Conv1D layers (tested below)")
+    cfg = LoraConfig(r=3, quantize_base="nf4") if method == "qlora_all" else ours_config(method, kind)
+    if merge.get("requantize"):
+        cfg = dataclasses.replace(cfg, blocksize=64)  # bitsandbytes' CPU dequantize needs rows of whole blocks
+    base = hf_llama(hidden=64) if merge.get("requantize") else MODELS[kind]()
+    conv_names = {n for n, m in base.named_modules() if type(m).__name__ == "Conv1D"}
+    ours = get_peft_model(base, cfg)
+    perturb(p for _, p in ours.adapter_parameters())
+    ids = torch.randint(0, VOCAB, (2, 9))
+    adapted = ours.eval()(input_ids=ids).logits
+    merged = ours.merge_and_unload(**merge)
+    got = merged(input_ids=ids).logits
+    if not merge:
+        # dense: W + s B A in float32 (a 4-bit base dequantized exactly): float32 rounding only
+        assert_close(got, adapted, atol=2e-5, rtol=1e-4)
+    merged.save_pretrained(str(tmp_path))
+    saved = json.load(open(tmp_path / "config.json"))
+    assert ("quantization_config" in saved) == bool(merge.get("requantize"))
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path), device_map="cpu").eval()
+    bnb_reference_path(reloaded)
+    assert {n for n, m in reloaded.named_modules() if type(m).__name__ == "Conv1D"} == conv_names  # Conv1D stays Conv1D
+    if merge.get("dtype"):
+        assert reloaded.dtype == merge["dtype"] and all(p.dtype == merge["dtype"] for p in reloaded.parameters())
+    else:
+        assert all(m.weight.dtype == torch.float32 for m in reloaded.modules() if type(m) in (nn.Linear,))
+    assert torch.equal(reloaded(input_ids=ids).logits, got)
+
+
+def test_keep_4bit_refuses_conv1d_and_needs_no_dtype():
+    ours = get_peft_model(hf_gpt2(), LoraConfig(target_modules=["c_attn"], r=2, quantize_base="nf4"))
+    with pytest.raises(ValueError, match="Conv1D"):
+        ours.merge_and_unload(requantize=True)
+    assert len(ours.lora_modules()) == 2  # all or nothing: still adapted
+    with pytest.raises(ValueError, match="dtype"):
+        ours.merge_and_unload(requantize=True, dtype=torch.float16)
+
+
+# ------------------------------------------------------------------------- bitsandbytes 4-bit checkpoints
+def tiny_tokenizer():
+    tokenizers = pytest.importorskip("tokenizers")
+    bpe = tokenizers.Tokenizer(tokenizers.models.BPE())
+    bpe.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = tokenizers.decoders.ByteLevel()
+    from qlora_fast.data import load_corpus
+
+    bpe.train_from_iterator([load_corpus()], tokenizers.trainers.BpeTrainer(
+        vocab_size=VOCAB, special_tokens=["<eos>"], initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet()))
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<eos>")
+
+
+@pytest.fixture
+def bnb_checkpoint(tmp_path):
+    """A tiny Llama saved by transformers after loading it with BitsAndBytesConfig(nf4, double quant)."""
+    pytest.importorskip("bitsandbytes")
+    dense = tmp_path / "dense"
+    hf_llama(hidden=64).save_pretrained(str(dense))
+    bnb_config = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                                 bnb_4bit_compute_dtype=torch.float32)
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(dense), quantization_config=bnb_config, device_map="cpu")
+    path = tmp_path / "bnb"
+    model.save_pretrained(str(path))
+    tiny_tokenizer().save_pretrained(str(path))
+    return str(path), bnb_reference_path(model).eval()
+
+
+def test_bnb_4bit_model_is_adopted_byte_for_byte(bnb_checkpoint, seed):
+    from qlora_fast.models.hf import load_hf_model
+    from qlora_fast.nn import Linear4bit, QLoRALinear, replace_linear
+
+    path, bnb_model = bnb_checkpoint
+    ids = torch.randint(0, VOCAB, (2, 7))
+    want = bnb_model(input_ids=ids).logits
+    packed = {n: m.weight.detach().clone() for n, m in bnb_model.named_modules() if hasattr(m.__dict__.get("_parameters", {}).get("weight"), "quant_state")}
+    assert len(packed) == 14
+    for make in (lambda m: replace_linear(m, lora_r=4), lambda m: get_peft_model(m, LoraConfig(r=4)).eval(),
+                 lambda m: get_peft_model(m, LoraConfig(r=4, quantize_base="nf4")).eval()):
+        model = make(copy.deepcopy(bnb_model))
+        assert torch.equal(model(input_ids=ids).logits, want)  # fresh adapters (B = 0): the bnb model exactly
+        base = model.base_model if isinstance(model, PeftModel) else model
+        for name, data in packed.items():
+            layer = base.get_submodule(name)
+            assert isinstance(layer, QLoRALinear) and torch.equal(layer.base.weight, data), name
+    model, tokenizer = load_hf_model(path, dtype=torch.float32)
+    assert sum(isinstance(m, Linear4bit) for m in model.modules()) == 14
+    assert torch.equal(model(input_ids=ids).logits, want)
+    assert tokenizer.decode(tokenizer.encode("hello")) == "hello"
+
+
+def test_peft_qlora_adapter_on_bnb_model_loads_in_ours(bnb_checkpoint, tmp_path, seed):
+    from qlora_fast.models.hf import load_hf_model
+
+    path, bnb_model = bnb_checkpoint
+    theirs = hf_peft.get_peft_model(copy.deepcopy(bnb_model), hf_peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
+    perturb(p for p in theirs.parameters() if p.requires_grad)
+    theirs.save_pretrained(str(tmp_path / "adapter"))
+    ours = load_adapter(load_hf_model(path)[0], str(tmp_path / "adapter")).eval()
+    ids = torch.randint(0, VOCAB, (2, 6))
+    bnb_reference_path(theirs)
+    assert_close(ours(input_ids=ids).logits, theirs.eval()(input_ids=ids).logits, atol=1e-6, rtol=1e-5)
+
+
+def test_other_quantized_models_get_a_clear_error(tmp_path):
+    bnb = pytest.importorskip("bitsandbytes")
+    from qlora_fast.models.hf import load_hf_model
+    from qlora_fast.nn import replace_linear
+
+    model = nn.Sequential(nn.Linear(64, 64), bnb.nn.Linear8bitLt(64, 64, has_fp16_weights=False))
+    with pytest.raises(ValueError, match="already quantized"):
+        replace_linear(model)
+    with pytest.raises(ValueError, match="already quantized"):
+        get_peft_model(model, LoraConfig(target_modules=["1"], r=2))
+    assert type(model[0]) is nn.Linear  # all or nothing
+    hf_llama().save_pretrained(str(tmp_path))
+    config = json.load(open(tmp_path / "config.json"))
+    config["quantization_config"] = {"quant_method": "gptq", "bits": 4}
+    json.dump(config, open(tmp_path / "config.json", "w"))
+    with pytest.raises(ValueError, match="already quantized.*gptq"):
+        load_hf_model(str(tmp_path))
+
+
+# ------------------------------------------------------------------------- the CLI on transformers checkpoints
+@pytest.mark.slow
+@pytest.mark.parametrize("checkpoint", ["gpt2", "bnb_llama", "llama_qlora"])
+def test_finetune_command_default_targets_and_bnb_checkpoints(tmp_path, capsys, checkpoint, request):
+    from qlora_fast.cli import main
+
+    if checkpoint == "gpt2":  # default --target-modules on GPT-2: its own projections, not Llama's names
+        path = str(tmp_path / "gpt2")
+        hf_gpt2().save_pretrained(path)
+        tiny_tokenizer().save_pretrained(path)
+        method = "lora"
+    elif checkpoint == "llama_qlora":  # quantized layer by layer while loading
+        path = str(tmp_path / "llama")
+        hf_llama(hidden=64).save_pretrained(path)
+        tiny_tokenizer().save_pretrained(path)
+        method = "qlora"
+    else:  # an already-4-bit checkpoint: its bytes are kept under the adapters
+        path = request.getfixturevalue("bnb_checkpoint")[0]
+        method = "qlora"
+    out = tmp_path / "out"
+    rc = main(["finetune", "--model", path, "--method", method, "--steps", "2", "--batch-size", "2", "--eval-pairs", "2",
+               "--max-new-tokens", "2", "--output", str(out), "--no-progress"])
+    assert rc == 0
+    adapter = out / f"adapter-{method}"
+    saved = json.load(open(adapter / "adapter_config.json"))
+    llama = ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
+    expected = {"gpt2": ["c_attn", "c_fc", "c_proj"], "bnb_llama": llama, "llama_qlora": llama}
+    assert saved["target_modules"] == expected[checkpoint]
+    assert saved["fan_in_fan_out"] is (checkpoint == "gpt2")
+
+
+# ------------------------------------------------------------------------- low-memory loading
+@pytest.mark.parametrize("kind", list(MODELS))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_low_memory_4bit_loading_equals_load_then_quantize(tmp_path, seed, kind, dtype):
+    from qlora_fast.models.hf import load_hf_model
+    from qlora_fast.nn import Linear4bit, replace_linear
+
+    MODELS[kind]().to(dtype).save_pretrained(str(tmp_path), max_shard_size="40KB")  # several shards
+    assert len([f for f in os.listdir(tmp_path) if f.endswith(".safetensors")]) > 1
+    model, tokenizer = load_hf_model(str(tmp_path), quantize="nf4", tokenizer=False)
+    assert tokenizer is None
+    reference = replace_linear(transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path)).eval())
+    fours = [n for n, m in model.named_modules() if isinstance(m, Linear4bit)]
+    assert fours == [n for n, m in reference.named_modules() if isinstance(m, Linear4bit)] and len(fours) > 0
+    assert all(p.device.type != "meta" for p in model.parameters())
+    ref_state = reference.state_dict()
+    assert all(torch.equal(v, ref_state[k]) for k, v in model.state_dict().items())
+    ids = torch.randint(0, VOCAB, (2, 7))
+    assert torch.equal(model(input_ids=ids).logits, reference(input_ids=ids).logits)
+    # Conv1D layers remember their class, so a merge gives them back
+    assert all(getattr(model.get_submodule(n), "conv1d_class", None) is not None for n in fours) == (kind == "gpt2")
+
+
+def test_low_memory_loading_rejects_foreign_tensors(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from qlora_fast.models.hf import load_hf_model
+
+    hf_llama().save_pretrained(str(tmp_path))
+    state = load_file(str(tmp_path / "model.safetensors"))
+    state["model.layers.9.mlp.up_proj.weight"] = torch.ones(2, 2)
+    save_file(state, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="layers.9.mlp.up_proj.weight"):
+        load_hf_model(str(tmp_path), quantize="nf4", tokenizer=False)
+    del state["model.layers.9.mlp.up_proj.weight"], state["model.norm.weight"]
+    save_file(state, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="lacks.*model.norm.weight"):
+        load_hf_model(str(tmp_path), quantize="nf4", tokenizer=False)
+
+
+# ------------------------------------------------------------------------- inside transformers' Trainer and TRL
+def _train_texts():
+    from qlora_fast.data import load_instructions
+
+    return [f"{p['instruction']} {p['output']}" for p in load_instructions("train")[:16]]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("trainer", ["transformers", "transformers_get_peft_model", "trl"])
+def test_trains_inside_hf_trainers_and_saves_a_peft_adapter(tmp_path, seed, trainer):
+    from qlora_fast.nn import replace_linear
+    from qlora_fast.peft import save_adapter
+
+    tokenizer = tiny_tokenizer()
+    tokenizer.pad_token = tokenizer.eos_token
+    base = hf_llama(hidden=64)
+    fresh, fresh_again = copy.deepcopy(base), copy.deepcopy(base)
+    if trainer == "transformers_get_peft_model":  # our PeftModel wrapper instead of the model adapted in place
+        model = get_peft_model(base, LoraConfig(r=8, alpha=16.0, quantize_base="nf4"))
+    else:
+        model = replace_linear(base, lora_r=8)  # QLoRA in place; the model is still a transformers model
+    texts = _train_texts()
+    args = dict(output_dir=str(tmp_path / "run"), max_steps=8, per_device_train_batch_size=4, learning_rate=1e-2, logging_steps=1,
+                report_to=[], save_strategy="no", use_cpu=True, seed=seed % 2**31, disable_tqdm=True)
+    if trainer != "trl":
+        rows = [tokenizer(t, truncation=True, max_length=48) for t in texts]
+        dataset = [dict(input_ids=r["input_ids"], attention_mask=r["attention_mask"]) for r in rows]
+        collator = transformers.DataCollatorForLanguageModeling(tokenizer, mlm=False)
+        run = transformers.Trainer(model=model, args=transformers.TrainingArguments(**args), train_dataset=dataset, data_collator=collator)
+    else:
+        trl = pytest.importorskip("trl")
+        datasets = pytest.importorskip("datasets")
+        run = trl.SFTTrainer(model=model, args=trl.SFTConfig(max_length=48, bf16=False, **args), processing_class=tokenizer,
+                             train_dataset=datasets.Dataset.from_dict({"text": texts}))
+    run.train()
+    losses = [h["loss"] for h in run.state.log_history if "loss" in h]
+    assert len(losses) == 8 and sum(losses[-3:]) / 3 < sum(losses[:3]) / 3, losses
+    path = save_adapter(model, str(tmp_path / "adapter"))
+    theirs = hf_peft.PeftModel.from_pretrained(fresh, path).eval()  # PEFT reads it: the trained tensors exactly
+    peft_tensors = {n.replace(".default", ""): p for n, p in theirs.named_parameters() if "lora_" in n}
+    inner = model.base_model if isinstance(model, PeftModel) else model
+    wrapped = [(n, m) for n, m in inner.named_modules() if hasattr(m, "lora_A")]
+    assert len(peft_tensors) == 2 * len(wrapped) == 28
+    for name, module in wrapped:
+        assert torch.equal(peft_tensors[f"base_model.model.{name}.lora_A.weight"], module.lora_A)
+        assert torch.equal(peft_tensors[f"base_model.model.{name}.lora_B.weight"], module.lora_B)
+    # and ours rebuilds the same QLoRA model from it (same 4-bit base, same adapter): same logits
+    again = load_adapter(fresh_again, path).eval()
+    ids = torch.randint(0, VOCAB, (2, 9))
+    with torch.no_grad():
+        assert torch.equal(again(input_ids=ids).logits, model.eval()(input_ids=ids).logits)
