@@ -1,0 +1,88 @@
+"""Host (Python + dispatch) time per call of the 4-bit ops, with every Triton launch stubbed.
+
+What a GPU host pays before and after a kernel, measured on the CPU: the Triton kernels are
+replaced by no-op launches, so each figure is the dispatch, checks, autograd and the small torch
+ops around the launch. The ops run on CPU tensors under TRITON_INTERPRET=1 with
+QLORA_FAST_BACKEND=triton, i.e. through the same kernel-path code a CUDA tensor takes.
+
+    PYTHONPATH=$PWD python bench/bench_host.py [--rounds 2000]
+"""
+import argparse
+import os
+import sys
+
+os.environ["TRITON_INTERPRET"] = "1"
+os.environ["QLORA_FAST_BACKEND"] = "triton"
+
+import torch  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from timing import median, run_times  # noqa: E402
+
+
+class _NoLaunch:
+    """Stands in for a @triton.jit function: `kernel[grid](*args, **meta)` does nothing."""
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: None
+
+
+def stub_kernels():
+    """Replace every Triton kernel the launchers call by a no-op launch."""
+    from qlora_fast.kernels import lora, nf4, nf4_matmul
+
+    for module in (nf4, nf4_matmul, lora):
+        for name in dir(module):
+            if name.startswith("_") and name.endswith("_kernel") and hasattr(getattr(module, name), "run"):
+                setattr(module, name, _NoLaunch())
+
+
+def per_call_us(fn, rounds):
+    # the median of 5 batches of `rounds` calls each, in microseconds per call
+    batch = lambda: [fn() for _ in range(rounds)]  # noqa: E731
+    return median(run_times(batch, 5)) / rounds * 1e6
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=2000)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    stub_kernels()
+    from qlora_fast.functional import lora_linear, matmul_4bit, quantize_4bit
+    from qlora_fast.nn import Linear4bit
+
+    torch.manual_seed(0)
+    out_f, in_f, r = 4096, 4096, 16
+    weight = torch.randn(out_f, in_f, dtype=torch.bfloat16) * 0.02
+    packed, state = quantize_4bit(weight)
+    layer = Linear4bit.from_quantized(packed, state, compute_dtype=torch.bfloat16)
+    x = torch.randn(1, in_f, dtype=torch.bfloat16)
+    a = (torch.randn(r, in_f, dtype=torch.bfloat16) * 0.01).requires_grad_()
+    b = (torch.randn(out_f, r, dtype=torch.bfloat16) * 0.01).requires_grad_()
+    x_grad = x.clone().requires_grad_()
+    small = torch.randn(1024, 1024, dtype=torch.bfloat16)
+
+    def lora_step():
+        lora_linear(x_grad, packed, a, b, 2.0, quant_state=state).sum().backward()
+
+    def decode_no_grad():
+        with torch.no_grad():
+            matmul_4bit(x, packed, state)
+
+    cases = {
+        "matmul_4bit M=1 (4096x4096 NF4+DQ)": lambda: matmul_4bit(x, packed, state),
+        "matmul_4bit M=1 under no_grad": decode_no_grad,
+        "Linear4bit forward M=1": lambda: layer(x),
+        "lora_linear NF4 M=1 fwd+bwd (r=16, incl. .sum().backward())": lora_step,
+        "quantize_4bit 1024x1024 NF4+DQ": lambda: quantize_4bit(small),
+    }
+    print(f"host time per call, kernels stubbed, torch {torch.__version__}, {args.threads} thread(s)")
+    for name, fn in cases.items():
+        rounds = args.rounds if "quantize" not in name and "backward" not in name else max(1, args.rounds // 10)
+        print(f"  {name:<62} {per_call_us(fn, rounds):9.1f} us")
+
+
+if __name__ == "__main__":
+    main()
