@@ -22,6 +22,8 @@ round-to-nearest) because Triton's `/` on fp32 is approximate; the dequantize la
 fp-fusion so `code8 * nested + offset` is rounded twice, as in bitsandbytes. Under the CPU
 interpreter a bf16 store truncates, so bf16 output is rounded to nearest-even by hand there.
 """
+import weakref
+
 import torch
 import triton
 import triton.language as tl
@@ -66,8 +68,8 @@ def _nearest_code(scaled, mid_ptr, LOG2_CODES: tl.constexpr):
 
 @triton.jit
 def _quantize_4bit_kernel(
-    x_ptr, packed_ptr, absmax_ptr, mid_ptr, order_ptr, n, n_blocks,
-    BLOCKSIZE: tl.constexpr, GROUP: tl.constexpr, REMAP: tl.constexpr,
+    x_ptr, packed_ptr, absmax_ptr, mid_ptr, step_ptr, n, n_blocks,
+    BLOCKSIZE: tl.constexpr, GROUP: tl.constexpr,
 ):
     HALF: tl.constexpr = BLOCKSIZE // 2
     block = tl.program_id(0) * GROUP + tl.arange(0, GROUP)
@@ -77,12 +79,11 @@ def _quantize_4bit_kernel(
     # masked lanes read 0: they change no absmax and an odd tail pads with a scaled 0, as bnb does
     x = tl.load(x_ptr + elem, mask=elem < n, other=0.0).to(tl.float32)
     absmax, scaled = _scale_blocks(x, block, n, BLOCKSIZE)
-    # 15 uniform (scalar) loads and compares per element beat 4 dependent gathers here
-    code = tl.zeros(scaled.shape, tl.int32)
+    # 15 uniform (scalar) loads and compares per element beat 4 dependent gathers here; each
+    # midpoint below the value steps from one sorted code's index to the next (`_sorted_tables`)
+    code = tl.zeros(scaled.shape, tl.int32) + tl.load(step_ptr)
     for j in tl.static_range(15):
-        code += (scaled > tl.load(mid_ptr + j)).to(tl.int32)
-    if REMAP:
-        code = tl.load(order_ptr + code)
+        code += tl.where(scaled > tl.load(mid_ptr + j), tl.load(step_ptr + j + 1), 0)
     # first element of a pair in the high nibble
     byte = tl.sum(code * tl.where(side == 0, 16, 1)[None, None, :], axis=2)
     byte_idx = block[:, None].to(tl.int64) * HALF + pair[None, :]
@@ -140,11 +141,29 @@ def _dequantize_4bit_kernel(
         tl.store(out_ptr + elem, value.to(out_ptr.dtype.element_ty), mask=elem < n)
 
 
+# id(code) -> (weak reference, version, device, tables): the tables of the code tensors in use
+_tables: dict = {}
+
+
 def _sorted_tables(code: torch.Tensor):
-    """Midpoints of the sorted table (fp32) and sorted position -> code index (int32)."""
-    order = torch.sort(code, stable=True).indices
-    ordered = code[order]
-    return ((ordered[:-1] + ordered[1:]) / 2).contiguous(), order.to(torch.int32).contiguous()
+    """Midpoints of the sorted table (fp32) and index steps (int32): the code index of sorted
+    position 0, then the index difference of each sorted neighbour, so the code of a value with j
+    midpoints below it is steps[0] + ... + steps[j], whatever the table's order.
+
+    Cached per code tensor (identity, in-place version, device): device work only on a miss and
+    never a host sync, so quantizing is capturable in a CUDA graph once a table has been seen.
+    """
+    key = id(code)
+    hit = _tables.get(key)
+    if hit is not None and hit[0]() is code and hit[1] == code._version and hit[2] == code.device:
+        return hit[3]
+    values = code.float()
+    order = torch.sort(values, stable=True).indices
+    ordered = values[order]
+    steps = torch.diff(order, prepend=order.new_zeros(1)).to(torch.int32)
+    tables = ((ordered[:-1] + ordered[1:]) / 2).contiguous(), steps.contiguous()
+    _tables[key] = (weakref.ref(code, lambda _, key=key: _tables.pop(key, None)), code._version, code.device, tables)
+    return tables
 
 
 def _check_device(name, t, device):
@@ -171,11 +190,10 @@ def quantize_4bit(x: torch.Tensor, blocksize: int, code: torch.Tensor):
     n_blocks = -(-n // blocksize)
     packed = torch.empty(((n + 1) // 2, 1), dtype=torch.uint8, device=x.device)
     absmax = torch.empty((n_blocks,), dtype=torch.float32, device=x.device)
-    mids, order = _sorted_tables(code.float())
-    remap = not bool((order == torch.arange(16, device=order.device, dtype=order.dtype)).all())
+    mids, steps = _sorted_tables(code)
     group = _groups(blocksize, 2 * _PAIRS_PER_PROGRAM)
     grid = (triton.cdiv(n_blocks, group),)
-    _quantize_4bit_kernel[grid](x, packed, absmax, mids, order, n, n_blocks, BLOCKSIZE=blocksize, GROUP=group, REMAP=remap)
+    _quantize_4bit_kernel[grid](x, packed, absmax, mids, steps, n, n_blocks, BLOCKSIZE=blocksize, GROUP=group)
     return packed, absmax
 
 
@@ -195,7 +213,7 @@ def quantize_absmax(absmax: torch.Tensor, code: torch.Tensor):
     n_blocks = -(-m // NESTED_BLOCKSIZE)
     q = torch.empty_like(absmax, dtype=torch.uint8)
     nested = torch.empty((n_blocks,), dtype=torch.float32, device=absmax.device)
-    mids, _ = _sorted_tables(code.float())
+    mids, _ = _sorted_tables(code)
     group = _groups(NESTED_BLOCKSIZE, _ABSMAX_PER_PROGRAM)
     grid = (triton.cdiv(n_blocks, group),)
     _quantize_absmax_kernel[grid](absmax, offset, q, nested, mids, m, n_blocks, GROUP=group, NESTED=NESTED_BLOCKSIZE)
