@@ -127,7 +127,7 @@ def run(bench):
                 with bench.guard(f"{label} {name}"):
                     opt = make(params)
                     opt.step()  # states created outside the timing
-                    ms, host = bench.time(opt.step, graph=False, reps=bench.size(gpu=20, tiny=2))
+                    ms, host = bench.time(opt.step, graph=False, reps=bench.size(gpu=20, tiny=1))
                     figures = dict(ms=ms, host_us=host)
                     if name == "torch AdamW fused":
                         base_ms = ms
