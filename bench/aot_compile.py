@@ -19,17 +19,20 @@ shared memory, tl.dot lowering (wgmma / mma / none: FMA), global load widths in 
 hot loop (the innermost loop's instructions over the elements one iteration handles; the whole
 kernel for loop-free kernels). Exit status 1 on any failure, with the failing kernels named.
 
-Run (from the repository root, TRITON_INTERPRET unset):
-    PYTHONPATH=$PWD python bench/aot_compile.py                # everything, ~minutes on 2 cores
-    PYTHONPATH=$PWD python bench/aot_compile.py --quick        # a smaller shape set
-    PYTHONPATH=$PWD python bench/aot_compile.py -k nf4_matmul --arch 90 --list
+Run (any environment with torch and triton; TRITON_INTERPRET is ignored):
+    python bench/aot_compile.py                        # everything (CI: `make aot`), < ~10 min on 2 cores
+    python bench/aot_compile.py --quick                # a smaller shape set
+    python bench/aot_compile.py -k nf4_matmul --arch 90 --list
+    make aot36                                         # --quick for sm_90 under triton 3.6 (the GPU image's)
 Options: -k SUBSTR (only kernels whose name contains it), --arch 80/90, --list (enumerate only),
---jobs N, --kernels-dir DIR (compile another copy of kernels/, e.g. an older commit's).
+--jobs N, --kernels-dir DIR (another copy of kernels/, e.g. an older commit's: `git show REV:kernels/F`).
+Each line: `sm_XX ok|FAIL... module.kernel [constexprs] ptrs=... | figures | seconds <- first scenario`.
 """
 import argparse
 import collections
 import contextlib
 import importlib.util
+import io
 import itertools
 import multiprocessing
 import os
@@ -40,6 +43,9 @@ import tempfile
 import time
 
 os.environ.pop("TRITON_INTERPRET", None)  # the launchers must take their GPU paths
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+os.environ["TRITON_ALWAYS_COMPILE"] = "1"  # ptxas must run (its -v log gives the spills), no cache hits
+os.environ["TRITON_DUMP_PTXAS_LOG"] = "1"  # printed by triton's make_cubin: captured per compile  # triton 3.9's default, stated (silences its warning)
 
 import torch  # noqa: E402
 import triton  # noqa: E402
@@ -53,13 +59,13 @@ DEV = "meta"
 _ALIGN_BASE = 1 << 20  # a CUDA allocation's address: aligned far beyond 16 bytes
 
 
+KERNELS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "kernels")
+
+
 def load_kernels(kernels_dir=None):
-    """The kernels package: the installed `qlora_fast.kernels`, or the copy in `kernels_dir`."""
-    if kernels_dir is None:
-        import qlora_fast.kernels.nf4 as nf4
-        import qlora_fast.kernels.nf4_matmul as nf4_matmul
-        import qlora_fast.kernels.lora as lora
-        return nf4, nf4_matmul, lora
+    """The kernels package (it imports torch and triton only) from `kernels_dir`, by default this
+    checkout's kernels/ (what `qlora_fast.kernels` installs)."""
+    kernels_dir = os.path.abspath(kernels_dir or KERNELS_DIR)
     name = "aot_kernels"
     spec = importlib.util.spec_from_file_location(
         name, os.path.join(kernels_dir, "__init__.py"), submodule_search_locations=[kernels_dir])
@@ -226,6 +232,14 @@ def enumerate_specs(mods, quick, only=None):
                 thunk()
             except Exception as e:  # a launcher that cannot even be called is a failure too
                 errors.append(f"{name}: {type(e).__name__}: {e}")
+    # every kernel the package defines must be reached by some scenario, or it goes unchecked
+    launched = {fn for fn, *_ in rec.specs.values()}
+    for mod in mods:
+        for name, obj in vars(mod).items():
+            if isinstance(obj, JITFunction) and name.endswith("_kernel") and obj.__module__ == mod.__name__ \
+                    and obj not in launched:
+                errors.append(f"{mod.__name__.rsplit('.', 1)[-1]}.{name}: UNCOVERED, no scenario launches it "
+                              "(add a call of its launcher to scenarios())")
     specs = {k: v for k, v in rec.specs.items() if not only or only in f"{k[0]}.{k[1]}"}
     return rec, specs, errors
 
@@ -295,8 +309,11 @@ def compile_one(job):
     result = {"index": index, "arch": arch}
     try:
         opts = {k: v for k, v in options.items() if k not in ("debug",)}
-        kernel = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=GPUTarget("cuda", arch, 32),
-                                options=opts)
+        log = io.StringIO()
+        with contextlib.redirect_stdout(log):
+            kernel = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=GPUTarget("cuda", arch, 32),
+                                    options=opts)
+        log = log.getvalue()
         ptx = kernel.asm["ptx"]
         with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
             f.write(kernel.asm["cubin"])
@@ -308,8 +325,11 @@ def compile_one(job):
         usage = dict(re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", line.group(1) if line else res))
         n_sass, looped = _hot_loop_sass(sass)
         elements = _elements(fn, constexprs)
+        spills = [int(n) for n in re.findall(r"(\d+) bytes spill stores", log)]
         result.update(
-            regs=int(usage.get("REG", -1)), local=int(usage.get("LOCAL", 0)) + int(usage.get("STACK", 0)),
+            regs=int(usage.get("REG", -1)), stack=int(usage.get("STACK", 0)),
+            # spill stores from ptxas -v (a stack frame alone can be a call's, e.g. div.rn's slow path)
+            spills=sum(spills) if spills else int(usage.get("LOCAL", 0)) + int(usage.get("STACK", 0)),
             shared=int(kernel.metadata.shared) + int(usage.get("SHARED", 0)),
             dot="wgmma" if "wgmma" in ptx else "mma" if "mma.sync" in ptx else ("FMA" if "tl.dot" in fn.src else "-"),
             loads=_load_widths(ptx),
@@ -329,7 +349,8 @@ def describe(key):
     fn_args = dict(signature)
     consts = ",".join(f"{v}" for _, v in constexprs)
     dts = ",".join(sorted({t for t in fn_args.values() if t.startswith("*")}))
-    return f"{module}.{name} [{consts}] ptrs={dts} attrs={len(attrs)}" + (f" {dict(options)}" if options else "")
+    n_div = sum(1 for _, v in attrs if v != "[]")
+    return f"{module}.{name} [{consts}] ptrs={dts} div16={n_div}" + (f" {dict(options)}" if options else "")
 
 
 def main(argv=None):
@@ -339,6 +360,7 @@ def main(argv=None):
     p.add_argument("--arch", type=int, action="append", choices=(80, 90), help="target(s); default both")
     p.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1))
     p.add_argument("--list", action="store_true", help="enumerate the specializations, compile nothing")
+    p.add_argument("--limit", type=int, help="compile only the first N specializations (tests)")
     p.add_argument("--kernels-dir", help="compile this copy of kernels/ instead of qlora_fast.kernels")
     args = p.parse_args(argv)
     archs = args.arch or [80, 90]
@@ -350,7 +372,8 @@ def main(argv=None):
           f"specializations x {len(archs)} targets ({time.time() - t0:.1f} s)", flush=True)
     for e in errors:
         print(f"LAUNCHER-ERROR {e}")
-    _JOBS[:] = list(specs.items())
+    _JOBS[:] = list(specs.items())[:args.limit]
+    specs = dict(_JOBS)
     if args.list:
         for key, _ in _JOBS:
             print(describe(key), "<-", rec.origin[key])
@@ -369,12 +392,12 @@ def main(argv=None):
                 status, line = "FAIL-COMPILE", r["error"]
             else:
                 problems = []
-                if r["local"]:
-                    problems.append(f"spills {r['local']} B")
+                if r["spills"]:
+                    problems.append(f"spills {r['spills']} B")
                 if r["shared"] > SMEM_LIMIT[arch]:
                     problems.append(f"smem {r['shared'] // 1024} KB > {SMEM_LIMIT[arch] // 1024} KB")
                 status = "FAIL " + "; ".join(problems) if problems else "ok"
-                line = (f"regs={r['regs']} local={r['local']}B smem={r['shared'] / 1024:.1f}KB dot={r['dot']} "
+                line = (f"regs={r['regs']} spills={r['spills']}B stack={r['stack']}B smem={r['shared'] / 1024:.1f}KB dot={r['dot']} "
                         f"sass={r['sass']} {r['loads']}")
                 worst[(name, "regs")] = max(worst[(name, "regs")], r["regs"])
                 worst[(name, "smem")] = max(worst[(name, "smem")], r["shared"])

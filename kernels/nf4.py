@@ -42,7 +42,8 @@ _ABSMAX_PER_PROGRAM = 1024
 def _scale_blocks(x, block, n, BLOCKSIZE: tl.constexpr):
     """Per-block absmax of x (GROUP, ...) and x scaled into [-1, 1] the bitsandbytes way."""
     absmax = tl.max(tl.max(tl.abs(x), axis=2), axis=1)
-    safe = tl.maximum(absmax, 1e-38)
+    # an fp32 constant: 1e-38 is an fp32 subnormal, which triton 3.6 would make an fp64 literal
+    safe = tl.maximum(absmax, tl.full(absmax.shape, 1e-38, tl.float32))
     partial = (block + 1) * BLOCKSIZE > n
     # full blocks: multiply by the reciprocal; the partial last block: divide (bitsandbytes does both)
     recip = tl.math.div_rn(tl.full(safe.shape, 1.0, tl.float32), safe)
