@@ -42,6 +42,7 @@ class Bench:
         self.records = []
         self.failures = []
         self._copy_gbps = None
+        self.timer = "wall clock (CPU rehearsal)" if tiny else None  # how the last `time` measured
 
     # ---------------------------------------------------------------- sizes
 
@@ -85,11 +86,24 @@ class Bench:
         host_us = statistics.median(host) * 1e6
         ms = None
         if graph:
-            with contextlib.suppress(Exception):  # not capturable (host syncs, CPU work): events below
+            try:
                 ms = self._graph_ms(fn, sets, reps or 20)
+                self.timer = "cuda graph"
+            except Exception as exc:  # noqa: BLE001 - not capturable (host syncs, legacy stream): events below
+                self.timer = f"events (graph capture failed: {type(exc).__name__})"
+                self._flush_cuda_error()
         if ms is None:
             ms = self._events_ms(fn, sets, reps or max(20, 2 * len(sets)))
+            self.timer = self.timer if graph else "events"
         return ms, host_us
+
+    def _flush_cuda_error(self):
+        """A failed capture can leave an error for the next launch check to report: consume it here."""
+        for _ in range(2):
+            with contextlib.suppress(Exception):
+                self.torch.cuda.synchronize()
+                self.torch.ones(1, device=self.device).add_(1)
+                self.torch.cuda.synchronize()
 
     def _graph_ms(self, fn, sets, reps):
         torch = self.torch
@@ -174,6 +188,8 @@ class Bench:
     def record(self, case, provider, **figures):
         """One figure line: `case` (what was run), `provider` (whose code), figures (ms, gbps, ...)."""
         row = {"area": self.area, "case": case, "provider": provider, **figures}
+        if "ms" in figures or "quant_ms" in figures:
+            row["timer"] = self.timer
         self.records.append(row)
         shown = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in figures.items())
         self.log(f"  {case} | {provider} | {shown}")

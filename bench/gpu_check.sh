@@ -96,6 +96,12 @@ else
     export PATH="$(dirname "$NVCC"):$PATH"
     command -v ninja > /dev/null || "$PY" -c "import ninja" 2> /dev/null || abort "no ninja (the extension build would crawl)"
 fi
+shopt -s nullglob
+wheels=("$WHEELS"/bitsandbytes-0.50.2-*.whl "$WHEELS"/torchao-0.18.0-*.whl)
+shopt -u nullglob
+if (( ${#wheels[@]} != 2 && ! REHEARSE )); then
+    abort "carried wheels missing: $WHEELS/ must hold bitsandbytes-0.50.2-*.whl and torchao-0.18.0-*.whl (copy ../shared/wheels/gpu/*.whl there and name .gpu-wheels in carry)"
+fi
 "$PY" - >> "$LOG" 2>&1 <<'PY' || abort "torch cannot use the device (see gpu_check.log)"
 import os, torch
 print("torch", torch.__version__, "cuda", torch.version.cuda)
@@ -106,21 +112,17 @@ PY
 
 # the carried peers, installed beside (not over) the machine's packages
 SITE=$(mktemp -d /tmp/gpu_check_site.XXXXXX)
-shopt -s nullglob
-wheels=("$WHEELS"/bitsandbytes-0.50.2-*.whl "$WHEELS"/torchao-0.18.0-*.whl)
-shopt -u nullglob
 if (( ${#wheels[@]} == 2 )); then
     "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$SITE" "${wheels[@]}" >> "$LOG" 2>&1 \
         || abort "the carried wheels in $WHEELS/ do not install (see gpu_check.log)"
     export PYTHONPATH="$SITE:$PYTHONPATH"
     WHEEL_SITE=$SITE
-elif (( REHEARSE )); then
+else
     say "rehearsal: no carried wheels in $WHEELS/ (set GPU_WHEELS): the installed peers are imported instead"
     WHEEL_SITE=""
-else
-    abort "carried wheels missing: $WHEELS/ must hold bitsandbytes-0.50.2-*.whl and torchao-0.18.0-*.whl (copy ../shared/wheels/gpu/*.whl there and name .gpu-wheels in carry)"
 fi
-[[ -e qlora_fast/kernels ]] || ln -s ../kernels qlora_fast/kernels  # the link is local, not in git
+# the qlora_fast/kernels -> ../kernels link is local (not in git): the GPU machine's copy lacks it
+(( REHEARSE )) || [[ -e qlora_fast/kernels ]] || ln -s ../kernels qlora_fast/kernels
 WHEEL_SITE="$WHEEL_SITE" "$PY" - >> "$LOG" 2>&1 <<'PY' || abort "a peer or qlora_fast.kernels does not import (see gpu_check.log)"
 import os
 import bitsandbytes, peft, transformers, torchao
@@ -179,16 +181,25 @@ else
     FAILED=1
 fi
 
+# On the GPU each area runs in its own process (a CUDA fault in one cannot poison the others' context);
+# rehearsing, one process runs them all (the peers' imports cost ~8 s a process on a CPU).
 declare -A AREA_BUDGET=([quant]=35 [matmul]=45 [lora]=35 [optim]=45 [train]=90 [grpo]=90 [reasoning]=40)
-for area in $AREAS; do
-    budget=${AREA_BUDGET[$area]:-60}
-    (( REHEARSE )) && budget=120
-    if [[ $area == optim || $area == train || $area == grpo ]] && (( ! EXT_OK )) && [[ ${GPU_CHECK_KEEP_GOING:-0} != 1 ]]; then
-        RESULTS+=("FAIL bench $area (not run: needs the extension)")
-        FAILED=1
-        continue
-    fi
-    stage "bench $area" "$budget" "$PY" bench/gpu.py --areas "$area" $TINY --out-dir "$OUT"
+if (( REHEARSE )); then GROUPS_=("$AREAS"); else read -r -a GROUPS_ <<< "$AREAS"; fi
+for group in "${GROUPS_[@]}"; do
+    budget=0
+    runnable=()
+    for area in $group; do
+        if [[ $area == optim || $area == train || $area == grpo ]] && (( ! EXT_OK )) && [[ ${GPU_CHECK_KEEP_GOING:-0} != 1 ]]; then
+            RESULTS+=("FAIL bench $area (not run: needs the extension)")
+            FAILED=1
+            continue
+        fi
+        runnable+=("$area")
+        budget=$((budget + ${AREA_BUDGET[$area]:-60}))
+    done
+    (( ${#runnable[@]} )) || continue
+    (( REHEARSE )) && budget=$((budget * 4))  # the interpreter on a shared CPU
+    stage "bench ${runnable[*]}" "$budget" "$PY" bench/gpu.py --areas "${runnable[@]}" $TINY --out-dir "$OUT"
 done
 
 # ------------------------------------------------------------------ summary

@@ -7,7 +7,9 @@ A Llama-3-8B MLP weight (14336x4096, NF4, double-quantized, bf16 activations) at
 `matmul_4bit`, and qlora_fast's `matmul_4bit` (its automatic choice) plus both explicit paths
 (fused decode, dequantize + cuBLAS), so the fused/dequant threshold (`SKINNY_MAX_M` in
 kernels/nf4_matmul.py) can be set by measurement: the run prints the largest M where the fused
-path still wins. Weights and inputs rotate beyond L2 (a 4-bit 14336x4096 weight fits in it).
+path still wins. Each of our times is also given against the copy-bandwidth floor of the same run
+(the bytes of the 4-bit weight and the activations over the measured copy bandwidth; the floor
+that decides at small M). Weights and inputs rotate beyond L2 (a 4-bit 14336x4096 weight fits in it).
 Checks: every path's output against dequantize + torch.matmul in float32 (relative error), and
 bitsandbytes' against ours.
 """
@@ -45,8 +47,11 @@ def run(bench):
         bnb_weights = [bnbF.quantize_4bit(dense, blocksize=64, quant_type="nf4", compress_statistics=True)
                        for _ in range(len(weights))]
 
+    copy_gbps = bench.copy_gbps()
     fused_wins = []
     for m in rows:
+        # the floor: the 4-bit weight (+ 1-byte absmax per 64) and the bf16 activations read, the output written once
+        floor_ms = (out_f * in_f // 2 + out_f * in_f // 64 + 2 * m * (in_f + out_f)) / copy_gbps / 1e6
         case = f"matmul {out_f}x{in_f} nf4+DQ M={m}"
         with bench.guard(case):
             x = torch.randn(m, in_f, device=bench.device, dtype=DTYPE)
@@ -74,7 +79,7 @@ def run(bench):
                     ms, host = bench.time(fn, sets)
                     times[name] = ms
                     vs = {f"speedup_vs_{k.replace(' ', '_')}": v / ms for k, v in times.items() if not k.startswith("qlora")}
-                    bench.record(case, name, ms=ms, host_us=host, **vs)
+                    bench.record(case, name, ms=ms, host_us=host, x_copy_floor=ms / floor_ms, **vs)
                     bench.close(fn(*sets[0]), want, REL, f"{case} {name}")
             if "qlora_fast fused" in times and "qlora_fast dequant+cuBLAS" in times:
                 if times["qlora_fast fused"] < times["qlora_fast dequant+cuBLAS"]:

@@ -29,9 +29,12 @@ def test_rehearsal_runs_every_stage_and_area(tmp_path):
     summary = (tmp_path / "summary.txt").read_text() if (tmp_path / "summary.txt").exists() else ""
     log = (tmp_path / "gpu_check.log").read_text()
     assert proc.returncode == 0 and "RESULT: PASS" in summary, f"{summary}\n{proc.stdout[-3000:]}\n{log[-6000:]}"
-    for stage in ["kernel tests", "extension check", "gpu-marked tests"] + [f"bench {a}" for a in gpu.AREAS]:
+    for stage in ["kernel tests", "extension build", "extension check", "gpu-marked tests", "bench " + " ".join(gpu.AREAS)]:
         assert f"PASS {stage}" in summary, f"stage {stage!r} did not pass:\n{summary}"
     assert "passed" in log and " failed" not in log
+    bench_log = (tmp_path / "bench.log").read_text()
+    for area in gpu.AREAS:
+        assert f"## {area}: PASS" in bench_log, bench_log[-3000:]
     rows = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
     assert {r["area"] for r in rows} == set(gpu.AREAS)
     assert all(r["tiny"] for r in rows)
@@ -52,6 +55,26 @@ def test_gpu_run_on_a_cpu_machine_aborts_in_preflight(tmp_path):
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert "PREFLIGHT FAILED: no nvidia-smi" in proc.stdout
     assert (tmp_path / "summary.txt").read_text().startswith("FAIL preflight")
+
+
+def _fake_tools(tmp_path, names):
+    """A PATH where `names` exist as no-op programs (standing in for a GPU machine's tools)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name in names:
+        (bin_dir / name).write_text("#!/bin/sh\nexit 0\n")
+        (bin_dir / name).chmod(0o755)
+    return f"{bin_dir}:{os.environ['PATH']}"
+
+
+def test_gpu_preflight_names_missing_wheels(tmp_path):
+    # the GPU branch of the preflight past the tool checks (stand-ins for them): an immediate, named abort
+    out = tmp_path / "out"
+    path = _fake_tools(tmp_path, ["nvidia-smi", "nvcc", "ninja"])
+    proc = subprocess.run(["bash", str(ROOT / "bench" / "gpu_check.sh")], cwd=ROOT, timeout=60, capture_output=True,
+                          text=True, env=_env(out, PATH=path, GPU_WHEELS="no-such-folder"))
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "PREFLIGHT FAILED: carried wheels missing: no-such-folder/" in proc.stdout
 
 
 def test_bench_driver_rejects_unknown_area_and_missing_gpu(capsys):
