@@ -26,7 +26,8 @@ Run (any environment with torch and triton; TRITON_INTERPRET is ignored):
     make aot36                                         # --quick for sm_90 under triton 3.6 (the GPU image's)
 Options: -k SUBSTR (only kernels whose name contains it), --arch 80/90, --list (enumerate only),
 --jobs N, --kernels-dir DIR (another copy of kernels/, e.g. an older commit's: `git show REV:kernels/F`).
-Each line: `sm_XX ok|FAIL... module.kernel [constexprs] ptrs=... | figures | seconds <- first scenario`.
+Each line: `sm_XX ok|FAIL... module.kernel [constexprs] ptrs=... | figures | seconds <- first scenario`;
+then a markdown table per kernel and target (`--summarize LOG` prints it again from a saved output).
 """
 import argparse
 import collections
@@ -353,6 +354,34 @@ def describe(key):
     return f"{module}.{name} [{consts}] ptrs={dts} div16={n_div}" + (f" {dict(options)}" if options else "")
 
 
+def summarize(lines):
+    """A markdown table per (kernel, target) from the gate's per-specialization lines."""
+    rows = collections.defaultdict(lambda: collections.defaultdict(list))
+    for line in lines:
+        m = re.match(r"sm_(\d+) (ok|FAIL\S*)\s.*?(\w+\.\w+) \[", line)
+        if not m:
+            continue
+        row = rows[(m.group(3), int(m.group(1)))]
+        row["n"].append(1)
+        row["spill"].append("spills" in line.split("|")[0])
+        row["smem_fail"].append("smem" in line.split("|")[0])
+        row["compile"].append(m.group(2) == "FAIL-COMPILE")
+        for field, pattern in (("regs", r"regs=(\d+)"), ("spills", r"spills=(\d+)B"), ("smem", r"smem=([\d.]+)KB"),
+                               ("sass", r"sass=([\d.]+)/elem"), ("dot", r"dot=(\S+)")):
+            v = re.search(pattern, line)
+            if v:
+                row[field].append(v.group(1) if field == "dot" else float(v.group(1)))
+    out = ["| kernel | target | specializations | failed: spill / smem / compile | max regs | max spill B | "
+           "max smem KB | tl.dot | SASS instr/elem (min-max) |", "|---|---|---|---|---|---|---|---|---|"]
+    for (name, arch), r in sorted(rows.items()):
+        mx = lambda f, fmt="{:.0f}": fmt.format(max(r[f])) if r[f] else "-"
+        sass = f"{min(r['sass']):.1f}-{max(r['sass']):.1f}" if r["sass"] else "-"
+        out.append(f"| {name} | sm_{arch} | {len(r['n'])} | {sum(r['spill'])} / {sum(r['smem_fail'])} / "
+                   f"{sum(r['compile'])} | {mx('regs')} | {mx('spills')} | {mx('smem', '{:.1f}')} | "
+                   f"{'/'.join(sorted(set(r['dot']))) or '-'} | {sass} |")
+    return "\n".join(out)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="a smaller shape set (development)")
@@ -362,7 +391,11 @@ def main(argv=None):
     p.add_argument("--list", action="store_true", help="enumerate the specializations, compile nothing")
     p.add_argument("--limit", type=int, help="compile only the first N specializations (tests)")
     p.add_argument("--kernels-dir", help="compile this copy of kernels/ instead of qlora_fast.kernels")
+    p.add_argument("--summarize", metavar="LOG", help="print the summary table of an earlier run's output")
     args = p.parse_args(argv)
+    if args.summarize:
+        print(summarize(open(args.summarize).read().splitlines()))
+        return 0
     archs = args.arch or [80, 90]
 
     t0 = time.time()
@@ -381,7 +414,7 @@ def main(argv=None):
 
     jobs = [(i, a) for i in range(len(_JOBS)) for a in archs]
     failures = collections.Counter()
-    worst = collections.defaultdict(int)
+    lines = []
     ctx = multiprocessing.get_context("fork")
     with ctx.Pool(args.jobs) as pool:
         for r in pool.imap_unordered(compile_one, jobs):
@@ -399,18 +432,12 @@ def main(argv=None):
                 status = "FAIL " + "; ".join(problems) if problems else "ok"
                 line = (f"regs={r['regs']} spills={r['spills']}B stack={r['stack']}B smem={r['shared'] / 1024:.1f}KB dot={r['dot']} "
                         f"sass={r['sass']} {r['loads']}")
-                worst[(name, "regs")] = max(worst[(name, "regs")], r["regs"])
-                worst[(name, "smem")] = max(worst[(name, "smem")], r["shared"])
             if status != "ok":
                 failures[(name, arch)] += 1
-            print(f"sm_{arch} {status:4} {describe(key)} | {line} | {r['seconds']:.1f}s <- {rec.origin[key]}", flush=True)
+            lines.append(f"sm_{arch} {status:4} {describe(key)} | {line} | {r['seconds']:.1f}s <- {rec.origin[key]}")
+            print(lines[-1], flush=True)
 
-    print("summary by kernel:")
-    for name in sorted({f"{k[0]}.{k[1]}" for k in specs}):
-        n = sum(1 for k in specs if f"{k[0]}.{k[1]}" == name)
-        fails = ", ".join(f"sm_{a}: {failures[(name, a)]} failed" for a in archs if failures[(name, a)])
-        print(f"  {name}: {n} specializations, max regs {worst[(name, 'regs')]}, max smem "
-              f"{worst[(name, 'smem')] / 1024:.1f} KB, {fails or 'all ok'}")
+    print(summarize(lines))
     n_fail = sum(failures.values())
     print(f"aot_compile {'FAILED' if n_fail or errors else 'PASSED'}: {len(jobs)} compiles "
           f"({len(specs)} specializations x {len(archs)} targets), {n_fail} failed, {len(errors)} launcher errors, "
