@@ -1,8 +1,10 @@
 """Fused LoRA: y = x W^T + s (drop(x) A^T) B^T + bias, and its backward, for a dense or 4-bit W.
 
 Algorithm. The low-rank work is tiny (r << in, out) next to the base GEMM, so it is folded into
-the base GEMM's epilogue: `_lora_matmul_kernel` computes one output tile as
-    acc = a_tile @ Wop_tile (K-loop, W dense or decoded from NF4/FP4 in registers)
+the base GEMM's epilogue: kernels/nf4_matmul.py's `_skinny_matmul_kernel` (HAS_LORA) computes
+one output tile as
+    acc = a_tile @ Wop_tile (reduction loop, W dense or decoded from NF4/FP4 in registers;
+                             split over programs and summed in-kernel when the tiles are few)
     acc += s * (lo_tile @ hi_tile) * mask_tile      (epilogue: one rank-r tl.dot)
     acc += bias
 Forward: a = x, Wop = W^T, lo = xa = drop(x) A^T (M, r), hi = B^T.

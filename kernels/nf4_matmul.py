@@ -1,33 +1,43 @@
-"""Matmul with a 4-bit (NF4 or FP4, bitsandbytes layout) weight: out = x @ W^T (+ bias).
+"""Matmul with a 4-bit (NF4 or FP4, bitsandbytes layout) weight: out = x @ W^T (+ bias), or dY @ W.
 
 Algorithm. The weight W (N, K) is stored flattened row-major, two 4-bit codes per byte (the
 first element in the high nibble), one absmax per `blocksize` consecutive elements, and with
 double quantization that absmax is itself a uint8 code into a 256-entry signed dynamic map,
-scaled by one fp32 `nested_absmax` per 256 absmax values plus an fp32 `offset`:
-    W[n, k] = code[nibble(n*K + k)] * (code8[absmax[(n*K+k) // bs]] * nested_absmax[.. // 256] + offset)
-`_dequantize_4bit_tile` decodes any 2-D tile of W straight from those tensors in registers.
+scaled by one fp32 `nested_absmax` per `nested_blocksize` absmax values plus an fp32 `offset`:
+    W[n, k] = code[nibble(n*K + k)] * (code8[absmax[(n*K+k) // bs]] * nested_absmax[.. // nbs] + offset)
+The one decoder of that format is kernels/nf4.py's (`_block_scale`, `_code_lanes`,
+`_decode_pairs`): the same code and the same roundings here and in the dequantize kernel, so the
+fused paths decode bit for bit what bitsandbytes does (tests/test_decode_kernels.py).
 
 Two paths:
-- `skinny` (M <= 16, decoding): `_nf4_matmul_kernel` tiles (M, N) and streams K; each step
-  decodes a (BLOCK_K, BLOCK_N) tile of W in registers and feeds it to tl.dot, so the bf16 weight
-  is never written anywhere. For x @ W^T with an even row length the packed bytes are loaded
-  contiguously along rows and their two nibbles interleaved (`_dequantize_4bit_rows`); otherwise
-  (odd rows, or dY @ W in backward) each element gathers its byte. Memory traffic is the packed weight (N*K/2 bytes) plus the uint8
-  absmax (N*K/bs bytes) plus x and out: 14336x4096 reads ~30 MB, 0.010 ms at 3 TB/s. To fill the
-  GPU when N/BLOCK_N programs are too few, K is split (SPLIT_K) into fp32 partial sums that a
-  tiny torch sum reduces (deterministic, no atomics).
-- `dequant` (M > 16): `_dequantize_4bit_kernel` writes W once into a reused workspace in the
-  compute dtype and the vendor GEMM (cuBLAS) does the rest. Why not a fused dequant-GEMM here:
+- `skinny` (M <= 16, decoding; also the fused LoRA of kernels/lora.py): `_skinny_matmul_kernel`
+  reads W along its rows in (64, 64) tiles, 16 packed bytes per thread per step in one vector
+  load (`ld.global.v4`) when in_features % 32 == 0, one block scale per 32 elements, the 4-bit
+  code fetched by a warp shuffle from a register table (no memory access per nibble), and feeds
+  the decoded tile to tl.dot; the bf16 weight is never written anywhere. The forward (x @ W^T)
+  owns output rows of W and streams K; the transposed product (dY @ W, backward) owns columns
+  and streams N, reading the same row-major chunks. num_stages=1: nothing is worth staging in
+  shared memory (the tile goes through it once, as the tl.dot operand: 12-16 KB per block).
+  Memory traffic is the packed weight (N*K/2 bytes) plus the absmax (N*K/bs bytes) plus x and
+  out: 14336x4096 reads ~30 MB, ~0.010 ms at 3 TB/s. When the output tiles are too few to fill
+  the GPU, the reduction is split over program axis 2; the fp32 partials go to a reused
+  workspace and the last split of each tile to arrive (a per-tile counter, atomically
+  incremented, reset by that program) sums them in split order (deterministic), applies the
+  epilogue and stores the output: one launch, no per-call allocation but the output (CUDA-graph
+  capturable once the workspace exists). An odd in_features (rows not starting on a byte) takes
+  the `dequant` path instead.
+- `dequant` (M > 16): kernels/nf4.py's dequantize kernel writes W once into a reused workspace in
+  the compute dtype and the vendor GEMM (cuBLAS) does the rest. Why not a fused dequant-GEMM here:
   at M = 4096, N = 14336, K = 4096 the GEMM is 481 GFLOP, ~0.6-0.7 ms on an H100, while the
   dequantization moves 30 MB in and 117 MB out, ~0.05 ms at 3 TB/s; a fused Triton GEMM saves
   that 0.05 ms only if it runs within ~7% of cuBLAS, which a Triton GEMM with a decode in its
   inner loop does not reliably do. The workspace keeps the extra memory to one weight's worth
-  per (device, dtype), reused by every layer. This choice is reasoned from bandwidth and FLOP
-  figures; it is NOT measured (no GPU was available when it was written): bench/gpu_lora.py
-  times both (`method="fused"` vs `method="dequant"`) so the threshold can be set by measurement.
+  per (device, dtype), reused by every layer.
 
-`_dequantize_4bit_operand` (either decode, as a tl.dot operand) is reused by kernels/lora.py for
-the fused LoRA GEMM with an NF4 base.
+What is measured and what is not: instruction counts, vector widths, registers and shared memory
+come from compiling for sm_80/sm_90 on the CPU (bench/aot_compile.py); every speed figure and
+the tile/split choices (`skinny_config`, SKINNY_MAX_M) are estimates: nothing here has run on a
+GPU yet. bench/gpu_matmul.py times fused vs dequant so the threshold can be set by measurement.
 This module imports torch and triton only.
 """
 from typing import NamedTuple, Optional
