@@ -32,7 +32,8 @@ LOG="$OUT/gpu_check.log"
 : > "$LOG"
 WHEELS=${GPU_WHEELS:-.gpu-wheels}
 AREAS=${GPU_CHECK_AREAS:-quant matmul lora optim train}
-KERNEL_TESTS="tests/test_quant_kernels.py tests/test_nf4_matmul.py tests/test_lora_kernels.py"
+# the kernel test files: those that take their device from conftest's switch (they run whole on CUDA)
+KERNEL_TESTS=$(grep -l -e "on_test_device" -e "TEST_DEVICE" tests/test_*.py | tr '\n' ' ')
 if (( REHEARSE )); then
     TOTAL=${GPU_CHECK_BUDGET_S:-900}
     export TRITON_INTERPRET=1 QLORA_FAST_TEST_DEVICE=cpu QLORA_FAST_BACKEND=triton
@@ -173,7 +174,7 @@ if os.environ["QLORA_FAST_TEST_DEVICE"] == "cuda":
 PY
 [[ ${RESULTS[-1]} == PASS* ]] && EXT_OK=1 || EXT_OK=0
 
-GPU_TESTS=$(grep -l "mark.gpu" tests/test_*.py | grep -v -e test_quant_kernels -e test_nf4_matmul -e test_lora_kernels | tr '\n' ' ')
+GPU_TESTS=$(grep -l "mark.gpu" tests/test_*.py | grep -v -F -x $(printf -- '-e %s ' $KERNEL_TESTS) | tr '\n' ' ')
 if (( EXT_OK )) || [[ ${GPU_CHECK_KEEP_GOING:-0} == 1 ]]; then
     stage "gpu-marked tests ($GPU_TESTS)" 60 "$PY" -m pytest -q -ra -m gpu $PYTEST_DEVICE_ARGS -p no:cacheprovider $GPU_TESTS
 else

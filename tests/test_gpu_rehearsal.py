@@ -24,19 +24,21 @@ def _env(tmp_path, **extra):
 def test_rehearsal_runs_every_stage_and_area(tmp_path):
     # the carried wheels (bitsandbytes 0.50.2, torchao 0.18.0) are installed and imported when a
     # checkout has them in .gpu-wheels/ (as the GPU run needs); without them the installed peers are used
+    areas = gpu.AREAS + gpu.EXTRA_AREAS  # the GPU run does the extra ones on request: rehearse them all
     proc = subprocess.run(["bash", str(ROOT / "bench" / "gpu_check.sh"), "--rehearse"], cwd=ROOT,
-                          env=_env(tmp_path), capture_output=True, text=True, timeout=900)
+                          env=_env(tmp_path, GPU_CHECK_AREAS=" ".join(areas)), capture_output=True, text=True,
+                          timeout=900)
     summary = (tmp_path / "summary.txt").read_text() if (tmp_path / "summary.txt").exists() else ""
     log = (tmp_path / "gpu_check.log").read_text()
     assert proc.returncode == 0 and "RESULT: PASS" in summary, f"{summary}\n{proc.stdout[-3000:]}\n{log[-6000:]}"
-    for stage in ["kernel tests", "extension build", "extension check", "gpu-marked tests", "bench " + " ".join(gpu.AREAS)]:
+    for stage in ["kernel tests", "extension build", "extension check", "gpu-marked tests", "bench " + " ".join(areas)]:
         assert f"PASS {stage}" in summary, f"stage {stage!r} did not pass:\n{summary}"
     assert "passed" in log and " failed" not in log
     bench_log = (tmp_path / "bench.log").read_text()
-    for area in gpu.AREAS:
+    for area in areas:
         assert f"## {area}: PASS" in bench_log, bench_log[-3000:]
     rows = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
-    assert {r["area"] for r in rows} == set(gpu.AREAS)
+    assert {r["area"] for r in rows} == set(areas)
     assert all(r["tiny"] for r in rows)
     checks = [r for r in rows if "check" in r]
     assert checks and all(r["ok"] for r in checks), [r for r in checks if not r["ok"]]
