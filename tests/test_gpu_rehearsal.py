@@ -69,14 +69,22 @@ def _fake_tools(tmp_path, names):
     return f"{bin_dir}:{os.environ['PATH']}"
 
 
-def test_gpu_preflight_names_missing_wheels(tmp_path):
-    # the GPU branch of the preflight past the tool checks (stand-ins for them): an immediate, named abort
-    out = tmp_path / "out"
+@pytest.mark.parametrize("wheels,message", [
+    (None, "carried wheels missing: {}/"),
+    (["bitsandbytes-0.50.2-py3-none-any.whl", "torchao-0.18.0-cp310-abi3-any.whl"], "torch cannot use the device"),
+])
+def test_gpu_preflight_names_what_is_missing(tmp_path, wheels, message):
+    # the GPU branch of the preflight past the tool checks (stand-ins for them): immediate, named aborts
+    folder = tmp_path / "wheels"
+    if wheels is not None:
+        folder.mkdir()
+        for name in wheels:
+            (folder / name).write_bytes(b"")  # only their names are looked at before torch is asked
     path = _fake_tools(tmp_path, ["nvidia-smi", "nvcc", "ninja"])
-    proc = subprocess.run(["bash", str(ROOT / "bench" / "gpu_check.sh")], cwd=ROOT, timeout=60, capture_output=True,
-                          text=True, env=_env(out, PATH=path, GPU_WHEELS="no-such-folder"))
+    proc = subprocess.run(["bash", str(ROOT / "bench" / "gpu_check.sh")], cwd=ROOT, timeout=120, capture_output=True,
+                          text=True, env=_env(tmp_path / "out", PATH=path, GPU_WHEELS=str(folder)))
     assert proc.returncode == 2, proc.stdout + proc.stderr
-    assert "PREFLIGHT FAILED: carried wheels missing: no-such-folder/" in proc.stdout
+    assert "PREFLIGHT FAILED: " + message.format(folder) in proc.stdout, proc.stdout
 
 
 def test_bench_driver_rejects_unknown_area_and_missing_gpu(capsys):
