@@ -86,16 +86,18 @@ def _check_one_step(bench):
 
 
 def _check_extension(bench):
-    from qlora_fast import _extension, load_extension
+    from pathlib import Path
 
-    load_extension()
+    import qlora_fast
+
+    module = qlora_fast.load_extension()
     if bench.device.type == "cuda":
         has = torch._C._dispatch_has_kernel_for_dispatch_key("qlora_fast::adam_step_", "CUDA")
         bench.check("extension has CUDA kernels", has)
-    built_in = getattr(_extension, "_MODULE", None)
-    bench.check("extension is the in-tree build, not a JIT build",
-                built_in is not None and "torch_extensions" not in str(getattr(built_in, "__file__", "")),
-                getattr(built_in, "__file__", "?"))
+    where = Path(getattr(module, "__file__", "") or "?")
+    # a JIT build lives in the cache folder, the package's own build beside qlora_fast/__init__.py
+    bench.check("extension is the package's build, not a JIT build", where.parent == Path(qlora_fast.__file__).parent,
+                str(where))
 
 
 def run(bench):
