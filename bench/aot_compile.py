@@ -254,24 +254,26 @@ def _tool(name):
     return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
 
 
-# weight elements one program handles per hot-loop iteration (loop-free kernels: per program)
-_ELEMENTS = {
-    "_quantize_4bit_kernel": lambda c: c["GROUP"] * c["BLOCKSIZE"],
-    "_quantize_absmax_kernel": lambda c: c["GROUP"] * c["NESTED"],
-    "_nf4_matmul_kernel": lambda c: c["BLOCK_N"] * c["BLOCK_K"],
-    "_lora_matmul_kernel": lambda c: c["BLOCK_P"] * c["BLOCK_Q"],
-}
+# Weight elements one program handles per hot-loop iteration (loop-free kernels: per program),
+# from the tile constexprs: the first set of names a kernel has wins. A kernel with none of them
+# gets a plain instruction count.
+_ELEMENTS = [
+    (("CHUNKS", "CB"), lambda c: c["CHUNKS"] * c["CB"] * 2),  # packed bytes -> 2 elements each
+    (("BLOCK_R", "BLOCK_C"), lambda c: c["BLOCK_R"] * c["BLOCK_C"]),
+    (("BLOCK_P", "BLOCK_Q"), lambda c: c["BLOCK_P"] * c["BLOCK_Q"]),
+    (("BLOCK_N", "BLOCK_K"), lambda c: c["BLOCK_N"] * c["BLOCK_K"]),
+    (("GROUP", "BLOCKSIZE"), lambda c: c["GROUP"] * c["BLOCKSIZE"]),
+    (("GROUP", "NESTED"), lambda c: c["GROUP"] * c["NESTED"]),
+    (("BLOCK",), lambda c: c["BLOCK"]),
+]
 
 
 def _elements(fn, constexprs):
     named = {fn.arg_names[k[0]]: v for k, v in constexprs.items() if len(k) == 1}
-    f = _ELEMENTS.get(fn.__name__)
-    if f is None and fn.__name__ == "_dequantize_4bit_kernel":
-        f = (lambda c: c["BLOCK"]) if "BLOCK" in named else (lambda c: c["GROUP"] * c["BLOCKSIZE"])
-    try:
-        return int(f(named)) if f else None
-    except (KeyError, TypeError):
-        return None
+    for names, f in _ELEMENTS:
+        if all(isinstance(named.get(n), int) and not isinstance(named.get(n), bool) for n in names):
+            return int(f(named))
+    return None
 
 
 def _hot_loop_sass(sass):
