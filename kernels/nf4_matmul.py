@@ -144,7 +144,7 @@ def _skinny_matmul_kernel(
     TRANSPOSE: tl.constexpr, WEIGHT_4BIT: tl.constexpr, BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr,
     NESTED_BLOCKSIZE: tl.constexpr, CHUNK_SCALE: tl.constexpr,
     HAS_LORA: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, W_LEFT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr, CB: tl.constexpr,
 ):
     """out (M, P) = a @ Wop [+ scale * (lo @ hi) * mask] [+ bias] for a weight W (N, K) stored
@@ -156,6 +156,9 @@ def _skinny_matmul_kernel(
     SPLIT: program axis 2 takes RED_PER_SPLIT of the reduced dimension; its fp32 partial goes to
     `partial_ptr`, and the last split of a tile to arrive (counted in lock_ptr, reset to 0 after)
     sums all partials in split order (deterministic), applies the epilogue and stores `out`.
+    W_LEFT: the decoded (64-wide) tile is the left tl.dot operand (out^T = Wop^T a^T): with 16-bit
+    operands that lowers to wgmma on sm_90 with no warp replicating another's MMA (compiled: ~6 SASS
+    instructions per element against ~7.5 the other way round); fp32 (FMA) keeps a @ Wop.
     """
     pid_p = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -169,7 +172,10 @@ def _skinny_matmul_kernel(
         P = K
         red_end = tl.minimum(red_start + RED_PER_SPLIT, N)
         offs_p = pid_p * BLOCK_C + tl.arange(0, BLOCK_C)
-        acc = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
+        if W_LEFT:
+            acc_t = tl.zeros((BLOCK_C, BLOCK_M), dtype=tl.float32)
+        else:
+            acc = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
         for n0 in range(red_start, red_end, BLOCK_R):
             rows = n0 + tl.arange(0, BLOCK_R)
             row_ok = rows < red_end
@@ -178,13 +184,21 @@ def _skinny_matmul_kernel(
             w = _weight_tile(w_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, table,
                              rows, row_ok, pid_p * BLOCK_C, K, row_bytes, stride_wn, stride_wk, WEIGHT_4BIT,
                              BLOCKSIZE, NESTED, NESTED_BLOCKSIZE, CHUNK_SCALE, BLOCK_R, BLOCK_C, CB)
-            acc += tl.dot(a.to(DOT_DTYPE), w.to(DOT_DTYPE), input_precision=INPUT_PRECISION)
+            if W_LEFT:
+                acc_t += tl.dot(tl.trans(w).to(DOT_DTYPE), tl.trans(a).to(DOT_DTYPE), input_precision=INPUT_PRECISION)
+            else:
+                acc += tl.dot(a.to(DOT_DTYPE), w.to(DOT_DTYPE), input_precision=INPUT_PRECISION)
+        if W_LEFT:
+            acc = tl.trans(acc_t)
     else:
         P = N
         red_end = tl.minimum(red_start + RED_PER_SPLIT, K)
         offs_p = pid_p * BLOCK_R + tl.arange(0, BLOCK_R)
         row_ok = offs_p < N
-        acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        if W_LEFT:
+            acc_t = tl.zeros((BLOCK_R, BLOCK_M), dtype=tl.float32)
+        else:
+            acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
         for k0 in range(red_start, red_end, BLOCK_C):
             cols = k0 + tl.arange(0, BLOCK_C)
             a = tl.load(a_ptr + offs_m[:, None] * stride_am + cols[None, :] * stride_ak,
@@ -192,7 +206,12 @@ def _skinny_matmul_kernel(
             w = _weight_tile(w_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, table,
                              offs_p, row_ok, k0, K, row_bytes, stride_wn, stride_wk, WEIGHT_4BIT,
                              BLOCKSIZE, NESTED, NESTED_BLOCKSIZE, CHUNK_SCALE, BLOCK_R, BLOCK_C, CB)
-            acc += tl.dot(a.to(DOT_DTYPE), tl.trans(w).to(DOT_DTYPE), input_precision=INPUT_PRECISION)
+            if W_LEFT:
+                acc_t += tl.dot(w.to(DOT_DTYPE), tl.trans(a).to(DOT_DTYPE), input_precision=INPUT_PRECISION)
+            else:
+                acc += tl.dot(a.to(DOT_DTYPE), tl.trans(w).to(DOT_DTYPE), input_precision=INPUT_PRECISION)
+        if W_LEFT:
+            acc = tl.trans(acc_t)
     p_ok = offs_p < P
     out_ok = m_ok[:, None] & p_ok[None, :]
     if SPLIT:
@@ -343,15 +362,16 @@ def row_pairs(in_features: int, blocksize: int, transpose: bool = False) -> int:
 _TARGET_PROGRAMS = 512
 
 
-def skinny_config(M, P, N, K, transpose, split_k=None):
+def skinny_config(M, P, N, K, transpose, dtype, split_k=None):
     """Tiling of the skinny kernel for out (M, P), W (N, K): (block_r, block_c, split,
-    red_per_split, num_warps). Every program decodes a (64, 64) tile of W per step (16 bytes of
-    packed weight per thread at 4 warps; smaller for tiny weights): of the shapes compiled for
-    sm_90 (16x256, 32x128, 64x64, 128x32) it took the fewest instructions per element both ways,
-    and fp32 activations (FMA tl.dot) keep it in registers. `split_k`: force a number of splits
-    (tests); None splits the reduction so that ~_TARGET_PROGRAMS programs run when the output
-    tiles are few (never under the interpreter, where it would only be slower)."""
-    block_r = max(16, min(64, triton.next_power_of_2(N)))
+    red_per_split, num_warps). A program decodes a (block_r, block_c) tile of W per step: (64, 64)
+    for 16-bit activations (16 bytes of packed weight per thread at 4 warps; of the shapes compiled
+    for sm_90, 16x256, 32x128, 64x64 and 128x32, it took the fewest instructions per element both
+    ways) and (32, 64) for fp32, whose tl.dot runs on FMA units and spilled at (64, 64). Smaller
+    for tiny weights. `split_k`: force a number of splits (tests); None splits the reduction so
+    that ~_TARGET_PROGRAMS programs run when the output tiles are few (never under the
+    interpreter, where it would only be slower)."""
+    block_r = max(16, min(32 if dtype == torch.float32 else 64, triton.next_power_of_2(N)))
     block_c = max(32, min(64, triton.next_power_of_2(K)))
     out_tile, step, red = (block_c, block_r, N) if transpose else (block_r, block_c, K)
     programs = triton.cdiv(P, out_tile) * triton.cdiv(M, 16)
@@ -373,7 +393,7 @@ def skinny_launch(a, weight, N, K, transpose, lo=None, hi=None, mask=None, bias=
     M = a.shape[0]
     P = K if transpose else N
     dot_dt, precision = dot_dtype(a.dtype)
-    block_r, block_c, split, red_per_split, warps = skinny_config(M, P, N, K, transpose, split_k)
+    block_r, block_c, split, red_per_split, warps = skinny_config(M, P, N, K, transpose, a.dtype, split_k)
     out = torch.empty((M, P), device=a.device, dtype=a.dtype)
     grid = (triton.cdiv(P, block_c if transpose else block_r), triton.cdiv(M, 16), split)
     if split > 1:
@@ -402,7 +422,7 @@ def skinny_launch(a, weight, N, K, transpose, lo=None, hi=None, mask=None, bias=
         mask.stride(0) if mask is not None else 0, mask.stride(1) if mask is not None else 0,
         out.stride(0), out.stride(1),
         TRANSPOSE=transpose, HAS_LORA=has_lora, HAS_MASK=mask is not None, HAS_BIAS=bias is not None,
-        SPLIT=split > 1, DOT_DTYPE=dot_dt, INPUT_PRECISION=precision,
+        SPLIT=split > 1, DOT_DTYPE=dot_dt, INPUT_PRECISION=precision, W_LEFT=dot_dt != tl.float32,
         BLOCK_M=16, BLOCK_R=block_r, BLOCK_C=block_c,
         BLOCK_L=max(16, triton.next_power_of_2(lo.shape[1])) if has_lora else 16, CB=16,
         num_warps=warps, num_stages=1, **quant,
