@@ -27,7 +27,7 @@ def test_rehearsal_runs_every_stage_and_area(tmp_path):
     areas = gpu.AREAS + gpu.EXTRA_AREAS  # the GPU run does the extra ones on request: rehearse them all
     proc = subprocess.run(["bash", str(ROOT / "bench" / "gpu_check.sh"), "--rehearse"], cwd=ROOT,
                           env=_env(tmp_path, GPU_CHECK_AREAS=" ".join(areas)), capture_output=True, text=True,
-                          timeout=900)
+                          timeout=1800)
     summary = (tmp_path / "summary.txt").read_text() if (tmp_path / "summary.txt").exists() else ""
     log = (tmp_path / "gpu_check.log").read_text()
     assert proc.returncode == 0 and "RESULT: PASS" in summary, f"{summary}\n{proc.stdout[-3000:]}\n{log[-6000:]}"
