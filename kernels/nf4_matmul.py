@@ -367,8 +367,8 @@ def skinny_config(M, P, N, K, transpose, dtype, split_k=None):
     red_per_split, num_warps). A program decodes a (block_r, block_c) tile of W per step: (64, 64)
     for 16-bit activations (16 bytes of packed weight per thread at 4 warps; of the shapes compiled
     for sm_90, 16x256, 32x128, 64x64 and 128x32, it took the fewest instructions per element both
-    ways) and (32, 64) for fp32, whose tl.dot runs on FMA units and spilled at (64, 64). Smaller
-    for tiny weights. `split_k`: force a number of splits (tests); None splits the reduction so
+    ways) and (32, 64) at 8 warps for fp32, whose tl.dot runs on FMA units (it spilled at (64, 64),
+    and ptxas kept 8 bytes of stack at 4 warps in a split transposed case). Smaller for tiny weights. `split_k`: force a number of splits (tests); None splits the reduction so
     that ~_TARGET_PROGRAMS programs run when the output tiles are few (never under the
     interpreter, where it would only be slower)."""
     block_r = max(16, min(32 if dtype == torch.float32 else 64, triton.next_power_of_2(N)))
@@ -383,7 +383,7 @@ def skinny_config(M, P, N, K, transpose, dtype, split_k=None):
                 split_k *= 2
     split_k = max(1, min(int(split_k), steps))
     red_per_split = triton.cdiv(steps, split_k) * step
-    return block_r, block_c, triton.cdiv(red, red_per_split), red_per_split, 4
+    return block_r, block_c, triton.cdiv(red, red_per_split), red_per_split, 8 if dtype == torch.float32 else 4
 
 
 def skinny_launch(a, weight, N, K, transpose, lo=None, hi=None, mask=None, bias=None, scale=1.0, split_k=None):
