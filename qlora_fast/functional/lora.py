@@ -16,11 +16,13 @@ Two ways to the same code:
 `use_kernels` picks the Triton kernels (CUDA tensors, or QLORA_FAST_BACKEND=triton under
 TRITON_INTERPRET) or the plain-PyTorch reference (qlora_fast.reference.lora) in both.
 """
+import functools
 from typing import Optional
 
 import torch
 from torch import Tensor
 
+from qlora_fast.quant_state import QuantState
 from qlora_fast.reference import lora as _ref
 
 from ._dispatch import use_kernels
@@ -35,6 +37,14 @@ def _use_kernels(x: Tensor, weight: Tensor) -> bool:
     return x.dtype in _KERNEL_DTYPES and use_kernels(x, weight)
 
 
+@functools.cache
+def _kernels():
+    """(kernels.nf4_matmul, kernels.lora), imported once (an import statement per call costs ~1 us)."""
+    from qlora_fast.kernels import lora, nf4_matmul
+
+    return nf4_matmul, lora
+
+
 # A base weight travels as a dense Tensor or as the 9 fields of `Weight4bit` (packed, absmax, code,
 # shape, blocksize, nested_absmax, nested_code, offset, nested_blocksize): the launcher's type on
 # the kernel path, a plain tuple in the same order on the reference path (which needs no Triton).
@@ -42,6 +52,8 @@ def _use_kernels(x: Tensor, weight: Tensor) -> bool:
 def _eager_weight(weight: Tensor, quant_state, kernels: bool):
     if quant_state is None:
         return weight
+    if not isinstance(quant_state, QuantState):
+        raise TypeError(f"quant_state must be a qlora_fast QuantState, got {type(quant_state).__name__}")
     return quant_state.kernel_weight(weight) if kernels else quant_state.weight_fields(weight)
 
 
@@ -53,9 +65,7 @@ def _op_weight(weight, absmax, code, nested_absmax, nested_code, offset, out_fea
     fields = (weight, absmax, code, (out_features, in_features), blocksize, nested_absmax, nested_code, offset,
               nested_blocksize)
     if kernels:
-        from qlora_fast.kernels.nf4_matmul import Weight4bit
-
-        return Weight4bit(*fields)
+        return _kernels()[0].Weight4bit(*fields)
     return fields
 
 
@@ -98,9 +108,7 @@ def _needs_grad(*tensors) -> bool:
 
 def _matmul_4bit_run(x, w, bias, transpose: bool, kernels: bool) -> Tensor:
     if kernels:
-        from qlora_fast.kernels.nf4_matmul import nf4_matmul
-
-        return nf4_matmul(x, *w, bias=bias, transpose=transpose)
+        return _kernels()[0].nf4_matmul(x, *w, bias=bias, transpose=transpose)
     return _ref.matmul_4bit_ref(x, _dense(w, x.dtype), bias, transpose)
 
 
@@ -160,34 +168,39 @@ def matmul_4bit(x: Tensor, packed: Tensor, quant_state, bias: Optional[Tensor] =
     if not isinstance(x, Tensor) or not x.is_floating_point():
         raise TypeError(f"x must be a floating-point tensor, got {getattr(x, 'dtype', type(x))}")
     x, bias = _autocast(x, bias)
-    _check_4bit(packed, quant_state)
-    out_features, in_features = int(quant_state.shape[0]), int(quant_state.shape[1])
+    if _compiling():
+        _check_4bit(packed, quant_state)
+        quant_state.validate(packed)  # traced once
+        shape, w, kernels = quant_state.shape, None, False
+    else:
+        # eager: the state is validated on its first use with `packed` and then served from its
+        # cache, shapes included; the launcher gets the cached Weight4bit
+        kernels = _use_kernels(x, packed)
+        w = _eager_weight(packed, quant_state, kernels)
+        shape = w[3]
+    out_features, in_features = int(shape[0]), int(shape[1])
     if x.shape[-1] != in_features:
         raise ValueError(f"x must have last dimension {in_features} (in_features), got shape {tuple(x.shape)}")
     if bias is not None and (tuple(bias.shape) != (out_features,) or bias.dtype != x.dtype):
         raise ValueError(f"bias must be ({out_features},) in {x.dtype}, got {tuple(bias.shape)} {bias.dtype}")
-    if _compiling():
-        quant_state.validate(packed)  # traced once; eager runs validate through kernel_weight's cache
-    if not _needs_grad(x, bias):
+    if _needs_grad(x, bias):
+        return MatMul4bitFunction.apply(x, bias, packed, quant_state)
+    if w is None:
         return _matmul_4bit(x, packed, quant_state, bias, False)
-    return MatMul4bitFunction.apply(x, bias, packed, quant_state)
+    return _matmul_4bit_run(x, w, bias, False, kernels)
 
 
 # ---------------------------------------------------------------- LoRA
 
 def _lora_forward_run(x, w, lora_A, lora_B, scale, bias, x_adapter, kernels: bool):
     if kernels:
-        from qlora_fast.kernels.lora import lora_forward
-
-        return lora_forward(x, w, lora_A, lora_B, scale, bias, x_adapter)
+        return _kernels()[1].lora_forward(x, w, lora_A, lora_B, scale, bias, x_adapter)
     return _ref.lora_forward_ref(x, _dense(w, x.dtype), lora_A, lora_B, scale, bias, x_adapter)
 
 
 def _lora_backward_run(grad_out, x_adapter, xa, w, lora_A, lora_B, scale, mask, need_grad_input, kernels: bool):
     if kernels:
-        from qlora_fast.kernels.lora import lora_backward
-
-        return lora_backward(grad_out, x_adapter, xa, w, lora_A, lora_B, scale, mask, need_grad_input)
+        return _kernels()[1].lora_backward(grad_out, x_adapter, xa, w, lora_A, lora_B, scale, mask, need_grad_input)
     return _ref.lora_backward_ref(grad_out, x_adapter, xa, _dense(w, grad_out.dtype), lora_A, lora_B, scale, mask,
                                   need_grad_input)
 

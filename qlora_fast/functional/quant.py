@@ -99,22 +99,27 @@ def _(packed, absmax, nested_absmax, nested_code, offset, numel, blocksize, quan
 
 
 def _check_values(x: torch.Tensor, absmax: torch.Tensor, state: QuantState) -> None:
-    """Refuse non-finite input and scales that decode out of range; warn about outliers that
+    """Refuse non-finite input and scales that could decode out of range; warn about outliers that
     spoil double quantization. One device sync (quantization happens once per weight)."""
-    stats = [torch.isfinite(x).all(), absmax.max(), absmax.median()]
+    checks = [torch.isfinite(x).all()]
     if state.nested:
-        decoded = ref.dequantize_absmax_ref(state.absmax, state.nested_absmax, state.offset, state.nested_code)
-        stats.append(decoded.abs().max())
-    finite, largest, typical, *decoded_max = torch.stack([t.float() for t in stats]).tolist()
+        checks += [absmax.max(), absmax.median(), state.offset.abs(), state.nested_absmax.max()]
+    finite, *stats = torch.stack([c.float() for c in checks]).tolist()
     if not finite:
         raise ValueError("x must be finite to be quantized: it holds NaN or Inf "
                          "(under double quantization one such value would spoil every block)")
-    if decoded_max and not decoded_max[0] <= torch.finfo(state.dtype).max:
+    if not stats:
+        return
+    largest, typical, offset, nested = stats
+    bound = offset + nested  # a decoded scale is code8 * nested_absmax + offset, |code8| <= 1 (sum in float64)
+    # rounding to state.dtype keeps anything below its largest value plus a quarter ulp finite
+    limit = torch.finfo(state.dtype).max * (1 + torch.finfo(state.dtype).eps / 4)
+    if not bound <= limit:
         raise ValueError(
-            f"x is too large for double quantization: its block absmax (up to {largest:.4g}) would decode as "
-            f"{decoded_max[0]:.4g}, beyond {state.dtype}'s range (the mean of the absmax overflows); "
+            f"x is too large for double quantization: its block absmax (up to {largest:.4g}) could decode as "
+            f"{bound:.4g}, beyond {state.dtype}'s range (e.g. the mean of the absmax overflows float32); "
             "quantize it with compress_statistics=False")
-    if state.nested and typical > 0 and largest > OUTLIER_RATIO * typical:
+    if typical > 0 and largest > OUTLIER_RATIO * typical:
         warnings.warn(
             f"x has a block absmax {largest / typical:.3g} times the median one ({largest:.4g} vs {typical:.4g}): "
             "with double quantization (compress_statistics=True) that outlier coarsens the scales of the other "
