@@ -38,11 +38,12 @@ def pytest_configure(config):
 
 def pytest_collection_modifyitems(config, items):
     if config.getoption("--gpu-rehearsal"):
-        # a gpu test takes its device from the switch (the `device` or `on_test_device` fixture);
-        # one that hard-codes CUDA is only imported and collected here, and says so
+        # a gpu test takes its device from the switch (the `device` or `on_test_device` fixture, or its
+        # module imports TEST_DEVICE); one that hard-codes CUDA is only imported and collected here, and says so
         fixed = pytest.mark.skip(reason="hard-codes CUDA: not rehearsable on the CPU (take the `device` fixture)")
         for item in items:
-            if "gpu" in item.keywords and not {"device", "on_test_device"} & set(getattr(item, "fixturenames", ())):
+            switched = {"device", "on_test_device"} & set(getattr(item, "fixturenames", ()))
+            if "gpu" in item.keywords and not switched and getattr(item.module, "TEST_DEVICE", None) != TEST_DEVICE:
                 item.add_marker(fixed)
         return
     if torch.cuda.is_available():

@@ -34,6 +34,8 @@ def test_rehearsal_runs_every_stage_and_area(tmp_path):
     for stage in ["kernel tests", "extension build", "extension check", "gpu-marked tests", "bench " + " ".join(areas)]:
         assert f"PASS {stage}" in summary, f"stage {stage!r} did not pass:\n{summary}"
     assert "passed" in log and " failed" not in log
+    kernel_stage = log.split("===== kernel tests")[1].split("===== PASS kernel tests")[0]
+    assert " passed" in kernel_stage and "skipped" not in kernel_stage, kernel_stage  # every one rehearsed
     bench_log = (tmp_path / "bench.log").read_text()
     for area in areas:
         assert f"## {area}: PASS" in bench_log, bench_log[-3000:]
