@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from qlora_fast.functional import matmul_4bit, quantize_4bit
-from qlora_fast.nn import Linear4bit
+from qlora_fast.nn import Linear4bit, QLoRALinear
 from qlora_fast.quant_state import QuantState
 
 pytestmark = pytest.mark.usefixtures("reference_backend")
@@ -113,6 +113,14 @@ def test_integer_input_is_a_type_error(dtype):
     layer = Linear4bit(32, 8)
     with pytest.raises(TypeError, match="x must be a floating-point tensor"):
         layer(torch.ones(2, 32, dtype=dtype))
+    qlora = QLoRALinear(Linear4bit(32, 8), r=2)
+    for merged in (False, True):
+        if merged:
+            qlora.merge()
+        with pytest.raises(TypeError, match="x must be a floating-point tensor"):
+            qlora(torch.ones(2, 32, dtype=dtype))
+    with pytest.raises(ValueError, match="last dimension 32"):
+        qlora(torch.ones(2, 31))
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
