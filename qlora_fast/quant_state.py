@@ -75,6 +75,11 @@ class QuantState:
         if name != "_kernel":
             object.__setattr__(self, "_kernel", None)
 
+    def __getstate__(self):
+        # the cache is not saved: it refers to a packed tensor and a kernels type (Triton) that a
+        # loading process may not have
+        return {**self.__dict__, "_kernel": None}
+
     def validate(self, packed: Optional[torch.Tensor] = None, where: str = "") -> "QuantState":
         """Check that the fields (and the `packed` weight, if given) describe one 4-bit tensor.
 

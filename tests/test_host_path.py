@@ -4,6 +4,8 @@ launcher's output, the weight validated once; torch.compile still traces the cus
 The launchers are replaced by fakes that return an output of the right shape, so what runs is
 exactly qlora_fast.functional / nn (QLORA_FAST_BACKEND=triton routes CPU tensors there under the
 interpreter, as CUDA tensors go by default)."""
+import pickle
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -64,6 +66,8 @@ def test_eager_decode_step_has_no_dispatch_sync_or_extra_allocation(seed, fake_l
 
     assert fake_launchers[-3:] == ["matmul", "matmul", Weight4bit]  # lora_forward gets the cached Weight4bit
     assert state.kernel_weight(layer.weight) is state.kernel_weight(layer.weight)  # built once, cached
+    copy = pickle.loads(pickle.dumps(state))  # the cache stays behind (it holds a Triton-side type)
+    assert copy._kernel is None and torch.equal(copy.absmax, state.absmax)
 
 
 def test_eager_path_with_grad_runs_the_launchers_not_the_custom_op(seed, fake_launchers):

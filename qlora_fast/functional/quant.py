@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 
 from qlora_fast.functional._dispatch import use_kernels
-from qlora_fast.quant_state import FLOAT_DTYPES, MAX_BLOCKSIZE, MIN_BLOCKSIZE, QuantState, check_options  # noqa: F401
+from qlora_fast.quant_state import FLOAT_DTYPES, QuantState, check_options
 from qlora_fast.reference import quant as ref
 
 __all__ = ["quantize_4bit", "dequantize_4bit"]
