@@ -2,8 +2,8 @@
 for sm_80 and sm_90 on the CPU (no GPU needed), failing on compile errors, register spills and
 shared memory over the target's per-block limit.
 
-How it works. The launchers in `qlora_fast.kernels` are called on 'meta' tensors over a
-representative set of shapes (weights 4096x4096, 14336x4096, 4096x14336 and odd ones; 1, 16 and
+How it works. The launchers in kernels/ (installed as `qlora_fast.kernels`) are called on 'meta'
+tensors over a representative set of shapes (weights 4096x4096, 14336x4096, 4096x14336 and odd ones; 1, 16 and
 4096 rows; fp32/fp16/bf16; nested on/off; NF4/FP4; blocksizes 32..4096; LoRA ranks 8..64 with
 and without dropout and bias; forward, backward/transposed; fused and vendor paths).
 `JITFunction.run` is patched so that each `kernel[grid](...)` is recorded instead of executed,
@@ -13,19 +13,24 @@ divisibility attribute; ints equal to 1 become constants). Launches are deduplic
 signature, constexprs, attributes, launch options); each remaining specialization is compiled
 with `triton.compile(ASTSource(...), target=GPUTarget("cuda", 80|90, 32))` in a process pool.
 
-One line per specialization and target: registers, spill/local bytes (cuobjdump -res-usage),
-shared memory, tl.dot lowering (wgmma / mma / none: FMA), global load widths in the PTX
+Dtype, double quantization, transpose and row count are crossed in full; shape, blocksize,
+bias, rank and dropout rotate over those cases (see `scenarios`). A `*_kernel` that no scenario
+launches is an error (UNCOVERED): a new kernel gets a scenario or the gate fails.
+
+One line per specialization and target: registers, spill stores (ptxas -v; the stack frame is
+shown apart, as a call's frame such as div.rn's slow path is no spill), shared memory, tl.dot lowering (wgmma / mma / none: FMA), global load widths in the PTX
 (`ld`: bytes x count, `cp.async`: bytes x count) and SASS instructions per weight element of the
 hot loop (the innermost loop's instructions over the elements one iteration handles; the whole
-kernel for loop-free kernels). Exit status 1 on any failure, with the failing kernels named.
+kernel for loop-free kernels; thread instructions, an issue-slot estimate). Exit status 1 on
+any failure, with the failing kernels named. ptxas runs every time (TRITON_ALWAYS_COMPILE).
 
 Run (any environment with torch and triton; TRITON_INTERPRET is ignored):
-    python bench/aot_compile.py                        # everything (CI: `make aot`), < ~10 min on 2 cores
+    python bench/aot_compile.py                        # everything (CI: `make aot`), ~150 specializations x 2
     python bench/aot_compile.py --quick                # a smaller shape set
     python bench/aot_compile.py -k nf4_matmul --arch 90 --list
     make aot36                                         # --quick for sm_90 under triton 3.6 (the GPU image's)
-Options: -k SUBSTR (only kernels whose name contains it), --arch 80/90, --list (enumerate only),
---jobs N, --kernels-dir DIR (another copy of kernels/, e.g. an older commit's: `git show REV:kernels/F`).
+Options: -k SUBSTR (only kernels whose module.name contains it), --arch 80/90, --list (enumerate
+only), --limit N (the first N specializations), --jobs N, --kernels-dir DIR (another copy of kernels/, e.g. an older commit's: `git show REV:kernels/F`).
 Each line: `sm_XX ok|FAIL... module.kernel [constexprs] ptrs=... | figures | seconds <- first scenario`;
 then a markdown table per kernel and target (`--summarize LOG` prints it again from a saved output).
 """
