@@ -100,3 +100,16 @@ def test_compiled_graph_holds_the_custom_op(seed, monkeypatch):
     targets = {str(n.target) for g in graphs for n in g.graph.nodes if n.op == "call_function"}
     assert "qlora_fast.matmul_4bit.default" in targets, targets
     assert torch.equal(out, matmul_4bit(x, packed, state))
+
+
+def test_make_fx_records_the_custom_op_not_the_launcher(seed, monkeypatch):
+    # tracing outside torch.compile must not take the eager path: a tracer cannot see a launch
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    monkeypatch.setenv("QLORA_FAST_BACKEND", "triton")
+    packed, state = quantize_4bit(torch.randn(16, 32))
+    x = torch.randn(2, 32)
+    graph = make_fx(lambda x: matmul_4bit(x, packed, state))(x)
+    targets = [str(n.target) for n in graph.graph.nodes if n.op == "call_function"]
+    assert targets == ["qlora_fast.matmul_4bit.default"], targets
+    assert torch.equal(graph(x), matmul_4bit(x, packed, state))

@@ -30,7 +30,14 @@ from ._dispatch import use_kernels
 __all__ = ["lora_linear", "matmul_4bit", "LoRALinearFunction", "MatMul4bitFunction"]
 
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_compiling = torch.compiler.is_compiling
+_MODES = (torch._C._TorchDispatchModeKey.PROXY, torch._C._TorchDispatchModeKey.FAKE)
+
+
+def _compiling() -> bool:
+    """True while torch.compile / export, make_fx or torch.jit.trace traces: then the custom ops
+    (with their fake implementations) must stand for the launchers, which a tracer cannot see."""
+    return (torch.compiler.is_compiling() or torch._C._get_tracing_state() is not None
+            or any(torch._C._get_dispatch_mode(key) is not None for key in _MODES))
 
 
 def _use_kernels(x: Tensor, weight: Tensor) -> bool:
