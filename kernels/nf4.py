@@ -345,7 +345,9 @@ def dequantize_4bit(
     # a chunk: the bytes whose outputs fill one 16-byte store (8 fp16/bf16 or 4 fp32), inside one
     # block; wider byte loads would need a shared-memory relayout before the coalesced stores
     cb = min(8 // out.element_size(), blocksize // 2)
-    chunks = _DEQUANT_BYTES // cb
+    chunk_mask = numel % (2 * cb) == 0
+    # per-element masks (an odd tail) cost registers: a quarter of the work per program then
+    chunks = _DEQUANT_BYTES // cb // (1 if chunk_mask else 4)
     grid = (triton.cdiv(numel, 2 * cb * chunks),)
     _dequantize_4bit_kernel[grid](
         packed, absmax, code if code.dtype == torch.float32 else code.float(),
@@ -354,7 +356,7 @@ def dequantize_4bit(
         offset if nested else dummy,
         out.view(torch.int16) if by_hand else out, numel,
         BLOCKSIZE=blocksize, NESTED=nested, NESTED_BLOCKSIZE=nested_blocksize,
-        CHUNKS=chunks, CB=cb, CHUNK_MASK=numel % (2 * cb) == 0, BF16_BY_HAND=by_hand,
+        CHUNKS=chunks, CB=cb, CHUNK_MASK=chunk_mask, BF16_BY_HAND=by_hand,
         num_warps=4, num_stages=1,
     )
     return out
