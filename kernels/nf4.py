@@ -339,7 +339,8 @@ def dequantize_4bit(
     if out is None:
         out = torch.empty((numel,), dtype=out_dtype, device=packed.device)
     elif out.dtype != out_dtype or out.numel() != numel or not out.is_contiguous():
-        raise ValueError(f"out must be a contiguous {out_dtype} tensor of {numel} elements, got {out.dtype} {tuple(out.shape)}")
+        raise ValueError(f"out must be a contiguous {out_dtype} tensor of {numel} elements, "
+                         f"got {out.dtype} {tuple(out.shape)}")
     by_hand = INTERPRET and out_dtype == torch.bfloat16
     dummy = code  # stands in for the nested pointers when they are unused
     # a chunk: the bytes whose outputs fill one 16-byte store (8 fp16/bf16 or 4 fp32), inside one

@@ -368,9 +368,10 @@ def skinny_config(M, P, N, K, transpose, dtype, split_k=None):
     for 16-bit activations (16 bytes of packed weight per thread at 4 warps; of the shapes compiled
     for sm_90, 16x256, 32x128, 64x64 and 128x32, it took the fewest instructions per element both
     ways) and (32, 64) at 8 warps for fp32, whose tl.dot runs on FMA units (it spilled at (64, 64),
-    and ptxas kept 8 bytes of stack at 4 warps in a split transposed case). Smaller for tiny weights. `split_k`: force a number of splits (tests); None splits the reduction so
-    that ~_TARGET_PROGRAMS programs run when the output tiles are few (never under the
-    interpreter, where it would only be slower)."""
+    and ptxas kept 8 bytes of stack at 4 warps in a split transposed case). Smaller for tiny
+    weights. `split_k`: force a number of splits (tests); None splits the reduction so that
+    ~_TARGET_PROGRAMS programs run when the output tiles are few (never under the interpreter,
+    where it would only be slower)."""
     block_r = max(16, min(32 if dtype == torch.float32 else 64, triton.next_power_of_2(N)))
     block_c = max(32, min(64, triton.next_power_of_2(K)))
     out_tile, step, red = (block_c, block_r, N) if transpose else (block_r, block_c, K)

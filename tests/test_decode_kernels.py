@@ -12,7 +12,6 @@
 import pytest
 import torch
 
-from conftest import assert_close
 from qlora_fast.kernels import lora as klora
 from qlora_fast.kernels import nf4 as knf4_flat
 from qlora_fast.kernels import nf4_matmul as knf4
@@ -72,7 +71,8 @@ def test_dequantize_into_given_buffer(seed):
     assert got.data_ptr() == out.data_ptr()
     assert torch.equal(out, ref.dequantize_4bit_ref(packed, absmax, (333,), 64, "fp4", torch.float16))
     with pytest.raises(ValueError, match="out must be"):
-        knf4_flat.dequantize_4bit(packed, absmax, code, 333, 64, torch.float16, out=torch.empty(332, dtype=torch.float16))
+        knf4_flat.dequantize_4bit(packed, absmax, code, 333, 64, torch.float16,
+                                  out=torch.empty(332, dtype=torch.float16))
 
 
 @pytest.mark.parametrize("shape,blocksize,quant_type,nested", [
