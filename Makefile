@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.qlora_fast-installed
 PYTEST_ARGS ?= -n 2 --dist loadfile
 
-.PHONY: demo test bench install wheel clean
+.PHONY: demo test bench install wheel clean aot aot36
 
 $(STAMP): pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.cu csrc/*.h)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -29,6 +29,20 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m pytest bench/bench_*.py --benchmark-only -q
+
+# AOT compile gate: every kernel specialization compiled for sm_80/sm_90 on the CPU (bench/aot_compile.py).
+aot: $(STAMP)
+	$(BIN)/python bench/aot_compile.py
+
+# The same gate (--quick, sm_90) under triton 3.6, the GPU image's version: a compile-only copy of
+# the triton wheel (no deps, torch untouched) in $(TRITON36), put first on PYTHONPATH.
+TRITON36 := $(VENV)/triton-3.6.0
+$(TRITON36)/.installed:
+	$(BIN)/python -m pip install -q --no-deps --target $(TRITON36) triton==3.6.0
+	touch $@
+
+aot36: $(STAMP) $(TRITON36)/.installed
+	PYTHONPATH=$(abspath $(TRITON36)) $(BIN)/python bench/aot_compile.py --quick --arch 90
 
 wheel: $(STAMP)
 	$(BIN)/python -m pip wheel --no-deps --no-build-isolation . -w dist/

@@ -1,8 +1,8 @@
 """GRPO step on a 1B-parameter-class model (GPU): QLoRA with the reference as adapters-off vs bf16
 LoRA with a separate reference copy.
 
-UNVERIFIED: written without a GPU; no figure from it has been measured yet. `run(log)` is called
-by bench/gpu.py.
+UNVERIFIED: written without a GPU; no figure from it has been measured yet. `run(bench)` is called
+by bench/gpu.py (`--areas grpo`; `--tiny` runs it on the CPU at toy size).
 
 The model is built from a config (TinyLlama-1.1B shape: hidden 2048, 22 layers, 32 heads, 4 KV
 heads, MLP 5632, vocabulary 32000), random weights, nothing downloaded. One GRPO step = sample
@@ -28,12 +28,16 @@ import torch
 PROMPTS, G, PROMPT_LEN, NEW_TOKENS = 4, 8, 128, 128
 STEPS = 3
 DEVICE = "cuda"
+TINY = False  # set by run(): toy sizes on the CPU
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 def one_b_config():
     from qlora_fast.models import LlamaConfig
 
+    if TINY:
+        return LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=160, num_layers=2, num_heads=4,
+                           num_kv_heads=2, max_seq_len=PROMPT_LEN + NEW_TOKENS, tie_embeddings=False)
     return LlamaConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_layers=22, num_heads=32,
                        num_kv_heads=4, max_seq_len=PROMPT_LEN + NEW_TOKENS, tie_embeddings=False)
 
@@ -87,8 +91,9 @@ def _step(model, reference, optimizer, quantize, generator):
 
 
 def _case(quantize):
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
+    if DEVICE == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
     model, reference = _build(quantize)
     params = [p for p in model.parameters() if p.requires_grad]
     if quantize:
@@ -99,26 +104,37 @@ def _case(quantize):
         optimizer = torch.optim.AdamW(params, lr=1e-5)
     generator = torch.Generator(device=DEVICE).manual_seed(0)
     times = []
+    cuda = DEVICE == "cuda"
     for _ in range(STEPS):
-        torch.cuda.synchronize()
+        if cuda:
+            torch.cuda.synchronize()
         start = time.perf_counter()
         _step(model, reference, optimizer, quantize, generator)
-        torch.cuda.synchronize()
+        if cuda:
+            torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
-    peak = torch.cuda.max_memory_allocated() / 2**30
+    peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
+    finite = all(torch.isfinite(p).all().item() for p in params)
     del model, reference, optimizer
-    torch.cuda.empty_cache()
-    return statistics.median(times[1:] or times), peak
+    if cuda:
+        torch.cuda.empty_cache()
+    return statistics.median(times[1:] or times), peak, finite
 
 
-def run(log):
-    log(f"GRPO step, 1.1B-class config, {PROMPTS} prompts x G={G}, prompt {PROMPT_LEN} + {NEW_TOKENS} new tokens "
-        "(UNVERIFIED script: first GPU run)")
+def run(bench):
+    global PROMPTS, G, PROMPT_LEN, NEW_TOKENS, STEPS, DEVICE, TINY
+    DEVICE, TINY = bench.device.type, bench.tiny
+    if bench.tiny:
+        PROMPTS, G, PROMPT_LEN, NEW_TOKENS, STEPS = 1, 2, 5, 3, 1
+    case = f"GRPO step, {PROMPTS} prompts x G={G}, prompt {PROMPT_LEN} + {NEW_TOKENS} new tokens"
     results = {}
     for name, quantize in (("qlora_fast (NF4 + LoRA, ref = adapters off, chunked log-probs, paged 8-bit)", True),
                            ("bf16 LoRA + separate ref copy, full logits, AdamW", False)):
-        step_s, peak_gib = _case(quantize)
-        results[quantize] = (step_s, peak_gib)
-        log(f"  {name}: step {step_s:.2f} s, peak memory {peak_gib:.2f} GiB")
-    (q_t, q_m), (b_t, b_m) = results[True], results[False]
-    log(f"  qlora_fast vs bf16+ref: memory {b_m / q_m:.2f}x less, time {q_t / b_t:.2f}x")
+        with bench.guard(f"{case} {name}"):
+            step_s, peak_gib, finite = _case(quantize)
+            results[quantize] = (step_s, peak_gib)
+            bench.record(case, name, step_s=step_s, peak_gib=peak_gib)
+            bench.check(f"{name}: adapters finite after the steps", finite)
+    if len(results) == 2 and results[True][1]:
+        (q_t, q_m), (b_t, b_m) = results[True], results[False]
+        bench.log(f"  qlora_fast vs bf16+ref: memory {b_m / q_m:.2f}x less, time {q_t / b_t:.2f}x")

@@ -1,8 +1,10 @@
 """Fused LoRA: y = x W^T + s (drop(x) A^T) B^T + bias, and its backward, for a dense or 4-bit W.
 
 Algorithm. The low-rank work is tiny (r << in, out) next to the base GEMM, so it is folded into
-the base GEMM's epilogue: `_lora_matmul_kernel` computes one output tile as
-    acc = a_tile @ Wop_tile (K-loop, W dense or decoded from NF4/FP4 in registers)
+the base GEMM's epilogue: kernels/nf4_matmul.py's `_skinny_matmul_kernel` (HAS_LORA) computes
+one output tile as
+    acc = a_tile @ Wop_tile (reduction loop, W dense or decoded from NF4/FP4 in registers;
+                             split over programs and summed in-kernel when the tiles are few)
     acc += s * (lo_tile @ hi_tile) * mask_tile      (epilogue: one rank-r tl.dot)
     acc += bias
 Forward: a = x, Wop = W^T, lo = xa = drop(x) A^T (M, r), hi = B^T.
@@ -28,85 +30,8 @@ This module imports torch and triton only.
 from typing import Union
 
 import torch
-import triton
-import triton.language as tl
 
-from .nf4_matmul import (
-    SKINNY_MAX_M, Weight4bit, _dequantize_4bit_operand, dequantize_to_workspace, dot_dtype, reduce_splits, row_pairs,
-    split_k_launch,
-)
-
-
-@triton.jit
-def _lora_matmul_kernel(
-    a_ptr, w_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr,
-    lo_ptr, hi_ptr, mask_ptr, bias_ptr, out_ptr,
-    M, P, Q, R, K_PER_SPLIT, scale,
-    stride_am, stride_aq, stride_wq, stride_wp, stride_lm, stride_lr, stride_hr, stride_hp,
-    stride_mm, stride_mp, stride_os, stride_om, stride_op,
-    WEIGHT_4BIT: tl.constexpr, BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr,
-    NESTED_BLOCKSIZE: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, ROW_PAIRS: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_R: tl.constexpr,
-):
-    """out[s] = a @ Wop (this split's part of Q) + [split 0 only] s * (lo @ hi) * mask + bias.
-
-    a (M, Q); Wop (Q, P) at w_ptr + q*stride_wq + p*stride_wp (dense) or at that flat index of
-    the 4-bit tensor; lo (M, R); hi (R, P); mask (M, P). ROW_PAIRS: see `_nf4_matmul_kernel`.
-    """
-    pid_p = tl.program_id(0)
-    pid_m = tl.program_id(1)
-    pid_s = tl.program_id(2)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
-    m_mask = offs_m < M
-    p_mask = offs_p < P
-    q_start = pid_s * K_PER_SPLIT
-    q_end = tl.minimum(q_start + K_PER_SPLIT, Q)
-    acc = tl.zeros((BLOCK_M, BLOCK_P), dtype=tl.float32)
-    for q0 in range(q_start, q_end, BLOCK_Q):
-        offs_q = q0 + tl.arange(0, BLOCK_Q)
-        q_mask = offs_q < q_end
-        # Upcast right after each load: bf16 arithmetic is broken in Triton's interpreter.
-        a = tl.load(
-            a_ptr + offs_m[:, None] * stride_am + offs_q[None, :] * stride_aq,
-            mask=m_mask[:, None] & q_mask[None, :], other=0.0,
-        ).to(tl.float32)
-        if WEIGHT_4BIT:
-            w = _dequantize_4bit_operand(
-                w_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr,
-                offs_q, q_mask, offs_p, p_mask, q0, q_end, stride_wq, stride_wp, ROW_PAIRS,
-                BLOCKSIZE, NESTED, NESTED_BLOCKSIZE, BLOCK_Q,
-            )
-        else:
-            w = tl.load(
-                w_ptr + offs_q[:, None] * stride_wq + offs_p[None, :] * stride_wp,
-                mask=q_mask[:, None] & p_mask[None, :], other=0.0,
-            ).to(tl.float32)
-        acc += tl.dot(a.to(DOT_DTYPE), w.to(DOT_DTYPE), input_precision=INPUT_PRECISION)
-    if pid_s == 0:
-        offs_r = tl.arange(0, BLOCK_R)
-        r_mask = offs_r < R
-        lo = tl.load(
-            lo_ptr + offs_m[:, None] * stride_lm + offs_r[None, :] * stride_lr,
-            mask=m_mask[:, None] & r_mask[None, :], other=0.0,
-        ).to(tl.float32)
-        hi = tl.load(
-            hi_ptr + offs_r[:, None] * stride_hr + offs_p[None, :] * stride_hp,
-            mask=r_mask[:, None] & p_mask[None, :], other=0.0,
-        ).to(tl.float32)
-        low_rank = tl.dot(lo.to(DOT_DTYPE), hi.to(DOT_DTYPE), input_precision=INPUT_PRECISION) * scale
-        if HAS_MASK:
-            keep = tl.load(
-                mask_ptr + offs_m[:, None] * stride_mm + offs_p[None, :] * stride_mp,
-                mask=m_mask[:, None] & p_mask[None, :], other=0.0,
-            ).to(tl.float32)
-            low_rank = low_rank * keep
-        acc += low_rank
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + offs_p, mask=p_mask, other=0.0).to(tl.float32)[None, :]
-    out_ptrs = out_ptr + pid_s * stride_os + offs_m[:, None] * stride_om + offs_p[None, :] * stride_op
-    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & p_mask[None, :])
+from .nf4_matmul import SKINNY_MAX_M, Weight4bit, dequantize_to_workspace, dot_dtype, row_pairs, skinny_launch
 
 
 Weight = Union[torch.Tensor, Weight4bit]
@@ -128,50 +53,29 @@ def _dense_weight(weight: Weight, dtype: torch.dtype) -> torch.Tensor:
     return weight
 
 
-def lora_matmul(a, weight: Weight, lo, hi, scale: float, bias=None, mask=None, transpose=False):
+def lora_matmul(a, weight: Weight, lo, hi, scale: float, bias=None, mask=None, transpose=False, split_k=None):
     """The fused kernel: a @ W^T (or a @ W when `transpose`) + scale * (lo @ hi) * mask + bias.
 
     a (M, Q), lo (M, R), hi (R, P) (any strides), mask (M, P) or None, bias (P,) or None;
-    W (out, in) dense in a's dtype or a Weight4bit. Returns (M, P) in a's dtype.
+    W (out, in) dense in a's dtype or a Weight4bit. Returns (M, P) in a's dtype. `split_k`:
+    force the number of splits of the reduction (None: automatic).
     """
-    return _lora_matmul(a, weight, _weight_shape(weight), lo, hi, scale, bias, mask, transpose)
+    return _lora_matmul(a, weight, _weight_shape(weight), lo, hi, scale, bias, mask, transpose, split_k)
 
 
-def _lora_matmul(a, weight: Weight, shape, lo, hi, scale, bias, mask, transpose):
+def _lora_matmul(a, weight: Weight, shape, lo, hi, scale, bias, mask, transpose, split_k=None):
     """`lora_matmul` with the weight already validated (its (out, in) `shape` given): the forward
-    and backward check it once per call, not twice, on the latency-bound decode path."""
+    and backward check it once per call, not twice, on the latency-bound decode path. A 4-bit W
+    with an odd in_features (rows not starting on a byte) is decoded into the workspace first."""
     out_features, in_features = shape
     Q, P = (out_features, in_features) if transpose else (in_features, out_features)
     M, R = a.shape[0], lo.shape[1]
     if a.shape[1] != Q or lo.shape[0] != M or hi.shape != (R, P):
         raise ValueError(f"shapes do not chain: a {tuple(a.shape)}, lo {tuple(lo.shape)}, hi {tuple(hi.shape)}, "
                          f"weight {(out_features, in_features)}, transpose={transpose}")
-    dot_dt, precision = dot_dtype(a.dtype)
-    block_m, block_p, block_q, k_per_split, out = split_k_launch(M, P, Q, a.device, a.dtype)
-    block_r = max(16, triton.next_power_of_2(R))
-
-    if isinstance(weight, Weight4bit):
-        nested = weight.nested_absmax is not None
-        w_args = weight.pointer_args()
-        stride_wq, stride_wp = (in_features, 1) if transpose else (1, in_features)
-        quant = dict(BLOCKSIZE=weight.blocksize, NESTED=nested, NESTED_BLOCKSIZE=weight.nested_blocksize,
-                     ROW_PAIRS=row_pairs(in_features, weight.blocksize, transpose))
-    else:
-        w_args = (weight,) * 6
-        stride_wq, stride_wp = (weight.stride(0), weight.stride(1)) if transpose else (weight.stride(1), weight.stride(0))
-        quant = dict(BLOCKSIZE=64, NESTED=False, NESTED_BLOCKSIZE=256, ROW_PAIRS=0)
-    grid = (triton.cdiv(P, block_p), triton.cdiv(M, block_m), out.shape[0])
-    _lora_matmul_kernel[grid](
-        a, *w_args, lo, hi, mask if mask is not None else a, bias if bias is not None else a, out,
-        M, P, Q, R, k_per_split, float(scale),
-        a.stride(0), a.stride(1), stride_wq, stride_wp, lo.stride(0), lo.stride(1), hi.stride(0), hi.stride(1),
-        mask.stride(0) if mask is not None else 0, mask.stride(1) if mask is not None else 0,
-        out.stride(0), out.stride(1), out.stride(2),
-        WEIGHT_4BIT=isinstance(weight, Weight4bit), HAS_MASK=mask is not None, HAS_BIAS=bias is not None,
-        DOT_DTYPE=dot_dt, INPUT_PRECISION=precision,
-        BLOCK_M=block_m, BLOCK_P=block_p, BLOCK_Q=block_q, BLOCK_R=block_r, **quant,
-    )
-    return reduce_splits(out, a.dtype)
+    if isinstance(weight, Weight4bit) and not row_pairs(in_features, weight.blocksize):
+        weight = _dense_weight(weight, a.dtype)
+    return skinny_launch(a, weight, out_features, in_features, transpose, lo, hi, mask, bias, scale, split_k)
 
 
 def _check(x, weight, lora_A, lora_B, bias, same_shape, method):

@@ -1,33 +1,43 @@
-"""Matmul with a 4-bit (NF4 or FP4, bitsandbytes layout) weight: out = x @ W^T (+ bias).
+"""Matmul with a 4-bit (NF4 or FP4, bitsandbytes layout) weight: out = x @ W^T (+ bias), or dY @ W.
 
 Algorithm. The weight W (N, K) is stored flattened row-major, two 4-bit codes per byte (the
 first element in the high nibble), one absmax per `blocksize` consecutive elements, and with
 double quantization that absmax is itself a uint8 code into a 256-entry signed dynamic map,
-scaled by one fp32 `nested_absmax` per 256 absmax values plus an fp32 `offset`:
-    W[n, k] = code[nibble(n*K + k)] * (code8[absmax[(n*K+k) // bs]] * nested_absmax[.. // 256] + offset)
-`_dequantize_4bit_tile` decodes any 2-D tile of W straight from those tensors in registers.
+scaled by one fp32 `nested_absmax` per `nested_blocksize` absmax values plus an fp32 `offset`:
+    W[n, k] = code[nibble(n*K + k)] * (code8[absmax[(n*K+k) // bs]] * nested_absmax[.. // nbs] + offset)
+The one decoder of that format is kernels/nf4.py's (`_block_scale`, `_code_lanes`,
+`_decode_pairs`): the same code and the same roundings here and in the dequantize kernel, so the
+fused paths decode bit for bit what bitsandbytes does (tests/test_decode_kernels.py).
 
 Two paths:
-- `skinny` (M <= 16, decoding): `_nf4_matmul_kernel` tiles (M, N) and streams K; each step
-  decodes a (BLOCK_K, BLOCK_N) tile of W in registers and feeds it to tl.dot, so the bf16 weight
-  is never written anywhere. For x @ W^T with an even row length the packed bytes are loaded
-  contiguously along rows and their two nibbles interleaved (`_dequantize_4bit_rows`); otherwise
-  (odd rows, or dY @ W in backward) each element gathers its byte. Memory traffic is the packed weight (N*K/2 bytes) plus the uint8
-  absmax (N*K/bs bytes) plus x and out: 14336x4096 reads ~30 MB, 0.010 ms at 3 TB/s. To fill the
-  GPU when N/BLOCK_N programs are too few, K is split (SPLIT_K) into fp32 partial sums that a
-  tiny torch sum reduces (deterministic, no atomics).
-- `dequant` (M > 16): `_dequantize_4bit_kernel` writes W once into a reused workspace in the
-  compute dtype and the vendor GEMM (cuBLAS) does the rest. Why not a fused dequant-GEMM here:
+- `skinny` (M <= 16, decoding; also the fused LoRA of kernels/lora.py): `_skinny_matmul_kernel`
+  reads W along its rows in (64, 64) tiles, 16 packed bytes per thread per step in one vector
+  load (`ld.global.v4`) when in_features % 32 == 0, one block scale per 32 elements, the 4-bit
+  code fetched by a warp shuffle from a register table (no memory access per nibble), and feeds
+  the decoded tile to tl.dot; the bf16 weight is never written anywhere. The forward (x @ W^T)
+  owns output rows of W and streams K; the transposed product (dY @ W, backward) owns columns
+  and streams N, reading the same row-major chunks. num_stages=1: nothing is worth staging in
+  shared memory (the tile goes through it once, as the tl.dot operand: 12-16 KB per block).
+  Memory traffic is the packed weight (N*K/2 bytes) plus the absmax (N*K/bs bytes) plus x and
+  out: 14336x4096 reads ~30 MB, ~0.010 ms at 3 TB/s. When the output tiles are too few to fill
+  the GPU, the reduction is split over program axis 2; the fp32 partials go to a reused
+  workspace and the last split of each tile to arrive (a per-tile counter, atomically
+  incremented, reset by that program) sums them in split order (deterministic), applies the
+  epilogue and stores the output: one launch, no per-call allocation but the output (CUDA-graph
+  capturable once the workspace exists). An odd in_features (rows not starting on a byte) takes
+  the `dequant` path instead.
+- `dequant` (M > 16): kernels/nf4.py's dequantize kernel writes W once into a reused workspace in
+  the compute dtype and the vendor GEMM (cuBLAS) does the rest. Why not a fused dequant-GEMM here:
   at M = 4096, N = 14336, K = 4096 the GEMM is 481 GFLOP, ~0.6-0.7 ms on an H100, while the
   dequantization moves 30 MB in and 117 MB out, ~0.05 ms at 3 TB/s; a fused Triton GEMM saves
   that 0.05 ms only if it runs within ~7% of cuBLAS, which a Triton GEMM with a decode in its
   inner loop does not reliably do. The workspace keeps the extra memory to one weight's worth
-  per (device, dtype), reused by every layer. This choice is reasoned from bandwidth and FLOP
-  figures; it is NOT measured (no GPU was available when it was written): bench/gpu_lora.py
-  times both (`method="fused"` vs `method="dequant"`) so the threshold can be set by measurement.
+  per (device, dtype), reused by every layer.
 
-`_dequantize_4bit_operand` (either decode, as a tl.dot operand) is reused by kernels/lora.py for
-the fused LoRA GEMM with an NF4 base.
+What is measured and what is not: instruction counts, vector widths, registers and shared memory
+come from compiling for sm_80/sm_90 on the CPU (bench/aot_compile.py); every speed figure and
+the tile/split choices (`skinny_config`, SKINNY_MAX_M) are estimates: nothing here has run on a
+GPU yet. bench/gpu_matmul.py times fused vs dequant so the threshold can be set by measurement.
 This module imports torch and triton only.
 """
 from typing import NamedTuple, Optional
@@ -36,6 +46,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import nf4 as _nf4
+from .nf4 import _block_scale, _code_lanes, _decode_pairs
 from .utils import INTERPRET
 
 # Below or at this many rows the fused (decode-in-registers) kernel is used by `method="auto"`.
@@ -66,150 +78,171 @@ class Weight4bit(NamedTuple):
                                self.offset, self.shape, self.blocksize)
 
     def pointer_args(self) -> tuple:
-        """The six tensor arguments `_dequantize_4bit_tile` takes, in order."""
+        """The six 4-bit tensor arguments of `_skinny_matmul_kernel` (packed .. offset), in order."""
         return _quant_args(self.packed, self.absmax, self.code, self.nested_absmax, self.nested_code, self.offset)
 
 
 @triton.jit
-def _block_scale(
-    absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, block, mask,
-    NESTED: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr,
+def _decode_rows(
+    packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, table,
+    rows, row_ok, k0, K, row_bytes,
+    BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, CHUNK_SCALE: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, CB: tl.constexpr,
 ):
-    """fp32 absmax of the quantization blocks `block` (any shape), decoding the double-quantized
-    absmax when NESTED; 0 where masked."""
-    if NESTED:
-        q = tl.load(absmax_ptr + block, mask=mask, other=0).to(tl.int32)
-        scale = tl.load(nested_code_ptr + q, mask=mask, other=0.0)
-        scale = scale * tl.load(nested_absmax_ptr + block // NESTED_BLOCKSIZE, mask=mask, other=0.0)
-        scale = scale + tl.load(offset_ptr)
+    """fp32 W[rows, k0:k0+BLOCK_C] as (BLOCK_R, BLOCK_C) of a row-major 4-bit W with an even row
+    length K (rows start on a byte), in chunks of CB bytes per thread (one vector load each).
+    CHUNK_SCALE: K % (2 CB) == 0, so a chunk never straddles a quantization block or a row end:
+    one block scale per chunk and a per-chunk mask (vector loads stay whole). Otherwise one scale
+    and mask per byte. Entries outside the weight are finite garbage: callers zero the other operand."""
+    CPR: tl.constexpr = BLOCK_C // (2 * CB)
+    kc = k0 + tl.arange(0, CPR) * (2 * CB)  # first element of each chunk
+    byte = rows[:, None, None] * row_bytes + (kc // 2)[None, :, None] + tl.arange(0, CB)[None, None, :]
+    if CHUNK_SCALE:
+        ok = row_ok[:, None] & (kc < K)[None, :]
+        b = tl.load(packed_ptr + byte, mask=ok[:, :, None], other=0).to(tl.int32)
+        block = (rows[:, None] * K + kc[None, :]) // BLOCKSIZE
+        scale = _block_scale(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, block, ok,
+                             NESTED, NESTED_BLOCKSIZE)[:, :, None]
     else:
-        scale = tl.load(absmax_ptr + block, mask=mask, other=0.0)
-    return scale
+        kk = kc[None, :, None] + 2 * tl.arange(0, CB)[None, None, :]
+        ok = row_ok[:, None, None] & (kk < K)
+        b = tl.load(packed_ptr + byte, mask=ok, other=0).to(tl.int32)
+        scale = _block_scale(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr,
+                             (rows[:, None, None] * K + kk) // BLOCKSIZE, ok, NESTED, NESTED_BLOCKSIZE)
+    high, low = _decode_pairs(b, table, code_ptr)
+    return tl.reshape(tl.join(high * scale, low * scale), (BLOCK_R, BLOCK_C))
 
 
 @triton.jit
-def _dequantize_4bit_tile(
-    packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr,
-    flat, mask,
-    BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr,
+def _weight_tile(
+    w_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, table,
+    rows, row_ok, k0, K, row_bytes, stride_wn, stride_wk,
+    WEIGHT_4BIT: tl.constexpr, BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr,
+    CHUNK_SCALE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, CB: tl.constexpr,
 ):
-    """fp32 values of the weight elements at flat indices `flat` (any shape); 0 where masked."""
-    byte = tl.load(packed_ptr + flat // 2, mask=mask, other=0).to(tl.int32)
-    nibble = tl.where(flat % 2 == 0, byte >> 4, byte & 15)
-    value = tl.load(code_ptr + nibble, mask=mask, other=0.0)
-    scale = _block_scale(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, flat // BLOCKSIZE, mask,
-                         NESTED, NESTED_BLOCKSIZE)
-    return value * scale
-
-
-@triton.jit
-def _dequantize_4bit_rows(
-    packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr,
-    offs_n, n_mask, k0, k_end, ROW: tl.constexpr,
-    BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, BLOCK_K: tl.constexpr,
-):
-    """fp32 tile W[offs_n, k0:k0+BLOCK_K] as (BLOCK_N, BLOCK_K) for a row-major W with an even
-    row length (so rows start on a byte and k0, k_end are even): each byte is loaded once,
-    contiguously along the row, and its two nibbles are interleaved back into place."""
-    offs_b = k0 // 2 + tl.arange(0, BLOCK_K // 2)
-    mask = n_mask[:, None] & (offs_b * 2 < k_end)[None, :]
-    byte_idx = offs_n[:, None] * (ROW // 2) + offs_b[None, :]
-    byte = tl.load(packed_ptr + byte_idx, mask=mask, other=0).to(tl.int32)
-    # both nibbles of a byte share a block (blocksize is even): one scale per byte
-    block = (byte_idx * 2) // BLOCKSIZE
-    scale = _block_scale(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, block, mask, NESTED, NESTED_BLOCKSIZE)
-    high = tl.load(code_ptr + (byte >> 4), mask=mask, other=0.0) * scale
-    low = tl.load(code_ptr + (byte & 15), mask=mask, other=0.0) * scale
-    return tl.interleave(high, low)
-
-
-@triton.jit
-def _dequantize_4bit_operand(
-    packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr,
-    offs_k, k_mask, offs_n, n_mask, k0, k_end, stride_wk, stride_wn, ROW_PAIRS: tl.constexpr,
-    BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, BLOCK_K: tl.constexpr,
-):
-    """fp32 (BLOCK_K, BLOCK_N) right-hand tl.dot operand Wop[offs_k, offs_n], Wop[k, n] being the
-    weight element at flat index k * stride_wk + n * stride_wn; 0 where masked. ROW_PAIRS: 0, or
-    the (even) row length when Wop = W^T is read along W's rows (`_dequantize_4bit_rows`, whole
-    bytes loaded contiguously) instead of one gathered byte per element."""
-    if ROW_PAIRS:
-        w = tl.trans(_dequantize_4bit_rows(
-            packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr,
-            offs_n, n_mask, k0, k_end, ROW_PAIRS, BLOCKSIZE, NESTED, NESTED_BLOCKSIZE, BLOCK_K,
-        ))
+    """fp32 (BLOCK_R, BLOCK_C) tile W[rows, k0:k0+BLOCK_C] of W (N, K): decoded from 4 bits, or
+    loaded from a dense W at w_ptr + n * stride_wn + k * stride_wk (0 outside)."""
+    if WEIGHT_4BIT:
+        w = _decode_rows(w_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, table,
+                         rows, row_ok, k0, K, row_bytes, BLOCKSIZE, NESTED, NESTED_BLOCKSIZE, CHUNK_SCALE,
+                         BLOCK_R, BLOCK_C, CB)
     else:
-        w = _dequantize_4bit_tile(
-            packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr,
-            offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn, k_mask[:, None] & n_mask[None, :],
-            BLOCKSIZE, NESTED, NESTED_BLOCKSIZE,
-        )
+        cols = k0 + tl.arange(0, BLOCK_C)
+        # upcast right after the load: bf16 arithmetic is broken in Triton's interpreter
+        w = tl.load(w_ptr + rows[:, None] * stride_wn + cols[None, :] * stride_wk,
+                    mask=row_ok[:, None] & (cols < K)[None, :], other=0.0).to(tl.float32)
     return w
 
 
 @triton.jit
-def _dequantize_4bit_kernel(
-    packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, out_ptr,
-    numel,
-    BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr,
-    BLOCK: tl.constexpr,
+def _skinny_matmul_kernel(
+    a_ptr, w_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr,
+    lo_ptr, hi_ptr, mask_ptr, bias_ptr, out_ptr, partial_ptr, lock_ptr,
+    M, N, K, L, row_bytes, RED_PER_SPLIT, n_splits, scale,
+    stride_am, stride_ak, stride_wn, stride_wk, stride_lm, stride_lr, stride_hr, stride_hp,
+    stride_mm, stride_mp, stride_om, stride_op,
+    TRANSPOSE: tl.constexpr, WEIGHT_4BIT: tl.constexpr, BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr,
+    NESTED_BLOCKSIZE: tl.constexpr, CHUNK_SCALE: tl.constexpr,
+    HAS_LORA: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, W_LEFT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr, CB: tl.constexpr,
 ):
-    flat = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    mask = flat < numel
-    w = _dequantize_4bit_tile(
-        packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr,
-        flat, mask, BLOCKSIZE, NESTED, NESTED_BLOCKSIZE,
-    )
-    tl.store(out_ptr + flat, w.to(out_ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _nf4_matmul_kernel(
-    x_ptr, packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr,
-    bias_ptr, out_ptr,
-    M, N, K, K_PER_SPLIT,
-    stride_xm, stride_xk, stride_wn, stride_wk, stride_os, stride_om, stride_on,
-    BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr,
-    HAS_BIAS: tl.constexpr, DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-    ROW_PAIRS: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-):
-    """out[s, m, n] = sum over this split's k of x[m, k] * W[n, k] (+ bias in split 0).
-
-    W[n, k] sits at flat index n * stride_wn + k * stride_wk of the quantized tensor, so the
-    same kernel computes x @ W^T (stride_wn=K, stride_wk=1) and dY @ W (strides swapped).
-    ROW_PAIRS: 0, or K when W is read along its (even-length) rows: then whole bytes are loaded
-    contiguously (`_dequantize_4bit_rows`) instead of one gathered byte per element.
+    """out (M, P) = a @ Wop [+ scale * (lo @ hi) * mask] [+ bias] for a weight W (N, K) stored
+    row-major (4-bit, `row_bytes` bytes a row, or dense with strides):
+      forward (TRANSPOSE=False): a = x (M, K), Wop = W^T, P = N; a program owns BLOCK_R rows of W
+        (output columns) and streams K in (BLOCK_R, BLOCK_C) tiles;
+      transposed: a = dY (M, N), Wop = W, P = K; a program owns BLOCK_C columns of W and streams N.
+    Either way W is read along its rows in whole-byte vector chunks. lo (M, L), hi (L, P), mask (M, P).
+    SPLIT: program axis 2 takes RED_PER_SPLIT of the reduced dimension; its fp32 partial goes to
+    `partial_ptr`, and the last split of a tile to arrive (counted in lock_ptr, reset to 0 after)
+    sums all partials in split order (deterministic), applies the epilogue and stores `out`.
+    W_LEFT: the decoded (64-wide) tile is the left tl.dot operand (out^T = Wop^T a^T): with 16-bit
+    operands that lowers to wgmma on sm_90 with no warp replicating another's MMA (compiled: ~6 SASS
+    instructions per element against ~7.5 the other way round); fp32 (FMA) keeps a @ Wop.
     """
-    pid_n = tl.program_id(0)
+    pid_p = tl.program_id(0)
     pid_m = tl.program_id(1)
     pid_s = tl.program_id(2)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_mask = offs_m < M
-    n_mask = offs_n < N
-    k_start = pid_s * K_PER_SPLIT
-    k_end = tl.minimum(k_start + K_PER_SPLIT, K)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(k_start, k_end, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        k_mask = offs_k < k_end
-        # Upcast right after the load: bf16 arithmetic is broken in Triton's interpreter.
-        x = tl.load(
-            x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
-            mask=m_mask[:, None] & k_mask[None, :], other=0.0,
-        ).to(tl.float32)
-        w = _dequantize_4bit_operand(
-            packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr,
-            offs_k, k_mask, offs_n, n_mask, k0, k_end, stride_wk, stride_wn, ROW_PAIRS,
-            BLOCKSIZE, NESTED, NESTED_BLOCKSIZE, BLOCK_K,
-        )
-        acc += tl.dot(x.to(DOT_DTYPE), w.to(DOT_DTYPE), input_precision=INPUT_PRECISION)
+    m_ok = offs_m < M
+    red_start = pid_s * RED_PER_SPLIT
+    CPR: tl.constexpr = BLOCK_C // (2 * CB)
+    table = _code_lanes(code_ptr, tl.zeros((BLOCK_R, CPR, CB), tl.int32))
+    if TRANSPOSE:
+        P = K
+        red_end = tl.minimum(red_start + RED_PER_SPLIT, N)
+        offs_p = pid_p * BLOCK_C + tl.arange(0, BLOCK_C)
+        if W_LEFT:
+            acc_t = tl.zeros((BLOCK_C, BLOCK_M), dtype=tl.float32)
+        else:
+            acc = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
+        for n0 in range(red_start, red_end, BLOCK_R):
+            rows = n0 + tl.arange(0, BLOCK_R)
+            row_ok = rows < red_end
+            a = tl.load(a_ptr + offs_m[:, None] * stride_am + rows[None, :] * stride_ak,
+                        mask=m_ok[:, None] & row_ok[None, :], other=0.0).to(tl.float32)
+            w = _weight_tile(w_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, table,
+                             rows, row_ok, pid_p * BLOCK_C, K, row_bytes, stride_wn, stride_wk, WEIGHT_4BIT,
+                             BLOCKSIZE, NESTED, NESTED_BLOCKSIZE, CHUNK_SCALE, BLOCK_R, BLOCK_C, CB)
+            if W_LEFT:
+                acc_t += tl.dot(tl.trans(w).to(DOT_DTYPE), tl.trans(a).to(DOT_DTYPE), input_precision=INPUT_PRECISION)
+            else:
+                acc += tl.dot(a.to(DOT_DTYPE), w.to(DOT_DTYPE), input_precision=INPUT_PRECISION)
+        if W_LEFT:
+            acc = tl.trans(acc_t)
+    else:
+        P = N
+        red_end = tl.minimum(red_start + RED_PER_SPLIT, K)
+        offs_p = pid_p * BLOCK_R + tl.arange(0, BLOCK_R)
+        row_ok = offs_p < N
+        if W_LEFT:
+            acc_t = tl.zeros((BLOCK_R, BLOCK_M), dtype=tl.float32)
+        else:
+            acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        for k0 in range(red_start, red_end, BLOCK_C):
+            cols = k0 + tl.arange(0, BLOCK_C)
+            a = tl.load(a_ptr + offs_m[:, None] * stride_am + cols[None, :] * stride_ak,
+                        mask=m_ok[:, None] & (cols < red_end)[None, :], other=0.0).to(tl.float32)
+            w = _weight_tile(w_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, table,
+                             offs_p, row_ok, k0, K, row_bytes, stride_wn, stride_wk, WEIGHT_4BIT,
+                             BLOCKSIZE, NESTED, NESTED_BLOCKSIZE, CHUNK_SCALE, BLOCK_R, BLOCK_C, CB)
+            if W_LEFT:
+                acc_t += tl.dot(w.to(DOT_DTYPE), tl.trans(a).to(DOT_DTYPE), input_precision=INPUT_PRECISION)
+            else:
+                acc += tl.dot(a.to(DOT_DTYPE), tl.trans(w).to(DOT_DTYPE), input_precision=INPUT_PRECISION)
+        if W_LEFT:
+            acc = tl.trans(acc_t)
+    p_ok = offs_p < P
+    out_ok = m_ok[:, None] & p_ok[None, :]
+    if SPLIT:
+        tile = pid_m * tl.num_programs(0) + pid_p
+        part = partial_ptr + offs_m[:, None] * P + offs_p[None, :]
+        tl.store(part + pid_s * (M * P), acc, mask=out_ok)
+        tl.debug_barrier()  # every thread's partial is written before the release below
+        count = tl.atomic_add(lock_ptr + tile, 1, sem="acq_rel")
+        last = count == n_splits - 1
+        # (count broadcast as a tensor: the interpreter cannot AND a tensor with a scalar bool)
+        out_ok = out_ok & ((tl.zeros(acc.shape, tl.int32) + count) == n_splits - 1)
+        acc = tl.zeros_like(acc)
+        for s in range(0, n_splits):
+            acc += tl.load(part + s * (M * P), mask=out_ok, other=0.0, cache_modifier=".cg")
+        tl.store(lock_ptr + tile, 0, mask=last)  # ready for the next launch (and CUDA graph replays)
+    if HAS_LORA:
+        offs_l = tl.arange(0, BLOCK_L)
+        lo = tl.load(lo_ptr + offs_m[:, None] * stride_lm + offs_l[None, :] * stride_lr,
+                     mask=m_ok[:, None] & (offs_l < L)[None, :], other=0.0).to(tl.float32)
+        hi = tl.load(hi_ptr + offs_l[:, None] * stride_hr + offs_p[None, :] * stride_hp,
+                     mask=(offs_l < L)[:, None] & p_ok[None, :], other=0.0).to(tl.float32)
+        low_rank = tl.dot(lo.to(DOT_DTYPE), hi.to(DOT_DTYPE), input_precision=INPUT_PRECISION) * scale
+        if HAS_MASK:
+            keep = tl.load(mask_ptr + offs_m[:, None] * stride_mm + offs_p[None, :] * stride_mp,
+                           mask=out_ok, other=0.0).to(tl.float32)
+            low_rank = low_rank * keep
+        acc += low_rank
     if HAS_BIAS:
-        if pid_s == 0:
-            acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-    out_ptrs = out_ptr + pid_s * stride_os + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
-    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+        acc += tl.load(bias_ptr + offs_p, mask=p_ok, other=0.0).to(tl.float32)[None, :]
+    tl.store(out_ptr + offs_m[:, None] * stride_om + offs_p[None, :] * stride_op,
+             acc.to(out_ptr.dtype.element_ty), mask=out_ok)
 
 
 def dot_dtype(dtype: torch.dtype):
@@ -272,30 +305,40 @@ def _quant_args(packed, absmax, code, nested_absmax, nested_code, offset):
 
 def dequantize_4bit_into(packed, absmax, code, shape, blocksize, nested_absmax=None, nested_code=None,
                          offset=None, nested_blocksize=256, dtype=torch.bfloat16, out=None):
-    """Dequantize a 4-bit weight of `shape` into `out` (or a new tensor) of `dtype`; returns it."""
-    nested = check_quantized(packed, absmax, code, nested_absmax, nested_code, offset, shape, blocksize)
+    """Dequantize a 4-bit weight of `shape` into `out` (or a new tensor) of `dtype`; returns it.
+    Launches kernels/nf4.py's dequantize kernel (the library's only one)."""
+    check_quantized(packed, absmax, code, nested_absmax, nested_code, offset, shape, blocksize)
     numel = int(shape[0]) * int(shape[1])
     if out is None:
         out = torch.empty(tuple(shape), device=packed.device, dtype=dtype)
-    block = 1024
-    _dequantize_4bit_kernel[(triton.cdiv(numel, block),)](
-        *_quant_args(packed, absmax, code, nested_absmax, nested_code, offset), out, numel,
-        BLOCKSIZE=blocksize, NESTED=nested, NESTED_BLOCKSIZE=nested_blocksize, BLOCK=block,
-    )
+    _nf4.dequantize_4bit(packed, absmax, code, numel, blocksize, dtype, nested_absmax, nested_code,
+                         None if offset is None else offset.reshape(()), nested_blocksize, out=out.view(-1))
     return out
 
 
-def workspace(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A reused flat buffer of at least `numel` elements per (device, dtype) (grown, never shrunk).
+def workspace(numel: int, dtype: torch.dtype, device: torch.device, kind: str = "weight") -> torch.Tensor:
+    """A reused flat buffer of at least `numel` elements per (device, dtype, kind) (grown, never
+    shrunk). kind "weight": dequantized weights; "splits": split-K partial sums.
 
     Callers must finish with it before the next call: it is overwritten by the next layer.
     """
-    key = (torch.device(device), dtype)
+    key = (torch.device(device), dtype, kind)
     buf = _workspaces.get(key)
     if buf is None or buf.numel() < numel:
         buf = torch.empty(numel, dtype=dtype, device=device)
         _workspaces[key] = buf
     return buf[:numel]
+
+
+def _split_locks(tiles: int, device) -> torch.Tensor:
+    """Per-tile arrival counters of the split-K reduction: zeroed once when (re)allocated; every
+    launch leaves them at zero again, so no per-call memset (and CUDA graph replays stay valid)."""
+    key = (torch.device(device), torch.int32, "locks")
+    buf = _workspaces.get(key)
+    if buf is None or buf.numel() < tiles:
+        buf = torch.zeros(max(tiles, 1024), dtype=torch.int32, device=device)
+        _workspaces[key] = buf
+    return buf
 
 
 def dequantize_to_workspace(packed, absmax, code, shape, blocksize, nested_absmax=None, nested_code=None,
@@ -307,52 +350,104 @@ def dequantize_to_workspace(packed, absmax, code, shape, blocksize, nested_absma
                                 offset, nested_blocksize, dtype, out=buf)
 
 
-def row_pairs(in_features: int, blocksize: int, transpose: bool) -> int:
-    """The ROW_PAIRS constexpr: in_features when W is read along even-length rows, else 0."""
-    return in_features if not transpose and in_features % 2 == 0 and blocksize % 2 == 0 else 0
+def row_pairs(in_features: int, blocksize: int, transpose: bool = False) -> int:
+    """in_features when the fused kernels can read W along its rows in whole bytes (an even row
+    length: rows start on a byte; forward and transposed alike), else 0 (the fused 4-bit paths
+    then dequantize into the workspace instead)."""
+    return in_features if in_features % 2 == 0 and blocksize % 2 == 0 else 0
 
 
-def split_k_launch(M, N, K, device, dtype):
-    """Tiles and split-K partition of an (M, K) x (K, N) product, shared by the 4-bit and LoRA
-    matmul kernels: (block_m, block_n, block_k, k_per_split, out), where `out` is the (split, M,
-    N) buffer the programs write (in `dtype` when unsplit, fp32 partial sums otherwise;
-    `reduce_splits` finishes it)."""
-    block_m = 16 if M <= SKINNY_MAX_M else 64
-    block_n = 64 if N >= 64 else max(16, triton.next_power_of_2(N))
-    block_k = 128 if K >= 128 else max(16, triton.next_power_of_2(K))
-    programs = triton.cdiv(N, block_n) * triton.cdiv(M, block_m)
-    # Few rows: aim for a few hundred programs so a GPU's ~130 SMs are busy; each split keeps
-    # >= 4 K-steps. Many rows (a forced fused call) fill the GPU without splitting.
-    split = 1
-    if not INTERPRET and M <= SKINNY_MAX_M:
-        while programs * split * 2 <= 512 and K // (split * 2) >= 4 * block_k:
-            split *= 2
-    k_per_split = triton.cdiv(triton.cdiv(K, split), block_k) * block_k
-    split = triton.cdiv(K, k_per_split)
-    out = torch.empty((split, M, N), device=device, dtype=dtype if split == 1 else torch.float32)
-    return block_m, block_n, block_k, k_per_split, out
+# Programs a launch aims for before splitting the reduction: ~4 per SM of a 132-SM H100 (an estimate
+# of what keeps enough loads in flight; not measured).
+_TARGET_PROGRAMS = 512
 
 
-def reduce_splits(out, dtype):
-    """The (M, N) result of a `split_k_launch` buffer."""
-    return out[0] if out.shape[0] == 1 else out.sum(0).to(dtype)
+def skinny_config(M, P, N, K, transpose, dtype, split_k=None):
+    """Tiling of the skinny kernel for out (M, P), W (N, K): (block_r, block_c, split,
+    red_per_split, num_warps). A program decodes a (block_r, block_c) tile of W per step: (64, 64)
+    for 16-bit activations (16 bytes of packed weight per thread at 4 warps; of the shapes compiled
+    for sm_90, 16x256, 32x128, 64x64 and 128x32, it took the fewest instructions per element both
+    ways) and (32, 64) at 8 warps for fp32, whose tl.dot runs on FMA units (it spilled at (64, 64),
+    and ptxas kept 8 bytes of stack at 4 warps in a split transposed case). Smaller for tiny
+    weights. `split_k`: force a number of splits (tests); None splits the reduction so that
+    ~_TARGET_PROGRAMS programs run when the output tiles are few (never under the interpreter,
+    where it would only be slower)."""
+    block_r = max(16, min(32 if dtype == torch.float32 else 64, triton.next_power_of_2(N)))
+    block_c = max(32, min(64, triton.next_power_of_2(K)))
+    out_tile, step, red = (block_c, block_r, N) if transpose else (block_r, block_c, K)
+    programs = triton.cdiv(P, out_tile) * triton.cdiv(M, 16)
+    steps = triton.cdiv(red, step)
+    if split_k is None:
+        split_k = 1
+        if not INTERPRET:
+            while programs * split_k * 2 <= _TARGET_PROGRAMS and steps // (split_k * 2) >= 4:
+                split_k *= 2
+    split_k = max(1, min(int(split_k), steps))
+    red_per_split = triton.cdiv(steps, split_k) * step
+    return block_r, block_c, triton.cdiv(red, red_per_split), red_per_split, 8 if dtype == torch.float32 else 4
+
+
+def skinny_launch(a, weight, N, K, transpose, lo=None, hi=None, mask=None, bias=None, scale=1.0, split_k=None):
+    """out (M, P) = a @ Wop [+ scale * (lo @ hi) * mask] [+ bias] by `_skinny_matmul_kernel`, Wop
+    = W^T (P = N) or W when `transpose` (P = K), for W (N, K) a validated Weight4bit with an even K
+    or a dense 2-D tensor. One launch (split-K reduced in the kernel); allocates only the output."""
+    M = a.shape[0]
+    P = K if transpose else N
+    dot_dt, precision = dot_dtype(a.dtype)
+    block_r, block_c, split, red_per_split, warps = skinny_config(M, P, N, K, transpose, a.dtype, split_k)
+    out = torch.empty((M, P), device=a.device, dtype=a.dtype)
+    grid = (triton.cdiv(P, block_c if transpose else block_r), triton.cdiv(M, 16), split)
+    if split > 1:
+        partial = workspace(split * M * P, torch.float32, a.device, "splits")
+        locks = _split_locks(grid[0] * grid[1], a.device)
+    else:
+        partial = locks = out
+    if isinstance(weight, Weight4bit):
+        w_args = weight.pointer_args()
+        row_bytes, stride_wn, stride_wk = K // 2, 0, 0
+        quant = dict(WEIGHT_4BIT=True, BLOCKSIZE=weight.blocksize, NESTED=weight.nested_absmax is not None,
+                     NESTED_BLOCKSIZE=weight.nested_blocksize,
+                     CHUNK_SCALE=K % 32 == 0 and weight.blocksize >= 32)
+    else:
+        w_args = (weight,) * 6
+        row_bytes, stride_wn, stride_wk = 0, weight.stride(0), weight.stride(1)
+        quant = dict(WEIGHT_4BIT=False, BLOCKSIZE=64, NESTED=False, NESTED_BLOCKSIZE=256, CHUNK_SCALE=True)
+    has_lora = lo is not None
+    _skinny_matmul_kernel[grid](
+        a, *w_args, lo if has_lora else a, hi if has_lora else a, mask if mask is not None else a,
+        bias if bias is not None else a, out, partial, locks,
+        M, N, K, lo.shape[1] if has_lora else 0, row_bytes, red_per_split, split, float(scale),
+        a.stride(0), a.stride(1), stride_wn, stride_wk,
+        lo.stride(0) if has_lora else 0, lo.stride(1) if has_lora else 0,
+        hi.stride(0) if has_lora else 0, hi.stride(1) if has_lora else 0,
+        mask.stride(0) if mask is not None else 0, mask.stride(1) if mask is not None else 0,
+        out.stride(0), out.stride(1),
+        TRANSPOSE=transpose, HAS_LORA=has_lora, HAS_MASK=mask is not None, HAS_BIAS=bias is not None,
+        SPLIT=split > 1, DOT_DTYPE=dot_dt, INPUT_PRECISION=precision, W_LEFT=dot_dt != tl.float32,
+        BLOCK_M=16, BLOCK_R=block_r, BLOCK_C=block_c,
+        BLOCK_L=max(16, triton.next_power_of_2(lo.shape[1])) if has_lora else 16, CB=16,
+        num_warps=warps, num_stages=1, **quant,
+    )
+    return out
 
 
 def nf4_matmul(x, packed, absmax, code, shape, blocksize, nested_absmax=None, nested_code=None,
-               offset=None, nested_blocksize=256, bias=None, transpose=False, method="auto"):
+               offset=None, nested_blocksize=256, bias=None, transpose=False, method="auto", split_k=None):
     """x @ W^T + bias (or x @ W when `transpose`) with W (out, in) = `shape` stored 4-bit.
 
     x: (..., in) (or (..., out) when `transpose`) in float16, bfloat16 or float32; returns
     (..., out) (or (..., in)) in x's dtype. `method`: "fused" (decode in registers, no weight
     written), "dequant" (workspace + vendor GEMM) or "auto" (fused for M <= SKINNY_MAX_M rows).
-    Raises ValueError/TypeError for mismatched shapes or dtypes.
+    An odd in_features (rows not starting on a byte) always takes "dequant". `split_k`: force the
+    number of K splits of the fused kernel (None: automatic). Raises ValueError/TypeError for
+    mismatched shapes or dtypes.
     """
     nested = check_quantized(packed, absmax, code, nested_absmax, nested_code, offset, shape, blocksize)
     out_features, in_features = int(shape[0]), int(shape[1])
     k_dim, n_dim = (out_features, in_features) if transpose else (in_features, out_features)
     if x.shape[-1] != k_dim:
         raise ValueError(f"x must have last dimension {k_dim}, got shape {tuple(x.shape)}")
-    dot_dt, precision = dot_dtype(x.dtype)
+    dot_dtype(x.dtype)  # raises TypeError for unsupported activation dtypes
     if bias is not None and (bias.shape != (n_dim,) or bias.dtype != x.dtype):
         raise ValueError(f"bias must be ({n_dim},) in {x.dtype}, got {tuple(bias.shape)} {bias.dtype}")
     if method not in ("auto", "fused", "dequant"):
@@ -360,7 +455,8 @@ def nf4_matmul(x, packed, absmax, code, shape, blocksize, nested_absmax=None, ne
     lead = x.shape[:-1]
     x2 = x.reshape(-1, k_dim)
     M = x2.shape[0]
-    if method == "dequant" or (method == "auto" and M > SKINNY_MAX_M):
+    fused = method == "fused" or (method == "auto" and M <= SKINNY_MAX_M)
+    if not fused or not row_pairs(in_features, blocksize):
         w = dequantize_to_workspace(packed, absmax, code, shape, blocksize, nested_absmax, nested_code,
                                     offset, nested_blocksize, x.dtype)
         if transpose:
@@ -368,18 +464,6 @@ def nf4_matmul(x, packed, absmax, code, shape, blocksize, nested_absmax=None, ne
         else:
             out = torch.nn.functional.linear(x2, w, bias)
         return out.reshape(*lead, n_dim)
-
-    block_m, block_n, block_k, k_per_split, out = split_k_launch(M, n_dim, k_dim, x.device, x.dtype)
-    stride_wn, stride_wk = (1, in_features) if transpose else (in_features, 1)
-    grid = (triton.cdiv(n_dim, block_n), triton.cdiv(M, block_m), out.shape[0])
-    _nf4_matmul_kernel[grid](
-        x2, *_quant_args(packed, absmax, code, nested_absmax, nested_code, offset),
-        bias if bias is not None else x2, out,
-        M, n_dim, k_dim, k_per_split,
-        x2.stride(0), x2.stride(1), stride_wn, stride_wk, out.stride(0), out.stride(1), out.stride(2),
-        BLOCKSIZE=blocksize, NESTED=nested, NESTED_BLOCKSIZE=nested_blocksize,
-        HAS_BIAS=bias is not None, DOT_DTYPE=dot_dt, INPUT_PRECISION=precision,
-        ROW_PAIRS=row_pairs(in_features, blocksize, transpose),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-    )
-    return reduce_splits(out, x.dtype).reshape(*lead, n_dim)
+    weight = Weight4bit(packed, absmax, code, shape, blocksize, nested_absmax, nested_code, offset, nested_blocksize)
+    out = skinny_launch(x2, weight, out_features, in_features, transpose, bias=bias, split_k=split_k)
+    return out.reshape(*lead, n_dim)

@@ -11,13 +11,73 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 
+# The one device switch of the kernel tests: QLORA_FAST_TEST_DEVICE (cpu or cuda). The default is the
+# CPU under the interpreter, else CUDA. bench/gpu_check.sh runs the same tests with
+# QLORA_FAST_TEST_DEVICE=cuda TRITON_INTERPRET=0; `--gpu-rehearsal` runs the gpu-marked tests on the CPU.
+INTERPRET = os.environ["TRITON_INTERPRET"].lower() in ("1", "true", "on", "yes")
+TEST_DEVICE = os.environ.get("QLORA_FAST_TEST_DEVICE") or ("cpu" if INTERPRET else "cuda")
+ON_GPU = TEST_DEVICE == "cuda"
+
+
+def pytest_addoption(parser):
+    parser.addoption("--gpu-rehearsal", action="store_true", default=os.environ.get("QLORA_FAST_GPU_REHEARSAL") == "1",
+                     help="run the gpu-marked tests on the CPU (tiny shapes, Triton interpreter) to prove their "
+                          "imports and fixtures before a GPU window; also QLORA_FAST_GPU_REHEARSAL=1")
+
+
+def pytest_configure(config):
+    if TEST_DEVICE not in ("cpu", "cuda"):
+        raise pytest.UsageError(f"QLORA_FAST_TEST_DEVICE must be 'cpu' or 'cuda', got {TEST_DEVICE!r}")
+    if ON_GPU and INTERPRET:
+        raise pytest.UsageError("QLORA_FAST_TEST_DEVICE=cuda runs the compiled kernels: set TRITON_INTERPRET=0")
+    if ON_GPU and not torch.cuda.is_available():
+        raise pytest.UsageError("QLORA_FAST_TEST_DEVICE=cuda but torch sees no CUDA device")
+    if config.getoption("--gpu-rehearsal") and ON_GPU:
+        raise pytest.UsageError("--gpu-rehearsal runs on the CPU: unset QLORA_FAST_TEST_DEVICE=cuda")
+
+
 def pytest_collection_modifyitems(config, items):
+    if config.getoption("--gpu-rehearsal"):
+        # a gpu test takes its device from the switch (the `device` or `on_test_device` fixture, or its
+        # module imports TEST_DEVICE); one that hard-codes CUDA is only imported and collected here, and says so
+        fixed = pytest.mark.skip(reason="hard-codes CUDA: not rehearsable on the CPU (take the `device` fixture)")
+        for item in items:
+            switched = {"device", "on_test_device"} & set(getattr(item, "fixturenames", ()))
+            if "gpu" in item.keywords and not switched and getattr(item.module, "TEST_DEVICE", None) != TEST_DEVICE:
+                item.add_marker(fixed)
+        return
     if torch.cuda.is_available():
         return
-    skip = pytest.mark.skip(reason="needs a CUDA device")
+    skip = pytest.mark.skip(reason="needs a CUDA device (or --gpu-rehearsal to run it on the CPU)")
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def device():
+    """The device a test puts its tensors on: the one switch above ("cpu" or "cuda")."""
+    return torch.device(TEST_DEVICE)
+
+
+@pytest.fixture
+def on_test_device():
+    """Make TEST_DEVICE torch's default device for the test, so a kernel test that builds its inputs
+    with torch.randn(...) runs unchanged on CUDA (a module opts in with
+    `pytestmark = pytest.mark.usefixtures("on_test_device")`). On the CPU it changes nothing."""
+    if not ON_GPU:
+        yield
+        return
+    torch.set_default_device(TEST_DEVICE)
+    try:
+        yield
+    finally:
+        torch.set_default_device(None)
+
+
+def sized(cpu, gpu):
+    """A test size by device: the GPU case at full scale, the CPU rehearsal at interpreter scale."""
+    return gpu if ON_GPU else cpu
 
 
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, atol: float = 0.0, rtol: float = 0.0, msg: str = ""):

@@ -7,11 +7,15 @@ activation dtype plus rounding terms (see test_nf4_matmul.assert_matches_float64
 import pytest
 import torch
 
-from conftest import assert_close
+from conftest import TEST_DEVICE, assert_close, sized
 from qlora_fast.functional import lora_linear
 from qlora_fast.kernels import lora as klora
 from qlora_fast.reference.lora import lora_backward_ref, lora_forward_ref, lora_linear_ref
 from test_nf4_matmul import DTYPES, abs_sum, assert_matches_float64, oracle_dequantize, quantize, weight4bit
+
+
+# conftest's one device switch: tensors made with torch.randn(...) land on QLORA_FAST_TEST_DEVICE
+pytestmark = pytest.mark.usefixtures("on_test_device")
 
 
 def make_case(rows, out_features, in_features, r, dtype, base, dropout, bias, lead=()):
@@ -192,36 +196,37 @@ def test_lora_linear_bad_input():
         lora_linear(x, packed.float(), A, B, 1.0, quant_state=state)
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("base", ["dense", "nf4"])
-def test_compiled_lora_kernels_on_gpu(seed, base):
-    # The compiled Triton kernels (bench/gpu_check.sh runs this with TRITON_INTERPRET=0), bf16
-    # operands on the tensor cores, at sizes above the tiles and with split-K on skinny inputs.
-    from qlora_fast.kernels.utils import INTERPRET
+# The compiled Triton kernels on the GPU (bench/gpu_check.sh: QLORA_FAST_TEST_DEVICE=cuda
+# TRITON_INTERPRET=0), half-precision operands on the tensor cores, at sizes above the tiles, split-K on
+# skinny inputs, plus the Llama-3-8B MLP weight (14336x4096 nested NF4, bf16) at M = 1, 16 and 4096.
+# The CPU rehearsal runs the same code at interpreter scale.
+_MID = sized(cpu=(21, 45), gpu=(1000, 2333))
+_LARGE = sized(cpu=(37, 192), gpu=(14336, 4096))
+GPU_CASES = [(base, dtype, rows, method, _MID) for base in ("dense", "nf4") for dtype in (torch.bfloat16, torch.float16)
+             for rows, method in sized(cpu=((1, "fused"), (5, "vendor")),
+                                       gpu=((1, "fused"), (16, "fused"), (300, "fused"), (300, "vendor")))]
+GPU_CASES += [("nf4", torch.bfloat16, rows, "auto", _LARGE) for rows in sized(cpu=(1, 16), gpu=(1, 16, 4096))]
 
-    if INTERPRET:
-        pytest.skip("runs the compiled kernels: TRITON_INTERPRET=0")
-    for dtype in (torch.bfloat16, torch.float16):
-        for rows, method in ((1, "fused"), (16, "fused"), (300, "fused"), (300, "vendor")):
-            weight, w64, x, A, B, b, mask = make_case(rows, 1000, 2333, 16, dtype, base, True, True)
-            if base == "dense":
-                w = weight.cuda()
-            else:
-                w = weight4bit(weight[0].cuda(), weight[1].to("cuda"))
-            cuda = [t.cuda() for t in (x, A, B, b, mask)]
-            xc, Ac, Bc, bc, maskc = cuda
-            x_adapter = xc * maskc
-            y, xa = klora.lora_forward(xc, w, Ac, Bc, 0.5, bc, x_adapter, method=method)
-            grad = torch.randn(rows, 1000).to(dtype)
-            dx, dA, dB = klora.lora_backward(grad.cuda(), x_adapter, xa, w, Ac, Bc, 0.5, maskc, method=method)
-            want = float64_grads(x, w64, A, B, 0.5, b, mask, grad)
-            pt = float64_grads(x, w64, A, B, 0.5, b, mask, grad, dtype=torch.float32)  # CPU fp32 ...
-            pt = [t.to(dtype) for t in pt]  # ... rounded to the dtype: the error torch's own bf16 result carries
-            sums_A, sums_B = low_rank_sums(grad, x * mask, A, B, 0.5)
-            sums = (abs_sum(x, w64.t()), abs_sum(grad, w64), sums_A, sums_B)
-            for got, w_, p_, s_, name in zip((y, dx, dA, dB), want, pt, sums, ("y", "dx", "dA", "dB")):
-                # bf16 tensor-core products of bf16-rounded operands: allow the operand rounding too
-                operand = 2 * torch.finfo(dtype).eps * s_[0]
-                err_budget = (p_.double() - w_).abs().max().item() * 2 + operand
-                assert_close(got.cpu(), w_, atol=err_budget + torch.finfo(dtype).eps * w_.abs().max().item(),
-                             msg=f"{dtype} rows={rows} {method} {name}")
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("base,dtype,rows,method,shape", GPU_CASES)
+def test_compiled_lora_kernels_on_gpu(seed, base, dtype, rows, method, shape):
+    out_features, in_features = shape
+    weight, w64, x, A, B, b, mask = make_case(rows, out_features, in_features, 16, dtype, base, True, True)
+    w = weight if base == "dense" else weight4bit(*weight)
+    x_adapter = x * mask
+    y, xa = klora.lora_forward(x, w, A, B, 0.5, b, x_adapter, method=method)
+    grad = torch.randn(rows, out_features).to(dtype)
+    dx, dA, dB = klora.lora_backward(grad, x_adapter, xa, w, A, B, 0.5, mask, method=method)
+    assert y.device.type == TEST_DEVICE
+    want = float64_grads(x, w64, A, B, 0.5, b, mask, grad)
+    pt = float64_grads(x, w64, A, B, 0.5, b, mask, grad, dtype=torch.float32)  # fp32 ...
+    pt = [t.to(dtype) for t in pt]  # ... rounded to the dtype: the error torch's own half result carries
+    sums_A, sums_B = low_rank_sums(grad, x_adapter, A, B, 0.5)
+    sums = (abs_sum(x, w64.t()), abs_sum(grad, w64), sums_A, sums_B)
+    for got, w_, p_, s_, name in zip((y, dx, dA, dB), want, pt, sums, ("y", "dx", "dA", "dB")):
+        # half-precision tensor-core products of rounded operands: allow the operand rounding too
+        operand = 2 * torch.finfo(dtype).eps * s_[0]
+        err_budget = (p_.double() - w_).abs().max().item() * 2 + operand
+        assert_close(got, w_, atol=err_budget + torch.finfo(dtype).eps * w_.abs().max().item(),
+                     msg=f"{dtype} rows={rows} {method} {name}")

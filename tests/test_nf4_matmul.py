@@ -10,14 +10,17 @@ import os
 import pytest
 import torch
 
-from conftest import assert_close
-from qlora_fast.functional import matmul_4bit, quantize_4bit
+from conftest import TEST_DEVICE, assert_close, sized
+from qlora_fast.functional import dequantize_4bit, matmul_4bit, quantize_4bit
 from qlora_fast.kernels import nf4_matmul as knf4
 from qlora_fast.reference.lora import dequantize_weight_4bit_ref
 
 bnb_functional = pytest.importorskip("bitsandbytes.functional", reason="bitsandbytes (test extra) is the oracle")
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+# conftest's one device switch: tensors made with torch.randn(...) land on QLORA_FAST_TEST_DEVICE
+pytestmark = pytest.mark.usefixtures("on_test_device")
 
 
 # ------------------------------------------------------------------ helpers shared with the LoRA tests
@@ -196,5 +199,27 @@ def test_matmul_4bit_compiles(seed, monkeypatch):
 
 
 def test_interpreter_is_on():
-    # Guards the whole file: without the interpreter the "triton" cases would not run a kernel on CPU.
-    assert os.environ.get("TRITON_INTERPRET") == "1"
+    # Guards the whole file: on the CPU the "triton" cases run a kernel only under the interpreter
+    # (and on CUDA they must run the compiled one).
+    assert (os.environ.get("TRITON_INTERPRET") == "1") == (TEST_DEVICE == "cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("rows", sized(cpu=[1, 16, 19], gpu=[1, 16, 4096]))
+def test_large_weight_forward_backward(seed, monkeypatch, rows):
+    # a Llama-3-8B MLP weight (14336x4096, nested NF4) with bf16 activations: forward (fused or
+    # dequant + cuBLAS by M, split-K on skinny inputs) and the transposed backward through
+    # matmul_4bit, against dequantize + torch.matmul in float64 (rehearsed tiny on the CPU)
+    monkeypatch.setenv("QLORA_FAST_BACKEND", "triton")
+    out_features, in_features = sized(cpu=(37, 192), gpu=(14336, 4096))
+    packed, state = quantize((torch.randn(out_features, in_features) * 0.02).to(torch.bfloat16))
+    w = dequantize_4bit(packed, state, torch.float32)
+    w64, w16 = w.double(), w.to(torch.bfloat16)
+    x = torch.randn(rows, in_features, dtype=torch.bfloat16)
+    grad = torch.randn(rows, out_features, dtype=torch.bfloat16)
+    xg = x.clone().requires_grad_()
+    out = matmul_4bit(xg, packed, state)
+    out.backward(grad)
+    assert out.device.type == TEST_DEVICE
+    assert_matches_float64(out.detach(), x.double() @ w64.t(), x @ w16.t(), abs_sum(x, w64.t()), msg="forward")
+    assert_matches_float64(xg.grad, grad.double() @ w64, grad @ w16, abs_sum(grad, w64), msg="grad x")

@@ -7,22 +7,19 @@ truncates), so bf16 is compared exactly too.
 
 import pytest
 import torch
-from conftest import no_dynamo
+from conftest import TEST_DEVICE, no_dynamo, sized
 
 from qlora_fast.functional import dequantize_4bit, quantize_4bit
 from qlora_fast.kernels import nf4 as kernels
-from qlora_fast.kernels.utils import INTERPRET
 from qlora_fast.reference import quant as ref
 
 bnb = pytest.importorskip("bitsandbytes", reason="bitsandbytes (the oracle) is a test extra")
 import bitsandbytes.functional as bnbF  # noqa: E402
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-# the interpreter runs on CPU tensors; bench/gpu_check.sh runs the compiled kernels on CUDA
-DEVICE = "cpu" if INTERPRET else "cuda"
-
-if not INTERPRET and not torch.cuda.is_available():
-    pytest.skip("Triton kernels need CUDA or TRITON_INTERPRET=1", allow_module_level=True)
+# conftest's one switch: the interpreter on CPU tensors here, the compiled kernels on CUDA in
+# bench/gpu_check.sh (QLORA_FAST_TEST_DEVICE=cuda TRITON_INTERPRET=0)
+DEVICE = TEST_DEVICE
 
 
 def random_input(n, dtype, device=None):
@@ -51,12 +48,11 @@ def test_kernels_match_reference_and_oracle(seed, quant_type, blocksize, n, dtyp
 
 @pytest.mark.gpu
 def test_compiled_kernels_on_gpu(seed):
-    # every case again with compiled Triton, plus a large one (bench/gpu_check.sh runs this)
-    if INTERPRET:
-        pytest.skip("runs the compiled kernels: TRITON_INTERPRET=0")
+    # every case again (compiled Triton on the GPU), plus a large odd one; rehearsed tiny on the CPU
+    large = (64, sized(cpu=3 * 64 + 5, gpu=4096 * 4096 + 3), torch.bfloat16)
     for quant_type in ("nf4", "fp4"):
-        for blocksize, n, dtype in CASES + [(64, 4096 * 4096 + 3, torch.bfloat16)]:
-            check_against_reference_and_oracle(quant_type, blocksize, n, dtype, "cuda")
+        for blocksize, n, dtype in sized(cpu=CASES[:2], gpu=CASES) + [large]:
+            check_against_reference_and_oracle(quant_type, blocksize, n, dtype, DEVICE)
 
 
 def check_against_reference_and_oracle(quant_type, blocksize, n, dtype, device):
@@ -163,3 +159,21 @@ def test_kernel_exact_ties_go_to_the_lower_code(quant_type):
     decoded = kernels.dequantize_4bit(packed, absmax, code, x.numel(), 32, torch.float32).cpu()
     k = midpoints.numel()
     assert torch.equal(decoded[1 : 1 + k], ordered[:-1]) and torch.equal(decoded[1 + k :], ordered[1:])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_large_weight_nested_against_reference(seed, monkeypatch, quant_type):
+    # a Llama-3-8B MLP weight (14336x4096, bf16, double-quantized) through the public API: the kernels'
+    # packed codes and statistics equal the PyTorch reference's bit for bit, and so does the decode
+    shape = sized(cpu=(45, 130), gpu=(14336, 4096))
+    x = (torch.randn(shape, device=DEVICE) * 0.02).to(torch.bfloat16)
+    x[0, 0] = 3.0  # an outlier in the first block
+    monkeypatch.setenv("QLORA_FAST_BACKEND", "triton")
+    packed, state = quantize_4bit(x, 64, quant_type, compress_statistics=True)
+    out = dequantize_4bit(packed, state, torch.bfloat16)
+    monkeypatch.setenv("QLORA_FAST_BACKEND", "reference")
+    ref_packed, ref_state = quantize_4bit(x, 64, quant_type, compress_statistics=True)
+    assert packed.device.type == DEVICE and torch.equal(packed, ref_packed)
+    assert torch.equal(state.absmax, ref_state.absmax) and torch.equal(state.nested_absmax, ref_state.nested_absmax)
+    assert torch.equal(out, dequantize_4bit(ref_packed, ref_state, torch.bfloat16))

@@ -12,12 +12,19 @@ import torch
 _CHOICES = ("auto", "triton", "reference")
 
 
+_PARSED: dict = {}  # raw QLORA_FAST_BACKEND value -> checked choice (parsing it costs more than reading it)
+
+
 def backend() -> str:
     """The backend asked for in QLORA_FAST_BACKEND (read at each call so tests can switch it)."""
-    value = os.environ.get("QLORA_FAST_BACKEND", "auto").lower()
-    if value not in _CHOICES:
-        raise ValueError(f"QLORA_FAST_BACKEND must be one of {_CHOICES}, got {value!r}")
-    return value
+    raw = os.environ.get("QLORA_FAST_BACKEND", "auto")
+    choice = _PARSED.get(raw)
+    if choice is None:
+        choice = raw.lower()
+        if choice not in _CHOICES:
+            raise ValueError(f"QLORA_FAST_BACKEND must be one of {_CHOICES}, got {choice!r}")
+        _PARSED[raw] = choice
+    return choice
 
 
 @functools.cache  # a failed import is not cached by Python: without this every CPU op call retries it
@@ -29,13 +36,19 @@ def _triton_importable() -> bool:
     return True
 
 
+@functools.cache
+def _device_ok():
+    from qlora_fast.kernels.utils import device_ok
+
+    return device_ok
+
+
 def use_kernels(*tensors: torch.Tensor) -> bool:
     """True when the Triton kernels should run for these tensors."""
     choice = backend()
     if choice == "reference" or not _triton_importable():
         return False
-    from qlora_fast.kernels.utils import device_ok
-
     if choice == "triton":
-        return all(device_ok(t) for t in tensors)
+        device_ok = _device_ok()
+        return all(t.is_cuda or device_ok(t) for t in tensors)
     return all(t.is_cuda for t in tensors)

@@ -4,16 +4,25 @@
 that is dense (float16/bfloat16/float32) or 4-bit (packed uint8 + QuantState), and trains
 A, B (and the bias when it requires grad). `matmul_4bit` is x W^T + bias for a 4-bit W.
 
-Each op is a `torch.library.custom_op` (forward and backward ops, with fake implementations so
-`torch.compile` traces through without graph breaks) wrapped by a `torch.autograd.Function`.
-Inside an op, `use_kernels` picks the Triton kernels (CUDA tensors, or QLORA_FAST_BACKEND=triton
-under TRITON_INTERPRET) or the plain-PyTorch reference (qlora_fast.reference.lora).
+Two ways to the same code:
+- eager (the fast path, and what a CUDA graph captures): the public function checks its
+  arguments, then calls the launcher (or the reference) directly, through a
+  `torch.autograd.Function` only when a gradient is needed. The 4-bit weight reaches the launcher
+  as the `Weight4bit` its QuantState caches (`QuantState.kernel_weight`: validated once, not per
+  call); no custom-op dispatch, no host sync, no allocation besides the outputs.
+- under torch.compile / tracing: the same Functions call the `torch.library.custom_op`s
+  (`qlora_fast::matmul_4bit`, `lora_forward`, `lora_backward`), whose fake implementations let
+  `torch.compile(fullgraph=True)` trace through without graph breaks.
+`use_kernels` picks the Triton kernels (CUDA tensors, or QLORA_FAST_BACKEND=triton under
+TRITON_INTERPRET) or the plain-PyTorch reference (qlora_fast.reference.lora) in both.
 """
+import functools
 from typing import Optional
 
 import torch
 from torch import Tensor
 
+from qlora_fast.quant_state import QuantState
 from qlora_fast.reference import lora as _ref
 
 from ._dispatch import use_kernels
@@ -21,53 +30,187 @@ from ._dispatch import use_kernels
 __all__ = ["lora_linear", "matmul_4bit", "LoRALinearFunction", "MatMul4bitFunction"]
 
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_MODES = (torch._C._TorchDispatchModeKey.PROXY, torch._C._TorchDispatchModeKey.FAKE)
 
 
-def _quant_fields(quant_state, weight: Tensor):
-    """(absmax, code, nested_absmax, nested_code, offset, out, in, blocksize, nested_blocksize)."""
-    if weight.dtype != torch.uint8:
-        raise TypeError(f"a 4-bit weight must be packed uint8, got {weight.dtype}")
-    shape = tuple(quant_state.shape)
-    if len(shape) != 2:
-        raise ValueError(f"quant_state.shape must be (out_features, in_features), got {shape}")
-    nested = getattr(quant_state, "nested_absmax", None) is not None
-    return (
-        quant_state.absmax, quant_state.code,
-        quant_state.nested_absmax if nested else None,
-        quant_state.nested_code if nested else None,
-        quant_state.offset if nested else None,
-        int(shape[0]), int(shape[1]), int(quant_state.blocksize),
-        int(getattr(quant_state, "nested_blocksize", 256) or 256),
-    )
-
-
-def _weight4bit(weight, absmax, code, nested_absmax, nested_code, offset, out_features, in_features,
-                blocksize, nested_blocksize):
-    from qlora_fast.kernels.nf4_matmul import Weight4bit
-
-    return Weight4bit(weight, absmax, code, (out_features, in_features), blocksize, nested_absmax,
-                      nested_code, offset, nested_blocksize)
-
-
-def _dense_ref(weight, absmax, code, nested_absmax, nested_code, offset, out_features, in_features,
-               blocksize, nested_blocksize, dtype):
-    if absmax is None:
-        return weight
-    return _ref.dequantize_weight_4bit_ref(weight, absmax, code, (out_features, in_features), blocksize,
-                                           nested_absmax, nested_code, offset, nested_blocksize, dtype)
-
-
-def _kernel_weight(weight, absmax, *quant):
-    if absmax is None:
-        return weight
-    return _weight4bit(weight, absmax, *quant)
+def _compiling() -> bool:
+    """True while torch.compile / export, make_fx or torch.jit.trace traces: then the custom ops
+    (with their fake implementations) must stand for the launchers, which a tracer cannot see."""
+    return (torch.compiler.is_compiling() or torch._C._get_tracing_state() is not None
+            or any(torch._C._get_dispatch_mode(key) is not None for key in _MODES))
 
 
 def _use_kernels(x: Tensor, weight: Tensor) -> bool:
     return x.dtype in _KERNEL_DTYPES and use_kernels(x, weight)
 
 
-# ---------------------------------------------------------------- LoRA ops
+@functools.cache
+def _kernels():
+    """(kernels.nf4_matmul, kernels.lora), imported once (an import statement per call costs ~1 us)."""
+    from qlora_fast.kernels import lora, nf4_matmul
+
+    return nf4_matmul, lora
+
+
+# A base weight travels as a dense Tensor or as the 9 fields of `Weight4bit` (packed, absmax, code,
+# shape, blocksize, nested_absmax, nested_code, offset, nested_blocksize): the launcher's type on
+# the kernel path, a plain tuple in the same order on the reference path (which needs no Triton).
+
+def _eager_weight(weight: Tensor, quant_state, kernels: bool):
+    if quant_state is None:
+        return weight
+    if not isinstance(quant_state, QuantState):
+        raise TypeError(f"quant_state must be a qlora_fast QuantState, got {type(quant_state).__name__}")
+    return quant_state.kernel_weight(weight) if kernels else quant_state.weight_fields(weight)
+
+
+def _op_weight(weight, absmax, code, nested_absmax, nested_code, offset, out_features, in_features, blocksize,
+               nested_blocksize, kernels: bool):
+    """The weight from a custom op's arguments (the compiled path rebuilds it per call)."""
+    if absmax is None:
+        return weight
+    fields = (weight, absmax, code, (out_features, in_features), blocksize, nested_absmax, nested_code, offset,
+              nested_blocksize)
+    if kernels:
+        return _kernels()[0].Weight4bit(*fields)
+    return fields
+
+
+def _op_fields(weight: Tensor, quant_state) -> tuple:
+    """(absmax, code, nested_absmax, nested_code, offset, out, in, blocksize, nested_blocksize): the
+    custom ops' spelling of a base weight (all None and the dense shape for a dense one)."""
+    if quant_state is None:
+        return (None,) * 5 + (int(weight.shape[0]), int(weight.shape[1]), 64, 256)
+    s = quant_state
+    return (s.absmax, s.code, s.nested_absmax, s.nested_code, s.offset, int(s.shape[0]), int(s.shape[1]),
+            s.blocksize, s.nested_blocksize)
+
+
+def _dense(w, dtype: torch.dtype) -> Tensor:
+    """The reference path's (out, in) weight in `dtype` (a 4-bit one decoded in fp32 first)."""
+    return w if isinstance(w, Tensor) else _ref.dequantize_weight_4bit_ref(*w, dtype=dtype)
+
+
+def _check_4bit(weight: Tensor, quant_state) -> None:
+    if not isinstance(weight, Tensor) or weight.dtype != torch.uint8:
+        raise TypeError(f"a 4-bit weight must be packed uint8, got {getattr(weight, 'dtype', type(weight).__name__)}")
+    if len(quant_state.shape) != 2:
+        raise ValueError(f"quant_state.shape must be (out_features, in_features), got {tuple(quant_state.shape)}")
+
+
+def _autocast(x: Tensor, *tensors):
+    """Cast x and float tensors to the autocast dtype when autocast is on for x's device."""
+    device_type = x.device.type
+    if not torch.is_autocast_enabled(device_type):
+        return (x, *tensors)
+    dtype = torch.get_autocast_dtype(device_type)
+    return tuple(t.to(dtype) if t is not None and t.is_floating_point() else t for t in (x, *tensors))
+
+
+def _needs_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+# ---------------------------------------------------------------- 4-bit matmul
+
+def _matmul_4bit_run(x, w, bias, transpose: bool, kernels: bool) -> Tensor:
+    if kernels:
+        return _kernels()[0].nf4_matmul(x, *w, bias=bias, transpose=transpose)
+    return _ref.matmul_4bit_ref(x, _dense(w, x.dtype), bias, transpose)
+
+
+@torch.library.custom_op("qlora_fast::matmul_4bit", mutates_args=())
+def _matmul_4bit_op(
+    x: Tensor, packed: Tensor, bias: Optional[Tensor], absmax: Tensor, code: Tensor,
+    nested_absmax: Optional[Tensor], nested_code: Optional[Tensor], offset: Optional[Tensor],
+    out_features: int, in_features: int, blocksize: int, nested_blocksize: int, transpose: bool,
+) -> Tensor:
+    kernels = _use_kernels(x, packed)
+    w = _op_weight(packed, absmax, code, nested_absmax, nested_code, offset, out_features, in_features, blocksize,
+                   nested_blocksize, kernels)
+    return _matmul_4bit_run(x, w, bias, transpose, kernels)
+
+
+@_matmul_4bit_op.register_fake
+def _(x, packed, bias, absmax, code, nested_absmax, nested_code, offset, out_features, in_features, blocksize,
+      nested_blocksize, transpose):
+    return x.new_empty((*x.shape[:-1], in_features if transpose else out_features))
+
+
+def _matmul_4bit(x, packed, quant_state, bias, transpose: bool) -> Tensor:
+    """x W^T + bias (x W when `transpose`): the custom op while compiling, the launcher otherwise."""
+    if _compiling():
+        return torch.ops.qlora_fast.matmul_4bit(x, packed, bias, *_op_fields(packed, quant_state), transpose)
+    kernels = _use_kernels(x, packed)
+    return _matmul_4bit_run(x, _eager_weight(packed, quant_state, kernels), bias, transpose, kernels)
+
+
+class MatMul4bitFunction(torch.autograd.Function):
+    """Autograd for x W^T + bias with a frozen 4-bit W; backward is the same op on W (transposed)."""
+
+    @staticmethod
+    def forward(ctx, x, bias, packed, quant_state):
+        # the frozen weight is referenced, not saved: it never changes and needs no version check
+        ctx.weight = (packed, quant_state)
+        return _matmul_4bit(x, packed, quant_state, bias, False)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        packed, quant_state = ctx.weight
+        need = ctx.needs_input_grad
+        grad_x = _matmul_4bit(grad_out, packed, quant_state, None, True) if need[0] else None
+        grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0) if need[1] else None
+        return grad_x, grad_bias, None, None
+
+
+def matmul_4bit(x: Tensor, packed: Tensor, quant_state, bias: Optional[Tensor] = None) -> Tensor:
+    """x @ W^T + bias with W (out, in) = quant_state.shape stored 4-bit (bitsandbytes layout).
+
+    x: (..., in) float16/bfloat16/float32 (float64 on the reference path); bias (out,) in x's
+    dtype or None. Differentiable in x and bias. On CUDA, M <= 16 rows use the fused decode
+    kernel (the weight is never materialised), more rows dequantize into a reused workspace and
+    call the vendor GEMM. The state is validated on first use with `packed` and then trusted
+    (`QuantState.kernel_weight`). Raises ValueError/TypeError for bad shapes or dtypes.
+    """
+    if not isinstance(x, Tensor) or not x.is_floating_point():
+        raise TypeError(f"x must be a floating-point tensor, got {getattr(x, 'dtype', type(x))}")
+    x, bias = _autocast(x, bias)
+    if _compiling():
+        _check_4bit(packed, quant_state)
+        quant_state.validate(packed)  # traced once
+        shape, w, kernels = quant_state.shape, None, False
+    else:
+        # eager: the state is validated on its first use with `packed` and then served from its
+        # cache, shapes included; the launcher gets the cached Weight4bit
+        kernels = _use_kernels(x, packed)
+        w = _eager_weight(packed, quant_state, kernels)
+        shape = w[3]
+    out_features, in_features = int(shape[0]), int(shape[1])
+    if x.shape[-1] != in_features:
+        raise ValueError(f"x must have last dimension {in_features} (in_features), got shape {tuple(x.shape)}")
+    if bias is not None and (tuple(bias.shape) != (out_features,) or bias.dtype != x.dtype):
+        raise ValueError(f"bias must be ({out_features},) in {x.dtype}, got {tuple(bias.shape)} {bias.dtype}")
+    if _needs_grad(x, bias):
+        return MatMul4bitFunction.apply(x, bias, packed, quant_state)
+    if w is None:
+        return _matmul_4bit(x, packed, quant_state, bias, False)
+    return _matmul_4bit_run(x, w, bias, False, kernels)
+
+
+# ---------------------------------------------------------------- LoRA
+
+def _lora_forward_run(x, w, lora_A, lora_B, scale, bias, x_adapter, kernels: bool):
+    if kernels:
+        return _kernels()[1].lora_forward(x, w, lora_A, lora_B, scale, bias, x_adapter)
+    return _ref.lora_forward_ref(x, _dense(w, x.dtype), lora_A, lora_B, scale, bias, x_adapter)
+
+
+def _lora_backward_run(grad_out, x_adapter, xa, w, lora_A, lora_B, scale, mask, need_grad_input, kernels: bool):
+    if kernels:
+        return _kernels()[1].lora_backward(grad_out, x_adapter, xa, w, lora_A, lora_B, scale, mask, need_grad_input)
+    return _ref.lora_backward_ref(grad_out, x_adapter, xa, _dense(w, grad_out.dtype), lora_A, lora_B, scale, mask,
+                                  need_grad_input)
+
 
 @torch.library.custom_op("qlora_fast::lora_forward", mutates_args=())
 def _lora_forward_op(
@@ -77,13 +220,10 @@ def _lora_forward_op(
     nested_code: Optional[Tensor], offset: Optional[Tensor],
     out_features: int, in_features: int, blocksize: int, nested_blocksize: int,
 ) -> tuple[Tensor, Tensor]:
-    quant = (absmax, code, nested_absmax, nested_code, offset, out_features, in_features, blocksize, nested_blocksize)
-    if _use_kernels(x, weight):
-        from qlora_fast.kernels.lora import lora_forward
-
-        return lora_forward(x, _kernel_weight(weight, *quant), lora_A, lora_B, scale, bias, x_adapter)
-    dense = _dense_ref(weight, *quant, dtype=x.dtype)
-    return _ref.lora_forward_ref(x, dense, lora_A, lora_B, scale, bias, x_adapter)
+    kernels = _use_kernels(x, weight)
+    w = _op_weight(weight, absmax, code, nested_absmax, nested_code, offset, out_features, in_features, blocksize,
+                   nested_blocksize, kernels)
+    return _lora_forward_run(x, w, lora_A, lora_B, scale, bias, x_adapter, kernels)
 
 
 @_lora_forward_op.register_fake
@@ -102,19 +242,12 @@ def _lora_backward_op(
     out_features: int, in_features: int, blocksize: int, nested_blocksize: int, need_grad_input: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(grad_x, grad_A, grad_B); grad_x is an empty tensor when not `need_grad_input`."""
-    quant = (absmax, code, nested_absmax, nested_code, offset, out_features, in_features, blocksize, nested_blocksize)
-    if _use_kernels(grad_out, weight):
-        from qlora_fast.kernels.lora import lora_backward
-
-        grad_x, grad_A, grad_B = lora_backward(grad_out, x_adapter, xa, _kernel_weight(weight, *quant),
-                                               lora_A, lora_B, scale, dropout_mask, need_grad_input)
-    else:
-        dense = _dense_ref(weight, *quant, dtype=grad_out.dtype)
-        grad_x, grad_A, grad_B = _ref.lora_backward_ref(grad_out, x_adapter, xa, dense, lora_A, lora_B, scale,
-                                                        dropout_mask, need_grad_input)
-    if grad_x is None:
-        grad_x = grad_out.new_empty(0)
-    return grad_x, grad_A, grad_B
+    kernels = _use_kernels(grad_out, weight)
+    w = _op_weight(weight, absmax, code, nested_absmax, nested_code, offset, out_features, in_features, blocksize,
+                   nested_blocksize, kernels)
+    grad_x, grad_A, grad_B = _lora_backward_run(grad_out, x_adapter, xa, w, lora_A, lora_B, scale, dropout_mask,
+                                                need_grad_input, kernels)
+    return grad_out.new_empty(0) if grad_x is None else grad_x, grad_A, grad_B
 
 
 @_lora_backward_op.register_fake
@@ -124,47 +257,52 @@ def _(grad_out, x_adapter, xa, weight, lora_A, lora_B, scale, dropout_mask, absm
     return grad_x, lora_A.new_empty(lora_A.shape), lora_B.new_empty(lora_B.shape)
 
 
+def _lora_forward(x, weight, quant_state, lora_A, lora_B, scale, bias, x_adapter):
+    if _compiling():
+        return torch.ops.qlora_fast.lora_forward(x, weight, lora_A, lora_B, scale, bias, x_adapter,
+                                                 *_op_fields(weight, quant_state))
+    kernels = _use_kernels(x, weight)
+    return _lora_forward_run(x, _eager_weight(weight, quant_state, kernels), lora_A, lora_B, scale, bias, x_adapter,
+                             kernels)
+
+
+def _lora_backward(grad_out, x_adapter, xa, weight, quant_state, lora_A, lora_B, scale, mask, need_grad_input):
+    if _compiling():
+        grad_x, grad_A, grad_B = torch.ops.qlora_fast.lora_backward(
+            grad_out, x_adapter, xa, weight, lora_A, lora_B, scale, mask, *_op_fields(weight, quant_state),
+            need_grad_input)
+        return (grad_x if need_grad_input else None), grad_A, grad_B
+    kernels = _use_kernels(grad_out, weight)
+    return _lora_backward_run(grad_out, x_adapter, xa, _eager_weight(weight, quant_state, kernels), lora_A, lora_B,
+                              scale, mask, need_grad_input, kernels)
+
+
 class LoRALinearFunction(torch.autograd.Function):
     """Autograd for y = x W^T + bias + scale (x_adapter A^T) B^T, x_adapter = x * dropout_mask.
 
     Saves the adapter input (x itself without dropout), xa = x_adapter A^T (M x r) and the mask;
-    the base weight is referenced, never copied (a 4-bit one is decoded again in backward).
+    the frozen base weight (and its QuantState) is referenced, never copied (a 4-bit one is decoded
+    again in backward).
     """
 
     @staticmethod
-    def forward(ctx, x, weight, lora_A, lora_B, bias, dropout_mask, absmax, code, nested_absmax, nested_code,
-                offset, scale, out_features, in_features, blocksize, nested_blocksize):
+    def forward(ctx, x, lora_A, lora_B, bias, dropout_mask, weight, quant_state, scale):
         x_adapter = None if dropout_mask is None else x * dropout_mask
-        y, xa = torch.ops.qlora_fast.lora_forward(
-            x, weight, lora_A, lora_B, scale, bias, x_adapter, absmax, code, nested_absmax, nested_code, offset,
-            out_features, in_features, blocksize, nested_blocksize,
-        )
-        ctx.save_for_backward(x if x_adapter is None else x_adapter, xa, weight, lora_A, lora_B, dropout_mask,
-                              absmax, code, nested_absmax, nested_code, offset)
+        y, xa = _lora_forward(x, weight, quant_state, lora_A, lora_B, scale, bias, x_adapter)
+        ctx.save_for_backward(x if x_adapter is None else x_adapter, xa, lora_A, lora_B, dropout_mask)
+        ctx.weight = (weight, quant_state)
         ctx.scale = scale
-        ctx.meta = (out_features, in_features, blocksize, nested_blocksize)
         return y
 
     @staticmethod
     def backward(ctx, grad_out):
-        x_adapter, xa, weight, lora_A, lora_B, mask, absmax, code, nested_absmax, nested_code, offset = ctx.saved_tensors
+        x_adapter, xa, lora_A, lora_B, mask = ctx.saved_tensors
         need = ctx.needs_input_grad
-        grad_x, grad_A, grad_B = torch.ops.qlora_fast.lora_backward(
-            grad_out, x_adapter, xa, weight, lora_A, lora_B, ctx.scale, mask, absmax, code, nested_absmax,
-            nested_code, offset, *ctx.meta, need[0],
-        )
-        grad_bias = grad_out.reshape(-1, ctx.meta[0]).sum(0) if need[4] else None
-        return (grad_x if need[0] else None, None, grad_A if need[2] else None, grad_B if need[3] else None,
-                grad_bias) + (None,) * 11
-
-
-def _autocast(x: Tensor, *tensors):
-    """Cast x and float tensors to the autocast dtype when autocast is on for x's device."""
-    device_type = x.device.type
-    if not torch.is_autocast_enabled(device_type):
-        return (x, *tensors)
-    dtype = torch.get_autocast_dtype(device_type)
-    return tuple(t.to(dtype) if t is not None and t.is_floating_point() else t for t in (x, *tensors))
+        grad_x, grad_A, grad_B = _lora_backward(grad_out, x_adapter, xa, *ctx.weight, lora_A, lora_B, ctx.scale,
+                                                mask, need[0])
+        grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0) if need[3] else None
+        return (grad_x if need[0] else None, grad_A if need[1] else None, grad_B if need[2] else None, grad_bias,
+                None, None, None, None)
 
 
 def lora_linear(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float,
@@ -174,10 +312,10 @@ def lora_linear(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, scali
 
     x: (..., in) float16/bfloat16/float32 (float64 on the reference path). weight: the frozen
     base, (out, in) in x's dtype, or packed uint8 with `quant_state` (a QuantState of shape
-    (out, in)). lora_A: (r, in); lora_B: (out, r); bias: (out,) or None; all in x's dtype
-    (under autocast everything is cast to the autocast dtype first). Dropout with probability
-    `dropout_p` is applied to the adapter's input only, and only when `training`.
-    Returns (..., out) in x's dtype.
+    (out, in), validated on first use and then trusted). lora_A: (r, in); lora_B: (out, r); bias:
+    (out,) or None; all in x's dtype (under autocast everything is cast to the autocast dtype
+    first). Dropout with probability `dropout_p` is applied to the adapter's input only, and only
+    when `training`. Returns (..., out) in x's dtype.
     Raises ValueError for bad shapes, rank or dropout_p, TypeError for mismatched dtypes and
     ValueError when the base weight requires grad (only the adapter and bias are trained here).
     """
@@ -193,12 +331,14 @@ def lora_linear(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, scali
         weight = w[0]
         if weight.dim() != 2:
             raise ValueError(f"weight must be (out_features, in_features), got shape {tuple(weight.shape)}")
-        quant = (None,) * 5 + (weight.shape[0], weight.shape[1], 64, 256)
+        out_features, in_features = weight.shape
     else:
-        quant = _quant_fields(quant_state, weight)
-    out_features, in_features = quant[5], quant[6]
+        _check_4bit(weight, quant_state)
+        out_features, in_features = int(quant_state.shape[0]), int(quant_state.shape[1])
+        if _compiling():
+            quant_state.validate(weight)
     if x.shape[-1] != in_features:
-        raise ValueError(f"x must have last dimension in_features={in_features}, got shape {tuple(x.shape)}")
+        raise ValueError(f"x must have last dimension {in_features} (in_features), got shape {tuple(x.shape)}")
     if lora_A.dim() != 2 or lora_B.dim() != 2:
         raise ValueError(f"lora_A and lora_B must be 2-D, got {tuple(lora_A.shape)} and {tuple(lora_B.shape)}")
     r = lora_A.shape[0]
@@ -209,80 +349,14 @@ def lora_linear(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, scali
                          f"got {tuple(lora_A.shape)} and {tuple(lora_B.shape)}")
     if bias is not None and tuple(bias.shape) != (out_features,):
         raise ValueError(f"bias must be ({out_features},), got {tuple(bias.shape)}")
-    named = {"lora_A": lora_A, "lora_B": lora_B, "bias": bias, "weight": weight if dense else None}
-    for name, t in named.items():
+    for name, t in (("lora_A", lora_A), ("lora_B", lora_B), ("bias", bias), ("weight", weight if dense else None)):
         if t is not None and t.dtype != x.dtype:
             raise TypeError(f"{name} must have x's dtype {x.dtype}, got {t.dtype}")
     mask = None
     if training and dropout_p > 0:
         mask = torch.nn.functional.dropout(torch.ones_like(x), dropout_p, training=True)
-    return LoRALinearFunction.apply(x, weight, lora_A, lora_B, bias, mask, *quant[:5], float(scaling), *quant[5:])
-
-
-# ---------------------------------------------------------------- 4-bit matmul ops
-
-@torch.library.custom_op("qlora_fast::matmul_4bit", mutates_args=())
-def _matmul_4bit_op(
-    x: Tensor, packed: Tensor, absmax: Tensor, code: Tensor, nested_absmax: Optional[Tensor],
-    nested_code: Optional[Tensor], offset: Optional[Tensor], bias: Optional[Tensor],
-    out_features: int, in_features: int, blocksize: int, nested_blocksize: int, transpose: bool,
-) -> Tensor:
-    quant = (absmax, code, nested_absmax, nested_code, offset, out_features, in_features, blocksize, nested_blocksize)
-    if _use_kernels(x, packed):
-        from qlora_fast.kernels.nf4_matmul import nf4_matmul
-
-        w = _weight4bit(packed, *quant)
-        return nf4_matmul(x, w.packed, w.absmax, w.code, w.shape, w.blocksize, w.nested_absmax, w.nested_code,
-                          w.offset, w.nested_blocksize, bias=bias, transpose=transpose)
-    dense = _dense_ref(packed, *quant, dtype=x.dtype)
-    return _ref.matmul_4bit_ref(x, dense, bias, transpose)
-
-
-@_matmul_4bit_op.register_fake
-def _(x, packed, absmax, code, nested_absmax, nested_code, offset, bias, out_features, in_features, blocksize,
-      nested_blocksize, transpose):
-    return x.new_empty((*x.shape[:-1], in_features if transpose else out_features))
-
-
-class MatMul4bitFunction(torch.autograd.Function):
-    """Autograd for x W^T + bias with a frozen 4-bit W; backward is the same op on W (transposed)."""
-
-    @staticmethod
-    def forward(ctx, x, packed, bias, absmax, code, nested_absmax, nested_code, offset, out_features, in_features,
-                blocksize, nested_blocksize):
-        ctx.save_for_backward(packed, absmax, code, nested_absmax, nested_code, offset)
-        ctx.meta = (out_features, in_features, blocksize, nested_blocksize)
-        return torch.ops.qlora_fast.matmul_4bit(x, packed, absmax, code, nested_absmax, nested_code, offset, bias,
-                                                out_features, in_features, blocksize, nested_blocksize, False)
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        packed, absmax, code, nested_absmax, nested_code, offset = ctx.saved_tensors
-        need = ctx.needs_input_grad
-        grad_x = None
-        if need[0]:
-            grad_x = torch.ops.qlora_fast.matmul_4bit(grad_out, packed, absmax, code, nested_absmax, nested_code,
-                                                      offset, None, *ctx.meta, True)
-        grad_bias = grad_out.reshape(-1, ctx.meta[0]).sum(0) if need[2] else None
-        return (grad_x, None, grad_bias) + (None,) * 9
-
-
-def matmul_4bit(x: Tensor, packed: Tensor, quant_state, bias: Optional[Tensor] = None) -> Tensor:
-    """x @ W^T + bias with W (out, in) = quant_state.shape stored 4-bit (bitsandbytes layout).
-
-    x: (..., in) float16/bfloat16/float32 (float64 on the reference path); bias (out,) in x's
-    dtype or None. Differentiable in x and bias. On CUDA, M <= 16 rows use the fused decode
-    kernel (the weight is never materialised), more rows dequantize into a reused workspace and
-    call the vendor GEMM. Raises ValueError/TypeError for bad shapes or dtypes.
-    """
-    if not isinstance(x, Tensor) or not x.is_floating_point():
-        raise TypeError(f"x must be a floating-point tensor, got {getattr(x, 'dtype', type(x))}")
-    x, bias = _autocast(x, bias)
-    absmax, code, nested_absmax, nested_code, offset, out_features, in_features, blocksize, nb = \
-        _quant_fields(quant_state, packed)
-    if x.shape[-1] != in_features:
-        raise ValueError(f"x must have last dimension in_features={in_features}, got shape {tuple(x.shape)}")
-    if bias is not None and (tuple(bias.shape) != (out_features,) or bias.dtype != x.dtype):
-        raise ValueError(f"bias must be ({out_features},) in {x.dtype}, got {tuple(bias.shape)} {bias.dtype}")
-    return MatMul4bitFunction.apply(x, packed, bias, absmax, code, nested_absmax, nested_code, offset,
-                                    out_features, in_features, blocksize, nb)
+    scale = float(scaling)
+    if not _needs_grad(x, lora_A, lora_B, bias):
+        x_adapter = None if mask is None else x * mask
+        return _lora_forward(x, weight, quant_state, lora_A, lora_B, scale, bias, x_adapter)[0]
+    return LoRALinearFunction.apply(x, lora_A, lora_B, bias, mask, weight, quant_state, scale)

@@ -82,10 +82,18 @@ class Linear4bit(nn.Module):
         bias: Optional[torch.Tensor] = None,
         compute_dtype: Optional[torch.dtype] = None,
     ) -> "Linear4bit":
-        """Wrap already-quantized state (e.g. from a bitsandbytes checkpoint) without requantizing."""
+        """Wrap already-quantized state (e.g. from a bitsandbytes checkpoint) without requantizing.
+
+        The state is validated against `packed` here, once (sizes, dtypes, 2-D shape); raises
+        ValueError/TypeError naming the bad field.
+        """
         if len(quant_state.shape) != 2:
             raise ValueError(f"quant_state.shape must be (out_features, in_features), got {tuple(quant_state.shape)}")
         _check_compute_dtype(compute_dtype)
+        packed = packed.detach()
+        quant_state.validate(packed)
+        if bias is not None and tuple(bias.shape) != (int(quant_state.shape[0]),):
+            raise ValueError(f"bias must be ({int(quant_state.shape[0])},), got {tuple(bias.shape)}")
         module = cls.__new__(cls)
         nn.Module.__init__(module)
         module.out_features, module.in_features = (int(s) for s in quant_state.shape)
@@ -97,12 +105,16 @@ class Linear4bit(nn.Module):
 
     @classmethod
     def from_state_dict(cls, state_dict: dict, prefix: str = "", compute_dtype: Optional[torch.dtype] = None) -> "Linear4bit":
-        """Build from a bitsandbytes-format state dict (keys `<prefix>weight`, `<prefix>weight.absmax`, ...)."""
+        """Build from a bitsandbytes-format state dict (keys `<prefix>weight`, `<prefix>weight.absmax`, ...).
+
+        Every entry is checked before anything is built; raises ValueError/TypeError naming the key.
+        """
         key = prefix + "weight"
         if key not in state_dict:
             raise ValueError(f"state_dict is missing {key!r}")
         quant_state = _quant_state_from(state_dict, prefix)
-        return cls.from_quantized(state_dict[key].view(torch.uint8), quant_state, state_dict.get(prefix + "bias"), compute_dtype)
+        packed = _packed_from(state_dict[key], quant_state, key)
+        return cls.from_quantized(packed, quant_state, state_dict.get(prefix + "bias"), compute_dtype)
 
     def _set_weight(self, weight, quant_type, blocksize, compress_statistics):
         if weight.dim() != 2:
@@ -124,12 +136,20 @@ class Linear4bit(nn.Module):
         return dequantize_4bit(self.weight, self.quant_state, self.compute_dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[-1] != self.in_features:
-            raise ValueError(f"x must have last dimension {self.in_features}, got shape {tuple(x.shape)}")
+        """x (..., in_features), floating point -> (..., out_features) in x's dtype, computed in
+        `compute_dtype`. Raises TypeError for a non-float x, ValueError for a wrong last dim."""
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+            # an int input would be cast to float and the output cast back: truncated, silently
+            raise TypeError(f"x must be a floating-point tensor, got {getattr(x, 'dtype', type(x).__name__)}")
         # The fused 4-bit matmul: on CUDA the decode kernel for few rows, a dequantize workspace
         # plus the vendor GEMM for many; on the CPU dequantize + matmul (the reference).
-        bias = None if self.bias is None else self.bias.to(self.compute_dtype)
-        return matmul_4bit(x.to(self.compute_dtype), self.weight, self.quant_state, bias).to(x.dtype)
+        # matmul_4bit checks x's last dimension; casts are skipped when the dtype already matches.
+        dtype = self.compute_dtype
+        bias = self.bias
+        if bias is not None and bias.dtype != dtype:
+            bias = bias.to(dtype)
+        out = matmul_4bit(x if x.dtype == dtype else x.to(dtype), self.weight, self.quant_state, bias)
+        return out if out.dtype == x.dtype else out.to(x.dtype)
 
     def extra_repr(self) -> str:
         return (
@@ -155,28 +175,35 @@ class Linear4bit(nn.Module):
             destination[prefix + "bias"] = self.bias if keep_vars else self.bias.detach()
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
-        weight_key = prefix + "weight"
+        # Everything is read and checked before anything is assigned: a failed load (ValueError or
+        # TypeError naming the key for corrupt entries, a size mismatch in error_msgs) leaves the
+        # module as it was.
+        weight_key, bias_key = prefix + "weight", prefix + "bias"
         quant_keys = [k for k in state_dict if k.startswith(weight_key + ".")]
+        errors, new = [], {}
         if weight_key not in state_dict:
             missing_keys.append(weight_key)
             unexpected_keys.extend(quant_keys)
         else:
-            quant_state = _quant_state_from(state_dict, prefix)
-            packed = state_dict[weight_key]
+            device = self.weight.device
+            quant_state = _quant_state_from(state_dict, prefix, device)
             if quant_state.shape != torch.Size([self.out_features, self.in_features]):
-                error_msgs.append(
+                errors.append(
                     f"size mismatch for {weight_key}: quant state shape {tuple(quant_state.shape)}, "
                     f"module is ({self.out_features}, {self.in_features})"
                 )
             else:
-                device = self.weight.device
-                self.weight = nn.Parameter(packed.detach().view(torch.uint8).to(device).clone(), requires_grad=False)
-                self.quant_state = quant_state.to(device)
-        bias_key = prefix + "bias"
+                packed = _packed_from(state_dict[weight_key], quant_state, weight_key)
+                new["weight"] = nn.Parameter(packed.detach().to(device).clone(), requires_grad=False)
+                new["quant_state"] = quant_state
         if self.bias is not None:
             if bias_key in state_dict:
-                with torch.no_grad():
-                    self.bias.copy_(state_dict[bias_key])
+                bias = state_dict[bias_key]
+                if not isinstance(bias, torch.Tensor) or tuple(bias.shape) != tuple(self.bias.shape):
+                    errors.append(f"size mismatch for {bias_key}: copying a param with shape "
+                                  f"{tuple(getattr(bias, 'shape', ()))}, the shape in current model is {tuple(self.bias.shape)}")
+                else:
+                    new["bias"] = bias
             else:
                 missing_keys.append(bias_key)
         elif bias_key in state_dict:
@@ -184,10 +211,19 @@ class Linear4bit(nn.Module):
         if strict:
             known = {weight_key, bias_key, *quant_keys}
             unexpected_keys.extend(k for k in state_dict if k.startswith(prefix) and k not in known and "." not in k[len(prefix):])
+        if errors:
+            error_msgs.extend(errors)
+            return
+        if "weight" in new:
+            self.weight, self.quant_state = new["weight"], new["quant_state"]
+        if "bias" in new:
+            with torch.no_grad():
+                self.bias.copy_(new["bias"])
 
 
-def _quant_state_from(state_dict: dict, prefix: str) -> QuantState:
-    """The QuantState stored under `<prefix>weight.*`; a ValueError names any missing quant key."""
+def _quant_state_from(state_dict: dict, prefix: str, device=None) -> QuantState:
+    """The QuantState stored under `<prefix>weight.*`, fully checked (`QuantState.from_dict`); a
+    ValueError/TypeError names the missing or bad key."""
     base = prefix + "weight."
     entries = {k[len(base):]: v for k, v in state_dict.items() if k.startswith(base)}
     for key in ("absmax", "quant_map"):
@@ -197,7 +233,21 @@ def _quant_state_from(state_dict: dict, prefix: str) -> QuantState:
         raise ValueError(f"state_dict is missing the quant key {base + 'quant_state.bitsandbytes__<nf4|fp4>'!r}")
     if "nested_absmax" in entries and "nested_quant_map" not in entries:
         raise ValueError(f"state_dict is missing the quant key {base + 'nested_quant_map'!r}")
-    return QuantState.from_dict(entries)
+    state = QuantState.from_dict(entries, device=device, where=base)
+    if len(state.shape) != 2:
+        raise ValueError(f"{base}quant_state shape must be (out_features, in_features), got {tuple(state.shape)}")
+    return state
+
+
+def _packed_from(weight, quant_state: QuantState, key: str) -> torch.Tensor:
+    """The packed uint8 bytes of a checkpoint's `weight` entry (bitsandbytes may store them in
+    another dtype), checked against the quant state."""
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"{key} must be a tensor, got {type(weight).__name__}")
+    if weight.is_floating_point() or weight.dtype == torch.uint8:
+        weight = weight.detach().contiguous().view(torch.uint8)
+    quant_state.validate(weight, where=key + ".")
+    return weight
 
 
 def _check_compute_dtype(compute_dtype):

@@ -167,8 +167,10 @@ class QLoRALinear(LoRALinear):
         return cls(base, r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[-1] != self.in_features:
-            raise ValueError(f"x must have last dimension in_features={self.in_features}, got shape {tuple(x.shape)}")
+        # lora_linear and Linear4bit check x's last dimension; the dtype is checked here because an
+        # integer x would be cast to the compute dtype and the output truncated back to integers
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+            raise TypeError(f"x must be a floating-point tensor, got {getattr(x, 'dtype', type(x).__name__)}")
         if self.merged or not self.adapter_enabled:
             return self.base(x)
         if torch.is_autocast_enabled(x.device.type):
