@@ -9,7 +9,7 @@ import copy
 
 import pytest
 import torch
-from conftest import assert_close
+from conftest import TEST_DEVICE, assert_close
 
 import qlora_fast
 from qlora_fast.optim import AdamW, AdamW8bit, PagedAdamW, PagedAdamW8bit
@@ -20,9 +20,10 @@ SHAPES = [(257, 131), (4099,), (1,), (3, 1000), (65536 + 13,)]
 
 @pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 def device(request):
-    """The device under test; loads the extension itself (the ops are called directly below)."""
+    """The device under test; loads the extension itself (the ops are called directly below). The
+    gpu-marked case takes conftest's one switch: CUDA in the GPU check, the CPU in its rehearsal."""
     qlora_fast.load_extension()
-    return torch.device(request.param)
+    return torch.device(TEST_DEVICE if request.param == "cuda" else "cpu")
 
 
 def make_params(dtype, device):
