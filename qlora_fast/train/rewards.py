@@ -41,6 +41,16 @@ def load_arithmetic_task(split: str = "train", limit: Optional[int] = None) -> L
     return [{"prompt": format_prompt(r["instruction"]), "instruction": r["instruction"], "answer": int(r["answer"])} for r in rows]
 
 
+ANSWER_END = "\n"  # the warm-start SFT ends each answer with it; GRPO stops sampling there
+
+
+def warmstart_pairs(split: str = "train") -> List[Dict[str, str]]:
+    """SFT pairs {"instruction", "output"} of the task, each output the answer and a newline
+    (`ANSWER_END`, a token the base model knows from its corpus, so the SFT'd model learns where
+    an answer ends within a few steps; the never-pretrained <eos> alone takes far longer)."""
+    return [{"instruction": r["instruction"], "output": f"{r['answer']}{ANSWER_END}"} for r in load_arithmetic_task(split)]
+
+
 def answer_line(completion: str) -> str:
     """The part of a completion that counts as the answer: its first line, stripped."""
     return completion.split("\n", 1)[0].strip()
