@@ -35,7 +35,7 @@ def register(subparsers) -> None:
     p.add_argument("--steps", type=int, default=STEPS, help="GRPO steps")
     p.add_argument("--group-size", type=int, default=8, help="completions sampled per prompt (G >= 2)")
     p.add_argument("--prompts-per-step", type=int, default=PROMPTS_PER_STEP, help="prompts per GRPO step")
-    p.add_argument("--max-new-tokens", type=int, default=4, help="longest completion (answers end with a newline)")
+    p.add_argument("--max-new-tokens", type=int, default=4, help="longest completion (answers end with a full stop)")
     p.add_argument("--method", choices=("qlora", "lora"), default="qlora",
                    help="GRPO adapter: QLoRA (NF4 base of the merged SFT model) or LoRA (full-precision base)")
     p.add_argument("--r", type=int, default=8, help="rank of the GRPO adapter")
@@ -71,18 +71,16 @@ def warmstart_dir(cache_dir, tokenizer, steps, seed) -> str:
     return os.path.join(cache_dir or default_cache_dir(), f"grpo-warmstart-{hashlib.sha256(blob.encode()).hexdigest()[:16]}")
 
 
-def _train_sft_adapter(path, steps, cache_dir, tokenizer, device, seed, progress):
-    """The warm start: a short QLoRA SFT on the task's training problems, saved to `path`."""
+def train_warmstart_adapter(model, tokenizer, path, steps, device="cpu", seed=0, progress=True):
+    """The warm start: a short QLoRA SFT of `model` (the base; it gets the adapter in place) on the
+    task's training problems, each answer ended by a full stop; the adapter is saved to `path`."""
     import torch
 
-    from qlora_fast.models import load_base_model
     from qlora_fast.peft import LoraConfig, get_peft_model
     from qlora_fast.train.rewards import warmstart_pairs
     from qlora_fast.train.sft import SFTConfig, SFTTrainer
 
-    print(f"no SFT adapter at {path}: training the warm start first ({steps} SFT steps on the task's training problems)")
     torch.manual_seed(seed)
-    model, tokenizer = load_base_model(cache_dir=cache_dir, progress=progress, tokenizer=tokenizer)
     w = WARMSTART
     peft = get_peft_model(model, LoraConfig(r=w["r"], alpha=w["alpha"], quantize_base="nf4")).to(device)
     config = SFTConfig(max_steps=steps, batch_size=w["batch_size"], lr=w["lr"], warmup_steps=min(w["warmup_steps"], steps),
@@ -144,7 +142,7 @@ def run(args) -> int:
     from qlora_fast.models import load_base_model
     from qlora_fast.peft import LoraConfig, get_peft_model, load_adapter
     from qlora_fast.train.grpo import GRPOConfig, GRPOTrainer
-    from qlora_fast.train.rewards import ANSWER_END, arithmetic_rewards, load_arithmetic_task
+    from qlora_fast.train.rewards import answer_stop_ids, arithmetic_rewards, load_arithmetic_task
 
     for name in ("steps", "sft_steps", "prompts_per_step", "max_new_tokens"):
         if getattr(args, name) <= 0:
@@ -158,7 +156,10 @@ def run(args) -> int:
     progress = not args.no_progress
     sft_adapter = args.sft_adapter or warmstart_dir(args.cache_dir, args.tokenizer, args.sft_steps, args.seed)
     if not os.path.exists(os.path.join(sft_adapter, "adapter_config.json")):
-        _train_sft_adapter(sft_adapter, args.sft_steps, args.cache_dir, args.tokenizer, device, args.seed, progress)
+        print(f"no SFT adapter at {sft_adapter}: training the warm start first ({args.sft_steps} SFT steps on the "
+              "task's training problems)")
+        base, tokenizer = load_base_model(cache_dir=args.cache_dir, progress=progress, tokenizer=args.tokenizer)
+        train_warmstart_adapter(base, tokenizer, sft_adapter, args.sft_steps, device, args.seed, progress)
     torch.manual_seed(args.seed)
     base, tokenizer = load_base_model(cache_dir=args.cache_dir, progress=progress, tokenizer=args.tokenizer)
     sft_model = load_adapter(base, sft_adapter).merge_and_unload()
@@ -169,11 +170,10 @@ def run(args) -> int:
           f"parameters); reference: the same model with the fresh adapter disabled; device {device}")
 
     funcs, weights = arithmetic_rewards()
-    end = tokenizer.encode(ANSWER_END)
     config = GRPOConfig(
         steps=args.steps, group_size=args.group_size, prompts_per_step=args.prompts_per_step,
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, lr=args.lr,
-        stop_token_ids=end if len(end) == 1 else None,
+        stop_token_ids=answer_stop_ids(tokenizer),
         beta=args.beta, eps_low=args.eps_low, eps_high=args.eps_high, num_iterations=args.num_iterations,
         loss_type=args.loss_type, advantage_scale=args.advantage_scale, grad_accum_steps=args.grad_accum,
         drop_zero_variance_groups=args.drop_zero_variance_groups, eval_every=args.eval_every or args.steps,
