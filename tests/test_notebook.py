@@ -38,6 +38,6 @@ def test_rl_notebook_executes(tmp_path, monkeypatch):
     client.execute()
     outputs = [o for cell in nb.cells if cell.cell_type == "code" for o in cell.get("outputs", [])]
     text = "".join(o.get("text", "") for o in outputs)
-    for expected in ("V(S_t, A_t) after Q-learning", "held-out greedy accuracy", "| PPO (critic)", "| GRPO (group)"):
+    for expected in ("V(S_t, A_t) after Q-learning", "practice greedy accuracy", "| PPO (critic)", "| GRPO (group)"):
         assert expected in text
     assert sum("image/png" in o.get("data", {}) for o in outputs) >= 3
