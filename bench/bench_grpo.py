@@ -9,7 +9,8 @@ in the same run.
   with LoRA vs QLoRA (NF4 base).
 
 `pytest bench/bench_grpo.py --benchmark-only` for pytest-benchmark tables;
-`python bench/bench_grpo.py` for a summary with ratios and peak memory (used for RESULTS.md).
+`python bench/bench_grpo.py` for a summary with ratios and peak memory (used for RESULTS.md);
+`python bench/bench_grpo.py --rl [0,1,2]` for the RL results (GRPO over seeds, PPO vs GRPO).
 Peak memory: growth of the resident-set high-water mark (/proc VmHWM, reset through clear_refs) over
 one run of a provider in a fresh process; the CPU has no counter like torch.cuda.max_memory_allocated.
 """
@@ -176,8 +177,113 @@ def main():
               f"{step * 1e3:.0f} ms, +{peak_mib('step', provider):.0f} MiB peak")
 
 
+# ------------------------------------------------------------------------------------------ RL
+# `python bench/bench_grpo.py --rl [seeds]`: `qlora-fast grpo` at its defaults for each seed
+# (held-out accuracy, KL, length, zero-variance groups, wall time), then PPO (critic) vs GRPO
+# (group) from the same warm-started policy and budget, each in a fresh process: accuracy, wall
+# time, peak resident-set growth of the training loop. Uses the cached base ($QLORA_FAST_CACHE).
+def _report_value(text, label):
+    line = next(l for l in text.splitlines() if l.startswith(label))
+    return line[len(label):].strip()
+
+
+def rl_command(seed):
+    import re
+
+    cmd = ("import sys, torch; torch.set_num_threads(1); from qlora_fast.cli import main; "
+           f"raise SystemExit(main(['grpo', '--no-progress', '--seed', '{seed}', '--output', sys.argv[1]]))")
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as out:
+        text = subprocess.run([sys.executable, "-c", cmd, out], capture_output=True, text=True, check=True).stdout
+    acc = re.findall(r"(-?[\d.]+)%", _report_value(text, "held-out accuracy"))
+    practice = re.findall(r"(-?[\d.]+)%", _report_value(text, "practice accuracy"))
+    return {"before": float(acc[0]), "after": float(acc[1]), "p_before": float(practice[0]), "p_after": float(practice[1]), "kl": float(_report_value(text, "KL to the reference").split()[0]),
+            "length": _report_value(text, "completion length").split(" tokens")[0],
+            "zero_var": _report_value(text, "zero-variance groups").split("%")[0],
+            "wall": float(_report_value(text, "wall time").split()[0])}
+
+
+def _rl_trainer(kind, seed, steps):
+    from qlora_fast.commands.grpo import LR, PRACTICE, PROMPTS_PER_STEP, SFT_STEPS, TEMPERATURE, warmstart_dir
+    from qlora_fast.models import load_base_model
+    from qlora_fast.peft import LoraConfig, get_peft_model, load_adapter
+    from qlora_fast.train import PPOConfig, PPOTrainer
+    from qlora_fast.train.rewards import answer_stop_ids, arithmetic_rewards, load_arithmetic_task
+
+    warm = warmstart_dir(None, "bpe", SFT_STEPS, 0)  # written by the `qlora-fast grpo` runs above
+    torch.manual_seed(seed)
+    base, tok = load_base_model(progress=False)
+    model = get_peft_model(load_adapter(base, warm).merge_and_unload(), LoraConfig(r=8, alpha=16.0, quantize_base="nf4"))
+    funcs, weights = arithmetic_rewards()
+    common = dict(steps=steps, max_new_tokens=4, temperature=TEMPERATURE, lr=LR, beta=0.04, reward_weights=weights,
+                  stop_token_ids=answer_stop_ids(tok), progress=False, seed=seed)
+    if kind == "ppo":
+        config = PPOConfig(group_size=1, prompts_per_step=8 * PROMPTS_PER_STEP, value_lr=1e-2, **common)
+        return PPOTrainer(model, tok, funcs, load_arithmetic_task("train", limit=PRACTICE), config)
+    return GRPOTrainer(model, tok, funcs, load_arithmetic_task("train", limit=PRACTICE),
+                       GRPOConfig(group_size=8, prompts_per_step=PROMPTS_PER_STEP, **common))
+
+
+def _rl_run_in_this_process(kind, seed, steps):
+    import json
+
+    from qlora_fast.train.rewards import load_arithmetic_task
+
+    torch.set_num_threads(1)
+    trainer = _rl_trainer(kind, int(seed), int(steps))
+    heldout = load_arithmetic_task("heldout")
+    before = trainer.evaluate(heldout)["reward/correctness_reward"]
+    p_before = trainer.evaluate(trainer.dataset)["reward/correctness_reward"]
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    base = _status_kib("VmRSS")
+    start = time.perf_counter()
+    trainer.train()
+    wall = time.perf_counter() - start
+    peak = (_status_kib("VmHWM") - base) / 1024
+    after = trainer.evaluate(heldout)["reward/correctness_reward"]
+    p_after = trainer.evaluate(trainer.dataset)["reward/correctness_reward"]
+    print(json.dumps({"before": before, "after": after, "p_before": p_before, "p_after": p_after, "wall": wall, "peak_mib": peak}))
+
+
+def rl_main(seeds):
+    import json
+    import statistics
+
+    print(f"# RL on CPU, torch {torch.__version__}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
+    runs = []
+    for seed in seeds:
+        r = rl_command(seed)
+        runs.append(r)
+        print(f"qlora-fast grpo --seed {seed}: practice {r['p_before']:.1f}% -> {r['p_after']:.1f}% "
+              f"({r['p_after'] - r['p_before']:+.1f}), held-out {r['before']:.1f}% -> {r['after']:.1f}% "
+              f"({r['after'] - r['before']:+.1f}), KL {r['kl']:.4f}, length {r['length']}, zero-variance groups "
+              f"{r['zero_var']}%, wall {r['wall']:.0f} s")
+    for name, b, a in (("practice", "p_before", "p_after"), ("held-out", "before", "after")):
+        gains = [r[a] - r[b] for r in runs]
+        spread = statistics.stdev(gains) if len(gains) > 1 else 0.0
+        print(f"{name} gain over {len(gains)} seeds: mean {statistics.mean(gains):+.1f} points, std {spread:.1f}, "
+              f"min {min(gains):+.1f}, max {max(gains):+.1f}")
+    from qlora_fast.commands.grpo import STEPS
+
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="1048576")
+    for kind in ("grpo", "ppo"):
+        out = subprocess.run([sys.executable, os.path.abspath(__file__), "--rl-run", kind, str(seeds[0]), str(STEPS)],
+                             capture_output=True, text=True, check=True, env=env).stdout
+        r = json.loads(out.strip().splitlines()[-1])
+        print(f"{kind.upper():4} ({'critic' if kind == 'ppo' else 'group'}), seed {seeds[0]}, {STEPS} steps x 64 samples: "
+              f"practice {100 * r['p_before']:.1f}% -> {100 * r['p_after']:.1f}%, "
+              f"held-out {100 * r['before']:.1f}% -> {100 * r['after']:.1f}%, wall {r['wall']:.0f} s, "
+              f"+{r['peak_mib']:.0f} MiB peak")
+
+
 if __name__ == "__main__":
     if len(sys.argv) == 4 and sys.argv[1] == "--peak":
         _measure_in_this_process(sys.argv[2], sys.argv[3])
+    elif len(sys.argv) == 5 and sys.argv[1] == "--rl-run":
+        _rl_run_in_this_process(*sys.argv[2:])
+    elif len(sys.argv) >= 2 and sys.argv[1] == "--rl":
+        rl_main([int(s) for s in (sys.argv[2] if len(sys.argv) > 2 else "0,1,2").split(",")])
     else:
         main()

@@ -235,6 +235,7 @@ def test_group_size_below_two_is_rejected():
     (dict(loss_type="ppo"), "loss_type"), (dict(advantage_scale="x"), "advantage_scale"),
     (dict(temperature=0.0), "temperature"), (dict(grad_accum_steps=3), "grad_accum_steps"),
     (dict(optimizer="sgd"), "optimizer"), (dict(save_every=2), "output_dir"), (dict(steps=0), "steps"),
+    (dict(max_new_tokens=0), "max_new_tokens"), (dict(eval_every=-1), "eval_every"),
 ])
 def test_bad_config(overrides, match):
     with pytest.raises(ValueError, match=match):
@@ -252,17 +253,79 @@ def test_empty_dataset_and_prompts_are_rejected():
         GRPOTrainer(tiny_base(0).requires_grad_(False), ByteTokenizer(), fns, [{"prompt": "x"}], GRPOConfig())
 
 
-@pytest.mark.parametrize("bad,match", [
-    (lambda p, c, **k: [0.0] * (len(c) - 1), "returned 7 rewards for 8"),
-    (lambda p, c, **k: [float("nan")] + [0.0] * (len(c) - 1), "returned nan"),
-    (lambda p, c, **k: ["high"] * len(c), "must return floats"),
+def _raises(p, c, **k):
+    raise KeyError("no such field")
+
+
+@pytest.mark.parametrize("bad,error,match", [
+    (lambda p, c, **k: [0.0] * (len(c) - 1), ValueError, "returned 7 rewards for 8"),
+    (lambda p, c, **k: ["high"] * len(c), ValueError, "must return floats"),
+    (lambda p, c, **k: None, ValueError, "must return floats"),
+    (_raises, RuntimeError, "reward function _raises raised KeyError"),
 ])
-def test_bad_reward_function(one_thread, bad, match):
+def test_bad_reward_function(one_thread, bad, error, match):
     trainer = make_trainer(group_size=4, prompts_per_step=2)
     trainer.reward_funcs = [correctness_reward, bad]
     trainer.reward_weights = [1.0, 1.0]
-    with pytest.raises(ValueError, match=match):
+    start = trainable(trainer.model)
+    with pytest.raises(error, match=match):
         trainer.train_step()
+    assert trainer.step == 0 and all(torch.equal(p, start[n]) for n, p in trainable(trainer.model).items())
+
+
+def test_nan_reward_skips_its_group_with_a_counted_warning(one_thread):
+    """A NaN reward drops its whole group from the loss (warning, counter); the other group
+    still trains; a step where every group is NaN changes nothing and the weights stay finite."""
+    def nan_in_first_group(p, c, **k):
+        return [float("nan")] + [float(i % 3) for i in range(1, len(c))]
+
+    trainer = make_trainer(group_size=4, prompts_per_step=2, beta=0.0)
+    trainer.reward_funcs, trainer.reward_weights = [nan_in_first_group], [1.0]
+    start = trainable(trainer.model)
+    with pytest.warns(RuntimeWarning, match="1 group"):
+        log = trainer.train_step()
+    assert trainer.skipped_nan_groups == 1 and log["skipped_groups"] == 1
+    assert log["reward"] == pytest.approx(sum(float(i % 3) for i in range(1, 8)) / 7)
+    moved = trainable(trainer.model)
+    assert any(not torch.equal(moved[n], start[n]) for n in start)
+    assert all(torch.isfinite(t).all() for t in moved.values())
+
+    trainer.reward_funcs = [lambda p, c, **k: [float("nan")] * len(c)]
+    with pytest.warns(RuntimeWarning, match="2 group"):
+        log = trainer.train_step()
+    assert trainer.skipped_nan_groups == 3 and trainer.step == 2
+    assert all(torch.equal(t, moved[n]) for n, t in trainable(trainer.model).items())
+
+
+def test_zero_variance_groups_are_counted_and_optionally_dropped(one_thread):
+    """Group 1 all ties, group 2 varies: the fraction is 1/2; with the DAPO filter the update is
+    the one of group 2 alone (SGD lr 1: the update is the gradient)."""
+    def first_group_ties(p, c, **k):
+        return [1.0] * (len(c) // 2) + [float(i % 2) for i in range(len(c) // 2)]
+
+    updates = []
+    for drop in (False, True):
+        model = add_adapters(tiny_base(6))
+        for m in model.modules():
+            if isinstance(m, LoRALinear):
+                torch.nn.init.normal_(m.lora_B, std=0.05)
+        start = trainable(model)
+        opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)
+        trainer = make_trainer(model, seed=6, opt=opt, group_size=4, prompts_per_step=2, beta=0.0, loss_type="dapo",
+                               drop_zero_variance_groups=drop, max_grad_norm=None)
+        trainer.reward_funcs, trainer.reward_weights = [first_group_ties], [1.0]
+        log = trainer.train_step()
+        assert log["zero_variance_fraction"] == 0.5 and log["skipped_groups"] == int(drop)
+        updates.append({n: p.detach() - start[n] for n, p in model.named_parameters() if p.requires_grad})
+    # Kept, the tied group has zero advantage (and beta = 0: zero gradient) but its tokens count
+    # in DAPO's token mean, so dropping it scales every update by one factor, (all tokens) /
+    # (group-2 tokens) > 1.
+    factor = [(updates[1][n].norm() / updates[0][n].norm()).item() for n in updates[0] if updates[0][n].norm() > 0]
+    assert factor and min(factor) > 1.0
+    assert max(factor) == pytest.approx(min(factor), rel=1e-4)
+    for n in updates[0]:
+        assert_close(updates[1][n], updates[0][n] * factor[0], atol=1e-6, rtol=1e-4, msg=n)
+    assert all(torch.isfinite(u).all() for u in updates[1].values())
 
 
 def test_nan_loss_stops_and_keeps_the_adapter(one_thread, tmp_path):

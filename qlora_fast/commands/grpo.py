@@ -1,44 +1,53 @@
-"""`qlora-fast grpo`: GRPO on the shipped arithmetic task, starting from the SFT demo's adapter.
+"""`qlora-fast grpo`: GRPO on the shipped arithmetic task, from a warm-started policy.
 
-Loads the built-in base model, loads the adapter `qlora-fast finetune` wrote (or trains one first
-with the SFT trainer and saves it there) and merges it into the base, so the SFT model is the
-starting policy and the KL reference; GRPO then trains a fresh (Q)LoRA adapter on top (the
-reference is that same model with the fresh adapter disabled: no second copy). Measures held-out
-accuracy, runs GRPO with the correctness + format rewards, prints the reward curve and writes it
-as a PNG, measures held-out accuracy again and saves the GRPO adapter.
+RL can only reinforce what the policy sometimes gets right. The starting policy is the built-in
+base plus a short SFT on the task's training problems (the "warm start": a few dozen steps, so it
+answers a fraction of the problems and is unsure of many more), cached beside the base model, or
+the adapter given with --sft-adapter. The adapter is merged into the base; GRPO then trains a
+fresh (Q)LoRA adapter on top (the KL reference is that model with the fresh adapter disabled: no
+second copy), with the correctness + format rewards, on a practice set of training problems
+(--practice, each seen many times), evaluating greedy accuracy on the 300 held-out problems as it
+goes. Prints the curve and a report (practice and held-out accuracy before/after, KL to the
+reference, completion length, share of groups whose rewards all tie), writes the plot and the
+adapter. bench/RESULTS.md ("RL") has the measured figures: GRPO lifts the practice problems a
+lot; held-out accuracy, which needs arithmetic the tiny model does not have, hardly moves.
 """
+import hashlib
+import json
 import os
 import time
 
 from qlora_fast.commands import (HelpFormatter, add_base_model_arguments, add_resume_arguments, add_training_arguments,
-                                 check_output, finite_float, nonnegative_float, positive_float, positive_int, probability,
-                                 resolve_device, resume_mode)
-from qlora_fast.utils import atomic_write
+                                 check_output, finite_float, nonnegative_float, nonnegative_int, positive_float, positive_int,
+                                 probability, resolve_device, resume_mode)
+from qlora_fast.utils import atomic_write, default_cache_dir
 
-DEFAULT_SFT_ADAPTER = os.path.join("qlora_fast_output", "adapter-qlora")  # `qlora-fast finetune`'s default
+WARMSTART = dict(r=8, alpha=16.0, batch_size=16, lr=3e-3, warmup_steps=5, max_seq_len=64)
+# Defaults: measured in bench/RESULTS.md ("RL").
+SFT_STEPS, STEPS, PROMPTS_PER_STEP, TEMPERATURE, LR, EVAL_EVERY, PRACTICE = 120, 100, 8, 1.0, 1e-3, 25, 64
 
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
-        "grpo", help="GRPO on the shipped arithmetic task from the SFT demo's adapter (CPU, a few minutes)",
+        "grpo", help="GRPO on the shipped arithmetic task from a warm-started policy (CPU, a few minutes)",
         description=__doc__.splitlines()[0], formatter_class=HelpFormatter,
     )
-    p.add_argument("--sft-adapter", default=DEFAULT_SFT_ADAPTER, metavar="DIR",
-                   help="adapter to start from; trained here with the SFT trainer and saved there when absent "
-                        f"(default {DEFAULT_SFT_ADAPTER}, where `qlora-fast finetune` writes it)")
-    p.add_argument("--sft-steps", type=positive_int, default=250, help="SFT steps when the adapter has to be trained first")
+    p.add_argument("--sft-adapter", default=None, metavar="DIR",
+                   help="adapter to start from; trained here (warm start on the task) and saved there when absent "
+                        "(default: the warm-start adapter cached in --cache-dir)")
+    p.add_argument("--sft-steps", type=positive_int, default=SFT_STEPS, help="warm-start SFT steps when the adapter has to be trained")
     add_base_model_arguments(p)
-    p.add_argument("--steps", type=positive_int, default=40, help="GRPO steps")
+    p.add_argument("--steps", type=positive_int, default=STEPS, help="GRPO steps")
     p.add_argument("--group-size", type=positive_int, default=8, help="completions sampled per prompt (G >= 2)")
-    p.add_argument("--prompts-per-step", type=positive_int, default=4, help="prompts per GRPO step")
-    p.add_argument("--max-new-tokens", type=positive_int, default=6, help="longest completion")
+    p.add_argument("--prompts-per-step", type=positive_int, default=PROMPTS_PER_STEP, help="prompts per GRPO step")
+    p.add_argument("--max-new-tokens", type=positive_int, default=4, help="longest completion (answers end with a full stop)")
     p.add_argument("--method", choices=("qlora", "lora"), default="qlora",
                    help="GRPO adapter: QLoRA (NF4 base of the merged SFT model) or LoRA (full-precision base)")
     p.add_argument("--r", type=positive_int, default=8, help="rank of the GRPO adapter")
     p.add_argument("--alpha", type=finite_float, default=16.0, help="alpha of the GRPO adapter (scaling alpha / r)")
-    p.add_argument("--temperature", type=positive_float, default=0.7, help="sampling temperature")
+    p.add_argument("--temperature", type=positive_float, default=TEMPERATURE, help="sampling temperature")
     p.add_argument("--top-p", type=probability, default=None, help="nucleus sampling threshold (default: off)")
-    p.add_argument("--lr", type=positive_float, default=1e-3, help="learning rate of the adapter")
+    p.add_argument("--lr", type=positive_float, default=LR, help="learning rate of the adapter")
     p.add_argument("--beta", type=nonnegative_float, default=0.04, help="weight of the KL to the reference (0 skips the reference pass)")
     p.add_argument("--eps-low", type=nonnegative_float, default=0.2, help="lower clip range of the ratio")
     p.add_argument("--eps-high", type=nonnegative_float, default=None, help="upper clip range (default eps-low; larger is clip-higher)")
@@ -47,35 +56,50 @@ def register(subparsers) -> None:
                    help="aggregation: per-sequence mean (grpo), token mean over the batch (dapo), constant (dr_grpo)")
     p.add_argument("--advantage-scale", choices=("group", "batch", "none"), default="group",
                    help="divide advantages by the group std, the batch std, or nothing (Dr. GRPO)")
+    p.add_argument("--drop-zero-variance-groups", action="store_true",
+                   help="leave groups whose rewards all tie out of the loss (DAPO's filter; they carry no signal)")
     p.add_argument("--grad-accum", type=positive_int, default=1, help="micro-batches per step")
-    p.add_argument("--heldout", type=positive_int, default=None, help="held-out problems to score (default: all)")
+    p.add_argument("--eval-every", type=nonnegative_int, default=EVAL_EVERY, help="held-out greedy accuracy every N steps (0: start and end only)")
+    p.add_argument("--heldout", type=positive_int, default=None, help="held-out problems to score (default: all 300)")
+    p.add_argument("--practice", type=nonnegative_int, default=PRACTICE,
+                   help="GRPO trains on the first N training problems, each seen many times (0: all 1,065, each seen "
+                        "about once in the default budget)")
     p.add_argument("--output", default="qlora_fast_output", help="directory for the GRPO adapter, checkpoints and plot")
     add_resume_arguments(p, "--output/grpo-checkpoints")
     add_training_arguments(p)
     p.set_defaults(func=run)
 
 
-def _train_sft_adapter(path, steps, cache_dir, tokenizer, device, seed, progress):
-    """The SFT demo's QLoRA adapter, trained with `qlora-fast finetune`'s defaults and saved to `path`."""
+def warmstart_dir(cache_dir, tokenizer, steps, seed) -> str:
+    """Where the cached warm-start adapter lives: its name hashes the recipe and the task data."""
+    from qlora_fast.train.rewards import warmstart_pairs
+
+    blob = json.dumps({"recipe": WARMSTART, "steps": steps, "seed": seed, "tokenizer": tokenizer,
+                       "data": warmstart_pairs("train")}, sort_keys=True)
+    return os.path.join(cache_dir or default_cache_dir(), f"grpo-warmstart-{hashlib.sha256(blob.encode()).hexdigest()[:16]}")
+
+
+def train_warmstart_adapter(model, tokenizer, path, steps, device="cpu", seed=0, progress=True):
+    """The warm start: a short QLoRA SFT of `model` (the base; it gets the adapter in place) on the
+    task's training problems, each answer ended by a full stop; the adapter is saved to `path`."""
     import torch
 
-    from qlora_fast.data import load_instructions
-    from qlora_fast.models import load_base_model
     from qlora_fast.peft import LoraConfig, get_peft_model
+    from qlora_fast.train.rewards import warmstart_pairs
     from qlora_fast.train.sft import SFTConfig, SFTTrainer
 
-    print(f"no SFT adapter at {path}: training one first ({steps} SFT steps, QLoRA)")
     torch.manual_seed(seed)
-    model, tokenizer = load_base_model(cache_dir=cache_dir, progress=progress, tokenizer=tokenizer)
-    peft = get_peft_model(model, LoraConfig(r=8, alpha=16.0, quantize_base="nf4")).to(device)
-    config = SFTConfig(max_steps=steps, batch_size=16, lr=3e-3, warmup_steps=15, max_seq_len=96, seed=seed,
-                       progress=progress)
-    SFTTrainer(peft, tokenizer, load_instructions("train"), None, config).train()
+    w = WARMSTART
+    peft = get_peft_model(model, LoraConfig(r=w["r"], alpha=w["alpha"], quantize_base="nf4")).to(device)
+    config = SFTConfig(max_steps=steps, batch_size=w["batch_size"], lr=w["lr"], warmup_steps=min(w["warmup_steps"], steps),
+                       max_seq_len=w["max_seq_len"], seed=seed, progress=progress)
+    SFTTrainer(peft, tokenizer, warmstart_pairs("train"), None, config).train()
     peft.save_adapter(path)
 
 
-def _save_plot(history, before, after, path):
-    """Reward per step, its moving average and the correctness share, written atomically."""
+def _save_plot(history, eval_history, settings, path, practice=None):
+    """Batch reward and share correct per step, and held-out greedy accuracy at the evaluation
+    steps (second axis), with the run's settings in the title; written atomically."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -84,22 +108,43 @@ def _save_plot(history, before, after, path):
     steps = [h["step"] for h in history]
     reward = [h["reward"] for h in history]
     correct = [h.get("reward/correctness_reward", float("nan")) for h in history]
-    window = max(1, len(reward) // 8)
-    smooth = [sum(reward[max(0, i - window + 1): i + 1]) / len(reward[max(0, i - window + 1): i + 1]) for i in range(len(reward))]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot(steps, reward, ".", alpha=0.4, label="mean reward (batch)")
-    ax.plot(steps, smooth, "-", label=f"moving average ({window} steps)")
-    ax.plot(steps, correct, "--", alpha=0.7, label="share correct (batch)")
+    window = max(1, len(reward) // 10)
+    smooth = [sum(correct[max(0, i - window + 1): i + 1]) / len(correct[max(0, i - window + 1): i + 1]) for i in range(len(correct))]
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    ax.plot(steps, reward, ".", alpha=0.3, color="tab:blue", label="mean reward of the batch (correct + 0.2 format)")
+    ax.plot(steps, smooth, "-", color="tab:orange", label=f"share of samples correct ({window}-step average)")
+    ax.plot([s for s, _ in eval_history], [r["reward/correctness_reward"] for _, r in eval_history], "o-", color="tab:green",
+            label="held-out greedy accuracy")
+    if practice is not None:
+        ax.plot([0, steps[-1]], list(practice), "s--", color="tab:red", label="practice-problem greedy accuracy (start, end)")
     ax.set_xlabel("GRPO step")
-    ax.set_ylabel("reward")
-    ax.set_title(f"GRPO on shipped arithmetic: held-out accuracy {100 * before:.1f}% -> {100 * after:.1f}%")
+    ax.set_ylabel("reward / accuracy")
+    ax.set_ylim(0, 1.25)
+    ax.set_title(f"GRPO on shipped arithmetic\n{settings}", fontsize=9)
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower right")
+    ax.legend(loc="upper left", fontsize=8)
     fig.tight_layout()
     try:
         atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
     finally:
         plt.close(fig)
+
+
+def sample_accuracy(trainer, rows, n=8):
+    """(share of n samples per problem that are correct, share of problems with at least one) at
+    the trainer's temperature: what GRPO has to work with."""
+    import torch
+
+    from qlora_fast.train.rewards import correctness_reward
+
+    hits = []
+    for s in range(0, len(rows), 32):
+        chunk = rows[s:s + 32]
+        texts = trainer.sample([r["prompt"] for r in chunk], n)[4]
+        answers = [r["answer"] for r in chunk for _ in range(n)]
+        hits.append(torch.tensor(correctness_reward([""] * len(texts), texts, answer=answers)).view(-1, n))
+    hits = torch.cat(hits)
+    return float(hits.mean()), float(hits.max(1).values.mean())
 
 
 def run(args) -> int:
@@ -115,57 +160,87 @@ def _run(args, device, started, resume_from, allow_fresh) -> int:
     from qlora_fast.models import load_base_model
     from qlora_fast.peft import LoraConfig, get_peft_model, load_adapter
     from qlora_fast.train.grpo import GRPOConfig, GRPOTrainer
-    from qlora_fast.train.rewards import arithmetic_rewards, load_arithmetic_task
+    from qlora_fast.train.rewards import answer_stop_ids, arithmetic_rewards, load_arithmetic_task
 
     progress = not args.no_progress
-    funcs, weights = arithmetic_rewards()  # the config first: a bad value fails before any training
+    sft_adapter = args.sft_adapter or warmstart_dir(args.cache_dir, args.tokenizer, args.sft_steps, args.seed)
+    if not os.path.exists(os.path.join(sft_adapter, "adapter_config.json")):
+        print(f"no SFT adapter at {sft_adapter}: training the warm start first ({args.sft_steps} SFT steps on the "
+              "task's training problems)")
+        base, tokenizer = load_base_model(cache_dir=args.cache_dir, progress=progress, tokenizer=args.tokenizer)
+        train_warmstart_adapter(base, tokenizer, sft_adapter, args.sft_steps, device, args.seed, progress)
+    torch.manual_seed(args.seed)
+    base, tokenizer = load_base_model(cache_dir=args.cache_dir, progress=progress, tokenizer=args.tokenizer)
+    sft_model = load_adapter(base, sft_adapter).merge_and_unload()
+    model = get_peft_model(sft_model, LoraConfig(r=args.r, alpha=args.alpha,
+                                                 quantize_base="nf4" if args.method == "qlora" else None)).to(device)
+    print(f"policy: built-in base + warm-start adapter {os.path.abspath(sft_adapter)} (merged) + a fresh "
+          f"{args.method} adapter ({sum(p.numel() for p in model.parameters() if p.requires_grad):,} trainable "
+          f"parameters); reference: the same model with the fresh adapter disabled; device {device}")
+
+    funcs, weights = arithmetic_rewards()
     config = GRPOConfig(
         steps=args.steps, group_size=args.group_size, prompts_per_step=args.prompts_per_step,
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, lr=args.lr,
+        stop_token_ids=answer_stop_ids(tokenizer),
         beta=args.beta, eps_low=args.eps_low, eps_high=args.eps_high, num_iterations=args.num_iterations,
         loss_type=args.loss_type, advantage_scale=args.advantage_scale, grad_accum_steps=args.grad_accum,
+        drop_zero_variance_groups=args.drop_zero_variance_groups, eval_every=args.eval_every or args.steps,
         gradient_checkpointing=args.gradient_checkpointing, optimizer=args.optimizer, reward_weights=weights,
         output_dir=os.path.join(args.output, "grpo-checkpoints"), save_every=args.checkpoint_every,
         seed=args.seed, progress=progress,
     )
-    if not os.path.exists(os.path.join(args.sft_adapter, "adapter_config.json")):
-        _train_sft_adapter(args.sft_adapter, args.sft_steps, args.cache_dir, args.tokenizer, device, args.seed, progress)
-    torch.manual_seed(args.seed)
-    base, tokenizer = load_base_model(cache_dir=args.cache_dir, progress=progress, tokenizer=args.tokenizer)
-    sft_model = load_adapter(base, args.sft_adapter).merge_and_unload()
-    model = get_peft_model(sft_model, LoraConfig(r=args.r, alpha=args.alpha,
-                                                 quantize_base="nf4" if args.method == "qlora" else None)).to(device)
-    print(f"policy: built-in base + SFT adapter {os.path.abspath(args.sft_adapter)} (merged) + a fresh "
-          f"{args.method} adapter ({sum(p.numel() for p in model.parameters() if p.requires_grad):,} trainable "
-          f"parameters); reference: the same model with the fresh adapter disabled; device {device}")
-
-    trainer = GRPOTrainer(model, tokenizer, funcs, load_arithmetic_task("train"), config)
+    practice = load_arithmetic_task("train", limit=args.practice or None)
+    trainer = GRPOTrainer(model, tokenizer, funcs, practice, config)
     heldout = load_arithmetic_task("heldout", limit=args.heldout)
-    before = trainer.evaluate(heldout)["reward/correctness_reward"]
-    print(f"held-out accuracy before GRPO: {100 * before:.1f}% ({len(heldout)} problems, greedy)")
+    practice_before = trainer.evaluate(practice)["reward/correctness_reward"]
+    sampled, pass_g = sample_accuracy(trainer, heldout, args.group_size)
+    print(f"starting policy on {len(heldout)} held-out problems: {100 * sampled:.1f}% of samples correct "
+          f"(temperature {args.temperature}), {100 * pass_g:.1f}% solved by at least one of {args.group_size} samples")
 
-    history = trainer.train(resume_from_checkpoint=resume_from, allow_fresh=allow_fresh)
-    after = trainer.evaluate(heldout)["reward/correctness_reward"]
+    history = trainer.train(resume_from_checkpoint=resume_from, allow_fresh=allow_fresh, eval_dataset=heldout)
+    before = trainer.eval_history[0][1]["reward/correctness_reward"]
+    after = trainer.eval_history[-1][1]["reward/correctness_reward"]
+    practice_after = trainer.evaluate(practice)["reward/correctness_reward"]
 
-    print("\nreward curve (batch means):")
-    print(f"{'step':>5} {'reward':>7} {'std':>6} {'correct':>7} {'format':>6} {'kl':>7} {'clip':>5} {'len':>4} {'time s':>6}")
+    print("\nreward curve (batch means; 'held-out' = greedy accuracy at the evaluation steps):")
+    print(f"{'step':>5} {'reward':>7} {'correct':>7} {'format':>6} {'kl':>7} {'clip':>5} {'len':>4} {'0-var':>5} {'held-out':>8} {'time s':>6}")
     every = max(1, len(history) // 20)
     for h in history:
-        if h["step"] % every == 0 or h["step"] in (1, len(history)):
-            print(f"{h['step']:>5} {h['reward']:>7.3f} {h['reward_std']:>6.3f} {h['reward/correctness_reward']:>7.3f} "
+        if h["step"] % every == 0 or h["step"] in (1, len(history)) or "eval/reward" in h:
+            held = f"{100 * h['eval/reward/correctness_reward']:>7.1f}%" if "eval/reward" in h else " " * 8
+            print(f"{h['step']:>5} {h['reward']:>7.3f} {h['reward/correctness_reward']:>7.3f} "
                   f"{h['reward/format_reward']:>6.3f} {h['kl']:>7.4f} {h['clip_fraction']:>5.2f} "
-                  f"{h['completion_length']:>4.1f} {h['time']:>6.2f}")
-    plot = os.path.join(args.output, "grpo_reward_curve.png")
-    _save_plot(history, before, after, plot)
+                  f"{h['completion_length']:>4.1f} {h['zero_variance_fraction']:>5.2f} {held} {h['time']:>6.2f}")
+    settings = (f"{len(practice)} practice problems, G={args.group_size}, {args.prompts_per_step} prompts/step, {args.steps} steps, lr {args.lr:g}, "
+                f"beta {args.beta:g}, T {args.temperature:g}, {args.loss_type}, {args.method} r={args.r}, seed {args.seed}")
     adapter_dir = os.path.join(args.output, "adapter-grpo")
-    trainer.save_adapter(adapter_dir)
-    first = history[: max(1, len(history) // 5)]
-    last = history[-max(1, len(history) // 5):]
+    trainer.save_adapter(adapter_dir)  # first: a failed plot must not lose the run's result
+    plot = os.path.join(args.output, "grpo_reward_curve.png")
+    try:
+        _save_plot(history, trainer.eval_history, settings, plot, (practice_before, practice_after))
+    except ImportError:
+        plot = None
+        print("matplotlib is not installed: no reward-curve plot (pip install matplotlib)")
+    k = max(1, len(history) // 5)
+    first, last = history[:k], history[-k:]
+    mean = lambda rows, key: sum(h[key] for h in rows if h[key] == h[key]) / max(1, sum(h[key] == h[key] for h in rows))  # noqa: E731
     print("\n=== qlora-fast grpo report ===")
-    print(f"mean reward            {sum(h['reward'] for h in first) / len(first):.3f} (first {len(first)} steps) -> "
-          f"{sum(h['reward'] for h in last) / len(last):.3f} (last {len(last)} steps)")
-    print(f"held-out accuracy      {100 * before:.1f}% -> {100 * after:.1f}% ({len(heldout)} problems, greedy)")
-    print(f"reward curve plot      {os.path.abspath(plot)}")
+    print(f"practice accuracy      {100 * practice_before:.1f}% -> {100 * practice_after:.1f}% "
+          f"({100 * (practice_after - practice_before):+.1f} points; the {len(practice)} problems GRPO trained on, greedy)")
+    print(f"held-out accuracy      {100 * before:.1f}% -> {100 * after:.1f}% ({100 * (after - before):+.1f} points; "
+          f"{len(heldout)} problems never trained on, greedy)")
+    print(f"share correct (batch)  {mean(first, 'reward/correctness_reward'):.3f} (first {k} steps) -> "
+          f"{mean(last, 'reward/correctness_reward'):.3f} (last {k} steps)")
+    print(f"format reward (batch)  {mean(first, 'reward/format_reward'):.3f} -> {mean(last, 'reward/format_reward'):.3f}")
+    print(f"KL to the reference    {mean(last, 'kl'):.4f} (mean k3 per token, last {k} steps)")
+    print(f"completion length      {mean(first, 'completion_length'):.2f} -> {mean(last, 'completion_length'):.2f} tokens")
+    print(f"zero-variance groups   {100 * mean(history, 'zero_variance_fraction'):.0f}% of all groups "
+          f"({'dropped' if args.drop_zero_variance_groups else 'kept'}; --drop-zero-variance-groups leaves them out)")
+    if trainer.skipped_nan_groups:
+        print(f"NaN-reward groups      {trainer.skipped_nan_groups} skipped")
+    if plot:
+        print(f"reward curve plot      {os.path.abspath(plot)}")
     print(f"adapter saved to       {os.path.abspath(adapter_dir)}")
     print(f"wall time              {time.time() - started:.0f} s")
     return 0

@@ -1,13 +1,13 @@
 """Writes the GRPO task shipped with qlora_fast (run `python -m qlora_fast.data.grpo_build_data`
 to rebuild; the output is deterministic).
 
-Small-number arithmetic in the instruction set's own phrasing ("What is 12 + 7?"), so a model
-instruction-tuned on `instructions_train.jsonl` already knows the format:
+Small-number arithmetic in the instruction set's own phrasing ("What is 12 + 7?"): every sum
+a + b and every non-negative difference a - b of numbers 0..29 (1,365 problems, all of them
+stated in prose in the pretraining corpus, "12 plus 7 is 19."), shuffled once and split:
 
-- `grpo_arithmetic_train.jsonl`: 400 sums and differences of numbers 0..29 (differences never
-  negative), drawn from the pairs the instruction set trains on.
-- `grpo_arithmetic_heldout.jsonl`: the pairs the instruction set never trains on, so held-out
-  accuracy measures generalisation of both SFT and GRPO.
+- `grpo_arithmetic_heldout.jsonl`: 300 problems that neither the warm-start SFT nor GRPO ever
+  trains on: held-out accuracy measures what the policy learned, not what it memorised.
+- `grpo_arithmetic_train.jsonl`: the other 1,065, for the warm-start SFT and for GRPO.
 
 Each line: {"instruction": str, "answer": int}.
 """
@@ -19,7 +19,7 @@ from qlora_fast.utils import atomic_write_bytes
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 MAX_OPERAND = 29
-TRAIN_SIZE = 400
+HELDOUT_SIZE = 300
 
 
 def all_problems():
@@ -32,29 +32,17 @@ def all_problems():
     return problems
 
 
-def sft_train_instructions():
-    path = os.path.join(HERE, "instructions_train.jsonl")
-    if not os.path.exists(path):
-        return set()
-    with open(path, encoding="utf-8") as f:
-        return {json.loads(line)["instruction"] for line in f if line.strip()}
-
-
 def _write(path, rows):
     atomic_write_bytes(path, "".join(json.dumps(row) + "\n" for row in rows).encode("utf-8"))
 
 
 def main():
-    rng = random.Random(0)
-    seen = sft_train_instructions()
     problems = all_problems()
-    heldout = [p for p in problems if p["instruction"] not in seen]
-    train_pool = [p for p in problems if p["instruction"] in seen]
-    rng.shuffle(train_pool)
-    rng.shuffle(heldout)
-    _write(os.path.join(HERE, "grpo_arithmetic_train.jsonl"), train_pool[:TRAIN_SIZE])
+    random.Random(0).shuffle(problems)
+    heldout, train = problems[:HELDOUT_SIZE], problems[HELDOUT_SIZE:]
+    _write(os.path.join(HERE, "grpo_arithmetic_train.jsonl"), train)
     _write(os.path.join(HERE, "grpo_arithmetic_heldout.jsonl"), heldout)
-    print(f"train {min(TRAIN_SIZE, len(train_pool))}, heldout {len(heldout)}")
+    print(f"train {len(train)}, heldout {len(heldout)}")
 
 
 if __name__ == "__main__":

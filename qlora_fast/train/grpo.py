@@ -13,6 +13,7 @@ logits tensor ever exists.
 """
 import math
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from typing import Callable, Dict, List, Optional, Sequence
 
@@ -46,6 +47,11 @@ class GRPOConfig:
     optimizer: qlora_fast.optim's "paged_adamw_8bit" (8-bit states paged to host memory: the
     QLoRA recipe), "paged_adamw", "adamw_8bit", "adamw", or "torch_adamw" (torch.optim.AdamW).
     reward_weights: one per reward function (default all 1).
+    drop_zero_variance_groups: leave out of the loss the groups whose rewards are all equal
+    (their advantages are all zero, so they only dilute the mean; DAPO's dynamic-sampling filter
+    without the resampling). The log's "zero_variance_fraction" counts them either way.
+    eval_every: with an eval_dataset given to `train`, evaluate greedily every that many steps
+    (and at the start and the end); 0 never.
     """
 
     steps: int = 50
@@ -72,8 +78,11 @@ class GRPOConfig:
     grad_accum_steps: int = 1
     gradient_checkpointing: bool = False
     logprob_chunk_size: int = 1024
+    drop_zero_variance_groups: bool = False
+    eval_every: int = 0
     seed: int = 0
     output_dir: Optional[str] = None
+    _min_group_size = 2  # a class attribute, not a field: PPO's critic needs no group
     save_every: int = 0
     progress: bool = True
 
@@ -86,8 +95,9 @@ class GRPOConfig:
         for name in ("steps", "prompts_per_step", "max_new_tokens", "num_iterations", "grad_accum_steps",
                      "logprob_chunk_size"):
             positive_int(name)
-        if not isinstance(self.group_size, int) or self.group_size < 2:
-            raise ValueError(f"GRPOConfig.group_size must be an int >= 2 (the group mean is the baseline), got {self.group_size!r}")
+        if not isinstance(self.group_size, int) or self.group_size < self._min_group_size:
+            raise ValueError(f"{type(self).__name__}.group_size must be an int >= {self._min_group_size} "
+                             f"(the group mean is the baseline), got {self.group_size!r}")
         if (self.prompts_per_step * self.group_size) % self.grad_accum_steps:
             raise ValueError(
                 f"GRPOConfig.grad_accum_steps ({self.grad_accum_steps}) must divide prompts_per_step * group_size "
@@ -114,6 +124,8 @@ class GRPOConfig:
             check_number("GRPOConfig", f"reward_weights[{i}]", w)
         if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
             raise ValueError(f"GRPOConfig.warmup_steps must be an int >= 0, got {self.warmup_steps!r}")
+        if not isinstance(self.eval_every, int) or self.eval_every < 0:
+            raise ValueError(f"GRPOConfig.eval_every must be an int >= 0, got {self.eval_every!r}")
         if not isinstance(self.save_every, int) or self.save_every < 0:
             raise ValueError(f"GRPOConfig.save_every must be an int >= 0, got {self.save_every!r}")
         if self.save_every and not self.output_dir:
@@ -144,20 +156,32 @@ def completion_logprobs(model, input_ids, attention_mask, n_completion, temperat
     split = _output_layer(model)
     prompt_len = input_ids.shape[1] - n_completion
     targets = input_ids[:, prompt_len:]
+    if split is not None:
+        hidden = completion_hidden(model, input_ids, attention_mask, n_completion)
+        return sequence_logprobs(hidden, split[1], targets, bias=split[2], chunk_size=chunk_size, temperature=temperature)
     # Positions count real tokens only, as generate() numbered them (left-padded prompts start at
     # 0); transformers models would otherwise number the padding too.
     positions = positions_from_mask(attention_mask)
-    if split is not None:
-        backbone, weight, bias = split
-        out = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions)
-        hidden = getattr(out, "last_hidden_state", None)
-        if hidden is None:
-            hidden = out[0] if isinstance(out, (tuple, list)) else out
-        hidden = hidden[:, prompt_len - 1 : -1]
-        return sequence_logprobs(hidden, weight, targets, bias=bias, chunk_size=chunk_size, temperature=temperature)
     logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions).logits
     logits = logits[:, prompt_len - 1 : -1].float()
     return torch.log_softmax(logits / temperature, -1).gather(-1, targets[..., None]).squeeze(-1)
+
+
+def completion_hidden(model, input_ids, attention_mask, n_completion):
+    """Final hidden states (B, n_completion, H) at the positions that predict the last
+    `n_completion` tokens (position t-1 for token t), for a model that splits as backbone +
+    plain linear head (ValueError otherwise)."""
+    from qlora_fast.models import positions_from_mask
+
+    split = _output_layer(model)
+    if split is None:
+        raise ValueError("the model does not split into a backbone and a plain nn.Linear lm_head")
+    prompt_len = input_ids.shape[1] - n_completion
+    out = split[0](input_ids=input_ids, attention_mask=attention_mask, position_ids=positions_from_mask(attention_mask))
+    hidden = getattr(out, "last_hidden_state", None)
+    if hidden is None:
+        hidden = out[0] if isinstance(out, (tuple, list)) else out
+    return hidden[:, prompt_len - 1 : -1]
 
 
 def reference_context(model):
@@ -217,6 +241,8 @@ class GRPOTrainer:
         self.position = 0  # next index into this epoch's prompt order
         self._epoch_order = (-1, [])
         self.history: List[Dict[str, float]] = []
+        self.eval_history: List = []
+        self.skipped_nan_groups = 0  # groups left out because a reward was NaN / inf
         stops = set(self.config.stop_token_ids or ())
         stops.add(int(tokenizer.eos_id))
         self.stop_ids = torch.tensor(sorted(stops), dtype=torch.long, device=self.device)
@@ -286,9 +312,13 @@ class GRPOTrainer:
         stopped = is_stop.any(1).tolist()
         return ids, mask, completion, completion_mask, texts, stopped
 
-    def score(self, rows: Sequence[dict], completions: List[str], n: int, stopped: Optional[List[bool]] = None):
+    def score(self, rows: Sequence[dict], completions: List[str], n: int, stopped: Optional[List[bool]] = None,
+              allow_nan: bool = False):
         """(total weighted rewards (len(completions),), {function name: mean reward}). Reward
-        functions get the rows' fields and, when given, `stopped` (completion ended with a stop token)."""
+        functions get the rows' fields and, when given, `stopped` (completion ended with a stop token).
+        A function that raises, returns non-numbers or the wrong count raises an error naming it; a
+        NaN / inf reward raises ValueError unless `allow_nan` (then the total is NaN there and the
+        means skip it)."""
         prompts = [r["prompt"] for r in rows for _ in range(n)]
         fields = {k: [r.get(k) for r in rows for _ in range(n)] for k in rows[0] if k != "prompt"}
         if stopped is not None:
@@ -297,18 +327,22 @@ class GRPOTrainer:
         means = {}
         for fn, weight in zip(self.reward_funcs, self.reward_weights):
             name = getattr(fn, "__name__", type(fn).__name__)
-            values = fn(prompts, completions, **fields)
+            try:
+                values = fn(prompts, completions, **fields)
+            except Exception as e:
+                raise RuntimeError(f"reward function {name} raised {type(e).__name__}: {e}") from e
             try:
                 values = torch.tensor([float(v) for v in values], dtype=torch.float32)
             except (TypeError, ValueError) as e:
                 raise ValueError(f"reward function {name} must return floats, got {values!r:.200}") from e
             if values.numel() != len(completions):
                 raise ValueError(f"reward function {name} returned {values.numel()} rewards for {len(completions)} completions")
-            if not torch.isfinite(values).all():
-                bad = int((~torch.isfinite(values)).nonzero()[0])
+            finite = torch.isfinite(values)
+            if not finite.all() and not allow_nan:
+                bad = int((~finite).nonzero()[0])
                 raise ValueError(f"reward function {name} returned {values[bad].item()} for completion {bad} ({completions[bad]!r})")
-            total += weight * values
-            means[name] = float(values.mean())
+            total += weight * torch.where(finite, values, torch.full_like(values, math.nan))
+            means[name] = float(values[finite].mean()) if finite.any() else math.nan
         return total, means
 
     # --- one step -----------------------------------------------------------------------
@@ -320,19 +354,64 @@ class GRPOTrainer:
             return completion_mask.sum().clamp(min=1).float()
         return completion_mask.shape[0] * c.max_new_tokens
 
+    def _prepare(self, batch: dict) -> None:
+        """Hook run once per step after the sampling / reference log-probs, in eval mode without
+        gradients (the PPO trainer computes values and GAE advantages here). GRPO: nothing."""
+
+    def _micro_loss(self, batch: dict, sl: slice, normalizer):
+        """(loss, LossStats) of the rows `sl` of the step's batch."""
+        c = self.config
+        lp = completion_logprobs(self.model, batch["input_ids"][sl], batch["attention"][sl], batch["n_new"],
+                                 c.temperature, c.logprob_chunk_size)
+        old, ref = batch["old"], batch["ref"]
+        return grpo_loss(
+            lp, lp.detach() if old is None else old[sl], batch["advantages"][sl], batch["mask"][sl],
+            ref_logprobs=None if ref is None else ref[sl], beta=c.beta, eps_low=c.eps_low,
+            eps_high=c.eps_high, loss_type=c.loss_type, max_length=c.max_new_tokens, normalizer=normalizer,
+        )
+
     def train_step(self) -> Dict[str, float]:
         """Sample, score and optimise once; returns the step's log."""
         c = self.config
         start = time.perf_counter()
         rows = self._next_rows()
         prompt_ids, prompt_mask, completion, completion_mask, texts, stopped = self.sample([r["prompt"] for r in rows], c.group_size)
-        rewards, reward_means = self.score(rows, texts, c.group_size, stopped)
-        advantages = group_advantages(rewards, c.group_size, scale=c.advantage_scale).to(self.device)
+        rewards, reward_means = self.score(rows, texts, c.group_size, stopped, allow_nan=True)
+        length = float(completion_mask.sum(1).float().mean())  # of every sample, kept or not
+        grouped = rewards.view(-1, c.group_size)
+        nan_groups = ~torch.isfinite(grouped).all(1)
+        if nan_groups.any():
+            self.skipped_nan_groups += int(nan_groups.sum())
+            warnings.warn(f"GRPO step {self.step + 1}: {int(nan_groups.sum())} group(s) with a NaN / inf reward "
+                          f"left out of the loss ({self.skipped_nan_groups} so far)", RuntimeWarning, stacklevel=2)
+        zero_var = (grouped.max(1).values == grouped.min(1).values) & ~nan_groups & (c.group_size > 1)
+        keep_groups = ~nan_groups & ~zero_var if c.drop_zero_variance_groups else ~nan_groups
+        keep = keep_groups.repeat_interleave(c.group_size).to(self.device)
+        advantages = torch.zeros(rewards.shape, device=self.device)
+        if keep_groups.any() and c.group_size > 1:  # (group_size 1 only under PPO, whose critic sets them)
+            advantages[keep] = group_advantages(rewards[keep.cpu()], c.group_size, scale=c.advantage_scale).to(self.device)
 
-        input_ids = torch.cat([prompt_ids, completion], 1)
-        attention = torch.cat([prompt_mask, completion_mask], 1)
+        input_ids = torch.cat([prompt_ids, completion], 1)[keep]
+        attention = torch.cat([prompt_mask, completion_mask], 1)[keep]
+        completion_mask, advantages = completion_mask[keep], advantages[keep]
         n_new = completion.shape[1]
         mask = completion_mask.float()
+        finite_rewards = rewards[torch.isfinite(rewards)]
+        log = {
+            "reward": float(finite_rewards.mean()) if finite_rewards.numel() else math.nan,
+            "reward_std": float(finite_rewards.std()) if finite_rewards.numel() > 1 else 0.0,
+            **{f"reward/{k}": v for k, v in reward_means.items()},
+            "completion_length": length,
+            "zero_variance_fraction": float(zero_var.float().mean()),
+            "skipped_groups": int((~keep_groups).sum()),
+        }
+        if not keep.any():  # nothing carries signal: no update, but the step (and schedule) advances
+            self.scheduler.step()
+            self.step += 1
+            log.update(step=self.step, kl=math.nan, clip_fraction=0.0, ratio_min=1.0, ratio_max=1.0, loss=0.0,
+                       grad_norm=0.0, lr=self.scheduler.get_last_lr()[0], time=time.perf_counter() - start)
+            self.history.append(log)
+            return log
         logprob = lambda ids, att: completion_logprobs(self.model, ids, att, n_new, c.temperature, c.logprob_chunk_size)  # noqa: E731
 
         was_training = self.model.training
@@ -343,10 +422,13 @@ class GRPOTrainer:
             if c.beta > 0:
                 with reference_context(self.model):
                     ref = logprob(input_ids, attention)
+            batch = {"input_ids": input_ids, "attention": attention, "mask": mask, "advantages": advantages,
+                     "rewards": rewards[keep.cpu()].to(self.device), "old": old, "ref": ref, "n_new": n_new}
+            self._prepare(batch)
         self.model.train()
 
         normalizer = self._normalizer(completion_mask)
-        micro = input_ids.shape[0] // c.grad_accum_steps
+        micro = -(-input_ids.shape[0] // c.grad_accum_steps)  # dropped groups can leave an uneven split
         stats_sum = {"kl": 0.0, "clip_fraction": 0.0}
         ratio_min, ratio_max = math.inf, -math.inf
         n_stats, loss_total, grad_norm = 0, 0.0, 0.0
@@ -356,12 +438,7 @@ class GRPOTrainer:
                 loss_iter = 0.0
                 for s in range(0, input_ids.shape[0], micro):
                     sl = slice(s, s + micro)
-                    lp = logprob(input_ids[sl], attention[sl])
-                    loss, stats = grpo_loss(
-                        lp, lp.detach() if old is None else old[sl], advantages[sl], mask[sl],
-                        ref_logprobs=None if ref is None else ref[sl], beta=c.beta, eps_low=c.eps_low,
-                        eps_high=c.eps_high, loss_type=c.loss_type, max_length=c.max_new_tokens, normalizer=normalizer,
-                    )
+                    loss, stats = self._micro_loss(batch, sl, normalizer)
                     if not torch.isfinite(loss):
                         raise FloatingPointError(
                             f"GRPO step {self.step + 1}: the loss is {loss.item()}; stopping before the optimizer "
@@ -388,35 +465,39 @@ class GRPOTrainer:
             self.model.train(was_training)
         self.scheduler.step()
         self.step += 1
-        log = {
+        log.update({
             "step": self.step,
-            "reward": float(rewards.mean()),
-            "reward_std": float(rewards.std()) if rewards.numel() > 1 else 0.0,
-            **{f"reward/{k}": v for k, v in reward_means.items()},
             "kl": stats_sum["kl"] / n_stats,
             "clip_fraction": stats_sum["clip_fraction"] / n_stats,
             "ratio_min": ratio_min,
             "ratio_max": ratio_max,
-            "completion_length": float(completion_mask.sum(1).float().mean()),
             "loss": loss_total,
             "grad_norm": grad_norm,
             "lr": self.scheduler.get_last_lr()[0],
             "time": time.perf_counter() - start,
-        }
+        })
         self.history.append(log)
         return log
 
     # --- the loop -----------------------------------------------------------------------
-    def train(self, resume_from_checkpoint: Optional[str] = None, allow_fresh: bool = False) -> List[Dict[str, float]]:
+    def train(self, resume_from_checkpoint: Optional[str] = None, allow_fresh: bool = False,
+              eval_dataset: Optional[Sequence[dict]] = None) -> List[Dict[str, float]]:
         """Run until config.steps; returns the per-step logs. `resume_from_checkpoint`: a
         checkpoint file, or "latest" for the newest in config.output_dir (none there:
-        FileNotFoundError unless `allow_fresh`, as in the SFT trainer)."""
+        FileNotFoundError unless `allow_fresh`, as in the SFT trainer). With `eval_dataset` and
+        config.eval_every, `evaluate` runs every eval_every steps and at the last step, its results
+        added to that step's log as "eval/<key>"; `self.eval_history` gets (step, results), step 0
+        included."""
         from tqdm.auto import tqdm
 
         resume = checkpoint.resolve_resume(resume_from_checkpoint, self.config.output_dir, allow_fresh)
         if resume:
             self.load_checkpoint(resume)
         c = self.config
+        evaluating = eval_dataset is not None and c.eval_every > 0
+        if evaluating:
+            eval_dataset = self._check_dataset(eval_dataset)
+            self.eval_history = [(self.step, self.evaluate(eval_dataset))]
         bar = tqdm(total=c.steps, initial=self.step, desc="GRPO", disable=not c.progress, dynamic_ncols=True)
         try:
             while self.step < c.steps:
@@ -424,6 +505,10 @@ class GRPOTrainer:
                 bar.update(1)
                 bar.set_postfix(reward=f"{log['reward']:.3f}", kl=f"{log['kl']:.4f}", clip=f"{log['clip_fraction']:.2f}",
                                 len=f"{log['completion_length']:.1f}")
+                if evaluating and (self.step % c.eval_every == 0 or self.step == c.steps):
+                    result = self.evaluate(eval_dataset)
+                    self.eval_history.append((self.step, result))
+                    log.update({f"eval/{k}": v for k, v in result.items()})
                 if c.save_every and self.step % c.save_every == 0:
                     self.save_checkpoint(self.checkpoint_path(self.step))
         finally:
@@ -460,14 +545,14 @@ class GRPOTrainer:
         written atomically (the SFT trainer's checkpoint format). Refuses non-finite parameters."""
         if any(not torch.isfinite(p).all() for p in self.params):
             raise FloatingPointError("refusing to checkpoint: a trainable parameter is NaN or inf")
-        extra = {"epoch": self.epoch, "position": self.position, "sample_rng": self.sample_generator.get_state(),
+        extra = {**self._extra_state(), "epoch": self.epoch, "position": self.position, "sample_rng": self.sample_generator.get_state(),
                  "history": self.history, "config": asdict(self.config)}
         checkpoint.save_checkpoint(path, self.model, self.optimizer, self.scheduler, step=self.step, extra=extra,
                                    run=self.run_identity())
 
     def run_identity(self) -> dict:
         """What a checkpoint of this run records and a resume must match (checkpoint.run_identity)."""
-        config = {k: v for k, v in asdict(self.config).items() if k not in ("steps", "output_dir", "save_every", "progress",
+        config = {k: v for k, v in asdict(self.config).items() if k not in ("steps", "output_dir", "save_every", "eval_every", "progress",
                                                                             "gradient_checkpointing", "logprob_chunk_size")}
         return checkpoint.run_identity(self.model, config, data=self.dataset)
 
@@ -479,6 +564,14 @@ class GRPOTrainer:
         self.step, self.epoch, self.position = state["step"], extra["epoch"], extra["position"]
         self.sample_generator.set_state(extra["sample_rng"])
         self.history = list(extra["history"])
+        self._load_extra_state(extra)
+
+    def _extra_state(self) -> dict:
+        """What a subclass adds to the checkpoint (PPO: its value head)."""
+        return {}
+
+    def _load_extra_state(self, extra: dict) -> None:
+        pass
 
     def save_adapter(self, path: str) -> None:
         """The trained parameters alone, written atomically: through the model's own

@@ -11,6 +11,8 @@
   beta times the k3 estimate of KL(policy || reference), aggregated per sequence (GRPO), per token
   over the batch (DAPO) or by a fixed constant (Dr. GRPO); asymmetric clipping (clip-higher).
 - `reinforce_loss(...)`: plain REINFORCE with a baseline, for comparison.
+- `gae_advantages`, `whiten`, `value_loss`: the critic side of PPO (`qlora_fast.train.ppo`):
+  per-token advantages from a learned V(s) by GAE, and the clipped value loss.
 """
 from dataclasses import dataclass
 from typing import Dict, Optional, Tuple, Union
@@ -325,3 +327,61 @@ def reinforce_loss(
         b = float(baseline)
     seq_logprob = (logprobs * mask.to(logprobs.dtype)).sum(1)
     return -((r - b) * seq_logprob).mean()
+
+
+# --------------------------------------------------------------------------------------------
+# PPO with a critic: GAE and the clipped value loss
+# --------------------------------------------------------------------------------------------
+def gae_advantages(
+    rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0, lam: float = 0.95
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per-token advantages by generalised advantage estimation, and the value targets.
+
+    rewards: (B,) one reward per sequence, received after its last real token. values: (B, T)
+    V(s_t), the critic's estimate before token t is emitted. mask: (B, T), 1 on real tokens;
+    each row's real tokens must come first (a prefix). With r_t = reward on the last real token
+    and 0 before it, and V = 0 after the end:
+      delta_t = r_t + gamma V_{t+1} - V_t,   A_t = delta_t + gamma lam A_{t+1},
+    returns R_t = A_t + V_t. Both (B, T) in the values' dtype, 0 on padding, no gradient.
+    """
+    _check_token_tensors(values, mask)
+    if rewards.shape != values.shape[:1]:
+        raise ValueError(f"rewards must be ({values.shape[0]},), got {tuple(rewards.shape)}")
+    if not (0 <= gamma <= 1 and 0 <= lam <= 1):
+        raise ValueError(f"gamma and lam must be in [0, 1], got gamma={gamma!r}, lam={lam!r}")
+    m = mask.to(values.dtype)
+    v = values.detach() * m
+    length = m.sum(1).long()
+    token_reward = torch.zeros_like(v)
+    has = length > 0
+    token_reward[has, length[has] - 1] = rewards[has].to(v.dtype)
+    next_v = torch.cat([v[:, 1:], torch.zeros_like(v[:, :1])], 1)  # masked: 0 after the end
+    delta = (token_reward + gamma * next_v - v) * m
+    adv = torch.zeros_like(v)
+    running = torch.zeros_like(v[:, 0])
+    for t in range(v.shape[1] - 1, -1, -1):
+        running = delta[:, t] + gamma * lam * running * m[:, t]
+        adv[:, t] = running
+    adv = adv * m
+    return adv, (adv + v) * m
+
+
+def whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """(x - mean) / std over the masked entries (PPO's advantage normalisation); 0 on padding."""
+    m = mask.to(x.dtype)
+    n = m.sum().clamp(min=1)
+    mean = (x * m).sum() / n
+    var = (((x - mean) * m) ** 2).sum() / (n - 1).clamp(min=1)
+    return (x - mean) / (var.sqrt() + eps) * m
+
+
+def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, clip: Optional[float] = 0.2) -> torch.Tensor:
+    """Per-token clipped value loss (PPO2): 0.5 max((V - R)^2, (V_old + clip(V - V_old, -c, c) - R)^2);
+    without clip (None) 0.5 (V - R)^2. Aggregate it with the policy loss's mask and normaliser."""
+    unclipped = (values - returns) ** 2
+    if clip is None:
+        return 0.5 * unclipped
+    if not clip >= 0:
+        raise ValueError(f"clip must be >= 0 or None, got {clip!r}")
+    clipped = (old_values + torch.clamp(values - old_values, -clip, clip) - returns) ** 2
+    return 0.5 * torch.maximum(unclipped, clipped)

@@ -41,6 +41,22 @@ def load_arithmetic_task(split: str = "train", limit: Optional[int] = None) -> L
     return [{"prompt": format_prompt(r["instruction"]), "instruction": r["instruction"], "answer": int(r["answer"])} for r in rows]
 
 
+ANSWER_END = "."  # the warm-start SFT ends each answer with it; GRPO stops sampling there
+
+
+def warmstart_pairs(split: str = "train") -> List[Dict[str, str]]:
+    """SFT pairs {"instruction", "output"} of the task, each output the answer and a full stop
+    (`ANSWER_END`: the corpus says "12 plus 7 is 19.", so the base model already ends a number
+    that way; teaching it a newline or the never-pretrained <eos> instead takes far longer)."""
+    return [{"instruction": r["instruction"], "output": f"{r['answer']}{ANSWER_END}"} for r in load_arithmetic_task(split)]
+
+
+def answer_stop_ids(tokenizer) -> List[int]:
+    """Every token whose text starts with `ANSWER_END` (the BPE also has ".\n"): sampling stops
+    there, and the answer is what came before."""
+    return [i for i in range(tokenizer.vocab_size) if i != tokenizer.eos_id and tokenizer.decode([i]).startswith(ANSWER_END)]
+
+
 def answer_line(completion: str) -> str:
     """The part of a completion that counts as the answer: its first line, stripped."""
     return completion.split("\n", 1)[0].strip()
