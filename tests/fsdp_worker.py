@@ -1,0 +1,102 @@
+"""FSDP2 worker for tests/test_fsdp.py (spawned; imports only torch and qlora_fast)."""
+import os
+
+import torch
+
+from qlora_fast.models import LlamaConfig, LlamaForCausalLM
+from qlora_fast.peft import LoraConfig, get_peft_model
+
+CONFIG = dict(vocab_size=64, hidden_size=256, intermediate_size=512, num_layers=2, num_heads=4, num_kv_heads=2,
+              max_seq_len=32)
+GLOBAL_BATCH, SEQ, STEPS, LR = 4, 12, 3, 1e-2
+
+
+def build_model(seed, double_quant=True):
+    """The same QLoRA model (NF4 base, adapters on every projection) for any rank, from `seed`."""
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(LlamaConfig(**CONFIG))
+    lora = LoraConfig(target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+                      r=4, alpha=8, quantize_base="nf4", double_quant=double_quant)
+    model = get_peft_model(model, lora)
+    with torch.no_grad():  # non-zero B so the first step already moves every adapter
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    return model
+
+
+def global_batch(seed):
+    g = torch.Generator().manual_seed(seed + 1)
+    return torch.randint(0, CONFIG["vocab_size"], (STEPS, GLOBAL_BATCH, SEQ), generator=g)
+
+
+def adapters(model):
+    out = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            p = p.full_tensor() if hasattr(p, "full_tensor") else p
+            out[name.replace("_fsdp_wrapped_module.", "")] = p.detach().clone()
+    return out
+
+
+def make_optimizer(model):
+    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR)
+
+
+def train(model, opt, batches, on_step=None):
+    losses = []
+    for ids in batches:
+        opt.zero_grad()
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        losses.append(on_step(loss) if on_step else loss.item())
+    return losses
+
+
+def fsdp_worker(rank, world_size, init_file, out_dir, seed, double_quant):
+    import torch.distributed as dist
+    from torch.distributed.fsdp._fully_shard._fsdp_collectives import DefaultAllGather
+
+    from qlora_fast.distributed import four_bit_bytes, prepare_4bit_for_fsdp, shard_qlora_model
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        model = build_model(seed, double_quant)
+        full_4bit = four_bit_bytes(prepare_4bit_for_fsdp(model))
+        shard_qlora_model(model)
+        local_4bit = four_bit_bytes(model)
+        # What FSDP2 all-gathers in one forward+backward, counted at its collective.
+        gathered, call = [], DefaultAllGather.__call__
+
+        def counting(self, output_tensor, input_tensor, group, async_op=False):
+            gathered.append(output_tensor.numel() * output_tensor.element_size())
+            return call(self, output_tensor, input_tensor, group, async_op)
+
+        per = GLOBAL_BATCH // world_size
+        batches = global_batch(seed)[:, rank * per:(rank + 1) * per]
+
+        def mean_loss(loss):
+            total = loss.detach().clone()
+            dist.all_reduce(total)
+            return total.item() / world_size
+
+        opt = make_optimizer(model)
+        DefaultAllGather.__call__ = counting
+        try:
+            losses = train(model, opt, batches[:1], mean_loss)
+        finally:
+            DefaultAllGather.__call__ = call
+        losses += train(model, opt, batches[1:], mean_loss)
+        # the padded unsharded bytes of every parameter FSDP2 manages (what one unshard moves)
+        unsharded = {}
+        for name, p in model.named_parameters():
+            rows = -(-p.shape[0] // world_size) * world_size
+            unsharded[name.replace("_fsdp_wrapped_module.", "")] = rows * (p.numel() // p.shape[0]) * p.element_size()
+        result = dict(losses=losses, adapters=adapters(model), full_4bit=full_4bit, local_4bit=local_4bit,
+                      gathered=gathered, unsharded=unsharded)
+        torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+

@@ -1,0 +1,96 @@
+"""FSDP2 with the 4-bit base sharded (qlora_fast.distributed), on CPU with gloo and 2 processes.
+
+The oracle is single-process training of the same model on the same global batch (plain
+`Linear4bit` bases, no sharding) with torch's own AdamW."""
+import os
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from torch import nn
+
+from fsdp_worker import GLOBAL_BATCH, adapters, build_model, fsdp_worker, global_batch, make_optimizer, train
+from qlora_fast.distributed import ShardableLinear4bit, four_bit_bytes, prepare_4bit_for_fsdp, shard_qlora_model
+from qlora_fast.nn import Linear4bit, QLoRALinear
+from qlora_fast.reference.quant import code_for  # noqa: F401  (the package imports cleanly)
+
+
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_shardable_layout_is_the_same_weight(seed, double_quant):
+    """The unit layout dequantizes to the same weight, forward and input gradient as the plain
+    module, and converts back losslessly."""
+    torch.manual_seed(seed)
+    lin = nn.Linear(512, 96)
+    with torch.no_grad():
+        lin.weight[3, 7] = 40.0  # an outlier block
+    plain = QLoRALinear.from_linear(lin, r=3, compress_statistics=double_quant)
+    with torch.no_grad():
+        plain.lora_B.normal_()
+    x = torch.randn(5, 512, requires_grad=True)
+    ref = plain(x)
+    ref.sum().backward()
+    ref_grad, x.grad = x.grad, None
+    base = plain.base
+    model = prepare_4bit_for_fsdp(nn.Sequential(plain))
+    shardable = model[0].base
+    assert isinstance(shardable, ShardableLinear4bit)
+    unit = 64 * (256 if double_quant else 1)
+    assert tuple(shardable.units.shape) == (512 * 96 // unit, unit // 2 + (256 + 4 if double_quant else 4))
+    torch.testing.assert_close(shardable.dequantize_weight(), base.dequantize_weight(), rtol=0, atol=0)
+    out = model(x)
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    out.sum().backward()
+    torch.testing.assert_close(x.grad, ref_grad, rtol=0, atol=0)
+    back = shardable.to_linear4bit()
+    torch.testing.assert_close(back.dequantize_weight(), base.dequantize_weight(), rtol=0, atol=0)
+    # the 4-bit size: half a byte per element plus the block scales
+    expected = 512 * 96 // 2 + (512 * 96 // 64 + 4 * 512 * 96 // unit if double_quant else 4 * 512 * 96 // 64)
+    assert four_bit_bytes(model) == expected
+
+
+def test_bad_setups_raise_clear_errors():
+    odd = nn.Sequential(Linear4bit.from_linear(nn.Linear(100, 30)), Linear4bit.from_linear(nn.Linear(256, 64)))
+    with pytest.raises(ValueError, match=r"0: a \(30, 100\) 4-bit weight .*-block boundaries"):
+        prepare_4bit_for_fsdp(odd)
+    assert type(odd[1]) is Linear4bit  # nothing swapped on failure
+    with pytest.raises(TypeError, match="must be a qlora_fast.nn.Linear4bit"):
+        ShardableLinear4bit.from_linear4bit(nn.Linear(4, 4))
+    with pytest.raises(RuntimeError, match="torch.distributed initialised"):
+        shard_qlora_model(nn.Sequential(nn.Linear(4, 4)))
+
+
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_fsdp2_two_ranks_match_one_process(tmp_path, seed, double_quant):
+    """2-rank FSDP2 QLoRA training == single-process training of the global batch; each rank
+    holds half the 4-bit bytes; the all-gathers move the 4-bit bytes, not a dense copy."""
+    mp.spawn(fsdp_worker, args=(2, str(tmp_path / "init"), str(tmp_path), seed, double_quant), nprocs=2, join=True)
+    ranks = [torch.load(os.path.join(tmp_path, f"rank{r}.pt")) for r in range(2)]
+
+    model = build_model(seed, double_quant)
+    n_4bit = sum(m.weight.numel() for m in model.modules() if isinstance(m, Linear4bit))
+    opt = make_optimizer(model)
+    ref_losses = train(model, opt, global_batch(seed))
+    ref_adapters = adapters(model)
+
+    for r in ranks:
+        torch.testing.assert_close(torch.tensor(r["losses"]), torch.tensor(ref_losses), rtol=1e-5, atol=1e-6)
+        assert r["adapters"].keys() == ref_adapters.keys()
+        for name, value in ref_adapters.items():
+            torch.testing.assert_close(r["adapters"][name], value, rtol=1e-4, atol=1e-6, msg=name)
+    # memory: each rank stores half the 4-bit bytes (the units split evenly here)
+    full = ranks[0]["full_4bit"]
+    assert n_4bit < full < n_4bit * 1.2  # packed nibbles (n_4bit bytes) plus the block scales
+    assert ranks[0]["local_4bit"] == ranks[1]["local_4bit"] == full // 2
+    # communication: one step's all-gathers move exactly the unsharded (padded) parameters once
+    # per forward and once per backward of each layer; the 4-bit part is `full` bytes, not 2 bytes/element
+    sizes = ranks[0]["unsharded"]
+    layer_bytes = {}
+    for name, size in sizes.items():
+        key = next((f"layers.{i}." for i in range(2) if f"layers.{i}." in name), "root")
+        layer_bytes[key] = layer_bytes.get(key, 0) + size
+    gathered = ranks[0]["gathered"]
+    assert sorted(gathered) == sorted([layer_bytes["root"]] + [layer_bytes[f"layers.{i}."] for i in range(2)] * 2)
+    four_bit_in_gathers = sum(s for n, s in sizes.items() if n.endswith("units"))
+    assert four_bit_in_gathers == full
+    dense = 2 * n_4bit * 2  # what a bf16 copy of the same weights would be
+    assert sum(gathered) < dense
