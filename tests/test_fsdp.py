@@ -76,20 +76,23 @@ def test_fsdp2_two_ranks_match_one_process(tmp_path, seed, double_quant):
         torch.testing.assert_close(torch.tensor(r["losses"]), torch.tensor(ref_losses), rtol=1e-5, atol=1e-6)
         assert r["adapters"].keys() == ref_adapters.keys()
         for name, value in ref_adapters.items():
-            torch.testing.assert_close(r["adapters"][name], value, rtol=1e-4, atol=1e-6, msg=name)
+            # Adam divides by sqrt(v): a near-zero gradient summed in another order can move its
+            # entry by a visible fraction of one step (lr=1e-2), so the bound is 0.5% of a step
+            torch.testing.assert_close(r["adapters"][name], value, rtol=1e-4, atol=5e-5, msg=lambda m: f"{name}: {m}")
     # memory: each rank stores half the 4-bit bytes (the units split evenly here)
     full = ranks[0]["full_4bit"]
     assert n_4bit < full < n_4bit * 1.2  # packed nibbles (n_4bit bytes) plus the block scales
     assert ranks[0]["local_4bit"] == ranks[1]["local_4bit"] == full // 2
-    # communication: one step's all-gathers move exactly the unsharded (padded) parameters once
-    # per forward and once per backward of each layer; the 4-bit part is `full` bytes, not 2 bytes/element
+    # communication: in one step each FSDP unit (2 decoder layers, the root) gathers its unsharded
+    # (padded) parameters for its forward and again for its backward (all resharded after forward);
+    # the 4-bit part of that is `full` bytes, not 2 bytes per element
     sizes = ranks[0]["unsharded"]
     layer_bytes = {}
     for name, size in sizes.items():
         key = next((f"layers.{i}." for i in range(2) if f"layers.{i}." in name), "root")
         layer_bytes[key] = layer_bytes.get(key, 0) + size
     gathered = ranks[0]["gathered"]
-    assert sorted(gathered) == sorted([layer_bytes["root"]] + [layer_bytes[f"layers.{i}."] for i in range(2)] * 2)
+    assert sorted(gathered) == sorted([layer_bytes[k] for k in ("root", "layers.0.", "layers.1.")] * 2)
     four_bit_in_gathers = sum(s for n, s in sizes.items() if n.endswith("units"))
     assert four_bit_in_gathers == full
     dense = 2 * n_4bit * 2  # what a bf16 copy of the same weights would be
