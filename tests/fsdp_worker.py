@@ -89,14 +89,66 @@ def fsdp_worker(rank, world_size, init_file, out_dir, seed, double_quant):
         finally:
             DefaultAllGather.__call__ = call
         losses += train(model, opt, batches[1:], mean_loss)
+        # between forward and backward no layer keeps its gathered 4-bit bytes (autograd holds
+        # views of FSDP2's unsharded storage, which is freed after the forward)
+        ids = batches[0]
+        out = model(input_ids=ids, labels=ids).loss
+        held = [fp._unsharded_param.untyped_storage().size()
+                for layer in model.modules() if type(layer).__name__.endswith("DecoderLayer")
+                for fp in layer._get_fsdp_state()._fsdp_param_group.fsdp_params
+                if fp._param_fqn.endswith("units") and hasattr(fp, "_unsharded_param")]
+        out.backward()
         # the padded unsharded bytes of every parameter FSDP2 manages (what one unshard moves)
         unsharded = {}
         for name, p in model.named_parameters():
             rows = -(-p.shape[0] // world_size) * world_size
             unsharded[name.replace("_fsdp_wrapped_module.", "")] = rows * (p.numel() // p.shape[0]) * p.element_size()
         result = dict(losses=losses, adapters=adapters(model), full_4bit=full_4bit, local_4bit=local_4bit,
-                      gathered=gathered, unsharded=unsharded)
+                      gathered=gathered, held_after_forward=held, unsharded=unsharded)
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
+
+
+def perturb_adapters(model, seed):
+    """Different adapter values (same base): a load must overwrite them."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                local = p.to_local() if hasattr(p, "to_local") else p
+                local.copy_(torch.randn(local.shape, generator=g))
+
+
+def dcp_worker(rank, world_size, init_file, out_dir, seed):
+    """Train 1 step, save a DCP checkpoint, train on; then a fresh model and optimizer load the
+    checkpoint and train the same steps: the continuations must be bit-identical."""
+    import torch.distributed as dist
+
+    from qlora_fast.distributed import load_adapter_checkpoint, save_adapter_checkpoint, shard_qlora_model
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        per = GLOBAL_BATCH // world_size
+        batches = global_batch(seed)[:, rank * per:(rank + 1) * per]
+        ckpt = os.path.join(out_dir, "ckpt")
+
+        def run(load):
+            model = shard_qlora_model(build_model(seed))
+            opt = make_optimizer(model)
+            if load:
+                perturb_adapters(model, seed + 7)
+                load_adapter_checkpoint(model, opt, ckpt)
+            else:
+                train(model, opt, batches[:1])
+                save_adapter_checkpoint(model, opt, ckpt)
+            at_ckpt = adapters(model)
+            losses = train(model, opt, batches[1:])
+            return at_ckpt, losses, adapters(model)
+
+        first, second = run(False), run(True)
+        torch.save(dict(first=first, second=second), os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
