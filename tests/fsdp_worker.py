@@ -39,8 +39,12 @@ def adapters(model):
     return out
 
 
-def make_optimizer(model):
-    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR)
+def make_optimizer(model, name="torch.AdamW"):
+    """torch's AdamW, or a qlora_fast.optim class by name (e.g. "PagedAdamW")."""
+    import qlora_fast.optim
+
+    cls = torch.optim.AdamW if name == "torch.AdamW" else getattr(qlora_fast.optim, name)
+    return cls([p for p in model.parameters() if p.requires_grad], lr=LR)
 
 
 def train(model, opt, batches, on_step=None):
@@ -54,7 +58,7 @@ def train(model, opt, batches, on_step=None):
     return losses
 
 
-def fsdp_worker(rank, world_size, init_file, out_dir, seed, double_quant):
+def fsdp_worker(rank, world_size, init_file, out_dir, seed, double_quant, optimizer):
     import torch.distributed as dist
     from torch.distributed.fsdp._fully_shard._fsdp_collectives import DefaultAllGather
 
@@ -82,7 +86,7 @@ def fsdp_worker(rank, world_size, init_file, out_dir, seed, double_quant):
             dist.all_reduce(total)
             return total.item() / world_size
 
-        opt = make_optimizer(model)
+        opt = make_optimizer(model, optimizer)
         DefaultAllGather.__call__ = counting
         try:
             losses = train(model, opt, batches[:1], mean_loss)
@@ -103,7 +107,11 @@ def fsdp_worker(rank, world_size, init_file, out_dir, seed, double_quant):
         for name, p in model.named_parameters():
             rows = -(-p.shape[0] // world_size) * world_size
             unsharded[name.replace("_fsdp_wrapped_module.", "")] = rows * (p.numel() // p.shape[0]) * p.element_size()
-        result = dict(losses=losses, adapters=adapters(model), full_4bit=full_4bit, local_4bit=local_4bit,
+        # elements whose optimizer states this rank keeps (qlora_fast's paged optimizers: its shards only)
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        state_elems = sum(pg.end - pg.start for p in trainable for pg in opt.state[p].get("pages", []))
+        local_elems = sum(p.to_local().numel() for p in trainable)
+        result = dict(losses=losses, state_elems=state_elems, local_elems=local_elems, adapters=adapters(model), full_4bit=full_4bit, local_4bit=local_4bit,
                       gathered=gathered, held_after_forward=held, unsharded=unsharded)
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:

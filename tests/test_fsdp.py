@@ -69,16 +69,18 @@ def test_bad_setups_raise_clear_errors():
         shard_qlora_model(nn.Sequential(nn.Linear(4, 4)))
 
 
-@pytest.mark.parametrize("double_quant", [True, False])
-def test_fsdp2_two_ranks_match_one_process(tmp_path, seed, double_quant):
+@pytest.mark.parametrize("double_quant, optimizer", [(True, "torch.AdamW"), (False, "PagedAdamW")])
+def test_fsdp2_two_ranks_match_one_process(tmp_path, seed, double_quant, optimizer):
     """2-rank FSDP2 QLoRA training == single-process training of the global batch; each rank
-    holds half the 4-bit bytes; the all-gathers move the 4-bit bytes, not a dense copy."""
-    mp.spawn(fsdp_worker, args=(2, str(tmp_path / "init"), str(tmp_path), seed, double_quant), nprocs=2, join=True)
+    holds half the 4-bit bytes; the all-gathers move the 4-bit bytes, not a dense copy. The paged
+    optimizer steps each rank's DTensor shards (its states are those of the local shard)."""
+    mp.spawn(fsdp_worker, args=(2, str(tmp_path / "init"), str(tmp_path), seed, double_quant, optimizer),
+             nprocs=2, join=True)
     ranks = [torch.load(os.path.join(tmp_path, f"rank{r}.pt")) for r in range(2)]
 
     model = build_model(seed, double_quant)
     n_4bit = sum(m.weight.numel() for m in model.modules() if isinstance(m, Linear4bit))
-    opt = make_optimizer(model)
+    opt = make_optimizer(model, optimizer)
     ref_losses = train(model, opt, global_batch(seed))
     ref_adapters = adapters(model)
 
@@ -89,6 +91,10 @@ def test_fsdp2_two_ranks_match_one_process(tmp_path, seed, double_quant):
             # Adam divides by sqrt(v): a near-zero gradient summed in another order can move its
             # entry by a visible fraction of one step (lr=1e-2), so the bound is 0.5% of a step
             torch.testing.assert_close(r["adapters"][name], value, rtol=1e-4, atol=5e-5, msg=lambda m: f"{name}: {m}")
+    if optimizer != "torch.AdamW":
+        global_elems = sum(v.numel() for v in ref_adapters.values())
+        assert [r["state_elems"] for r in ranks] == [r["local_elems"] for r in ranks]
+        assert sum(r["state_elems"] for r in ranks) == global_elems
     # memory: each rank stores half the 4-bit bytes (the units split evenly here)
     full = ranks[0]["full_4bit"]
     assert n_4bit < full < n_4bit * 1.2  # packed nibbles (n_4bit bytes) plus the block scales

@@ -37,7 +37,7 @@ from torch import nn
 from qlora_fast.nn.linear4bit import Linear4bit
 from qlora_fast.quant_state import NESTED_BLOCKSIZE, QuantState
 
-__all__ = ["ShardableLinear4bit", "prepare_4bit_for_fsdp", "shard_qlora_model", "four_bit_bytes"]
+__all__ = ["ShardableLinear4bit", "prepare_4bit_for_fsdp", "shard_qlora_model", "four_bit_bytes", "unit_layout"]
 
 
 class ShardableLinear4bit(Linear4bit):
@@ -56,16 +56,8 @@ class ShardableLinear4bit(Linear4bit):
             return module
         state = module.quant_state
         state.validate(module.weight)
-        unit = state.blocksize * (NESTED_BLOCKSIZE if state.nested else 1)
-        if state.numel % unit:
-            what = (f"{NESTED_BLOCKSIZE} absmax blocks of {state.blocksize} (double quantization)"
-                    if state.nested else f"blocks of {state.blocksize}")
-            raise ValueError(
-                f"{name}: a {tuple(state.shape)} 4-bit weight ({state.numel} elements) cannot be split on "
-                f"quantization-block boundaries: FSDP shards whole units of {unit} elements ({what}); "
-                f"use a size that is a multiple of {unit}, compress_statistics=False, or leave this layer unsharded"
-            )
-        n = state.numel // unit
+        n, _ = unit_layout(tuple(state.shape), state.blocksize, state.nested, name)
+        unit = state.numel // n
         parts = [module.weight.detach().reshape(n, unit // 2)]
         if state.nested:
             parts += [state.absmax.reshape(n, NESTED_BLOCKSIZE), state.nested_absmax.reshape(n, 1).view(torch.uint8)]
@@ -121,6 +113,24 @@ class ShardableLinear4bit(Linear4bit):
 
     def _load_from_state_dict(self, *args, **kwargs):
         nn.Module._load_from_state_dict(self, *args, **kwargs)
+
+
+def unit_layout(shape: tuple, blocksize: int, nested: bool, name: str = "weight") -> tuple:
+    """(n_units, unit_bytes) of a 4-bit weight of `shape` in `ShardableLinear4bit`'s layout.
+    ValueError (naming `name`) when it cannot be split on quantization-block boundaries."""
+    numel = 1
+    for s in shape:
+        numel *= int(s)
+    unit = blocksize * (NESTED_BLOCKSIZE if nested else 1)
+    if numel % unit:
+        what = (f"{NESTED_BLOCKSIZE} absmax blocks of {blocksize} (double quantization)"
+                if nested else f"blocks of {blocksize}")
+        raise ValueError(
+            f"{name}: a {tuple(shape)} 4-bit weight ({numel} elements) cannot be split on "
+            f"quantization-block boundaries: FSDP shards whole units of {unit} elements ({what}); "
+            f"use a size that is a multiple of {unit}, compress_statistics=False, or leave this layer unsharded"
+        )
+    return numel // unit, unit // 2 + (NESTED_BLOCKSIZE + 4 if nested else 4)
 
 
 def prepare_4bit_for_fsdp(model: nn.Module) -> nn.Module:

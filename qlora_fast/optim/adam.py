@@ -26,6 +26,12 @@ STATE8 = ("exp_avg_codes", "exp_avg_sq_codes", "exp_avg_absmax", "exp_avg_sq_abs
 _READY_DEVICE_TYPES = set()  # device types whose kernels were found: checked once, not per update
 
 
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a DTensor (FSDP2 parameters and gradients), else `t`: each rank keeps
+    and pages only the states of its own shard (the update is elementwise)."""
+    return t._local_tensor if hasattr(t, "_local_tensor") else t
+
+
 def _ops(device: torch.device):
     """torch.ops.qlora_fast, with the extension loaded; a clear error when `device` is CUDA and
     the extension was built without its CUDA kernels."""
@@ -121,7 +127,7 @@ class _PagedAdamBase(torch.optim.Optimizer):
         return "8bit" if self._eight_bit and p.numel() >= self._min_8bit_size else "32bit"
 
     def _page_ranges(self, p: torch.Tensor, kind: str):
-        n = p.numel()
+        n = _local(p).numel()
         size = self._page_elements[kind] if self._paged else max(n, 1)
         return [(s, min(n, s + size)) for s in range(0, n, size)] or [(0, 0)]
 
@@ -206,7 +212,7 @@ class _PagedAdamBase(torch.optim.Optimizer):
             streamed = []
             for group, p, grad, state in items:
                 gi = id(group)
-                pflat, gflat = p.detach().view(-1), grad.view(-1)
+                pflat, gflat = _local(p.detach()).view(-1), _local(grad).view(-1)
                 for page in state["pages"]:
                     manager.touch(page)
                     entry = (group, pflat[page.start:page.end], gflat[page.start:page.end], state, page)
