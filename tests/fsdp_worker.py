@@ -111,7 +111,14 @@ def fsdp_worker(rank, world_size, init_file, out_dir, seed, double_quant, optimi
         trainable = [p for p in model.parameters() if p.requires_grad]
         state_elems = sum(pg.end - pg.start for p in trainable for pg in opt.state[p].get("pages", []))
         local_elems = sum(p.to_local().numel() for p in trainable)
-        result = dict(losses=losses, state_elems=state_elems, local_elems=local_elems, adapters=adapters(model), full_4bit=full_4bit, local_4bit=local_4bit,
+        mp_losses = None
+        if optimizer != "torch.AdamW":  # the same run with bf16 compute for the adapters (FSDP2 mixed precision)
+            from torch.distributed.fsdp import MixedPrecisionPolicy
+
+            mp_model = shard_qlora_model(build_model(seed, double_quant), mp_policy=MixedPrecisionPolicy(
+                param_dtype=torch.bfloat16, reduce_dtype=torch.float32))
+            mp_losses = train(mp_model, make_optimizer(mp_model, optimizer), batches, mean_loss)
+        result = dict(losses=losses, mp_losses=mp_losses, state_elems=state_elems, local_elems=local_elems, adapters=adapters(model), full_4bit=full_4bit, local_4bit=local_4bit,
                       gathered=gathered, held_after_forward=held, unsharded=unsharded)
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
