@@ -164,6 +164,16 @@ def dcp_worker(rank, world_size, init_file, out_dir, seed):
             return at_ckpt, losses, adapters(model)
 
         first, second = run(False), run(True)
-        torch.save(dict(first=first, second=second), os.path.join(out_dir, f"rank{rank}.pt"))
+        # qlora_fast's optimizers keep flat local states that DCP would save as replicated: refused
+        model = shard_qlora_model(build_model(seed))
+        paged = make_optimizer(model, "PagedAdamW")
+        train(model, paged, batches[:1])
+        try:
+            save_adapter_checkpoint(model, paged, os.path.join(out_dir, "paged"))
+            refused = None
+        except NotImplementedError as e:
+            refused = str(e)
+        refused = (refused, os.path.exists(os.path.join(out_dir, "paged")))
+        torch.save(dict(first=first, second=second, refused=refused), os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()

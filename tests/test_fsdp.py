@@ -131,6 +131,8 @@ def test_dcp_checkpoint_resume_on_two_ranks_and_load_on_one(tmp_path, seed):
             assert torch.equal(saved[name], loaded[name]), name
             assert torch.equal(final[name], final2[name]), name
     assert not os.path.exists(tmp_path / "ckpt.partial")
+    message, written = r["refused"]
+    assert "PagedAdamW states on FSDP2-sharded" in message and not written
     # world size 1, no process group: same adapters; the optimizer state continues the same run
     model = build_model(seed)
     perturb_adapters(model, seed + 3)

@@ -40,6 +40,13 @@ def _state(model: nn.Module, optimizer) -> dict:
     trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
     if not trainable:
         raise ValueError("model has no trainable parameters to checkpoint")
+    if type(optimizer).__module__.startswith("qlora_fast.optim") and any(
+            hasattr(p, "_local_tensor") for p in trainable.values()):
+        # their state_dict holds each rank's flat local states as plain tensors, which DCP would
+        # take for replicated copies and save once: refuse rather than write a wrong checkpoint
+        raise NotImplementedError(
+            f"save/load of {type(optimizer).__name__} states on FSDP2-sharded (DTensor) parameters is not "
+            "supported yet; use torch.optim.AdamW for sharded checkpoints")
     return {"model": trainable, "optim": get_optimizer_state_dict(model, optimizer)}
 
 
