@@ -11,10 +11,19 @@ CONFIG = dict(vocab_size=64, hidden_size=256, intermediate_size=512, num_layers=
 GLOBAL_BATCH, SEQ, STEPS, LR = 4, 12, 3, 1e-2
 
 
-def build_model(seed, double_quant=True):
-    """The same QLoRA model (NF4 base, adapters on every projection) for any rank, from `seed`."""
+def build_model(seed, double_quant=True, hf=False):
+    """The same QLoRA model (NF4 base, adapters on every projection) for any rank, from `seed`:
+    the built-in Llama, or (hf=True) a transformers Llama of the same shape built from a config."""
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(LlamaConfig(**CONFIG))
+    if hf:
+        import transformers
+
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+            vocab_size=CONFIG["vocab_size"], hidden_size=CONFIG["hidden_size"], intermediate_size=CONFIG["intermediate_size"],
+            num_hidden_layers=CONFIG["num_layers"], num_attention_heads=CONFIG["num_heads"],
+            num_key_value_heads=CONFIG["num_kv_heads"], max_position_embeddings=CONFIG["max_seq_len"]))
+    else:
+        model = LlamaForCausalLM(LlamaConfig(**CONFIG))
     lora = LoraConfig(target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
                       r=4, alpha=8, quantize_base="nf4", double_quant=double_quant)
     model = get_peft_model(model, lora)
@@ -58,7 +67,7 @@ def train(model, opt, batches, on_step=None):
     return losses
 
 
-def fsdp_worker(rank, world_size, init_file, out_dir, seed, double_quant, optimizer):
+def fsdp_worker(rank, world_size, init_file, out_dir, seed, double_quant, optimizer, hf):
     import torch.distributed as dist
     from torch.distributed.fsdp._fully_shard._fsdp_collectives import DefaultAllGather
 
@@ -67,7 +76,7 @@ def fsdp_worker(rank, world_size, init_file, out_dir, seed, double_quant, optimi
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
     try:
-        model = build_model(seed, double_quant)
+        model = build_model(seed, double_quant, hf)
         full_4bit = four_bit_bytes(prepare_4bit_for_fsdp(model))
         shard_qlora_model(model)
         local_4bit = four_bit_bytes(model)
@@ -115,7 +124,7 @@ def fsdp_worker(rank, world_size, init_file, out_dir, seed, double_quant, optimi
         if optimizer != "torch.AdamW":  # the same run with bf16 compute for the adapters (FSDP2 mixed precision)
             from torch.distributed.fsdp import MixedPrecisionPolicy
 
-            mp_model = shard_qlora_model(build_model(seed, double_quant), mp_policy=MixedPrecisionPolicy(
+            mp_model = shard_qlora_model(build_model(seed, double_quant, hf), mp_policy=MixedPrecisionPolicy(
                 param_dtype=torch.bfloat16, reduce_dtype=torch.float32))
             mp_losses = train(mp_model, make_optimizer(mp_model, optimizer), batches, mean_loss)
         result = dict(losses=losses, mp_losses=mp_losses, state_elems=state_elems, local_elems=local_elems, adapters=adapters(model), full_4bit=full_4bit, local_4bit=local_4bit,

@@ -69,16 +69,18 @@ def test_bad_setups_raise_clear_errors():
         shard_qlora_model(nn.Sequential(nn.Linear(4, 4)))
 
 
-@pytest.mark.parametrize("double_quant, optimizer", [(True, "torch.AdamW"), (False, "PagedAdamW")])
-def test_fsdp2_two_ranks_match_one_process(tmp_path, seed, double_quant, optimizer):
+@pytest.mark.parametrize("double_quant, optimizer, hf", [(True, "torch.AdamW", False), (False, "PagedAdamW", True)],
+                         ids=["builtin-nested-AdamW", "transformers-PagedAdamW"])
+def test_fsdp2_two_ranks_match_one_process(tmp_path, seed, double_quant, optimizer, hf):
     """2-rank FSDP2 QLoRA training == single-process training of the global batch; each rank
     holds half the 4-bit bytes; the all-gathers move the 4-bit bytes, not a dense copy. The paged
-    optimizer steps each rank's DTensor shards (its states are those of the local shard)."""
-    mp.spawn(fsdp_worker, args=(2, str(tmp_path / "init"), str(tmp_path), seed, double_quant, optimizer),
+    optimizer steps each rank's DTensor shards (its states are those of the local shard). Models:
+    the built-in Llama and a tiny transformers Llama from a config."""
+    mp.spawn(fsdp_worker, args=(2, str(tmp_path / "init"), str(tmp_path), seed, double_quant, optimizer, hf),
              nprocs=2, join=True)
     ranks = [torch.load(os.path.join(tmp_path, f"rank{r}.pt")) for r in range(2)]
 
-    model = build_model(seed, double_quant)
+    model = build_model(seed, double_quant, hf)
     n_4bit = sum(m.weight.numel() for m in model.modules() if isinstance(m, Linear4bit))
     opt = make_optimizer(model, optimizer)
     ref_losses = train(model, opt, global_batch(seed))
