@@ -150,3 +150,16 @@ def test_dcp_checkpoint_resume_on_two_ranks_and_load_on_one(tmp_path, seed):
         torch.testing.assert_close(value, final[name], rtol=1e-4, atol=5e-5)
     with pytest.raises(FileExistsError, match="already exists"):
         save_adapter_checkpoint(model, opt, tmp_path / "ckpt")
+
+
+def test_sft_trainer_under_fsdp2_matches_ddp(tmp_path, seed):
+    """SFTTrainer on an FSDP2-sharded QLoRA model (2 ranks, grad_accum 2) trains like the same
+    trainer under DDP: same losses, same adapters."""
+    from sft_fsdp_worker import sft_fsdp_worker
+
+    mp.spawn(sft_fsdp_worker, args=(2, str(tmp_path / "init"), str(tmp_path), seed), nprocs=2, join=True)
+    for rank in range(2):
+        r = torch.load(os.path.join(tmp_path, f"rank{rank}.pt"))
+        torch.testing.assert_close(torch.tensor(r["fsdp"]["losses"]), torch.tensor(r["ddp"]["losses"]), rtol=1e-5, atol=1e-6)
+        for name, value in r["ddp"]["adapters"].items():
+            torch.testing.assert_close(r["fsdp"]["adapters"][name], value, rtol=1e-4, atol=5e-5)
