@@ -6,7 +6,7 @@ import torch
 from qlora_fast.models import LlamaConfig, LlamaForCausalLM
 from qlora_fast.peft import LoraConfig, get_peft_model
 
-CONFIG = dict(vocab_size=64, hidden_size=256, intermediate_size=512, num_layers=2, num_heads=4, num_kv_heads=2,
+CONFIG = dict(vocab_size=64, hidden_size=256, intermediate_size=320, num_layers=2, num_heads=4, num_kv_heads=2,
               max_seq_len=32)
 GLOBAL_BATCH, SEQ, STEPS, LR = 4, 12, 3, 1e-2
 
