@@ -159,9 +159,9 @@ def dcp_worker(rank, world_size, init_file, out_dir, seed):
         batches = global_batch(seed)[:, rank * per:(rank + 1) * per]
         ckpt = os.path.join(out_dir, "ckpt")
 
-        def run(load):
+        def run(load, optimizer="torch.AdamW", ckpt=ckpt):
             model = shard_qlora_model(build_model(seed))
-            opt = make_optimizer(model)
+            opt = make_optimizer(model, optimizer)
             if load:
                 perturb_adapters(model, seed + 7)
                 load_adapter_checkpoint(model, opt, ckpt)
@@ -173,16 +173,19 @@ def dcp_worker(rank, world_size, init_file, out_dir, seed):
             return at_ckpt, losses, adapters(model)
 
         first, second = run(False), run(True)
-        # qlora_fast's optimizers keep flat local states that DCP would save as replicated: refused
+        paged_ckpt = os.path.join(out_dir, "paged")
+        paged = (run(False, "PagedAdamW", paged_ckpt), run(True, "PagedAdamW", paged_ckpt))
+        # 8-bit states are quantized per block of the local shard: refused, nothing written
         model = shard_qlora_model(build_model(seed))
-        paged = make_optimizer(model, "PagedAdamW")
-        train(model, paged, batches[:1])
+        opt8 = make_optimizer(model, "PagedAdamW8bit")
+        opt8._min_8bit_size = 0  # every adapter gets 8-bit states
+        train(model, opt8, batches[:1])
         try:
-            save_adapter_checkpoint(model, paged, os.path.join(out_dir, "paged"))
+            save_adapter_checkpoint(model, opt8, os.path.join(out_dir, "eight"))
             refused = None
         except NotImplementedError as e:
             refused = str(e)
-        refused = (refused, os.path.exists(os.path.join(out_dir, "paged")))
-        torch.save(dict(first=first, second=second, refused=refused), os.path.join(out_dir, f"rank{rank}.pt"))
+        refused = (refused, os.path.exists(os.path.join(out_dir, "eight")))
+        torch.save(dict(first=first, second=second, paged=paged, refused=refused), os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()

@@ -151,8 +151,14 @@ def test_dcp_checkpoint_resume_on_two_ranks_and_load_on_one(tmp_path, seed):
             assert torch.equal(saved[name], loaded[name]), name
             assert torch.equal(final[name], final2[name]), name
     assert not os.path.exists(tmp_path / "ckpt.partial")
+    for rank in range(2):  # the same with qlora_fast's PagedAdamW (its states saved as DTensor shards)
+        (saved_p, losses_p, final_p), (loaded_p, losses_p2, final_p2) = torch.load(
+            os.path.join(tmp_path, f"rank{rank}.pt"))["paged"]
+        assert losses_p == losses_p2
+        for name in saved_p:
+            assert torch.equal(saved_p[name], loaded_p[name]) and torch.equal(final_p[name], final_p2[name]), name
     message, written = r["refused"]
-    assert "PagedAdamW states on FSDP2-sharded" in message and not written
+    assert "8-bit optimizer states on FSDP2-sharded" in message and not written
     # world size 1, no process group: same adapters; the optimizer state continues the same run
     model = build_model(seed)
     perturb_adapters(model, seed + 3)

@@ -1,8 +1,9 @@
 """Sharded checkpoints of the trainable part of a (Q)LoRA model with `torch.distributed.checkpoint`.
 
 `save_adapter_checkpoint` writes the trainable parameters (the adapters; the frozen 4-bit base is
-rebuilt from the base model, not saved) and the optimizer state, each rank writing its own
-shards, to a folder; `load_adapter_checkpoint` reads it back on any world size (DCP reshards
+rebuilt from the base model, not saved) and the optimizer state (torch's optimizers, or
+qlora_fast's 32-bit ones, paged or not, whose states are DTensors sharded like their parameters;
+8-bit states on sharded parameters raise NotImplementedError), each rank writing its own shards, to a folder; `load_adapter_checkpoint` reads it back on any world size (DCP reshards
 DTensors, and loads into plain tensors in a single process without a process group).
 The folder appears only once every rank has finished (written under `<path>.partial`, then
 renamed), and a load fills copies first, so a failed load leaves the model and optimizer as they were.
@@ -40,13 +41,6 @@ def _state(model: nn.Module, optimizer) -> dict:
     trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
     if not trainable:
         raise ValueError("model has no trainable parameters to checkpoint")
-    if type(optimizer).__module__.startswith("qlora_fast.optim") and any(
-            hasattr(p, "_local_tensor") for p in trainable.values()):
-        # their state_dict holds each rank's flat local states as plain tensors, which DCP would
-        # take for replicated copies and save once: refuse rather than write a wrong checkpoint
-        raise NotImplementedError(
-            f"save/load of {type(optimizer).__name__} states on FSDP2-sharded (DTensor) parameters is not "
-            "supported yet; use torch.optim.AdamW for sharded checkpoints")
     return {"model": trainable, "optim": get_optimizer_state_dict(model, optimizer)}
 
 

@@ -32,6 +32,23 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return t._local_tensor if hasattr(t, "_local_tensor") else t
 
 
+def _as_dtensor_states(state: dict, p) -> dict:
+    """The 32-bit states of an FSDP2 (DTensor) parameter as DTensors sharded like it, so that
+    torch.distributed.checkpoint saves every rank's shard and can reshard them on load. 8-bit
+    states are quantized per block of the local shard, which no other sharding can reload."""
+    if state["kind"] != "32bit":
+        raise NotImplementedError("state_dict of 8-bit optimizer states on FSDP2-sharded (DTensor) parameters is "
+                                  "not supported yet: use 32-bit states (PagedAdamW, AdamW) for sharded checkpoints")
+    from torch.distributed.tensor import DTensor
+
+    local = p._local_tensor
+    out = dict(state)
+    for name in STATE32:
+        out[name] = DTensor.from_local(state[name].to(local.device).view(local.shape), p.device_mesh, p.placements,
+                                       run_check=False, shape=p.shape, stride=p.stride())
+    return out
+
+
 def _ops(device: torch.device):
     """torch.ops.qlora_fast, with the extension loaded; a clear error when `device` is CUDA and
     the extension was built without its CUDA kernels."""
@@ -264,6 +281,10 @@ class _PagedAdamBase(torch.optim.Optimizer):
             manager.synchronize()
         sd = super().state_dict()
         sd["state"] = {k: (self._flat_state(v) if "pages" in v else v) for k, v in sd["state"].items()}
+        params = list(chain.from_iterable(g["params"] for g in self.param_groups))
+        for k, state in sd["state"].items():
+            if hasattr(params[k], "_local_tensor") and "kind" in state:
+                sd["state"][k] = _as_dtensor_states(state, params[k])
         return sd
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -288,8 +309,8 @@ class _PagedAdamBase(torch.optim.Optimizer):
                 raise ValueError(f"parameter {saved_id} has {saved.get('kind')!r} states in the state_dict "
                                  f"but this optimizer keeps {kind!r} states for it")
             names = STATE32 if kind == "32bit" else STATE8
-            flat = {name: saved[name] for name in names}
-            n = p.numel()
+            flat = {name: _local(saved[name]) for name in names}  # DTensor states: this rank's shard
+            n = _local(p).numel()
             for name, t in flat.items():
                 want = -(-n // QUANT_BLOCK) if name.endswith("absmax") else n
                 if t.numel() != want:
