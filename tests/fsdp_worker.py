@@ -164,10 +164,13 @@ def dcp_worker(rank, world_size, init_file, out_dir, seed):
             opt = make_optimizer(model, optimizer)
             if load:
                 perturb_adapters(model, seed + 7)
-                load_adapter_checkpoint(model, opt, ckpt)
+                extra = load_adapter_checkpoint(model, opt, ckpt)
+                rng = extra.pop("rng")  # the trainer state comes back with the checkpoint
+                assert torch.equal(rng, torch.arange(3)) and extra == {"step": 1, "history": [{"loss": 1.5}]}, extra
             else:
                 train(model, opt, batches[:1])
-                save_adapter_checkpoint(model, opt, ckpt)
+                save_adapter_checkpoint(model, opt, ckpt, extra={"step": 1, "history": [{"loss": 1.5}],
+                                                                 "rng": torch.arange(3)})
             at_ckpt = adapters(model)
             losses = train(model, opt, batches[1:])
             return at_ckpt, losses, adapters(model)

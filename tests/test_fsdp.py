@@ -163,7 +163,8 @@ def test_dcp_checkpoint_resume_on_two_ranks_and_load_on_one(tmp_path, seed):
     model = build_model(seed)
     perturb_adapters(model, seed + 3)
     opt = make_optimizer(model)
-    load_adapter_checkpoint(model, opt, tmp_path / "ckpt")
+    extra = load_adapter_checkpoint(model, opt, tmp_path / "ckpt")
+    assert extra["step"] == 1 and extra["history"] == [{"loss": 1.5}]
     for name, value in adapters(model).items():
         assert torch.equal(value, saved[name]), name
     one_losses = train(model, opt, global_batch(seed)[1:])
@@ -172,6 +173,19 @@ def test_dcp_checkpoint_resume_on_two_ranks_and_load_on_one(tmp_path, seed):
     torch.testing.assert_close(torch.tensor(one_losses), torch.tensor(ranks_mean), rtol=1e-5, atol=1e-6)
     for name, value in adapters(model).items():
         assert_adam_close(value, final[name], name)
+    # a failed load (one adapter of another shape) leaves the model and optimizer as they were
+    other = build_model(seed)
+    perturb_adapters(other, seed + 5)
+    layer = other.get_submodule("base_model.model.layers.1.mlp.down_proj")
+    layer.lora_A = nn.Parameter(torch.randn(5, layer.lora_A.shape[1]))
+    other_opt = make_optimizer(other)
+    before = {n: p.detach().clone() for n, p in other.named_parameters() if p.requires_grad}
+    with pytest.raises(ValueError, match="does not match this model/optimizer"):
+        load_adapter_checkpoint(other, other_opt, tmp_path / "ckpt")
+    assert all(torch.equal(p, before[n]) for n, p in other.named_parameters() if p.requires_grad)
+    assert not other_opt.state
+    with pytest.raises(FileNotFoundError):
+        load_adapter_checkpoint(other, other_opt, tmp_path / "missing")
     with pytest.raises(FileExistsError, match="already exists"):
         save_adapter_checkpoint(model, opt, tmp_path / "ckpt")
 
