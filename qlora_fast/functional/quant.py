@@ -187,7 +187,7 @@ def dequantize_4bit(packed: torch.Tensor, state: QuantState, out_dtype: Optional
             raise ValueError(f"packed is on {packed.device} but {name} is on {t.device}: move both with .to(device)")
     out = _dequantize_4bit_op(
         packed.contiguous(),
-        state.absmax.contiguous(),
+        state.absmax.reshape(-1),  # flat (a copy only for a strided view, e.g. FSDP units)
         state.nested_absmax,
         state.nested_code,
         state.offset,

@@ -27,6 +27,29 @@ STATE8 = ("exp_avg_codes", "exp_avg_sq_codes", "exp_avg_absmax", "exp_avg_sq_abs
 _READY_DEVICE_TYPES = set()  # device types whose kernels were found: checked once, not per update
 
 
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a DTensor (FSDP2 parameters and gradients), else `t`: each rank keeps
+    and pages only the states of its own shard (the update is elementwise)."""
+    return t._local_tensor if hasattr(t, "_local_tensor") else t
+
+
+def _as_dtensor_states(state: dict, p) -> dict:
+    """The 32-bit states of an FSDP2 (DTensor) parameter as DTensors sharded like it, so that
+    torch.distributed.checkpoint saves every rank's shard and can reshard them on load. 8-bit
+    states are quantized per block of the local shard, which no other sharding can reload."""
+    if state["kind"] != "32bit":
+        raise NotImplementedError("state_dict of 8-bit optimizer states on FSDP2-sharded (DTensor) parameters is "
+                                  "not supported yet: use 32-bit states (PagedAdamW, AdamW) for sharded checkpoints")
+    from torch.distributed.tensor import DTensor
+
+    local = p._local_tensor
+    out = dict(state)
+    for name in STATE32:
+        out[name] = DTensor.from_local(state[name].to(local.device).view(local.shape), p.device_mesh, p.placements,
+                                       run_check=False, shape=p.shape, stride=p.stride())
+    return out
+
+
 def _ops(device: torch.device):
     """torch.ops.qlora_fast, with the extension loaded; a clear error when `device` is CUDA and
     the extension was built without its CUDA kernels."""
@@ -135,7 +158,7 @@ class _PagedAdamBase(torch.optim.Optimizer):
     def _page_ranges(self, p: torch.Tensor, kind: str):
         """Equal pages (whole 256-blocks, the last possibly shorter) of at most page_bytes each:
         a 2048x2048 parameter splits into halves, not into a full page and a sliver."""
-        n = p.numel()
+        n = _local(p).numel()
         if not self._paged or n == 0:
             return [(0, n)]
         blocks = -(-n // QUANT_BLOCK)
@@ -231,9 +254,9 @@ class _PagedAdamBase(torch.optim.Optimizer):
                     page = pages[0]
                     if paged:
                         manager.touch(page)
-                    resident[key].append((group, p, grad, state, page))
+                    resident[key].append((group, _local(p), _local(grad), state, page))
                     continue
-                pflat, gflat = p.detach().view(-1), grad.view(-1)
+                pflat, gflat = _local(p.detach()).view(-1), _local(grad).view(-1)
                 for page in pages:
                     manager.touch(page)
                     entry = (group, pflat[page.start:page.end], gflat[page.start:page.end], state, page)
@@ -344,6 +367,10 @@ class _PagedAdamBase(torch.optim.Optimizer):
         self._read_pending_checks(wait=True)
         sd = super().state_dict()
         sd["state"] = {k: (self._flat_state(v) if "pages" in v else v) for k, v in sd["state"].items()}
+        params = list(chain.from_iterable(g["params"] for g in self.param_groups))
+        for k, state in sd["state"].items():
+            if hasattr(params[k], "_local_tensor") and "kind" in state:
+                sd["state"][k] = _as_dtensor_states(state, params[k])
         return sd
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -405,9 +432,10 @@ class _PagedAdamBase(torch.optim.Optimizer):
                 raise ValueError(f"'step' of parameter {saved_id} must be an integer >= 0, got {saved.get('step')!r}")
             names = STATE32 if kind == "32bit" else STATE8
             flat = {}
-            n = p.numel()
+            n = _local(p).numel()
             for name in names:
                 t = saved.get(name)
+                t = _local(t) if isinstance(t, torch.Tensor) else t  # DTensor states: this rank's shard
                 if not isinstance(t, torch.Tensor):
                     raise ValueError(f"state {name!r} of parameter {saved_id} is missing or not a tensor")
                 want_dtype = torch.uint8 if name.endswith("codes") else torch.float32

@@ -209,6 +209,10 @@ def make_optimizer(name: str, params, lr: float, weight_decay: float):
 
 
 # ---------------------------------------------------------------------------- trainer
+_FSDP_CHECKPOINT = ("SFTTrainer checkpoints of an FSDP2-sharded model are not supported yet (each rank holds "
+                    "only its shards): use qlora_fast.distributed.save_adapter_checkpoint / load_adapter_checkpoint")
+
+
 class SFTTrainer:
     """Instruction tuning of `model` (usually a `PeftModel`; only parameters with requires_grad
     train) on `train_data`, a list of {"instruction", "output"} dicts, with optional `eval_data`
@@ -249,7 +253,14 @@ class SFTTrainer:
         self.history: List[dict] = []
         self._ddp = None
         self._perm, self._perm_epoch = None, None
-        if self.distributed:
+        # a model already sharded with FSDP2 (qlora_fast.distributed.shard_qlora_model) reduces its
+        # own gradients; anything else is wrapped in DDP
+        from torch.distributed.fsdp import FSDPModule
+
+        self._fsdp = isinstance(model, FSDPModule)
+        if self._fsdp and c.checkpoint_every:
+            raise NotImplementedError(_FSDP_CHECKPOINT)
+        if self.distributed and not self._fsdp:
             device_ids = [_device(model).index] if _device(model).type == "cuda" else None
             self._ddp = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
 
@@ -285,6 +296,8 @@ class SFTTrainer:
 
     def save_checkpoint(self, path: Optional[str] = None) -> Optional[str]:
         """Write the resumable state (rank 0 only); default path output_dir/checkpoint-<step>.pt."""
+        if self._fsdp:
+            raise NotImplementedError(_FSDP_CHECKPOINT)
         if not self.is_main:
             return None
         if path is None:
@@ -302,6 +315,8 @@ class SFTTrainer:
 
     def load_checkpoint(self, path: str) -> None:
         """Restore a checkpoint of this run; ValueError naming what differs when another run wrote it."""
+        if self._fsdp:
+            raise NotImplementedError(_FSDP_CHECKPOINT)
         state = load_checkpoint(path, self.model, self.optimizer, self.scheduler, run=self.run_identity())
         self.step = state["step"]
         self.history = list(state["extra"].get("history", []))

@@ -1,0 +1,110 @@
+"""Sharded checkpoints of the trainable part of a (Q)LoRA model with `torch.distributed.checkpoint`.
+
+`save_adapter_checkpoint` writes the trainable parameters (the adapters; the frozen 4-bit base is
+rebuilt from the base model, not saved) and the optimizer state (torch's optimizers, or
+qlora_fast's 32-bit ones, paged or not, whose states are DTensors sharded like their parameters;
+8-bit states on sharded parameters raise NotImplementedError), each rank writing its own shards, to a folder; `load_adapter_checkpoint` reads it back on any world size (DCP reshards
+DTensors, and loads into plain tensors in a single process without a process group).
+The folder appears only once every rank has finished (written under `<path>.partial`, then
+renamed), and a load fills copies first, so a failed load leaves the model and optimizer as they were.
+"""
+import copy
+import os
+import shutil
+from typing import Optional
+
+import torch
+from torch import nn
+
+__all__ = ["save_adapter_checkpoint", "load_adapter_checkpoint"]
+
+
+def _dist():
+    import torch.distributed as dist
+
+    return dist if dist.is_available() and dist.is_initialized() else None
+
+
+def _barrier():
+    dist = _dist()
+    if dist is not None:
+        dist.barrier()
+
+
+def _state(model: nn.Module, optimizer) -> dict:
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+    # the trainable parameters by name (FSDP2 keeps the names; under it they are DTensor shards).
+    # Not model.state_dict(): 4-bit modules add bitsandbytes-style keys that DCP's helpers reject.
+    trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    if not trainable:
+        raise ValueError("model has no trainable parameters to checkpoint")
+    return {"model": trainable, "optim": get_optimizer_state_dict(model, optimizer)}
+
+
+_EXTRA = "trainer_state.pt"
+
+
+def save_adapter_checkpoint(model: nn.Module, optimizer, path: str, extra: Optional[dict] = None) -> None:
+    """Save the trainable parameters and optimizer state of `model` (FSDP2-sharded or not) to the
+    folder `path`, which must not exist yet (FileExistsError). Call on every rank. `extra`: the
+    trainer state (step, scheduler state, history...: plain Python values and tensors), written
+    once by rank 0 and returned by `load_adapter_checkpoint`."""
+    if extra is not None and not isinstance(extra, dict):
+        raise TypeError(f"extra must be a dict or None, got {type(extra).__name__}")
+    import torch.distributed.checkpoint as dcp
+
+    path = os.fspath(path)
+    if os.path.exists(path):
+        raise FileExistsError(f"checkpoint folder {path!r} already exists; choose a new path")
+    state = _state(model, optimizer)
+    partial = path + ".partial"
+    dist = _dist()
+    if dist is None or dist.get_rank() == 0:
+        shutil.rmtree(partial, ignore_errors=True)
+    _barrier()
+    dcp.save(state, checkpoint_id=partial, no_dist=dist is None)
+    if dist is None or dist.get_rank() == 0:
+        torch.save({} if extra is None else extra, os.path.join(partial, _EXTRA))
+    _barrier()
+    if dist is None or dist.get_rank() == 0:
+        os.replace(partial, path)
+    _barrier()
+
+
+def load_adapter_checkpoint(model: nn.Module, optimizer, path: str) -> dict:
+    """Load a `save_adapter_checkpoint` folder into `model` and `optimizer` (same parameter names;
+    any world size) and return its `extra` trainer state. Call on every rank. FileNotFoundError
+    for a missing folder, ValueError for missing or mis-shaped entries; on error the model and
+    optimizer are left as they were."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
+    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"no checkpoint folder at {path!r}")
+    extra = torch.load(os.path.join(path, _EXTRA), weights_only=True)
+    # DCP's helpers create the states of a fresh optimizer: restore them if the load fails
+    optimizer_before = copy.deepcopy(optimizer.state_dict())
+    try:
+        state = _state(model, optimizer)
+        # fill copies (the state dicts may hand out live tensors) so a failed read changes nothing
+        state = torch.utils._pytree.tree_map_only(torch.Tensor, lambda t: t.detach().clone(), state)
+        dcp.load(state, checkpoint_id=path, no_dist=_dist() is None)
+    except CheckpointException as e:  # a BaseException in torch: made an ordinary, catchable error
+        optimizer.load_state_dict(optimizer_before)
+        raise ValueError(f"checkpoint {path!r} does not match this model/optimizer (names or shapes): {e}") from None
+    except Exception:
+        optimizer.load_state_dict(optimizer_before)
+        raise
+    set_optimizer_state_dict(model, optimizer, state["optim"])  # checks the state; then the copies cannot fail
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in state["model"].items():
+            params[name].copy_(value)
+    return extra

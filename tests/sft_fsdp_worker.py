@@ -1,0 +1,44 @@
+"""Spawned by tests/test_fsdp.py: the same QLoRA SFT run under DDP (SFTTrainer's own wrapping)
+and under FSDP2 with the sharded 4-bit base, in the same 2 gloo processes."""
+import os
+
+import torch
+import torch.distributed as dist
+
+from fsdp_worker import CONFIG
+from qlora_fast.data import load_instructions
+from qlora_fast.models import LlamaConfig, LlamaForCausalLM
+from qlora_fast.peft import LoraConfig, get_peft_model
+from qlora_fast.tokenizer.base import ByteTokenizer
+from qlora_fast.train.sft import SFTConfig, SFTTrainer
+
+
+def qlora_model(seed):
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(LlamaConfig(**{**CONFIG, "vocab_size": ByteTokenizer().vocab_size, "max_seq_len": 96}))
+    return get_peft_model(model, LoraConfig(r=4, alpha=8, quantize_base="nf4"))
+
+
+def sft_fsdp_worker(rank, world_size, init_file, out_dir, seed):
+    from qlora_fast.distributed import shard_qlora_model
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        config = SFTConfig(max_steps=2, batch_size=2, grad_accum=2, lr=1e-2, warmup_steps=0, max_seq_len=96,
+                           optimizer="torch_adamw", progress=False)
+        data = load_instructions("train")[:32]
+        out = {}
+        for mode in ("ddp", "fsdp"):
+            model = qlora_model(seed)
+            if mode == "fsdp":
+                shard_qlora_model(model)
+            trainer = SFTTrainer(model, ByteTokenizer(), data, config=config)
+            assert (trainer._ddp is None) == (mode == "fsdp")
+            history = trainer.train()
+            adapters = {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
+                        for n, p in model.named_parameters() if p.requires_grad}
+            out[mode] = dict(losses=[h["loss"] for h in history], adapters=adapters)
+        torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()

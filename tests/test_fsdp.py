@@ -1,0 +1,203 @@
+"""FSDP2 with the 4-bit base sharded (qlora_fast.distributed), on CPU with gloo and 2 processes.
+
+The oracle is single-process training of the same model on the same global batch (plain
+`Linear4bit` bases, no sharding) with torch's own AdamW."""
+import os
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from torch import nn
+
+from fsdp_worker import (adapters, build_model, dcp_worker, fsdp_worker, global_batch, make_optimizer,
+                         perturb_adapters, train)
+from qlora_fast.distributed import (ShardableLinear4bit, four_bit_bytes, load_adapter_checkpoint, prepare_4bit_for_fsdp,
+                                    save_adapter_checkpoint, shard_qlora_model)
+from qlora_fast.distributed.fsdp import unit_layout
+from qlora_fast.nn import Linear4bit, QLoRALinear
+
+
+def assert_adam_close(actual, expected, name):
+    """Adapters after a few Adam steps, from gradients summed in another order (reduce-scatter vs
+    one process). Adam divides by sqrt(v), so an entry whose gradient is ~0 moves by up to a whole
+    step (lr) on rounding alone: all but 1% of the entries must agree to 5e-5 (0.5% of a step),
+    and none may be off by more than the total step size LR * STEPS."""
+    from fsdp_worker import LR, STEPS
+
+    diff = (actual - expected).abs()
+    off = (diff > 5e-5 + 1e-4 * expected.abs()).float().mean().item()
+    assert off <= 0.01, f"{name}: {off:.2%} of the entries differ"
+    assert diff.max().item() <= LR * STEPS, f"{name}: max difference {diff.max().item():.3g}"
+
+
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_shardable_layout_is_the_same_weight(seed, double_quant):
+    """The unit layout dequantizes to the same weight, forward and input gradient as the plain
+    module, and converts back losslessly."""
+    torch.manual_seed(seed)
+    lin = nn.Linear(512, 96)
+    with torch.no_grad():
+        lin.weight[3, 7] = 40.0  # an outlier block
+    plain = QLoRALinear.from_linear(lin, r=3, compress_statistics=double_quant)
+    with torch.no_grad():
+        plain.lora_B.normal_()
+    x = torch.randn(5, 512, requires_grad=True)
+    ref = plain(x)
+    ref.sum().backward()
+    ref_grad, x.grad = x.grad, None
+    base = plain.base
+    model = prepare_4bit_for_fsdp(nn.Sequential(plain))
+    shardable = model[0].base
+    assert isinstance(shardable, ShardableLinear4bit)
+    unit = 64 * (256 if double_quant else 1)
+    assert tuple(shardable.units.shape) == (512 * 96 // unit, unit // 2 + (256 + 4 if double_quant else 4))
+    torch.testing.assert_close(shardable.dequantize_weight(), base.dequantize_weight(), rtol=0, atol=0)
+    out = model(x)
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    # what autograd keeps for the backward are views of `units` (under FSDP2: of its unsharded
+    # storage, freed after the forward), not copies of the 4-bit bytes
+    node = out.grad_fn
+    while not hasattr(node, "weight"):
+        node = node.next_functions[0][0]
+    kept, kept_state = node.weight
+    storage = shardable.units.untyped_storage().data_ptr()
+    tensors = [kept, kept_state.absmax] + ([kept_state.nested_absmax] if double_quant else [])
+    assert all(t.untyped_storage().data_ptr() == storage for t in tensors)
+    out.sum().backward()
+    torch.testing.assert_close(x.grad, ref_grad, rtol=0, atol=0)
+    back = shardable.to_linear4bit()
+    torch.testing.assert_close(back.dequantize_weight(), base.dequantize_weight(), rtol=0, atol=0)
+    # the 4-bit size: half a byte per element plus the block scales
+    expected = 512 * 96 // 2 + (512 * 96 // 64 + 4 * 512 * 96 // unit if double_quant else 4 * 512 * 96 // 64)
+    assert four_bit_bytes(model) == expected
+
+
+def test_bad_setups_raise_clear_errors():
+    odd = nn.Sequential(Linear4bit.from_linear(nn.Linear(100, 30)), Linear4bit.from_linear(nn.Linear(256, 64)))
+    with pytest.raises(ValueError, match=r"0: a \(30, 100\) 4-bit weight .*-block boundaries"):
+        prepare_4bit_for_fsdp(odd)
+    assert type(odd[1]) is Linear4bit  # nothing swapped on failure
+    with pytest.raises(TypeError, match="must be a qlora_fast.nn.Linear4bit"):
+        ShardableLinear4bit.from_linear4bit(nn.Linear(4, 4))
+    with pytest.raises(RuntimeError, match="torch.distributed initialised"):
+        shard_qlora_model(nn.Sequential(nn.Linear(4, 4)))
+
+
+@pytest.mark.parametrize("double_quant, optimizer, hf", [(True, "torch.AdamW", False), (False, "PagedAdamW", True)],
+                         ids=["builtin-nested-AdamW", "transformers-PagedAdamW"])
+def test_fsdp2_two_ranks_match_one_process(tmp_path, seed, double_quant, optimizer, hf):
+    """2-rank FSDP2 QLoRA training == single-process training of the global batch; each rank
+    holds half the 4-bit bytes; the all-gathers move the 4-bit bytes, not a dense copy. The paged
+    optimizer steps each rank's DTensor shards (its states are those of the local shard). Models:
+    the built-in Llama and a tiny transformers Llama from a config."""
+    mp.spawn(fsdp_worker, args=(2, str(tmp_path / "init"), str(tmp_path), seed, double_quant, optimizer, hf),
+             nprocs=2, join=True)
+    ranks = [torch.load(os.path.join(tmp_path, f"rank{r}.pt")) for r in range(2)]
+
+    model = build_model(seed, double_quant, hf)
+    n_4bit = sum(m.weight.numel() for m in model.modules() if isinstance(m, Linear4bit))
+    opt = make_optimizer(model, optimizer)
+    ref_losses = train(model, opt, global_batch(seed))
+    ref_adapters = adapters(model)
+
+    for r in ranks:
+        torch.testing.assert_close(torch.tensor(r["losses"]), torch.tensor(ref_losses), rtol=1e-5, atol=1e-6)
+        assert r["adapters"].keys() == ref_adapters.keys()
+        for name, value in ref_adapters.items():
+            assert_adam_close(r["adapters"][name], value, name)
+    if optimizer != "torch.AdamW":
+        # bf16 adapter compute (MixedPrecisionPolicy) tracks the fp32 run to bf16 precision
+        torch.testing.assert_close(torch.tensor(ranks[0]["mp_losses"]), torch.tensor(ref_losses), rtol=4e-3, atol=0)
+        assert ranks[0]["mp_losses"] != ref_losses  # the policy took effect
+        global_elems = sum(v.numel() for v in ref_adapters.values())
+        assert [r["state_elems"] for r in ranks] == [r["local_elems"] for r in ranks]
+        assert sum(r["state_elems"] for r in ranks) == global_elems
+    # memory: each rank stores its whole units of every weight, half of them (the MLP weights have
+    # 5 units with double quantization: uneven shards, 3 on rank 0 and 2 on rank 1)
+    full = ranks[0]["full_4bit"]
+    assert n_4bit < full < n_4bit * 1.2  # packed nibbles (n_4bit bytes) plus the block scales
+    layouts = [unit_layout(tuple(m.quant_state.shape), 64, double_quant) for m in model.modules()
+               if isinstance(m, Linear4bit)]
+    assert sum(n * b for n, b in layouts) == full
+    first = sum(-(-n // 2) * b for n, b in layouts)
+    assert [r["local_4bit"] for r in ranks] == [first, full - first]
+    assert full - first >= 0.4 * full
+    # communication: in one step each FSDP unit (2 decoder layers, the root) gathers its unsharded
+    # (padded) parameters for its forward and again for its backward (all resharded after forward);
+    # the 4-bit part of that is `full` bytes, not 2 bytes per element
+    sizes = ranks[0]["unsharded"]
+    layer_bytes = {}
+    for name, size in sizes.items():
+        key = next((f"layers.{i}." for i in range(2) if f"layers.{i}." in name), "root")
+        layer_bytes[key] = layer_bytes.get(key, 0) + size
+    gathered = ranks[0]["gathered"]
+    assert sorted(gathered) == sorted([layer_bytes[k] for k in ("root", "layers.0.", "layers.1.")] * 2)
+    four_bit_in_gathers = sum(s for n, s in sizes.items() if n.endswith("units"))
+    assert four_bit_in_gathers == 2 * first  # the 4-bit bytes, with FSDP2's padding of uneven shards
+    assert len(ranks[0]["held_after_forward"]) == 14 and not any(ranks[0]["held_after_forward"])
+    dense = 2 * n_4bit * 2  # what a bf16 copy of the same weights would be
+    assert sum(gathered) < dense
+
+
+def test_dcp_checkpoint_resume_on_two_ranks_and_load_on_one(tmp_path, seed):
+    """DCP save of adapters + AdamW state on 2 ranks; a fresh 2-rank run that loads it continues
+    bit-identically; one process loads the same adapters and optimizer state."""
+    mp.spawn(dcp_worker, args=(2, str(tmp_path / "init"), str(tmp_path), seed), nprocs=2, join=True)
+    for rank in range(2):
+        r = torch.load(os.path.join(tmp_path, f"rank{rank}.pt"))
+        (saved, losses, final), (loaded, losses2, final2) = r["first"], r["second"]
+        assert losses == losses2  # bit-identical continuation
+        for name in saved:
+            assert torch.equal(saved[name], loaded[name]), name
+            assert torch.equal(final[name], final2[name]), name
+    assert not os.path.exists(tmp_path / "ckpt.partial")
+    for rank in range(2):  # the same with qlora_fast's PagedAdamW (its states saved as DTensor shards)
+        (saved_p, losses_p, final_p), (loaded_p, losses_p2, final_p2) = torch.load(
+            os.path.join(tmp_path, f"rank{rank}.pt"))["paged"]
+        assert losses_p == losses_p2
+        for name in saved_p:
+            assert torch.equal(saved_p[name], loaded_p[name]) and torch.equal(final_p[name], final_p2[name]), name
+    message, written = r["refused"]
+    assert "8-bit optimizer states on FSDP2-sharded" in message and not written
+    # world size 1, no process group: same adapters; the optimizer state continues the same run
+    model = build_model(seed)
+    perturb_adapters(model, seed + 3)
+    opt = make_optimizer(model)
+    extra = load_adapter_checkpoint(model, opt, tmp_path / "ckpt")
+    assert extra["step"] == 1 and extra["history"] == [{"loss": 1.5}]
+    for name, value in adapters(model).items():
+        assert torch.equal(value, saved[name]), name
+    one_losses = train(model, opt, global_batch(seed)[1:])
+    ranks_mean = [sum(pair) / 2 for pair in zip(*(torch.load(os.path.join(tmp_path, f"rank{k}.pt"))["first"][1]
+                                                    for k in range(2)))]
+    torch.testing.assert_close(torch.tensor(one_losses), torch.tensor(ranks_mean), rtol=1e-5, atol=1e-6)
+    for name, value in adapters(model).items():
+        assert_adam_close(value, final[name], name)
+    # a failed load (one adapter of another shape) leaves the model and optimizer as they were
+    other = build_model(seed)
+    perturb_adapters(other, seed + 5)
+    layer = other.get_submodule("base_model.model.layers.1.mlp.down_proj")
+    layer.lora_A = nn.Parameter(torch.randn(5, layer.lora_A.shape[1]))
+    other_opt = make_optimizer(other)
+    before = {n: p.detach().clone() for n, p in other.named_parameters() if p.requires_grad}
+    with pytest.raises(ValueError, match="does not match this model/optimizer"):
+        load_adapter_checkpoint(other, other_opt, tmp_path / "ckpt")
+    assert all(torch.equal(p, before[n]) for n, p in other.named_parameters() if p.requires_grad)
+    assert not other_opt.state
+    with pytest.raises(FileNotFoundError):
+        load_adapter_checkpoint(other, other_opt, tmp_path / "missing")
+    with pytest.raises(FileExistsError, match="already exists"):
+        save_adapter_checkpoint(model, opt, tmp_path / "ckpt")
+
+
+def test_sft_trainer_under_fsdp2_matches_ddp(tmp_path, seed):
+    """SFTTrainer on an FSDP2-sharded QLoRA model (2 ranks, grad_accum 2) trains like the same
+    trainer under DDP: same losses, same adapters."""
+    from sft_fsdp_worker import sft_fsdp_worker
+
+    mp.spawn(sft_fsdp_worker, args=(2, str(tmp_path / "init"), str(tmp_path), seed), nprocs=2, join=True)
+    for rank in range(2):
+        r = torch.load(os.path.join(tmp_path, f"rank{rank}.pt"))
+        torch.testing.assert_close(torch.tensor(r["fsdp"]["losses"]), torch.tensor(r["ddp"]["losses"]), rtol=1e-5, atol=1e-6)
+        for name, value in r["ddp"]["adapters"].items():
+            assert_adam_close(r["fsdp"]["adapters"][name], value, name)
