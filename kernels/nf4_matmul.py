@@ -40,6 +40,7 @@ the tile/split choices (`skinny_config`, SKINNY_MAX_M) are estimates: nothing he
 GPU yet. bench/gpu_matmul.py times fused vs dequant so the threshold can be set by measurement.
 This module imports torch and triton only.
 """
+import functools
 from typing import NamedTuple, Optional
 
 import torch
@@ -362,6 +363,17 @@ def row_pairs(in_features: int, blocksize: int, transpose: bool = False) -> int:
 _TARGET_PROGRAMS = 512
 
 
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
+# Plain integer math and a cache: triton.cdiv / next_power_of_2 cost ~2-3 us each from Python
+# (bench/bench_host.py), and a decode step asks the same few shapes again and again.
+@functools.lru_cache(maxsize=1024)
 def skinny_config(M, P, N, K, transpose, dtype, split_k=None):
     """Tiling of the skinny kernel for out (M, P), W (N, K): (block_r, block_c, split,
     red_per_split, num_warps). A program decodes a (block_r, block_c) tile of W per step: (64, 64)
@@ -372,19 +384,19 @@ def skinny_config(M, P, N, K, transpose, dtype, split_k=None):
     weights. `split_k`: force a number of splits (tests); None splits the reduction so that
     ~_TARGET_PROGRAMS programs run when the output tiles are few (never under the interpreter,
     where it would only be slower)."""
-    block_r = max(16, min(32 if dtype == torch.float32 else 64, triton.next_power_of_2(N)))
-    block_c = max(32, min(64, triton.next_power_of_2(K)))
+    block_r = max(16, min(32 if dtype == torch.float32 else 64, _next_pow2(N)))
+    block_c = max(32, min(64, _next_pow2(K)))
     out_tile, step, red = (block_c, block_r, N) if transpose else (block_r, block_c, K)
-    programs = triton.cdiv(P, out_tile) * triton.cdiv(M, 16)
-    steps = triton.cdiv(red, step)
+    programs = _cdiv(P, out_tile) * _cdiv(M, 16)
+    steps = _cdiv(red, step)
     if split_k is None:
         split_k = 1
         if not INTERPRET:
             while programs * split_k * 2 <= _TARGET_PROGRAMS and steps // (split_k * 2) >= 4:
                 split_k *= 2
     split_k = max(1, min(int(split_k), steps))
-    red_per_split = triton.cdiv(steps, split_k) * step
-    return block_r, block_c, triton.cdiv(red, red_per_split), red_per_split, 8 if dtype == torch.float32 else 4
+    red_per_split = _cdiv(steps, split_k) * step
+    return block_r, block_c, _cdiv(red, red_per_split), red_per_split, 8 if dtype == torch.float32 else 4
 
 
 def skinny_launch(a, weight, N, K, transpose, lo=None, hi=None, mask=None, bias=None, scale=1.0, split_k=None):
@@ -396,7 +408,7 @@ def skinny_launch(a, weight, N, K, transpose, lo=None, hi=None, mask=None, bias=
     dot_dt, precision = dot_dtype(a.dtype)
     block_r, block_c, split, red_per_split, warps = skinny_config(M, P, N, K, transpose, a.dtype, split_k)
     out = torch.empty((M, P), device=a.device, dtype=a.dtype)
-    grid = (triton.cdiv(P, block_c if transpose else block_r), triton.cdiv(M, 16), split)
+    grid = (_cdiv(P, block_c if transpose else block_r), _cdiv(M, 16), split)
     if split > 1:
         partial = workspace(split * M * P, torch.float32, a.device, "splits")
         locks = _split_locks(grid[0] * grid[1], a.device)
@@ -425,7 +437,7 @@ def skinny_launch(a, weight, N, K, transpose, lo=None, hi=None, mask=None, bias=
         TRANSPOSE=transpose, HAS_LORA=has_lora, HAS_MASK=mask is not None, HAS_BIAS=bias is not None,
         SPLIT=split > 1, DOT_DTYPE=dot_dt, INPUT_PRECISION=precision, W_LEFT=dot_dt != tl.float32,
         BLOCK_M=16, BLOCK_R=block_r, BLOCK_C=block_c,
-        BLOCK_L=max(16, triton.next_power_of_2(lo.shape[1])) if has_lora else 16, CB=16,
+        BLOCK_L=max(16, _next_pow2(lo.shape[1])) if has_lora else 16, CB=16,
         num_warps=warps, num_stages=1, **quant,
     )
     return out

@@ -358,7 +358,10 @@ def test_help_shows_each_default_once(capsys):
         for action in sub[name]._actions:
             if action.help and "default" in action.help:  # says its default itself: not added again
                 assert formatter._get_help_string(action) == action.help, (name, action.dest)
-    assert "GRPO steps (default: 40)" in grpo and "learning rate of the adapter (default: 0.001)" in grpo
+    from qlora_fast.commands import grpo as grpo_command
+
+    assert f"GRPO steps (default: {grpo_command.STEPS})" in grpo
+    assert f"learning rate of the adapter (default: {grpo_command.LR})" in grpo
     assert "--no-progress" in tot
     assert build_parser().parse_args(["tot", "--no-progress"]).no_progress
 

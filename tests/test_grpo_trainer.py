@@ -368,11 +368,18 @@ def test_reward_functions_by_hand():
 # ------------------------------------------------------------------------------------------
 # The command
 # ------------------------------------------------------------------------------------------
-def test_grpo_command_end_to_end(one_thread, tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("matplotlib", [True, False], ids=["plot", "no-matplotlib"])
+def test_grpo_command_end_to_end(one_thread, tmp_path, monkeypatch, capsys, matplotlib):
     """`qlora-fast grpo` with a tiny base in place of the pretrained one: trains the SFT adapter
-    first (absent), merges it, runs GRPO, writes the plot and the adapter, reports accuracy."""
+    first (absent), merges it, runs GRPO, writes the plot and the adapter, reports accuracy.
+    Without matplotlib (a test extra) the adapter is still saved and the run says why no plot."""
+    import sys
+
     import qlora_fast.models
     from qlora_fast.cli import main
+
+    if not matplotlib:
+        monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
 
     asked = []
     monkeypatch.setattr(qlora_fast.models, "load_base_model",
@@ -386,6 +393,9 @@ def test_grpo_command_end_to_end(one_thread, tmp_path, monkeypatch, capsys):
     text = capsys.readouterr().out
     assert "no SFT adapter" in text and "held-out accuracy" in text and "reward curve" in text
     assert (sft / "adapter_config.json").exists()
-    assert (out / "grpo_reward_curve.png").stat().st_size > 1000
+    if matplotlib:
+        assert (out / "grpo_reward_curve.png").stat().st_size > 1000
+    else:
+        assert "matplotlib is not installed" in text and not (out / "grpo_reward_curve.png").exists()
     assert (out / "adapter-grpo" / "adapter_model.safetensors").exists()
     assert len(list((out / "grpo-checkpoints").glob("checkpoint-*.pt"))) == 2

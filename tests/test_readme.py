@@ -161,6 +161,38 @@ def check_hf(ns):
     assert torch.equal(reloaded(input_ids=ids).logits, ns["merged"](input_ids=ids).logits)
 
 
+def setup_fsdp(monkeypatch):
+    """A one-process gloo group (the block runs under torchrun in real use) and a built-in model whose
+    projections split on 256-block boundaries (what shard_qlora_model needs with double quantization)."""
+    import socket
+
+    from qlora_fast.models import LlamaConfig, LlamaForCausalLM
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for k, v in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "WORLD_SIZE": "1"}.items():
+        monkeypatch.setenv(k, v)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=256, intermediate_size=320, num_layers=1, num_heads=4, num_kv_heads=2,
+                      max_seq_len=32)
+    return {"base_model": LlamaForCausalLM(cfg)}
+
+
+def check_fsdp(ns):
+    import os
+
+    import torch.distributed as dist
+
+    try:
+        from torch.distributed.fsdp import FSDPModule
+
+        assert isinstance(ns["model"], FSDPModule)
+        assert os.path.isdir("ckpt/step100")
+        assert ns["load_adapter_checkpoint"](ns["model"], ns["opt"], "ckpt/step100") == {"step": 100}
+    finally:
+        dist.destroy_process_group()
+
+
 STAND_INS = {
     "from qlora_fast.models.hf import load_hf_model": (setup_hf, check_hf),
     "import torch\nfrom qlora_fast import quantize_4bit": (setup_quant, check_quant),
@@ -170,6 +202,7 @@ STAND_INS = {
     "from qlora_fast.train import GRPOConfig": (setup_grpo, check_grpo),
     "from qlora_fast.tokenizer import BPETokenizer": (setup_tokenizer, check_tokenizer),
     "from qlora_fast.reasoning import": (setup_tot, check_tot),
+    "import torch\nimport torch.distributed as dist": (setup_fsdp, check_fsdp),
 }
 
 

@@ -654,6 +654,13 @@ def test_ask_experts_on_game24_accepts_only_verified_answers():
     assert ask_experts(OneText("no experts here"), "4 6 8 13", task=Game24Task()).path == []
 
 
+def test_ask_experts_defaults_fit_the_builtin_context(builtin_model):
+    # the README's call, defaults only: the discussion must leave room for the prompt in max_seq_len=256
+    model, tok = builtin_model
+    result = ask_experts(BuiltinLM(model, tok), "4 6 8 13", task=Game24Task())
+    assert result.model_calls == 1 and result.tokens > 0
+
+
 def test_ask_experts_bad_input():
     with pytest.raises(ValueError, match="n_experts"):
         ask_experts(OneText(""), "q", n_experts=0)

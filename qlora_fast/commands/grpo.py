@@ -12,6 +12,7 @@ reference, completion length, share of groups whose rewards all tie), writes the
 adapter. bench/RESULTS.md ("RL") has the measured figures: GRPO lifts the practice problems a
 lot; held-out accuracy, which needs arithmetic the tiny model does not have, hardly moves.
 """
+import dataclasses
 import hashlib
 import json
 import os
@@ -163,6 +164,18 @@ def _run(args, device, started, resume_from, allow_fresh) -> int:
     from qlora_fast.train.rewards import answer_stop_ids, arithmetic_rewards, load_arithmetic_task
 
     progress = not args.no_progress
+    # The config first: a bad value fails before the warm start is trained or the base loaded.
+    funcs, weights = arithmetic_rewards()
+    config = GRPOConfig(
+        steps=args.steps, group_size=args.group_size, prompts_per_step=args.prompts_per_step,
+        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, lr=args.lr,
+        beta=args.beta, eps_low=args.eps_low, eps_high=args.eps_high, num_iterations=args.num_iterations,
+        loss_type=args.loss_type, advantage_scale=args.advantage_scale, grad_accum_steps=args.grad_accum,
+        drop_zero_variance_groups=args.drop_zero_variance_groups, eval_every=args.eval_every or args.steps,
+        gradient_checkpointing=args.gradient_checkpointing, optimizer=args.optimizer, reward_weights=weights,
+        output_dir=os.path.join(args.output, "grpo-checkpoints"), save_every=args.checkpoint_every,
+        seed=args.seed, progress=progress,
+    )
     sft_adapter = args.sft_adapter or warmstart_dir(args.cache_dir, args.tokenizer, args.sft_steps, args.seed)
     if not os.path.exists(os.path.join(sft_adapter, "adapter_config.json")):
         print(f"no SFT adapter at {sft_adapter}: training the warm start first ({args.sft_steps} SFT steps on the "
@@ -178,18 +191,7 @@ def _run(args, device, started, resume_from, allow_fresh) -> int:
           f"{args.method} adapter ({sum(p.numel() for p in model.parameters() if p.requires_grad):,} trainable "
           f"parameters); reference: the same model with the fresh adapter disabled; device {device}")
 
-    funcs, weights = arithmetic_rewards()
-    config = GRPOConfig(
-        steps=args.steps, group_size=args.group_size, prompts_per_step=args.prompts_per_step,
-        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, lr=args.lr,
-        stop_token_ids=answer_stop_ids(tokenizer),
-        beta=args.beta, eps_low=args.eps_low, eps_high=args.eps_high, num_iterations=args.num_iterations,
-        loss_type=args.loss_type, advantage_scale=args.advantage_scale, grad_accum_steps=args.grad_accum,
-        drop_zero_variance_groups=args.drop_zero_variance_groups, eval_every=args.eval_every or args.steps,
-        gradient_checkpointing=args.gradient_checkpointing, optimizer=args.optimizer, reward_weights=weights,
-        output_dir=os.path.join(args.output, "grpo-checkpoints"), save_every=args.checkpoint_every,
-        seed=args.seed, progress=progress,
-    )
+    config = dataclasses.replace(config, stop_token_ids=answer_stop_ids(tokenizer))
     practice = load_arithmetic_task("train", limit=args.practice or None)
     trainer = GRPOTrainer(model, tokenizer, funcs, practice, config)
     heldout = load_arithmetic_task("heldout", limit=args.heldout)

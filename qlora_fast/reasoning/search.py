@@ -398,7 +398,7 @@ _ANSWER = re.compile(r"answer\s*:\s*(.+?)\s*$", re.IGNORECASE)
 
 
 def ask_experts(llm, question: str, n_experts: int = 3, task: Optional[ReasoningTask] = None,
-                max_new_tokens: int = 256, temperature: float = 0.0) -> ToTResult:
+                max_new_tokens: int = 128, temperature: float = 0.0) -> ToTResult:
     """The single-prompt variant: one `generate` call on `task.single_prompt` (the "imagine
     n experts" template), no search and no evaluator.
 
