@@ -77,6 +77,10 @@ def test_bad_setups_raise_clear_errors():
     with pytest.raises(ValueError, match=r"0: a \(30, 100\) 4-bit weight .*-block boundaries"):
         prepare_4bit_for_fsdp(odd)
     assert type(odd[1]) is Linear4bit  # nothing swapped on failure
+    prepare_4bit_for_fsdp(odd, unsplittable="replicate")  # the (30, 100) one stays whole, the other is swapped
+    assert type(odd[0]) is Linear4bit and type(odd[1]) is ShardableLinear4bit
+    with pytest.raises(ValueError, match="unsplittable must be 'error' or 'replicate'"):
+        prepare_4bit_for_fsdp(odd, unsplittable="skip")
     with pytest.raises(TypeError, match="must be a qlora_fast.nn.Linear4bit"):
         ShardableLinear4bit.from_linear4bit(nn.Linear(4, 4))
     with pytest.raises(RuntimeError, match="torch.distributed initialised"):
