@@ -137,20 +137,15 @@ def _check_fsdp_args(args) -> None:
         raise ValueError("--fsdp needs torchrun: run `torchrun --nproc-per-node N qlora-fast finetune --fsdp ...`")
 
 
-@contextlib.contextmanager
-def _unsharded(model):
-    """All FSDP2-sharded parameters of `model` gathered in full on every rank (collective: every
-    rank enters), so rank 0 can save the adapter and measure the 4-bit base as in one process."""
-    from torch.distributed.fsdp import FSDPModule
+def _full_adapter(model) -> dict:
+    """The adapter's full tensors on every rank (collective under FSDP2: every rank calls it),
+    gathered from their DTensor shards; the frozen base stays sharded."""
+    import torch
+    from torch.distributed.tensor import DTensor
 
-    modules = [m for m in model.modules() if isinstance(m, FSDPModule)]
-    for m in modules:
-        m.unshard()
-    try:
-        yield model
-    finally:
-        for m in modules:
-            m.reshard()
+    with torch.no_grad():
+        return {name: (p.full_tensor() if isinstance(p, DTensor) else p).detach().cpu().contiguous()
+                for name, p in model.adapter_parameters()}
 
 
 def run(args) -> int:
@@ -207,6 +202,10 @@ def _run(args, device, rank, resume_from, allow_fresh) -> int:
     train_pairs = load_instructions("train")
     eval_pairs = load_instructions("heldout")[:args.eval_pairs]
     peft = get_peft_model(model, peft_config, tokenizer=tokenizer).to(device)
+    # sizes of the whole model, measured before FSDP2 leaves each rank its shards
+    trainable, total = peft.parameter_counts()
+    sizes = base_weight_bytes(peft)
+    four_bit, n_weights = _four_bit_weight_bytes(peft)
     if args.fsdp:
         from qlora_fast.distributed import shard_qlora_model
 
@@ -231,13 +230,10 @@ def _run(args, device, rank, resume_from, allow_fresh) -> int:
     after = measure("after")
 
     adapter_dir = os.path.join(args.output, f"adapter-{args.method}")
-    with (_unsharded(peft) if args.fsdp else contextlib.nullcontext()):
-        if rank == 0:
-            check_finite_state(peft.adapter_state_dict(), f"the adapter {adapter_dir}")  # never write a NaN adapter
-            peft.save_adapter(adapter_dir)
-        trainable, total = peft.parameter_counts()
-        sizes = base_weight_bytes(peft)
-        four_bit, n_weights = _four_bit_weight_bytes(peft)
+    state = _full_adapter(peft) if args.fsdp else peft.adapter_state_dict()
+    if rank == 0:
+        check_finite_state(state, f"the adapter {adapter_dir}")  # never write a NaN adapter
+        peft.save_adapter(adapter_dir, state)
     print("\n=== qlora-fast finetune report ===")
     print(f"method                 {args.method} ({type(trainer.optimizer).__name__})")
     if args.fsdp:
