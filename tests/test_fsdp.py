@@ -77,6 +77,10 @@ def test_bad_setups_raise_clear_errors():
     with pytest.raises(ValueError, match=r"0: a \(30, 100\) 4-bit weight .*-block boundaries"):
         prepare_4bit_for_fsdp(odd)
     assert type(odd[1]) is Linear4bit  # nothing swapped on failure
+    prepare_4bit_for_fsdp(odd, unsplittable="replicate")  # the (30, 100) one stays whole, the other is swapped
+    assert type(odd[0]) is Linear4bit and type(odd[1]) is ShardableLinear4bit
+    with pytest.raises(ValueError, match="unsplittable must be 'error' or 'replicate'"):
+        prepare_4bit_for_fsdp(odd, unsplittable="skip")
     with pytest.raises(TypeError, match="must be a qlora_fast.nn.Linear4bit"):
         ShardableLinear4bit.from_linear4bit(nn.Linear(4, 4))
     with pytest.raises(RuntimeError, match="torch.distributed initialised"):
@@ -201,3 +205,58 @@ def test_sft_trainer_under_fsdp2_matches_ddp(tmp_path, seed):
         torch.testing.assert_close(torch.tensor(r["fsdp"]["losses"]), torch.tensor(r["ddp"]["losses"]), rtol=1e-5, atol=1e-6)
         for name, value in r["ddp"]["adapters"].items():
             assert_adam_close(r["fsdp"]["adapters"][name], value, name)
+
+
+def test_finetune_fsdp_command_under_torchrun(tmp_path, seed):
+    """`torchrun ... qlora-fast finetune --fsdp` on a tiny Hugging Face Llama (q/o and the MLP split
+    on 256-block units and are sharded; k/v do not and stay whole): exit 0, one report, and the
+    gathered adapter, loaded in one process, gives the held-out perplexity the 2 ranks printed."""
+    import re
+    import socket
+    import subprocess
+    import sys
+
+    transformers = pytest.importorskip("transformers")
+    tokenizers = pytest.importorskip("tokenizers")
+    from qlora_fast.data import PROMPT_TEMPLATE, load_corpus, load_instructions
+    from qlora_fast.models.hf import load_hf_model
+    from qlora_fast.peft import load_adapter
+    from qlora_fast.train.sft import evaluate_loss
+
+    bpe = tokenizers.Tokenizer(tokenizers.models.BPE())
+    bpe.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = tokenizers.decoders.ByteLevel()
+    bpe.train_from_iterator([load_corpus()], tokenizers.trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<eos>"], initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet()))
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<eos>")
+    torch.manual_seed(seed)
+    config = transformers.LlamaConfig(vocab_size=len(fast), hidden_size=128, intermediate_size=256, num_hidden_layers=1,
+                                      num_attention_heads=4, num_key_value_heads=2, eos_token_id=fast.eos_token_id)
+    model_dir = tmp_path / "hf"
+    transformers.LlamaForCausalLM(config).save_pretrained(model_dir)
+    fast.save_pretrained(model_dir)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}", "-m", "qlora_fast.cli",
+           "finetune", "--fsdp", "--model", str(model_dir), "--steps", "3", "--batch-size", "2", "--lr", "2e-2",
+           "--warmup-steps", "0", "--eval-pairs", "4", "--max-new-tokens", "2", "--seed", str(seed),
+           "--output", str(tmp_path / "out"), "--no-progress"]
+    proc = subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout
+    assert out.count("=== qlora-fast finetune report ===") == 1, out  # rank 0 only
+    assert "2 ranks; 5 of 7 4-bit layers sharded" in out, out  # q, o, gate, up, down; not k, v
+    assert re.search(r"held-out exact match +\d+\.\d% -> \d+\.\d%", out), out
+    after = float(re.search(r"held-out perplexity +[\d.]+ -> ([\d.]+)", out).group(1))
+
+    adapter_dir = tmp_path / "out" / "adapter-qlora"
+    assert sorted(os.listdir(adapter_dir)) == ["adapter_config.json", "adapter_model.safetensors"]
+    base, tokenizer = load_hf_model(str(model_dir), dtype=torch.float32, quantize="nf4")
+    peft = load_adapter(base, str(adapter_dir))
+    lora_b = [p for n, p in peft.adapter_parameters() if "lora_B" in n]
+    assert len(lora_b) == 7 and all(p.abs().sum() > 0 for p in lora_b)  # trained (B starts at 0)
+    before = float(re.search(r"held-out perplexity +([\d.]+) ->", out).group(1))
+    assert abs(before - after) > 1e-2 * after  # the training moved it, so the comparison below means something
+    ppl = evaluate_loss(peft, tokenizer, load_instructions("heldout")[:4], PROMPT_TEMPLATE, 96)["perplexity"]
+    assert ppl == pytest.approx(after, rel=2e-3, abs=2e-3)

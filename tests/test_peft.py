@@ -328,3 +328,19 @@ def test_model_without_attention_is_rejected():
         get_peft_model(builtin(), {"r": 8})
     with pytest.raises(ValueError, match="tokenizer"):
         get_peft_model(builtin(), PromptTuningConfig(num_virtual_tokens=2, init="text", init_text="x"))
+
+
+def test_save_adapter_writes_a_given_state(tmp_path, seed):
+    """save_adapter(path, state): the tensors given (e.g. gathered from FSDP2 shards) are written
+    instead of the model's own; a state of other names or shapes is refused, nothing written."""
+    torch.manual_seed(seed)
+    peft = get_peft_model(builtin(), LoraConfig(r=2))
+    state = {name: torch.randn(p.shape) for name, p in peft.adapter_parameters()}
+    loaded = load_adapter(builtin(), peft.save_adapter(str(tmp_path / "adapter"), state))
+    for name, p in loaded.adapter_parameters():
+        assert torch.equal(p, state[name]), name
+    first = next(iter(state))
+    for bad in ({**state, first: torch.randn(3, 3)}, {k: v for k, v in state.items() if k != first}):
+        with pytest.raises(ValueError, match="state must map"):
+            peft.save_adapter(str(tmp_path / "bad"), bad)
+    assert not os.path.exists(tmp_path / "bad")

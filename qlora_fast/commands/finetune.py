@@ -6,7 +6,11 @@ NF4 base with double quantization + LoRA adapters), instruction-tunes it on the 
 instruction set with the paged 8-bit AdamW, and prints a report: trainable/total parameters,
 bytes of the 4-bit base vs bf16, peak memory, held-out perplexity and exact-match accuracy
 before and after tuning, and where the adapter was saved. Under `torchrun --nproc_per_node N`
-it trains with DDP (gloo on the CPU); rank 0 reports and saves.
+it trains with DDP (gloo on the CPU); rank 0 reports and saves. With `--fsdp` (under torchrun,
+LoRA/QLoRA) the model is sharded with FSDP2 instead (`qlora_fast.distributed.shard_qlora_model`:
+4-bit weights that cannot be split on block boundaries stay whole on every rank); the final
+adapter is gathered and saved once by rank 0 in the usual PEFT format (--checkpoint-every and
+--resume are refused under --fsdp for now).
 """
 import contextlib
 import os
@@ -56,16 +60,19 @@ def register(subparsers) -> None:
     add_resume_arguments(parser, "--output")
     parser.add_argument("--max-new-tokens", type=positive_int, default=12, help="generation length for exact match")
     parser.add_argument("--output", default="qlora_fast_output", help="directory for the adapter and checkpoints")
+    parser.add_argument("--fsdp", action="store_true",
+                        help="under torchrun: shard the model with FSDP2 instead of DDP (lora/qlora; no checkpoints yet)")
     add_training_arguments(parser)
     parser.set_defaults(func=run)
 
 
-def _init_distributed(device) -> int:
-    """Under torchrun (WORLD_SIZE > 1) join the process group (gloo on the CPU, nccl on CUDA) so
-    SFTTrainer trains with DDP; returns this process's rank (0 without torchrun)."""
+def _init_distributed(device, fsdp: bool = False) -> int:
+    """Under torchrun (WORLD_SIZE > 1, or any WORLD_SIZE with --fsdp) join the process group (gloo
+    on the CPU, nccl on CUDA) so SFTTrainer trains with DDP / FSDP2; returns this process's rank
+    (0 without torchrun)."""
     import torch.distributed as dist
 
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 and not fsdp:
         return 0
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
@@ -120,15 +127,38 @@ def _peft_config(args):
                               init_text="Answer the instruction with a short exact response.")
 
 
+def _check_fsdp_args(args) -> None:
+    if args.method not in ("lora", "qlora"):
+        raise ValueError(f"--fsdp shards LoRA/QLoRA models only, got --method {args.method} (use DDP: drop --fsdp)")
+    if args.checkpoint_every or args.resume or args.resume_if_exists:
+        raise ValueError("--fsdp does not support --checkpoint-every / --resume / --resume-if-exists yet "
+                         "(sharded checkpoints: qlora_fast.distributed.save_adapter_checkpoint)")
+    if "WORLD_SIZE" not in os.environ:
+        raise ValueError("--fsdp needs torchrun: run `torchrun --nproc-per-node N qlora-fast finetune --fsdp ...`")
+
+
+def _full_adapter(model) -> dict:
+    """The adapter's full tensors on every rank (collective under FSDP2: every rank calls it),
+    gathered from their DTensor shards; the frozen base stays sharded."""
+    import torch
+    from torch.distributed.tensor import DTensor
+
+    with torch.no_grad():
+        return {name: (p.full_tensor() if isinstance(p, DTensor) else p).detach().cpu().contiguous()
+                for name, p in model.adapter_parameters()}
+
+
 def run(args) -> int:
     import torch  # here, not at import: `qlora-fast --help` should not load torch
 
     if args.model and not os.path.isdir(args.model):
         raise FileNotFoundError(f"--model must be a local Hugging Face model directory, got {args.model!r} (no such directory)")
+    if args.fsdp:
+        _check_fsdp_args(args)
     resume_from, allow_fresh = resume_mode(args, args.output)
     torch.manual_seed(args.seed)
     device = resolve_device(args.device)
-    rank = _init_distributed(device)
+    rank = _init_distributed(device, args.fsdp)
     # Before any work: --output must be writable, and no other run may be writing it (rank 0 writes).
     with (check_output(args.output) if rank == 0 else contextlib.nullcontext()):
         return _run(args, device, rank, resume_from, allow_fresh)
@@ -172,6 +202,14 @@ def _run(args, device, rank, resume_from, allow_fresh) -> int:
     train_pairs = load_instructions("train")
     eval_pairs = load_instructions("heldout")[:args.eval_pairs]
     peft = get_peft_model(model, peft_config, tokenizer=tokenizer).to(device)
+    # sizes of the whole model, measured before FSDP2 leaves each rank its shards
+    trainable, total = peft.parameter_counts()
+    sizes = base_weight_bytes(peft)
+    four_bit, n_weights = _four_bit_weight_bytes(peft)
+    if args.fsdp:
+        from qlora_fast.distributed import shard_qlora_model
+
+        shard_qlora_model(peft, unsplittable="replicate")  # a weight not on block boundaries stays whole
 
     def measure(tag):
         ppl = evaluate_loss(peft, tokenizer, eval_pairs, config.prompt_template, config.max_seq_len)["perplexity"]
@@ -192,15 +230,21 @@ def _run(args, device, rank, resume_from, allow_fresh) -> int:
     after = measure("after")
 
     adapter_dir = os.path.join(args.output, f"adapter-{args.method}")
+    state = _full_adapter(peft) if args.fsdp else peft.adapter_state_dict()
     if rank == 0:
-        check_finite_state(peft.adapter_state_dict(), f"the adapter {adapter_dir}")  # never write a NaN adapter
-        peft.save_adapter(adapter_dir)
-    trainable, total = peft.parameter_counts()
-    sizes = base_weight_bytes(peft)
+        check_finite_state(state, f"the adapter {adapter_dir}")  # never write a NaN adapter
+        peft.save_adapter(adapter_dir, state)
     print("\n=== qlora-fast finetune report ===")
     print(f"method                 {args.method} ({type(trainer.optimizer).__name__})")
+    if args.fsdp:
+        from qlora_fast.distributed import ShardableLinear4bit
+        from qlora_fast.nn.linear4bit import Linear4bit
+
+        four = [m for m in peft.modules() if isinstance(m, Linear4bit)]
+        sharded = sum(isinstance(m, ShardableLinear4bit) for m in four)
+        print(f"FSDP2                  {torch.distributed.get_world_size()} ranks; {sharded} of {len(four)} 4-bit layers "
+              "sharded (the rest cannot be split on quantization-block boundaries: whole on every rank)")
     print(f"parameters             trainable {trainable:,} / total {total:,} ({100 * trainable / total:.2f}%)")
-    four_bit, n_weights = _four_bit_weight_bytes(peft)
     if n_weights:
         print(f"4-bit linear layers    {four_bit:,} bytes (codes + block statistics) for {n_weights:,} weights vs "
               f"{2 * n_weights:,} in bf16 ({8 * four_bit / n_weights:.3f} bits/weight; biases not counted)")

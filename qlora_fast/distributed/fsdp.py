@@ -25,7 +25,7 @@ copy of a layer outlives its use.
 
 Limits: a weight whose element count is not a multiple of the unit (256 * blocksize elements with
 double quantization, blocksize without) cannot be split on block boundaries and raises
-ValueError; a different number of units per rank is fine (FSDP2 pads the last shard). The CPU path
+ValueError, or with `unsplittable="replicate"` stays a plain Linear4bit kept whole on every rank; a different number of units per rank is fine (FSDP2 pads the last shard). The CPU path
 dequantizes from the strided views; the CUDA kernels read contiguous 1-D buffers and are not yet
 wired to this layout (not run: no GPU in the session that wrote this).
 """
@@ -133,12 +133,22 @@ def unit_layout(shape: tuple, blocksize: int, nested: bool, name: str = "weight"
     return numel // unit, unit // 2 + (NESTED_BLOCKSIZE + 4 if nested else 4)
 
 
-def prepare_4bit_for_fsdp(model: nn.Module) -> nn.Module:
+def _splittable(module: Linear4bit) -> bool:
+    state = module.quant_state
+    return state.numel % (state.blocksize * (NESTED_BLOCKSIZE if state.nested else 1)) == 0
+
+
+def prepare_4bit_for_fsdp(model: nn.Module, unsplittable: str = "error") -> nn.Module:
     """Swap every `Linear4bit` in `model` (QLoRA bases included) for a `ShardableLinear4bit`, in
     place. Every weight is checked before anything is swapped: a ValueError naming the module
-    leaves the model as it was. Returns `model`."""
+    leaves the model as it was. unsplittable="replicate" leaves a weight that cannot be split on
+    block boundaries a plain `Linear4bit` instead (`shard_qlora_model` then keeps it whole on
+    every rank). Returns `model`."""
+    if unsplittable not in ("error", "replicate"):
+        raise ValueError(f"unsplittable must be 'error' or 'replicate', got {unsplittable!r}")
     todo = [(name, module) for name, module in model.named_modules()
-            if isinstance(module, Linear4bit) and not isinstance(module, ShardableLinear4bit)]
+            if isinstance(module, Linear4bit) and not isinstance(module, ShardableLinear4bit)
+            and (unsplittable == "error" or _splittable(module))]
     new = {name: ShardableLinear4bit.from_linear4bit(module, name or "model") for name, module in todo}
     for name, module in new.items():
         if not name:
@@ -162,14 +172,17 @@ def four_bit_bytes(model: nn.Module, local: bool = True) -> int:
 
 
 def shard_qlora_model(model: nn.Module, mesh=None, mp_policy=None, reshard_after_forward: bool = True,
-                      layer_types: Optional[tuple] = None) -> nn.Module:
+                      layer_types: Optional[tuple] = None, unsplittable: str = "error") -> nn.Module:
     """Apply FSDP2 to a (Q)LoRA model: 4-bit bases put in the shardable layout
     (`prepare_4bit_for_fsdp`), `fully_shard` on every decoder layer (modules whose class name
     ends with "DecoderLayer", or instances of `layer_types`) and on the root.
 
     mesh: a 1-D DeviceMesh (default: all ranks of the default process group). mp_policy: an FSDP2
     `MixedPrecisionPolicy` (adapters compute in its param_dtype; 4-bit bytes are never cast).
-    Needs an initialised process group. Returns the model (now an FSDPModule).
+    unsplittable: "error" (a ValueError naming the first 4-bit weight that cannot be split on
+    block boundaries) or "replicate" (such weights stay plain `Linear4bit`s, kept whole on every
+    rank: FSDP2 ignores their parameters). Needs an initialised process group. Returns the model
+    (now an FSDPModule).
     """
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
@@ -186,7 +199,9 @@ def shard_qlora_model(model: nn.Module, mesh=None, mp_policy=None, reshard_after
         mp_policy = MixedPrecisionPolicy()
     elif not isinstance(mp_policy, MixedPrecisionPolicy):
         raise TypeError(f"mp_policy must be a torch.distributed.fsdp.MixedPrecisionPolicy, got {type(mp_policy).__name__}")
-    prepare_4bit_for_fsdp(model)
+    prepare_4bit_for_fsdp(model, unsplittable)
+    ignored = {p for m in model.modules() if isinstance(m, Linear4bit) and not isinstance(m, ShardableLinear4bit)
+               for p in m.parameters(recurse=False)}
     if layer_types is None:
         layers = [m for m in model.modules() if type(m).__name__.endswith("DecoderLayer")]
     else:
@@ -194,6 +209,8 @@ def shard_qlora_model(model: nn.Module, mesh=None, mp_policy=None, reshard_after
     if not layers:
         raise ValueError("shard_qlora_model found no decoder layers to shard: pass layer_types=(YourLayerClass,)")
     for layer in layers:
-        fully_shard(layer, mesh=mesh, mp_policy=mp_policy, reshard_after_forward=reshard_after_forward)
-    fully_shard(model, mesh=mesh, mp_policy=mp_policy, reshard_after_forward=reshard_after_forward)
+        fully_shard(layer, mesh=mesh, mp_policy=mp_policy, reshard_after_forward=reshard_after_forward,
+                    ignored_params=ignored or None)
+    fully_shard(model, mesh=mesh, mp_policy=mp_policy, reshard_after_forward=reshard_after_forward,
+                ignored_params=ignored or None)
     return model

@@ -413,14 +413,15 @@ class PeftModel(nn.Module):
         """The adapter's tensors under our names (`adapter_parameters()`), on the CPU."""
         return {name: p.detach().cpu().contiguous() for name, p in self.adapter_parameters()}
 
-    def peft_state_dict(self):
-        """The adapter's tensors under PEFT's names, as `save_adapter` writes them."""
+    def peft_state_dict(self, state: Optional[dict] = None):
+        """The adapter's tensors under PEFT's names, as `save_adapter` writes them (`state`: ours
+        under our names instead of `adapter_state_dict()`, e.g. gathered from FSDP2 shards)."""
         prefix_flat = None
         if isinstance(self.peft_config, PrefixTuningConfig):
             with torch.no_grad():  # PEFT stores the prefix (projected, if so) flattened per virtual token
                 prefix_flat = self.prompt_encoder().detach().permute(3, 0, 1, 2, 4).reshape(self.peft_config.num_virtual_tokens, -1)
             prefix_flat = prefix_flat.cpu().contiguous()
-        return to_peft_names(self.adapter_state_dict(), self.peft_config, prefix_flat)
+        return to_peft_names(self.adapter_state_dict() if state is None else state, self.peft_config, prefix_flat)
 
     def peft_config_dict(self) -> dict:
         """`adapter_config.json` as `save_adapter` writes it (PEFT's fields)."""
@@ -431,16 +432,22 @@ class PeftModel(nn.Module):
         name = getattr(getattr(self.base_model, "config", None), "name_or_path", None) or None
         return config_to_peft_dict(self.peft_config, geometry, fan_in_fan_out, name)
 
-    def save_adapter(self, path: str) -> str:
+    def save_adapter(self, path: str, state: Optional[dict] = None) -> str:
         """Write the adapter into directory `path` in PEFT's format (`adapter_config.json` +
         `adapter_model.safetensors`: `peft.PeftModel.from_pretrained` loads it), as one unit: a
-        crash or an error leaves the previous adapter at `path` whole. Returns `path`."""
+        crash or an error leaves the previous adapter at `path` whole. `state`: the adapter's
+        tensors (as `adapter_state_dict()` gives them) to write instead of this model's own, e.g.
+        full tensors gathered from FSDP2 shards. Returns `path`."""
         from safetensors.torch import save
 
+        if state is not None:
+            own = {name: p.shape for name, p in self.adapter_parameters()}
+            if not isinstance(state, dict) or {n: tuple(t.shape) for n, t in state.items()} != {n: tuple(s) for n, s in own.items()}:
+                raise ValueError("state must map this model's adapter parameter names to tensors of their (full) shapes")
         config_bytes = json.dumps(self.peft_config_dict(), indent=2).encode()
         metadata = {"format": "pt", **_base_signature(self.base_model), CONFIG_HASH: hashlib.sha256(config_bytes).hexdigest(),
                     OUR_CONFIG: json.dumps(self.peft_config.to_dict())}
-        write_adapter_dir(path, {ADAPTER_WEIGHTS: save(self.peft_state_dict(), metadata=metadata), ADAPTER_CONFIG: config_bytes})
+        write_adapter_dir(path, {ADAPTER_WEIGHTS: save(self.peft_state_dict(state), metadata=metadata), ADAPTER_CONFIG: config_bytes})
         return path
 
     def load_adapter(self, path: str) -> "PeftModel":
