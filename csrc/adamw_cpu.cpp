@@ -161,8 +161,13 @@ void adam_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList e
                    double beta2, double eps, double weight_decay, bool decoupled) {
   check_adam_args(params, grads, steps, c10::DeviceType::CPU);
   check_adam32_states(params, exp_avgs, exp_avg_sqs);
+  AdamScalars s{};
+  int64_t scalars_step = -1;  // the scalars depend only on the step: recomputed when it changes
   for (size_t t = 0; t < params.size(); ++t) {
-    const AdamScalars s = make_adam_scalars(lr, beta1, beta2, eps, weight_decay, steps[t], decoupled);
+    if (steps[t] != scalars_step) {
+      s = make_adam_scalars(lr, beta1, beta2, eps, weight_decay, steps[t], decoupled);
+      scalars_step = steps[t];
+    }
     const at::Tensor& p = params[t];
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.scalar_type(), "adam_step_cpu", [&] {
       adam_tensor_cpu<scalar_t>(s, p.data_ptr<scalar_t>(), grads[t].data_ptr<scalar_t>(),
@@ -171,27 +176,49 @@ void adam_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList e
   }
 }
 
-void adam8bit_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList m_codes,
-                       at::TensorList v_codes, at::TensorList m_absmax, at::TensorList v_absmax,
-                       const at::Tensor& signed_map, const at::Tensor& unsigned_map,
-                       at::IntArrayRef steps, double lr, double beta1, double beta2, double eps,
-                       double weight_decay, bool decoupled) {
+bool adam8bit_step_checked_cpu(at::TensorList params, at::TensorList grads, at::TensorList m_codes,
+                               at::TensorList v_codes, at::TensorList m_absmax, at::TensorList v_absmax,
+                               const at::Tensor& signed_map, const at::Tensor& unsigned_map,
+                               at::IntArrayRef steps, double lr, double beta1, double beta2, double eps,
+                               double weight_decay, bool decoupled) {
   check_adam_args(params, grads, steps, c10::DeviceType::CPU);
   check_adam8bit_states(params, m_codes, v_codes, m_absmax, v_absmax, signed_map, unsigned_map);
   const float* signed_code = signed_map.data_ptr<float>();
   const float* unsigned_code = unsigned_map.data_ptr<float>();
   const auto signed_index = code_index(signed_code);
   const auto unsigned_index = code_index(unsigned_code);
+  bool all_finite = true;
+  AdamScalars s{};
+  int64_t scalars_step = -1;  // the scalars depend only on the step: recomputed when it changes
   for (size_t t = 0; t < params.size(); ++t) {
-    const AdamScalars s = make_adam_scalars(lr, beta1, beta2, eps, weight_decay, steps[t], decoupled);
+    if (steps[t] != scalars_step) {
+      s = make_adam_scalars(lr, beta1, beta2, eps, weight_decay, steps[t], decoupled);
+      scalars_step = steps[t];
+    }
     const at::Tensor& p = params[t];
+    float* ma = m_absmax[t].data_ptr<float>();
+    float* va = v_absmax[t].data_ptr<float>();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.scalar_type(), "adam8bit_step_cpu", [&] {
       adam8bit_tensor_cpu<scalar_t>(s, p.data_ptr<scalar_t>(), grads[t].data_ptr<scalar_t>(),
-                                    m_codes[t].data_ptr<uint8_t>(), v_codes[t].data_ptr<uint8_t>(),
-                                    m_absmax[t].data_ptr<float>(), v_absmax[t].data_ptr<float>(),
+                                    m_codes[t].data_ptr<uint8_t>(), v_codes[t].data_ptr<uint8_t>(), ma, va,
                                     signed_code, unsigned_code, *signed_index, *unsigned_index, p.numel());
     });
+    // The optimizer's overflow check (a non-finite block absmax), here where the values are
+    // at hand instead of a torch.cat over every absmax tensor afterwards.
+    for (int64_t b = 0, blocks = m_absmax[t].numel(); b < blocks; ++b) {
+      all_finite = all_finite && std::isfinite(ma[b]) && std::isfinite(va[b]);
+    }
   }
+  return !all_finite;
+}
+
+void adam8bit_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList m_codes,
+                       at::TensorList v_codes, at::TensorList m_absmax, at::TensorList v_absmax,
+                       const at::Tensor& signed_map, const at::Tensor& unsigned_map,
+                       at::IntArrayRef steps, double lr, double beta1, double beta2, double eps,
+                       double weight_decay, bool decoupled) {
+  adam8bit_step_checked_cpu(params, grads, m_codes, v_codes, m_absmax, v_absmax, signed_map, unsigned_map,
+                            steps, lr, beta1, beta2, eps, weight_decay, decoupled);
 }
 
 }  // namespace qlora_fast
