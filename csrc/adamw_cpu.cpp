@@ -58,6 +58,9 @@ class CodeIndex {
   explicit CodeIndex(const float* code) {
     std::copy(code, code + 256, code_.begin());
     for (int i = 0; i < 255; ++i) mid_[i] = (code[i] + code[i + 1]) * 0.5f;
+    // Padding past the last midpoint: the fixed-length scan in `nearest` may read it (and
+    // ignores it: every index there is >= the bucket's end).
+    std::fill(mid_.begin() + 255, mid_.end(), 0.0f);
     // The bucket bounds come from the CUDA kernel's search (Eytzinger tree), so both devices
     // give the same codes by construction.
     std::array<float, 256> tree{};
@@ -71,7 +74,10 @@ class CodeIndex {
       const bool negative = (k >> (31 - kShift)) & 1u;
       first_[k] = static_cast<uint8_t>(nearest_code(tree.data(), negative ? high : low));
       last_[k] = static_cast<uint8_t>(nearest_code(tree.data(), negative ? low : high));
+      span_ = std::max(span_, last_[k] - first_[k]);
     }
+    TORCH_CHECK(span_ <= kMaxSpan, "8-bit code table too dense for the CPU code index: a bucket spans ", span_,
+                " codes (at most ", kMaxSpan, ")");
   }
 
   bool same_code(const float* code) const { return std::equal(code, code + 256, code_.begin()); }
@@ -80,9 +86,13 @@ class CodeIndex {
     uint32_t bits;
     std::memcpy(&bits, &x, sizeof(bits));
     const uint32_t key = bits >> kShift;
-    int i = first_[key];
+    const int first = first_[key];
     const int end = last_[key];
-    while (i < end && mid_[i] < x) ++i;
+    // The count of midpoints below x in [first, end) (they are sorted, so this is where the
+    // scan `while (i < end && mid_[i] < x) ++i` stops), over the same number of candidates for
+    // every value: no data-dependent branch to mispredict.
+    int i = first;
+    for (int j = 0; j < span_; ++j) i += static_cast<int>((first + j < end) & (mid_[first + j] < x));
     return i;
   }
 
@@ -93,9 +103,11 @@ class CodeIndex {
     return f;
   }
 
+  static constexpr int kMaxSpan = 64;
   std::array<float, 256> code_;
-  std::array<float, 255> mid_;
+  std::array<float, 255 + kMaxSpan> mid_;
   std::vector<uint8_t> first_, last_;
+  int span_ = 0;  // the most codes one bucket spans (last_ - first_)
 };
 
 // The index of a code table, built once per distinct table (the optimizer passes the same two
