@@ -58,6 +58,9 @@ class CodeIndex {
   explicit CodeIndex(const float* code) {
     std::copy(code, code + 256, code_.begin());
     for (int i = 0; i < 255; ++i) mid_[i] = (code[i] + code[i + 1]) * 0.5f;
+    // Padding past the last midpoint: the fixed-length scan in `nearest` may read it (and
+    // ignores it: every index there is >= the bucket's end).
+    std::fill(mid_.begin() + 255, mid_.end(), 0.0f);
     // The bucket bounds come from the CUDA kernel's search (Eytzinger tree), so both devices
     // give the same codes by construction.
     std::array<float, 256> tree{};
@@ -71,7 +74,10 @@ class CodeIndex {
       const bool negative = (k >> (31 - kShift)) & 1u;
       first_[k] = static_cast<uint8_t>(nearest_code(tree.data(), negative ? high : low));
       last_[k] = static_cast<uint8_t>(nearest_code(tree.data(), negative ? low : high));
+      span_ = std::max(span_, last_[k] - first_[k]);
     }
+    TORCH_CHECK(span_ <= kMaxSpan, "8-bit code table too dense for the CPU code index: a bucket spans ", span_,
+                " codes (at most ", kMaxSpan, ")");
   }
 
   bool same_code(const float* code) const { return std::equal(code, code + 256, code_.begin()); }
@@ -80,9 +86,13 @@ class CodeIndex {
     uint32_t bits;
     std::memcpy(&bits, &x, sizeof(bits));
     const uint32_t key = bits >> kShift;
-    int i = first_[key];
+    const int first = first_[key];
     const int end = last_[key];
-    while (i < end && mid_[i] < x) ++i;
+    // The count of midpoints below x in [first, end) (they are sorted, so this is where the
+    // scan `while (i < end && mid_[i] < x) ++i` stops), over the same number of candidates for
+    // every value: no data-dependent branch to mispredict.
+    int i = first;
+    for (int j = 0; j < span_; ++j) i += static_cast<int>((first + j < end) & (mid_[first + j] < x));
     return i;
   }
 
@@ -93,9 +103,11 @@ class CodeIndex {
     return f;
   }
 
+  static constexpr int kMaxSpan = 64;
   std::array<float, 256> code_;
-  std::array<float, 255> mid_;
+  std::array<float, 255 + kMaxSpan> mid_;
   std::vector<uint8_t> first_, last_;
+  int span_ = 0;  // the most codes one bucket spans (last_ - first_)
 };
 
 // The index of a code table, built once per distinct table (the optimizer passes the same two
@@ -161,8 +173,13 @@ void adam_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList e
                    double beta2, double eps, double weight_decay, bool decoupled) {
   check_adam_args(params, grads, steps, c10::DeviceType::CPU);
   check_adam32_states(params, exp_avgs, exp_avg_sqs);
+  AdamScalars s{};
+  int64_t scalars_step = -1;  // the scalars depend only on the step: recomputed when it changes
   for (size_t t = 0; t < params.size(); ++t) {
-    const AdamScalars s = make_adam_scalars(lr, beta1, beta2, eps, weight_decay, steps[t], decoupled);
+    if (steps[t] != scalars_step) {
+      s = make_adam_scalars(lr, beta1, beta2, eps, weight_decay, steps[t], decoupled);
+      scalars_step = steps[t];
+    }
     const at::Tensor& p = params[t];
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.scalar_type(), "adam_step_cpu", [&] {
       adam_tensor_cpu<scalar_t>(s, p.data_ptr<scalar_t>(), grads[t].data_ptr<scalar_t>(),
@@ -171,27 +188,49 @@ void adam_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList e
   }
 }
 
-void adam8bit_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList m_codes,
-                       at::TensorList v_codes, at::TensorList m_absmax, at::TensorList v_absmax,
-                       const at::Tensor& signed_map, const at::Tensor& unsigned_map,
-                       at::IntArrayRef steps, double lr, double beta1, double beta2, double eps,
-                       double weight_decay, bool decoupled) {
+bool adam8bit_step_checked_cpu(at::TensorList params, at::TensorList grads, at::TensorList m_codes,
+                               at::TensorList v_codes, at::TensorList m_absmax, at::TensorList v_absmax,
+                               const at::Tensor& signed_map, const at::Tensor& unsigned_map,
+                               at::IntArrayRef steps, double lr, double beta1, double beta2, double eps,
+                               double weight_decay, bool decoupled) {
   check_adam_args(params, grads, steps, c10::DeviceType::CPU);
   check_adam8bit_states(params, m_codes, v_codes, m_absmax, v_absmax, signed_map, unsigned_map);
   const float* signed_code = signed_map.data_ptr<float>();
   const float* unsigned_code = unsigned_map.data_ptr<float>();
   const auto signed_index = code_index(signed_code);
   const auto unsigned_index = code_index(unsigned_code);
+  bool all_finite = true;
+  AdamScalars s{};
+  int64_t scalars_step = -1;  // the scalars depend only on the step: recomputed when it changes
   for (size_t t = 0; t < params.size(); ++t) {
-    const AdamScalars s = make_adam_scalars(lr, beta1, beta2, eps, weight_decay, steps[t], decoupled);
+    if (steps[t] != scalars_step) {
+      s = make_adam_scalars(lr, beta1, beta2, eps, weight_decay, steps[t], decoupled);
+      scalars_step = steps[t];
+    }
     const at::Tensor& p = params[t];
+    float* ma = m_absmax[t].data_ptr<float>();
+    float* va = v_absmax[t].data_ptr<float>();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.scalar_type(), "adam8bit_step_cpu", [&] {
       adam8bit_tensor_cpu<scalar_t>(s, p.data_ptr<scalar_t>(), grads[t].data_ptr<scalar_t>(),
-                                    m_codes[t].data_ptr<uint8_t>(), v_codes[t].data_ptr<uint8_t>(),
-                                    m_absmax[t].data_ptr<float>(), v_absmax[t].data_ptr<float>(),
+                                    m_codes[t].data_ptr<uint8_t>(), v_codes[t].data_ptr<uint8_t>(), ma, va,
                                     signed_code, unsigned_code, *signed_index, *unsigned_index, p.numel());
     });
+    // The optimizer's overflow check (a non-finite block absmax), here where the values are
+    // at hand instead of a torch.cat over every absmax tensor afterwards.
+    for (int64_t b = 0, blocks = m_absmax[t].numel(); b < blocks; ++b) {
+      all_finite = all_finite && std::isfinite(ma[b]) && std::isfinite(va[b]);
+    }
   }
+  return !all_finite;
+}
+
+void adam8bit_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList m_codes,
+                       at::TensorList v_codes, at::TensorList m_absmax, at::TensorList v_absmax,
+                       const at::Tensor& signed_map, const at::Tensor& unsigned_map,
+                       at::IntArrayRef steps, double lr, double beta1, double beta2, double eps,
+                       double weight_decay, bool decoupled) {
+  adam8bit_step_checked_cpu(params, grads, m_codes, v_codes, m_absmax, v_absmax, signed_map, unsigned_map,
+                            steps, lr, beta1, beta2, eps, weight_decay, decoupled);
 }
 
 }  // namespace qlora_fast

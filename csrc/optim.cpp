@@ -6,6 +6,8 @@
 //   adam_step_(params, grads, exp_avgs, exp_avg_sqs, steps, lr, beta1, beta2, eps, weight_decay, decoupled)
 //   adam8bit_step_(params, grads, m_codes, v_codes, m_absmax, v_absmax, signed_map, unsigned_map,
 //                  steps, lr, beta1, beta2, eps, weight_decay, decoupled)
+//   adam8bit_step_checked_(same arguments) -> bool: CPU only; true when a new block absmax is
+//                  not finite (the optimizer's overflow check without a pass over the states)
 #include <Python.h>
 #include <torch/library.h>
 
@@ -82,11 +84,16 @@ TORCH_LIBRARY(qlora_fast, m) {
       "adam8bit_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] m_codes, Tensor(c!)[] v_codes, "
       "Tensor(d!)[] m_absmax, Tensor(e!)[] v_absmax, Tensor signed_map, Tensor unsigned_map, int[] steps, "
       "float lr, float beta1, float beta2, float eps, float weight_decay, bool decoupled) -> ()");
+  m.def(
+      "adam8bit_step_checked_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] m_codes, Tensor(c!)[] v_codes, "
+      "Tensor(d!)[] m_absmax, Tensor(e!)[] v_absmax, Tensor signed_map, Tensor unsigned_map, int[] steps, "
+      "float lr, float beta1, float beta2, float eps, float weight_decay, bool decoupled) -> bool");
 }
 
 TORCH_LIBRARY_IMPL(qlora_fast, CPU, m) {
   m.impl("adam_step_", &qlora_fast::adam_step_cpu);
   m.impl("adam8bit_step_", &qlora_fast::adam8bit_step_cpu);
+  m.impl("adam8bit_step_checked_", &qlora_fast::adam8bit_step_checked_cpu);
 }
 
 // The hash of the sources this library was built from (setup.py / the JIT loader define it):

@@ -24,4 +24,12 @@ void adam8bit_step_cpu(at::TensorList params, at::TensorList grads, at::TensorLi
                        at::IntArrayRef steps, double lr, double beta1, double beta2, double eps,
                        double weight_decay, bool decoupled);
 
+// adam8bit_step_cpu that also says whether any new block absmax is not finite (the optimizer's
+// overflow check, CPU only: on CUDA the flag is computed on the device and read later).
+bool adam8bit_step_checked_cpu(at::TensorList params, at::TensorList grads, at::TensorList m_codes,
+                               at::TensorList v_codes, at::TensorList m_absmax, at::TensorList v_absmax,
+                               const at::Tensor& signed_map, const at::Tensor& unsigned_map,
+                               at::IntArrayRef steps, double lr, double beta1, double beta2, double eps,
+                               double weight_decay, bool decoupled);
+
 }  // namespace qlora_fast

@@ -133,3 +133,36 @@ def test_overflowing_gradient_is_reported_naming_the_parameter(seed, cls):
     params[1].grad[63, 79] = 1e21  # in the last page (streamed when paged)
     with pytest.raises(FloatingPointError, match=r"param_groups\[1\]\['params'\]\[0\] \(shape \(64, 80\)"):
         opt.step()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_checked_cpu_op_matches_the_plain_op_and_flags_overflow(seed, dtype):
+    """`adam8bit_step_checked_` (the optimizer's CPU path) updates exactly as `adam8bit_step_`
+    and returns True only when a new block absmax is not finite."""
+    import qlora_fast
+
+    qlora_fast.load_extension()
+    ops = torch.ops.qlora_fast
+    maps = (dynamic_map(True), dynamic_map(False))
+    sizes = [3 * 256 + 45, 1, 256, 77]
+
+    def fresh():
+        torch.manual_seed(seed)
+        ps = [torch.randn(n).to(dtype) for n in sizes]
+        states = [[torch.zeros(n, dtype=torch.uint8) for n in sizes], [torch.zeros(n, dtype=torch.uint8) for n in sizes],
+                  [torch.zeros(-(-n // 256)) for n in sizes], [torch.zeros(-(-n // 256)) for n in sizes]]
+        return ps, states
+
+    grads = [torch.distributions.StudentT(1.5).sample((n,)).to(dtype) for n in sizes]
+    (pa, sa), (pb, sb) = fresh(), fresh()
+    for step in (1, 2, 3):
+        ops.adam8bit_step_(pa, grads, *sa, *maps, [step, step, step + 4, step], LR, 0.9, 0.999, 1e-8, 0.01, True)
+        flag = ops.adam8bit_step_checked_(pb, grads, *sb, *maps, [step, step, step + 4, step], LR, 0.9, 0.999,
+                                          1e-8, 0.01, True)
+        assert flag is False
+        for a, b in zip(pa + sum(sa, []), pb + sum(sb, [])):
+            assert torch.equal(a, b)
+    big = [g.clone() for g in grads]
+    big[2][100] = float("inf") if dtype != torch.float32 else 1e21  # overflows (1 - beta2) * g * g
+    assert ops.adam8bit_step_checked_(pb, big, *sb, *maps, [4] * 4, LR, 0.9, 0.999, 1e-8, 0.01, True) is True
+    assert not torch.isfinite(sb[3][2]).all()

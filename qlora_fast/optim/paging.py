@@ -117,6 +117,7 @@ class PageManager:
         self.budget = budget
         self.pages: List[Page] = []
         self._resident = 0  # bytes of the pages on the device, kept by add/_move/clear (no re-summing)
+        self._host_pages = 0  # pages on the host, kept likewise (plan's fast path)
         self.clock = 0
         self.totals = PagingTotals()
         self._staging: Dict[tuple, List[torch.Tensor]] = {}
@@ -166,6 +167,7 @@ class PageManager:
         """Forget every page (the optimizer is about to load other states)."""
         self.pages.clear()
         self._resident = 0
+        self._host_pages = 0
 
     def _move(self, page: Page, to_device: bool, stats: Optional[StepStats]) -> None:
         if page.on_device == to_device:
@@ -176,6 +178,7 @@ class PageManager:
             page.tensors = {k: self._to_host(t) for k, t in page.tensors.items()}
         page.on_device = to_device
         self._resident += page.nbytes if to_device else -page.nbytes
+        self._host_pages += -1 if to_device else 1
         if stats is not None:
             if to_device:
                 stats.h2d_bytes += page.nbytes
@@ -188,6 +191,9 @@ class PageManager:
         budget = self.budget_bytes()
         self.last_budget_bytes = budget
         if budget is None:
+            return
+        if self._host_pages == 0 and self._resident <= budget:
+            self._staging.clear()  # everything fits (the common case): no sorting of the pages
             return
         resident = sorted((p for p in self.pages if p.on_device), key=lambda p: p.last_used)
         used = self._resident
