@@ -217,18 +217,15 @@ def test_finetune_fsdp_command_under_torchrun(tmp_path, seed):
     import sys
 
     transformers = pytest.importorskip("transformers")
-    tokenizers = pytest.importorskip("tokenizers")
-    from qlora_fast.data import PROMPT_TEMPLATE, load_corpus, load_instructions
+    pytest.importorskip("tokenizers")
+    from qlora_fast.data import PROMPT_TEMPLATE, load_instructions
     from qlora_fast.models.hf import load_hf_model
     from qlora_fast.peft import load_adapter
     from qlora_fast.train.sft import evaluate_loss
 
-    bpe = tokenizers.Tokenizer(tokenizers.models.BPE())
-    bpe.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = tokenizers.decoders.ByteLevel()
-    bpe.train_from_iterator([load_corpus()], tokenizers.trainers.BpeTrainer(
-        vocab_size=300, special_tokens=["<eos>"], initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet()))
-    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<eos>")
+    from helpers import corpus_hf_tokenizer
+
+    fast = corpus_hf_tokenizer()
     torch.manual_seed(seed)
     config = transformers.LlamaConfig(vocab_size=len(fast), hidden_size=128, intermediate_size=256, num_hidden_layers=1,
                                       num_attention_heads=4, num_key_value_heads=2, eos_token_id=fast.eos_token_id)

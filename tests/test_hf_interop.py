@@ -354,15 +354,10 @@ def test_keep_4bit_refuses_conv1d_and_needs_no_dtype():
 
 # ------------------------------------------------------------------------- bitsandbytes 4-bit checkpoints
 def tiny_tokenizer():
-    tokenizers = pytest.importorskip("tokenizers")
-    bpe = tokenizers.Tokenizer(tokenizers.models.BPE())
-    bpe.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = tokenizers.decoders.ByteLevel()
-    from qlora_fast.data import load_corpus
+    pytest.importorskip("tokenizers")
+    from helpers import corpus_hf_tokenizer
 
-    bpe.train_from_iterator([load_corpus()], tokenizers.trainers.BpeTrainer(
-        vocab_size=VOCAB, special_tokens=["<eos>"], initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet()))
-    return transformers.PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<eos>")
+    return corpus_hf_tokenizer(VOCAB)
 
 
 @pytest.fixture

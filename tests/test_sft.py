@@ -241,16 +241,12 @@ def test_examples_cut_before_their_answer_are_dropped():
 def test_finetune_command_on_a_local_hf_model_dir(tmp_path, capsys):
     """--model DIR: a tiny transformers Llama + tokenizer saved locally (nothing downloaded)."""
     transformers = pytest.importorskip("transformers")
-    tokenizers = pytest.importorskip("tokenizers")
+    pytest.importorskip("tokenizers")
     from qlora_fast.cli import main
-    from qlora_fast.data import load_corpus
 
-    bpe = tokenizers.Tokenizer(tokenizers.models.BPE())
-    bpe.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = tokenizers.decoders.ByteLevel()
-    bpe.train_from_iterator([load_corpus()], tokenizers.trainers.BpeTrainer(
-        vocab_size=300, special_tokens=["<eos>"], initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet()))
-    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<eos>")
+    from helpers import corpus_hf_tokenizer
+
+    fast = corpus_hf_tokenizer()
     config = transformers.LlamaConfig(vocab_size=len(fast), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                       num_attention_heads=2, num_key_value_heads=1, eos_token_id=fast.eos_token_id)
     model_dir = tmp_path / "hf"
