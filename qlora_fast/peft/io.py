@@ -19,6 +19,7 @@ import time
 
 import torch
 
+from ..utils import _umask
 from .config import LoraConfig, PrefixTuningConfig, config_from_dict
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -206,10 +207,8 @@ def write_adapter_dir(path: str, files: dict) -> None:
     os.makedirs(parent, exist_ok=True)
     _remove_stale(parent, f".tmp-{os.path.basename(path)}-")
     tmp = tempfile.mkdtemp(dir=parent, prefix=f".tmp-{os.path.basename(path)}-")
-    umask = os.umask(0)
-    os.umask(umask)
     try:
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it 0700; a saved adapter follows the umask
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it 0700; a saved adapter follows the umask
         for name, data in files.items():
             _write_file(os.path.join(tmp, name), data)
         if not os.path.isdir(path):

@@ -543,18 +543,26 @@ class GRPOTrainer:
     def save_checkpoint(self, path: str) -> None:
         """Adapter, optimizer, scheduler, every RNG, the sampling generator and the data position,
         written atomically (the SFT trainer's checkpoint format). Refuses non-finite parameters."""
-        if any(not torch.isfinite(p).all() for p in self.params):
+        if not self._all_finite():
             raise FloatingPointError("refusing to checkpoint: a trainable parameter is NaN or inf")
         extra = {**self._extra_state(), "epoch": self.epoch, "position": self.position, "sample_rng": self.sample_generator.get_state(),
                  "history": self.history, "config": asdict(self.config)}
         checkpoint.save_checkpoint(path, self.model, self.optimizer, self.scheduler, step=self.step, extra=extra,
                                    run=self.run_identity())
 
+    def _all_finite(self) -> bool:
+        """Whether every trainable parameter is finite: one device sync, not one per parameter."""
+        return bool(torch.stack([torch.isfinite(p).all() for p in self.params]).all())
+
     def run_identity(self) -> dict:
-        """What a checkpoint of this run records and a resume must match (checkpoint.run_identity)."""
+        """What a checkpoint of this run records and a resume must match (checkpoint.run_identity).
+        Computed once per config (it hashes the data set and fingerprints the frozen base), as in SFT."""
         config = {k: v for k, v in asdict(self.config).items() if k not in ("steps", "output_dir", "save_every", "eval_every", "progress",
                                                                             "gradient_checkpointing", "logprob_chunk_size")}
-        return checkpoint.run_identity(self.model, config, data=self.dataset)
+        cached = getattr(self, "_run", None)
+        if cached is None or cached[0] != config:
+            self._run = (config, checkpoint.run_identity(self.model, config, data=self.dataset))
+        return self._run[1]
 
     def load_checkpoint(self, path: str) -> None:
         """Restore what `save_checkpoint` wrote; ValueError when it does not fit the model or
@@ -577,7 +585,7 @@ class GRPOTrainer:
         """The trained parameters alone, written atomically: through the model's own
         `save_adapter(path)` when it has one (a `PeftModel`: `path` is a directory holding
         adapter_config.json + adapter_model.safetensors), else as one safetensors file `path`."""
-        if any(not torch.isfinite(p).all() for p in self.params):
+        if not self._all_finite():
             raise FloatingPointError("refusing to save the adapter: a parameter is NaN or inf")
         if hasattr(self.model, "save_adapter"):
             self.model.save_adapter(path)
