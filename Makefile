@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.qlora_fast-installed
 PYTEST_ARGS ?= -n 2 --dist loadfile
 
-.PHONY: demo test bench install wheel clean aot aot36
+.PHONY: demo test bench install wheel clean aot aot36 lint
 
 $(STAMP): pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.cu csrc/*.h)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -26,6 +26,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS) tests
+
+# Lint gate (ruff, configured in pyproject.toml): pyflakes, import order, 120-character lines.
+lint: $(STAMP)
+	$(BIN)/python -m ruff check .
 
 bench: $(STAMP)
 	$(BIN)/python -m pytest bench/bench_*.py --benchmark-only -q
