@@ -15,3 +15,13 @@ def corpus_hf_tokenizer(vocab_size: int = 300):
     bpe.train_from_iterator([load_corpus()], tokenizers.trainers.BpeTrainer(
         vocab_size=vocab_size, special_tokens=["<eos>"], initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet()))
     return transformers.PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<eos>")
+
+
+def dead_pid() -> int:
+    """The pid of a process that has exited (for temporaries left by a killed writer)."""
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid

@@ -200,6 +200,34 @@ def test_a_killed_saves_temporary_is_cleaned_up_later(tmp_path):
     assert sorted(os.listdir(tmp_path)) == [".tmp-adapter-inprogress", "adapter"]  # a save in progress is left alone
 
 
+def test_adapter_temporaries_carry_the_writers_pid(tmp_path, monkeypatch):
+    # An adapter named like a pid ("123") once gave a temporary ".tmp-123-..." that the checkpoint
+    # cleaner read as pid 123's: every temporary now leads with its own writer's pid.
+    from helpers import dead_pid
+
+    from qlora_fast.peft import io
+    from qlora_fast.utils import clean_stale_temporaries
+
+    ours = get_peft_model(hf_llama(), LoraConfig(target_modules=["q_proj"], r=2))
+    dead = tmp_path / f".tmp-{dead_pid()}-123-killed"  # a killed save, however recent
+    dead.mkdir()
+    (dead / "adapter_model.safetensors").write_bytes(b"half")
+    seen = []
+    write = io._write_file
+
+    def spy(path, data):
+        tmp = os.path.dirname(path)
+        seen.append(os.path.basename(tmp))
+        assert clean_stale_temporaries(os.path.dirname(tmp)) == []  # a save in progress is never taken
+        write(path, data)
+
+    monkeypatch.setattr(io, "_write_file", spy)
+    ours.save_adapter(str(tmp_path / "123"))
+    assert seen and all(name.startswith(f".tmp-{os.getpid()}-123-") for name in seen)
+    assert sorted(os.listdir(tmp_path)) == ["123"]
+    assert load_adapter(hf_llama(), str(tmp_path / "123")).peft_config.r == 2
+
+
 def _umask():
     mask = os.umask(0)
     os.umask(mask)

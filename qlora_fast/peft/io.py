@@ -3,8 +3,10 @@ tensor names), written as one unit and read back only as one.
 
 Writing: both files go into a fresh hidden directory beside the target, which then takes the
 target's place in one atomic rename (Linux `renameat2(RENAME_EXCHANGE)` when the target exists,
-two renames elsewhere), so a crash or a full disk leaves the previous adapter whole (a killed save's temporary is removed
-by the next save to the same path once it is an hour old). The weights'
+two renames elsewhere), so a crash or a full disk leaves the previous adapter whole. The hidden
+directory is named like every temporary of the package (`utils.temp_prefix()`: ".tmp-<pid>-"), so a
+killed save's leftover is removed by the next save into the same folder, and no cleaner takes one
+whose writer still runs (older versions' ".tmp-<name>-" leftovers go once an hour old). The weights'
 metadata holds the SHA-256 of the config written with them: a directory whose files come from two
 different saves (copied by hand, or written by an older version file by file) is refused.
 """
@@ -19,7 +21,7 @@ import time
 
 import torch
 
-from ..utils import _umask
+from ..utils import _umask, clean_stale_temporaries, temp_prefix
 from .config import LoraConfig, PrefixTuningConfig, config_from_dict
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -182,11 +184,11 @@ def _carry_over(old: str, new: str) -> None:
             link_or_copy(src, dst)
 
 
-STALE_AFTER_S = 3600  # a temporary this old is a save that was killed, not one in progress
+STALE_AFTER_S = 3600  # an older version's temporary this old is a save that was killed, not one in progress
 
 
 def _remove_stale(parent: str, prefix: str) -> None:
-    """Remove temporaries of earlier saves to the same path that were killed midway."""
+    """Remove older versions' temporaries (no pid in the name) of killed saves to the same path."""
     now = time.time()
     for name in os.listdir(parent):
         full = os.path.join(parent, name)
@@ -205,8 +207,9 @@ def write_adapter_dir(path: str, files: dict) -> None:
         raise ValueError(f"adapter path {path} exists and is not a directory")
     parent = os.path.dirname(path)
     os.makedirs(parent, exist_ok=True)
+    clean_stale_temporaries(parent)
     _remove_stale(parent, f".tmp-{os.path.basename(path)}-")
-    tmp = tempfile.mkdtemp(dir=parent, prefix=f".tmp-{os.path.basename(path)}-")
+    tmp = tempfile.mkdtemp(dir=parent, prefix=f"{temp_prefix()}{os.path.basename(path)}-")
     try:
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it 0700; a saved adapter follows the umask
         for name, data in files.items():
