@@ -6,7 +6,8 @@ A Llama-style checkpoint of ~60M parameters is built from a config (random weigh
 bf16, sharded), nothing downloaded. Each provider runs in a fresh subprocess; it reports its
 resident memory after imports and its peak during the load (VmHWM, reset after the imports:
 `ru_maxrss` would report the imports' own higher peak), so "peak - baseline" is what the load
-itself cost (file pages of the memory-mapped safetensors included, for every provider alike). Every provider's logits are checked against the bitsandbytes model's.
+itself cost (file pages of the memory-mapped safetensors included, for every provider alike).
+Every provider's logits are checked against the bitsandbytes model's.
 
     PYTHONPATH=. python bench/bench_hf_load.py [--hidden 512 --layers 8 --vocab 32000]
 """
@@ -49,8 +50,12 @@ def child(provider: str, path: str) -> None:
     if provider == "qlora_fast":
         model, _ = load_hf_model(path, quantize="nf4", tokenizer=False)
     elif provider == "transformers+bitsandbytes":
-        config = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                                 bnb_4bit_compute_dtype=torch.bfloat16)
+        config = transformers.BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16,
+        )
         model = transformers.AutoModelForCausalLM.from_pretrained(path, quantization_config=config, device_map="cpu")
     else:
         model = replace_linear(transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32))
@@ -70,8 +75,15 @@ def build(path: str, hidden: int, layers: int, vocab: int) -> int:
     import transformers
 
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=3 * hidden, num_hidden_layers=layers,
-                                      num_attention_heads=hidden // 64, num_key_value_heads=hidden // 64, tie_word_embeddings=False)
+    config = transformers.LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=3 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=hidden // 64,
+        num_key_value_heads=hidden // 64,
+        tie_word_embeddings=False,
+    )
     model = transformers.LlamaForCausalLM(config).to(torch.bfloat16)
     model.save_pretrained(path, max_shard_size="50MB")
     return sum(p.numel() for p in model.parameters())
@@ -102,11 +114,17 @@ def main():
         reference = torch.load(os.path.join(path, "logits-transformers+bitsandbytes.pt"))
         peer = results["transformers+bitsandbytes"]
         peer_cost = peer["peak_mb"] - peer["baseline_mb"]
-        print(f"{'provider':28s} {'baseline MiB':>12s} {'peak MiB':>9s} {'load cost MiB':>13s} {'vs bnb':>7s} {'max |logit diff| vs bnb':>24s}")
+        print(
+            f"{'provider':28s} {'baseline MiB':>12s} {'peak MiB':>9s} {'load cost MiB':>13s} {'vs bnb':>7s} "
+            f"{'max |logit diff| vs bnb':>24s}"
+        )
         for provider, r in results.items():
             cost = r["peak_mb"] - r["baseline_mb"]
             diff = (torch.load(os.path.join(path, f"logits-{provider}.pt")) - reference).abs().max().item()
-            print(f"{provider:28s} {r['baseline_mb']:12.0f} {r['peak_mb']:9.0f} {cost:13.0f} {cost / peer_cost:6.2f}x {diff:24.3g}")
+            print(
+                f"{provider:28s} {r['baseline_mb']:12.0f} {r['peak_mb']:9.0f} {cost:13.0f} "
+                f"{cost / peer_cost:6.2f}x {diff:24.3g}"
+            )
 
 
 if __name__ == "__main__":

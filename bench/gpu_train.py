@@ -73,8 +73,14 @@ def _peer(shape, state, device):
         for parent in (layer.self_attn, layer.mlp):
             for name, child in list(parent.named_children()):
                 if isinstance(child, nn.Linear):
-                    q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=False, compute_dtype=torch.bfloat16,
-                                          quant_type="nf4", compress_statistics=True)
+                    q = bnb.nn.Linear4bit(
+                        child.in_features,
+                        child.out_features,
+                        bias=False,
+                        compute_dtype=torch.bfloat16,
+                        quant_type="nf4",
+                        compress_statistics=True,
+                    )
                     q.weight = bnb.nn.Params4bit(child.weight.data, requires_grad=False, quant_type="nf4",
                                                  compress_statistics=True)
                     setattr(parent, name, q.to(device))
@@ -149,7 +155,7 @@ def run(bench):
             bench.record(case, name, step_s=seconds, tokens_per_s=tokens / seconds, peak_gib=peak,
                          first_loss=losses[0], last_loss=losses[-1])
             bench.check(f"{name}: every loss finite", all(math.isfinite(v) for v in losses), f"losses {losses}")
-            del model, opt
+            model = opt = None  # free them (the step closure still names them)
             gc.collect()
     ours, peer = results.get("qlora_fast"), results.get("transformers + PEFT + bitsandbytes (paged AdamW 8-bit)")
     if ours and peer:

@@ -41,7 +41,10 @@ def random_summary(rng: random.Random) -> str:
 # ---------------------------------------------------------------------------------- BLEU
 def assert_bleu_equal(ours, theirs):
     assert abs(ours.score - theirs.score) <= TOL, (ours.score, theirs.score)
-    assert all(abs(a - b) <= TOL for a, b in zip(ours.precisions, theirs.precisions)), (ours.precisions, theirs.precisions)
+    assert all(abs(a - b) <= TOL for a, b in zip(ours.precisions, theirs.precisions)), (
+        ours.precisions,
+        theirs.precisions,
+    )
     assert abs(ours.bp - theirs.bp) <= TOL
     assert (ours.sys_len, ours.ref_len) == (theirs.sys_len, theirs.ref_len)
     assert list(ours.counts) == list(theirs.counts) and list(ours.totals) == list(theirs.totals)
@@ -57,7 +60,10 @@ def test_corpus_bleu_equals_sacrebleu(smooth_method, effective_order, n_refs, se
         hyps = [random_sentence(rng) for _ in range(n)]
         refs = [[random_sentence(rng) if rng.random() > 0.1 else "" for _ in range(n)] for _ in range(n_refs)]
         # Some hypotheses copy a reference partly so precisions are non-trivial.
-        hyps = [h if rng.random() < 0.5 else " ".join(refs[0][i].split()[: rng.randrange(0, 20)]) for i, h in enumerate(hyps)]
+        hyps = [
+            h if rng.random() < 0.5 else " ".join(refs[0][i].split()[: rng.randrange(0, 20)])
+            for i, h in enumerate(hyps)
+        ]
         for lowercase in (False, True):
             kwargs = dict(smooth_method=smooth_method, lowercase=lowercase, use_effective_order=effective_order)
             assert_bleu_equal(bleu(hyps, refs, **kwargs), sacrebleu.corpus_bleu(hyps, refs, **kwargs))
@@ -86,8 +92,14 @@ def test_bleu_edge_cases_equal_sacrebleu():
     for hyps, refs in cases:
         for sm in ("exp", "floor", "add-k", "none"):
             for eff in (False, True):
-                assert_bleu_equal(bleu(hyps, refs, smooth_method=sm, use_effective_order=eff), sacrebleu.corpus_bleu(hyps, refs, smooth_method=sm, use_effective_order=eff))
-    assert_bleu_equal(bleu(["a b", "c d"], [["a b", None], [None, "c d"]]), sacrebleu.corpus_bleu(["a b", "c d"], [["a b", None], [None, "c d"]]))
+                assert_bleu_equal(
+                    bleu(hyps, refs, smooth_method=sm, use_effective_order=eff),
+                    sacrebleu.corpus_bleu(hyps, refs, smooth_method=sm, use_effective_order=eff),
+                )
+    assert_bleu_equal(
+        bleu(["a b", "c d"], [["a b", None], [None, "c d"]]),
+        sacrebleu.corpus_bleu(["a b", "c d"], [["a b", None], [None, "c d"]]),
+    )
     hyps, refs = ["x y . z"], [["x y. z"]]
     assert_bleu_equal(bleu(hyps, refs, tokenize="none"), sacrebleu.corpus_bleu(hyps, refs, tokenize="none"))
 
@@ -139,8 +151,27 @@ def test_porter_stemmer_equals_nltk_on_a_large_word_list(seed):
     rng = random.Random(seed)
     words = _words_from_installed_text()
     stems = [w for w in words if 2 <= len(w) <= 8]
-    words += ["".join(rng.choice(stems)[: rng.randrange(1, 8)] for _ in range(rng.randrange(1, 3))) + rng.choice(SUFFIXES) for _ in range(20000)]
-    words += ["sky", "skies", "dying", "news", "innings", "proceed", "ay", "by", "yy", "yyyy", "syzygy", "toy", "ies", "tied", "spied"]
+    words += [
+        "".join(rng.choice(stems)[: rng.randrange(1, 8)] for _ in range(rng.randrange(1, 3))) + rng.choice(SUFFIXES)
+        for _ in range(20000)
+    ]
+    words += [
+        "sky",
+        "skies",
+        "dying",
+        "news",
+        "innings",
+        "proceed",
+        "ay",
+        "by",
+        "yy",
+        "yyyy",
+        "syzygy",
+        "toy",
+        "ies",
+        "tied",
+        "spied",
+    ]
     assert len(words) > 30000
     mismatches = [(w, ours.stem(w), oracle.stem(w)) for w in words if ours.stem(w) != oracle.stem(w)]
     assert not mismatches, mismatches[:20]
@@ -159,7 +190,11 @@ TYPES = ["rouge1", "rouge2", "rouge3", "rougeL", "rougeLsum"]
 def assert_rouge_equal(ours, theirs):
     for t, score in theirs.items():
         o = ours[t]
-        assert abs(o.precision - score.precision) <= TOL and abs(o.recall - score.recall) <= TOL and abs(o.fmeasure - score.fmeasure) <= TOL, (t, o, score)
+        assert (
+            abs(o.precision - score.precision) <= TOL
+            and abs(o.recall - score.recall) <= TOL
+            and abs(o.fmeasure - score.fmeasure) <= TOL
+        ), (t, o, score)
 
 
 @pytest.mark.parametrize("stemmer", [False, True])
@@ -204,7 +239,9 @@ def test_rouge_edge_cases_and_lsum_newline_split():
     for stemmer in (False, True):
         scorer = rouge_scorer.RougeScorer(TYPES, use_stemmer=stemmer)
         for ref, pred in cases:
-            assert_rouge_equal(rouge([pred], [ref], types=TYPES, stemmer=stemmer, aggregate=None)[0], scorer.score(ref, pred))
+            assert_rouge_equal(
+                rouge([pred], [ref], types=TYPES, stemmer=stemmer, aggregate=None)[0], scorer.score(ref, pred)
+            )
         only_lsum = rouge_scorer.RougeScorer(["rougeLsum"], use_stemmer=stemmer)
         ref, pred = cases[4]
         assert_rouge_equal(rouge([pred], [ref], types=["rougeLsum"], stemmer=stemmer), only_lsum.score(ref, pred))
@@ -270,7 +307,11 @@ def direct_ppl(model, ids, max_length, stride):
                 continue  # first token of a window that does not overlap the previous one: unscored
             context = ids[:, begin:t]
             logits = model(context)
-            logits = logits if isinstance(logits, torch.Tensor) else (logits[0] if isinstance(logits, tuple) else logits.logits)
+            logits = (
+                logits
+                if isinstance(logits, torch.Tensor)
+                else (logits[0] if isinstance(logits, tuple) else logits.logits)
+            )
             logp = torch.log_softmax(logits[:, -1].double(), -1)
             nll -= logp.gather(-1, ids[:, t : t + 1]).sum().item()
             count += ids.shape[0]
@@ -278,7 +319,9 @@ def direct_ppl(model, ids, max_length, stride):
 
 
 @pytest.mark.parametrize("kind", ["tensor", "tuple", "object"])
-@pytest.mark.parametrize("shape,max_length,stride", [((37,), 64, None), ((37,), 37, 5), ((2, 53), 16, 7), ((29,), 8, 8), ((41,), 9, 1)])
+@pytest.mark.parametrize(
+    "shape,max_length,stride", [((37,), 64, None), ((37,), 37, 5), ((2, 53), 16, 7), ((29,), 8, 8), ((41,), 9, 1)]
+)
 def test_perplexity_equals_direct_float64_nll(kind, shape, max_length, stride, seed):
     model = TinyLM(vocab=23, dim=8, kind=kind).double()
     model.train()

@@ -27,7 +27,9 @@ def register(subparsers) -> None:
     parser.add_argument("--kv-heads", type=positive_int, default=4, help="key/value heads (Llama only)")
     parser.add_argument("--vocab-size", type=positive_int, default=512, help="vocabulary size (Llama only)")
     parser.add_argument("--quant-type", choices=("nf4", "fp4"), default="nf4", help="4-bit code")
-    parser.add_argument("--blocksize", type=positive_int, default=64, help="elements per absmax block (power of two, 32..4096)")
+    parser.add_argument(
+        "--blocksize", type=positive_int, default=64, help="elements per absmax block (power of two, 32..4096)"
+    )
     parser.add_argument("--no-double-quant", action="store_true", help="keep absmax in fp32 (no double quantization)")
     parser.add_argument("--dtype", choices=QUANT_DTYPES, default="bfloat16", help="weight dtype before quantization")
     parser.add_argument("--device", default="auto", help="'auto' (cuda when present, else cpu), 'cpu', 'cuda', ...")
@@ -106,14 +108,18 @@ def run(args) -> int:
         err = ((restored.double() - weight.double()).norm() / weight.double().norm()).item()
         rows.append((name, tuple(weight.shape), n, quant_bytes * 8 / n, orig_bytes, quant_bytes, err, t_q, t_d))
 
-    header = f"{'layer':<34} {'shape':>12} {'bits/param':>10} {'saved':>11} {'rel err':>8} {'quant ms':>9} {'dequant ms':>10}"
+    header = (f"{'layer':<34} {'shape':>12} {'bits/param':>10} {'saved':>11} {'rel err':>8} {'quant ms':>9} "
+              f"{'dequant ms':>10}")
     print(f"{args.quant_type.upper()} blocksize {args.blocksize}, double quantization {'on' if nested else 'off'}, "
           f"{args.dtype} weights, {len(rows)} linear layers on {device}")
     print(header)
     print("-" * len(header))
     for name, shape, n, bits, orig, quant, err, t_q, t_d in rows:
         shape_s = "x".join(str(s) for s in shape)
-        print(f"{name:<34} {shape_s:>12} {bits:>10.3f} {_human(orig - quant):>11} {err:>8.4f} {t_q * 1e3:>9.2f} {t_d * 1e3:>10.2f}")
+        print(
+            f"{name:<34} {shape_s:>12} {bits:>10.3f} {_human(orig - quant):>11} {err:>8.4f} {t_q * 1e3:>9.2f} "
+            f"{t_d * 1e3:>10.2f}"
+        )
     total_n = sum(r[2] for r in rows)
     total_orig = sum(r[4] for r in rows)
     total_quant = sum(r[5] for r in rows)

@@ -81,7 +81,9 @@ def _segment_stats(hyp: str, refs: List[str], max_order: int) -> Tuple[int, int,
     return len(hyp_tokens), _closest_ref_len(len(hyp_tokens), ref_lens), correct, total
 
 
-def _score_from_stats(correct, total, sys_len, ref_len, smooth_method, smooth_value, effective_order, max_order) -> BLEUScore:
+def _score_from_stats(
+    correct, total, sys_len, ref_len, smooth_method, smooth_value, effective_order, max_order
+) -> BLEUScore:
     if smooth_value is None:
         smooth_value = SMOOTH_DEFAULTS[smooth_method]
     correct, total = list(correct), list(total)
@@ -158,7 +160,9 @@ def bleu(
             raise TypeError(f"hypotheses[{i}] must be a str, got {type(h).__name__}")
     for k, stream in enumerate(references):
         if isinstance(stream, str) or not isinstance(stream, Sequence):
-            raise TypeError(f"references[{k}] must be a sequence of str (one per hypothesis), got {type(stream).__name__}")
+            raise TypeError(
+                f"references[{k}] must be a sequence of str (one per hypothesis), got {type(stream).__name__}"
+            )
         if len(stream) != len(hypotheses):
             raise ValueError(f"references[{k}] has {len(stream)} items but there are {len(hypotheses)} hypotheses")
         for i, r in enumerate(stream):
@@ -181,7 +185,9 @@ def bleu(
         ref_len += r_len
         correct = [a + b for a, b in zip(correct, c)]
         total = [a + b for a, b in zip(total, t)]
-    return _score_from_stats(correct, total, sys_len, ref_len, smooth_method, smooth_value, use_effective_order, max_ngram_order)
+    return _score_from_stats(
+        correct, total, sys_len, ref_len, smooth_method, smooth_value, use_effective_order, max_ngram_order
+    )
 
 
 def sentence_bleu(
@@ -199,4 +205,13 @@ def sentence_bleu(
         raise TypeError(f"hypothesis must be a str, got {type(hypothesis).__name__}")
     if isinstance(references, str) or not isinstance(references, Sequence) or not references:
         raise TypeError("references must be a non-empty sequence of str")
-    return bleu([hypothesis], [[r] for r in references], smooth_method, smooth_value, lowercase, tokenize, use_effective_order, max_ngram_order)
+    return bleu(
+        [hypothesis],
+        [[r] for r in references],
+        smooth_method,
+        smooth_value,
+        lowercase,
+        tokenize,
+        use_effective_order,
+        max_ngram_order,
+    )

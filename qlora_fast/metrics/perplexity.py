@@ -23,7 +23,10 @@ def _logits_of(output) -> torch.Tensor:
     if logits is None and isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
         logits = output[0]
     if not isinstance(logits, torch.Tensor):
-        raise TypeError(f"model must return logits: a tensor, an object with .logits, or a tuple starting with it; got {type(output).__name__}")
+        raise TypeError(
+            "model must return logits: a tensor, an object with .logits, or a tuple starting with it; "
+            f"got {type(output).__name__}"
+        )
     return logits
 
 
@@ -72,7 +75,9 @@ def perplexity(
     if max_length is None:
         max_length = _default_max_length(model)
         if max_length is None:
-            raise ValueError("max_length is required: the model has no config.max_seq_len / n_positions / max_position_embeddings")
+            raise ValueError(
+                "max_length is required: the model has no config.max_seq_len / n_positions / max_position_embeddings"
+            )
     if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 2:
         raise ValueError(f"max_length must be an int >= 2, got {max_length!r}")
     stride = max_length if stride is None else stride
@@ -105,9 +110,15 @@ def perplexity(
                 window = ids[:, begin:end]
                 logits = _logits_of(model(window))
                 if logits.dim() != 3 or logits.shape[:2] != window.shape:
-                    raise ValueError(f"logits must have shape (B, T, V) = ({window.shape[0]}, {window.shape[1]}, V), got {tuple(logits.shape)}")
+                    raise ValueError(
+                        f"logits must have shape (B, T, V) = ({window.shape[0]}, {window.shape[1]}, V), "
+                        f"got {tuple(logits.shape)}"
+                    )
                 if highest >= logits.shape[-1] or lowest < 0:
-                    raise ValueError(f"token_ids must lie in [0, {logits.shape[-1]}) (the model's vocabulary), got {lowest}..{highest}")
+                    raise ValueError(
+                        f"token_ids must lie in [0, {logits.shape[-1]}) (the model's vocabulary), "
+                        f"got {lowest}..{highest}"
+                    )
                 # Score tokens prev_end..end-1 (never the window's first token: it has no context).
                 first = max(prev_end, begin + 1) - begin
                 log_probs = F.log_softmax(logits[:, first - 1 : -1].double(), dim=-1)

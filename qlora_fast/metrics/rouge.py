@@ -183,7 +183,9 @@ def rouge(
             if not isinstance(r, str):
                 raise TypeError(f"references[{i}][{k}] must be a str, got {type(r).__name__}")
         scores = [_score_pair(r, pred, types, stemmer) for r in refs]
-        per_example.append({t: max(scores, key=lambda s: s[t].fmeasure)[t] if len(scores) > 1 else scores[0][t] for t in types})
+        per_example.append(
+            {t: max(scores, key=lambda s: s[t].fmeasure)[t] if len(scores) > 1 else scores[0][t] for t in types}
+        )
     if aggregate is None:
         return per_example
     n = len(per_example)
