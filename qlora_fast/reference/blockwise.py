@@ -1,5 +1,7 @@
 """The 8-bit blockwise codec, in plain PyTorch: the dynamic map, quantize/dequantize and the block
-size, in one place for both of its users.
+size, in one place for both of its users. A file of its own rather than a part of `quant.py`, so
+that the optimizer's reference does not depend on the 4-bit weight format (`quant.py` imports it,
+and reuses its blockwise scaling and nearest-code search for the 4-bit codes).
 
 - Double quantization (`reference.quant`): the fp32 absmax of 4-bit weights, minus their mean, is
   coded with the signed map in blocks of `BLOCKSIZE_8BIT` (bitsandbytes' nested blocks).
