@@ -18,6 +18,8 @@ import gc
 
 import torch
 
+from qlora_fast.reference.blockwise import BLOCKSIZE_8BIT
+
 LR = 1e-3
 
 
@@ -119,7 +121,7 @@ def run(bench):
             for p in params:
                 p.grad = torch.randn(p.shape, device=bench.device, generator=gen) * 1e-2
             n = sum(p.numel() for p in params)
-            state32, state8 = n * 8, n * 2 + (n // 256) * 8
+            state32, state8 = n * 8, n * 2 + (n // BLOCKSIZE_8BIT) * 8
             bench.log(f"  {label}: {len(params)} tensors, {n / 1e6:.1f}M params")
             base_ms = None
             for name, make in _providers(state32, state8, bench.size(gpu=8 << 20, tiny=2048)).items():

@@ -12,13 +12,15 @@ the reconstruction error ours has (it quantizes its scalers differently, so it i
 """
 import torch
 
+from qlora_fast.reference.blockwise import BLOCKSIZE_8BIT
+
 BLOCKSIZE = 64
 
 
 def _moved_bytes(n, nested):
     """Bytes a quantize or dequantize must move at least: bf16 values + packed codes + statistics."""
     blocks = -(-n // BLOCKSIZE)
-    stats = blocks * (1 if nested else 4) + (4 * -(-blocks // 256) if nested else 0)
+    stats = blocks * (1 if nested else 4) + (4 * -(-blocks // BLOCKSIZE_8BIT) if nested else 0)
     return 2 * n + n // 2 + stats
 
 
@@ -39,7 +41,7 @@ def _peers(bench):
         def torchao_quantize(x, qt, nested):
             if qt != "nf4" or not nested:
                 return None  # NF4Tensor is NF4 only and always quantizes its scalers
-            return to_nf4(x, block_size=BLOCKSIZE, scaler_block_size=256)
+            return to_nf4(x, block_size=BLOCKSIZE, scaler_block_size=BLOCKSIZE_8BIT)
 
         peers["torchao"] = (torchao_quantize, lambda q: q.get_original_weight())
     return peers

@@ -38,7 +38,7 @@ from .utils import INTERPRET
 
 __all__ = ["quantize_4bit", "quantize_absmax", "dequantize_4bit"]
 
-NESTED_BLOCKSIZE = 256
+NESTED_BLOCKSIZE = 256  # = qlora_fast.reference.blockwise.BLOCKSIZE_8BIT (kernels/ may not import it)
 # Bytes (pairs of elements) a program handles; whole blocks only, so at least one block.
 _PAIRS_PER_PROGRAM = 1024 if not INTERPRET else 4096
 _ABSMAX_PER_PROGRAM = 1024

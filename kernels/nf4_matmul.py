@@ -48,7 +48,7 @@ import triton
 import triton.language as tl
 
 from . import nf4 as _nf4
-from .nf4 import _block_scale, _code_lanes, _decode_pairs
+from .nf4 import NESTED_BLOCKSIZE, _block_scale, _code_lanes, _decode_pairs
 from .utils import INTERPRET
 
 # Below or at this many rows the fused (decode-in-registers) kernel is used by `method="auto"`.
@@ -71,7 +71,7 @@ class Weight4bit(NamedTuple):
     nested_absmax: Optional[torch.Tensor] = None
     nested_code: Optional[torch.Tensor] = None
     offset: Optional[torch.Tensor] = None
-    nested_blocksize: int = 256
+    nested_blocksize: int = NESTED_BLOCKSIZE
 
     def check(self) -> bool:
         """Validate the tensors; returns whether the weight is double-quantized."""
@@ -305,7 +305,7 @@ def _quant_args(packed, absmax, code, nested_absmax, nested_code, offset):
 
 
 def dequantize_4bit_into(packed, absmax, code, shape, blocksize, nested_absmax=None, nested_code=None,
-                         offset=None, nested_blocksize=256, dtype=torch.bfloat16, out=None):
+                         offset=None, nested_blocksize=NESTED_BLOCKSIZE, dtype=torch.bfloat16, out=None):
     """Dequantize a 4-bit weight of `shape` into `out` (or a new tensor) of `dtype`; returns it.
     Launches kernels/nf4.py's dequantize kernel (the library's only one)."""
     check_quantized(packed, absmax, code, nested_absmax, nested_code, offset, shape, blocksize)
@@ -343,7 +343,7 @@ def _split_locks(tiles: int, device) -> torch.Tensor:
 
 
 def dequantize_to_workspace(packed, absmax, code, shape, blocksize, nested_absmax=None, nested_code=None,
-                            offset=None, nested_blocksize=256, dtype=torch.bfloat16):
+                            offset=None, nested_blocksize=NESTED_BLOCKSIZE, dtype=torch.bfloat16):
     """The weight of `shape`, dequantized into the shared workspace (valid until the next call)."""
     numel = int(shape[0]) * int(shape[1])
     buf = workspace(numel, dtype, packed.device).view(tuple(shape))
@@ -423,7 +423,7 @@ def skinny_launch(a, weight, N, K, transpose, lo=None, hi=None, mask=None, bias=
     else:
         w_args = (weight,) * 6
         row_bytes, stride_wn, stride_wk = 0, weight.stride(0), weight.stride(1)
-        quant = dict(WEIGHT_4BIT=False, BLOCKSIZE=64, NESTED=False, NESTED_BLOCKSIZE=256, CHUNK_SCALE=True)
+        quant = dict(WEIGHT_4BIT=False, BLOCKSIZE=64, NESTED=False, NESTED_BLOCKSIZE=NESTED_BLOCKSIZE, CHUNK_SCALE=True)
     has_lora = lo is not None
     _skinny_matmul_kernel[grid](
         a, *w_args, lo if has_lora else a, hi if has_lora else a, mask if mask is not None else a,
@@ -444,7 +444,7 @@ def skinny_launch(a, weight, N, K, transpose, lo=None, hi=None, mask=None, bias=
 
 
 def nf4_matmul(x, packed, absmax, code, shape, blocksize, nested_absmax=None, nested_code=None,
-               offset=None, nested_blocksize=256, bias=None, transpose=False, method="auto", split_k=None):
+               offset=None, nested_blocksize=NESTED_BLOCKSIZE, bias=None, transpose=False, method="auto", split_k=None):
     """x @ W^T + bias (or x @ W when `transpose`) with W (out, in) = `shape` stored 4-bit.
 
     x: (..., in) (or (..., out) when `transpose`) in float16, bfloat16 or float32; returns

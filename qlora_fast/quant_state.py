@@ -14,11 +14,13 @@ from typing import Optional
 
 import torch
 
+from qlora_fast.reference.blockwise import BLOCKSIZE_8BIT
+
 QUANT_TYPES = ("nf4", "fp4")
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MIN_BLOCKSIZE = 32
 MAX_BLOCKSIZE = 4096
-NESTED_BLOCKSIZE = 256  # bitsandbytes always double-quantizes in blocks of 256 (the kernels assume it)
+NESTED_BLOCKSIZE = BLOCKSIZE_8BIT  # bitsandbytes always double-quantizes in blocks of 256 (the kernels assume it)
 _PACKED_KEY = "quant_state.bitsandbytes__"
 # the state_dict key of each tensor field (bitsandbytes' names)
 _KEYS = {"absmax": "absmax", "code": "quant_map", "nested_absmax": "nested_absmax",

@@ -114,6 +114,15 @@ def reference_backend(monkeypatch):
     monkeypatch.setenv("QLORA_FAST_BACKEND", "reference")
 
 
+@pytest.fixture
+def one_thread():
+    """The tiny models run fastest on one thread, and CI runs two test processes side by side."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @contextlib.contextmanager
 def no_dynamo():
     """Run with torch._dynamo disabled: bitsandbytes' pure-PyTorch fallbacks wrap themselves in

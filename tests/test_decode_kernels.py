@@ -11,33 +11,16 @@
 """
 import pytest
 import torch
+from helpers import DTYPES, abs_sum, assert_matches_float64, oracle_dequantize, quantize, weight4bit
 
 from qlora_fast.kernels import lora as klora
 from qlora_fast.kernels import nf4 as knf4_flat
 from qlora_fast.kernels import nf4_matmul as knf4
 from qlora_fast.reference import quant as ref
-from test_nf4_matmul import abs_sum, assert_matches_float64, quantize, weight4bit
 
-bnb_functional = pytest.importorskip("bitsandbytes.functional", reason="bitsandbytes (test extra) is the oracle")
+pytest.importorskip("bitsandbytes.functional", reason="bitsandbytes (test extra) is the oracle")
 
 pytestmark = pytest.mark.usefixtures("on_test_device")
-
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-
-
-def oracle_dequantize(packed, state):
-    """bitsandbytes' fp32 decode of the weight, through a flat (numel,) state: its CPU backend
-    decodes a 2-D state wrongly when in_features is a multiple of 32 but not of the blocksize
-    (seen with 0.50.2 on (16, 96) at blocksize 64: errors ~6 against code * absmax by hand)."""
-    state2 = None
-    if state.nested:
-        state2 = bnb_functional.QuantState(absmax=state.nested_absmax.cpu(), code=state.nested_code.cpu(),
-                                           blocksize=state.nested_blocksize, dtype=torch.float32)
-    flat = bnb_functional.QuantState(
-        absmax=state.absmax.cpu(), shape=torch.Size([state.shape[0] * state.shape[1]]), code=state.code.cpu(),
-        blocksize=state.blocksize, quant_type=state.quant_type, dtype=torch.float32,
-        offset=None if state.offset is None else state.offset.cpu(), state2=state2)
-    return bnb_functional.dequantize_4bit(packed.cpu(), flat).reshape(tuple(state.shape)).to(packed.device)
 
 
 @pytest.mark.parametrize("n,blocksize", [(64 * 37, 64), (16 * 41, 32), (8 * 129, 4096), (999, 128)])

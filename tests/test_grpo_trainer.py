@@ -7,43 +7,13 @@ import os
 import pytest
 import torch
 from conftest import assert_close
+from helpers import add_adapters, tiny_base, trainable
 
-from qlora_fast.models import LlamaConfig, LlamaForCausalLM
-from qlora_fast.nn import LoRALinear, disable_adapter, replace_linear
-from qlora_fast.nn.lora import mark_only_lora_as_trainable
+from qlora_fast.nn import LoRALinear, disable_adapter
 from qlora_fast.tokenizer import ByteTokenizer
 from qlora_fast.train import GRPOConfig, GRPOTrainer
 from qlora_fast.train.grpo import completion_logprobs
 from qlora_fast.train.rewards import arithmetic_rewards, correctness_reward, format_reward, load_arithmetic_task
-
-TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-
-@pytest.fixture
-def one_thread():
-    """The tiny models run fastest on one thread, and CI runs two test processes side by side."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def tiny_base(seed=0, hidden=32, layers=1, head_std=1.0):
-    """A random built-in model. The output layer is re-drawn with std head_std / sqrt(hidden)
-    (instead of 0.02) so that the frozen head can express preferences the adapters steer."""
-    torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=259, hidden_size=hidden, intermediate_size=2 * hidden, num_layers=layers,
-                         num_heads=4, num_kv_heads=2, max_seq_len=128)
-    model = LlamaForCausalLM(config)
-    torch.nn.init.normal_(model.lm_head.weight, std=head_std / hidden**0.5)
-    return model
-
-
-def add_adapters(model, quantize=False, r=8, alpha=16, dropout=0.0):
-    """LoRA (or QLoRA: NF4 base) on every attention and MLP projection; only adapters train."""
-    replace_linear(model, quant_type="nf4" if quantize else None, target=TARGETS, lora_r=r, lora_alpha=alpha,
-                   lora_dropout=dropout)
-    return mark_only_lora_as_trainable(model)
 
 
 def make_trainer(model=None, seed=0, opt=None, **overrides):
@@ -53,10 +23,6 @@ def make_trainer(model=None, seed=0, opt=None, **overrides):
     options.update(overrides)
     model = model if model is not None else add_adapters(tiny_base(seed))
     return GRPOTrainer(model, ByteTokenizer(), fns, load_arithmetic_task("train"), GRPOConfig(**options), optimizer=opt)
-
-
-def trainable(model):
-    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
 # ------------------------------------------------------------------------------------------

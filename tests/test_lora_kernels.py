@@ -6,13 +6,12 @@ activation dtype plus rounding terms (see test_nf4_matmul.assert_matches_float64
 """
 import pytest
 import torch
-
 from conftest import TEST_DEVICE, assert_close, sized
+from helpers import DTYPES, abs_sum, assert_matches_float64, oracle_dequantize, quantize, weight4bit
+
 from qlora_fast.functional import lora_linear
 from qlora_fast.kernels import lora as klora
 from qlora_fast.reference.lora import lora_backward_ref, lora_forward_ref, lora_linear_ref
-from test_nf4_matmul import DTYPES, abs_sum, assert_matches_float64, oracle_dequantize, quantize, weight4bit
-
 
 # conftest's one device switch: tensors made with torch.randn(...) land on QLORA_FAST_TEST_DEVICE
 pytestmark = pytest.mark.usefixtures("on_test_device")

@@ -6,14 +6,14 @@ import os
 
 import pytest
 import torch
+from conftest import assert_close
+from helpers import abs_sum, assert_matches_float64, oracle_dequantize
+from lora_ddp_worker import ddp_data, ddp_model, ddp_worker
 from torch import nn
 
-from conftest import assert_close
-from lora_ddp_worker import ddp_data, ddp_model, ddp_worker
 from qlora_fast.functional import dequantize_4bit, quantize_4bit
 from qlora_fast.nn import Linear4bit, LoRALinear, QLoRALinear, disable_adapter, replace_linear
 from qlora_fast.reference.lora import lora_linear_ref
-from test_nf4_matmul import abs_sum, assert_matches_float64, oracle_dequantize
 
 
 def make_lora(in_features=37, out_features=29, r=4, alpha=8.0, dropout=0.0, quantized=False, dtype=torch.float32,

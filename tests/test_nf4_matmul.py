@@ -9,60 +9,17 @@ import os
 
 import pytest
 import torch
-
 from conftest import TEST_DEVICE, assert_close, sized
-from qlora_fast.functional import dequantize_4bit, matmul_4bit, quantize_4bit
+from helpers import DTYPES, abs_sum, assert_matches_float64, oracle_dequantize, quantize, weight4bit
+
+from qlora_fast.functional import dequantize_4bit, matmul_4bit
 from qlora_fast.kernels import nf4_matmul as knf4
 from qlora_fast.reference.lora import dequantize_weight_4bit_ref
 
-bnb_functional = pytest.importorskip("bitsandbytes.functional", reason="bitsandbytes (test extra) is the oracle")
-
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+pytest.importorskip("bitsandbytes.functional", reason="bitsandbytes (test extra) is the oracle")
 
 # conftest's one device switch: tensors made with torch.randn(...) land on QLORA_FAST_TEST_DEVICE
 pytestmark = pytest.mark.usefixtures("on_test_device")
-
-
-# ------------------------------------------------------------------ helpers shared with the LoRA tests
-
-def quantize(weight, quant_type="nf4", nested=True, blocksize=64):
-    """(packed, QuantState) from qlora_fast's quantizer."""
-    return quantize_4bit(weight, blocksize=blocksize, quant_type=quant_type, compress_statistics=nested)
-
-
-def oracle_dequantize(packed, state):
-    """The fp32 weight bitsandbytes decodes from exactly these tensors."""
-    state2 = None
-    if state.nested:
-        state2 = bnb_functional.QuantState(absmax=state.nested_absmax, code=state.nested_code,
-                                           blocksize=state.nested_blocksize, dtype=torch.float32)
-    bnb_state = bnb_functional.QuantState(absmax=state.absmax, shape=state.shape, code=state.code,
-                                          blocksize=state.blocksize, quant_type=state.quant_type,
-                                          dtype=torch.float32, offset=state.offset, state2=state2)
-    return bnb_functional.dequantize_4bit(packed, bnb_state)
-
-
-def weight4bit(packed, state):
-    return knf4.Weight4bit(packed, state.absmax, state.code, tuple(state.shape), state.blocksize,
-                           state.nested_absmax, state.nested_code, state.offset, state.nested_blocksize)
-
-
-def assert_matches_float64(out, ref64, out_torch, abs_sum=None, msg=""):
-    """|out - ref64| <= 2 * max|out_torch - ref64| + one ulp of out's dtype at max|ref64|
-    (+ fp32 accumulation in another order: eps32 * sqrt(K) * max sum_k |a_k b_k|, given as
-    `abs_sum` = (max of |A| @ |B|, K) when the kernel sums in a different order than torch)."""
-    torch_err = (out_torch.double() - ref64).abs().max().item()
-    ulp = torch.finfo(out.dtype).eps * ref64.abs().max().item()
-    order = 0.0
-    if abs_sum is not None:
-        order = torch.finfo(torch.float32).eps * abs_sum[1] ** 0.5 * abs_sum[0]
-    assert out.dtype == out_torch.dtype, f"{msg} dtype {out.dtype} != {out_torch.dtype}"
-    assert_close(out, ref64, atol=2 * torch_err + ulp + order, msg=msg)
-
-
-def abs_sum(a, b):
-    """(max of |a| @ |b|, inner dimension) for `assert_matches_float64`."""
-    return (a.double().abs() @ b.double().abs()).max().item(), a.shape[-1]
 
 
 @pytest.fixture

@@ -117,6 +117,19 @@ def test_blockwise_quantization_is_nearest_code(seed, signed):
     assert_close(bnbF.dequantize_blockwise(codes, absmax=absmax, code=code, blocksize=256), code[codes.long()] * scale)
 
 
+def test_blockwise_scalings_differ_only_in_the_partial_last_block(seed):
+    """The one codec's two scalings (reference/blockwise.py): bitsandbytes' op and the optimizer
+    kernels' reciprocal agree on every full block; the partial last block may round one code apart."""
+    x = torch.randn(256 * 5 + 37) * torch.rand(1).item() * 10
+    full = 256 * 5
+    ops_q, ops_absmax = quantize_blockwise_ref(x, dynamic_map(True), scaling="bitsandbytes")
+    kernel_q, kernel_absmax = quantize_blockwise_ref(x, dynamic_map(True), scaling="reciprocal")
+    assert torch.equal(ops_q[:full], kernel_q[:full]) and torch.equal(ops_absmax, kernel_absmax)
+    assert (ops_q[full:].int() - kernel_q[full:].int()).abs().max() <= 1
+    with pytest.raises(ValueError, match="scaling"):
+        quantize_blockwise_ref(x, scaling="bnb")
+
+
 # ---- fp32 states: follow torch -------------------------------------------------------------
 
 @pytest.mark.parametrize("cls,torch_cls", [(AdamW, torch.optim.AdamW), (Adam, torch.optim.Adam)])

@@ -16,7 +16,6 @@ from qlora_fast.peft import (
 from qlora_fast.tokenizer.base import ByteTokenizer
 
 transformers = pytest.importorskip("transformers")
-pytest.importorskip("qlora_fast.nn.lora")
 
 VOCAB = 259
 

@@ -5,7 +5,7 @@ oracle when trl is installed)."""
 import pytest
 import torch
 from conftest import assert_close
-from test_grpo_trainer import add_adapters, one_thread, tiny_base, trainable  # noqa: F401 (fixture)
+from helpers import add_adapters, tiny_base, trainable
 
 from qlora_fast.nn import disable_adapter
 from qlora_fast.tokenizer import ByteTokenizer

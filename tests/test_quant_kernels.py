@@ -26,6 +26,13 @@ def random_input(n, dtype, device=None):
     return (torch.randn(n) * torch.empty(1).uniform_(0.1, 10)).to(dtype).to(device or DEVICE)
 
 
+def test_kernels_share_the_codecs_block_size():
+    # kernels/ may not import qlora_fast, so it repeats the 8-bit codec's block size: they must agree
+    from qlora_fast.reference.blockwise import BLOCKSIZE_8BIT
+
+    assert kernels.NESTED_BLOCKSIZE == BLOCKSIZE_8BIT == ref.NESTED_BLOCKSIZE
+
+
 # every blocksize with an odd element count that is not a multiple of it; input dtypes rotate so
 # each blocksize sees one and each dtype several (interpreter time is the budget)
 CASES = [

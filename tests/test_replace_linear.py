@@ -130,7 +130,8 @@ def test_target_skip_and_idempotence(seed):
 
 
 def test_lora_branch(seed):
-    lora = pytest.importorskip("qlora_fast.nn.lora")
+    from qlora_fast.nn import lora
+
     model = nn.Sequential(nn.Linear(64, 32), nn.Linear(32, 16))
     x = torch.randn(3, 64)
     replace_linear(model, lora_r=4, target=("0",))

@@ -19,8 +19,6 @@ from qlora_fast.train.checkpoint import latest_checkpoint
 from qlora_fast.train.schedule import warmup_cosine
 from qlora_fast.train.sft import SFTConfig, SFTTrainer, build_examples, encode_example, evaluate_loss, exact_match
 
-pytest.importorskip("qlora_fast.nn.lora")
-
 TINY = LlamaConfig(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2, max_seq_len=128)
 
 

@@ -22,7 +22,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from qlora_fast.quant_state import QuantState
+from qlora_fast.quant_state import NESTED_BLOCKSIZE, QuantState
 from qlora_fast.reference import lora as _ref
 
 from ._dispatch import use_kernels
@@ -80,7 +80,7 @@ def _op_fields(weight: Tensor, quant_state) -> tuple:
     """(absmax, code, nested_absmax, nested_code, offset, out, in, blocksize, nested_blocksize): the
     custom ops' spelling of a base weight (all None and the dense shape for a dense one)."""
     if quant_state is None:
-        return (None,) * 5 + (int(weight.shape[0]), int(weight.shape[1]), 64, 256)
+        return (None,) * 5 + (int(weight.shape[0]), int(weight.shape[1]), 64, NESTED_BLOCKSIZE)
     s = quant_state
     return (s.absmax, s.code, s.nested_absmax, s.nested_code, s.offset, int(s.shape[0]), int(s.shape[1]),
             s.blocksize, s.nested_blocksize)

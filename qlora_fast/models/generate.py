@@ -11,7 +11,7 @@ from typing import Iterable, Optional
 
 import torch
 
-from .llama import positions_from_mask
+from .positions import positions_from_mask
 
 
 def _takes_cache_keyword(model) -> bool:

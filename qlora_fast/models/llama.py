@@ -16,6 +16,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from .generate import generate
+from .positions import positions_from_mask
+
 KVCache = Tuple[Tuple[torch.Tensor, torch.Tensor], ...]
 
 
@@ -156,11 +159,6 @@ class LlamaDecoderLayer(nn.Module):
         return x, present
 
 
-def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Position of each token counting only unmasked tokens before it (left padding gets 0)."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-
-
 class LlamaModel(nn.Module):
     """Embeddings, decoder layers and the final norm; returns the final hidden states."""
 
@@ -281,8 +279,6 @@ class LlamaForCausalLM(nn.Module):
     @torch.no_grad()
     def generate(self, input_ids, attention_mask=None, **kwargs) -> torch.LongTensor:
         """See `qlora_fast.models.generate.generate`."""
-        from .generate import generate
-
         return generate(self, input_ids, attention_mask=attention_mask, **kwargs)
 
     def num_parameters(self) -> int:

@@ -8,7 +8,8 @@ from typing import Optional
 
 import torch
 
-from .quant import dequantize_4bit_code_ref, dequantize_blockwise_ref
+from .blockwise import BLOCKSIZE_8BIT, dequantize_blockwise_ref
+from .quant import dequantize_4bit_code_ref
 
 __all__ = [
     "dequantize_weight_4bit_ref",
@@ -22,7 +23,8 @@ __all__ = [
 def dequantize_weight_4bit_ref(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, shape,
                                blocksize: int, nested_absmax: Optional[torch.Tensor] = None,
                                nested_code: Optional[torch.Tensor] = None, offset: Optional[torch.Tensor] = None,
-                               nested_blocksize: int = 256, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+                               nested_blocksize: int = BLOCKSIZE_8BIT,
+                               dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The (out, in) = `shape` weight from bitsandbytes-layout 4-bit tensors, in `dtype`.
 
     packed: uint8, first element in the high nibble; absmax: fp32 per block, or uint8 codes into

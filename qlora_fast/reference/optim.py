@@ -1,16 +1,17 @@
 """Plain-PyTorch Adam/AdamW updates with fp32 or 8-bit blockwise states: the test oracle and
 benchmark baseline for the `qlora_fast._C` optimizer ops (same math, same rounding points).
 
-8-bit states follow bitsandbytes' blockwise 8-bit optimizers: blocks of 256 elements, one fp32
-absmax per block, the first moment coded with the signed dynamic map and the second with the
-unsigned one, requantized to the nearest code after each update, except that a positive second
-moment never takes code 0 (see `adam8bit_step_ref`).
+8-bit states follow bitsandbytes' blockwise 8-bit optimizers: the codec of `reference.blockwise`
+(blocks of `BLOCKSIZE_8BIT` elements, one fp32 absmax per block, the kernels' "reciprocal" scaling),
+the first moment coded with the signed dynamic map and the second with the unsigned one,
+requantized to the nearest code after each update, except that a positive second moment never
+takes code 0 (see `adam8bit_step_ref`).
 """
 import math
 
-import torch
+from .blockwise import BLOCKSIZE_8BIT, dequantize_blockwise_ref, dynamic_map, quantize_blockwise_ref
 
-QUANT_BLOCK = 256
+QUANT_BLOCK = BLOCKSIZE_8BIT  # the optimizer's name for the codec's block size
 
 __all__ = [
     "QUANT_BLOCK",
@@ -20,55 +21,6 @@ __all__ = [
     "adam_step_ref",
     "adam8bit_step_ref",
 ]
-
-
-def dynamic_map(signed: bool = True) -> torch.Tensor:
-    """The 256-value dynamic 8-bit code (sorted fp32): a sign bit when `signed`, a run of zero
-    bits giving the decimal exponent (10^-6 .. 10^0), and the remaining bits a linear fraction in
-    (0.1, 1) at its midpoints; plus 0 and 1. Same values as bitsandbytes' `create_dynamic_map`."""
-    exponent_bits = 7
-    values = []
-    for i in range(exponent_bits):
-        # With a sign bit, exponent i leaves i bits of fraction; without, i + 1.
-        n_fraction = 2 ** (i + (0 if signed else 1)) + 1
-        edges = torch.linspace(0.1, 1, n_fraction, dtype=torch.float32)
-        means = (edges[:-1] + edges[1:]) / 2.0
-        scale = 10 ** (-(exponent_bits - 1) + i)
-        values += (scale * means).tolist()  # scaled in fp32, as bitsandbytes rounds them
-        if signed:
-            values += (-scale * means).tolist()
-    values += [0.0, 1.0]
-    values += [0.0] * (256 - len(values))
-    return torch.tensor(sorted(values), dtype=torch.float32)
-
-
-def quantize_blockwise_ref(x: torch.Tensor, code: torch.Tensor, block: int = QUANT_BLOCK,
-                           positive_nonzero: bool = False):
-    """(codes uint8 like x.flatten(), absmax fp32 (ceil(n/block),)): each value scaled by its
-    block's absmax (an all-zero block scales by 0) and rounded to the nearest code, ties to the
-    lower code. `positive_nonzero` (for the unsigned map, code[0] = 0): a positive value that
-    rounds to code 0 takes code 1 instead."""
-    flat = x.detach().reshape(-1).float()
-    n = flat.numel()
-    blocks = -(-n // block)
-    padded = torch.zeros(blocks * block, dtype=torch.float32, device=flat.device)
-    padded[:n] = flat
-    absmax = padded.view(blocks, block).abs().amax(dim=1)
-    inv = torch.where(absmax > 0, 1.0 / absmax, torch.zeros_like(absmax))
-    scaled = (padded.view(blocks, block) * inv[:, None]).clamp(-1, 1).reshape(-1)[:n]
-    midpoints = (code[:-1] + code[1:]) * 0.5
-    codes = torch.bucketize(scaled, midpoints.to(scaled.device), right=False)
-    if positive_nonzero:
-        codes = torch.where((codes == 0) & (scaled > 0), torch.ones_like(codes), codes)
-    return codes.to(torch.uint8), absmax
-
-
-def dequantize_blockwise_ref(codes: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor,
-                             block: int = QUANT_BLOCK) -> torch.Tensor:
-    """fp32 values of `codes` (flat), code value times the block's absmax."""
-    n = codes.numel()
-    idx = torch.arange(n, device=codes.device) // block
-    return code.to(codes.device)[codes.reshape(-1).long()] * absmax[idx]
 
 
 def _adam_math(p32, g32, m, v, step, lr, beta1, beta2, eps, weight_decay, decoupled):
@@ -107,13 +59,13 @@ def adam8bit_step_ref(param, grad, m_codes, v_codes, m_absmax, v_absmax, step, l
     steps."""
     signed_map = dynamic_map(True) if signed_map is None else signed_map
     unsigned_map = dynamic_map(False) if unsigned_map is None else unsigned_map
-    m = dequantize_blockwise_ref(m_codes, m_absmax, signed_map)
-    v = dequantize_blockwise_ref(v_codes, v_absmax, unsigned_map)
+    m = dequantize_blockwise_ref(m_codes.reshape(-1), m_absmax, signed_map)
+    v = dequantize_blockwise_ref(v_codes.reshape(-1), v_absmax, unsigned_map)
     p32 = param.detach().float().reshape(-1)
     _adam_math(p32, grad.float().reshape(-1), m, v, step, lr, betas[0], betas[1], eps, weight_decay, decoupled)
     param.detach().copy_(p32.view_as(param))
-    mq, ma = quantize_blockwise_ref(m, signed_map)
-    vq, va = quantize_blockwise_ref(v, unsigned_map, positive_nonzero=True)
+    mq, ma = quantize_blockwise_ref(m, signed_map, scaling="reciprocal")
+    vq, va = quantize_blockwise_ref(v, unsigned_map, scaling="reciprocal", positive_nonzero=True)
     m_codes.copy_(mq.view_as(m_codes))
     v_codes.copy_(vq.view_as(v_codes))
     m_absmax.copy_(ma)

@@ -8,8 +8,9 @@ The format (bitsandbytes 0.50.2):
   each block's fp32 absmax is stored; values are scaled into [-1, 1] and each is given the index
   of the nearest 4-bit code (ties go to the lower code);
 - two codes per byte, the first element in the high nibble; an odd count is padded with a scaled 0;
-- double quantization: `offset = mean(absmax)`; `absmax - offset` is quantized with 8-bit blockwise
-  quantization (blocksize 256, signed dynamic map), giving uint8 absmax and fp32 nested absmax.
+- double quantization: `offset = mean(absmax)`; `absmax - offset` is quantized with the 8-bit
+  blockwise codec of `reference.blockwise` (blocks of `BLOCKSIZE_8BIT`, signed dynamic map, bitsandbytes'
+  scaling), giving uint8 absmax and fp32 nested absmax.
 
 Two details of bitsandbytes are kept on purpose so that bytes match: full blocks are scaled with
 `x * (1 / absmax)` but the partial last block with `x / absmax`; the stored absmax of a full block
@@ -17,7 +18,15 @@ is the raw max while that of the partial last block is clamped to at least 1e-38
 """
 import torch
 
-from .optim import dynamic_map
+from .blockwise import (
+    BLOCKSIZE_8BIT,
+    dequantize_blockwise_ref,
+    dynamic_map_signed,
+    nearest_code,
+    quantize_blockwise_ref,
+    scale_blocks,
+    scale_by_block,
+)
 
 __all__ = [
     "NF4_CODE",
@@ -63,55 +72,12 @@ FP4_CODE = torch.tensor(
     dtype=torch.float32,
 ) / 12.0
 
-NESTED_BLOCKSIZE = 256
-
-
-def dynamic_map_signed() -> torch.Tensor:
-    """bitsandbytes' signed 8-bit dynamic map (256 sorted fp32 values in [-0.993, 1.0]), the code
-    of the double-quantized absmax: the optimizers' signed state map, `optim.dynamic_map(True)`."""
-    return dynamic_map(True)
-
-
-_DYNAMIC_MAP = dynamic_map_signed()
+NESTED_BLOCKSIZE = BLOCKSIZE_8BIT  # the double quantization's name for the codec's block size
 
 
 def code_for(quant_type: str) -> torch.Tensor:
     """The 16-entry fp32 code table of `quant_type` ("nf4" or "fp4")."""
     return {"nf4": NF4_CODE, "fp4": FP4_CODE}[quant_type]
-
-
-def _bucket_tables(code: torch.Tensor):
-    """Midpoints between sorted code values and the map from sorted position to code index.
-
-    Among equal code values (FP4's +0 and -0) the lower index comes first, as in bitsandbytes.
-    """
-    order = torch.sort(code, stable=True).indices
-    ordered = code[order]
-    return (ordered[:-1] + ordered[1:]) / 2, order
-
-
-def _blockwise_scale(flat: torch.Tensor, blocksize: int):
-    """fp32 per-block absmax and the values scaled into [-1, 1], bitsandbytes' way."""
-    n = flat.numel()
-    rem = n % blocksize
-    full = n - rem
-    blocks = flat[:full].view(-1, blocksize)
-    absmax = blocks.abs().amax(dim=1)
-    scaled = torch.clamp(blocks * (1.0 / absmax.clamp(min=1e-38)).unsqueeze(1), -1, 1).reshape(-1)
-    if rem:
-        last_absmax = flat[full:].abs().max().clamp(min=1e-38)
-        absmax = torch.cat([absmax, last_absmax.view(1)])
-        scaled = torch.cat([scaled, torch.clamp(flat[full:] / last_absmax, -1, 1)])
-    return absmax, scaled
-
-
-def _nearest_code(scaled: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
-    """Index of the nearest code value (int32); a value exactly between two goes to the lower."""
-    midpoints, order = _bucket_tables(code.to(scaled.device))
-    bucket = torch.bucketize(scaled, midpoints, out_int32=True)
-    if torch.equal(order, torch.arange(order.numel(), device=order.device)):
-        return bucket  # a sorted table (NF4, the dynamic map): the bucket is the index
-    return order.to(torch.int32).index_select(0, bucket.reshape(-1)).reshape(bucket.shape)
 
 
 def quantize_4bit_ref(x: torch.Tensor, blocksize: int = 64, quant_type: str = "nf4"):
@@ -120,10 +86,10 @@ def quantize_4bit_ref(x: torch.Tensor, blocksize: int = 64, quant_type: str = "n
     Returns (packed uint8 of shape (ceil(n / 2), 1), absmax fp32 of shape (ceil(n / blocksize),)).
     """
     flat = x.reshape(-1).float()
-    absmax, scaled = _blockwise_scale(flat, blocksize)
+    absmax, scaled = scale_blocks(flat, blocksize)
     if scaled.numel() % 2:
         scaled = torch.nn.functional.pad(scaled, (0, 1))
-    q = _nearest_code(scaled, code_for(quant_type)).to(torch.uint8)
+    q = nearest_code(scaled, code_for(quant_type)).to(torch.uint8)
     packed = (q[0::2] << 4) | q[1::2]
     return packed.unsqueeze(1), absmax
 
@@ -159,37 +125,7 @@ def dequantize_4bit_code_ref(
     # one lookup per byte: a 256-entry table of (high nibble, low nibble) code pairs
     pairs = torch.stack([code.repeat_interleave(16), code.repeat(16)], dim=1)
     values = pairs.index_select(0, packed.reshape(-1).int()).reshape(-1)[:n]
-    return _scale_by_block(values, absmax.float(), blocksize).to(out_dtype).reshape(shape)
-
-
-def _scale_by_block(values: torch.Tensor, absmax: torch.Tensor, blocksize: int) -> torch.Tensor:
-    """values[i] * absmax[i // blocksize] in fp32 (flat)."""
-    n = values.numel()
-    full = n - n % blocksize
-    head = (values[:full].view(-1, blocksize) * absmax[: full // blocksize, None]).reshape(-1)
-    if full == n:
-        return head
-    return torch.cat([head, values[full:] * absmax[-1]])
-
-
-def quantize_blockwise_ref(x: torch.Tensor, code: torch.Tensor = None, blocksize: int = NESTED_BLOCKSIZE):
-    """8-bit blockwise quantization (bitsandbytes' `quantize_blockwise`, exact nearest code).
-
-    Returns (uint8 codes of x's shape, fp32 absmax per block). `code` defaults to the signed
-    dynamic map.
-    """
-    code = _DYNAMIC_MAP if code is None else code
-    absmax, scaled = _blockwise_scale(x.reshape(-1).float(), blocksize)
-    q = _nearest_code(scaled, code).to(torch.uint8)
-    return q.reshape(x.shape), absmax
-
-
-def dequantize_blockwise_ref(
-    q: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor = None, blocksize: int = NESTED_BLOCKSIZE
-) -> torch.Tensor:
-    """Inverse of `quantize_blockwise_ref`: `code[q] * absmax[block]` in fp32."""
-    code = (_DYNAMIC_MAP if code is None else code).to(q.device)
-    return _scale_by_block(code.index_select(0, q.reshape(-1).int()), absmax, blocksize).reshape(q.shape)
+    return scale_by_block(values, absmax.float(), blocksize).to(out_dtype).reshape(shape)
 
 
 def quantize_absmax_ref(absmax: torch.Tensor):
