@@ -33,16 +33,16 @@ def fake_launchers(monkeypatch):
 
     calls = []
 
-    def matmul(x, packed, absmax, code, shape, *rest, bias=None, transpose=False):
+    def matmul(x, weight, bias=None, transpose=False):
         calls.append("matmul")
-        return x.new_empty(*x.shape[:-1], shape[1] if transpose else shape[0])
+        return x.new_empty(*x.shape[:-1], weight.shape[1] if transpose else weight.shape[0])
 
     def forward(x, weight, lora_A, lora_B, *rest):
         calls.append(type(weight))
         return x.new_empty(*x.shape[:-1], lora_B.shape[0]), x.new_empty(x.shape[:-1].numel(), lora_A.shape[0])
 
-    monkeypatch.setattr(nf4_matmul, "nf4_matmul", matmul)
-    monkeypatch.setattr(lora, "lora_forward", forward)
+    monkeypatch.setattr(nf4_matmul, "matmul_validated", matmul)
+    monkeypatch.setattr(lora, "lora_forward_validated", forward)
     return calls
 
 
