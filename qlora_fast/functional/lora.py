@@ -119,7 +119,12 @@ def _autocast(x: Tensor, *tensors):
 
 
 def _needs_grad(*tensors) -> bool:
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    if not torch.is_grad_enabled():
+        return False
+    for t in tensors:  # a loop, not any(generator): this runs on every eager call
+        if t is not None and t.requires_grad:
+            return True
+    return False
 
 
 # ---------------------------------------------------------------- 4-bit matmul
