@@ -25,20 +25,11 @@ from torch import Tensor
 from qlora_fast.quant_state import QuantState
 from qlora_fast.reference import lora as _ref
 
-from ._dispatch import use_kernels
+from ._dispatch import tracing, use_kernels
 
 __all__ = ["lora_linear", "matmul_4bit", "LoRALinearFunction", "MatMul4bitFunction"]
 
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_MODES = (torch._C._TorchDispatchModeKey.PROXY, torch._C._TorchDispatchModeKey.FAKE)
-
-
-def _compiling() -> bool:
-    """True while torch.compile / export, make_fx or torch.jit.trace traces: then the custom ops
-    (with their fake implementations) must stand for the launchers, which a tracer cannot see."""
-    # (no generator here: this runs on every eager call)
-    return (torch.compiler.is_compiling() or torch._C._get_tracing_state() is not None
-            or torch._C._get_dispatch_mode(_MODES[0]) is not None or torch._C._get_dispatch_mode(_MODES[1]) is not None)
 
 
 def _use_kernels(x: Tensor, weight: Tensor) -> bool:
@@ -69,7 +60,7 @@ def _dispatch(x: Tensor, weight: Tensor, quant_state):
     """The one dispatch decision of a call, reused by its forward and backward: None while tracing
     (the custom ops stand in for the launchers), else (the launcher's weight, whether the Triton
     kernels run). A 4-bit weight is validated on first use and then served from its state's cache."""
-    if _compiling():
+    if tracing():
         return None
     kernels = _use_kernels(x, weight)
     return _eager_weight(weight, quant_state, kernels), kernels
@@ -174,7 +165,7 @@ class MatMul4bitFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         packed, quant_state, plan = ctx.weight
-        if plan is not None and _compiling():  # an eager forward whose backward is traced (compiled autograd)
+        if plan is not None and tracing():  # an eager forward whose backward is traced (compiled autograd)
             plan = None
         need = ctx.needs_input_grad
         grad_x = _matmul_4bit(grad_out, packed, quant_state, None, True, plan) if need[0] else None
@@ -316,7 +307,7 @@ class LoRALinearFunction(torch.autograd.Function):
     def backward(ctx, grad_out):
         x_adapter, xa, lora_A, lora_B, mask = ctx.saved_tensors
         weight, quant_state, plan = ctx.weight
-        if plan is not None and _compiling():  # an eager forward whose backward is traced (compiled autograd)
+        if plan is not None and tracing():  # an eager forward whose backward is traced (compiled autograd)
             plan = None
         need = ctx.needs_input_grad
         grad_x, grad_A, grad_B = _lora_backward(grad_out, x_adapter, xa, weight, quant_state, plan, lora_A, lora_B,
