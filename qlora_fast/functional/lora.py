@@ -6,10 +6,13 @@ A, B (and the bias when it requires grad). `matmul_4bit` is x W^T + bias for a 4
 
 Two ways to the same code:
 - eager (the fast path, and what a CUDA graph captures): the public function checks its
-  arguments, then calls the launcher (or the reference) directly, through a
+  arguments and makes the one dispatch decision of the call (`_dispatch`, reused by backward),
+  then calls the launchers' validated entries (`matmul_validated`, `lora_forward_validated`,
+  `lora_backward_validated`: they re-check nothing) or the reference directly, through a
   `torch.autograd.Function` only when a gradient is needed. The 4-bit weight reaches the launcher
   as the `Weight4bit` its QuantState caches (`QuantState.kernel_weight`: validated once, not per
-  call); no custom-op dispatch, no host sync, no allocation besides the outputs.
+  call), which keeps its launch arguments and per-shape launch plans; no custom-op dispatch, no
+  host sync, no allocation besides the outputs.
 - under torch.compile / tracing: the same Functions call the `torch.library.custom_op`s
   (`qlora_fast::matmul_4bit`, `lora_forward`, `lora_backward`), whose fake implementations let
   `torch.compile(fullgraph=True)` trace through without graph breaks.
