@@ -31,25 +31,34 @@ from typing import Union
 
 import torch
 
-from .nf4_matmul import SKINNY_MAX_M, Weight4bit, dequantize_to_workspace, dot_dtype, row_pairs, skinny_launch
-
+from .nf4_matmul import SKINNY_MAX_M, Weight4bit, dot_dtype, skinny_launch, weight_to_workspace
 
 Weight = Union[torch.Tensor, Weight4bit]
 
 
 def _weight_shape(weight: Weight) -> tuple:
     if isinstance(weight, Weight4bit):
-        weight.check()
+        weight.check()  # user input: checked on every call of the public launchers
         return int(weight.shape[0]), int(weight.shape[1])
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
         raise ValueError("weight must be a 2-D (out_features, in_features) tensor or a Weight4bit")
     return int(weight.shape[0]), int(weight.shape[1])
 
 
+def _shape(weight: Weight) -> tuple:
+    """(out, in) of a weight the caller has checked (a Weight4bit: validated once, then cached)."""
+    return weight.launch_args().shape if isinstance(weight, Weight4bit) else weight.shape
+
+
+def _rows(t: torch.Tensor, n: int) -> torch.Tensor:
+    """t as (M, n): itself when already 2-D (a reshape costs microseconds of host time)."""
+    return t if t.dim() == 2 else t.reshape(-1, n)
+
+
 def _dense_weight(weight: Weight, dtype: torch.dtype) -> torch.Tensor:
     """The (out, in) weight in `dtype`: a 4-bit one is decoded into the shared workspace."""
     if isinstance(weight, Weight4bit):
-        return dequantize_to_workspace(*weight, dtype=dtype)
+        return weight_to_workspace(weight, dtype)
     return weight
 
 
@@ -60,22 +69,21 @@ def lora_matmul(a, weight: Weight, lo, hi, scale: float, bias=None, mask=None, t
     W (out, in) dense in a's dtype or a Weight4bit. Returns (M, P) in a's dtype. `split_k`:
     force the number of splits of the reduction (None: automatic).
     """
-    return _lora_matmul(a, weight, _weight_shape(weight), lo, hi, scale, bias, mask, transpose, split_k)
-
-
-def _lora_matmul(a, weight: Weight, shape, lo, hi, scale, bias, mask, transpose, split_k=None):
-    """`lora_matmul` with the weight already validated (its (out, in) `shape` given): the forward
-    and backward check it once per call, not twice, on the latency-bound decode path. A 4-bit W
-    with an odd in_features (rows not starting on a byte) is decoded into the workspace first."""
-    out_features, in_features = shape
+    out_features, in_features = _weight_shape(weight)
     Q, P = (out_features, in_features) if transpose else (in_features, out_features)
     M, R = a.shape[0], lo.shape[1]
     if a.shape[1] != Q or lo.shape[0] != M or hi.shape != (R, P):
         raise ValueError(f"shapes do not chain: a {tuple(a.shape)}, lo {tuple(lo.shape)}, hi {tuple(hi.shape)}, "
                          f"weight {(out_features, in_features)}, transpose={transpose}")
-    if isinstance(weight, Weight4bit) and not row_pairs(in_features, weight.blocksize):
+    return _lora_matmul(a, weight, (out_features, in_features), lo, hi, scale, bias, mask, transpose, split_k)
+
+
+def _lora_matmul(a, weight: Weight, shape, lo, hi, scale, bias, mask, transpose, split_k=None):
+    """`lora_matmul` with every argument checked by the caller (its (out, in) `shape` given). A
+    4-bit W with an odd in_features (rows not starting on a byte) is decoded into the workspace first."""
+    if isinstance(weight, Weight4bit) and not weight.launch_args().fused:
         weight = _dense_weight(weight, a.dtype)
-    return skinny_launch(a, weight, out_features, in_features, transpose, lo, hi, mask, bias, scale, split_k)
+    return skinny_launch(a, weight, shape[0], shape[1], transpose, lo, hi, mask, bias, scale, split_k)
 
 
 def _check(x, weight, lora_A, lora_B, bias, same_shape, method):
@@ -112,15 +120,22 @@ def lora_forward(x, weight: Weight, lora_A, lora_B, scale: float, bias=None, x_a
     out_features, in_features = _check(x, weight, lora_A, lora_B, bias, x_adapter, method)
     if x.shape[-1] != in_features:
         raise ValueError(f"x must have last dimension {in_features}, got shape {tuple(x.shape)}")
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, in_features)
-    xa = (x2 if x_adapter is None else x_adapter.reshape(-1, in_features)) @ lora_A.t()
+    return lora_forward_validated(x, weight, lora_A, lora_B, scale, bias, x_adapter, method)
+
+
+def lora_forward_validated(x, weight: Weight, lora_A, lora_B, scale: float, bias=None, x_adapter=None,
+                           method="auto"):
+    """`lora_forward` trusting the caller's checks of every argument (the public `lora_forward`
+    and qlora_fast.functional make them); a Weight4bit is validated once, by its `launch_args`."""
+    out_features, in_features = _shape(weight)
+    x2 = _rows(x, in_features)
+    xa = torch.nn.functional.linear(x2 if x_adapter is None else _rows(x_adapter, in_features), lora_A)
     if method == "fused" or (method == "auto" and x2.shape[0] <= SKINNY_MAX_M):
         y = _lora_matmul(x2, weight, (out_features, in_features), xa, lora_B.t(), scale, bias, None, False)
     else:
         y = torch.nn.functional.linear(x2, _dense_weight(weight, x.dtype), bias)
         y.addmm_(xa, lora_B.t(), alpha=scale)
-    return y.reshape(*lead, out_features), xa
+    return (y if x.dim() == 2 else y.reshape(*x.shape[:-1], out_features)), xa
 
 
 def lora_backward(grad_out, x_adapter, xa, weight: Weight, lora_A, lora_B, scale: float,
@@ -130,16 +145,23 @@ def lora_backward(grad_out, x_adapter, xa, weight: Weight, lora_A, lora_B, scale
     grad_out (..., out); x_adapter the adapter's input x * dropout_mask (..., in) (x itself
     without dropout); xa (M, r) from the forward. grad_x = grad_out W + scale ((grad_out B) A) * mask.
     """
-    out_features, in_features = _check(x_adapter, weight, lora_A, lora_B, None, dropout_mask, method)
-    lead = grad_out.shape[:-1]
-    dy = grad_out.reshape(-1, out_features)
-    xd = x_adapter.reshape(-1, in_features)
+    _check(x_adapter, weight, lora_A, lora_B, None, dropout_mask, method)
+    return lora_backward_validated(grad_out, x_adapter, xa, weight, lora_A, lora_B, scale, dropout_mask,
+                                   need_grad_input, method)
+
+
+def lora_backward_validated(grad_out, x_adapter, xa, weight: Weight, lora_A, lora_B, scale: float,
+                            dropout_mask=None, need_grad_input=True, method="auto"):
+    """`lora_backward` trusting the caller's checks of every argument (see `lora_forward_validated`)."""
+    out_features, in_features = _shape(weight)
+    dy = _rows(grad_out, out_features)
+    xd = _rows(x_adapter, in_features)
     dyb = dy @ lora_B  # (M, r)
     grad_B = dy.t() @ (xa * scale)
     grad_A = (dyb * scale).t() @ xd
     grad_x = None
     if need_grad_input:
-        mask = None if dropout_mask is None else dropout_mask.reshape(-1, in_features)
+        mask = None if dropout_mask is None else _rows(dropout_mask, in_features)
         if method == "fused" or (method == "auto" and dy.shape[0] <= SKINNY_MAX_M):
             grad_x = _lora_matmul(dy, weight, (out_features, in_features), dyb, lora_A, scale, None, mask, True)
         else:
@@ -148,5 +170,6 @@ def lora_backward(grad_out, x_adapter, xa, weight: Weight, lora_A, lora_B, scale
             if mask is not None:
                 low_rank.mul_(mask)
             grad_x.add_(low_rank, alpha=scale)
-        grad_x = grad_x.reshape(*lead, in_features)
+        if grad_out.dim() != 2:
+            grad_x = grad_x.reshape(*grad_out.shape[:-1], in_features)
     return grad_x, grad_A, grad_B

@@ -57,11 +57,8 @@ SKINNY_MAX_M = 16
 _workspaces: dict = {}
 
 
-class Weight4bit(NamedTuple):
-    """A 4-bit weight of `shape` (out, in) in bitsandbytes' layout, as plain tensors.
-
-    `nested_absmax`, `nested_code` and `offset` are None without double quantization.
-    """
+class _Weight4bitFields(NamedTuple):
+    """The fields of `Weight4bit` (a NamedTuple cannot hold the launch cache; its subclass can)."""
 
     packed: torch.Tensor
     absmax: torch.Tensor
@@ -81,6 +78,48 @@ class Weight4bit(NamedTuple):
     def pointer_args(self) -> tuple:
         """The six 4-bit tensor arguments of `_skinny_matmul_kernel` (packed .. offset), in order."""
         return _quant_args(self.packed, self.absmax, self.code, self.nested_absmax, self.nested_code, self.offset)
+
+
+class Launch4bit(NamedTuple):
+    """What every launch on one `Weight4bit` reuses: its (out, in) `shape` as ints, the six
+    `pointers` (packed .. offset), `row_bytes`, whether the fused kernels can read it (`fused`:
+    rows start on a byte), its kernel `constexprs`, and `plans`: per call shape, the grid, split
+    and constexprs of `_skinny_matmul_kernel` (see `skinny_launch`)."""
+
+    shape: tuple
+    pointers: tuple
+    row_bytes: int
+    fused: bool
+    constexprs: dict
+    plans: dict
+
+
+class Weight4bit(_Weight4bitFields):
+    """A 4-bit weight of `shape` (out, in) in bitsandbytes' layout, as plain tensors.
+
+    `nested_absmax`, `nested_code` and `offset` are None without double quantization. A tuple in
+    field order (it unpacks into `nf4_matmul`'s arguments). `launch_args` validates it once and
+    keeps what every launch reuses: a weight built once (QuantState.kernel_weight) is checked once.
+    """
+
+    def launch_args(self) -> Launch4bit:
+        """The weight, validated on the first call (ValueError/TypeError naming the bad field), as
+        the launch arguments that do not change between calls; cached on this object after."""
+        try:
+            return self._launch
+        except AttributeError:
+            pass
+        nested = self.check()
+        out_features, in_features = int(self.shape[0]), int(self.shape[1])
+        constexprs = dict(WEIGHT_4BIT=True, BLOCKSIZE=self.blocksize, NESTED=nested,
+                          NESTED_BLOCKSIZE=self.nested_blocksize,
+                          CHUNK_SCALE=in_features % 32 == 0 and self.blocksize >= 32)
+        self._launch = Launch4bit((out_features, in_features), self.pointer_args(), in_features // 2,
+                                  bool(row_pairs(in_features, self.blocksize)), constexprs, {})
+        return self._launch
+
+    def __getstate__(self):
+        return None  # copies and pickles leave the cache behind (it holds workspace views)
 
 
 @triton.jit
@@ -351,6 +390,16 @@ def dequantize_to_workspace(packed, absmax, code, shape, blocksize, nested_absma
                                 offset, nested_blocksize, dtype, out=buf)
 
 
+def weight_to_workspace(weight: Weight4bit, dtype: torch.dtype) -> torch.Tensor:
+    """`dequantize_to_workspace` for a Weight4bit, validated once (its `launch_args`), not per call."""
+    shape = weight.launch_args().shape
+    w = weight
+    out = workspace(shape[0] * shape[1], dtype, w.packed.device)
+    _nf4.dequantize_4bit(w.packed, w.absmax, w.code, out.numel(), w.blocksize, dtype, w.nested_absmax, w.nested_code,
+                         None if w.offset is None else w.offset.reshape(()), w.nested_blocksize, out=out)
+    return out.view(shape)
+
+
 def row_pairs(in_features: int, blocksize: int, transpose: bool = False) -> int:
     """in_features when the fused kernels can read W along its rows in whole bytes (an even row
     length: rows start on a byte; forward and transposed alike), else 0 (the fused 4-bit paths
@@ -399,46 +448,65 @@ def skinny_config(M, P, N, K, transpose, dtype, split_k=None):
     return block_r, block_c, _cdiv(red, red_per_split), red_per_split, 8 if dtype == torch.float32 else 4
 
 
+def _plan(device, N, K, constexprs, M, transpose, dtype, split_k, L, has_mask, has_bias):
+    """(grid, red_per_split, split, partial, locks, meta) of one `_skinny_matmul_kernel` launch:
+    all it needs besides the tensors and their strides. L: the LoRA rank, None without LoRA.
+    partial and locks are None without a split (the output stands in; never read)."""
+    P = K if transpose else N
+    dot_dt, precision = dot_dtype(dtype)
+    block_r, block_c, split, red_per_split, warps = skinny_config(M, P, N, K, transpose, dtype, split_k)
+    grid = (_cdiv(P, block_c if transpose else block_r), _cdiv(M, 16), split)
+    partial = locks = None
+    if split > 1:
+        partial = workspace(split * M * P, torch.float32, device, "splits")
+        locks = _split_locks(grid[0] * grid[1], device)
+    meta = dict(TRANSPOSE=transpose, HAS_LORA=L is not None, HAS_MASK=has_mask, HAS_BIAS=has_bias, SPLIT=split > 1,
+                DOT_DTYPE=dot_dt, INPUT_PRECISION=precision, W_LEFT=dot_dt != tl.float32,
+                BLOCK_M=16, BLOCK_R=block_r, BLOCK_C=block_c, BLOCK_L=16 if L is None else max(16, _next_pow2(L)),
+                CB=16, num_warps=warps, num_stages=1, **constexprs)
+    return grid, red_per_split, split, partial, locks, meta
+
+
+# Plans kept per Weight4bit: a few call shapes in practice (rows 1..16, forward and transposed).
+_MAX_PLANS = 64
+
+
 def skinny_launch(a, weight, N, K, transpose, lo=None, hi=None, mask=None, bias=None, scale=1.0, split_k=None):
     """out (M, P) = a @ Wop [+ scale * (lo @ hi) * mask] [+ bias] by `_skinny_matmul_kernel`, Wop
     = W^T (P = N) or W when `transpose` (P = K), for W (N, K) a validated Weight4bit with an even K
-    or a dense 2-D tensor. One launch (split-K reduced in the kernel); allocates only the output."""
+    or a dense 2-D tensor. One launch (split-K reduced in the kernel); allocates only the output.
+    A Weight4bit keeps the launch plan of each call shape (`Launch4bit.plans`): a repeated call
+    reads strides, allocates the output and launches, nothing else. Checks nothing."""
     M = a.shape[0]
-    P = K if transpose else N
-    dot_dt, precision = dot_dtype(a.dtype)
-    block_r, block_c, split, red_per_split, warps = skinny_config(M, P, N, K, transpose, a.dtype, split_k)
-    out = torch.empty((M, P), device=a.device, dtype=a.dtype)
-    grid = (_cdiv(P, block_c if transpose else block_r), _cdiv(M, 16), split)
-    if split > 1:
-        partial = workspace(split * M * P, torch.float32, a.device, "splits")
-        locks = _split_locks(grid[0] * grid[1], a.device)
-    else:
-        partial = locks = out
+    L = None if lo is None else lo.shape[1]
+    key = (M, transpose, a.dtype, split_k, L, mask is not None, bias is not None)
     if isinstance(weight, Weight4bit):
-        w_args = weight.pointer_args()
-        row_bytes, stride_wn, stride_wk = K // 2, 0, 0
-        quant = dict(WEIGHT_4BIT=True, BLOCKSIZE=weight.blocksize, NESTED=weight.nested_absmax is not None,
-                     NESTED_BLOCKSIZE=weight.nested_blocksize,
-                     CHUNK_SCALE=K % 32 == 0 and weight.blocksize >= 32)
+        launch = weight.launch_args()
+        plan = launch.plans.get(key)
+        if plan is None:
+            if len(launch.plans) >= _MAX_PLANS:
+                launch.plans.clear()
+            plan = launch.plans[key] = _plan(a.device, N, K, launch.constexprs, *key)
+        w_args, row_bytes, stride_wn, stride_wk = launch.pointers, launch.row_bytes, 0, 0
     else:
+        plan = None  # a dense W: planned per call, below (no object to keep the plan on)
         w_args = (weight,) * 6
         row_bytes, stride_wn, stride_wk = 0, weight.stride(0), weight.stride(1)
         quant = dict(WEIGHT_4BIT=False, BLOCKSIZE=64, NESTED=False, NESTED_BLOCKSIZE=NESTED_BLOCKSIZE, CHUNK_SCALE=True)
     has_lora = lo is not None
+    grid, red_per_split, split, partial, locks, meta = plan or _plan(a.device, N, K, quant, *key)
+    P = K if transpose else N
+    out = a.new_empty((M, P))  # contiguous: strides (P, 1)
+    stride_am, stride_ak = a.stride()
+    stride_lm, stride_lr = lo.stride() if has_lora else (0, 0)
+    stride_hr, stride_hp = hi.stride() if has_lora else (0, 0)
+    stride_mm, stride_mp = mask.stride() if mask is not None else (0, 0)
     _skinny_matmul_kernel[grid](
         a, *w_args, lo if has_lora else a, hi if has_lora else a, mask if mask is not None else a,
-        bias if bias is not None else a, out, partial, locks,
-        M, N, K, lo.shape[1] if has_lora else 0, row_bytes, red_per_split, split, float(scale),
-        a.stride(0), a.stride(1), stride_wn, stride_wk,
-        lo.stride(0) if has_lora else 0, lo.stride(1) if has_lora else 0,
-        hi.stride(0) if has_lora else 0, hi.stride(1) if has_lora else 0,
-        mask.stride(0) if mask is not None else 0, mask.stride(1) if mask is not None else 0,
-        out.stride(0), out.stride(1),
-        TRANSPOSE=transpose, HAS_LORA=has_lora, HAS_MASK=mask is not None, HAS_BIAS=bias is not None,
-        SPLIT=split > 1, DOT_DTYPE=dot_dt, INPUT_PRECISION=precision, W_LEFT=dot_dt != tl.float32,
-        BLOCK_M=16, BLOCK_R=block_r, BLOCK_C=block_c,
-        BLOCK_L=max(16, _next_pow2(lo.shape[1])) if has_lora else 16, CB=16,
-        num_warps=warps, num_stages=1, **quant,
+        bias if bias is not None else a, out, out if partial is None else partial, out if locks is None else locks,
+        M, N, K, L or 0, row_bytes, red_per_split, split, float(scale),
+        stride_am, stride_ak, stride_wn, stride_wk, stride_lm, stride_lr, stride_hr, stride_hp,
+        stride_mm, stride_mp, P, 1, **meta,
     )
     return out
 
@@ -454,8 +522,8 @@ def nf4_matmul(x, packed, absmax, code, shape, blocksize, nested_absmax=None, ne
     number of K splits of the fused kernel (None: automatic). Raises ValueError/TypeError for
     mismatched shapes or dtypes.
     """
-    nested = check_quantized(packed, absmax, code, nested_absmax, nested_code, offset, shape, blocksize)
-    out_features, in_features = int(shape[0]), int(shape[1])
+    weight = Weight4bit(packed, absmax, code, shape, blocksize, nested_absmax, nested_code, offset, nested_blocksize)
+    out_features, in_features = weight.launch_args().shape  # validates the weight
     k_dim, n_dim = (out_features, in_features) if transpose else (in_features, out_features)
     if x.shape[-1] != k_dim:
         raise ValueError(f"x must have last dimension {k_dim}, got shape {tuple(x.shape)}")
@@ -464,18 +532,24 @@ def nf4_matmul(x, packed, absmax, code, shape, blocksize, nested_absmax=None, ne
         raise ValueError(f"bias must be ({n_dim},) in {x.dtype}, got {tuple(bias.shape)} {bias.dtype}")
     if method not in ("auto", "fused", "dequant"):
         raise ValueError(f"method must be 'auto', 'fused' or 'dequant', got {method!r}")
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, k_dim)
-    M = x2.shape[0]
-    fused = method == "fused" or (method == "auto" and M <= SKINNY_MAX_M)
-    if not fused or not row_pairs(in_features, blocksize):
-        w = dequantize_to_workspace(packed, absmax, code, shape, blocksize, nested_absmax, nested_code,
-                                    offset, nested_blocksize, x.dtype)
+    return matmul_validated(x, weight, bias, transpose, method, split_k)
+
+
+def matmul_validated(x, weight: Weight4bit, bias=None, transpose=False, method="auto", split_k=None):
+    """`nf4_matmul` for a `Weight4bit`, trusting the caller's checks of x, bias and method (the
+    public `nf4_matmul` and qlora_fast.functional make them). The weight itself is validated once,
+    by its cached `launch_args`: the decode path checks nothing per call."""
+    launch = weight.launch_args()
+    out_features, in_features = launch.shape
+    k_dim, n_dim = (out_features, in_features) if transpose else (in_features, out_features)
+    flat = x.dim() == 2
+    x2 = x if flat else x.reshape(-1, k_dim)
+    if launch.fused and (method == "fused" or (method == "auto" and x2.shape[0] <= SKINNY_MAX_M)):
+        out = skinny_launch(x2, weight, out_features, in_features, transpose, bias=bias, split_k=split_k)
+    else:
+        w = weight_to_workspace(weight, x.dtype)
         if transpose:
             out = x2 @ w if bias is None else torch.addmm(bias, x2, w)
         else:
             out = torch.nn.functional.linear(x2, w, bias)
-        return out.reshape(*lead, n_dim)
-    weight = Weight4bit(packed, absmax, code, shape, blocksize, nested_absmax, nested_code, offset, nested_blocksize)
-    out = skinny_launch(x2, weight, out_features, in_features, transpose, bias=bias, split_k=split_k)
-    return out.reshape(*lead, n_dim)
+    return out if flat else out.reshape(*x.shape[:-1], n_dim)

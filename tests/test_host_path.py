@@ -33,16 +33,16 @@ def fake_launchers(monkeypatch):
 
     calls = []
 
-    def matmul(x, packed, absmax, code, shape, *rest, bias=None, transpose=False):
+    def matmul(x, weight, bias=None, transpose=False):
         calls.append("matmul")
-        return x.new_empty(*x.shape[:-1], shape[1] if transpose else shape[0])
+        return x.new_empty(*x.shape[:-1], weight.shape[1] if transpose else weight.shape[0])
 
     def forward(x, weight, lora_A, lora_B, *rest):
         calls.append(type(weight))
         return x.new_empty(*x.shape[:-1], lora_B.shape[0]), x.new_empty(x.shape[:-1].numel(), lora_A.shape[0])
 
-    monkeypatch.setattr(nf4_matmul, "nf4_matmul", matmul)
-    monkeypatch.setattr(lora, "lora_forward", forward)
+    monkeypatch.setattr(nf4_matmul, "matmul_validated", matmul)
+    monkeypatch.setattr(lora, "lora_forward_validated", forward)
     return calls
 
 
@@ -113,3 +113,40 @@ def test_make_fx_records_the_custom_op_not_the_launcher(seed, monkeypatch):
     targets = [str(n.target) for n in graph.graph.nodes if n.op == "call_function"]
     assert targets == ["qlora_fast.matmul_4bit.default"], targets
     assert torch.equal(graph(x), matmul_4bit(x, packed, state))
+
+
+def test_launchers_trust_the_cached_weight_and_reuse_its_launch_plan(seed, monkeypatch):
+    # the real launchers, with only the Triton kernel replaced: the module path's Weight4bit is
+    # validated once and each call shape planned once; the public launcher checks every call
+    from qlora_fast.kernels import nf4_matmul
+
+    monkeypatch.setenv("QLORA_FAST_BACKEND", "reference")
+    packed, state = quantize_4bit(torch.randn(40, 96))
+    monkeypatch.setenv("QLORA_FAST_BACKEND", "triton")
+    launches, checks = [], []
+
+    class NoLaunch:
+        def __getitem__(self, grid):
+            return lambda *args, **meta: launches.append((grid, meta))
+
+    check = nf4_matmul.check_quantized
+    monkeypatch.setattr(nf4_matmul, "_skinny_matmul_kernel", NoLaunch())
+    monkeypatch.setattr(nf4_matmul, "check_quantized", lambda *args: checks.append(1) or check(*args))
+    x = torch.randn(1, 96)
+    for _ in range(3):
+        matmul_4bit(x, packed, state)
+    with OpLog() as log:
+        matmul_4bit(x, packed, state)
+    assert log.ops == ["aten::new_empty"], log.ops  # the output, nothing else
+    x_grad = x.clone().requires_grad_()
+    a, b = torch.randn(4, 96, requires_grad=True), torch.randn(40, 4, requires_grad=True)
+    for _ in range(2):
+        matmul_4bit(x_grad, packed, state).sum().backward()
+        lora_linear(x_grad, packed, a, b, 2.0, quant_state=state).sum().backward()
+    assert len(checks) == 1 and len(launches) == 4 + 2 * 4, (len(checks), len(launches))
+    assert launches[0][0] is launches[3][0] and launches[0][1] == launches[3][1]  # one plan, reused
+    assert launches[4][1]["TRANSPOSE"] is False and launches[5][1]["TRANSPOSE"] is True
+    with pytest.raises(ValueError, match="packed"):
+        nf4_matmul.nf4_matmul(x, packed[:-1], state.absmax, state.code, (40, 96), state.blocksize,
+                              state.nested_absmax, state.nested_code, state.offset)
+    assert len(checks) == 2

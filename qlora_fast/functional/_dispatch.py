@@ -10,6 +10,7 @@ import os
 import torch
 
 _CHOICES = ("auto", "triton", "reference")
+_MODES = (torch._C._TorchDispatchModeKey.PROXY, torch._C._TorchDispatchModeKey.FAKE)
 
 
 _PARSED: dict = {}  # raw QLORA_FAST_BACKEND value -> checked choice (parsing it costs more than reading it)
@@ -48,7 +49,24 @@ def use_kernels(*tensors: torch.Tensor) -> bool:
     choice = backend()
     if choice == "reference" or not _triton_importable():
         return False
+    # plain loops, no generators: this runs on every eager call (bench/bench_host.py)
     if choice == "triton":
         device_ok = _device_ok()
-        return all(t.is_cuda or device_ok(t) for t in tensors)
-    return all(t.is_cuda for t in tensors)
+        for t in tensors:
+            if not device_ok(t):
+                return False
+        return True
+    for t in tensors:
+        if not t.is_cuda:
+            return False
+    return True
+
+
+def tracing() -> bool:
+    """True while torch.compile / export, make_fx or torch.jit.trace traces: then the custom ops
+    (with their fake implementations) must stand for the launchers, which a tracer cannot see.
+    Otherwise (eager) the ops call their implementations directly: a custom-op dispatch costs tens
+    of microseconds of host time."""
+    # (no generator here: this runs on every eager call)
+    return (torch.compiler.is_compiling() or torch._C._get_tracing_state() is not None
+            or torch._C._get_dispatch_mode(_MODES[0]) is not None or torch._C._get_dispatch_mode(_MODES[1]) is not None)

@@ -6,10 +6,13 @@ A, B (and the bias when it requires grad). `matmul_4bit` is x W^T + bias for a 4
 
 Two ways to the same code:
 - eager (the fast path, and what a CUDA graph captures): the public function checks its
-  arguments, then calls the launcher (or the reference) directly, through a
+  arguments and makes the one dispatch decision of the call (`_dispatch`, reused by backward),
+  then calls the launchers' validated entries (`matmul_validated`, `lora_forward_validated`,
+  `lora_backward_validated`: they re-check nothing) or the reference directly, through a
   `torch.autograd.Function` only when a gradient is needed. The 4-bit weight reaches the launcher
   as the `Weight4bit` its QuantState caches (`QuantState.kernel_weight`: validated once, not per
-  call); no custom-op dispatch, no host sync, no allocation besides the outputs.
+  call), which keeps its launch arguments and per-shape launch plans; no custom-op dispatch, no
+  host sync, no allocation besides the outputs.
 - under torch.compile / tracing: the same Functions call the `torch.library.custom_op`s
   (`qlora_fast::matmul_4bit`, `lora_forward`, `lora_backward`), whose fake implementations let
   `torch.compile(fullgraph=True)` trace through without graph breaks.
@@ -25,19 +28,11 @@ from torch import Tensor
 from qlora_fast.quant_state import NESTED_BLOCKSIZE, QuantState
 from qlora_fast.reference import lora as _ref
 
-from ._dispatch import use_kernels
+from ._dispatch import tracing, use_kernels
 
 __all__ = ["lora_linear", "matmul_4bit", "LoRALinearFunction", "MatMul4bitFunction"]
 
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_MODES = (torch._C._TorchDispatchModeKey.PROXY, torch._C._TorchDispatchModeKey.FAKE)
-
-
-def _compiling() -> bool:
-    """True while torch.compile / export, make_fx or torch.jit.trace traces: then the custom ops
-    (with their fake implementations) must stand for the launchers, which a tracer cannot see."""
-    return (torch.compiler.is_compiling() or torch._C._get_tracing_state() is not None
-            or any(torch._C._get_dispatch_mode(key) is not None for key in _MODES))
 
 
 def _use_kernels(x: Tensor, weight: Tensor) -> bool:
@@ -62,6 +57,16 @@ def _eager_weight(weight: Tensor, quant_state, kernels: bool):
     if not isinstance(quant_state, QuantState):
         raise TypeError(f"quant_state must be a qlora_fast QuantState, got {type(quant_state).__name__}")
     return quant_state.kernel_weight(weight) if kernels else quant_state.weight_fields(weight)
+
+
+def _dispatch(x: Tensor, weight: Tensor, quant_state):
+    """The one dispatch decision of a call, reused by its forward and backward: None while tracing
+    (the custom ops stand in for the launchers), else (the launcher's weight, whether the Triton
+    kernels run). A 4-bit weight is validated on first use and then served from its state's cache."""
+    if tracing():
+        return None
+    kernels = _use_kernels(x, weight)
+    return _eager_weight(weight, quant_state, kernels), kernels
 
 
 def _op_weight(weight, absmax, code, nested_absmax, nested_code, offset, out_features, in_features, blocksize,
@@ -108,14 +113,19 @@ def _autocast(x: Tensor, *tensors):
 
 
 def _needs_grad(*tensors) -> bool:
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    if not torch.is_grad_enabled():
+        return False
+    for t in tensors:  # a loop, not any(generator): this runs on every eager call
+        if t is not None and t.requires_grad:
+            return True
+    return False
 
 
 # ---------------------------------------------------------------- 4-bit matmul
 
 def _matmul_4bit_run(x, w, bias, transpose: bool, kernels: bool) -> Tensor:
     if kernels:
-        return _kernels()[0].nf4_matmul(x, *w, bias=bias, transpose=transpose)
+        return _kernels()[0].matmul_validated(x, w, bias, transpose)
     return _ref.matmul_4bit_ref(x, _dense(w, x.dtype), bias, transpose)
 
 
@@ -137,30 +147,33 @@ def _(x, packed, bias, absmax, code, nested_absmax, nested_code, offset, out_fea
     return x.new_empty((*x.shape[:-1], in_features if transpose else out_features))
 
 
-def _matmul_4bit(x, packed, quant_state, bias, transpose: bool) -> Tensor:
-    """x W^T + bias (x W when `transpose`): the custom op while compiling, the launcher otherwise."""
-    if _compiling():
+def _matmul_4bit(x, packed, quant_state, bias, transpose: bool, plan) -> Tensor:
+    """x W^T + bias (x W when `transpose`): the custom op while tracing (`plan` None), else the launcher."""
+    if plan is None:
         return torch.ops.qlora_fast.matmul_4bit(x, packed, bias, *_op_fields(packed, quant_state), transpose)
-    kernels = _use_kernels(x, packed)
-    return _matmul_4bit_run(x, _eager_weight(packed, quant_state, kernels), bias, transpose, kernels)
+    return _matmul_4bit_run(x, plan[0], bias, transpose, plan[1])
 
 
 class MatMul4bitFunction(torch.autograd.Function):
     """Autograd for x W^T + bias with a frozen 4-bit W; backward is the same op on W (transposed)."""
 
     @staticmethod
-    def forward(ctx, x, bias, packed, quant_state):
+    def forward(ctx, x, bias, packed, quant_state, plan=None):
+        # `plan`: matmul_4bit's dispatch decision (`_dispatch`), made once per call
+        plan = _dispatch(x, packed, quant_state) if plan is None else plan
         # the frozen weight is referenced, not saved: it never changes and needs no version check
-        ctx.weight = (packed, quant_state)
-        return _matmul_4bit(x, packed, quant_state, bias, False)
+        ctx.weight = (packed, quant_state, plan)
+        return _matmul_4bit(x, packed, quant_state, bias, False, plan)
 
     @staticmethod
     def backward(ctx, grad_out):
-        packed, quant_state = ctx.weight
+        packed, quant_state, plan = ctx.weight
+        if plan is not None and tracing():  # an eager forward whose backward is traced (compiled autograd)
+            plan = None
         need = ctx.needs_input_grad
-        grad_x = _matmul_4bit(grad_out, packed, quant_state, None, True) if need[0] else None
+        grad_x = _matmul_4bit(grad_out, packed, quant_state, None, True, plan) if need[0] else None
         grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0) if need[1] else None
-        return grad_x, grad_bias, None, None
+        return grad_x, grad_bias, None, None, None
 
 
 def matmul_4bit(x: Tensor, packed: Tensor, quant_state, bias: Optional[Tensor] = None) -> Tensor:
@@ -174,40 +187,40 @@ def matmul_4bit(x: Tensor, packed: Tensor, quant_state, bias: Optional[Tensor] =
     """
     if not isinstance(x, Tensor) or not x.is_floating_point():
         raise TypeError(f"x must be a floating-point tensor, got {getattr(x, 'dtype', type(x))}")
+    if not isinstance(quant_state, QuantState):
+        raise TypeError(f"quant_state must be a qlora_fast QuantState, got {type(quant_state).__name__}")
     x, bias = _autocast(x, bias)
-    if _compiling():
+    plan = _dispatch(x, packed, quant_state)
+    if plan is None:
         _check_4bit(packed, quant_state)
         quant_state.validate(packed)  # traced once
-        shape, w, kernels = quant_state.shape, None, False
+        shape = quant_state.shape
     else:
-        # eager: the state is validated on its first use with `packed` and then served from its
+        # eager: the state was validated on its first use with `packed` and is served from its
         # cache, shapes included; the launcher gets the cached Weight4bit
-        kernels = _use_kernels(x, packed)
-        w = _eager_weight(packed, quant_state, kernels)
-        shape = w[3]
+        shape = plan[0][3]
     out_features, in_features = int(shape[0]), int(shape[1])
     if x.shape[-1] != in_features:
         raise ValueError(f"x must have last dimension {in_features} (in_features), got shape {tuple(x.shape)}")
     if bias is not None and (tuple(bias.shape) != (out_features,) or bias.dtype != x.dtype):
         raise ValueError(f"bias must be ({out_features},) in {x.dtype}, got {tuple(bias.shape)} {bias.dtype}")
     if _needs_grad(x, bias):
-        return MatMul4bitFunction.apply(x, bias, packed, quant_state)
-    if w is None:
-        return _matmul_4bit(x, packed, quant_state, bias, False)
-    return _matmul_4bit_run(x, w, bias, False, kernels)
+        return MatMul4bitFunction.apply(x, bias, packed, quant_state, plan)
+    return _matmul_4bit(x, packed, quant_state, bias, False, plan)
 
 
 # ---------------------------------------------------------------- LoRA
 
 def _lora_forward_run(x, w, lora_A, lora_B, scale, bias, x_adapter, kernels: bool):
     if kernels:
-        return _kernels()[1].lora_forward(x, w, lora_A, lora_B, scale, bias, x_adapter)
+        return _kernels()[1].lora_forward_validated(x, w, lora_A, lora_B, scale, bias, x_adapter)
     return _ref.lora_forward_ref(x, _dense(w, x.dtype), lora_A, lora_B, scale, bias, x_adapter)
 
 
 def _lora_backward_run(grad_out, x_adapter, xa, w, lora_A, lora_B, scale, mask, need_grad_input, kernels: bool):
     if kernels:
-        return _kernels()[1].lora_backward(grad_out, x_adapter, xa, w, lora_A, lora_B, scale, mask, need_grad_input)
+        return _kernels()[1].lora_backward_validated(grad_out, x_adapter, xa, w, lora_A, lora_B, scale, mask,
+                                                     need_grad_input)
     return _ref.lora_backward_ref(grad_out, x_adapter, xa, _dense(w, grad_out.dtype), lora_A, lora_B, scale, mask,
                                   need_grad_input)
 
@@ -257,24 +270,21 @@ def _(grad_out, x_adapter, xa, weight, lora_A, lora_B, scale, dropout_mask, absm
     return grad_x, lora_A.new_empty(lora_A.shape), lora_B.new_empty(lora_B.shape)
 
 
-def _lora_forward(x, weight, quant_state, lora_A, lora_B, scale, bias, x_adapter):
-    if _compiling():
+def _lora_forward(x, weight, quant_state, lora_A, lora_B, scale, bias, x_adapter, plan):
+    """The custom op while tracing (`plan` None, see `_dispatch`), else the launcher."""
+    if plan is None:
         return torch.ops.qlora_fast.lora_forward(x, weight, lora_A, lora_B, scale, bias, x_adapter,
                                                  *_op_fields(weight, quant_state))
-    kernels = _use_kernels(x, weight)
-    return _lora_forward_run(x, _eager_weight(weight, quant_state, kernels), lora_A, lora_B, scale, bias, x_adapter,
-                             kernels)
+    return _lora_forward_run(x, plan[0], lora_A, lora_B, scale, bias, x_adapter, plan[1])
 
 
-def _lora_backward(grad_out, x_adapter, xa, weight, quant_state, lora_A, lora_B, scale, mask, need_grad_input):
-    if _compiling():
+def _lora_backward(grad_out, x_adapter, xa, weight, quant_state, plan, lora_A, lora_B, scale, mask, need_grad_input):
+    if plan is None:
         grad_x, grad_A, grad_B = torch.ops.qlora_fast.lora_backward(
             grad_out, x_adapter, xa, weight, lora_A, lora_B, scale, mask, *_op_fields(weight, quant_state),
             need_grad_input)
         return (grad_x if need_grad_input else None), grad_A, grad_B
-    kernels = _use_kernels(grad_out, weight)
-    return _lora_backward_run(grad_out, x_adapter, xa, _eager_weight(weight, quant_state, kernels), lora_A, lora_B,
-                              scale, mask, need_grad_input, kernels)
+    return _lora_backward_run(grad_out, x_adapter, xa, plan[0], lora_A, lora_B, scale, mask, need_grad_input, plan[1])
 
 
 class LoRALinearFunction(torch.autograd.Function):
@@ -286,23 +296,28 @@ class LoRALinearFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, lora_A, lora_B, bias, dropout_mask, weight, quant_state, scale):
+    def forward(ctx, x, lora_A, lora_B, bias, dropout_mask, weight, quant_state, scale, plan=None):
+        # `plan`: lora_linear's dispatch decision (`_dispatch`), made once per call
+        plan = _dispatch(x, weight, quant_state) if plan is None else plan
         x_adapter = None if dropout_mask is None else x * dropout_mask
-        y, xa = _lora_forward(x, weight, quant_state, lora_A, lora_B, scale, bias, x_adapter)
+        y, xa = _lora_forward(x, weight, quant_state, lora_A, lora_B, scale, bias, x_adapter, plan)
         ctx.save_for_backward(x if x_adapter is None else x_adapter, xa, lora_A, lora_B, dropout_mask)
-        ctx.weight = (weight, quant_state)
+        ctx.weight = (weight, quant_state, plan)
         ctx.scale = scale
         return y
 
     @staticmethod
     def backward(ctx, grad_out):
         x_adapter, xa, lora_A, lora_B, mask = ctx.saved_tensors
+        weight, quant_state, plan = ctx.weight
+        if plan is not None and tracing():  # an eager forward whose backward is traced (compiled autograd)
+            plan = None
         need = ctx.needs_input_grad
-        grad_x, grad_A, grad_B = _lora_backward(grad_out, x_adapter, xa, *ctx.weight, lora_A, lora_B, ctx.scale,
-                                                mask, need[0])
+        grad_x, grad_A, grad_B = _lora_backward(grad_out, x_adapter, xa, weight, quant_state, plan, lora_A, lora_B,
+                                                ctx.scale, mask, need[0])
         grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0) if need[3] else None
         return (grad_x if need[0] else None, grad_A if need[1] else None, grad_B if need[2] else None, grad_bias,
-                None, None, None, None)
+                None, None, None, None, None)
 
 
 def lora_linear(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float,
@@ -335,8 +350,6 @@ def lora_linear(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, scali
     else:
         _check_4bit(weight, quant_state)
         out_features, in_features = int(quant_state.shape[0]), int(quant_state.shape[1])
-        if _compiling():
-            quant_state.validate(weight)
     if x.shape[-1] != in_features:
         raise ValueError(f"x must have last dimension {in_features} (in_features), got shape {tuple(x.shape)}")
     if lora_A.dim() != 2 or lora_B.dim() != 2:
@@ -356,7 +369,10 @@ def lora_linear(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, scali
     if training and dropout_p > 0:
         mask = torch.nn.functional.dropout(torch.ones_like(x), dropout_p, training=True)
     scale = float(scaling)
+    plan = _dispatch(x, weight, quant_state)  # eager: validates a 4-bit state on first use, then cached
+    if plan is None and not dense:
+        quant_state.validate(weight)  # traced once
     if not _needs_grad(x, lora_A, lora_B, bias):
         x_adapter = None if mask is None else x * mask
-        return _lora_forward(x, weight, quant_state, lora_A, lora_B, scale, bias, x_adapter)[0]
-    return LoRALinearFunction.apply(x, lora_A, lora_B, bias, mask, weight, quant_state, scale)
+        return _lora_forward(x, weight, quant_state, lora_A, lora_B, scale, bias, x_adapter, plan)[0]
+    return LoRALinearFunction.apply(x, lora_A, lora_B, bias, mask, weight, quant_state, scale, plan)

@@ -11,7 +11,7 @@ from typing import Optional
 
 import torch
 
-from qlora_fast.functional._dispatch import use_kernels
+from qlora_fast.functional._dispatch import tracing, use_kernels
 from qlora_fast.quant_state import FLOAT_DTYPES, QuantState, check_options
 from qlora_fast.reference import quant as ref
 
@@ -41,11 +41,19 @@ def _table(name: str, device: torch.device) -> torch.Tensor:
     return _TABLES[key]
 
 
-@torch.library.custom_op("qlora_fast::quantize_4bit", mutates_args=())
-def _quantize_4bit_op(x: torch.Tensor, blocksize: int, quant_type: str) -> tuple[torch.Tensor, torch.Tensor]:
+# Each op: a plain function (what eager calls: no custom-op dispatch) and its custom op (what a
+# tracer records, see `tracing`). no_grad: like the custom ops, the plain functions record no
+# autograd history (the reference path would, for an x that requires grad).
+@torch.no_grad()
+def _quantize_4bit(x, blocksize, quant_type):
     if use_kernels(x):
         return _kernels().quantize_4bit(x, blocksize, _table(quant_type, x.device))
     return ref.quantize_4bit_ref(x, blocksize, quant_type)
+
+
+@torch.library.custom_op("qlora_fast::quantize_4bit", mutates_args=())
+def _quantize_4bit_op(x: torch.Tensor, blocksize: int, quant_type: str) -> tuple[torch.Tensor, torch.Tensor]:
+    return _quantize_4bit(x, blocksize, quant_type)
 
 
 @_quantize_4bit_op.register_fake
@@ -54,11 +62,16 @@ def _(x, blocksize, quant_type):
     return x.new_empty(((n + 1) // 2, 1), dtype=torch.uint8), x.new_empty((-(-n // blocksize),), dtype=torch.float32)
 
 
-@torch.library.custom_op("qlora_fast::quantize_absmax", mutates_args=())
-def _quantize_absmax_op(absmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+@torch.no_grad()
+def _quantize_absmax(absmax):
     if use_kernels(absmax):
         return _kernels().quantize_absmax(absmax, _table("dynamic", absmax.device))
     return ref.quantize_absmax_ref(absmax)
+
+
+@torch.library.custom_op("qlora_fast::quantize_absmax", mutates_args=())
+def _quantize_absmax_op(absmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _quantize_absmax(absmax)
 
 
 @_quantize_absmax_op.register_fake
@@ -69,6 +82,18 @@ def _(absmax):
         absmax.new_empty((blocks,), dtype=torch.float32),
         absmax.new_empty((), dtype=torch.float32),
     )
+
+
+@torch.no_grad()
+def _dequantize_4bit(packed, absmax, nested_absmax, nested_code, offset, numel, blocksize, quant_type, out_dtype):
+    if use_kernels(packed):
+        return _kernels().dequantize_4bit(
+            packed, absmax, _table(quant_type, packed.device), numel, blocksize, out_dtype,
+            nested_absmax=nested_absmax, nested_code=nested_code, offset=offset,
+        )
+    if nested_absmax is not None:
+        absmax = ref.dequantize_absmax_ref(absmax, nested_absmax, offset, nested_code)
+    return ref.dequantize_4bit_ref(packed, absmax, (numel,), blocksize, quant_type, out_dtype)
 
 
 @torch.library.custom_op("qlora_fast::dequantize_4bit", mutates_args=())
@@ -83,14 +108,8 @@ def _dequantize_4bit_op(
     quant_type: str,
     out_dtype: torch.dtype,
 ) -> torch.Tensor:
-    if use_kernels(packed):
-        return _kernels().dequantize_4bit(
-            packed, absmax, _table(quant_type, packed.device), numel, blocksize, out_dtype,
-            nested_absmax=nested_absmax, nested_code=nested_code, offset=offset,
-        )
-    if nested_absmax is not None:
-        absmax = ref.dequantize_absmax_ref(absmax, nested_absmax, offset, nested_code)
-    return ref.dequantize_4bit_ref(packed, absmax, (numel,), blocksize, quant_type, out_dtype)
+    return _dequantize_4bit(packed, absmax, nested_absmax, nested_code, offset, numel, blocksize, quant_type,
+                            out_dtype)
 
 
 @_dequantize_4bit_op.register_fake
@@ -150,10 +169,11 @@ def quantize_4bit(
     if x.numel() == 0:
         raise ValueError(f"x must have at least one element, got shape {tuple(x.shape)}")
     check_options(blocksize, quant_type)
-    packed, absmax = _quantize_4bit_op(x.contiguous(), blocksize, quant_type)
+    traced = tracing()
+    packed, absmax = (_quantize_4bit_op if traced else _quantize_4bit)(x.contiguous(), blocksize, quant_type)
     nested = {}
     if compress_statistics:
-        q, nested_absmax, offset = _quantize_absmax_op(absmax)
+        q, nested_absmax, offset = (_quantize_absmax_op if traced else _quantize_absmax)(absmax)
         nested = dict(absmax=q, offset=offset, nested_absmax=nested_absmax,
                       nested_code=_table("dynamic", x.device).clone())
     state = QuantState(**{"absmax": absmax, **nested}, shape=x.shape, dtype=x.dtype, blocksize=blocksize,
@@ -185,7 +205,7 @@ def dequantize_4bit(packed: torch.Tensor, state: QuantState, out_dtype: Optional
     for name, t in tensors.items():
         if t.device != packed.device:
             raise ValueError(f"packed is on {packed.device} but {name} is on {t.device}: move both with .to(device)")
-    out = _dequantize_4bit_op(
+    out = (_dequantize_4bit_op if tracing() else _dequantize_4bit)(
         packed.contiguous(),
         state.absmax.reshape(-1),  # flat (a copy only for a strided view, e.g. FSDP units)
         state.nested_absmax,
