@@ -41,7 +41,7 @@ def tiny_base(seed=0, hidden=32, layers=1, head_std=1.0):
 
 def add_adapters(model, quantize=False, r=8, alpha=16, dropout=0.0):
     """LoRA (or QLoRA: NF4 base) on every attention and MLP projection; only adapters train."""
-    replace_linear(model, quant_type="nf4" if quantize else None, target=TARGETS, lora_r=r, lora_alpha=alpha,
+    replace_linear(model, quant_type="nf4" if quantize else None, target_modules=TARGETS, r=r, lora_alpha=alpha,
                    lora_dropout=dropout)
     return mark_only_lora_as_trainable(model)
 
@@ -212,7 +212,7 @@ def test_peft_model_uses_chunked_logprobs_and_saves_its_adapter(one_thread, tmp_
     from qlora_fast.peft import LoraConfig, get_peft_model, load_adapter
     from qlora_fast.train.grpo import _output_layer
 
-    peft = get_peft_model(tiny_base(11), LoraConfig(r=4, alpha=8, quantize_base="nf4"))
+    peft = get_peft_model(tiny_base(11), LoraConfig(r=4, lora_alpha=8, quantize_base="nf4"))
     assert _output_layer(peft) is not None
     trainer = make_trainer(peft, steps=2)
     trainer.train()

@@ -303,7 +303,7 @@ def test_tiny_hf_llama_with_lora_trains(seed, quant_type):
                                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
                                       initializer_range=0.3)
     model = transformers.LlamaForCausalLM(config)
-    replace_linear(model, quant_type=quant_type, lora_r=8, lora_alpha=16)
+    replace_linear(model, quant_type=quant_type, r=8, lora_alpha=16)
     lora = [m for m in model.modules() if isinstance(m, LoRALinear)]
     assert len(lora) == 2 * 7  # q, k, v, o, gate, up, down per layer; lm_head skipped
     assert isinstance(model.lm_head, nn.Linear)
