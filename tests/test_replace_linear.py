@@ -285,3 +285,24 @@ def test_conv1d_to_linear_computes_the_same_function(seed):
     assert torch.equal(linear(x), x @ conv.weight + conv.bias) or torch.allclose(linear(x), conv(x), rtol=0, atol=1e-12)
     with pytest.raises(TypeError, match="conv must be a transformers Conv1D"):
         conv1d_to_linear(nn.Linear(7, 13))
+
+
+def test_every_target_name_must_match_and_nothing_changes_when_one_does_not():
+    """One matcher, one rule: each listed name must pick a layer (a typo is an error naming it, not
+    a silently smaller adapter), a regex must pick one, and nothing is swapped before the check."""
+    from qlora_fast.nn import match_target_modules
+
+    model = tiny_llama()
+    before = {n: type(m) for n, m in model.named_modules()}
+    with pytest.raises(ValueError, match="target module 'v_prj' matched no linear layer.*'v_proj'"):
+        replace_linear(model, r=2, target_modules=["q_proj", "v_prj"])
+    with pytest.raises(ValueError, match="regex 'q_proj' matches no linear layer"):  # a regex sees the full name
+        replace_linear(model, target_modules="q_proj")
+    with pytest.raises(TypeError, match="target_modules must hold strings"):
+        replace_linear(model, target_modules=["q_proj", 3])
+    assert {n: type(m) for n, m in model.named_modules()} == before
+    q = ["model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj"]
+    assert match_target_modules(model, r".*\.q_proj") == q
+    # "all-linear" never picks the output layer, whatever include_output says; None does when asked
+    assert "lm_head" not in match_target_modules(model, "all-linear", include_output=True)
+    assert match_target_modules(model, None, include_output=True)[-1] == "lm_head"
