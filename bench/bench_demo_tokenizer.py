@@ -31,7 +31,7 @@ def run_one(name: str, seed: int, steps: int) -> str:
     pretrain(model, torch.tensor(tok.encode(corpus)), PretrainRecipe(seed=seed), progress=False)
     torch.manual_seed(seed)
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    peft = get_peft_model(model, LoraConfig(target_modules=targets, r=8, alpha=16.0, quantize_base="nf4"))
+    peft = get_peft_model(model, LoraConfig(target_modules=targets, r=8, lora_alpha=16.0, quantize_base="nf4"))
     held = load_instructions("heldout")[:160]
     config = SFTConfig(max_steps=steps, batch_size=16, lr=5e-3, warmup_steps=15, max_seq_len=96,
                        optimizer="paged_adamw_8bit", progress=False, seed=seed)

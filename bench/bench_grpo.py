@@ -85,7 +85,7 @@ def run_logprobs(hidden, weight, targets, provider):
 
 def grpo_trainer(quantize):
     model = built_in_model()
-    replace_linear(model, quant_type="nf4" if quantize else None, target=TARGETS, lora_r=8, lora_alpha=16)
+    replace_linear(model, quant_type="nf4" if quantize else None, target_modules=TARGETS, r=8, lora_alpha=16)
     mark_only_lora_as_trainable(model)
     fns, weights = arithmetic_rewards()
     config = GRPOConfig(steps=1_000_000, group_size=8, prompts_per_step=4, max_new_tokens=STEP_NEW, beta=0.04,
@@ -214,7 +214,8 @@ def _rl_trainer(kind, seed, steps):
     warm = warmstart_dir(None, "bpe", SFT_STEPS, 0)  # written by the `qlora-fast grpo` runs above
     torch.manual_seed(seed)
     base, tok = load_base_model(progress=False)
-    model = get_peft_model(load_adapter(base, warm).merge_and_unload(), LoraConfig(r=8, alpha=16.0, quantize_base="nf4"))
+    model = get_peft_model(load_adapter(base, warm).merge_and_unload(),
+                           LoraConfig(r=8, lora_alpha=16.0, quantize_base="nf4"))
     funcs, weights = arithmetic_rewards()
     common = dict(steps=steps, max_new_tokens=4, temperature=TEMPERATURE, lr=LR, beta=0.04, reward_weights=weights,
                   stop_token_ids=answer_stop_ids(tok), progress=False, seed=seed)

@@ -50,7 +50,7 @@ def _build(quantize):
     torch.manual_seed(0)
     model = LlamaForCausalLM(one_b_config()).to(device=DEVICE, dtype=torch.bfloat16)
     reference = None if quantize else copy.deepcopy(model).eval().requires_grad_(False)
-    replace_linear(model, quant_type="nf4" if quantize else None, target=TARGETS, lora_r=16, lora_alpha=32,
+    replace_linear(model, quant_type="nf4" if quantize else None, target_modules=TARGETS, r=16, lora_alpha=32,
                    compute_dtype=torch.bfloat16)
     mark_only_lora_as_trainable(model)
     return model, reference

@@ -9,7 +9,7 @@ Shape: hidden 4096, MLP 14336, 32 heads, 8 KV heads, vocabulary 128256, rope the
 r=16 (alpha 32) on all seven projections, NF4 double-quantized bases, bf16 compute. Both stacks start
 from the same random weights (built once, copied by name: qlora_fast's module names are Hugging
 Face's):
-  qlora_fast: LlamaForCausalLM + replace_linear(nf4, lora_r=16) + qlora_fast PagedAdamW8bit;
+  qlora_fast: LlamaForCausalLM + replace_linear(nf4, r=16) + qlora_fast PagedAdamW8bit;
   peer: transformers LlamaForCausalLM (sdpa) with bitsandbytes Linear4bit bases + PEFT LoRA +
         bitsandbytes PagedAdamW8bit.
 Reported: median step time, tokens/s and peak allocated memory over the steps (one stack alive at a
@@ -48,7 +48,7 @@ def _ours(shape, state, device):
     with torch.device(device):
         model = LlamaForCausalLM(config).to(torch.bfloat16)
     model.load_state_dict(state)
-    replace_linear(model, quant_type="nf4", target=TARGETS, lora_r=R, lora_alpha=ALPHA, compute_dtype=torch.bfloat16)
+    replace_linear(model, quant_type="nf4", target_modules=TARGETS, r=R, lora_alpha=ALPHA, compute_dtype=torch.bfloat16)
     params = [p for p in model.parameters() if p.requires_grad]
     return model, PagedAdamW8bit(params, lr=LR)
 

@@ -218,6 +218,50 @@ def check_number(owner: str, name: str, value, *, integer: bool = False, minimum
     return value
 
 
+def renamed_kwargs(owner: str, renames: dict):
+    """Decorator for a callable whose keyword arguments were renamed: each old name in `renames`
+    (old -> new, or old -> (new, convert) when the old meaning needs converting) still works for
+    one release, with a DeprecationWarning naming the new one. Passing both is a TypeError."""
+    import functools
+    import warnings
+
+    def wrap(fn):
+        @functools.wraps(fn)
+        def call(*args, **kwargs):
+            for old, spec in renames.items():
+                if old not in kwargs:
+                    continue
+                new, convert = spec if isinstance(spec, tuple) else (spec, None)
+                if new in kwargs:
+                    raise TypeError(f"{owner}() got both {new}= and its deprecated name {old}=; pass {new}= only")
+                warnings.warn(f"{owner}({old}=...) is deprecated and will be removed in the next release; use {new}=",
+                              DeprecationWarning, stacklevel=2)
+                value = kwargs.pop(old)
+                kwargs[new] = convert(value) if convert is not None else value
+            return fn(*args, **kwargs)
+
+        return call
+
+    return wrap
+
+
+def renamed_attribute(owner: str, old: str, new: str) -> property:
+    """A property `old` reading and writing attribute `new`, with a DeprecationWarning naming it."""
+    import warnings
+
+    message = f"{owner}.{old} is deprecated and will be removed in the next release; use {owner}.{new}"
+
+    def get(self):
+        warnings.warn(message, DeprecationWarning, stacklevel=2)
+        return getattr(self, new)
+
+    def set_(self, value):
+        warnings.warn(message, DeprecationWarning, stacklevel=2)
+        setattr(self, new, value)
+
+    return property(get, set_, doc=f"Deprecated name of `{new}`.")
+
+
 def read_json(path: Union[str, os.PathLike], what: Optional[str] = None):
     """json.load of the file `path`; a truncated or corrupt file raises ValueError naming it."""
     import json

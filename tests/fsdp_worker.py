@@ -25,7 +25,7 @@ def build_model(seed, double_quant=True, hf=False):
     else:
         model = LlamaForCausalLM(LlamaConfig(**CONFIG))
     lora = LoraConfig(target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-                      r=4, alpha=8, quantize_base="nf4", double_quant=double_quant)
+                      r=4, lora_alpha=8, quantize_base="nf4", double_quant=double_quant)
     model = get_peft_model(model, lora)
     with torch.no_grad():  # non-zero B so the first step already moves every adapter
         for name, p in model.named_parameters():

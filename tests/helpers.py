@@ -81,7 +81,7 @@ def tiny_base(seed=0, hidden=32, layers=1, head_std=1.0):
 
 def add_adapters(model, quantize=False, r=8, alpha=16, dropout=0.0):
     """LoRA (or QLoRA: NF4 base) on every attention and MLP projection; only adapters train."""
-    replace_linear(model, quant_type="nf4" if quantize else None, target=ADAPTER_TARGETS, lora_r=r, lora_alpha=alpha,
+    replace_linear(model, quant_type="nf4" if quantize else None, target_modules=ADAPTER_TARGETS, r=r, lora_alpha=alpha,
                    lora_dropout=dropout)
     return mark_only_lora_as_trainable(model)
 

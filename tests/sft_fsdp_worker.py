@@ -16,7 +16,7 @@ from qlora_fast.train.sft import SFTConfig, SFTTrainer
 def qlora_model(seed):
     torch.manual_seed(seed)
     model = LlamaForCausalLM(LlamaConfig(**{**CONFIG, "vocab_size": ByteTokenizer().vocab_size, "max_seq_len": 96}))
-    return get_peft_model(model, LoraConfig(r=4, alpha=8, quantize_base="nf4"))
+    return get_peft_model(model, LoraConfig(r=4, lora_alpha=8, quantize_base="nf4"))
 
 
 def sft_fsdp_worker(rank, world_size, init_file, out_dir, seed):

@@ -178,7 +178,7 @@ def test_peft_model_uses_chunked_logprobs_and_saves_its_adapter(one_thread, tmp_
     from qlora_fast.peft import LoraConfig, get_peft_model, load_adapter
     from qlora_fast.train.grpo import _output_layer
 
-    peft = get_peft_model(tiny_base(11), LoraConfig(r=4, alpha=8, quantize_base="nf4"))
+    peft = get_peft_model(tiny_base(11), LoraConfig(r=4, lora_alpha=8, quantize_base="nf4"))
     assert _output_layer(peft) is not None
     trainer = make_trainer(peft, steps=2)
     trainer.train()

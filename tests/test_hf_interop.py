@@ -43,8 +43,8 @@ TARGETS = {"llama": ["q_proj", "v_proj", "down_proj"], "gpt2": ["c_attn", "c_pro
 
 def ours_config(method, kind):
     return {
-        "lora": LoraConfig(target_modules=TARGETS[kind], r=3, alpha=5.0, dropout=0.1),
-        "rslora": LoraConfig(target_modules=TARGETS[kind], r=4, alpha=3.0, use_rslora=True),
+        "lora": LoraConfig(target_modules=TARGETS[kind], r=3, lora_alpha=5.0, lora_dropout=0.1),
+        "rslora": LoraConfig(target_modules=TARGETS[kind], r=4, lora_alpha=3.0, use_rslora=True),
         "qlora": LoraConfig(target_modules=TARGETS[kind], r=3, quantize_base="nf4", blocksize=32),
         "prefix": PrefixTuningConfig(num_virtual_tokens=3),
         "prefix_mlp": PrefixTuningConfig(num_virtual_tokens=3, prefix_projection=True, encoder_hidden_size=9),
@@ -158,13 +158,13 @@ def test_interrupted_save_leaves_the_previous_adapter_whole(tmp_path, seed, monk
 
     base = hf_llama()
     fresh = copy.deepcopy(base)
-    first = get_peft_model(base, LoraConfig(target_modules=["q_proj", "v_proj"], r=2, alpha=4.0))
+    first = get_peft_model(base, LoraConfig(target_modules=["q_proj", "v_proj"], r=2, lora_alpha=4.0))
     perturb(p for _, p in first.adapter_parameters())
     path = first.save_adapter(str(tmp_path / "adapter"))
     (tmp_path / "adapter" / "README.md").write_text("kept")  # a file of the user's beside ours
     expected = {n: p.clone() for n, p in first.adapter_parameters()}
     # a second save with another rank and alpha hits a full disk between its two files
-    second = get_peft_model(hf_llama(), LoraConfig(target_modules=["q_proj", "v_proj"], r=3, alpha=7.0))
+    second = get_peft_model(hf_llama(), LoraConfig(target_modules=["q_proj", "v_proj"], r=3, lora_alpha=7.0))
     real_write, calls = io._write_file, []
 
     def disk_full_on_second_file(file, data):
@@ -179,7 +179,7 @@ def test_interrupted_save_leaves_the_previous_adapter_whole(tmp_path, seed, monk
     monkeypatch.setattr(io, "_write_file", real_write)
     assert sorted(os.listdir(tmp_path)) == ["adapter"]  # no temporary left behind
     loaded = load_adapter(fresh, path)
-    assert loaded.peft_config.r == 2 and loaded.peft_config.alpha == 4.0
+    assert loaded.peft_config.r == 2 and loaded.peft_config.lora_alpha == 4.0
     for name, p in loaded.adapter_parameters():
         assert torch.equal(p, expected[name]), name
     # a save that succeeds replaces the unit and keeps the user's file
@@ -235,8 +235,8 @@ def _umask():
 
 
 def test_files_from_two_saves_are_refused(tmp_path):
-    a = get_peft_model(hf_llama(), LoraConfig(target_modules=["q_proj"], r=2, alpha=4.0))
-    b = get_peft_model(hf_llama(), LoraConfig(target_modules=["q_proj"], r=2, alpha=8.0))
+    a = get_peft_model(hf_llama(), LoraConfig(target_modules=["q_proj"], r=2, lora_alpha=4.0))
+    b = get_peft_model(hf_llama(), LoraConfig(target_modules=["q_proj"], r=2, lora_alpha=8.0))
     a.save_adapter(str(tmp_path / "a"))
     b.save_adapter(str(tmp_path / "b"))
     os.replace(tmp_path / "b" / "adapter_config.json", tmp_path / "a" / "adapter_config.json")  # only alpha differs
@@ -303,7 +303,7 @@ def test_replace_linear_is_all_or_nothing(seed):
     before = _snapshot(model)
     # rank 20 fits the 48/83-wide projections but not k_proj/v_proj (48 -> 16): the last built fails
     with pytest.raises(ValueError, match="r must be"):
-        replace_linear(model, lora_r=20)
+        replace_linear(model, r=20)
     _assert_unchanged(model, before)
     with pytest.raises(ValueError, match="r must be"):
         get_peft_model(model, LoraConfig(r=20, quantize_base="nf4"))
@@ -317,14 +317,14 @@ def test_replace_linear_twice_adds_adapters_or_says_why(seed):
     replace_linear(model)  # quantize only
     fours = {n: m for n, m in model.named_modules() if isinstance(m, Linear4bit)}
     packed = {n: m.weight.clone() for n, m in fours.items()}
-    replace_linear(model, lora_r=4)  # adapters on the 4-bit layers, bytes kept
+    replace_linear(model, r=4)  # adapters on the 4-bit layers, bytes kept
     wrapped = {n: m for n, m in model.named_modules() if isinstance(m, QLoRALinear)}
     assert set(wrapped) == set(fours)
     assert all(torch.equal(wrapped[n].base.weight, packed[n]) for n in wrapped)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert trainable == sum(m.lora_A.numel() + m.lora_B.numel() for m in wrapped.values()) > 0
     with pytest.raises(ValueError, match="already has a LoRA adapter"):
-        replace_linear(model, lora_r=4)
+        replace_linear(model, r=4)
     assert all(isinstance(m, LoRALinear) for n, m in model.named_modules() if n in wrapped)
 
 
@@ -412,7 +412,7 @@ def test_bnb_4bit_model_is_adopted_byte_for_byte(bnb_checkpoint, seed):
     want = bnb_model(input_ids=ids).logits
     packed = {n: m.weight.detach().clone() for n, m in bnb_model.named_modules() if hasattr(m.__dict__.get("_parameters", {}).get("weight"), "quant_state")}
     assert len(packed) == 14
-    for make in (lambda m: replace_linear(m, lora_r=4), lambda m: get_peft_model(m, LoraConfig(r=4)).eval(),
+    for make in (lambda m: replace_linear(m, r=4), lambda m: get_peft_model(m, LoraConfig(r=4)).eval(),
                  lambda m: get_peft_model(m, LoraConfig(r=4, quantize_base="nf4")).eval()):
         model = make(copy.deepcopy(bnb_model))
         assert torch.equal(model(input_ids=ids).logits, want)  # fresh adapters (B = 0): the bnb model exactly
@@ -547,9 +547,9 @@ def test_trains_inside_hf_trainers_and_saves_a_peft_adapter(tmp_path, seed, trai
     base = hf_llama(hidden=64)
     fresh, fresh_again = copy.deepcopy(base), copy.deepcopy(base)
     if trainer == "transformers_get_peft_model":  # our PeftModel wrapper instead of the model adapted in place
-        model = get_peft_model(base, LoraConfig(r=8, alpha=16.0, quantize_base="nf4"))
+        model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16.0, quantize_base="nf4"))
     else:
-        model = replace_linear(base, lora_r=8)  # QLoRA in place; the model is still a transformers model
+        model = replace_linear(base, r=8)  # QLoRA in place; the model is still a transformers model
     texts = _train_texts()
     args = dict(output_dir=str(tmp_path / "run"), max_steps=8, per_device_train_batch_size=4, learning_rate=1e-2, logging_steps=1,
                 report_to=[], save_strategy="no", use_cpu=True, seed=seed % 2**31, disable_tqdm=True)

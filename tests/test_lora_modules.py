@@ -109,6 +109,25 @@ def test_merge_unmerge_dense(seed, dtype):
         module.unmerge()
 
 
+@pytest.mark.parametrize("quantized,dtype", [(False, torch.float32), (False, torch.bfloat16), (False, torch.float64),
+                                             (True, torch.float32)])
+@pytest.mark.parametrize("use_rslora", [False, True])
+def test_public_weights_against_float64(seed, quantized, dtype, use_rslora):
+    """delta_weight / base_weight / merged_weight (what merging and merge_and_unload read) against
+    W + scaling B A in float64, W dequantized by the oracle for a 4-bit base."""
+    module = make_lora(r=5, alpha=3.0, quantized=quantized, dtype=dtype, use_rslora=use_rslora)
+    scaling = 3.0 / (math.sqrt(5) if use_rslora else 5)
+    delta64 = scaling * module.lora_B.double() @ module.lora_A.double()
+    w64 = base_weight64(module)
+    cases = ((module.delta_weight(), delta64), (module.base_weight(), w64), (module.merged_weight(), w64 + delta64))
+    for got, want in cases:
+        assert got.dtype == torch.float32 and got.shape == (29, 37) and not got.requires_grad
+        assert_close(got.double(), want, atol=2 * torch.finfo(torch.float32).eps * want.abs().max().item())
+    copy_ = module.base_weight()
+    copy_.add_(1.0)  # a copy: the layer's weight is untouched
+    assert_close(module.base_weight().double(), w64, atol=1e-6 * w64.abs().max().item())
+
+
 def per_block_absmax(t, blocksize=64):
     """max |t| of each element's quantization block, per element (flat)."""
     flat = t.reshape(-1).abs()
@@ -303,7 +322,7 @@ def test_tiny_hf_llama_with_lora_trains(seed, quant_type):
                                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
                                       initializer_range=0.3)
     model = transformers.LlamaForCausalLM(config)
-    replace_linear(model, quant_type=quant_type, lora_r=8, lora_alpha=16)
+    replace_linear(model, quant_type=quant_type, r=8, lora_alpha=16)
     lora = [m for m in model.modules() if isinstance(m, LoRALinear)]
     assert len(lora) == 2 * 7  # q, k, v, o, gate, up, down per layer; lm_head skipped
     assert isinstance(model.lm_head, nn.Linear)

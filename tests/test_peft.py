@@ -63,7 +63,8 @@ def test_lora_equals_hand_merged_weights(seed, kind, rslora):
     reference = copy.deepcopy(model)
     original = copy.deepcopy(model)
     r, alpha = 3, 5.0
-    peft = get_peft_model(model, LoraConfig(target_modules=ATTN_TARGETS[kind], r=r, alpha=alpha, use_rslora=rslora))
+    config = LoraConfig(target_modules=ATTN_TARGETS[kind], r=r, lora_alpha=alpha, use_rslora=rslora)
+    peft = get_peft_model(model, config)
     perturb_adapter(peft)
     scaling = alpha / (r ** 0.5 if rslora else r)
     with torch.no_grad():
@@ -243,7 +244,7 @@ def test_adapter_round_trip_gives_identical_logits(tmp_path, seed, kind, method)
     if method == "qlora" and kind == "hf_gpt2":
         pytest.skip("covered by builtin/hf_llama; GPT-2's Conv1D path is covered by the lora case")
     cfg = {
-        "lora": LoraConfig(target_modules=ATTN_TARGETS[kind], r=3, dropout=0.1),
+        "lora": LoraConfig(target_modules=ATTN_TARGETS[kind], r=3, lora_dropout=0.1),
         "qlora": LoraConfig(target_modules=ATTN_TARGETS[kind], r=3, quantize_base="nf4"),
         "prefix": PrefixTuningConfig(num_virtual_tokens=3),
         "prefix_mlp": PrefixTuningConfig(num_virtual_tokens=3, prefix_projection=True, encoder_hidden_size=9),
@@ -306,7 +307,7 @@ def test_adapter_round_trip_on_a_module_without_embeddings(tmp_path, seed):
         (lambda: LoraConfig(target_modules=r"zzz.*"), ValueError, "matches no linear"),
         (lambda: LoraConfig(r=0), ValueError, "r must be > 0"),
         (lambda: LoraConfig(r=-2), ValueError, "r must be > 0"),
-        (lambda: LoraConfig(dropout=1.0), ValueError, "dropout"),
+        (lambda: LoraConfig(lora_dropout=1.0), ValueError, "dropout"),
         (lambda: LoraConfig(quantize_base="int3"), ValueError, "quantize_base"),
         (lambda: PrefixTuningConfig(num_virtual_tokens=0), ValueError, "num_virtual_tokens"),
         (lambda: PromptTuningConfig(num_virtual_tokens=0), ValueError, "num_virtual_tokens"),

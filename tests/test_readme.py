@@ -61,7 +61,7 @@ def check_quant(ns):
 def setup_lora(monkeypatch):
     from qlora_fast.nn import replace_linear
 
-    model = replace_linear(tiny_hf(), quant_type=None, lora_r=4)
+    model = replace_linear(tiny_hf(), quant_type=None, r=4)
     return {"model": model, "ids": torch.randint(0, 101, (2, 5))}
 
 

@@ -115,7 +115,7 @@ def test_resume_from_checkpoint_is_exact(tiny_base, tmp_path, optimizer):
     def make(out):
         model, tok = fresh_base(tiny_base)
         torch.manual_seed(7)
-        peft = get_peft_model(model, LoraConfig(r=4, dropout=0.2))  # dropout: the RNG state matters
+        peft = get_peft_model(model, LoraConfig(r=4, lora_dropout=0.2))  # dropout: the RNG state matters
         cfg = SFTConfig(max_steps=6, batch_size=4, grad_accum=2, lr=1e-2, warmup_steps=2, max_seq_len=80,
                         checkpoint_every=3, output_dir=str(out), optimizer=optimizer, progress=False, seed=5)
         return peft, SFTTrainer(peft, tok, TRAIN[:200], config=cfg)

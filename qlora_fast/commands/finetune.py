@@ -119,7 +119,7 @@ def _peft_config(args):
         targets = args.target_modules  # None: the architecture's usual targets (peft.default_lora_targets)
         if targets is not None and targets != "all-linear":
             targets = targets[3:] if targets.startswith("re:") else [t.strip() for t in targets.split(",") if t.strip()]
-        return LoraConfig(target_modules=targets, r=args.r, alpha=args.alpha, dropout=args.lora_dropout,
+        return LoraConfig(target_modules=targets, r=args.r, lora_alpha=args.alpha, lora_dropout=args.lora_dropout,
                           use_rslora=args.rslora, quantize_base="nf4" if args.method == "qlora" else None)
     if args.method == "prefix":
         return PrefixTuningConfig(num_virtual_tokens=args.num_virtual_tokens, prefix_projection=args.prefix_projection)

@@ -91,7 +91,7 @@ def train_warmstart_adapter(model, tokenizer, path, steps, device="cpu", seed=0,
 
     torch.manual_seed(seed)
     w = WARMSTART
-    peft = get_peft_model(model, LoraConfig(r=w["r"], alpha=w["alpha"], quantize_base="nf4")).to(device)
+    peft = get_peft_model(model, LoraConfig(r=w["r"], lora_alpha=w["alpha"], quantize_base="nf4")).to(device)
     config = SFTConfig(max_steps=steps, batch_size=w["batch_size"], lr=w["lr"], warmup_steps=min(w["warmup_steps"], steps),
                        max_seq_len=w["max_seq_len"], seed=seed, progress=progress)
     SFTTrainer(peft, tokenizer, warmstart_pairs("train"), None, config).train()
@@ -185,7 +185,7 @@ def _run(args, device, started, resume_from, allow_fresh) -> int:
     torch.manual_seed(args.seed)
     base, tokenizer = load_base_model(cache_dir=args.cache_dir, progress=progress, tokenizer=args.tokenizer)
     sft_model = load_adapter(base, sft_adapter).merge_and_unload()
-    model = get_peft_model(sft_model, LoraConfig(r=args.r, alpha=args.alpha,
+    model = get_peft_model(sft_model, LoraConfig(r=args.r, lora_alpha=args.alpha,
                                                  quantize_base="nf4" if args.method == "qlora" else None)).to(device)
     print(f"policy: built-in base + warm-start adapter {os.path.abspath(sft_adapter)} (merged) + a fresh "
           f"{args.method} adapter ({sum(p.numel() for p in model.parameters() if p.requires_grad):,} trainable "

@@ -129,7 +129,7 @@ def _load_quantized(directory, dtype, quant_type, blocksize, compress_statistics
 
     from qlora_fast.functional.quant import quantize_4bit
     from qlora_fast.nn.linear4bit import Linear4bit
-    from qlora_fast.nn.replace import _is_conv1d, linear_layer_names
+    from qlora_fast.nn.replace import is_conv1d, linear_layer_names
 
     try:
         files = _safetensors_files(directory)
@@ -153,11 +153,11 @@ def _load_quantized(directory, dtype, quant_type, blocksize, compress_statistics
                 raise ValueError(f"{file}: tensor {key} does not belong to {type(model).__name__}")
             module = model.get_submodule(module_name)
             if module_name in targets and attr == "weight":
-                weight = tensor.t() if _is_conv1d(module) else tensor  # Conv1D stores (in, out)
+                weight = tensor.t() if is_conv1d(module) else tensor  # Conv1D stores (in, out)
                 packed, state = quantize_4bit(weight.contiguous(), blocksize, quant_type, compress_statistics)
                 # the bias (loaded already, or still on meta until its key comes) moves over
                 layer = Linear4bit.from_quantized(packed, state, module.bias, compute_dtype=dtype or weight.dtype)
-                if _is_conv1d(module):
+                if is_conv1d(module):
                     layer.conv1d_class = type(module)
                 parent_name, _, child = module_name.rpartition(".")
                 setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)

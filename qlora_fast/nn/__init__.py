@@ -1,4 +1,5 @@
-"""Drop-in torch.nn modules: Linear4bit, LoRALinear, QLoRALinear, and replace_linear."""
+"""Drop-in torch.nn modules: Linear4bit, LoRALinear, QLoRALinear, and the injector that swaps them in
+(replace_linear; match_target_modules and wrap_linear are its two halves)."""
 from qlora_fast.utils import lazy_getattr
 
 _LAZY = {
@@ -9,6 +10,9 @@ _LAZY = {
     "mark_only_lora_as_trainable": "qlora_fast.nn.lora",
     "lora_modules": "qlora_fast.nn.lora",
     "replace_linear": "qlora_fast.nn.replace",
+    "match_target_modules": "qlora_fast.nn.replace",
+    "wrap_linear": "qlora_fast.nn.replace",
+    "conv1d_to_linear": "qlora_fast.nn.replace",
 }
 
 

@@ -89,9 +89,18 @@ class LoRALinear(nn.Module):
         return self._lora_call(x, dtype)
 
     # ------------------------------------------------------------ merge
-    def _delta(self) -> torch.Tensor:
-        """scaling * B @ A in float32 (out, in)."""
+    def delta_weight(self) -> torch.Tensor:
+        """scaling * B @ A in float32, (out_features, in_features), detached: what merge() adds to W."""
         return (self.lora_B.detach().float() @ self.lora_A.detach().float()) * self.scaling
+
+    def base_weight(self) -> torch.Tensor:
+        """A float32 copy of the base weight W, (out_features, in_features) (merged or not)."""
+        return self.base.weight.detach().to(torch.float32, copy=True)
+
+    def merged_weight(self) -> torch.Tensor:
+        """W + scaling * B A in float32, (out_features, in_features): the dense weight of this layer
+        with its adapter folded in (W itself once merged, the adapter being in it already)."""
+        return self.base_weight() if self.merged else self.base_weight() + self.delta_weight()
 
     @torch.no_grad()
     def merge(self) -> None:
@@ -102,7 +111,7 @@ class LoRALinear(nn.Module):
         if self.merged:
             raise RuntimeError("adapter is already merged; call unmerge() before merging again")
         weight = self.base.weight
-        weight.copy_((weight.float() + self._delta()).to(weight.dtype))
+        weight.copy_(self.merged_weight().to(weight.dtype))
         self.merged = True
 
     @torch.no_grad()
@@ -112,7 +121,7 @@ class LoRALinear(nn.Module):
         if not self.merged:
             raise RuntimeError("adapter is not merged; nothing to unmerge")
         weight = self.base.weight
-        weight.copy_((weight.float() - self._delta()).to(weight.dtype))
+        weight.copy_((self.base_weight() - self.delta_weight()).to(weight.dtype))
         self.merged = False
 
     # ------------------------------------------------------------ enable / disable
@@ -195,7 +204,8 @@ class QLoRALinear(LoRALinear):
         self.base.weight = nn.Parameter(packed.to(self.base.weight.device), requires_grad=False)
         self.base.quant_state = dataclasses.replace(new_state, dtype=state.dtype).to(self.base.weight.device)
 
-    def _dequantized_fp32(self) -> torch.Tensor:
+    def base_weight(self) -> torch.Tensor:
+        """The 4-bit base weight dequantized to float32, (out_features, in_features)."""
         from qlora_fast.functional.quant import dequantize_4bit
 
         return dequantize_4bit(self.base.weight, self.base.quant_state, torch.float32)
@@ -206,7 +216,7 @@ class QLoRALinear(LoRALinear):
         this adds). Raises RuntimeError when already merged."""
         if self.merged:
             raise RuntimeError("adapter is already merged; call unmerge() before merging again")
-        self._requantize(self._dequantized_fp32() + self._delta())
+        self._requantize(self.merged_weight())
         self.merged = True
 
     @torch.no_grad()
@@ -215,7 +225,7 @@ class QLoRALinear(LoRALinear):
         docstring). Raises RuntimeError when not merged."""
         if not self.merged:
             raise RuntimeError("adapter is not merged; nothing to unmerge")
-        self._requantize(self._dequantized_fp32() - self._delta())
+        self._requantize(self.base_weight() - self.delta_weight())
         self.merged = False
 
 

@@ -1,22 +1,34 @@
-"""`replace_linear`: convert a model's linear layers in place to 4-bit and/or LoRA modules.
+"""The one LoRA/4-bit injector: which layers a target picks, how each kind of base layer is wrapped,
+and the in-place swap. `replace_linear` and `qlora_fast.peft.PeftModel` both go through it.
 
-Works on any `nn.Module` tree, Hugging Face transformers models included: `nn.Linear` layers and
-GPT-2 style `Conv1D` layers (weight stored transposed, (in, out)) are swapped for `Linear4bit`,
-`QLoRALinear` or `LoRALinear`; a converted Conv1D remembers its class (`conv1d_class`) so a merge
-can give it back. bitsandbytes `Linear4bit` layers (a model loaded with
-`BitsAndBytesConfig(load_in_4bit=True)`) are adopted as they are: their packed bytes and
-statistics become our `Linear4bit` without requantizing. Any other already-quantized layer is a
-ValueError. A layer that is already ours is left alone (calling it twice is harmless), but a
-4-bit layer without an adapter gets one when `lora_r` is given.
+Works on any `nn.Module` tree, Hugging Face transformers models included. The kinds of base layer
+(`wrap_linear` decides for each, like PEFT's `tuners/lora/model.py`):
+- `nn.Linear`: quantized to our `Linear4bit` and/or wrapped by `LoRALinear` / `QLoRALinear`;
+- GPT-2 style `Conv1D` (weight stored transposed, (in, out)): converted to the `nn.Linear` computing
+  the same function first (`conv1d_to_linear`), which remembers its class (`conv1d_class`) so a
+  merge gives it back;
+- bitsandbytes `Linear4bit` (a model loaded with `BitsAndBytesConfig(load_in_4bit=True)`): adopted
+  as it is, its packed bytes and statistics becoming our `Linear4bit` without requantizing;
+- our `Linear4bit`: kept, and given an adapter when `r` is set; a LoRA layer: left alone.
+Any other already-quantized layer is a ValueError.
+
+Targets read as PEFT's `target_modules` (`match_target_modules`): a list of names (a layer matches
+when its full dotted name equals one or ends with "." + one), one string used as a regular
+expression on the full name, or "all-linear".
 """
+import re
 from typing import Iterable, Optional, Union
 
 import torch
 from torch import nn
 
 from qlora_fast.nn.linear4bit import Linear4bit
+from qlora_fast.utils import renamed_kwargs
 
-__all__ = ["replace_linear", "default_lora_targets", "linear_layer_names", "adopt_bnb_4bit", "merge_linear_layers"]
+__all__ = [
+    "replace_linear", "match_target_modules", "wrap_linear", "default_lora_targets", "linear_layer_names",
+    "linear_features", "is_conv1d", "conv1d_to_linear", "adopt_bnb_4bit", "merge_linear_layers",
+]
 
 ALL_LINEAR = "all-linear"
 # Per architecture, the projections LoRA usually targets (the PEFT/QLoRA choice).
@@ -27,56 +39,53 @@ _ARCH_TARGETS = (
 )
 
 
-def _as_names(value, what: str) -> tuple:
-    if value is None:
-        return ()
-    if isinstance(value, str):
-        return (value,)
-    try:
-        names = tuple(value)
-    except TypeError:
-        raise TypeError(f"{what} must be a string or an iterable of strings, got {type(value).__name__}") from None
-    if not all(isinstance(n, str) for n in names):
-        raise TypeError(f"{what} must hold strings, got {names!r}")
-    return names
-
-
-def _matches(full_name: str, patterns: tuple) -> bool:
-    """A pattern matches a module whose full dotted name equals it or ends with '.' + pattern."""
-    return any(full_name == p or full_name.endswith("." + p) for p in patterns)
-
-
-def _is_conv1d(module: nn.Module) -> bool:
-    # transformers.pytorch_utils.Conv1D, detected by shape so transformers need not be imported
-    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and getattr(module, "weight", None) is not None and module.weight.dim() == 2
+# ---------------------------------------------------------------------------- kinds of base layer
+def is_conv1d(module: nn.Module) -> bool:
+    """Whether `module` is a transformers `Conv1D` (GPT-2: y = x W + b with W stored (in, out));
+    recognised by name and shape so transformers need not be imported."""
+    weight = getattr(module, "weight", None)
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and weight is not None and weight.dim() == 2
 
 
 def _is_bnb_4bit(module: nn.Module) -> bool:
     """A bitsandbytes `Linear4bit` (it subclasses nn.Linear, but its weight is packed bytes)."""
-    return type(module).__module__.startswith("bitsandbytes") and getattr(getattr(module, "weight", None), "quant_state", None) is not None
+    weight = getattr(module, "weight", None)
+    return type(module).__module__.startswith("bitsandbytes") and getattr(weight, "quant_state", None) is not None
 
 
 def _is_linear(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear) or _is_conv1d(module)
+    return isinstance(module, nn.Linear) or is_conv1d(module)
 
 
 def _check_not_quantized(module: nn.Module, name: str) -> None:
     """ValueError for a linear layer whose weight is already quantized in a format we cannot adopt."""
     weight = getattr(module, "weight", None)
     if type(module).__module__.startswith("bitsandbytes") or (weight is not None and not weight.is_floating_point()):
-        raise ValueError(f"layer {name!r} is already quantized ({type(module).__module__}.{type(module).__name__}, weight "
-                         f"{None if weight is None else weight.dtype}); only full-precision layers and bitsandbytes 4-bit "
-                         "(nf4/fp4) layers can be converted")
+        raise ValueError(f"layer {name!r} is already quantized ({type(module).__module__}.{type(module).__name__}, "
+                         f"weight {None if weight is None else weight.dtype}); only full-precision layers and "
+                         "bitsandbytes 4-bit (nf4/fp4) layers can be converted")
 
 
-def _conv1d_to_linear(conv: nn.Module) -> nn.Linear:
-    """The nn.Linear computing the same function as a transformers Conv1D (y = x W + b, W (in, out))."""
+def linear_features(layer: nn.Module) -> tuple:
+    """(in_features, out_features) of a linear layer of any kind we wrap (a Conv1D keeps (in, out))."""
+    if is_conv1d(layer):
+        return tuple(layer.weight.shape)
+    return layer.in_features, layer.out_features
+
+
+def conv1d_to_linear(conv: nn.Module) -> nn.Linear:
+    """The nn.Linear computing the same function as a transformers Conv1D (y = x W + b, W (in, out)),
+    with the Conv1D's class in `conv1d_class` so `merge_linear_layers` can give a Conv1D back."""
+    if not is_conv1d(conv):
+        raise TypeError(f"conv must be a transformers Conv1D, got {type(conv).__name__}")
     in_features, out_features = conv.weight.shape
-    linear = nn.Linear(in_features, out_features, bias=conv.bias is not None, device=conv.weight.device, dtype=conv.weight.dtype)
+    linear = nn.Linear(in_features, out_features, bias=conv.bias is not None, device=conv.weight.device,
+                       dtype=conv.weight.dtype)
     with torch.no_grad():
         linear.weight.copy_(conv.weight.t())
         if conv.bias is not None:
             linear.bias.copy_(conv.bias)
+    linear.conv1d_class = type(conv)
     return linear
 
 
@@ -89,14 +98,18 @@ def from_bnb_4bit(module: nn.Module, compute_dtype: Optional[torch.dtype] = None
     return Linear4bit.from_state_dict({k: v.detach() for k, v in state.items()}, compute_dtype=dtype)
 
 
+def _swap(model: nn.Module, plan) -> None:
+    """Put each (full name, module) of `plan` in place."""
+    for name, module in plan:
+        model.set_submodule(name, module)
+
+
 def adopt_bnb_4bit(model: nn.Module) -> nn.Module:
     """Swap every bitsandbytes 4-bit layer of `model` for our `Linear4bit` with the same bytes
     (in place, all built before any swap); the model forgets its transformers quantizer, which no
     longer owns its layers. Returns `model`."""
     plan = [(name, from_bnb_4bit(m)) for name, m in model.named_modules() if _is_bnb_4bit(m)]
-    for name, new in plan:
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+    _swap(model, plan)
     if plan and "hf_quantizer" in model.__dict__:
         model.hf_quantizer = None
     return model
@@ -107,16 +120,51 @@ def as_linear(module: nn.Module) -> Union[nn.Linear, Linear4bit]:
     Conv1D (remembering its class in `conv1d_class`), the layer itself otherwise."""
     if _is_bnb_4bit(module):
         return from_bnb_4bit(module)
-    if _is_conv1d(module):
-        linear = _conv1d_to_linear(module)
-        linear.conv1d_class = type(module)
-        return linear
+    if is_conv1d(module):
+        return conv1d_to_linear(module)
     return module
 
 
+def wrap_linear(layer: nn.Module, name: str = "layer", *, quant_type: Optional[str] = "nf4", r: Optional[int] = None,
+                lora_alpha: Optional[float] = None, lora_dropout: float = 0.0, use_rslora: bool = False,
+                blocksize: int = 64, compress_statistics: bool = True,
+                compute_dtype: Optional[torch.dtype] = None) -> Optional[nn.Module]:
+    """The module that replaces the linear layer `layer` (full name `name`, for errors), or None to
+    leave it as it is: the one place that decides, per kind of base layer (see the module docstring).
+
+    quant_type "nf4"/"fp4" stores a full-precision base in 4 bits (`Linear4bit` with blocksize,
+    compress_statistics, compute_dtype); None keeps it. A layer already in 4 bits keeps its bytes.
+    r: when set, the result is a `QLoRALinear` (4-bit base) or `LoRALinear` with that rank,
+    lora_alpha (default 2 * r), lora_dropout and use_rslora. A LoRA layer is left alone (one
+    adapter per layer), and so is our 4-bit layer when r is None.
+    """
+    from qlora_fast.nn.lora import LoRALinear, QLoRALinear
+
+    if isinstance(layer, LoRALinear):
+        return None
+    if not (isinstance(layer, Linear4bit) or _is_bnb_4bit(layer)):
+        _check_not_quantized(layer, name)
+    if r is None and isinstance(layer, Linear4bit):
+        return None
+    base = as_linear(layer)
+    if quant_type is not None and not isinstance(base, Linear4bit):
+        linear, base = base, Linear4bit.from_linear(base, quant_type=quant_type, blocksize=blocksize,
+                                                    compress_statistics=compress_statistics,
+                                                    compute_dtype=compute_dtype)
+        if getattr(linear, "conv1d_class", None) is not None:
+            base.conv1d_class = linear.conv1d_class
+    if r is None:
+        return base
+    kind = QLoRALinear if isinstance(base, Linear4bit) else LoRALinear
+    alpha = 2 * r if lora_alpha is None else lora_alpha
+    return kind(base, r=r, alpha=alpha, dropout=lora_dropout, use_rslora=use_rslora)
+
+
+# ---------------------------------------------------------------------------- matching
 def linear_layer_names(model: nn.Module, include_output: bool = False):
     """Full dotted names of the linear layers (nn.Linear, Conv1D, bitsandbytes / our 4-bit, LoRA
-    wrappers), outermost only; without `include_output`, the output layer (lm_head) is left out."""
+    wrappers), outermost only, in module order; without `include_output`, the output layer (lm_head)
+    is left out."""
     from qlora_fast.nn.lora import LoRALinear
 
     output = getattr(model, "get_output_embeddings", lambda: None)()
@@ -146,95 +194,138 @@ def default_lora_targets(model: nn.Module):
     return ALL_LINEAR
 
 
+def _as_names(value, what: str) -> tuple:
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        return (value,)
+    try:
+        names = tuple(value)
+    except TypeError:
+        raise TypeError(f"{what} must be a string or an iterable of strings, got {type(value).__name__}") from None
+    if not all(isinstance(n, str) for n in names):
+        raise TypeError(f"{what} must hold strings, got {names!r}")
+    return names
+
+
+def check_target_modules(target_modules) -> Union[None, str, list]:
+    """`target_modules` checked as PEFT reads it: None, "all-linear", a string (a regular
+    expression: ValueError when it does not compile) or a non-empty list of non-empty names
+    (returned as a list). TypeError/ValueError name the argument."""
+    if target_modules is None or target_modules == ALL_LINEAR:
+        return target_modules
+    if isinstance(target_modules, str):
+        try:
+            re.compile(target_modules)
+        except re.error as e:
+            raise ValueError(f"target_modules is not a valid regular expression: {e}") from None
+        return target_modules
+    names = list(_as_names(target_modules, "target_modules"))
+    if not names or not all(names):
+        raise ValueError(f"target_modules must be a regex string or a non-empty list of names, got {target_modules!r}")
+    return names
+
+
+def _matches(full_name: str, patterns) -> bool:
+    """A pattern matches a module whose full dotted name equals it or ends with '.' + pattern."""
+    return any(full_name == p or full_name.endswith("." + p) for p in patterns)
+
+
+def match_target_modules(model: nn.Module, target_modules=ALL_LINEAR, skip: Union[str, Iterable[str], None] = (),
+                         include_output: bool = False) -> list:
+    """Full dotted names of the linear layers of `model` that `target_modules` picks, in module order.
+
+    target_modules (as PEFT's): a list of names (a layer whose full name equals one or ends with
+    "." + one; every name must match a layer), one string used as a regular expression the full
+    name must match (re.fullmatch), "all-linear" (every linear layer but the output layer), or None
+    (every linear layer). skip: names (same rule) left out first. include_output: the output layer
+    (lm_head) is a candidate too (never for "all-linear"). ValueError when a name, the regex or
+    "all-linear" matches no layer.
+    """
+    targets = check_target_modules(target_modules)
+    skip = _as_names(skip, "skip")
+    names = [n for n in linear_layer_names(model, include_output and targets != ALL_LINEAR) if not _matches(n, skip)]
+    if targets is None:
+        return names
+    if targets == ALL_LINEAR:
+        if not names:
+            raise ValueError(f"target_modules='all-linear' matches no linear layer of {type(model).__name__}")
+        return names
+    if isinstance(targets, str):
+        pattern = re.compile(targets)
+        matched = [n for n in names if pattern.fullmatch(n)]
+        if not matched:
+            raise ValueError(f"target_modules regex {targets!r} matches no linear layer; linear layers: {names[:12]}")
+        return matched
+    for target in targets:
+        if not any(_matches(n, (target,)) for n in names):
+            short = sorted({n.split(".")[-1] for n in names})
+            raise ValueError(f"target module {target!r} matched no linear layer of {type(model).__name__}; "
+                             f"its linear layers are named {short}")
+    return [n for n in names if _matches(n, targets)]
+
+
+# ---------------------------------------------------------------------------- swapping
+def _old_target(target):
+    """The deprecated `target` as target_modules: one string was one name (not a regex), () all."""
+    return _as_names(target, "target") or None
+
+
+@renamed_kwargs("replace_linear", {"lora_r": "r", "target": ("target_modules", _old_target)})
 def replace_linear(
     model: nn.Module,
     quant_type: Optional[str] = "nf4",
     skip: Union[str, Iterable[str], None] = ("lm_head",),
-    target: Union[str, Iterable[str], None] = None,
+    target_modules: Union[str, Iterable[str], None] = None,
     blocksize: int = 64,
     compress_statistics: bool = True,
     compute_dtype: Optional[torch.dtype] = None,
-    lora_r: Optional[int] = None,
+    r: Optional[int] = None,
     lora_alpha: Optional[float] = None,
     lora_dropout: float = 0.0,
     use_rslora: bool = False,
+    include_output: bool = True,
 ) -> nn.Module:
     """Convert linear layers of `model` in place and return `model`.
 
     quant_type: "nf4" or "fp4" to store the base weight in 4 bits (`Linear4bit`), or None to keep it
-    in full precision (only meaningful with `lora_r`).
+    in full precision (only meaningful with `r`).
     skip: module names (full dotted names or their trailing part, e.g. "lm_head") left untouched.
-    target: if given, only modules whose name matches one of these (e.g. ("q_proj", "v_proj"))
-    are converted. blocksize, compress_statistics, compute_dtype: passed to `Linear4bit`.
-    lora_r: when set, wrap each converted layer with a LoRA adapter of this rank (`QLoRALinear`
-    on a 4-bit base, `LoRALinear` on a full-precision one); lora_alpha defaults to 2 * lora_r.
-    A layer already in 4 bits (ours, or bitsandbytes' adopted as is) keeps its bytes and gets the
-    adapter. With lora_r, every other parameter of the model is frozen (only the adapters train).
+    target_modules: which layers to convert, read as PEFT's (`match_target_modules`): e.g.
+    ["q_proj", "v_proj"], a regular expression on the full name, or "all-linear"; None (default)
+    converts every linear layer not in `skip`. include_output=False: the output layer is never a
+    target (as in `get_peft_model`), whatever `skip` says. blocksize, compress_statistics, compute_dtype: passed
+    to `Linear4bit`. r: when set, wrap each converted layer with a LoRA adapter of this rank
+    (`QLoRALinear` on a 4-bit base, `LoRALinear` on a full-precision one); lora_alpha defaults to
+    2 * r. A layer already in 4 bits (ours, or bitsandbytes' adopted as is) keeps its bytes and gets
+    the adapter. With r, every other parameter of the model is frozen (only the adapters train).
+    Deprecated names (one release, with a DeprecationWarning): lora_r (r), target (target_modules,
+    where one string is one name, not a regex).
 
     All or nothing: every new module is built before any is swapped in, so an error leaves the
-    model as it was. Raises ValueError when there is nothing to do (quant_type and lora_r both
-    None), when `target` matches no layer, when `lora_r` is given but every matching layer already
-    has an adapter (none would be added), or for a layer quantized in another format.
+    model as it was. Raises ValueError when there is nothing to do (quant_type and r both None),
+    when a target matches no layer, when `r` is given but every matching layer already has an
+    adapter (none would be added), or for a layer quantized in another format.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    if quant_type is None and lora_r is None:
-        raise ValueError("replace_linear needs quant_type or lora_r (both are None: nothing to do)")
+    if quant_type is None and r is None:
+        raise ValueError("replace_linear needs quant_type or r (both are None: nothing to do)")
     if quant_type not in (None, "nf4", "fp4"):
         raise ValueError(f"quant_type must be 'nf4', 'fp4' or None, got {quant_type!r}")
-    skip = _as_names(skip, "skip")
-    target = _as_names(target, "target")
-    if lora_r is not None and lora_alpha is None:
-        lora_alpha = 2 * lora_r
-    from qlora_fast.nn.lora import LoRALinear, QLoRALinear
-
-    def convert(layer: nn.Module) -> Optional[nn.Module]:
-        """The replacement of `layer`, or None to leave it as it is."""
-        if isinstance(layer, LoRALinear):
-            return None
-        quantized = isinstance(layer, Linear4bit) or _is_bnb_4bit(layer)
-        if quantized and lora_r is None and isinstance(layer, Linear4bit):
-            return None
-        layer = as_linear(layer)
-        if lora_r is not None:
-            lora_args = dict(r=lora_r, alpha=lora_alpha, dropout=lora_dropout, use_rslora=use_rslora)
-            if isinstance(layer, Linear4bit):
-                wrapped = QLoRALinear(layer, **lora_args)
-            elif quant_type is None:
-                wrapped = LoRALinear.from_linear(layer, **lora_args)
-            else:
-                wrapped = QLoRALinear.from_linear(layer, quant_type=quant_type, blocksize=blocksize,
-                                                  compress_statistics=compress_statistics, compute_dtype=compute_dtype, **lora_args)
-        elif isinstance(layer, Linear4bit):
-            wrapped = layer
-        else:
-            wrapped = Linear4bit.from_linear(layer, quant_type=quant_type, blocksize=blocksize,
-                                             compress_statistics=compress_statistics, compute_dtype=compute_dtype)
-        if getattr(layer, "conv1d_class", None) is not None:
-            (wrapped.base if isinstance(wrapped, LoRALinear) else wrapped).conv1d_class = layer.conv1d_class
-        return wrapped
-
-    matched, plan = [], []  # plan: (parent, attribute, new module), all built before any swap
-    for full_name in linear_layer_names(model, include_output=True):
-        if _matches(full_name, skip) or (target and not _matches(full_name, target)):
-            continue
-        parent_name, _, child_name = full_name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        layer = getattr(parent, child_name)
-        if not (isinstance(layer, (LoRALinear, Linear4bit)) or _is_bnb_4bit(layer)):
-            _check_not_quantized(layer, full_name)
-        matched.append(full_name)
-        new = convert(layer)
+    names = match_target_modules(model, target_modules, skip=skip, include_output=include_output)
+    plan = []  # all built before any swap
+    for name in names:
+        new = wrap_linear(model.get_submodule(name), name, quant_type=quant_type, r=r, lora_alpha=lora_alpha,
+                          lora_dropout=lora_dropout, use_rslora=use_rslora, blocksize=blocksize,
+                          compress_statistics=compress_statistics, compute_dtype=compute_dtype)
         if new is not None:
-            plan.append((parent, child_name, new))
-    if target and not matched:
-        raise ValueError(f"target {target!r} matched no nn.Linear or Conv1D layer of the model")
-    if lora_r is not None and matched and not plan:
-        raise ValueError(f"every matching layer already has a LoRA adapter ({len(matched)} layers, e.g. {matched[0]!r}): "
+            plan.append((name, new))
+    if r is not None and names and not plan:
+        raise ValueError(f"every matching layer already has a LoRA adapter ({len(names)} layers, e.g. {names[0]!r}): "
                          "no adapter added; use the model as it is, or unload/merge its adapters first")
-    for parent, child_name, new in plan:
-        setattr(parent, child_name, new)
-    if lora_r is not None:
+    _swap(model, plan)
+    if r is not None:
         # as PEFT does: only the adapters train (embeddings, norms, lm_head are frozen too)
         from qlora_fast.nn.lora import mark_only_lora_as_trainable
 
@@ -280,14 +371,10 @@ def merge_linear_layers(model: nn.Module, keep_4bit: bool = False, dtype: Option
         layer = model.get_submodule(name)
         if isinstance(layer, QLoRALinear) and keep_4bit:
             new = layer.base
-        elif isinstance(layer, QLoRALinear):
-            base = layer.base
-            weight = _dequantized(base) + (0 if layer.merged else layer._delta())
-            new = _dense(weight, base.bias, getattr(base, "conv1d_class", None), dtype or base.quant_state.dtype)
         elif isinstance(layer, LoRALinear):
             base = layer.base
-            weight = base.weight.float() + (0 if layer.merged else layer._delta())
-            new = _dense(weight, base.bias, getattr(base, "conv1d_class", None), dtype or base.weight.dtype)
+            original = base.quant_state.dtype if isinstance(layer, QLoRALinear) else base.weight.dtype
+            new = _dense(layer.merged_weight(), base.bias, getattr(base, "conv1d_class", None), dtype or original)
         elif keep_4bit:
             continue
         elif isinstance(layer, Linear4bit) or _is_bnb_4bit(layer):
@@ -300,8 +387,7 @@ def merge_linear_layers(model: nn.Module, keep_4bit: bool = False, dtype: Option
     for name, layer, new in plan:
         if isinstance(layer, QLoRALinear) and keep_4bit and not layer.merged:
             layer.merge()  # requantizes W + scaling B A into the 4-bit base
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+        model.set_submodule(name, new)
     for p in model.parameters():
         p.requires_grad_(False)
     hf_config = getattr(model, "config", None)

@@ -3,8 +3,10 @@ the field) and round-trips through `to_dict()` / `config_from_dict()` (the adapt
 from dataclasses import asdict, dataclass, field
 from typing import Optional, Sequence, Union
 
-DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-ALL_LINEAR = "all-linear"
+from qlora_fast.utils import renamed_attribute, renamed_kwargs
+
+# LoraConfig fields renamed to PEFT's names (old -> new); the old ones work for one release.
+_LORA_RENAMES = {"alpha": "lora_alpha", "dropout": "lora_dropout"}
 
 
 def _positive_int(name, value):
@@ -16,54 +18,54 @@ def _positive_int(name, value):
 
 @dataclass
 class LoraConfig:
-    """LoRA (or QLoRA with `quantize_base="nf4"`) on the matching linear layers.
+    """LoRA (or QLoRA with `quantize_base="nf4"`) on the matching linear layers; PEFT's field names.
 
     target_modules: a list of module names, each matching a module whose full dotted name equals it
     or ends with "." + it (e.g. "q_proj"), or one string used as a regular expression that must
     match the full dotted name (re.fullmatch), e.g. r".*\\.(q|v)_proj", or "all-linear" (as PEFT:
-    every linear / Conv1D layer but the output layer). The default, None, means the model's usual
-    attention and MLP projections (`default_lora_targets`: q/k/v/o/gate/up/down_proj on Llama-style
-    models, c_attn/c_proj/c_fc on GPT-2, "all-linear" on anything else). r > 0; alpha > 0;
-    dropout in [0, 1); use_rslora scales by alpha / sqrt(r) instead of alpha / r.
+    every linear / Conv1D layer but the output layer), as `qlora_fast.nn.match_target_modules`
+    reads it. The default, None, means the model's usual attention and MLP projections
+    (`default_lora_targets`: q/k/v/o/gate/up/down_proj on Llama-style models, c_attn/c_proj/c_fc on
+    GPT-2, "all-linear" on anything else); the output layer is never adapted. r > 0; lora_alpha > 0;
+    lora_dropout in [0, 1); use_rslora scales by lora_alpha / sqrt(r) instead of lora_alpha / r.
     quantize_base: None (full-precision base, LoRA) or "nf4"/"fp4": every linear layer except the
-    lm_head is stored in 4 bits with double quantization (QLoRA). blocksize: 4-bit block size.
+    lm_head is stored in 4 bits, with double quantization unless double_quant=False (QLoRA).
+    blocksize: 4-bit block size. `alpha` and `dropout`, the names before this release, still work
+    (as arguments and attributes) with a DeprecationWarning.
     """
 
     target_modules: Union[Sequence[str], str, None] = None
     r: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.0
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
     use_rslora: bool = False
     quantize_base: Optional[str] = None
     blocksize: int = 64
     double_quant: bool = True
     peft_type: str = field(default="lora", init=False)
 
-    def __post_init__(self):
-        if self.target_modules is None or self.target_modules == ALL_LINEAR:
-            pass
-        elif isinstance(self.target_modules, str):
-            import re
+    alpha = renamed_attribute("LoraConfig", "alpha", "lora_alpha")
+    dropout = renamed_attribute("LoraConfig", "dropout", "lora_dropout")
 
-            try:
-                re.compile(self.target_modules)
-            except re.error as e:
-                raise ValueError(f"target_modules is not a valid regular expression: {e}") from None
-        else:
-            self.target_modules = list(self.target_modules)
-            if not self.target_modules or not all(isinstance(t, str) and t for t in self.target_modules):
-                raise ValueError(f"target_modules must be a regex string or a non-empty list of names, got {self.target_modules!r}")
+    def __post_init__(self):
+        from qlora_fast.nn.replace import check_target_modules
+
+        self.target_modules = check_target_modules(self.target_modules)
         _positive_int("r", self.r)
-        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or self.alpha <= 0:
-            raise ValueError(f"alpha must be a positive number, got {self.alpha!r}")
-        if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        alpha = self.lora_alpha
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or alpha <= 0:
+            raise ValueError(f"lora_alpha must be a positive number, got {alpha!r}")
+        if not isinstance(self.lora_dropout, (int, float)) or not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
         if self.quantize_base not in (None, "nf4", "fp4"):
             raise ValueError(f"quantize_base must be None, 'nf4' or 'fp4', got {self.quantize_base!r}")
         _positive_int("blocksize", self.blocksize)
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+LoraConfig.__init__ = renamed_kwargs("LoraConfig", _LORA_RENAMES)(LoraConfig.__init__)
 
 
 @dataclass
@@ -126,6 +128,8 @@ def config_from_dict(d: dict):
     kind = d.pop("peft_type", None)
     if kind not in CONFIG_TYPES:
         raise ValueError(f"peft_type must be one of {sorted(CONFIG_TYPES)}, got {kind!r}")
+    if kind == "lora":  # a file written before the rename is data, not a caller to warn
+        d = {_LORA_RENAMES.get(k, k): v for k, v in d.items()}
     return CONFIG_TYPES[kind](**d)
 
 
@@ -149,7 +153,8 @@ def config_to_peft_dict(config, geometry=None, fan_in_fan_out=False, base_model_
          "base_model_name_or_path": base_model_name_or_path, "revision": None, "modules_to_save": None}
     if isinstance(config, LoraConfig):
         targets = config.target_modules
-        d.update(r=config.r, lora_alpha=config.alpha, lora_dropout=config.dropout, use_rslora=config.use_rslora,
+        d.update(r=config.r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                 use_rslora=config.use_rslora,
                  target_modules=targets if isinstance(targets, str) else sorted(targets), fan_in_fan_out=bool(fan_in_fan_out),
                  init_lora_weights=True, **{k: v for k, v in _PEFT_LORA_OFF.items() if k != "modules_to_save"})
     else:
@@ -178,8 +183,8 @@ def config_from_peft_dict(d: dict):
         for key, off in _PEFT_LORA_OFF.items():
             if d.get(key, off) not in (off, None):
                 raise ValueError(f"PEFT LoRA setting {key}={d[key]!r} is not supported (only {off!r})")
-        return LoraConfig(target_modules=d.get("target_modules"), r=d.get("r", 8), alpha=d.get("lora_alpha", 8),
-                          dropout=d.get("lora_dropout", 0.0), use_rslora=bool(d.get("use_rslora", False)))
+        return LoraConfig(target_modules=d.get("target_modules"), r=d.get("r", 8), lora_alpha=d.get("lora_alpha", 8),
+                          lora_dropout=d.get("lora_dropout", 0.0), use_rslora=bool(d.get("use_rslora", False)))
     n = d.get("num_virtual_tokens")
     if d.get("num_transformer_submodules", 1) not in (1, None):
         raise ValueError(f"adapter num_transformer_submodules must be 1 (a decoder-only model), got {d['num_transformer_submodules']!r}")

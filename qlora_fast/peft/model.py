@@ -18,7 +18,6 @@ import contextlib
 import dataclasses
 import hashlib
 import json
-import re
 from typing import Optional
 
 import torch
@@ -61,40 +60,6 @@ def _cache_pairs(cache):
     if isinstance(cache, (tuple, list)):
         return [(k, v) for k, v in cache]
     return [(layer.keys, layer.values) for layer in cache.layers]
-
-
-def _match_lora_targets(model: nn.Module, config: LoraConfig):
-    from qlora_fast.nn.replace import ALL_LINEAR, default_lora_targets, linear_layer_names
-
-    names = linear_layer_names(model)
-    targets = config.target_modules if config.target_modules is not None else default_lora_targets(model)
-    if targets == ALL_LINEAR:
-        if not names:
-            raise ValueError(f"target_modules='all-linear' matches no linear layer of {type(model).__name__}")
-        return names
-    if isinstance(targets, str):
-        pattern = re.compile(targets)
-        matched = [n for n in names if pattern.fullmatch(n)]
-        if not matched:
-            raise ValueError(f"target_modules regex {targets!r} matches no linear layer; linear layers: {names[:12]}")
-        return matched
-    matched = []
-    for target in targets:
-        hits = [n for n in names if n == target or n.endswith("." + target)]
-        if not hits:
-            short = sorted({n.split(".")[-1] for n in names})
-            raise ValueError(f"target module {target!r} not found in {type(model).__name__}; its linear layers are named {short}")
-        matched += hits
-    return sorted(set(matched))
-
-
-def _layer_features(layer: nn.Module):
-    """(in_features, out_features) of a linear layer of any kind we wrap (Conv1D keeps (in, out))."""
-    from qlora_fast.nn.replace import _is_conv1d
-
-    if _is_conv1d(layer):
-        return tuple(layer.weight.shape)
-    return layer.in_features, layer.out_features
 
 
 @dataclasses.dataclass
@@ -199,50 +164,32 @@ class PeftModel(nn.Module):
 
     # ---- construction helpers
     def _inject_lora(self, config: LoraConfig):
-        """Swap the targets for LoRA modules, all or nothing: every module is built first. A layer
-        already in 4 bits (ours or bitsandbytes') keeps its bytes under the adapter."""
-        from qlora_fast.nn.linear4bit import Linear4bit
-        from qlora_fast.nn.lora import LoRALinear, QLoRALinear
-        from qlora_fast.nn.replace import _check_not_quantized, _is_bnb_4bit, as_linear, replace_linear
+        """Swap the targets (never the output layer) for LoRA modules through `replace_linear`, all
+        or nothing. A layer already in 4 bits (ours or bitsandbytes') keeps its bytes under the
+        adapter; with quantize_base every other linear layer but the lm_head goes to 4 bits too."""
+        from qlora_fast.nn.lora import LoRALinear
+        from qlora_fast.nn.replace import match_target_modules, replace_linear
 
-        plan = []
-        for name in _match_lora_targets(self.base_model, config):
-            parent_name, _, child = name.rpartition(".")
-            parent = self.base_model.get_submodule(parent_name) if parent_name else self.base_model
-            layer = getattr(parent, child)
-            if isinstance(layer, LoRALinear):
-                raise ValueError(f"layer {name!r} already has a LoRA adapter; merge or unload it before adding another")
-            if not (isinstance(layer, Linear4bit) or _is_bnb_4bit(layer)):
-                _check_not_quantized(layer, name)
-            linear = as_linear(layer)
-            args = dict(r=config.r, alpha=config.alpha, dropout=config.dropout, use_rslora=config.use_rslora)
-            if isinstance(linear, Linear4bit):
-                module = QLoRALinear(linear, **args)
-            elif config.quantize_base:
-                module = QLoRALinear.from_linear(linear, quant_type=config.quantize_base, blocksize=config.blocksize,
-                                                 compress_statistics=config.double_quant, **args)
-            else:
-                module = LoRALinear.from_linear(linear, **args)
-            if getattr(linear, "conv1d_class", None) is not None:
-                module.base.conv1d_class = linear.conv1d_class
-            plan.append((parent, child, module))
-        originals = [(parent, child, getattr(parent, child)) for parent, child, _ in plan]
-        for parent, child, module in plan:
-            setattr(parent, child, module)
+        model = self.base_model
+        targets = match_target_modules(model, config.target_modules)
+        adapted = [n for n in targets if isinstance(model.get_submodule(n), LoRALinear)]
+        if adapted:
+            raise ValueError(f"layer {adapted[0]!r} already has a LoRA adapter; "
+                             "merge or unload it before adding another")
+        originals = [(n, model.get_submodule(n)) for n in targets]
+        quant = dict(quant_type=config.quantize_base, blocksize=config.blocksize,
+                     compress_statistics=config.double_quant)
+        replace_linear(model, skip=(), target_modules=config.target_modules, include_output=False, r=config.r,
+                       lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout, use_rslora=config.use_rslora,
+                       **quant)
         if config.quantize_base:
             # QLoRA: every other linear (but the lm_head) is stored in 4 bits too.
             try:
-                replace_linear(self.base_model, quant_type=config.quantize_base, skip=("lm_head",),
-                               blocksize=config.blocksize, compress_statistics=config.double_quant)
+                replace_linear(model, skip=("lm_head",), **quant)
             except BaseException:
-                for parent, child, module in originals:
-                    setattr(parent, child, module)
+                for name, module in originals:
+                    model.set_submodule(name, module)
                 raise
-        for p in self.base_model.parameters():
-            p.requires_grad_(False)
-        for m in self.lora_modules():
-            m.lora_A.requires_grad_(True)
-            m.lora_B.requires_grad_(True)
 
     @torch.no_grad()
     def _real_token_cache(self, n: int):
@@ -544,9 +491,11 @@ def _expected_shapes(model: nn.Module, config) -> dict:
             from qlora_fast.nn.replace import default_lora_targets
 
             config = dataclasses.replace(config, target_modules=default_lora_targets(model))
+        from qlora_fast.nn.replace import linear_features, match_target_modules
+
         shapes = {}
-        for name in _match_lora_targets(model, config):
-            in_features, out_features = _layer_features(model.get_submodule(name))
+        for name in match_target_modules(model, config.target_modules):
+            in_features, out_features = linear_features(model.get_submodule(name))
             shapes[f"base_model.{name}.lora_A"] = (config.r, in_features)
             shapes[f"base_model.{name}.lora_B"] = (out_features, config.r)
         return shapes
@@ -605,14 +554,16 @@ def _wrap_adapted(model: nn.Module) -> PeftModel:
 
     names = [n for n, m in model.named_modules() if isinstance(m, LoRALinear)]
     if not names:
-        raise TypeError(f"model ({type(model).__name__}) has no LoRA layers to save; build it with get_peft_model or replace_linear(lora_r=...)")
+        raise TypeError(f"model ({type(model).__name__}) has no LoRA layers to save; "
+                        "build it with get_peft_model or replace_linear(r=...)")
     modules = [model.get_submodule(n) for n in names]
     settings = {(m.r, m.alpha, m.dropout, m.use_rslora) for m in modules}
     if len(settings) > 1:
         raise ValueError(f"the LoRA layers mix settings (r, alpha, dropout, rslora) {sorted(settings)}; one adapter config holds one")
     r, alpha, dropout, rslora = settings.pop()
     quant = next((m.base.quant_type for m in modules if isinstance(m, QLoRALinear)), None)
-    config = LoraConfig(target_modules=names, r=r, alpha=float(alpha), dropout=dropout, use_rslora=rslora, quantize_base=quant)
+    config = LoraConfig(target_modules=names, r=r, lora_alpha=float(alpha), lora_dropout=dropout, use_rslora=rslora,
+                        quantize_base=quant)
     view = PeftModel.__new__(PeftModel)
     nn.Module.__init__(view)
     view.base_model, view.peft_config, view.adapter_enabled, view.prompt_encoder = model, config, True, None
