@@ -1,6 +1,9 @@
 """CLI commands, one module each (see qlora_fast/cli.py)."""
 import argparse
 import math
+import warnings
+
+from qlora_fast.optim.registry import OPTIMIZERS  # noqa: F401 (torch-free: registering commands loads no torch)
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -42,9 +45,16 @@ nonnegative_float = _number(float, 0)
 probability = _number(float, 0, exclusive=True, maximum=1)
 
 
-# The trainers' optimizer names (`qlora_fast.train.sft.OPTIMIZERS`; spelled out here so that
-# registering the commands does not import torch; a test keeps the two equal).
-OPTIMIZERS = ("paged_adamw_8bit", "paged_adamw", "adamw_8bit", "adamw", "torch_adamw")
+class DeprecatedAliases(argparse.Action):
+    """Stores an option's value like the default action; every spelling after the first is a
+    deprecated alias kept for one release: using one warns (DeprecationWarning, which the CLI shows)
+    and still works. The trainers' field names are the first spellings (`--max-steps`)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if option_string != self.option_strings[0]:
+            warnings.warn(f"qlora-fast: {option_string} is deprecated: use {self.option_strings[0]} (the old "
+                          "spelling goes in the next release)", DeprecationWarning, stacklevel=2)
+        setattr(namespace, self.dest, values)
 
 
 def add_training_arguments(parser) -> None:
