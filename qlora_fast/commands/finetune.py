@@ -38,8 +38,8 @@ def register(subparsers) -> None:
     add_base_model_arguments(parser)
     parser.add_argument("--pretrain-steps", type=positive_int, default=None,
                         help="pretraining steps of the built-in base model (default: its recipe's; a new value trains and caches a new base)")
-    parser.add_argument("--max-steps", "--steps", dest="steps", action=DeprecatedAliases, type=positive_int, default=200,
-                        help="optimizer steps")
+    parser.add_argument("--max-steps", "--steps", dest="steps", action=DeprecatedAliases, type=positive_int,
+                        default=200, help="optimizer steps")
     parser.add_argument("--batch-size", type=positive_int, default=16, help="examples per micro-batch")
     parser.add_argument("--gradient-accumulation-steps", "--grad-accum", dest="grad_accum", action=DeprecatedAliases,
                         type=positive_int, default=1, help="micro-batches per optimizer step")
@@ -229,7 +229,7 @@ def _run(args, device, rank, resume_from, allow_fresh) -> int:
     with peft.disable_adapter():
         before = measure("before")
     trainer = SFTTrainer(peft, tokenizer, train_pairs, eval_pairs, config)
-    trainer.train(resume_from=resume_from, allow_fresh=allow_fresh)
+    trainer.train(resume_from_checkpoint=resume_from, allow_fresh=allow_fresh)
     after = measure("after")
 
     adapter_dir = os.path.join(args.output, f"adapter-{args.method}")
