@@ -145,8 +145,8 @@ def clip_gradients(params, max_norm: Optional[float]) -> float:
 class TrainerCore:
     """The parts of a trainer that do not depend on what it trains on. A subclass sets `config`
     (validated by `check_training_fields`), `model`, `params` (the trainable parameters), `step`
-    and `history`, calls `_setup_optimizer`, and provides `save_checkpoint(path)`,
-    `load_checkpoint(path)` and `_run_data()` (what identifies its data set)."""
+    and `history`, calls `_setup_optimizer`, and provides `save_checkpoint(path=None)` (None: its
+    default path), `load_checkpoint(path)` and `_run_data()` (what identifies its data set)."""
 
     kind = "training"  # names the trainer in errors: "SFT step 3: the loss is nan ..."
     rank = 0
@@ -189,17 +189,23 @@ class TrainerCore:
             raise ValueError(f"{type(self.config).__name__}.output_dir is not set")
         return checkpoint.checkpoint_path(self.config.output_dir, self.step if step is None else step)
 
+    def _find_checkpoint(self, resume_from_checkpoint: Optional[str], allow_fresh: bool) -> Optional[str]:
+        """The checkpoint to resume (`checkpoint.resolve_resume` in output_dir), or None. A trainer
+        whose checkpoints live elsewhere (sharded folders) overrides this with the same rules."""
+        return checkpoint.resolve_resume(resume_from_checkpoint, self.config.output_dir, allow_fresh)
+
     def _resume(self, resume_from_checkpoint: Optional[str], allow_fresh: bool) -> None:
         """Load the checkpoint `resume_from_checkpoint` names (see the module docstring for "latest")."""
-        path = checkpoint.resolve_resume(resume_from_checkpoint, self.config.output_dir, allow_fresh)
+        path = self._find_checkpoint(resume_from_checkpoint, allow_fresh)
         if path:
             self.load_checkpoint(path)
 
     def _maybe_checkpoint(self) -> bool:
-        """Save a checkpoint when this step is a multiple of checkpoint_every; whether it was one."""
+        """Save a checkpoint (at the trainer's default path) when this step is a multiple of
+        checkpoint_every; whether it was one."""
         every = self.config.checkpoint_every
         if every and self.step % every == 0:
-            self.save_checkpoint(self.checkpoint_path())
+            self.save_checkpoint()
             return True
         return False
 

@@ -27,7 +27,7 @@ from qlora_fast.optim.registry import OPTIMIZERS, make_optimizer  # noqa: F401 (
 from qlora_fast.utils import check_number, check_writable_dir
 
 from . import core
-from .checkpoint import load_checkpoint, save_checkpoint, unwrap
+from .checkpoint import checkpoint_path, load_checkpoint, save_checkpoint, unwrap
 
 
 @core.renamed_fields(grad_accum="gradient_accumulation_steps")
@@ -277,7 +277,10 @@ class SFTTrainer(core.TrainerCore):
             raise NotImplementedError(_FSDP_CHECKPOINT)
         if not self.is_main:
             return None
-        path = self.checkpoint_path() if path is None else path
+        if path is None:
+            if not self.config.output_dir:
+                raise ValueError("save_checkpoint needs a path or config.output_dir")
+            path = checkpoint_path(self.config.output_dir, self.step)
         return save_checkpoint(path, self.model, self.optimizer, self.scheduler, self.step,
                                extra={"history": self.history, "config": asdict(self.config)}, run=self.run_identity())
 
