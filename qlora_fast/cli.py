@@ -9,7 +9,6 @@ import argparse
 import importlib
 import os
 import sys
-import warnings
 
 # Command modules, in the order `--help` lists them.
 COMMANDS = [
@@ -40,8 +39,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    # A deprecated flag is the user's to fix: show its DeprecationWarning (hidden by default).
-    warnings.filterwarnings("default", message="qlora-fast: ", category=DeprecationWarning)
     args = build_parser().parse_args(argv)
     debug = args.debug or os.environ.get("QLORA_FAST_DEBUG", "") not in ("", "0")
     try:

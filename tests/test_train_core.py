@@ -207,16 +207,23 @@ def test_sft_train_resume_from_is_a_deprecated_name(tmp_path):
         resumed.train(resume_from="latest", resume_from_checkpoint="latest")
 
 
-def test_old_cli_flags_warn_and_parse_like_the_new_ones():
+def test_old_cli_flags_warn_and_parse_like_the_new_ones(capsys):
     from qlora_fast.cli import build_parser
 
     parser = build_parser()
     for command in ("finetune", "grpo"):
-        new = parser.parse_args([command, "--max-steps", "7", "--gradient-accumulation-steps", "2"])
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # the new spellings are silent
+            new = parser.parse_args([command, "--max-steps", "7", "--gradient-accumulation-steps", "2"])
+        assert capsys.readouterr().err == ""
         with _warns("qlora-fast: --steps is deprecated: use --max-steps"), \
                 _warns("qlora-fast: --grad-accum is deprecated: use --gradient-accumulation-steps"):
             old = parser.parse_args([command, "--steps", "7", "--grad-accum", "2"])
         assert (old.steps, old.grad_accum) == (new.steps, new.grad_accum) == (7, 2)
+        err = capsys.readouterr().err.splitlines()  # and the person at the terminal is told, one line each
+        assert err == [f"qlora-fast {command}: warning: --steps is deprecated: use --max-steps (the old spelling goes "
+                       "in the next release)", f"qlora-fast {command}: warning: --grad-accum is deprecated: use "
+                       "--gradient-accumulation-steps (the old spelling goes in the next release)"]
 
 
 # ------------------------------------------------------------------------------ optimizer registry

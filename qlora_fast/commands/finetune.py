@@ -39,10 +39,10 @@ def register(subparsers) -> None:
     parser.add_argument("--pretrain-steps", type=positive_int, default=None,
                         help="pretraining steps of the built-in base model (default: its recipe's; a new value trains and caches a new base)")
     parser.add_argument("--max-steps", "--steps", dest="steps", action=DeprecatedAliases, type=positive_int,
-                        default=200, help="optimizer steps")
+                        metavar="N", default=200, help="optimizer steps")
     parser.add_argument("--batch-size", type=positive_int, default=16, help="examples per micro-batch")
     parser.add_argument("--gradient-accumulation-steps", "--grad-accum", dest="grad_accum", action=DeprecatedAliases,
-                        type=positive_int, default=1, help="micro-batches per optimizer step")
+                        metavar="N", type=positive_int, default=1, help="micro-batches per optimizer step")
     parser.add_argument("--lr", type=positive_float, default=None, help="peak learning rate (default: 5e-3 for LoRA/QLoRA, 1e-2 for prefix/prompt)")
     parser.add_argument("--warmup-steps", type=nonnegative_int, default=15, help="linear warmup steps before the cosine decay")
     parser.add_argument("--r", type=positive_int, default=8, help="LoRA rank")

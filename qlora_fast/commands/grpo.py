@@ -38,8 +38,8 @@ def register(subparsers) -> None:
                         "(default: the warm-start adapter cached in --cache-dir)")
     p.add_argument("--sft-steps", type=positive_int, default=SFT_STEPS, help="warm-start SFT steps when the adapter has to be trained")
     add_base_model_arguments(p)
-    p.add_argument("--max-steps", "--steps", dest="steps", action=DeprecatedAliases, type=positive_int, default=STEPS,
-                   help="GRPO steps")
+    p.add_argument("--max-steps", "--steps", dest="steps", action=DeprecatedAliases, type=positive_int, metavar="N",
+                   default=STEPS, help="GRPO steps")
     p.add_argument("--group-size", type=positive_int, default=8, help="completions sampled per prompt (G >= 2)")
     p.add_argument("--prompts-per-step", type=positive_int, default=PROMPTS_PER_STEP, help="prompts per GRPO step")
     p.add_argument("--max-new-tokens", type=positive_int, default=4, help="longest completion (answers end with a full stop)")
@@ -61,7 +61,7 @@ def register(subparsers) -> None:
     p.add_argument("--drop-zero-variance-groups", action="store_true",
                    help="leave groups whose rewards all tie out of the loss (DAPO's filter; they carry no signal)")
     p.add_argument("--gradient-accumulation-steps", "--grad-accum", dest="grad_accum", action=DeprecatedAliases,
-                   type=positive_int, default=1, help="micro-batches per step")
+                   metavar="N", type=positive_int, default=1, help="micro-batches per step")
     p.add_argument("--eval-every", type=nonnegative_int, default=EVAL_EVERY, help="held-out greedy accuracy every N steps (0: start and end only)")
     p.add_argument("--heldout", type=positive_int, default=None, help="held-out problems to score (default: all 300)")
     p.add_argument("--practice", type=nonnegative_int, default=PRACTICE,
