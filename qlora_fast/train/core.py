@@ -24,7 +24,8 @@ Behaviour both trainers share:
   step is not skipped: skipping would hide a diverging run. (GRPO's NaN *rewards* are a data
   matter, not a numerical one: their group is left out of the loss, counted and warned about.)
 - Clipping: `clip_grad_norm_` to max_grad_norm (None: off); the logged grad_norm is the norm before.
-- The optimizer by name from `qlora_fast.optim.registry`; linear warmup then cosine to min_lr_ratio.
+- The optimizer by name from `qlora_fast.optim.registry`; linear warmup, then cosine to SFT's
+  min_lr_ratio (GRPO: constant after warmup).
 - Checkpoints every checkpoint_every updates at output_dir/checkpoint-<step>.pt (see `checkpoint`).
 - A tqdm progress bar (rank 0, `progress`) and `history`, one dict per update.
 """
