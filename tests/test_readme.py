@@ -102,7 +102,7 @@ def setup_grpo(monkeypatch):
     from qlora_fast.train.grpo import GRPOConfig
 
     def short(**kw):  # the README's 40 steps x 8 completions, cut to one step of two
-        return dataclasses.replace(GRPOConfig(**kw), steps=1, group_size=2, prompts_per_step=1, max_new_tokens=4)
+        return dataclasses.replace(GRPOConfig(**kw), max_steps=1, group_size=2, prompts_per_step=1, max_new_tokens=4)
 
     monkeypatch.setattr(qlora_fast.train, "GRPOConfig", short, raising=False)
     return {"base": tiny_builtin(), "tokenizer": ByteTokenizer(), "get_peft_model": get_peft_model, "LoraConfig": LoraConfig}

@@ -1,6 +1,10 @@
 """CLI commands, one module each (see qlora_fast/cli.py)."""
 import argparse
 import math
+import sys
+import warnings
+
+from qlora_fast.optim.registry import OPTIMIZERS  # noqa: F401 (torch-free: registering commands loads no torch)
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -42,9 +46,19 @@ nonnegative_float = _number(float, 0)
 probability = _number(float, 0, exclusive=True, maximum=1)
 
 
-# The trainers' optimizer names (`qlora_fast.train.sft.OPTIMIZERS`; spelled out here so that
-# registering the commands does not import torch; a test keeps the two equal).
-OPTIMIZERS = ("paged_adamw_8bit", "paged_adamw", "adamw_8bit", "adamw", "torch_adamw")
+class DeprecatedAliases(argparse.Action):
+    """Stores an option's value like the default action; every spelling after the first is a
+    deprecated alias kept for one release: using one still works, prints a one-line warning for the
+    person at the terminal and raises a DeprecationWarning for programs. The first spelling is the
+    trainers' field name (`--max-steps` for max_steps)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if option_string != self.option_strings[0]:
+            message = (f"{option_string} is deprecated: use {self.option_strings[0]} (the old spelling goes in the "
+                       "next release)")
+            print(f"{parser.prog}: warning: {message}", file=sys.stderr)
+            warnings.warn(f"qlora-fast: {message}", DeprecationWarning, stacklevel=2)
+        setattr(namespace, self.dest, values)
 
 
 def add_training_arguments(parser) -> None:

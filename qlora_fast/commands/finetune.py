@@ -18,9 +18,9 @@ import resource
 import sys
 import time
 
-from qlora_fast.commands import (HelpFormatter, add_base_model_arguments, add_resume_arguments, add_training_arguments,
-                                 check_output, finite_float, nonnegative_float, nonnegative_int, positive_float,
-                                 positive_int, resolve_device, resume_mode)
+from qlora_fast.commands import (DeprecatedAliases, HelpFormatter, add_base_model_arguments, add_resume_arguments,
+                                 add_training_arguments, check_output, finite_float, nonnegative_float, nonnegative_int,
+                                 positive_float, positive_int, resolve_device, resume_mode)
 
 METHODS = ("lora", "qlora", "prefix", "prompt")
 
@@ -38,9 +38,11 @@ def register(subparsers) -> None:
     add_base_model_arguments(parser)
     parser.add_argument("--pretrain-steps", type=positive_int, default=None,
                         help="pretraining steps of the built-in base model (default: its recipe's; a new value trains and caches a new base)")
-    parser.add_argument("--steps", type=positive_int, default=200, help="optimizer steps")
+    parser.add_argument("--max-steps", "--steps", dest="steps", action=DeprecatedAliases, type=positive_int,
+                        metavar="N", default=200, help="optimizer steps")
     parser.add_argument("--batch-size", type=positive_int, default=16, help="examples per micro-batch")
-    parser.add_argument("--grad-accum", type=positive_int, default=1, help="micro-batches per optimizer step")
+    parser.add_argument("--gradient-accumulation-steps", "--grad-accum", dest="grad_accum", action=DeprecatedAliases,
+                        metavar="N", type=positive_int, default=1, help="micro-batches per optimizer step")
     parser.add_argument("--lr", type=positive_float, default=None, help="peak learning rate (default: 5e-3 for LoRA/QLoRA, 1e-2 for prefix/prompt)")
     parser.add_argument("--warmup-steps", type=nonnegative_int, default=15, help="linear warmup steps before the cosine decay")
     parser.add_argument("--r", type=positive_int, default=8, help="LoRA rank")
@@ -179,7 +181,8 @@ def _run(args, device, rank, resume_from, allow_fresh) -> int:
     peft_config = _peft_config(args)
     lr = args.lr if args.lr is not None else (5e-3 if args.method in ("lora", "qlora") else 1e-2)
     config = SFTConfig(
-        max_steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=lr, warmup_steps=args.warmup_steps,
+        max_steps=args.steps, batch_size=args.batch_size, gradient_accumulation_steps=args.grad_accum, lr=lr,
+        warmup_steps=args.warmup_steps,
         max_seq_len=args.max_seq_len, packing=args.packing, gradient_checkpointing=args.gradient_checkpointing,
         optimizer=args.optimizer, eval_every=args.eval_every, checkpoint_every=args.checkpoint_every,
         output_dir=args.output, seed=args.seed, progress=progress,
@@ -226,7 +229,7 @@ def _run(args, device, rank, resume_from, allow_fresh) -> int:
     with peft.disable_adapter():
         before = measure("before")
     trainer = SFTTrainer(peft, tokenizer, train_pairs, eval_pairs, config)
-    trainer.train(resume_from=resume_from, allow_fresh=allow_fresh)
+    trainer.train(resume_from_checkpoint=resume_from, allow_fresh=allow_fresh)
     after = measure("after")
 
     adapter_dir = os.path.join(args.output, f"adapter-{args.method}")

@@ -18,9 +18,9 @@ import json
 import os
 import time
 
-from qlora_fast.commands import (HelpFormatter, add_base_model_arguments, add_resume_arguments, add_training_arguments,
-                                 check_output, finite_float, nonnegative_float, nonnegative_int, positive_float, positive_int,
-                                 probability, resolve_device, resume_mode)
+from qlora_fast.commands import (DeprecatedAliases, HelpFormatter, add_base_model_arguments, add_resume_arguments,
+                                 add_training_arguments, check_output, finite_float, nonnegative_float, nonnegative_int,
+                                 positive_float, positive_int, probability, resolve_device, resume_mode)
 from qlora_fast.utils import atomic_write, default_cache_dir
 
 WARMSTART = dict(r=8, alpha=16.0, batch_size=16, lr=3e-3, warmup_steps=5, max_seq_len=64)
@@ -38,7 +38,8 @@ def register(subparsers) -> None:
                         "(default: the warm-start adapter cached in --cache-dir)")
     p.add_argument("--sft-steps", type=positive_int, default=SFT_STEPS, help="warm-start SFT steps when the adapter has to be trained")
     add_base_model_arguments(p)
-    p.add_argument("--steps", type=positive_int, default=STEPS, help="GRPO steps")
+    p.add_argument("--max-steps", "--steps", dest="steps", action=DeprecatedAliases, type=positive_int, metavar="N",
+                   default=STEPS, help="GRPO steps")
     p.add_argument("--group-size", type=positive_int, default=8, help="completions sampled per prompt (G >= 2)")
     p.add_argument("--prompts-per-step", type=positive_int, default=PROMPTS_PER_STEP, help="prompts per GRPO step")
     p.add_argument("--max-new-tokens", type=positive_int, default=4, help="longest completion (answers end with a full stop)")
@@ -59,7 +60,8 @@ def register(subparsers) -> None:
                    help="divide advantages by the group std, the batch std, or nothing (Dr. GRPO)")
     p.add_argument("--drop-zero-variance-groups", action="store_true",
                    help="leave groups whose rewards all tie out of the loss (DAPO's filter; they carry no signal)")
-    p.add_argument("--grad-accum", type=positive_int, default=1, help="micro-batches per step")
+    p.add_argument("--gradient-accumulation-steps", "--grad-accum", dest="grad_accum", action=DeprecatedAliases,
+                   metavar="N", type=positive_int, default=1, help="micro-batches per step")
     p.add_argument("--eval-every", type=nonnegative_int, default=EVAL_EVERY, help="held-out greedy accuracy every N steps (0: start and end only)")
     p.add_argument("--heldout", type=positive_int, default=None, help="held-out problems to score (default: all 300)")
     p.add_argument("--practice", type=nonnegative_int, default=PRACTICE,
@@ -167,13 +169,13 @@ def _run(args, device, started, resume_from, allow_fresh) -> int:
     # The config first: a bad value fails before the warm start is trained or the base loaded.
     funcs, weights = arithmetic_rewards()
     config = GRPOConfig(
-        steps=args.steps, group_size=args.group_size, prompts_per_step=args.prompts_per_step,
+        max_steps=args.steps, group_size=args.group_size, prompts_per_step=args.prompts_per_step,
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, lr=args.lr,
         beta=args.beta, eps_low=args.eps_low, eps_high=args.eps_high, num_iterations=args.num_iterations,
-        loss_type=args.loss_type, advantage_scale=args.advantage_scale, grad_accum_steps=args.grad_accum,
+        loss_type=args.loss_type, advantage_scale=args.advantage_scale, gradient_accumulation_steps=args.grad_accum,
         drop_zero_variance_groups=args.drop_zero_variance_groups, eval_every=args.eval_every or args.steps,
         gradient_checkpointing=args.gradient_checkpointing, optimizer=args.optimizer, reward_weights=weights,
-        output_dir=os.path.join(args.output, "grpo-checkpoints"), save_every=args.checkpoint_every,
+        output_dir=os.path.join(args.output, "grpo-checkpoints"), checkpoint_every=args.checkpoint_every,
         seed=args.seed, progress=progress,
     )
     sft_adapter = args.sft_adapter or warmstart_dir(args.cache_dir, args.tokenizer, args.sft_steps, args.seed)

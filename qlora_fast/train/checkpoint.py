@@ -104,6 +104,11 @@ def run_identity(model: nn.Module, config: Optional[dict] = None, data=None, ign
     return json.loads(json.dumps(identity, default=repr))  # plain JSON values compare reliably
 
 
+# Run-identity keys of config fields renamed since (old -> new; `qlora_fast.train.core`), so older checkpoints resume.
+RENAMED_KEYS = {"config.grad_accum": "config.gradient_accumulation_steps",
+                "config.grad_accum_steps": "config.gradient_accumulation_steps"}
+
+
 def check_same_run(saved: Optional[dict], current: Optional[dict], path: str) -> None:
     """Raise ValueError naming every field in which the checkpoint `path`'s run differs from this one."""
     if current is None:
@@ -112,6 +117,7 @@ def check_same_run(saved: Optional[dict], current: Optional[dict], path: str) ->
         warnings.warn(f"checkpoint {path} records no run identity (written by an older version): "
                       "cannot check that it belongs to this run", stacklevel=3)
         return
+    saved = {RENAMED_KEYS.get(k, k): v for k, v in saved.items()}  # written before a config field was renamed
     diffs = [f"{k}: checkpoint {saved.get(k, '<absent>')!r}, this run {current.get(k, '<absent>')!r}"
              for k in sorted(set(saved) | set(current)) if saved.get(k) != current.get(k)]
     if diffs:

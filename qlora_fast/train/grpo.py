@@ -3,13 +3,17 @@
 One step: take `prompts_per_step` prompts, sample `group_size` completions for each with the
 KV-cache `generate()` (temperature / top-k / top-p), score them with the weighted reward
 functions, turn rewards into group-relative advantages, then run `num_iterations` optimisation
-passes over the batch with the clipped surrogate (`grpo_loss`), split into `grad_accum_steps`
-micro-batches. The KL penalty's reference policy is the same model with its adapters disabled,
-so there is never a second copy of the weights; with beta = 0 the reference pass is skipped.
+passes over the batch with the clipped surrogate (`grpo_loss`), split into
+`gradient_accumulation_steps` micro-batches. The KL penalty's reference policy is the same model
+with its adapters disabled, so there is never a second copy of the weights; with beta = 0 the
+reference pass is skipped.
 
 Per-token log-probabilities go through `sequence_logprobs`: hidden states through the output
 layer a chunk of tokens at a time, recomputed in backward, so no batch x length x vocabulary
 logits tensor ever exists.
+
+Field names, resume, NaN guards, clipping, the optimizer and checkpoints are the trainer core's
+(`train/core.py`), shared with SFT.
 """
 import math
 import time
@@ -23,29 +27,32 @@ from torch import nn
 from qlora_fast.models.generate import left_pad
 from qlora_fast.utils import atomic_write_bytes, check_number, check_writable_dir
 
-from . import checkpoint
+from . import checkpoint, core
 from .policy_gradient import ADVANTAGE_SCALES, LOSS_TYPES, group_advantages, grpo_loss, sequence_logprobs
-from .schedule import warmup_cosine_schedule
-from .sft import OPTIMIZERS, make_optimizer  # the SFT trainer's optimizer names and factory
 
 RewardFunction = Callable[..., List[float]]
 
 
+@core.renamed_fields(steps="max_steps", grad_accum_steps="gradient_accumulation_steps", save_every="checkpoint_every")
 @dataclass
 class GRPOConfig:
     """Everything a GRPO run needs besides the model, tokenizer, rewards and data.
 
+    max_steps optimisation steps (each samples a fresh batch). The names shared with SFTConfig
+    follow HF/TRL (see `qlora_fast.train.core`); `steps`, `grad_accum_steps` and `save_every` are
+    the deprecated names of max_steps, gradient_accumulation_steps and checkpoint_every.
+
     group_size (G) completions per prompt, at least 2 (the group mean is the baseline).
     prompts_per_step prompts per optimisation step, so a step samples prompts_per_step * G
-    sequences; grad_accum_steps splits those into micro-batches (must divide the count).
+    sequences; gradient_accumulation_steps splits those into micro-batches (must divide the count).
     temperature / top_k / top_p: sampling; log-probs use softmax(logits / temperature), so the
     ratios ignore the top-k / top-p truncation (as TRL does). num_iterations: optimisation passes
     over each sampled batch (PPO-style; the clip matters from the second pass on; the sampling
     policy's log-probs come from an eval-mode pass, so LoRA dropout makes ratios differ from 1). beta: weight of the k3 KL to the reference (0 skips the reference
     pass). eps_low / eps_high: clip range (eps_high > eps_low is clip-higher). loss_type:
     "grpo" | "dapo" | "dr_grpo". advantage_scale: "group" | "batch" | "none".
-    optimizer: qlora_fast.optim's "paged_adamw_8bit" (8-bit states paged to host memory: the
-    QLoRA recipe), "paged_adamw", "adamw_8bit", "adamw", or "torch_adamw" (torch.optim.AdamW).
+    optimizer: a name in `qlora_fast.optim.registry.OPTIMIZERS`: "paged_adamw_8bit" (8-bit states
+    paged to host memory: the QLoRA recipe), "paged_adamw", "adamw_8bit", "adamw", or "torch_adamw".
     reward_weights: one per reward function (default all 1).
     drop_zero_variance_groups: leave out of the loss the groups whose rewards are all equal
     (their advantages are all zero, so they only dilute the mean; DAPO's dynamic-sampling filter
@@ -54,7 +61,7 @@ class GRPOConfig:
     (and at the start and the end); 0 never.
     """
 
-    steps: int = 50
+    max_steps: int = 50
     group_size: int = 8
     prompts_per_step: int = 4
     max_new_tokens: int = 16
@@ -75,7 +82,7 @@ class GRPOConfig:
     warmup_steps: int = 0
     max_grad_norm: Optional[float] = 1.0
     optimizer: str = "paged_adamw_8bit"
-    grad_accum_steps: int = 1
+    gradient_accumulation_steps: int = 1
     gradient_checkpointing: bool = False
     logprob_chunk_size: int = 1024
     drop_zero_variance_groups: bool = False
@@ -83,7 +90,7 @@ class GRPOConfig:
     seed: int = 0
     output_dir: Optional[str] = None
     _min_group_size = 2  # a class attribute, not a field: PPO's critic needs no group
-    save_every: int = 0
+    checkpoint_every: int = 0
     progress: bool = True
 
     def __post_init__(self):
@@ -92,16 +99,16 @@ class GRPOConfig:
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"GRPOConfig.{name} must be a positive int, got {value!r}")
 
-        for name in ("steps", "prompts_per_step", "max_new_tokens", "num_iterations", "grad_accum_steps",
-                     "logprob_chunk_size"):
+        core.check_training_fields(self)
+        for name in ("prompts_per_step", "max_new_tokens", "num_iterations", "logprob_chunk_size"):
             positive_int(name)
         if not isinstance(self.group_size, int) or self.group_size < self._min_group_size:
             raise ValueError(f"{type(self).__name__}.group_size must be an int >= {self._min_group_size} "
                              f"(the group mean is the baseline), got {self.group_size!r}")
-        if (self.prompts_per_step * self.group_size) % self.grad_accum_steps:
+        if (self.prompts_per_step * self.group_size) % self.gradient_accumulation_steps:
             raise ValueError(
-                f"GRPOConfig.grad_accum_steps ({self.grad_accum_steps}) must divide prompts_per_step * group_size "
-                f"({self.prompts_per_step * self.group_size})"
+                f"GRPOConfig.gradient_accumulation_steps ({self.gradient_accumulation_steps}) must divide "
+                f"prompts_per_step * group_size ({self.prompts_per_step * self.group_size})"
             )
         if not self.temperature > 0:
             raise ValueError(f"GRPOConfig.temperature must be > 0 (GRPO samples), got {self.temperature!r}")
@@ -109,27 +116,14 @@ class GRPOConfig:
             raise ValueError(f"GRPOConfig.loss_type must be one of {LOSS_TYPES}, got {self.loss_type!r}")
         if self.advantage_scale not in ADVANTAGE_SCALES:
             raise ValueError(f"GRPOConfig.advantage_scale must be one of {ADVANTAGE_SCALES}, got {self.advantage_scale!r}")
-        if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"GRPOConfig.optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
-        for name in ("beta", "eps_low", "lr", "weight_decay"):  # finite: NaN/inf would give a NaN adapter
+        for name in ("beta", "eps_low"):  # finite: NaN/inf would give a NaN adapter
             check_number("GRPOConfig", name, getattr(self, name), minimum=0)
         check_number("GRPOConfig", "eps_high", self.eps_high, minimum=0, optional=True)
         check_number("GRPOConfig", "temperature", self.temperature)
-        # A negative norm would flip the gradient (clip_grad_norm_ scales by max_norm / norm): None disables clipping.
-        check_number("GRPOConfig", "max_grad_norm", self.max_grad_norm, minimum=0, exclusive_minimum=True, optional=True)
         check_number("GRPOConfig", "top_p", self.top_p, minimum=0, exclusive_minimum=True, maximum=1, optional=True)
         check_number("GRPOConfig", "top_k", self.top_k, integer=True, minimum=1, optional=True)
-        check_number("GRPOConfig", "seed", self.seed, integer=True)
         for i, w in enumerate(self.reward_weights or ()):
             check_number("GRPOConfig", f"reward_weights[{i}]", w)
-        if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
-            raise ValueError(f"GRPOConfig.warmup_steps must be an int >= 0, got {self.warmup_steps!r}")
-        if not isinstance(self.eval_every, int) or self.eval_every < 0:
-            raise ValueError(f"GRPOConfig.eval_every must be an int >= 0, got {self.eval_every!r}")
-        if not isinstance(self.save_every, int) or self.save_every < 0:
-            raise ValueError(f"GRPOConfig.save_every must be an int >= 0, got {self.save_every!r}")
-        if self.save_every and not self.output_dir:
-            raise ValueError("GRPOConfig.save_every needs output_dir")
 
 
 # ------------------------------------------------------------------------------------------
@@ -138,7 +132,9 @@ class GRPOConfig:
 def _output_layer(model):
     """(backbone, lm_head weight, bias) when the model splits as backbone + plain linear head,
     so log-probs can be chunked; None otherwise (then full logits are used)."""
-    if getattr(model, "prompt_encoder", "absent") is None and isinstance(getattr(model, "base_model", None), nn.Module):
+    from qlora_fast.peft.model import PeftModel
+
+    if isinstance(model, PeftModel) and model.prompt_encoder is None:
         # A PeftModel with LoRA: its forward is exactly its base model's (the adapters live inside).
         model = model.base_model
     head = getattr(model, "lm_head", None)
@@ -196,7 +192,7 @@ def reference_context(model):
 # ------------------------------------------------------------------------------------------
 # The trainer
 # ------------------------------------------------------------------------------------------
-class GRPOTrainer:
+class GRPOTrainer(core.TrainerCore):
     """GRPO on a model whose trainable parameters are its adapters (LoRA / QLoRA).
 
     model: a causal LM (the built-in `LlamaForCausalLM`, a PEFT-wrapped or transformers one)
@@ -206,6 +202,9 @@ class GRPOTrainer:
     of dicts with a non-empty "prompt" str; their other fields go to the reward functions.
     optimizer: optional, else built from config.optimizer.
     """
+
+    kind = "GRPO"
+    resumable_changes = core.RESUMABLE_CHANGES + ("logprob_chunk_size",)
 
     def __init__(self, model, tokenizer, reward_funcs, train_dataset, config: Optional[GRPOConfig] = None,
                  optimizer: Optional[torch.optim.Optimizer] = None):
@@ -228,9 +227,8 @@ class GRPOTrainer:
         if not self.params:
             raise ValueError("model has no trainable parameters: add adapters (LoRA / QLoRA) first")
         self.device = self.params[0].device
-        self.optimizer = optimizer or make_optimizer(self.config.optimizer, self.params, self.config.lr, self.config.weight_decay)
         # Linear warmup, then constant (a cosine that ends where it starts).
-        self.scheduler = warmup_cosine_schedule(self.optimizer, self.config.warmup_steps, self.config.steps, min_ratio=1.0)
+        self._setup_optimizer(optimizer, min_lr_ratio=1.0)
         if self.config.gradient_checkpointing:
             if not hasattr(model, "gradient_checkpointing_enable"):
                 raise ValueError("gradient_checkpointing=True but the model has no gradient_checkpointing_enable()")
@@ -428,7 +426,7 @@ class GRPOTrainer:
         self.model.train()
 
         normalizer = self._normalizer(completion_mask)
-        micro = -(-input_ids.shape[0] // c.grad_accum_steps)  # dropped groups can leave an uneven split
+        micro = -(-input_ids.shape[0] // c.gradient_accumulation_steps)  # dropped groups can leave an uneven split
         stats_sum = {"kl": 0.0, "clip_fraction": 0.0}
         ratio_min, ratio_max = math.inf, -math.inf
         n_stats, loss_total, grad_norm = 0, 0.0, 0.0
@@ -439,26 +437,14 @@ class GRPOTrainer:
                 for s in range(0, input_ids.shape[0], micro):
                     sl = slice(s, s + micro)
                     loss, stats = self._micro_loss(batch, sl, normalizer)
-                    if not torch.isfinite(loss):
-                        raise FloatingPointError(
-                            f"GRPO step {self.step + 1}: the loss is {loss.item()}; stopping before the optimizer "
-                            "step, so the adapter keeps its last finite values (lower lr or check the rewards)"
-                        )
+                    self._check_loss(loss)
                     loss.backward()
                     loss_iter += float(loss.detach())
                     stats_sum["kl"] += stats.kl
                     stats_sum["clip_fraction"] += stats.clip_fraction
                     ratio_min, ratio_max = min(ratio_min, stats.ratio_min), max(ratio_max, stats.ratio_max)
                     n_stats += 1
-                grads = [p.grad for p in self.params if p.grad is not None]
-                if grads and not torch.stack([torch.isfinite(g).all() for g in grads]).all():  # one sync, not one per tensor
-                    raise FloatingPointError(
-                        f"GRPO step {self.step + 1}: a gradient is NaN or inf; stopping before the optimizer step, "
-                        "so the adapter keeps its last finite values"
-                    )
-                if c.max_grad_norm is not None:
-                    grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, c.max_grad_norm))
-                self.optimizer.step()
+                grad_norm = self._optimizer_step()
                 loss_total = loss_iter
         finally:
             self.optimizer.zero_grad(set_to_none=True)
@@ -482,35 +468,29 @@ class GRPOTrainer:
     # --- the loop -----------------------------------------------------------------------
     def train(self, resume_from_checkpoint: Optional[str] = None, allow_fresh: bool = False,
               eval_dataset: Optional[Sequence[dict]] = None) -> List[Dict[str, float]]:
-        """Run until config.steps; returns the per-step logs. `resume_from_checkpoint`: a
+        """Run until config.max_steps; returns the per-step logs. `resume_from_checkpoint`: a
         checkpoint file, or "latest" for the newest in config.output_dir (none there:
-        FileNotFoundError unless `allow_fresh`, as in the SFT trainer). With `eval_dataset` and
+        FileNotFoundError unless `allow_fresh`, as in the SFT trainer: `qlora_fast.train.core`). A
+        non-finite loss or gradient raises FloatingPointError before the optimizer step. With `eval_dataset` and
         config.eval_every, `evaluate` runs every eval_every steps and at the last step, its results
         added to that step's log as "eval/<key>"; `self.eval_history` gets (step, results), step 0
         included."""
-        from tqdm.auto import tqdm
-
-        resume = checkpoint.resolve_resume(resume_from_checkpoint, self.config.output_dir, allow_fresh)
-        if resume:
-            self.load_checkpoint(resume)
+        self._resume(resume_from_checkpoint, allow_fresh)
         c = self.config
         evaluating = eval_dataset is not None and c.eval_every > 0
         if evaluating:
             eval_dataset = self._check_dataset(eval_dataset)
             self.eval_history = [(self.step, self.evaluate(eval_dataset))]
-        bar = tqdm(total=c.steps, initial=self.step, desc="GRPO", disable=not c.progress, dynamic_ncols=True)
+        bar = self._progress_bar("GRPO")
         try:
-            while self.step < c.steps:
+            while self.step < c.max_steps:
                 log = self.train_step()
-                bar.update(1)
-                bar.set_postfix(reward=f"{log['reward']:.3f}", kl=f"{log['kl']:.4f}", clip=f"{log['clip_fraction']:.2f}",
-                                len=f"{log['completion_length']:.1f}")
-                if evaluating and (self.step % c.eval_every == 0 or self.step == c.steps):
+                self._show(bar, log, ("reward", "kl", "clip_fraction", "completion_length"))
+                if evaluating and (self.step % c.eval_every == 0 or self.step == c.max_steps):
                     result = self.evaluate(eval_dataset)
                     self.eval_history.append((self.step, result))
                     log.update({f"eval/{k}": v for k, v in result.items()})
-                if c.save_every and self.step % c.save_every == 0:
-                    self.save_checkpoint(self.checkpoint_path(self.step))
+                self._maybe_checkpoint()
         finally:
             bar.close()
         return self.history
@@ -532,37 +512,27 @@ class GRPOTrainer:
         return result
 
     # --- checkpoints --------------------------------------------------------------------
-    def checkpoint_path(self, step: int) -> str:
-        if not self.config.output_dir:
-            raise ValueError("config.output_dir is not set")
-        return checkpoint.checkpoint_path(self.config.output_dir, step)
-
     def trainable_state_dict(self) -> Dict[str, torch.Tensor]:
         return checkpoint.trainable_state_dict(self.model)
 
-    def save_checkpoint(self, path: str) -> None:
+    def save_checkpoint(self, path: Optional[str] = None) -> str:
         """Adapter, optimizer, scheduler, every RNG, the sampling generator and the data position,
-        written atomically (the SFT trainer's checkpoint format). Refuses non-finite parameters."""
+        written atomically to `path` (default output_dir/checkpoint-<step>.pt; the SFT trainer's
+        checkpoint format) and returned. Refuses non-finite parameters."""
+        path = self.checkpoint_path() if path is None else path
         if not self._all_finite():
             raise FloatingPointError("refusing to checkpoint: a trainable parameter is NaN or inf")
         extra = {**self._extra_state(), "epoch": self.epoch, "position": self.position, "sample_rng": self.sample_generator.get_state(),
                  "history": self.history, "config": asdict(self.config)}
-        checkpoint.save_checkpoint(path, self.model, self.optimizer, self.scheduler, step=self.step, extra=extra,
-                                   run=self.run_identity())
+        return checkpoint.save_checkpoint(path, self.model, self.optimizer, self.scheduler, step=self.step, extra=extra,
+                                          run=self.run_identity())
 
     def _all_finite(self) -> bool:
         """Whether every trainable parameter is finite: one device sync, not one per parameter."""
         return bool(torch.stack([torch.isfinite(p).all() for p in self.params]).all())
 
-    def run_identity(self) -> dict:
-        """What a checkpoint of this run records and a resume must match (checkpoint.run_identity).
-        Computed once per config (it hashes the data set and fingerprints the frozen base), as in SFT."""
-        config = {k: v for k, v in asdict(self.config).items() if k not in ("steps", "output_dir", "save_every", "eval_every", "progress",
-                                                                            "gradient_checkpointing", "logprob_chunk_size")}
-        cached = getattr(self, "_run", None)
-        if cached is None or cached[0] != config:
-            self._run = (config, checkpoint.run_identity(self.model, config, data=self.dataset))
-        return self._run[1]
+    def _run_data(self):
+        return self.dataset
 
     def load_checkpoint(self, path: str) -> None:
         """Restore what `save_checkpoint` wrote; ValueError when it does not fit the model or

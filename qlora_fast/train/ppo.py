@@ -14,12 +14,15 @@ from typing import Optional
 import torch
 from torch import nn
 
+from qlora_fast.optim.registry import make_optimizer
+
+from .core import renamed_fields
 from .grpo import GRPOConfig, GRPOTrainer, _output_layer, completion_hidden
 from .policy_gradient import _aggregate, gae_advantages, grpo_loss, sequence_logprobs, value_loss, whiten
 from .schedule import warmup_cosine_schedule
-from .sft import make_optimizer
 
 
+@renamed_fields()  # GRPOConfig's deprecated names (dataclass writes PPOConfig a new __init__)
 @dataclass
 class PPOConfig(GRPOConfig):
     """GRPOConfig plus the critic's settings. group_size may be 1 here (the critic is the
@@ -79,7 +82,7 @@ class PPOTrainer(GRPOTrainer):
         if optimizer is None:
             self.optimizer = make_optimizer(config.optimizer, self.params, config.lr, config.weight_decay)
         self.optimizer.add_param_group(group)
-        self.scheduler = warmup_cosine_schedule(self.optimizer, config.warmup_steps, config.steps, min_ratio=1.0)
+        self.scheduler = warmup_cosine_schedule(self.optimizer, config.warmup_steps, config.max_steps, min_ratio=1.0)
         self.params = self.params + head  # gradient checks and clipping cover the critic too
 
     def _values(self, hidden):

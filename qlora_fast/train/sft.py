@@ -4,15 +4,16 @@
 Features: optional packing (several examples per row; attention is not blocked between them, as
 in TRL's simple packing), gradient accumulation, gradient checkpointing, warmup + cosine lr,
 the qlora_fast optimizers (paged 8-bit AdamW by default), a tqdm bar, periodic held-out
-perplexity, checkpoints that resume exactly, and DDP under torchrun (gloo on the CPU).
+perplexity, checkpoints that resume exactly, and DDP under torchrun (gloo on the CPU). Field
+names, resume, NaN guards, clipping and checkpoints are the trainer core's (`train/core.py`),
+shared with GRPO.
 
 Data order is a function of (seed, step): each epoch is a fresh permutation drawn from the seed,
-and each global batch takes the next `batch_size * grad_accum * world_size` examples, so a
+and each global batch takes the next `batch_size * gradient_accumulation_steps * world_size` examples, so a
 resumed run sees the same batches as an uninterrupted one.
 """
 import contextlib
 import math
-import os
 from dataclasses import asdict, dataclass
 from typing import Dict, List, Optional, Sequence
 
@@ -22,21 +23,23 @@ from torch import nn
 
 from qlora_fast.data import PROMPT_TEMPLATE
 from qlora_fast.models.generate import left_pad
+from qlora_fast.optim.registry import OPTIMIZERS, make_optimizer  # noqa: F401 (re-exported: their old home)
 from qlora_fast.utils import check_number, check_writable_dir
 
-from .checkpoint import checkpoint_path, load_checkpoint, resolve_resume, run_identity, save_checkpoint, unwrap
-from .schedule import warmup_cosine_schedule
-
-OPTIMIZERS = ("paged_adamw_8bit", "paged_adamw", "adamw_8bit", "adamw", "torch_adamw")
+from . import core
+from .checkpoint import checkpoint_path, load_checkpoint, save_checkpoint, unwrap
 
 
+@core.renamed_fields(grad_accum="gradient_accumulation_steps")
 @dataclass
 class SFTConfig:
-    """Training settings. Steps count optimizer updates (each = grad_accum micro-batches)."""
+    """Training settings. Steps count optimizer updates (each = gradient_accumulation_steps
+    micro-batches). The names shared with GRPOConfig follow HF/TRL (see `qlora_fast.train.core`);
+    `grad_accum` is the deprecated name of gradient_accumulation_steps."""
 
     max_steps: int = 100
     batch_size: int = 8
-    grad_accum: int = 1
+    gradient_accumulation_steps: int = 1
     lr: float = 3e-3
     weight_decay: float = 0.0
     warmup_steps: int = 10
@@ -55,36 +58,22 @@ class SFTConfig:
     prompt_template: str = PROMPT_TEMPLATE
 
     def __post_init__(self):
-        for name in ("max_steps", "batch_size", "grad_accum", "max_seq_len", "eval_batch_size"):
+        for name in ("batch_size", "max_seq_len", "eval_batch_size"):
             check_number("SFTConfig", name, getattr(self, name), integer=True, minimum=1)
-        for name in ("warmup_steps", "eval_every", "checkpoint_every"):
-            check_number("SFTConfig", name, getattr(self, name), integer=True, minimum=0)
-        check_number("SFTConfig", "seed", self.seed, integer=True)
-        check_number("SFTConfig", "lr", self.lr, minimum=0, exclusive_minimum=True)
-        check_number("SFTConfig", "weight_decay", self.weight_decay, minimum=0)
         check_number("SFTConfig", "min_lr_ratio", self.min_lr_ratio, minimum=0, maximum=1)
-        # A negative norm would flip the gradient (clip_grad_norm_ scales by max_norm / norm): None disables clipping.
-        check_number("SFTConfig", "max_grad_norm", self.max_grad_norm, minimum=0, exclusive_minimum=True, optional=True)
-        for name in ("packing", "gradient_checkpointing", "progress"):
-            if not isinstance(getattr(self, name), bool):
-                raise TypeError(f"SFTConfig.{name} must be a bool, got {getattr(self, name)!r}")
-        if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"SFTConfig.optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
-        if self.output_dir is not None and not isinstance(self.output_dir, (str, os.PathLike)):
-            raise TypeError(f"SFTConfig.output_dir must be a path or None, got {self.output_dir!r}")
+        if not isinstance(self.packing, bool):
+            raise TypeError(f"SFTConfig.packing must be a bool, got {self.packing!r}")
+        core.check_training_fields(self)
         if not isinstance(self.prompt_template, str) or "{instruction}" not in self.prompt_template:
             raise ValueError("SFTConfig.prompt_template must be a str containing '{instruction}'")
         try:
             self.prompt_template.format(instruction="")
         except (KeyError, IndexError, ValueError) as e:
             raise ValueError(f"SFTConfig.prompt_template must format with only {{instruction}}: {e!r}") from None
-        if self.checkpoint_every and not self.output_dir:
-            raise ValueError("SFTConfig.checkpoint_every needs output_dir")
 
 
 # The SFTConfig fields a resumed run may change (the rest must match the checkpoint's run).
-RESUMABLE_CHANGES = ("max_steps", "eval_every", "eval_batch_size", "checkpoint_every", "output_dir", "progress",
-                     "gradient_checkpointing")
+RESUMABLE_CHANGES = core.RESUMABLE_CHANGES + ("eval_batch_size",)
 
 
 # ---------------------------------------------------------------------------- data
@@ -196,30 +185,22 @@ def _device(model) -> torch.device:
     return next(iter(unwrap(model).parameters())).device
 
 
-# ---------------------------------------------------------------------------- optimizer
-def make_optimizer(name: str, params, lr: float, weight_decay: float):
-    """One of OPTIMIZERS over `params`; the qlora_fast ones need its compiled extension."""
-    if name == "torch_adamw":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    from qlora_fast import optim
-
-    cls = {"paged_adamw_8bit": optim.PagedAdamW8bit, "paged_adamw": optim.PagedAdamW,
-           "adamw_8bit": optim.AdamW8bit, "adamw": optim.AdamW}[name]
-    return cls(params, lr=lr, weight_decay=weight_decay)
-
-
 # ---------------------------------------------------------------------------- trainer
 _FSDP_CHECKPOINT = ("SFTTrainer checkpoints of an FSDP2-sharded model are not supported yet (each rank holds "
                     "only its shards): use qlora_fast.distributed.save_adapter_checkpoint / load_adapter_checkpoint")
 
 
-class SFTTrainer:
+class SFTTrainer(core.TrainerCore):
     """Instruction tuning of `model` (usually a `PeftModel`; only parameters with requires_grad
     train) on `train_data`, a list of {"instruction", "output"} dicts, with optional `eval_data`
     for held-out perplexity. Under an initialised torch.distributed process group the model is
     wrapped in DistributedDataParallel and each rank trains on its slice of every global batch;
-    rank 0 logs, evaluates and writes checkpoints.
+    rank 0 logs, evaluates and writes checkpoints. Resume, NaN guards, clipping, the optimizer and
+    checkpoints are the trainer core's (`qlora_fast.train.core`), the same as GRPO's.
     """
+
+    kind = "SFT"
+    resumable_changes = RESUMABLE_CHANGES
 
     def __init__(self, model: nn.Module, tokenizer, train_data: List[dict], eval_data: Optional[List[dict]] = None,
                  config: Optional[SFTConfig] = None, optimizer=None):
@@ -247,8 +228,7 @@ class SFTTrainer:
         self.distributed = dist.is_available() and dist.is_initialized()
         self.rank = dist.get_rank() if self.distributed else 0
         self.world = dist.get_world_size() if self.distributed else 1
-        self.optimizer = optimizer or make_optimizer(c.optimizer, params, c.lr, c.weight_decay)
-        self.scheduler = warmup_cosine_schedule(self.optimizer, c.warmup_steps, c.max_steps, c.min_lr_ratio)
+        self._setup_optimizer(optimizer, c.min_lr_ratio)
         self.step = 0
         self.history: List[dict] = []
         self._ddp = None
@@ -264,14 +244,10 @@ class SFTTrainer:
             device_ids = [_device(model).index] if _device(model).type == "cuda" else None
             self._ddp = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
 
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
     def _micro_batches(self, step: int):
-        """The rows this rank trains on at `step`, as grad_accum lists of batch_size rows."""
+        """The rows this rank trains on at `step`, as gradient_accumulation_steps lists of batch_size rows."""
         c = self.config
-        per_step = c.batch_size * c.grad_accum * self.world
+        per_step = c.batch_size * c.gradient_accumulation_steps * self.world
         n = len(self.rows)
         start = step * per_step
         indices = []
@@ -279,7 +255,8 @@ class SFTTrainer:
             epoch, offset = divmod(pos, n)
             indices.append(self._permutation(epoch)[offset])
         mine = indices[self.rank::self.world]
-        return [[self.rows[i] for i in mine[k * c.batch_size:(k + 1) * c.batch_size]] for k in range(c.grad_accum)]
+        b = c.batch_size
+        return [[self.rows[i] for i in mine[k * b:(k + 1) * b]] for k in range(c.gradient_accumulation_steps)]
 
     def _permutation(self, epoch: int) -> List[int]:
         if self._perm_epoch != epoch:
@@ -307,11 +284,8 @@ class SFTTrainer:
         return save_checkpoint(path, self.model, self.optimizer, self.scheduler, self.step,
                                extra={"history": self.history, "config": asdict(self.config)}, run=self.run_identity())
 
-    def run_identity(self) -> dict:
-        """What a checkpoint of this run records and a resume must match (see checkpoint.run_identity)."""
-        if self._run is None:  # computed once: it hashes the data
-            self._run = run_identity(self.model, asdict(self.config), data=list(self._train_data), ignore=RESUMABLE_CHANGES)
-        return self._run
+    def _run_data(self):
+        return list(self._train_data)
 
     def load_checkpoint(self, path: str) -> None:
         """Restore a checkpoint of this run; ValueError naming what differs when another run wrote it."""
@@ -321,23 +295,24 @@ class SFTTrainer:
         self.step = state["step"]
         self.history = list(state["extra"].get("history", []))
 
-    def train(self, resume_from: Optional[str] = None, allow_fresh: bool = False) -> List[dict]:
+    def train(self, resume_from_checkpoint: Optional[str] = None, allow_fresh: bool = False,
+              resume_from: Optional[str] = None) -> List[dict]:
         """Train until config.max_steps; returns the history (one dict per step: step, loss, lr,
-        and eval_loss / eval_perplexity at evaluation steps). `resume_from`: a checkpoint file, or
-        "latest" for the newest in output_dir; when there is none, FileNotFoundError unless
-        `allow_fresh` (then training starts at step 0). A checkpoint of another run (different
-        model, adapters, data, seed, optimizer or hyperparameters) raises ValueError naming what
-        differs. A non-finite loss or gradient raises FloatingPointError before the optimizer step."""
-        from tqdm.auto import tqdm
-
+        grad_norm (before clipping), and eval_loss / eval_perplexity at evaluation steps).
+        `resume_from_checkpoint`: a checkpoint file, or "latest" for the newest in output_dir; when
+        there is none, FileNotFoundError unless `allow_fresh` (then training starts at step 0), as
+        in GRPO (`qlora_fast.train.core`). A checkpoint of another run (different model, adapters,
+        data, seed, optimizer or hyperparameters) raises ValueError naming what differs. A non-finite
+        loss or gradient raises FloatingPointError before the optimizer step. `resume_from`: the
+        deprecated name of resume_from_checkpoint."""
+        resume = core.renamed_argument("SFTTrainer.train", "resume_from", "resume_from_checkpoint", resume_from,
+                                       resume_from_checkpoint)
         c = self.config
-        resume_from = resolve_resume(resume_from, c.output_dir, allow_fresh)
-        if resume_from:
-            self.load_checkpoint(resume_from)
+        self._resume(resume, allow_fresh)
         model = self._ddp or self.model
         model.train()
         device = _device(self.model)
-        bar = tqdm(total=c.max_steps, initial=self.step, desc="instruction tuning", disable=not (c.progress and self.is_main))
+        bar = self._progress_bar("instruction tuning")
         while self.step < c.max_steps:
             batches = self._micro_batches(self.step)
             total_loss = 0.0
@@ -347,40 +322,28 @@ class SFTTrainer:
                 sync = self._ddp is None or k == len(batches) - 1
                 ctx = model.no_sync() if not sync else contextlib.nullcontext()
                 with ctx:
-                    loss = model(**batch).loss / c.grad_accum
-                    if not torch.isfinite(loss):
-                        self.optimizer.zero_grad(set_to_none=True)
-                        raise FloatingPointError(
-                            f"SFT step {self.step + 1}: the loss is {loss.item()}; stopping before the optimizer step, "
-                            "so the adapter keeps its last finite values (lower lr or check the data)")
+                    loss = model(**batch).loss / c.gradient_accumulation_steps
+                    self._check_loss(loss)
                     loss.backward()
                 total_loss += loss.item()
-            grads = [p.grad for p in self.params if p.grad is not None]
-            if grads and not torch.stack([torch.isfinite(g).all() for g in grads]).all():  # one sync, not one per tensor
-                self.optimizer.zero_grad(set_to_none=True)
-                raise FloatingPointError(f"SFT step {self.step + 1}: a gradient is NaN or inf; stopping before the "
-                                         "optimizer step, so the adapter keeps its last finite values")
-            if c.max_grad_norm is not None:
-                torch.nn.utils.clip_grad_norm_(self.params, c.max_grad_norm)
-            self.optimizer.step()
+            grad_norm = self._optimizer_step()
             self.scheduler.step()
             self.step += 1
             if self.distributed:
                 t = torch.tensor([total_loss], device=device)
                 dist.all_reduce(t)
                 total_loss = t.item() / self.world
-            record = {"step": self.step, "loss": total_loss, "lr": self.scheduler.get_last_lr()[0]}
-            if c.eval_every and self.eval_data is not None and (self.step % c.eval_every == 0 or self.step == c.max_steps):
+            record = {"step": self.step, "loss": total_loss, "lr": self.scheduler.get_last_lr()[0],
+                      "grad_norm": grad_norm}
+            evaluating = c.eval_every and self.eval_data is not None
+            if evaluating and (self.step % c.eval_every == 0 or self.step == c.max_steps):
                 ev = self.evaluate()
                 record.update(eval_loss=ev["loss"], eval_perplexity=ev["perplexity"])
                 model.train()
             self.history.append(record)
-            bar.update(1)
-            bar.set_postfix({k: f"{v:.3f}" for k, v in record.items() if k in ("loss", "eval_loss")})
-            if c.checkpoint_every and self.step % c.checkpoint_every == 0:
-                self.save_checkpoint()
-                if self.distributed:
-                    dist.barrier()
+            self._show(bar, record, ("loss", "eval_loss"))
+            if self._maybe_checkpoint() and self.distributed:
+                dist.barrier()
         bar.close()
         self.model.eval()
         return self.history
