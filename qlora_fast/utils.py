@@ -218,12 +218,20 @@ def check_number(owner: str, name: str, value, *, integer: bool = False, minimum
     return value
 
 
+# ---------------------------------------------------------------------------- renamed names
+def warn_renamed(old: str, new: str, stacklevel: int = 2) -> None:
+    """The one DeprecationWarning of a renamed argument, field or attribute (kept for one release)."""
+    import warnings
+
+    warnings.warn(f"{old} is deprecated: use {new} (the old name goes in the next release)", DeprecationWarning,
+                  stacklevel=stacklevel + 1)
+
+
 def renamed_kwargs(owner: str, renames: dict):
     """Decorator for a callable whose keyword arguments were renamed: each old name in `renames`
     (old -> new, or old -> (new, convert) when the old meaning needs converting) still works for
     one release, with a DeprecationWarning naming the new one. Passing both is a TypeError."""
     import functools
-    import warnings
 
     def wrap(fn):
         @functools.wraps(fn)
@@ -234,8 +242,7 @@ def renamed_kwargs(owner: str, renames: dict):
                 new, convert = spec if isinstance(spec, tuple) else (spec, None)
                 if new in kwargs:
                     raise TypeError(f"{owner}() got both {new}= and its deprecated name {old}=; pass {new}= only")
-                warnings.warn(f"{owner}({old}=...) is deprecated and will be removed in the next release; use {new}=",
-                              DeprecationWarning, stacklevel=2)
+                warn_renamed(f"{owner}({old}=...)", f"{new}=")
                 value = kwargs.pop(old)
                 kwargs[new] = convert(value) if convert is not None else value
             return fn(*args, **kwargs)
@@ -245,21 +252,59 @@ def renamed_kwargs(owner: str, renames: dict):
     return wrap
 
 
-def renamed_attribute(owner: str, old: str, new: str) -> property:
-    """A property `old` reading and writing attribute `new`, with a DeprecationWarning naming it."""
-    import warnings
+def renamed_argument(owner: str, old: str, new: str, old_value, new_value):
+    """The value of argument `new`, taking the deprecated `old` (with a DeprecationWarning) when given
+    instead; TypeError when both are."""
+    if old_value is None:
+        return new_value
+    if new_value is not None:
+        raise TypeError(f"{owner}: give {new} only ({old} is its deprecated name)")
+    warn_renamed(f"{owner}.{old}", new, 2)
+    return old_value
 
-    message = f"{owner}.{old} is deprecated and will be removed in the next release; use {owner}.{new}"
 
-    def get(self):
-        warnings.warn(message, DeprecationWarning, stacklevel=2)
-        return getattr(self, new)
+def renamed_fields(**renamed):
+    """Class decorator for a config dataclass: for each old=new, `old` keeps working for one release
+    (DeprecationWarning) as a constructor keyword and as an attribute. Given with the new name too
+    (dataclasses.replace(config, old=value) passes both), the old name's value wins: it is the one
+    the caller wrote. Subclasses must be decorated again (dataclass writes them a new __init__);
+    they inherit the names."""
+    import functools
 
-    def set_(self, value):
-        warnings.warn(message, DeprecationWarning, stacklevel=2)
-        setattr(self, new, value)
+    def alias(old, new):
+        def get(self):
+            warn_renamed(f"{type(self).__name__}.{old}", new)
+            return getattr(self, new)
 
-    return property(get, set_, doc=f"Deprecated name of `{new}`.")
+        def set_(self, value):
+            warn_renamed(f"{type(self).__name__}.{old}", new)
+            setattr(self, new, value)
+
+        return property(get, set_, doc=f"Deprecated alias of `{new}`.")
+
+    def decorate(cls):
+        names = {**getattr(cls, "_renamed_fields", {}), **renamed}
+        init = cls.__init__
+
+        @functools.wraps(init)
+        def __init__(self, *args, **kwargs):
+            given = [old for old in names if old in kwargs]
+            for old in given:
+                warn_renamed(f"{cls.__name__}.{old}", names[old])
+                kwargs[names[old]] = kwargs.pop(old)
+            try:
+                init(self, *args, **kwargs)
+            except (TypeError, ValueError) as e:  # name the spelling the caller used, too
+                if not given or type(e) not in (TypeError, ValueError):
+                    raise
+                raise type(e)(f"{e} ({', '.join(f'{names[o]} given as {o}' for o in given)})") from e
+
+        for old, new in renamed.items():
+            setattr(cls, old, alias(old, new))
+        cls.__init__, cls._renamed_fields = __init__, names
+        return cls
+
+    return decorate
 
 
 def read_json(path: Union[str, os.PathLike], what: Optional[str] = None):

@@ -3,7 +3,7 @@ the field) and round-trips through `to_dict()` / `config_from_dict()` (the adapt
 from dataclasses import asdict, dataclass, field
 from typing import Optional, Sequence, Union
 
-from qlora_fast.utils import renamed_attribute, renamed_kwargs
+from qlora_fast.utils import renamed_fields
 
 # LoraConfig fields renamed to PEFT's names (old -> new); the old ones work for one release.
 _LORA_RENAMES = {"alpha": "lora_alpha", "dropout": "lora_dropout"}
@@ -16,6 +16,7 @@ def _positive_int(name, value):
         raise ValueError(f"{name} must be > 0, got {value}")
 
 
+@renamed_fields(**_LORA_RENAMES)
 @dataclass
 class LoraConfig:
     """LoRA (or QLoRA with `quantize_base="nf4"`) on the matching linear layers; PEFT's field names.
@@ -44,9 +45,6 @@ class LoraConfig:
     double_quant: bool = True
     peft_type: str = field(default="lora", init=False)
 
-    alpha = renamed_attribute("LoraConfig", "alpha", "lora_alpha")
-    dropout = renamed_attribute("LoraConfig", "dropout", "lora_dropout")
-
     def __post_init__(self):
         from qlora_fast.nn.replace import check_target_modules
 
@@ -64,8 +62,6 @@ class LoraConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
-
-LoraConfig.__init__ = renamed_kwargs("LoraConfig", _LORA_RENAMES)(LoraConfig.__init__)
 
 
 @dataclass

@@ -29,15 +29,14 @@ Behaviour both trainers share:
 - Checkpoints every checkpoint_every updates at output_dir/checkpoint-<step>.pt (see `checkpoint`).
 - A tqdm progress bar (rank 0, `progress`) and `history`, one dict per update.
 """
-import functools
 import os
-import warnings
 from dataclasses import asdict
 from typing import Optional
 
 import torch
 
 from qlora_fast.optim.registry import OPTIMIZERS, make_optimizer
+from qlora_fast import utils
 from qlora_fast.utils import check_number
 
 from . import checkpoint
@@ -47,63 +46,8 @@ from .schedule import warmup_cosine_schedule
 RESUMABLE_CHANGES = ("max_steps", "eval_every", "checkpoint_every", "output_dir", "progress", "gradient_checkpointing")
 
 
-# ---------------------------------------------------------------------------- deprecated names
-def _warn_renamed(owner: str, old: str, new: str, stacklevel: int) -> None:
-    warnings.warn(f"{owner}.{old} is deprecated: use {new} (the old name goes in the next release)",
-                  DeprecationWarning, stacklevel=stacklevel + 1)
-
-
-def renamed_fields(**renamed):
-    """Class decorator for a config dataclass: for each old=new, `old` keeps working for one release
-    (DeprecationWarning) as a constructor keyword and as an attribute. Given with the new name too
-    (dataclasses.replace(config, old=value) passes both), the old name's value wins: it is the one
-    the caller wrote. Subclasses must be decorated again (dataclass writes them a new __init__);
-    they inherit the names."""
-    def decorate(cls):
-        names = {**getattr(cls, "_renamed_fields", {}), **renamed}
-        init = cls.__init__
-
-        @functools.wraps(init)
-        def __init__(self, *args, **kwargs):
-            given = [old for old in names if old in kwargs]
-            for old in given:
-                _warn_renamed(cls.__name__, old, names[old], 2)
-                kwargs[names[old]] = kwargs.pop(old)
-            try:
-                init(self, *args, **kwargs)
-            except (TypeError, ValueError) as e:  # name the spelling the caller used, too
-                if not given or type(e) not in (TypeError, ValueError):
-                    raise
-                raise type(e)(f"{e} ({', '.join(f'{names[o]} given as {o}' for o in given)})") from e
-
-        def alias(old, new):
-            def get(self):
-                _warn_renamed(type(self).__name__, old, new, 2)
-                return getattr(self, new)
-
-            def set_(self, value):
-                _warn_renamed(type(self).__name__, old, new, 2)
-                setattr(self, new, value)
-
-            return property(get, set_, doc=f"Deprecated alias of `{new}`.")
-
-        for old, new in renamed.items():
-            setattr(cls, old, alias(old, new))
-        cls.__init__, cls._renamed_fields = __init__, names
-        return cls
-
-    return decorate
-
-
-def renamed_argument(owner: str, old: str, new: str, old_value, new_value):
-    """The value of argument `new`, taking the deprecated `old` (with a DeprecationWarning) when given
-    instead; TypeError when both are."""
-    if old_value is None:
-        return new_value
-    if new_value is not None:
-        raise TypeError(f"{owner}: give {new} only ({old} is its deprecated name)")
-    _warn_renamed(owner, old, new, 3)
-    return old_value
+# Deprecated names: one mechanism for the package, in utils (re-exported for the trainers).
+renamed_fields, renamed_argument = utils.renamed_fields, utils.renamed_argument
 
 
 # ---------------------------------------------------------------------------- config validation
