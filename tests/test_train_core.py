@@ -294,3 +294,21 @@ def test_checkpoints_written_before_the_rename_still_resume(tmp_path):
     torch.save(state, path)
     with pytest.raises(ValueError, match="config.gradient_accumulation_steps: checkpoint 2, this run 1"):
         make("SFT", tmp_path, max_steps=3).train(resume_from_checkpoint="latest")
+
+
+def test_run_identity_of_a_lora_config_written_before_the_rename_matches():
+    """LoraConfig's alpha/dropout became lora_alpha/lora_dropout: an identity recorded under the old
+    names is the same run; a different value under an old name is still a different run."""
+    from qlora_fast.train.checkpoint import check_same_run, run_identity
+
+    torch.manual_seed(0)
+    model = get_peft_model(LlamaForCausalLM(TINY), LoraConfig(target_modules=["q_proj"], r=2, lora_alpha=3.0))
+    current = run_identity(model)
+    assert current["peft_config.lora_alpha"] == 3.0
+    old = {("peft_config." + k[len("peft_config.lora_"):] if k.startswith("peft_config.lora_") else k): v
+           for k, v in current.items()}
+    assert "peft_config.alpha" in old and "peft_config.dropout" in old
+    check_same_run(old, current, "ckpt")
+    old["peft_config.alpha"] = 5.0
+    with pytest.raises(ValueError, match="peft_config.lora_alpha: checkpoint 5.0, this run 3.0"):
+        check_same_run(old, current, "ckpt")

@@ -104,9 +104,11 @@ def run_identity(model: nn.Module, config: Optional[dict] = None, data=None, ign
     return json.loads(json.dumps(identity, default=repr))  # plain JSON values compare reliably
 
 
-# Run-identity keys of config fields renamed since (old -> new; `qlora_fast.train.core`), so older checkpoints resume.
+# Run-identity keys of config fields renamed since (old -> new: the trainer configs, `train.core`,
+# and LoraConfig, `peft.config`), so older checkpoints resume.
 RENAMED_KEYS = {"config.grad_accum": "config.gradient_accumulation_steps",
-                "config.grad_accum_steps": "config.gradient_accumulation_steps"}
+                "config.grad_accum_steps": "config.gradient_accumulation_steps",
+                "peft_config.alpha": "peft_config.lora_alpha", "peft_config.dropout": "peft_config.lora_dropout"}
 
 
 def check_same_run(saved: Optional[dict], current: Optional[dict], path: str) -> None:
