@@ -214,7 +214,9 @@ def check_number(owner: str, name: str, value, *, integer: bool = False, minimum
             bounds.append(f"{'>' if exclusive_minimum else '>='} {minimum}")
         if maximum is not None:
             bounds.append(f"<= {maximum}")
-        raise ValueError(f"{owner}.{name} must be {kind} {' and '.join(bounds)}{' (or None)' if optional else ''}, got {value!r}")
+        raise ValueError(
+            f"{owner}.{name} must be {kind} {' and '.join(bounds)}{' (or None)' if optional else ''}, got {value!r}"
+        )
     return value
 
 

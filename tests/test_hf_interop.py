@@ -10,8 +10,8 @@ import os
 
 import pytest
 import torch
-from torch import nn
 from conftest import assert_close
+from torch import nn
 
 from qlora_fast.peft import LoraConfig, PeftModel, PrefixTuningConfig, PromptTuningConfig, get_peft_model, load_adapter
 from qlora_fast.tokenizer.base import ByteTokenizer
@@ -25,15 +25,24 @@ VOCAB = 259
 def hf_llama(dtype=torch.float32, hidden=48):
     # hidden=64 (with intermediate 128) for bitsandbytes 4-bit: its CPU kernels misread rows that
     # are not a whole number of 64-blocks (its own quantize -> dequantize is off there).
-    cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=83 if hidden == 48 else 2 * hidden, num_hidden_layers=2,
-                                   num_attention_heads=6 if hidden == 48 else 4, num_key_value_heads=2, max_position_embeddings=64)
+    cfg = transformers.LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=hidden,
+        intermediate_size=83 if hidden == 48 else 2 * hidden,
+        num_hidden_layers=2,
+        num_attention_heads=6 if hidden == 48 else 4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
     return transformers.LlamaForCausalLM(cfg).to(dtype).eval()
 
 
 def hf_gpt2(dtype=torch.float32):
     # n_embd 48: attn.c_proj is square (48 x 48), the layer that reloads silently transposed if
     # a merge hands back an nn.Linear in place of the Conv1D.
-    cfg = transformers.GPT2Config(vocab_size=VOCAB, n_embd=48, n_layer=2, n_head=4, n_positions=256, bos_token_id=0, eos_token_id=0)
+    cfg = transformers.GPT2Config(
+        vocab_size=VOCAB, n_embd=48, n_layer=2, n_head=4, n_positions=256, bos_token_id=0, eos_token_id=0
+    )
     return transformers.GPT2LMHeadModel(cfg).to(dtype).eval()
 
 
@@ -83,7 +92,11 @@ def test_our_adapter_loads_in_peft_with_equal_logits(tmp_path, seed, kind, metho
         # PEFT has no 4-bit base here: its adapter tensors must be ours exactly (the base differs).
         got = {n: p for n, p in theirs.named_parameters() if "lora_" in n}
         for name, p in ours.adapter_parameters():
-            key = "base_model.model." + name[len("base_model."):].replace("lora_A", "lora_A.default").replace("lora_B", "lora_B.default") + ".weight"
+            key = (
+                "base_model.model."
+                + name[len("base_model.") :].replace("lora_A", "lora_A.default").replace("lora_B", "lora_B.default")
+                + ".weight"
+            )
             assert torch.equal(got[key], p), name
         assert theirs.peft_config["default"].use_rslora is False and theirs.peft_config["default"].r == 3
         return
@@ -98,12 +111,17 @@ def test_our_adapter_loads_in_peft_with_equal_logits(tmp_path, seed, kind, metho
 def peft_config(method, kind):
     tm = TARGETS[kind]
     return {
-        "lora": hf_peft.LoraConfig(r=3, lora_alpha=5, target_modules=tm, fan_in_fan_out=kind == "gpt2", task_type="CAUSAL_LM"),
-        "rslora": hf_peft.LoraConfig(r=4, lora_alpha=3, use_rslora=True, target_modules=tm, fan_in_fan_out=kind == "gpt2",
-                                     task_type="CAUSAL_LM"),
+        "lora": hf_peft.LoraConfig(
+            r=3, lora_alpha=5, target_modules=tm, fan_in_fan_out=kind == "gpt2", task_type="CAUSAL_LM"
+        ),
+        "rslora": hf_peft.LoraConfig(
+            r=4, lora_alpha=3, use_rslora=True, target_modules=tm, fan_in_fan_out=kind == "gpt2", task_type="CAUSAL_LM"
+        ),
         "all_linear": hf_peft.LoraConfig(r=2, target_modules="all-linear", task_type="CAUSAL_LM"),
         "prefix": hf_peft.PrefixTuningConfig(num_virtual_tokens=3, task_type="CAUSAL_LM"),
-        "prefix_mlp": hf_peft.PrefixTuningConfig(num_virtual_tokens=3, prefix_projection=True, encoder_hidden_size=9, task_type="CAUSAL_LM"),
+        "prefix_mlp": hf_peft.PrefixTuningConfig(
+            num_virtual_tokens=3, prefix_projection=True, encoder_hidden_size=9, task_type="CAUSAL_LM"
+        ),
         "prompt": hf_peft.PromptTuningConfig(num_virtual_tokens=4, task_type="CAUSAL_LM"),
     }[method]
 
@@ -135,14 +153,20 @@ def test_our_earlier_format_still_loads(tmp_path, seed):
     perturb(p for _, p in ours.adapter_parameters())
     # the layout save_adapter wrote before PEFT's: our config dict, our tensor names
     (tmp_path / "adapter_config.json").write_text(json.dumps(ours.peft_config.to_dict()))
-    save_file(ours.adapter_state_dict(), str(tmp_path / "adapter_model.safetensors"), metadata={"base_embedding_shape": f"{VOCAB}x48"})
+    save_file(
+        ours.adapter_state_dict(),
+        str(tmp_path / "adapter_model.safetensors"),
+        metadata={"base_embedding_shape": f"{VOCAB}x48"},
+    )
     loaded = load_adapter(fresh, str(tmp_path)).eval()
     ids = torch.randint(0, VOCAB, (2, 5))
     assert torch.equal(loaded(input_ids=ids).logits, ours.eval()(input_ids=ids).logits)
 
 
 def test_unsupported_peft_settings_are_named(tmp_path):
-    trained = hf_peft.get_peft_model(hf_llama(), hf_peft.LoraConfig(r=2, target_modules=["q_proj"], use_dora=True, task_type="CAUSAL_LM"))
+    trained = hf_peft.get_peft_model(
+        hf_llama(), hf_peft.LoraConfig(r=2, target_modules=["q_proj"], use_dora=True, task_type="CAUSAL_LM")
+    )
     trained.save_pretrained(str(tmp_path))
     model = hf_llama()
     before = copy.deepcopy(model.state_dict())
@@ -261,14 +285,15 @@ def _assert_unchanged(model, snapshot):
 def test_bad_adapter_leaves_the_model_as_it_was(tmp_path, seed, damage):
     from safetensors.torch import load_file, save_file
 
-    ours = get_peft_model(hf_llama(), LoraConfig(target_modules=["q_proj", "v_proj", "down_proj"], r=2, quantize_base="nf4"))
+    ours = get_peft_model(
+        hf_llama(), LoraConfig(target_modules=["q_proj", "v_proj", "down_proj"], r=2, quantize_base="nf4")
+    )
     perturb(p for _, p in ours.adapter_parameters())
     path = ours.save_adapter(str(tmp_path / "adapter"))
     weights = os.path.join(path, "adapter_model.safetensors")
-    with open(weights, "rb") as f:
-        from safetensors import safe_open
+    from safetensors import safe_open
 
-        metadata = safe_open(weights, "pt").metadata()
+    metadata = safe_open(weights, "pt").metadata()
     state = load_file(weights)
     last = sorted(state)[-1]  # damage the last tensor, so a loader copying in order would have changed the rest
     if damage == "shape":
@@ -289,7 +314,9 @@ def test_bad_adapter_leaves_the_model_as_it_was(tmp_path, seed, damage):
     with pytest.raises(ValueError):
         load_adapter(model, path)
     _assert_unchanged(model, before)
-    target = get_peft_model(hf_llama(), LoraConfig(target_modules=["q_proj", "v_proj", "down_proj"], r=2, quantize_base="nf4"))
+    target = get_peft_model(
+        hf_llama(), LoraConfig(target_modules=["q_proj", "v_proj", "down_proj"], r=2, quantize_base="nf4")
+    )
     before = _snapshot(target)
     with pytest.raises(ValueError):
         target.load_adapter(path)
@@ -311,7 +338,7 @@ def test_replace_linear_is_all_or_nothing(seed):
 
 
 def test_replace_linear_twice_adds_adapters_or_says_why(seed):
-    from qlora_fast.nn import LoRALinear, Linear4bit, QLoRALinear, replace_linear
+    from qlora_fast.nn import Linear4bit, LoRALinear, QLoRALinear, replace_linear
 
     model = hf_llama()
     replace_linear(model)  # quantize only
@@ -339,8 +366,17 @@ def bnb_reference_path(model):
 
 
 @pytest.mark.parametrize("kind", list(MODELS))
-@pytest.mark.parametrize("method, merge", [("lora", {}), ("rslora", {}), ("qlora", {}), ("qlora", {"dtype": torch.bfloat16}),
-                                           ("qlora_all", {}), ("qlora", {"requantize": True})])
+@pytest.mark.parametrize(
+    "method, merge",
+    [
+        ("lora", {}),
+        ("rslora", {}),
+        ("qlora", {}),
+        ("qlora", {"dtype": torch.bfloat16}),
+        ("qlora_all", {}),
+        ("qlora", {"requantize": True}),
+    ],
+)
 def test_merged_model_round_trips_through_transformers(tmp_path, seed, kind, method, merge):
     if merge.get("requantize") and kind == "gpt2":
         pytest.skip("keeping 4 bits is refused for Conv1D layers (tested below)")
@@ -394,9 +430,15 @@ def bnb_checkpoint(tmp_path):
     pytest.importorskip("bitsandbytes")
     dense = tmp_path / "dense"
     hf_llama(hidden=64).save_pretrained(str(dense))
-    bnb_config = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                                 bnb_4bit_compute_dtype=torch.float32)
-    model = transformers.AutoModelForCausalLM.from_pretrained(str(dense), quantization_config=bnb_config, device_map="cpu")
+    bnb_config = transformers.BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.float32,
+    )
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        str(dense), quantization_config=bnb_config, device_map="cpu"
+    )
     path = tmp_path / "bnb"
     model.save_pretrained(str(path))
     tiny_tokenizer().save_pretrained(str(path))
@@ -410,7 +452,11 @@ def test_bnb_4bit_model_is_adopted_byte_for_byte(bnb_checkpoint, seed):
     path, bnb_model = bnb_checkpoint
     ids = torch.randint(0, VOCAB, (2, 7))
     want = bnb_model(input_ids=ids).logits
-    packed = {n: m.weight.detach().clone() for n, m in bnb_model.named_modules() if hasattr(m.__dict__.get("_parameters", {}).get("weight"), "quant_state")}
+    packed = {
+        n: m.weight.detach().clone()
+        for n, m in bnb_model.named_modules()
+        if hasattr(m.__dict__.get("_parameters", {}).get("weight"), "quant_state")
+    }
     assert len(packed) == 14
     for make in (lambda m: replace_linear(m, r=4), lambda m: get_peft_model(m, LoraConfig(r=4)).eval(),
                  lambda m: get_peft_model(m, LoraConfig(r=4, quantize_base="nf4")).eval()):
@@ -430,7 +476,9 @@ def test_peft_qlora_adapter_on_bnb_model_loads_in_ours(bnb_checkpoint, tmp_path,
     from qlora_fast.models.hf import load_hf_model
 
     path, bnb_model = bnb_checkpoint
-    theirs = hf_peft.get_peft_model(copy.deepcopy(bnb_model), hf_peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
+    theirs = hf_peft.get_peft_model(
+        copy.deepcopy(bnb_model), hf_peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    )
     perturb(p for p in theirs.parameters() if p.requires_grad)
     theirs.save_pretrained(str(tmp_path / "adapter"))
     ours = load_adapter(load_hf_model(path)[0], str(tmp_path / "adapter")).eval()
@@ -478,8 +526,26 @@ def test_finetune_command_default_targets_and_bnb_checkpoints(tmp_path, capsys, 
         path = request.getfixturevalue("bnb_checkpoint")[0]
         method = "qlora"
     out = tmp_path / "out"
-    rc = main(["finetune", "--model", path, "--method", method, "--steps", "2", "--batch-size", "2", "--eval-pairs", "2",
-               "--max-new-tokens", "2", "--output", str(out), "--no-progress"])
+    rc = main(
+        [
+            "finetune",
+            "--model",
+            path,
+            "--method",
+            method,
+            "--steps",
+            "2",
+            "--batch-size",
+            "2",
+            "--eval-pairs",
+            "2",
+            "--max-new-tokens",
+            "2",
+            "--output",
+            str(out),
+            "--no-progress",
+        ]
+    )
     assert rc == 0
     adapter = out / f"adapter-{method}"
     saved = json.load(open(adapter / "adapter_config.json"))
@@ -551,18 +617,34 @@ def test_trains_inside_hf_trainers_and_saves_a_peft_adapter(tmp_path, seed, trai
     else:
         model = replace_linear(base, r=8)  # QLoRA in place; the model is still a transformers model
     texts = _train_texts()
-    args = dict(output_dir=str(tmp_path / "run"), max_steps=8, per_device_train_batch_size=4, learning_rate=1e-2, logging_steps=1,
-                report_to=[], save_strategy="no", use_cpu=True, seed=seed % 2**31, disable_tqdm=True)
+    args = dict(
+        output_dir=str(tmp_path / "run"),
+        max_steps=8,
+        per_device_train_batch_size=4,
+        learning_rate=1e-2,
+        logging_steps=1,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        seed=seed % 2**31,
+        disable_tqdm=True,
+    )
     if trainer != "trl":
         rows = [tokenizer(t, truncation=True, max_length=48) for t in texts]
         dataset = [dict(input_ids=r["input_ids"], attention_mask=r["attention_mask"]) for r in rows]
         collator = transformers.DataCollatorForLanguageModeling(tokenizer, mlm=False)
-        run = transformers.Trainer(model=model, args=transformers.TrainingArguments(**args), train_dataset=dataset, data_collator=collator)
+        run = transformers.Trainer(
+            model=model, args=transformers.TrainingArguments(**args), train_dataset=dataset, data_collator=collator
+        )
     else:
         trl = pytest.importorskip("trl")
         datasets = pytest.importorskip("datasets")
-        run = trl.SFTTrainer(model=model, args=trl.SFTConfig(max_length=48, bf16=False, **args), processing_class=tokenizer,
-                             train_dataset=datasets.Dataset.from_dict({"text": texts}))
+        run = trl.SFTTrainer(
+            model=model,
+            args=trl.SFTConfig(max_length=48, bf16=False, **args),
+            processing_class=tokenizer,
+            train_dataset=datasets.Dataset.from_dict({"text": texts}),
+        )
     run.train()
     losses = [h["loss"] for h in run.state.log_history if "loss" in h]
     assert len(losses) == 8 and sum(losses[-3:]) / 3 < sum(losses[:3]) / 3, losses

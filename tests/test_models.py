@@ -13,7 +13,9 @@ transformers = pytest.importorskip("transformers")
 
 
 def small_config(**kw):
-    base = dict(vocab_size=97, hidden_size=48, intermediate_size=83, num_layers=2, num_heads=6, num_kv_heads=2, max_seq_len=64)
+    base = dict(
+        vocab_size=97, hidden_size=48, intermediate_size=83, num_layers=2, num_heads=6, num_kv_heads=2, max_seq_len=64
+    )
     base.update(kw)
     return LlamaConfig(**base)
 
@@ -174,8 +176,12 @@ def test_filter_logits_top_k_top_p_against_manual(seed):
 def test_sampling_is_reproducible_and_top_k_1_is_greedy(seed):
     model = LlamaForCausalLM(small_config()).double().eval()
     ids = torch.randint(0, 97, (2, 4))
-    a = generate(model, ids, max_new_tokens=7, temperature=1.3, top_p=0.9, generator=torch.Generator().manual_seed(seed))
-    b = generate(model, ids, max_new_tokens=7, temperature=1.3, top_p=0.9, generator=torch.Generator().manual_seed(seed))
+    a = generate(
+        model, ids, max_new_tokens=7, temperature=1.3, top_p=0.9, generator=torch.Generator().manual_seed(seed)
+    )
+    b = generate(
+        model, ids, max_new_tokens=7, temperature=1.3, top_p=0.9, generator=torch.Generator().manual_seed(seed)
+    )
     assert torch.equal(a, b)
     greedy = generate(model, ids, max_new_tokens=7)
     assert torch.equal(generate(model, ids, max_new_tokens=7, temperature=0.8, top_k=1), greedy)
@@ -208,7 +214,9 @@ def test_bad_generate_args_raise():
 def test_load_base_model_trains_once_then_loads_the_cache(tmp_path):
     recipe = PretrainRecipe(steps=3, batch_size=2, seq_len=16)
     config = LlamaConfig(hidden_size=32, intermediate_size=40, num_layers=1, num_heads=2, num_kv_heads=1)
-    model, tok = load_base_model(cache_dir=str(tmp_path), progress=False, recipe=recipe, config=config, tokenizer="byte")
+    model, tok = load_base_model(
+        cache_dir=str(tmp_path), progress=False, recipe=recipe, config=config, tokenizer="byte"
+    )
     (entry,) = os.listdir(tmp_path)
     files = sorted(os.listdir(tmp_path / entry))
     assert files == ["config.json", "model.safetensors"]  # no temp files left behind
@@ -227,7 +235,9 @@ def test_load_base_model_with_the_shipped_bpe_has_its_own_cache_entry(tmp_path):
 
     recipe = PretrainRecipe(steps=3, batch_size=2, seq_len=16)
     shape = dict(hidden_size=32, intermediate_size=40, num_layers=1, num_heads=2, num_kv_heads=1)
-    model, tok = load_base_model(cache_dir=str(tmp_path), progress=False, recipe=recipe, config=LlamaConfig(**shape), tokenizer="bpe")
+    model, tok = load_base_model(
+        cache_dir=str(tmp_path), progress=False, recipe=recipe, config=LlamaConfig(**shape), tokenizer="bpe"
+    )
     assert isinstance(tok, BPETokenizer) and model.config.vocab_size == tok.vocab_size  # config's 259 replaced
     assert tok.to_dict() == load_shipped_bpe(cache_dir=str(tmp_path), progress=False).to_dict()
     assert tok.vocab_size > 259  # merges beyond the 256 bytes
@@ -236,10 +246,14 @@ def test_load_base_model_with_the_shipped_bpe_has_its_own_cache_entry(tmp_path):
     assert tok.decode(tok.encode(text)) == text
     bases = lambda: sorted(e for e in os.listdir(tmp_path) if e.startswith("base-"))  # noqa: E731
     (bpe_entry,) = bases()
-    _, byte_tok = load_base_model(cache_dir=str(tmp_path), progress=False, recipe=recipe, config=LlamaConfig(**shape), tokenizer="byte")
+    _, byte_tok = load_base_model(
+        cache_dir=str(tmp_path), progress=False, recipe=recipe, config=LlamaConfig(**shape), tokenizer="byte"
+    )
     assert isinstance(byte_tok, ByteTokenizer)
     assert len(bases()) == 2 and bpe_entry in bases()  # the tokenizer is part of the cache key
-    again, _ = load_base_model(cache_dir=str(tmp_path), progress=False, recipe=recipe, config=model.config, tokenizer="bpe")
+    again, _ = load_base_model(
+        cache_dir=str(tmp_path), progress=False, recipe=recipe, config=model.config, tokenizer="bpe"
+    )
     assert len(bases()) == 2  # loaded from the cache, not retrained
     for (n, a), (_, b) in zip(model.state_dict().items(), again.state_dict().items()):
         assert torch.equal(a, b), n

@@ -6,12 +6,18 @@ import os
 
 import pytest
 import torch
-from torch import nn
 from conftest import assert_close
+from torch import nn
 
 from qlora_fast.models import LlamaConfig, LlamaForCausalLM
 from qlora_fast.peft import (
-    LoraConfig, PeftModel, PrefixTuningConfig, PromptTuningConfig, base_weight_bytes, get_peft_model, load_adapter,
+    LoraConfig,
+    PeftModel,
+    PrefixTuningConfig,
+    PromptTuningConfig,
+    base_weight_bytes,
+    get_peft_model,
+    load_adapter,
 )
 from qlora_fast.tokenizer.base import ByteTokenizer
 
@@ -21,7 +27,15 @@ VOCAB = 259
 
 
 def builtin(dtype=torch.float64, **kw):
-    cfg = dict(vocab_size=VOCAB, hidden_size=48, intermediate_size=83, num_layers=2, num_heads=6, num_kv_heads=2, max_seq_len=64)
+    cfg = dict(
+        vocab_size=VOCAB,
+        hidden_size=48,
+        intermediate_size=83,
+        num_layers=2,
+        num_heads=6,
+        num_kv_heads=2,
+        max_seq_len=64,
+    )
     cfg.update(kw)
     return LlamaForCausalLM(LlamaConfig(**cfg)).to(dtype).eval()
 
@@ -33,7 +47,9 @@ def hf_llama(dtype=torch.float64):
 
 
 def hf_gpt2(dtype=torch.float64):
-    cfg = transformers.GPT2Config(vocab_size=VOCAB, n_embd=48, n_layer=2, n_head=4, n_positions=64, bos_token_id=0, eos_token_id=0)
+    cfg = transformers.GPT2Config(
+        vocab_size=VOCAB, n_embd=48, n_layer=2, n_head=4, n_positions=64, bos_token_id=0, eos_token_id=0
+    )
     return transformers.GPT2LMHeadModel(cfg).to(dtype).eval()
 
 
@@ -114,7 +130,9 @@ def test_qlora_quantizes_every_linear_but_lm_head():
     # 256 blocks, rounded up per layer): the QLoRA paper's ~4.127 bits.
     bits = 8 * sizes["quantized"] / linear_params
     assert 4.12 < bits < 4.2, bits
-    embed_and_norms_and_head = sum(p.numel() for n, p in base.named_parameters() if "lora" not in n and p.dtype != torch.uint8)
+    embed_and_norms_and_head = sum(
+        p.numel() for n, p in base.named_parameters() if "lora" not in n and p.dtype != torch.uint8
+    )
     assert sizes["other"] == 4 * embed_and_norms_and_head  # float32 as stored
     assert sizes["adapter"] == 4 * sum(p.numel() for _, p in peft.adapter_parameters())
 
@@ -182,13 +200,17 @@ def test_prompt_from_text_equals_running_the_text_first(seed, kind):
     reference = copy.deepcopy(model)
     tok = ByteTokenizer()
     text = "Answer:"
-    peft = get_peft_model(model, PromptTuningConfig(num_virtual_tokens=len(text), init="text", init_text=text), tokenizer=tok)
+    peft = get_peft_model(
+        model, PromptTuningConfig(num_virtual_tokens=len(text), init="text", init_text=text), tokenizer=tok
+    )
     ids = torch.randint(0, VOCAB, (2, 7))
     mask = torch.ones_like(ids)
     mask[0, :2] = 0
     got = peft(input_ids=ids, attention_mask=mask).logits
     prompt = torch.tensor([tok.encode(text)]).expand(2, -1)
-    want = base_logits(reference, torch.cat([prompt, ids], 1), torch.cat([torch.ones_like(prompt), mask], 1))[:, len(text):]
+    want = base_logits(reference, torch.cat([prompt, ids], 1), torch.cat([torch.ones_like(prompt), mask], 1))[
+        :, len(text) :
+    ]
     real = mask.bool()
     assert got.shape == (2, 7, VOCAB)
     assert_close(got[real], want[real], atol=1e-9, rtol=1e-9)
@@ -196,14 +218,18 @@ def test_prompt_from_text_equals_running_the_text_first(seed, kind):
 
 def test_prompt_text_init_repeats_short_text():
     model = builtin()
-    peft = get_peft_model(model, PromptTuningConfig(num_virtual_tokens=5, init="text", init_text="ab"), tokenizer=ByteTokenizer())
+    peft = get_peft_model(
+        model, PromptTuningConfig(num_virtual_tokens=5, init="text", init_text="ab"), tokenizer=ByteTokenizer()
+    )
     table = model.get_input_embeddings().weight
     expected = table[torch.tensor([97, 98, 97, 98, 97])].float()
     assert_close(peft.prompt_encoder.embedding, expected)
 
 
 def test_prefix_projection_trains_through_the_mlp(seed):
-    peft = get_peft_model(builtin(), PrefixTuningConfig(num_virtual_tokens=3, prefix_projection=True, encoder_hidden_size=17))
+    peft = get_peft_model(
+        builtin(), PrefixTuningConfig(num_virtual_tokens=3, prefix_projection=True, encoder_hidden_size=17)
+    )
     ids = torch.randint(0, VOCAB, (2, 6))
     peft(input_ids=ids, labels=ids).loss.backward()
     names = [n for n, p in peft.adapter_parameters()]

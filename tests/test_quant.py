@@ -154,7 +154,9 @@ def check_against_compiled_kernel(ours, theirs, centered, nested_absmax, max_fra
     scaled = centered.double() / nested_absmax.double().repeat_interleave(256)[: centered.numel()]
     differ = ours != theirs
     fraction = differ.float().mean().item()
-    print(f"oracle's compiled CPU kernel differs on {int(differ.sum())}/{differ.numel()} = {fraction:.4%} of absmax codes")
+    print(
+        f"oracle's compiled CPU kernel differs on {int(differ.sum())}/{differ.numel()} = {fraction:.4%} of absmax codes"
+    )
     dist_ours = (scaled - code[ours.long()]).abs()
     dist_theirs = (scaled - code[theirs.long()]).abs()
     best = (scaled[:, None] - code[None, :]).abs().min(1).values
@@ -192,7 +194,9 @@ def test_dequantize_with_double_quant_matches_oracle(seed, quant_type):
         assert_close(ours, theirs.reshape(ours.shape), msg=str(out_dtype))
         # and the oracle decodes our own double-quantized output to what we decode
         packed, own_state = quantize_4bit(x, 32, quant_type)
-        assert_close(bnb_dequantize(packed, own_state, out_dtype).reshape(x.shape), dequantize_4bit(packed, own_state, out_dtype))
+        assert_close(
+            bnb_dequantize(packed, own_state, out_dtype).reshape(x.shape), dequantize_4bit(packed, own_state, out_dtype)
+        )
 
 
 def test_quantization_error_float64(seed):
@@ -226,8 +230,15 @@ def test_state_dict_keys_and_json_equal_oracle(seed):
     # without double quantization
     _, plain = quantize_4bit(x, 128, "fp4", compress_statistics=False)
     _, bnb_plain = bnb_quantize(x, 128, "fp4", nested=False)
-    assert set(plain.as_dict()) == set(bnb_plain.as_dict(packed=True)) == {"absmax", "quant_map", "quant_state.bitsandbytes__fp4"}
-    assert torch.equal(plain.as_dict()["quant_state.bitsandbytes__fp4"], bnb_plain.as_dict(packed=True)["quant_state.bitsandbytes__fp4"])
+    assert (
+        set(plain.as_dict())
+        == set(bnb_plain.as_dict(packed=True))
+        == {"absmax", "quant_map", "quant_state.bitsandbytes__fp4"}
+    )
+    assert torch.equal(
+        plain.as_dict()["quant_state.bitsandbytes__fp4"],
+        bnb_plain.as_dict(packed=True)["quant_state.bitsandbytes__fp4"],
+    )
 
 
 @pytest.mark.parametrize("nested", [True, False])
@@ -321,7 +332,9 @@ def bnb_default_dequantize_4bit(packed, absmax, blocksize, quant_type, shape, dt
     """bitsandbytes' own pure-PyTorch kernel for dequantize_4bit (the op's 'default' backend)."""
     keys = torch._C.DispatchKeySet(torch._C.DispatchKey.CompositeExplicitAutograd)
     with no_dynamo():
-        return torch.ops.bitsandbytes.dequantize_4bit.default.redispatch(keys, packed, absmax, blocksize, quant_type, shape, dtype)
+        return torch.ops.bitsandbytes.dequantize_4bit.default.redispatch(
+            keys, packed, absmax, blocksize, quant_type, shape, dtype
+        )
 
 
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])

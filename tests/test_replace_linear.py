@@ -18,7 +18,6 @@ transformers = pytest.importorskip("transformers", reason="transformers is a tes
 bnb = pytest.importorskip("bitsandbytes", reason="bitsandbytes (the oracle) is a test extra")
 import bitsandbytes.functional as bnbF  # noqa: E402
 
-
 pytestmark = pytest.mark.usefixtures("reference_backend")
 
 

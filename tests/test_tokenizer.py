@@ -26,7 +26,23 @@ WORDS = [
     "def", "return", "self.x", "x += 1", "if (a && b) {", "}", "[1, 2, 3]", "#include <vector>", "0x1F",
     "foo_bar", "->", "==", "!=", "'''", '"""', "\\n", "12345678", "3.14159", "2024-01-01",
 ]
-SPACES = [" ", " ", " ", "  ", "\t", "\n", "\r\n", "\n\n", "   \n", " \t ", "\u00a0", "\u3000", "\u2003", "\x0b\x0c", "    "]
+SPACES = [
+    " ",
+    " ",
+    " ",
+    "  ",
+    "\t",
+    "\n",
+    "\r\n",
+    "\n\n",
+    "   \n",
+    " \t ",
+    "\u00a0",
+    "\u3000",
+    "\u2003",
+    "\x0b\x0c",
+    "    ",
+]
 
 
 def _assigned_char(rng: random.Random) -> str:
@@ -43,7 +59,11 @@ def _assigned_char(rng: random.Random) -> str:
 def random_text(rng: random.Random, n_words: int) -> str:
     parts = []
     for _ in range(n_words):
-        parts.append(rng.choice(WORDS) if rng.random() < 0.9 else "".join(_assigned_char(rng) for _ in range(rng.randrange(1, 6))))
+        parts.append(
+            rng.choice(WORDS)
+            if rng.random() < 0.9
+            else "".join(_assigned_char(rng) for _ in range(rng.randrange(1, 6)))
+        )
         parts.append(rng.choice(SPACES))
     return "".join(parts)
 
@@ -231,7 +251,9 @@ def test_special_tokens_allowed_refused_or_ordinary(pair):
     with pytest.raises(ValueError):
         enc.encode(text)
     for allowed in ("all", {"<|eos|>"}, {"<|bos|>", "<|pad|>"}):
-        assert tok.encode(text, allowed_special=allowed, disallowed_special=()) == enc.encode(text, allowed_special=allowed, disallowed_special=())
+        assert tok.encode(text, allowed_special=allowed, disallowed_special=()) == enc.encode(
+            text, allowed_special=allowed, disallowed_special=()
+        )
     assert tok.encode(text, allowed_special="all") == enc.encode(text, allowed_special="all")
     with pytest.raises(ValueError, match="<\\|pad\\|>"):
         tok.encode(text, allowed_special={"<|bos|>", "<|eos|>"})
@@ -323,7 +345,13 @@ def naive_train(text_pieces, n_merges):
 def test_training_matches_naive_trainer_and_is_deterministic(pattern, seed):
     rng = random.Random(seed)
     # Few distinct words so that count ties are frequent and the tie rule is exercised.
-    texts = [" ".join(rng.choice(["aab", "abab", "bba", "ab", "ba", "aaa", "b'll", "éé", "日日"]) for _ in range(rng.randrange(5, 60))) for _ in range(20)]
+    texts = [
+        " ".join(
+            rng.choice(["aab", "abab", "bba", "ab", "ba", "aaa", "b'll", "éé", "日日"])
+            for _ in range(rng.randrange(5, 60))
+        )
+        for _ in range(20)
+    ]
     pieces = [p for t in texts for p in regex.findall(bpe_module.PATTERNS[pattern], t)]
     n_merges = 60
     expected = naive_train(pieces, n_merges)
@@ -357,7 +385,12 @@ def test_save_load_json_and_tiktoken_files(trained, tmp_path, seed):
     loaded = BPETokenizer.load(path)
     assert loaded.mergeable_ranks == tok.mergeable_ranks
     assert loaded.special_tokens == tok.special_tokens and loaded.pattern == tok.pattern
-    assert (loaded.pad_id, loaded.bos_id, loaded.eos_id, loaded.vocab_size) == (tok.pad_id, tok.bos_id, tok.eos_id, tok.vocab_size)
+    assert (loaded.pad_id, loaded.bos_id, loaded.eos_id, loaded.vocab_size) == (
+        tok.pad_id,
+        tok.bos_id,
+        tok.eos_id,
+        tok.vocab_size,
+    )
     text = random_text(random.Random(seed), 200)
     assert loaded.encode(text) == enc.encode(text)
 
@@ -366,7 +399,12 @@ def test_save_load_json_and_tiktoken_files(trained, tmp_path, seed):
     assert tiktoken_load.load_tiktoken_bpe(str(ranks_path)) == tok.mergeable_ranks
     oracle_path = tmp_path / "oracle.tiktoken"
     # What tiktoken.load.dump_tiktoken_bpe writes (it needs blobfile, so written here by hand).
-    oracle_path.write_bytes(b"".join(base64.b64encode(t) + b" " + str(r).encode() + b"\n" for t, r in sorted(tok.mergeable_ranks.items(), key=lambda kv: kv[1])))
+    oracle_path.write_bytes(
+        b"".join(
+            base64.b64encode(t) + b" " + str(r).encode() + b"\n"
+            for t, r in sorted(tok.mergeable_ranks.items(), key=lambda kv: kv[1])
+        )
+    )
     from_oracle = BPETokenizer.load_tiktoken(oracle_path, pattern=tok.pattern, special_tokens=tok.special_tokens)
     assert from_oracle.mergeable_ranks == tok.mergeable_ranks
     assert from_oracle.encode(text) == enc.encode(text)
@@ -438,8 +476,30 @@ def test_train_bpe_command(tmp_path, seed):
     corpus = tmp_path / "corpus.txt"
     corpus.write_bytes(random_text(rng, 2000).encode("utf-8"))
     out, ranks = tmp_path / "tok.json", tmp_path / "tok.tiktoken"
-    assert main(["train-bpe", str(corpus), "--vocab-size", "350", "--pattern", "gpt2", "--out", str(out), "--tiktoken-out", str(ranks), "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "train-bpe",
+                str(corpus),
+                "--vocab-size",
+                "350",
+                "--pattern",
+                "gpt2",
+                "--out",
+                str(out),
+                "--tiktoken-out",
+                str(ranks),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     tok = BPETokenizer.load(out)
     assert tok.vocab_size == 350 and tok.pattern == bpe_module.GPT2_PATTERN
-    assert tok.mergeable_ranks == BPETokenizer.train([corpus.read_bytes().decode("utf-8")], 350, pattern="gpt2", progress=False).mergeable_ranks
+    assert (
+        tok.mergeable_ranks
+        == BPETokenizer.train(
+            [corpus.read_bytes().decode("utf-8")], 350, pattern="gpt2", progress=False
+        ).mergeable_ranks
+    )
     assert tiktoken_load.load_tiktoken_bpe(str(ranks)) == tok.mergeable_ranks

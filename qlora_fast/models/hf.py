@@ -41,9 +41,12 @@ def load_hf_model(directory: str, device=None, dtype=None, quantize=None, blocks
     elif quantization:
         method = quantization.get("quant_method")
         if method != "bitsandbytes" or not quantization.get("load_in_4bit"):
-            raise ValueError(f"{directory} holds a model already quantized ({method}, "
-                             f"{'8-bit' if quantization.get('load_in_8bit') else quantization.get('bits', '?')}); only full-precision and "
-                             "bitsandbytes 4-bit (nf4/fp4) checkpoints can be loaded")
+            raise ValueError(
+                f"{directory} holds a model already quantized ({method}, "
+                f"{'8-bit' if quantization.get('load_in_8bit') else quantization.get('bits', '?')}); only "
+                "full-precision and "
+                "bitsandbytes 4-bit (nf4/fp4) checkpoints can be loaded"
+            )
         kwargs["device_map"] = "cpu"  # bitsandbytes' loader places the packed bytes
         model = AutoModelForCausalLM.from_pretrained(directory, **kwargs)
         from qlora_fast.nn.replace import adopt_bnb_4bit
@@ -66,11 +69,23 @@ def _safetensors_files(directory: str):
     single = os.path.join(directory, "model.safetensors")
     if os.path.isfile(single):
         return [single]
-    raise FileNotFoundError(f"{directory} has no model.safetensors (or index); low-memory 4-bit loading reads safetensors only")
+    raise FileNotFoundError(
+        f"{directory} has no model.safetensors (or index); low-memory 4-bit loading reads safetensors only"
+    )
 
 
-_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64,
-                       "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
 
 
 def _read_safetensors(file: str):
@@ -80,7 +95,9 @@ def _read_safetensors(file: str):
         try:
             header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
             start = f.tell()
-            entries = sorted(((k, v) for k, v in header.items() if k != "__metadata__"), key=lambda kv: kv[1]["data_offsets"][0])
+            entries = sorted(
+                ((k, v) for k, v in header.items() if k != "__metadata__"), key=lambda kv: kv[1]["data_offsets"][0]
+            )
         except (ValueError, KeyError, TypeError, OverflowError, MemoryError) as e:
             raise ValueError(f"{file} is not a readable safetensors file ({e})") from None
         for name, info in entries:
@@ -112,11 +129,17 @@ def _rebuild_buffers(model: nn.Module) -> None:
         if not any(b is not None and b.is_meta for b in module._buffers.values()):
             continue
         if any(p is not None for p in module._parameters.values()):
-            raise ValueError(f"module {name} ({type(module).__name__}) has buffers the checkpoint does not hold; load with quantize=None")
+            raise ValueError(
+                f"module {name} ({type(module).__name__}) has buffers the checkpoint does not hold; load with "
+                "quantize=None"
+            )
         try:
             fresh = type(module)(config=getattr(module, "config", model.config))
         except Exception as e:
-            raise ValueError(f"cannot rebuild {name} ({type(module).__name__}) after a low-memory load ({e}); load with quantize=None") from None
+            raise ValueError(
+                f"cannot rebuild {name} ({type(module).__name__}) after a low-memory load ({e}); load with "
+                "quantize=None"
+            ) from None
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, fresh)
 

@@ -39,7 +39,15 @@ class LlamaConfig:
     tie_embeddings: bool = False
 
     def __post_init__(self):
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads", "max_seq_len"):
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_layers",
+            "num_heads",
+            "num_kv_heads",
+            "max_seq_len",
+        ):
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 raise ValueError(f"LlamaConfig.{name} must be a positive int, got {value!r}")
@@ -85,7 +93,9 @@ class RMSNorm(nn.Module):
 def rotary_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
     """cos/sin tables of shape (B, 1, T, head_dim) for integer positions (B, T) (HF's half-split
     layout: the first half of each head pairs with the second half)."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=position_ids.device, dtype=torch.float32) / head_dim))
+    inv_freq = 1.0 / (
+        theta ** (torch.arange(0, head_dim, 2, device=position_ids.device, dtype=torch.float32) / head_dim)
+    )
     angles = position_ids.float()[..., None] * inv_freq  # (B, T, head_dim/2)
     angles = torch.cat([angles, angles], dim=-1)[:, None]
     return angles.cos().to(dtype), angles.sin().to(dtype)
@@ -190,12 +200,18 @@ class LlamaModel(nn.Module):
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         B, T, _ = x.shape
         if past_key_values is not None and len(past_key_values) != len(self.layers):
-            raise ValueError(f"past_key_values must have one (key, value) pair per layer ({len(self.layers)}), got {len(past_key_values)}")
+            raise ValueError(
+                f"past_key_values must have one (key, value) pair per layer ({len(self.layers)}), got "
+                f"{len(past_key_values)}"
+            )
         past_len = 0 if past_key_values is None else past_key_values[0][0].shape[2]
         if attention_mask is None:
             attention_mask = torch.ones(B, past_len + T, dtype=torch.long, device=x.device)
         if attention_mask.shape != (B, past_len + T):
-            raise ValueError(f"attention_mask must have shape {(B, past_len + T)} (batch, past + new tokens), got {tuple(attention_mask.shape)}")
+            raise ValueError(
+                f"attention_mask must have shape {(B, past_len + T)} (batch, past + new tokens), got "
+                f"{tuple(attention_mask.shape)}"
+            )
         if position_ids is None:
             position_ids = positions_from_mask(attention_mask)[:, past_len:]
         cos, sin = rotary_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, x.dtype)
@@ -260,8 +276,8 @@ class LlamaForCausalLM(nn.Module):
         use_cache: bool = False,
         position_ids: Optional[torch.Tensor] = None,
     ) -> CausalLMOutput:
-        """logits (B, T, vocab) in the model's dtype; the loss is computed in at least float32. `labels` (B, T) are the input
-        ids themselves (shifted inside: token t predicts label t+1); -100 is ignored."""
+        """logits (B, T, vocab) in the model's dtype; the loss is computed in at least float32. `labels`
+        (B, T) are the input ids themselves (shifted inside: token t predicts label t+1); -100 is ignored."""
         hidden, cache = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,

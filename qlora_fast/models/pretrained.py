@@ -163,11 +163,15 @@ def load_base_model(cache_dir: Optional[str] = None, progress: bool = True, reci
     recipe = recipe or PretrainRecipe()
     corpus = load_corpus()
     directory = os.path.join(cache_dir, f"base-{_cache_key(config, recipe, corpus, tok)}")
-    if os.path.exists(os.path.join(directory, "model.safetensors")) and os.path.exists(os.path.join(directory, "config.json")):
+    if os.path.exists(os.path.join(directory, "model.safetensors")) and os.path.exists(
+        os.path.join(directory, "config.json")
+    ):
         try:
             return load_model(directory).eval(), tok
         except (OSError, ValueError) as e:  # a damaged cache entry: rebuild it rather than fail every later run
-            warnings.warn(f"the cached base model in {directory} is unreadable ({e}); pretraining it again", stacklevel=2)
+            warnings.warn(
+                f"the cached base model in {directory} is unreadable ({e}); pretraining it again", stacklevel=2
+            )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(recipe.seed)
         model = LlamaForCausalLM(config)

@@ -379,7 +379,9 @@ def merge_linear_layers(model: nn.Module, keep_4bit: bool = False, dtype: Option
             continue
         elif isinstance(layer, Linear4bit) or _is_bnb_4bit(layer):
             four = layer if isinstance(layer, Linear4bit) else from_bnb_4bit(layer)
-            new = _dense(_dequantized(four), four.bias, getattr(layer, "conv1d_class", None), dtype or four.quant_state.dtype)
+            new = _dense(
+                _dequantized(four), four.bias, getattr(layer, "conv1d_class", None), dtype or four.quant_state.dtype
+            )
         else:
             continue
         plan.append((name, layer, new))
@@ -420,9 +422,13 @@ def _bnb_quantization_config(model: nn.Module):
         return None
     kinds = {(m.quant_type, bool(m.quant_state.nested), m.compute_dtype) for m in fours.values()}
     if len(kinds) > 1:
-        raise ValueError(f"the 4-bit layers mix settings {sorted(map(str, kinds))}; a bitsandbytes quantization_config holds one")
+        raise ValueError(
+            f"the 4-bit layers mix settings {sorted(map(str, kinds))}; a bitsandbytes quantization_config holds one"
+        )
     if any(getattr(m, "conv1d_class", None) is not None for m in fours.values()):
-        raise ValueError("keeping 4 bits is not supported for Conv1D (GPT-2) layers; merge to a dense model (requantize=False)")
+        raise ValueError(
+            "keeping 4 bits is not supported for Conv1D (GPT-2) layers; merge to a dense model (requantize=False)"
+        )
     quant_type, nested, compute_dtype = kinds.pop()
     from transformers import BitsAndBytesConfig
 

@@ -133,9 +133,21 @@ def config_from_dict(d: dict):
 PEFT_TYPES = {"lora": "LORA", "prefix": "PREFIX_TUNING", "prompt": "PROMPT_TUNING"}
 # PEFT LoRA settings we do not implement, with the value that means "off".
 _PEFT_LORA_OFF = {
-    "use_dora": False, "bias": "none", "lora_bias": False, "rank_pattern": {}, "alpha_pattern": {}, "modules_to_save": None,
-    "layers_to_transform": None, "exclude_modules": None, "target_parameters": None, "trainable_token_indices": None,
-    "layer_replication": None, "use_qalora": False, "use_bdlora": None, "alora_invocation_tokens": None, "arrow_config": None,
+    "use_dora": False,
+    "bias": "none",
+    "lora_bias": False,
+    "rank_pattern": {},
+    "alpha_pattern": {},
+    "modules_to_save": None,
+    "layers_to_transform": None,
+    "exclude_modules": None,
+    "target_parameters": None,
+    "trainable_token_indices": None,
+    "layer_replication": None,
+    "use_qalora": False,
+    "use_bdlora": None,
+    "alora_invocation_tokens": None,
+    "arrow_config": None,
 }
 
 
@@ -149,20 +161,37 @@ def config_to_peft_dict(config, geometry=None, fan_in_fan_out=False, base_model_
          "base_model_name_or_path": base_model_name_or_path, "revision": None, "modules_to_save": None}
     if isinstance(config, LoraConfig):
         targets = config.target_modules
-        d.update(r=config.r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-                 use_rslora=config.use_rslora,
-                 target_modules=targets if isinstance(targets, str) else sorted(targets), fan_in_fan_out=bool(fan_in_fan_out),
-                 init_lora_weights=True, **{k: v for k, v in _PEFT_LORA_OFF.items() if k != "modules_to_save"})
+        d.update(
+            r=config.r,
+            lora_alpha=config.lora_alpha,
+            lora_dropout=config.lora_dropout,
+            use_rslora=config.use_rslora,
+            target_modules=targets if isinstance(targets, str) else sorted(targets),
+            fan_in_fan_out=bool(fan_in_fan_out),
+            init_lora_weights=True,
+            **{k: v for k, v in _PEFT_LORA_OFF.items() if k != "modules_to_save"},
+        )
     else:
         layers, kv_heads, head_dim, hidden, heads = geometry
         d.update(num_virtual_tokens=config.num_virtual_tokens, num_layers=layers, num_transformer_submodules=1)
         if isinstance(config, PrefixTuningConfig):
-            d.update(token_dim=kv_heads * head_dim, num_attention_heads=kv_heads, prefix_projection=config.prefix_projection,
-                     encoder_hidden_size=config.encoder_hidden_size, init_weights=None)
+            d.update(
+                token_dim=kv_heads * head_dim,
+                num_attention_heads=kv_heads,
+                prefix_projection=config.prefix_projection,
+                encoder_hidden_size=config.encoder_hidden_size,
+                init_weights=None,
+            )
         else:
             # "TEXT" would make PEFT load a tokenizer by name; the weights hold the prompt anyway.
-            d.update(token_dim=hidden, num_attention_heads=heads, prompt_tuning_init="RANDOM", prompt_tuning_init_text=None,
-                     tokenizer_name_or_path=None, tokenizer_kwargs=None)
+            d.update(
+                token_dim=hidden,
+                num_attention_heads=heads,
+                prompt_tuning_init="RANDOM",
+                prompt_tuning_init_text=None,
+                tokenizer_name_or_path=None,
+                tokenizer_kwargs=None,
+            )
     return d
 
 
@@ -174,7 +203,9 @@ def config_from_peft_dict(d: dict):
     if d.get("task_type") not in (None, "CAUSAL_LM"):
         raise ValueError(f"adapter task_type must be 'CAUSAL_LM', got {d.get('task_type')!r}")
     if d.get("modules_to_save"):
-        raise ValueError(f"adapter has modules_to_save={d['modules_to_save']!r} (full copies of base layers), which is not supported")
+        raise ValueError(
+            f"adapter has modules_to_save={d['modules_to_save']!r} (full copies of base layers), which is not supported"
+        )
     if kind == "LORA":
         for key, off in _PEFT_LORA_OFF.items():
             if d.get(key, off) not in (off, None):
@@ -183,7 +214,10 @@ def config_from_peft_dict(d: dict):
                           lora_dropout=d.get("lora_dropout", 0.0), use_rslora=bool(d.get("use_rslora", False)))
     n = d.get("num_virtual_tokens")
     if d.get("num_transformer_submodules", 1) not in (1, None):
-        raise ValueError(f"adapter num_transformer_submodules must be 1 (a decoder-only model), got {d['num_transformer_submodules']!r}")
+        raise ValueError(
+            "adapter num_transformer_submodules must be 1 (a decoder-only model), got "
+            f"{d['num_transformer_submodules']!r}"
+        )
     if kind == "PREFIX_TUNING":
         # PEFT saves a projected prefix as its output (the MLP is not saved), so it loads as a plain one.
         return PrefixTuningConfig(num_virtual_tokens=n)

@@ -61,8 +61,10 @@ def from_peft_names(state: dict, config, geometry=None) -> dict:
             layers, kv_heads, head_dim, _ = geometry
             n = config.num_virtual_tokens
             if tuple(t.shape) != (n, layers * 2 * kv_heads * head_dim):
-                raise ValueError(f"adapter tensor prompt_embeddings has shape {tuple(t.shape)}, this model's prefix needs "
-                                 f"{(n, layers * 2 * kv_heads * head_dim)} ({layers} layers x 2 x {kv_heads} kv heads x {head_dim})")
+                raise ValueError(
+                    f"adapter tensor prompt_embeddings has shape {tuple(t.shape)}, this model's prefix needs "
+                    f"{(n, layers * 2 * kv_heads * head_dim)} ({layers} layers x 2 x {kv_heads} kv heads x {head_dim})"
+                )
             out["prompt_encoder.prefix"] = t.view(n, layers, 2, kv_heads, head_dim).permute(1, 2, 3, 0, 4).contiguous()
         elif key == "prompt_embeddings":
             out["prompt_encoder.embedding"] = t
@@ -78,10 +80,14 @@ def check_state(state: dict, expected: dict, path: str) -> None:
     floating tensor of that shape. Checks everything before anything is loaded."""
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     if missing or unexpected:
-        raise ValueError(f"adapter at {path} does not fit this model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        raise ValueError(
+            f"adapter at {path} does not fit this model: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
     for name, tensor in state.items():
         if tuple(tensor.shape) != tuple(expected[name]):
-            raise ValueError(f"adapter tensor {name} has shape {tuple(tensor.shape)}, the model expects {tuple(expected[name])}")
+            raise ValueError(
+                f"adapter tensor {name} has shape {tuple(tensor.shape)}, the model expects {tuple(expected[name])}"
+            )
         if not tensor.is_floating_point():
             raise ValueError(f"adapter tensor {name} has dtype {tensor.dtype}, expected a floating dtype")
         if not torch.isfinite(tensor).all():
@@ -99,7 +105,10 @@ def read_adapter(path: str):
         raise FileNotFoundError(f"no {ADAPTER_CONFIG} in {path} (not an adapter directory)")
     if not os.path.isfile(weights_file):
         if os.path.isfile(os.path.join(path, "adapter_model.bin")):
-            raise ValueError(f"{path} holds adapter_model.bin (a pickle); only {ADAPTER_WEIGHTS} is read: save it with safe_serialization=True")
+            raise ValueError(
+                f"{path} holds adapter_model.bin (a pickle); only {ADAPTER_WEIGHTS} is read: save it with "
+                "safe_serialization=True"
+            )
         raise FileNotFoundError(f"no {ADAPTER_WEIGHTS} in {path}")
     with open(config_file, "rb") as f:
         raw = f.read()
@@ -117,14 +126,18 @@ def read_adapter(path: str):
         raise ValueError(f"{weights_file} is not a readable safetensors file ({type(e).__name__}: {e})") from None
     saved_hash = metadata.get(CONFIG_HASH)
     if saved_hash is not None and saved_hash != hashlib.sha256(raw).hexdigest():
-        raise ValueError(f"{config_file} and {weights_file} come from different saves (the config's hash does not match "
-                         "the one stored with the weights); re-save the adapter")
+        raise ValueError(
+            f"{config_file} and {weights_file} come from different saves (the config's hash does not match "
+            "the one stored with the weights); re-save the adapter"
+        )
     ours = metadata.get(OUR_CONFIG)
     try:
         config = config_from_dict(json.loads(ours) if ours is not None else d)
     except (TypeError, ValueError) as e:
         raise type(e)(f"{config_file}: {e}") from None
-    written_by_peft = ours is None and isinstance(d, dict) and isinstance(d.get("peft_type"), str) and d["peft_type"].isupper()
+    written_by_peft = (
+        ours is None and isinstance(d, dict) and isinstance(d.get("peft_type"), str) and d["peft_type"].isupper()
+    )
     return config, state, metadata, written_by_peft
 
 

@@ -27,8 +27,17 @@ from qlora_fast.models.generate import call_causal_lm
 from qlora_fast.models.llama import CausalLMOutput, LlamaForCausalLM, causal_lm_loss, positions_from_mask
 
 from .config import LoraConfig, PrefixTuningConfig, PromptTuningConfig, config_to_peft_dict
-from .io import ADAPTER_CONFIG, ADAPTER_WEIGHTS, CONFIG_HASH, OUR_CONFIG, check_state, from_peft_names, read_adapter, to_peft_names, write_adapter_dir
-
+from .io import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    CONFIG_HASH,
+    OUR_CONFIG,
+    check_state,
+    from_peft_names,
+    read_adapter,
+    to_peft_names,
+    write_adapter_dir,
+)
 
 
 # ---------------------------------------------------------------------------- model geometry
@@ -41,7 +50,9 @@ def attention_geometry(model: nn.Module):
     layers = getattr(cfg, "num_hidden_layers", None)
     heads = getattr(cfg, "num_attention_heads", None)
     hidden = getattr(cfg, "hidden_size", None)
-    if not (isinstance(layers, int) and isinstance(heads, int) and isinstance(hidden, int)) or not hasattr(model, "get_input_embeddings"):
+    if not (isinstance(layers, int) and isinstance(heads, int) and isinstance(hidden, int)) or not hasattr(
+        model, "get_input_embeddings"
+    ):
         raise ValueError(
             f"{type(model).__name__} has no attention this adapter understands: expected a qlora_fast "
             "LlamaForCausalLM or a transformers causal LM (config.num_hidden_layers, num_attention_heads, hidden_size)"
@@ -91,7 +102,9 @@ class PrefixEncoder(nn.Module):
         out = self.layers * 2 * self.kv_heads * self.head_dim
         if config.prefix_projection:
             self.embedding = nn.Embedding(n, hidden)
-            self.mlp = nn.Sequential(nn.Linear(hidden, config.encoder_hidden_size), nn.Tanh(), nn.Linear(config.encoder_hidden_size, out))
+            self.mlp = nn.Sequential(
+                nn.Linear(hidden, config.encoder_hidden_size), nn.Tanh(), nn.Linear(config.encoder_hidden_size, out)
+            )
             self.prefix = None
             self.to(dtype)
         else:
@@ -143,7 +156,9 @@ class PeftModel(nn.Module):
 
             self.peft_config = config = dataclasses.replace(config, target_modules=default_lora_targets(model))
         if not isinstance(config, (LoraConfig, PrefixTuningConfig, PromptTuningConfig)):
-            raise TypeError(f"config must be a LoraConfig, PrefixTuningConfig or PromptTuningConfig, got {type(config).__name__}")
+            raise TypeError(
+                f"config must be a LoraConfig, PrefixTuningConfig or PromptTuningConfig, got {type(config).__name__}"
+            )
         trainable = [(p, p.requires_grad) for p in model.parameters()]
         try:  # all or nothing: an error leaves the model as it was (LoRA swaps are undone in _inject_lora)
             for p, _ in trainable:
@@ -240,7 +255,11 @@ class PeftModel(nn.Module):
         `save_adapter` writes)."""
         if self.prompt_encoder is not None:
             return [(f"prompt_encoder.{n}", p) for n, p in self.prompt_encoder.named_parameters()]
-        return [(f"base_model.{n}", p) for n, p in self.base_model.named_parameters() if n.endswith("lora_A") or n.endswith("lora_B")]
+        return [
+            (f"base_model.{n}", p)
+            for n, p in self.base_model.named_parameters()
+            if n.endswith("lora_A") or n.endswith("lora_B")
+        ]
 
     def parameter_counts(self):
         """(trainable, total); a 4-bit weight counts its logical (out * in) elements."""
@@ -311,7 +330,10 @@ class PeftModel(nn.Module):
         if attention_mask is None:
             attention_mask = torch.ones(B, real_past + T, dtype=torch.long, device=device)
         if attention_mask.shape != (B, real_past + T):
-            raise ValueError(f"attention_mask must have shape {(B, real_past + T)} (real tokens only), got {tuple(attention_mask.shape)}")
+            raise ValueError(
+                f"attention_mask must have shape {(B, real_past + T)} (real tokens only), got "
+                f"{tuple(attention_mask.shape)}"
+            )
         if position_ids is None:
             position_ids = positions_from_mask(attention_mask)[:, -T:]
         position_ids = position_ids + n  # the virtual tokens take positions 0..n-1
@@ -321,27 +343,51 @@ class PeftModel(nn.Module):
         if isinstance(self.peft_config, PrefixTuningConfig):
             if past_key_values is None:
                 past_key_values = self._prefix_cache(B, ref)
-            logits, cache = call_causal_lm(self.base_model, input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=full_mask,
-                                           past_key_values=past_key_values, position_ids=position_ids, use_cache=use_cache)
+            logits, cache = call_causal_lm(
+                self.base_model,
+                input_ids=input_ids,
+                inputs_embeds=inputs_embeds,
+                attention_mask=full_mask,
+                past_key_values=past_key_values,
+                position_ids=position_ids,
+                use_cache=use_cache,
+            )
         else:  # prompt tuning
             if past_key_values is None:
-                embeds = inputs_embeds if inputs_embeds is not None else self.base_model.get_input_embeddings()(input_ids)
+                embeds = (
+                    inputs_embeds if inputs_embeds is not None else self.base_model.get_input_embeddings()(input_ids)
+                )
                 soft = self.prompt_encoder().to(embeds.dtype)[None].expand(B, -1, -1)
                 embeds = torch.cat([soft, embeds], dim=1)
                 virtual_pos = torch.arange(n, device=device)[None].expand(B, -1)
-                logits, cache = call_causal_lm(self.base_model, inputs_embeds=embeds, attention_mask=full_mask,
-                                               position_ids=torch.cat([virtual_pos, position_ids], 1), use_cache=use_cache)
+                logits, cache = call_causal_lm(
+                    self.base_model,
+                    inputs_embeds=embeds,
+                    attention_mask=full_mask,
+                    position_ids=torch.cat([virtual_pos, position_ids], 1),
+                    use_cache=use_cache,
+                )
                 logits = logits[:, n:]
             else:
-                logits, cache = call_causal_lm(self.base_model, input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=full_mask,
-                                               past_key_values=past_key_values, position_ids=position_ids, use_cache=use_cache)
+                logits, cache = call_causal_lm(
+                    self.base_model,
+                    input_ids=input_ids,
+                    inputs_embeds=inputs_embeds,
+                    attention_mask=full_mask,
+                    past_key_values=past_key_values,
+                    position_ids=position_ids,
+                    use_cache=use_cache,
+                )
         loss = None if labels is None else causal_lm_loss(logits, labels)
         return PeftOutput(logits=logits, loss=loss, past_key_values=cache if use_cache else None)
 
     def _prefix_cache(self, batch: int, ref: torch.Tensor):
         dtype = ref.dtype if ref.is_floating_point() else next(iter(self.base_model.parameters())).dtype
         prefix = self.prompt_encoder().to(dtype)  # (L, 2, kv, n, hd)
-        pairs = [(prefix[i, 0][None].expand(batch, -1, -1, -1), prefix[i, 1][None].expand(batch, -1, -1, -1)) for i in range(prefix.shape[0])]
+        pairs = [
+            (prefix[i, 0][None].expand(batch, -1, -1, -1), prefix[i, 1][None].expand(batch, -1, -1, -1))
+            for i in range(prefix.shape[0])
+        ]
         if not _is_hf(self.base_model):
             return tuple(pairs)
         from transformers import DynamicCache
@@ -366,7 +412,12 @@ class PeftModel(nn.Module):
         prefix_flat = None
         if isinstance(self.peft_config, PrefixTuningConfig):
             with torch.no_grad():  # PEFT stores the prefix (projected, if so) flattened per virtual token
-                prefix_flat = self.prompt_encoder().detach().permute(3, 0, 1, 2, 4).reshape(self.peft_config.num_virtual_tokens, -1)
+                prefix_flat = (
+                    self.prompt_encoder()
+                    .detach()
+                    .permute(3, 0, 1, 2, 4)
+                    .reshape(self.peft_config.num_virtual_tokens, -1)
+                )
             prefix_flat = prefix_flat.cpu().contiguous()
         return to_peft_names(self.adapter_state_dict() if state is None else state, self.peft_config, prefix_flat)
 
@@ -389,12 +440,22 @@ class PeftModel(nn.Module):
 
         if state is not None:
             own = {name: p.shape for name, p in self.adapter_parameters()}
-            if not isinstance(state, dict) or {n: tuple(t.shape) for n, t in state.items()} != {n: tuple(s) for n, s in own.items()}:
-                raise ValueError("state must map this model's adapter parameter names to tensors of their (full) shapes")
+            if not isinstance(state, dict) or {n: tuple(t.shape) for n, t in state.items()} != {
+                n: tuple(s) for n, s in own.items()
+            }:
+                raise ValueError(
+                    "state must map this model's adapter parameter names to tensors of their (full) shapes"
+                )
         config_bytes = json.dumps(self.peft_config_dict(), indent=2).encode()
-        metadata = {"format": "pt", **_base_signature(self.base_model), CONFIG_HASH: hashlib.sha256(config_bytes).hexdigest(),
-                    OUR_CONFIG: json.dumps(self.peft_config.to_dict())}
-        write_adapter_dir(path, {ADAPTER_WEIGHTS: save(self.peft_state_dict(state), metadata=metadata), ADAPTER_CONFIG: config_bytes})
+        metadata = {
+            "format": "pt",
+            **_base_signature(self.base_model),
+            CONFIG_HASH: hashlib.sha256(config_bytes).hexdigest(),
+            OUR_CONFIG: json.dumps(self.peft_config.to_dict()),
+        }
+        write_adapter_dir(
+            path, {ADAPTER_WEIGHTS: save(self.peft_state_dict(state), metadata=metadata), ADAPTER_CONFIG: config_bytes}
+        )
         return path
 
     def load_adapter(self, path: str) -> "PeftModel":
@@ -403,7 +464,9 @@ class PeftModel(nn.Module):
         before any tensor is copied: an error leaves this model as it was."""
         config, state, metadata, by_peft = read_adapter(path)
         if not _same_adapter(config, self.peft_config, by_peft):
-            raise ValueError(f"adapter at {path} has config {config.to_dict()}, this model has {self.peft_config.to_dict()}")
+            raise ValueError(
+                f"adapter at {path} has config {config.to_dict()}, this model has {self.peft_config.to_dict()}"
+            )
         _check_base_signature(self.base_model, metadata, path)
         geometry = None if isinstance(config, LoraConfig) else attention_geometry(self.base_model)
         state = from_peft_names(state, self.peft_config, geometry)
@@ -559,7 +622,9 @@ def _wrap_adapted(model: nn.Module) -> PeftModel:
     modules = [model.get_submodule(n) for n in names]
     settings = {(m.r, m.alpha, m.dropout, m.use_rslora) for m in modules}
     if len(settings) > 1:
-        raise ValueError(f"the LoRA layers mix settings (r, alpha, dropout, rslora) {sorted(settings)}; one adapter config holds one")
+        raise ValueError(
+            f"the LoRA layers mix settings (r, alpha, dropout, rslora) {sorted(settings)}; one adapter config holds one"
+        )
     r, alpha, dropout, rslora = settings.pop()
     quant = next((m.base.quant_type for m in modules if isinstance(m, QLoRALinear)), None)
     config = LoraConfig(target_modules=names, r=r, lora_alpha=float(alpha), lora_dropout=dropout, use_rslora=rslora,
