@@ -1,9 +1,10 @@
 // CUDA Adam/AdamW updates, fp32 states and 8-bit blockwise states, many tensors per launch.
 //
-// Tensors are cut into fixed chunks; one CUDA block updates one chunk, finding its tensor from
-// a per-launch prefix sum of chunk counts (up to kMaxTensors tensors per launch, passed by value
-// in the kernel arguments). Loads are coalesced (consecutive threads, consecutive elements) with
-// kIlp independent elements in flight per thread.
+// Multi-tensor apply: tensors are cut into fixed chunks and one CUDA block updates one chunk,
+// finding its tensor by a binary search of the table's chunk prefix sum (`chunk_start`, in device
+// memory with the table: any number of tensors per launch, one launch per state kind and param
+// dtype). Loads are coalesced (consecutive threads, consecutive elements) with kIlp independent
+// elements in flight per thread.
 // fp32 states: reads p, g, m, v and writes p, m, v: 28 bytes per element with fp32 params
 // (20 with bf16): 268M fp32 params -> 7.5 GB, ~2.3-2.5 ms at an H100's ~3.2 TB/s.
 // 8-bit states: one warp per 256-element block, each lane 8 consecutive elements (16-byte
@@ -26,52 +27,11 @@ namespace {
 using qlora_fast::AdamScalars;
 using qlora_fast::kQuantBlock;
 
-constexpr int kMaxTensors = 56;  // per launch: the batch fits the 4 KB of kernel arguments
 constexpr int kThreads = 256;
 constexpr int kIlp = 4;
-constexpr int64_t kChunk32 = 16384;          // elements per CUDA block, fp32 states
-constexpr int64_t kChunk8 = 32 * kQuantBlock;  // 8 warps x 4 quant blocks each, 8-bit states
-
-// The scalars that depend on a tensor's step; the rest of AdamScalars is shared by the launch.
-struct StepScalars {
-  float step_size;
-  float bias_corr2_sqrt;
-};
-
-struct Batch32 {
-  void* p[kMaxTensors];
-  const void* g[kMaxTensors];
-  float* m[kMaxTensors];
-  float* v[kMaxTensors];
-  int64_t n[kMaxTensors];
-  StepScalars st[kMaxTensors];
-  int chunk_start[kMaxTensors + 1];
-  AdamScalars s;
-  int count;
-};
-
-struct Batch8 {
-  void* p[kMaxTensors];
-  const void* g[kMaxTensors];
-  uint8_t* mq[kMaxTensors];
-  uint8_t* vq[kMaxTensors];
-  float* ma[kMaxTensors];
-  float* va[kMaxTensors];
-  int64_t n[kMaxTensors];
-  StepScalars st[kMaxTensors];
-  int chunk_start[kMaxTensors + 1];
-  AdamScalars s;
-  int count;
-  const float* signed_map;
-  const float* unsigned_map;
-};
-static_assert(sizeof(Batch8) <= 4096 && sizeof(Batch32) <= 4096, "kernel arguments are limited to 4 KB");
-
-__device__ __forceinline__ AdamScalars scalars_of(AdamScalars s, const StepScalars& st) {
-  s.step_size = st.step_size;
-  s.bias_corr2_sqrt = st.bias_corr2_sqrt;
-  return s;
-}
+constexpr int64_t kChunk32 = kQfChunk32;
+constexpr int64_t kChunk8 = kQfChunk8;
+static_assert(kChunk8 == (kThreads / 32) * 4 * kQuantBlock, "a chunk is 4 quant blocks per warp");
 
 __device__ __forceinline__ float to_float(float x) { return x; }
 __device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
@@ -81,27 +41,29 @@ template <> __device__ __forceinline__ float from_float<float>(float x) { return
 template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
 template <> __device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
 
-// The tensor of CUDA block `block`: the last t with chunk_start[t] <= block (binary search).
-template <int N>
-__device__ __forceinline__ int tensor_of_block(const int (&chunk_start)[N], int count, int block) {
+// The entry of CUDA block `block`: the last t with chunk_start[t] <= block (binary search; the
+// first probes are the same for every block, so they hit in cache).
+__device__ __forceinline__ int tensor_of_block(const int* __restrict__ chunk_start, int count, int block) {
   int lo = 0, hi = count - 1;
   while (lo < hi) {
     const int mid = (lo + hi + 1) / 2;
-    if (chunk_start[mid] <= block) lo = mid; else hi = mid - 1;
+    if (__ldg(chunk_start + mid) <= block) lo = mid; else hi = mid - 1;
   }
   return lo;
 }
 
 template <typename T>
-__global__ void __launch_bounds__(kThreads) adam32_kernel(Batch32 batch) {
-  const int t = tensor_of_block(batch.chunk_start, batch.count, blockIdx.x);
-  const int64_t begin = static_cast<int64_t>(blockIdx.x - batch.chunk_start[t]) * kChunk32;
-  const int64_t end = min(batch.n[t], begin + kChunk32);
-  T* __restrict__ p = static_cast<T*>(batch.p[t]);
-  const T* __restrict__ g = static_cast<const T*>(batch.g[t]);
-  float* __restrict__ m = batch.m[t];
-  float* __restrict__ v = batch.v[t];
-  const AdamScalars s = scalars_of(batch.s, batch.st[t]);
+__global__ void __launch_bounds__(kThreads) adam32_kernel(const QfAdam32Entry* __restrict__ table,
+                                                            const int* __restrict__ chunk_start, int count) {
+  const int t = tensor_of_block(chunk_start, count, blockIdx.x);
+  const QfAdam32Entry& e = table[t];
+  const int64_t begin = static_cast<int64_t>(blockIdx.x - __ldg(chunk_start + t)) * kChunk32;
+  const int64_t end = min(e.n, begin + kChunk32);
+  T* __restrict__ p = static_cast<T*>(e.p);
+  const T* __restrict__ g = static_cast<const T*>(e.g);
+  float* __restrict__ m = e.exp_avg;
+  float* __restrict__ v = e.exp_avg_sq;
+  const AdamScalars s = e.s;
   for (int64_t base = begin + threadIdx.x; base < end; base += kIlp * kThreads) {
     float pr[kIlp], gr[kIlp], mr[kIlp], vr[kIlp];
 #pragma unroll
@@ -203,14 +165,21 @@ __device__ __forceinline__ bool aligned(const void* ptr, uintptr_t bytes) {
   return (reinterpret_cast<uintptr_t>(ptr) & (bytes - 1)) == 0;
 }
 
+// At least 3 blocks (24 warps) per SM: the table's pointers and scalars live in registers (not in
+// the kernel-argument bank as with per-launch batches), which left ptxas at 105 registers (2 blocks);
+// capped, it fits 80 with no spills (bench/cuda_compile_check.sh).
 template <typename T>
-__global__ void __launch_bounds__(kThreads) adam8bit_kernel(Batch8 batch) {
+__global__ void __launch_bounds__(kThreads, 3) adam8bit_kernel(const QfAdam8Entry* __restrict__ table,
+                                                              const int* __restrict__ chunk_start, int count,
+                                                              const float* __restrict__ signed_map,
+                                                              const float* __restrict__ unsigned_map,
+                                                              int* nonfinite) {
   __shared__ float signed_code[256];
   __shared__ float unsigned_code[256];
   __shared__ float signed_tree[256];    // midpoints in Eytzinger order (index 0 unused)
   __shared__ float unsigned_tree[256];
-  signed_code[threadIdx.x] = batch.signed_map[threadIdx.x];
-  unsigned_code[threadIdx.x] = batch.unsigned_map[threadIdx.x];
+  signed_code[threadIdx.x] = signed_map[threadIdx.x];
+  unsigned_code[threadIdx.x] = unsigned_map[threadIdx.x];
   __syncthreads();
   if (threadIdx.x >= 1) {
     signed_tree[threadIdx.x] = qlora_fast::eytzinger_midpoint(signed_code, threadIdx.x);
@@ -218,14 +187,16 @@ __global__ void __launch_bounds__(kThreads) adam8bit_kernel(Batch8 batch) {
   }
   __syncthreads();
 
-  const int t = tensor_of_block(batch.chunk_start, batch.count, blockIdx.x);
-  const int64_t n = batch.n[t];
-  const int64_t chunk_begin = static_cast<int64_t>(blockIdx.x - batch.chunk_start[t]) * kChunk8;
-  T* __restrict__ p = static_cast<T*>(batch.p[t]);
-  const T* __restrict__ g = static_cast<const T*>(batch.g[t]);
-  uint8_t* __restrict__ mq = batch.mq[t];
-  uint8_t* __restrict__ vq = batch.vq[t];
-  const AdamScalars s = scalars_of(batch.s, batch.st[t]);
+  const int t = tensor_of_block(chunk_start, count, blockIdx.x);
+  const QfAdam8Entry& e = table[t];
+  const int64_t n = e.n;
+  const int64_t chunk_begin = static_cast<int64_t>(blockIdx.x - __ldg(chunk_start + t)) * kChunk8;
+  T* __restrict__ p = static_cast<T*>(e.p);
+  const T* __restrict__ g = static_cast<const T*>(e.g);
+  uint8_t* __restrict__ mq = e.m_codes;
+  uint8_t* __restrict__ vq = e.v_codes;
+  const AdamScalars s = e.s;
+  bool finite = true;
   const int warp = threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
   constexpr int kWarps = kThreads / 32;
@@ -240,8 +211,8 @@ __global__ void __launch_bounds__(kThreads) adam8bit_kernel(Batch8 batch) {
     const int64_t left = n - first;
     const int count = left <= 0 ? 0 : (left >= kPerLane ? kPerLane : static_cast<int>(left));
     const bool vec = aligned_tensor && count == kPerLane;
-    const float am = batch.ma[t][qb];
-    const float av = batch.va[t][qb];
+    const float am = e.m_absmax[qb];
+    const float av = e.v_absmax[qb];
     float pr[kPerLane], gr[kPerLane], mr[kPerLane], vr[kPerLane];
     uint8_t mc[kPerLane], vc[kPerLane];
     load_lane(p + first, vec, count, pr);
@@ -280,98 +251,53 @@ __global__ void __launch_bounds__(kThreads) adam8bit_kernel(Batch8 batch) {
     store_codes(mq + first, vec, count, mc);
     store_codes(vq + first, vec, count, vc);
     if (lane == 0) {
-      batch.ma[t][qb] = new_am;
-      batch.va[t][qb] = new_av;
+      e.m_absmax[qb] = new_am;
+      e.v_absmax[qb] = new_av;
+      finite = finite && isfinite(new_am) && isfinite(new_av);
     }
   }
-}
-
-// The launch-wide scalars go to `shared` (the same for every step); returns the per-step ones.
-StepScalars step_scalars(AdamScalars& shared, const QfAdamHyper& h, int64_t step) {
-  shared = qlora_fast::make_adam_scalars(h.lr, h.beta1, h.beta2, h.eps, h.weight_decay, step, h.decoupled != 0);
-  return StepScalars{shared.step_size, shared.bias_corr2_sqrt};
-}
-
-// Fill batches of at most kMaxTensors tensors and launch each; `fill(batch, slot, tensor)`
-// copies one tensor's pointers, `chunk` is the chunk size in elements.
-template <typename BatchT, typename TensorT, typename Fill, typename Launch>
-int launch_batches(const TensorT* tensors, int count, int64_t chunk, Fill fill, Launch launch) {
-  BatchT batch;
-  batch.count = 0;
-  int chunks = 0;
-  for (int i = 0; i <= count; ++i) {
-    const bool flush = batch.count == kMaxTensors || (i == count && batch.count > 0);
-    if (flush) {
-      batch.chunk_start[batch.count] = chunks;
-      launch(batch, chunks);
-      const cudaError_t err = cudaGetLastError();
-      if (err != cudaSuccess) return static_cast<int>(err);
-      batch.count = 0;
-      chunks = 0;
-    }
-    if (i == count) break;
-    if (tensors[i].n == 0) continue;
-    const int64_t tensor_chunks = (tensors[i].n + chunk - 1) / chunk;
-    fill(batch, batch.count, tensors[i]);
-    batch.chunk_start[batch.count] = chunks;
-    chunks += static_cast<int>(tensor_chunks);
-    batch.count += 1;
-  }
-  return 0;
+  // The optimizer's overflow check, read by the host later without a sync.
+  if (!finite && nonfinite != nullptr) *nonfinite = 1;
 }
 
 template <typename T>
-int adam32_typed(const QfAdam32Tensor* tensors, int count, QfAdamHyper hyper, cudaStream_t stream) {
-  auto fill = [&](Batch32& b, int k, const QfAdam32Tensor& x) {
-    b.p[k] = x.p;
-    b.g[k] = x.g;
-    b.m[k] = x.exp_avg;
-    b.v[k] = x.exp_avg_sq;
-    b.n[k] = x.n;
-    b.st[k] = step_scalars(b.s, hyper, x.step);
-  };
-  auto launch = [&](const Batch32& b, int chunks) { adam32_kernel<T><<<chunks, kThreads, 0, stream>>>(b); };
-  return launch_batches<Batch32>(tensors, count, kChunk32, fill, launch);
+int launch32(const QfAdam32Entry* table, const int* chunk_start, int count, int chunks, cudaStream_t stream) {
+  adam32_kernel<T><<<chunks, kThreads, 0, stream>>>(table, chunk_start, count);
+  return static_cast<int>(cudaGetLastError());
 }
 
 template <typename T>
-int adam8_typed(const QfAdam8Tensor* tensors, int count, const float* signed_map, const float* unsigned_map,
-                QfAdamHyper hyper, cudaStream_t stream) {
-  auto fill = [&](Batch8& b, int k, const QfAdam8Tensor& x) {
-    b.p[k] = x.p;
-    b.g[k] = x.g;
-    b.mq[k] = x.m_codes;
-    b.vq[k] = x.v_codes;
-    b.ma[k] = x.m_absmax;
-    b.va[k] = x.v_absmax;
-    b.n[k] = x.n;
-    b.st[k] = step_scalars(b.s, hyper, x.step);
-    b.signed_map = signed_map;
-    b.unsigned_map = unsigned_map;
-  };
-  auto launch = [&](const Batch8& b, int chunks) { adam8bit_kernel<T><<<chunks, kThreads, 0, stream>>>(b); };
-  return launch_batches<Batch8>(tensors, count, kChunk8, fill, launch);
+int launch8(const QfAdam8Entry* table, const int* chunk_start, int count, int chunks, const float* signed_map,
+            const float* unsigned_map, int* nonfinite, cudaStream_t stream) {
+  adam8bit_kernel<T><<<chunks, kThreads, 0, stream>>>(table, chunk_start, count, signed_map, unsigned_map,
+                                                      nonfinite);
+  return static_cast<int>(cudaGetLastError());
 }
 
 }  // namespace
 
-extern "C" int qf_adam32_cuda(const QfAdam32Tensor* tensors, int count, int dtype, QfAdamHyper hyper, void* stream) {
+extern "C" int qf_adam32_cuda(const QfAdam32Entry* table, const int* chunk_start, int count, int chunks, int dtype,
+                              void* stream) {
+  if (count == 0 || chunks == 0) return 0;
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   switch (dtype) {
-    case QF_FLOAT32: return adam32_typed<float>(tensors, count, hyper, s);
-    case QF_BFLOAT16: return adam32_typed<__nv_bfloat16>(tensors, count, hyper, s);
-    case QF_FLOAT16: return adam32_typed<__half>(tensors, count, hyper, s);
+    case QF_FLOAT32: return launch32<float>(table, chunk_start, count, chunks, s);
+    case QF_BFLOAT16: return launch32<__nv_bfloat16>(table, chunk_start, count, chunks, s);
+    case QF_FLOAT16: return launch32<__half>(table, chunk_start, count, chunks, s);
     default: return static_cast<int>(cudaErrorInvalidValue);
   }
 }
 
-extern "C" int qf_adam8bit_cuda(const QfAdam8Tensor* tensors, int count, int dtype, const float* signed_map,
-                                const float* unsigned_map, QfAdamHyper hyper, void* stream) {
+extern "C" int qf_adam8bit_cuda(const QfAdam8Entry* table, const int* chunk_start, int count, int chunks, int dtype,
+                                const float* signed_map, const float* unsigned_map, int* nonfinite, void* stream) {
+  if (count == 0 || chunks == 0) return 0;
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   switch (dtype) {
-    case QF_FLOAT32: return adam8_typed<float>(tensors, count, signed_map, unsigned_map, hyper, s);
-    case QF_BFLOAT16: return adam8_typed<__nv_bfloat16>(tensors, count, signed_map, unsigned_map, hyper, s);
-    case QF_FLOAT16: return adam8_typed<__half>(tensors, count, signed_map, unsigned_map, hyper, s);
+    case QF_FLOAT32: return launch8<float>(table, chunk_start, count, chunks, signed_map, unsigned_map, nonfinite, s);
+    case QF_BFLOAT16:
+      return launch8<__nv_bfloat16>(table, chunk_start, count, chunks, signed_map, unsigned_map, nonfinite, s);
+    case QF_FLOAT16:
+      return launch8<__half>(table, chunk_start, count, chunks, signed_map, unsigned_map, nonfinite, s);
     default: return static_cast<int>(cudaErrorInvalidValue);
   }
 }

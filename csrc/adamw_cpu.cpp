@@ -224,6 +224,54 @@ bool adam8bit_step_checked_cpu(at::TensorList params, at::TensorList grads, at::
   return !all_finite;
 }
 
+bool adam_multi_step_cpu(at::TensorList params, const c10::List<std::optional<at::Tensor>>& grads,
+                         at::TensorList steps, at::TensorList states, const at::Tensor& entries,
+                         at::ArrayRef<double> hyper, bool decoupled, const at::Tensor& signed_map,
+                         const at::Tensor& unsigned_map, const std::optional<at::Tensor>& nonfinite) {
+  const MultiStep step = check_multi_args(params, grads, steps, states, entries, hyper, signed_map, unsigned_map,
+                                          c10::DeviceType::CPU);
+  TORCH_CHECK(!nonfinite.has_value() || !nonfinite->defined(), "nonfinite: CUDA only (the CPU op returns the flag)");
+  const std::vector<int64_t> counts = advance_steps(steps, step);
+  std::shared_ptr<const CodeIndex> signed_index, unsigned_index;
+  if (step.any_8bit) {
+    signed_index = code_index(signed_map.data_ptr<float>());
+    unsigned_index = code_index(unsigned_map.data_ptr<float>());
+  }
+  bool all_finite = true;
+  AdamScalars s{};
+  int64_t scalars_group = -1, scalars_step = -1;  // recomputed only when the group or step changes
+  for (const MultiEntry& e : step.entries) {
+    const at::Tensor& g = step.grads[e.param];
+    if (!g.defined() || e.end == e.start) continue;
+    if (e.group != scalars_group || counts[e.param] != scalars_step) {
+      const double* h = hyper.data() + 5 * e.group;
+      s = make_adam_scalars(h[0], h[1], h[2], h[3], h[4], counts[e.param], decoupled);
+      scalars_group = e.group;
+      scalars_step = counts[e.param];
+    }
+    const at::Tensor& p = params[e.param];
+    const int64_t n = e.end - e.start;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.scalar_type(), "adam_multi_step_cpu", [&] {
+      scalar_t* pp = p.data_ptr<scalar_t>() + e.start;
+      const scalar_t* gp = g.data_ptr<scalar_t>() + e.start;
+      if (e.kind == 0) {
+        adam_tensor_cpu<scalar_t>(s, pp, gp, states[e.state].data_ptr<float>(),
+                                  states[e.state + 1].data_ptr<float>(), n);
+        return;
+      }
+      float* ma = states[e.state + 2].data_ptr<float>();
+      float* va = states[e.state + 3].data_ptr<float>();
+      adam8bit_tensor_cpu<scalar_t>(s, pp, gp, states[e.state].data_ptr<uint8_t>(),
+                                    states[e.state + 1].data_ptr<uint8_t>(), ma, va, signed_map.data_ptr<float>(),
+                                    unsigned_map.data_ptr<float>(), *signed_index, *unsigned_index, n);
+      for (int64_t b = 0, blocks = (n + kQuantBlock - 1) / kQuantBlock; b < blocks; ++b) {
+        all_finite = all_finite && std::isfinite(ma[b]) && std::isfinite(va[b]);
+      }
+    });
+  }
+  return !all_finite;
+}
+
 void adam8bit_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList m_codes,
                        at::TensorList v_codes, at::TensorList m_absmax, at::TensorList v_absmax,
                        const at::Tensor& signed_map, const at::Tensor& unsigned_map,

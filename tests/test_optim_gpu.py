@@ -75,6 +75,58 @@ def test_cuda_8bit_op_matches_cpu_op(seed, dtype, device):
         assert diff.max() <= 1 and (diff > 0).float().mean() < 1e-3
 
 
+def test_cuda_multi_op_matches_cpu_op(seed, device):
+    """The optimizers' one-call step (`adam_multi_step_`: a pinned table, one copy, one launch per
+    state kind and dtype on CUDA) against the CPU op: mixed dtypes, empty and 1-element params, a
+    param split into pages, a param without a gradient, two groups; then the overflow flag."""
+    ops = torch.ops.qlora_fast
+    # (numel, dtype, kind, group, pages)
+    layout = [(0, torch.float32, 0, 0, [(0, 0)]), (1, torch.bfloat16, 1, 1, [(0, 1)]),
+              (4099, torch.float16, 1, 0, [(0, 2048), (2048, 4099)]), (65536 + 13, torch.float32, 0, 1, [(0, 65549)]),
+              (257 * 131, torch.bfloat16, 1, 1, [(0, 257 * 131)]), (1000, torch.float16, 0, 0, [(0, 1000)])]
+    maps = (dynamic_map(True), dynamic_map(False))
+    params = [torch.randn(n).to(dt) for n, dt, *_ in layout]
+    states, rows = [], []
+    for i, (_, _, kind, group, pages) in enumerate(layout):
+        for start, end in pages:
+            rows.append((i, group, kind, start, end, len(states)))
+            n = end - start
+            if kind == 0:
+                states += [torch.randn(n) * 0.1, torch.rand(n) * 0.01]
+            else:
+                (mq, ma), (vq, va) = (quantize_blockwise_ref(torch.randn(n) * 0.1, maps[0]),
+                                      quantize_blockwise_ref(torch.rand(n) * 0.01, maps[1]))
+                states += [mq, vq, ma, va]
+    entries = torch.tensor(rows, dtype=torch.int64)
+    hyper = [1e-2, 0.9, 0.999, 1e-8, 0.01, 3e-3, 0.8, 0.99, 1e-6, 0.1]
+    cpu = [params, [torch.tensor(2.0) for _ in params], states]
+    dev = [[t.clone().to(device) for t in params], [torch.tensor(2.0) for _ in params],
+           [t.clone().to(device) for t in states]]
+    flag = torch.zeros(1, dtype=torch.int32, device=device) if device.type == "cuda" else None
+    for step in range(2):
+        grads = [torch.randn(n).to(dt) for n, dt, *_ in layout]
+        grads[3 + step] = None
+        assert ops.adam_multi_step_(cpu[0], grads, cpu[1], cpu[2], entries, hyper, True, *maps, None) is False
+        ops.adam_multi_step_(dev[0], [None if g is None else g.to(device) for g in grads], dev[1], dev[2], entries,
+                             hyper, True, *(m.to(device) for m in maps), flag)
+    assert [s.item() for s in dev[1]] == [s.item() for s in cpu[1]] == [4, 4, 4, 3, 3, 4]
+    for ours, theirs in zip(dev[0], cpu[0]):
+        ulp = torch.finfo(theirs.dtype).eps
+        assert_close(ours.cpu(), theirs, atol=ulp, rtol=ulp)  # FMA contraction on the GPU: 1 ulp
+    for ours, theirs in zip(dev[2], cpu[2]):
+        if theirs.dtype == torch.uint8:
+            diff = (ours.cpu().int() - theirs.int()).abs()
+            assert diff.numel() == 0 or (diff.max() <= 1 and (diff > 0).float().mean() < 1e-2)
+        else:
+            assert_close(ours.cpu(), theirs, atol=1e-7, rtol=1e-5)
+    if flag is not None:
+        assert flag.item() == 0
+        grads = [torch.randn(n).to(dt).to(device) for n, dt, *_ in layout]
+        grads[2][5] = float("inf")  # overflows the second moment of an 8-bit fp16 param
+        ops.adam_multi_step_(dev[0], grads, dev[1], dev[2], entries, hyper, True, *(m.to(device) for m in maps), flag)
+        assert flag.item() == 1
+
+
 @pytest.mark.parametrize("paged_cls,cls", [(PagedAdamW, AdamW), (PagedAdamW8bit, AdamW8bit)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_paged_quarter_budget_equals_unpaged(seed, paged_cls, cls, dtype, device, monkeypatch):

@@ -5,6 +5,13 @@ host memory, as `torch.optim.Optimizer` subclasses running the fused `qlora_fast
 Every optimizer keeps each parameter's states in pages (`paging.Page`); an unpaged optimizer has
 one page per parameter that never leaves the device, so paged and unpaged share one code path
 and one state_dict format (whole flat tensors per parameter, independent of pages and device).
+
+A step is one call of the multi-tensor op `adam_multi_step_` per device over every param group
+and state kind (C++ loops on the CPU; on CUDA one table copy and one launch per state kind and
+param dtype), with the lists it takes cached (`_DevicePlan`) while the params, their states and
+the pages' places stay the same; step counts are float32 CPU tensors (as in torch's AdamW) that
+the op increments, so the Python work per step is a list of the gradients. Pages on the host are
+streamed through the device afterwards, one per-page op call each.
 """
 import math
 import time
@@ -36,6 +43,50 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 
 
 _PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
+
+
+class _DevicePlan:
+    """The arguments of one device's `adam_multi_step_` that do not change between steps:
+    `owners` (the params, in group order), their step-count tensors, the resident pages' state
+    tensors and the table of (param, group, kind, start, end, state) rows, plus the pages to
+    touch and those to stream (host pages). Valid while `key` matches (`_plan_key`). `held`: the
+    same arguments held in C++ (`MultiStepPlan`), so a step passes only the gradients; None for
+    FSDP2 (DTensor) params, whose local shards are looked up every step."""
+
+    __slots__ = ("key", "owners", "params", "local", "steps", "states", "entries", "touch", "streamed",
+                 "owners8", "nonfinite", "maps", "held")
+
+    def __init__(self, key, optimizer: "_PagedAdamBase", device: torch.device):
+        self.key = key
+        self.owners, self.steps, self.states, self.touch, self.streamed, self.owners8 = [], [], [], [], [], []
+        rows = []
+        for gi, group in enumerate(optimizer.param_groups):
+            for p in group["params"]:
+                state = optimizer.state.get(p)
+                if state is None or "pages" not in state or state["device"] != device:
+                    continue
+                i = len(self.owners)
+                self.owners.append(p)
+                self.steps.append(state["step"])
+                kind = 0 if state["kind"] == "32bit" else 1
+                if kind:
+                    self.owners8.append(state)
+                for page in state["pages"]:
+                    self.touch.append((page, i))
+                    if page.on_device:
+                        rows.append((i, gi, kind, page.start, page.end, len(self.states)))
+                        self.states.extend(page.tensors[name] for name in (STATE8 if kind else STATE32))
+                    else:
+                        self.streamed.append((i, group, state, page))
+        self.local = any(type(p) not in _PLAIN_TENSORS for p in self.owners)  # FSDP2: pass the local shards
+        self.params = [_local(p) for p in self.owners]
+        self.entries = torch.tensor(rows, dtype=torch.int64).reshape(-1, 6)
+        # CUDA: the op sets this flag when a new 8-bit block absmax is not finite (read later, no sync).
+        cuda = device.type == "cuda" and self.owners8
+        self.nonfinite = torch.zeros(1, dtype=torch.int32, device=device) if cuda else None
+        self.maps = optimizer._maps_on(device)
+        self.held = None if self.local else torch.classes.qlora_fast.MultiStepPlan(
+            self.params, self.steps, self.states, self.entries, *self.maps, self.nonfinite)
 
 
 def _as_dtensor_states(state: dict, p) -> dict:
@@ -71,16 +122,6 @@ def _ops(device: torch.device):
         )
     _READY_DEVICE_TYPES.add(device.type)
     return torch.ops.qlora_fast
-
-
-def _bad_gradient(p: torch.Tensor, grad: torch.Tensor) -> None:
-    """Raise the TypeError that says what is wrong with a gradient that failed the fast check."""
-    if grad.is_sparse or grad.layout != torch.strided:
-        raise TypeError("qlora_fast Adam optimizers do not support sparse gradients")
-    if grad.is_complex() or p.is_complex():
-        raise TypeError("qlora_fast Adam optimizers do not support complex parameters or gradients")
-    raise TypeError(f"gradient {grad.dtype} {tuple(grad.shape)} does not match its "
-                    f"parameter {p.dtype} {tuple(p.shape)}")
 
 
 def _check_hyperparameters(lr, betas, eps, weight_decay) -> None:
@@ -135,11 +176,15 @@ class _PagedAdamBase(torch.optim.Optimizer):
         self._managers: Dict[torch.device, PageManager] = {}
         self._maps: Dict[torch.device, tuple] = {}
         self._pending_checks = []  # CUDA: (event, pinned flag, states) of 8-bit updates not yet read
+        self._epoch = 0  # bumped when params or states change other than by a step (plans are rebuilt)
+        self._plans: Dict[torch.device, _DevicePlan] = {}
+        self._stateless = (None, [])  # (key, params without states), re-listed when the key changes
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
+        self._epoch += 1
         group = self.param_groups[-1]
         _check_hyperparameters(group["lr"], group["betas"], group["eps"], group["weight_decay"])
         for p in group["params"]:
@@ -198,7 +243,11 @@ class _PagedAdamBase(torch.optim.Optimizer):
                     for name, t in flat.items()
                 }
             pages.append(manager.add(start, end, tensors))
+        # The step count as a tensor (float32 on the CPU, as torch's AdamW keeps it): the op
+        # increments it, so a step does no per-parameter Python arithmetic.
+        step = torch.tensor(float(step), dtype=torch.float32)
         self.state[p] = {"step": step, "kind": kind, "pages": pages, "device": p.device}
+        self._epoch += 1
 
     def _maps_on(self, device: torch.device):
         maps = self._maps.get(device)
@@ -216,67 +265,75 @@ class _PagedAdamBase(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        work = defaultdict(list)  # device -> [(group, param, grad, state)]
-        state_of = self.state
+        hyper = []
         for group in self.param_groups:
             lr = group["lr"]
             if isinstance(lr, torch.Tensor):
                 lr = group["lr"] = float(lr)
             _check_hyperparameters(lr, group["betas"], group["eps"], group["weight_decay"])
-            for p in group["params"]:
-                grad = p.grad
-                if grad is None:
-                    continue
-                # One cheap test per parameter (the host time of a step over hundreds of small
-                # LoRA tensors is this loop); the detailed checks run only when it fails.
-                if grad.layout is not torch.strided or grad.dtype is not p.dtype or grad.shape != p.shape:
-                    _bad_gradient(p, grad)
-                state = state_of.get(p)
-                if state is None or "pages" not in state:
-                    self._init_state(p)
-                    state = state_of[p]
-                state["step"] += 1
-                work[state["device"]].append((group, p, grad if grad.is_contiguous() else grad.contiguous(), state))
+            hyper += map(float, (lr, *group["betas"], group["eps"], group["weight_decay"]))
+        for p in self._stateless_params():
+            if p.grad is not None:
+                self._init_state(p)
         # Every device's budget is re-read each step, also where no parameter has a gradient.
-        for device in list(self._managers) + [d for d in work if d not in self._managers]:
-            self._step_device(self._manager(device), work.get(device, []))
+        for manager in list(self._managers.values()):
+            self._step_device(manager, hyper)
         return loss
 
-    def _step_device(self, manager: PageManager, items) -> None:
+    def _plan_key(self, manager: PageManager) -> tuple:
+        return (self._epoch, manager.version, id(self.state), len(self.state), len(self.param_groups))
+
+    def _stateless_params(self) -> list:
+        """The params that have no states yet (listed again only when states or groups change)."""
+        key = (self._epoch, id(self.state), len(self.state), len(self.param_groups))
+        if self._stateless[0] != key:
+            state_of = self.state
+            params = [p for g in self.param_groups for p in g["params"] if "pages" not in state_of.get(p, ())]
+            self._stateless = (key, params)
+        return self._stateless[1]
+
+    def _step_device(self, manager: PageManager, hyper: list) -> None:
         stats = StepStats()
         host_t0 = time.perf_counter()
-        with timed(stats, "total_s", manager):
-            with timed(stats, "plan_s", manager):
-                manager.plan(stats)
-            resident = defaultdict(list)  # (group id, kind) -> [(param view, grad view, state, page)]
-            streamed = []
-            paged = manager.paged  # recency only matters for eviction
-            for group, p, grad, state in items:
-                key = (id(group), state["kind"])
-                pages = state["pages"]
-                if len(pages) == 1 and pages[0].on_device:
-                    # A whole-tensor page: the op takes the parameter and gradient as they are.
-                    page = pages[0]
-                    if paged:
-                        manager.touch(page)
-                    resident[key].append((group, _local(p), _local(grad), state, page))
-                    continue
-                pflat, gflat = _local(p.detach()).view(-1), _local(grad).view(-1)
-                for page in pages:
-                    manager.touch(page)
-                    entry = (group, pflat[page.start:page.end], gflat[page.start:page.end], state, page)
-                    (resident[key] if page.on_device else streamed).append(entry)
-            with timed(stats, "resident_update_s", manager):
-                for (_, kind), entries in resident.items():
-                    self._update(manager.device, kind, entries[0][0], entries, [e[4].tensors for e in entries])
-            with timed(stats, "streamed_update_s", manager):
-                by_page = {id(e[4]): e for e in streamed}
+        device = manager.device
+        with timed(stats, "plan_s", manager):
+            manager.plan(stats)
+        plan = self._plans.get(device)
+        key = self._plan_key(manager)
+        if plan is None or plan.key != key:
+            _ops(device)  # the extension loaded (and its CUDA kernels found) before the plan holds its class
+            plan = self._plans[device] = _DevicePlan(key, self, device)
+        if plan.local:
+            grads = [_local(p.grad) for p in plan.owners]
+            params = [_local(p) for p in plan.owners]
+        else:
+            grads = [p.grad for p in plan.owners]
+            params = plan.params
+        if manager.paged:
+            manager.touch_used(plan.touch, grads)  # recency only matters for eviction
+        with timed(stats, "resident_update_s", manager):
+            # One call for every resident page; it checks every gradient before changing anything.
+            if plan.held is not None:
+                nonfinite = plan.held.step(grads, hyper, self._decoupled)
+            else:
+                nonfinite = _ops(device).adam_multi_step_(params, grads, plan.steps, plan.states, plan.entries, hyper,
+                                                          self._decoupled, *plan.maps, plan.nonfinite)
+            if nonfinite:
+                self._raise_non_finite(plan.owners8)
+            if plan.nonfinite is not None:
+                self._queue_check(plan.nonfinite[0].ne(0), plan.owners8)
+        with timed(stats, "streamed_update_s", manager):
+            streamed = [e for e in plan.streamed if grads[e[0]] is not None]
+            by_page = {id(e[3]): e for e in streamed}
 
-                def update(page, device_tensors):
-                    e = by_page[id(page)]
-                    self._update(manager.device, e[3]["kind"], e[0], [e], [device_tensors])
+            def update(page, device_tensors):
+                i, group, state, _ = by_page[id(page)]
+                grad = grads[i].reshape(-1)
+                pflat = params[i].detach().view(-1)
+                entry = (group, pflat[page.start:page.end], grad[page.start:page.end], state, page)
+                self._update(device, state["kind"], group, [entry], [device_tensors])
 
-                manager.stream([e[4] for e in streamed], update, stats)
+            manager.stream([e[3] for e in streamed], update, stats)
         stats.host_s = time.perf_counter() - host_t0
         manager.finish_step(stats)
 
@@ -284,7 +341,7 @@ class _PagedAdamBase(torch.optim.Optimizer):
         ops = _ops(device)
         beta1, beta2 = group["betas"]
         args = ([e[1] for e in entries], [e[2] for e in entries])
-        steps = [e[3]["step"] for e in entries]
+        steps = [int(e[3]["step"]) for e in entries]
         hyper = (float(group["lr"]), float(beta1), float(beta2), float(group["eps"]),
                  float(group["weight_decay"]), self._decoupled)
         if kind == "32bit":
@@ -315,6 +372,11 @@ class _PagedAdamBase(torch.optim.Optimizer):
             if flag.item():
                 self._raise_non_finite(owners, states)
             return
+        self._queue_check(flag, owners)
+
+    def _queue_check(self, flag: torch.Tensor, owners) -> None:
+        """CUDA: copy a device flag (non-finite 8-bit state) to the host without a sync; it is
+        read at the next `step` or `state_dict`."""
         host = torch.empty((), dtype=torch.bool, pin_memory=True)
         host.copy_(flag, non_blocking=True)
         event = torch.cuda.Event()
@@ -348,7 +410,7 @@ class _PagedAdamBase(torch.optim.Optimizer):
             pages = [tensors] if tensors is not None else [pg.tensors for pg in state["pages"]]
             if any(not torch.isfinite(t[name]).all() for t in pages for name in ("exp_avg_absmax", "exp_avg_sq_absmax")):
                 gi, pi, p = where[id(state)]
-                bad.append(f"param_groups[{gi}]['params'][{pi}] (shape {tuple(p.shape)}, step {state['step']})")
+                bad.append(f"param_groups[{gi}]['params'][{pi}] (shape {tuple(p.shape)}, step {int(state['step'])})")
         raise FloatingPointError(
             f"{type(self).__name__}: the 8-bit state of {', '.join(bad) or 'a parameter'} is no longer finite: "
             "a gradient element above ~5.8e20 (sqrt(float32 max / (1 - beta2))) or inf overflows the "
@@ -361,7 +423,7 @@ class _PagedAdamBase(torch.optim.Optimizer):
     def _flat_state(self, state: dict) -> dict:
         """Whole-tensor states of one parameter (pages joined; on the host when paged)."""
         pages = state["pages"]
-        out = {"step": state["step"], "kind": state["kind"]}
+        out = {"step": state["step"].clone(), "kind": state["kind"]}  # a copy: the live count moves on
         for name in pages[0].tensors:
             parts = [pg.tensors[name] for pg in pages]
             if len(parts) == 1 and not self._paged:
@@ -396,6 +458,7 @@ class _PagedAdamBase(torch.optim.Optimizer):
             manager.clear()
         super().load_state_dict({**state_dict, "state": {}})
         self.state = defaultdict(dict)
+        self._epoch += 1
         params = list(chain.from_iterable(g["params"] for g in self.param_groups))
         for p, loaded in zip(params, flats):
             if loaded is not None:

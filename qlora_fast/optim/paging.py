@@ -119,6 +119,9 @@ class PageManager:
         self._resident = 0  # bytes of the pages on the device, kept by add/_move/clear (no re-summing)
         self._host_pages = 0  # pages on the host, kept likewise (plan's fast path)
         self.clock = 0
+        # Bumped whenever a page is added, dropped or moved (its tensors replaced): the optimizer
+        # caches the lists it passes to its step op while this stays the same.
+        self.version = 0
         self.totals = PagingTotals()
         self._staging: Dict[tuple, List[torch.Tensor]] = {}
         self._h2d_stream = None  # CUDA: copies into the staging slots
@@ -156,6 +159,7 @@ class PageManager:
         """Register a new page whose `tensors` are on the device; it moves to the host if the
         budget has no room for it."""
         page = Page(start, end, tensors, on_device=True, last_used=self.clock)
+        self.version += 1
         budget = self.budget_bytes()
         self.pages.append(page)
         self._resident += page.nbytes
@@ -166,12 +170,14 @@ class PageManager:
     def clear(self) -> None:
         """Forget every page (the optimizer is about to load other states)."""
         self.pages.clear()
+        self.version += 1
         self._resident = 0
         self._host_pages = 0
 
     def _move(self, page: Page, to_device: bool, stats: Optional[StepStats]) -> None:
         if page.on_device == to_device:
             return
+        self.version += 1
         if to_device:
             page.tensors = {k: t.to(self.device, non_blocking=True) for k, t in page.tensors.items()}
         else:
@@ -212,6 +218,16 @@ class PageManager:
     def touch(self, page: Page) -> None:
         self.clock += 1
         page.last_used = self.clock
+
+    def touch_used(self, pages, grads) -> None:
+        """`touch` each page of `pages` ((page, owner index) pairs, in order) whose owner has a
+        gradient in `grads`: one loop for a whole step."""
+        clock = self.clock
+        for page, owner in pages:
+            if grads[owner] is not None:
+                clock += 1
+                page.last_used = clock
+        self.clock = clock
 
     # ---- streaming ---------------------------------------------------------------------
     def _prepare_slots(self, pages: List[Page]) -> None:
