@@ -54,6 +54,13 @@ def random_grads(params, steps):
 
 
 # ---- the extension and the 8-bit code ----------------------------------------------------
+@pytest.fixture(autouse=True)
+def ops_registered():
+    """Tests that call torch.ops.qlora_fast directly need the library loaded, whichever test runs first."""
+    import qlora_fast
+
+    qlora_fast.load_extension()
+
 
 def test_extension_loads_and_registers_ops():
     import qlora_fast
