@@ -162,12 +162,12 @@ class MatMul4bitFunction(torch.autograd.Function):
         # `plan`: matmul_4bit's dispatch decision (`_dispatch`), made once per call
         plan = _dispatch(x, packed, quant_state) if plan is None else plan
         # the frozen weight is referenced, not saved: it never changes and needs no version check
-        ctx.weight = (packed, quant_state, plan)
+        ctx.weight, ctx.plan = (packed, quant_state), plan
         return _matmul_4bit(x, packed, quant_state, bias, False, plan)
 
     @staticmethod
     def backward(ctx, grad_out):
-        packed, quant_state, plan = ctx.weight
+        (packed, quant_state), plan = ctx.weight, ctx.plan
         if plan is not None and tracing():  # an eager forward whose backward is traced (compiled autograd)
             plan = None
         need = ctx.needs_input_grad
@@ -302,14 +302,14 @@ class LoRALinearFunction(torch.autograd.Function):
         x_adapter = None if dropout_mask is None else x * dropout_mask
         y, xa = _lora_forward(x, weight, quant_state, lora_A, lora_B, scale, bias, x_adapter, plan)
         ctx.save_for_backward(x if x_adapter is None else x_adapter, xa, lora_A, lora_B, dropout_mask)
-        ctx.weight = (weight, quant_state, plan)
+        ctx.weight, ctx.plan = (weight, quant_state), plan
         ctx.scale = scale
         return y
 
     @staticmethod
     def backward(ctx, grad_out):
         x_adapter, xa, lora_A, lora_B, mask = ctx.saved_tensors
-        weight, quant_state, plan = ctx.weight
+        (weight, quant_state), plan = ctx.weight, ctx.plan
         if plan is not None and tracing():  # an eager forward whose backward is traced (compiled autograd)
             plan = None
         need = ctx.needs_input_grad
