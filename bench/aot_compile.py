@@ -18,7 +18,8 @@ bias, rank and dropout rotate over those cases (see `scenarios`). A `*_kernel` t
 launches is an error (UNCOVERED): a new kernel gets a scenario or the gate fails.
 
 One line per specialization and target: registers, spill stores (ptxas -v; the stack frame is
-shown apart, as a call's frame such as div.rn's slow path is no spill), shared memory, tl.dot lowering (wgmma / mma / none: FMA), global load widths in the PTX
+shown apart, as a call's frame such as div.rn's slow path is no spill), shared memory, tl.dot lowering
+(wgmma / mma / none: FMA), global load widths in the PTX
 (`ld`: bytes x count, `cp.async`: bytes x count) and SASS instructions per weight element of the
 hot loop (the innermost loop's instructions over the elements one iteration handles; the whole
 kernel for loop-free kernels; thread instructions, an issue-slot estimate). Exit status 1 on
@@ -30,7 +31,8 @@ Run (any environment with torch and triton; TRITON_INTERPRET is ignored):
     python bench/aot_compile.py -k nf4_matmul --arch 90 --list
     make aot36                                         # --quick for sm_90 under triton 3.6 (the GPU image's)
 Options: -k SUBSTR (only kernels whose module.name contains it), --arch 80/90, --list (enumerate
-only), --limit N (the first N specializations), --jobs N, --kernels-dir DIR (another copy of kernels/, e.g. an older commit's: `git show REV:kernels/F`).
+only), --limit N (the first N specializations), --jobs N, --kernels-dir DIR (another copy of kernels/,
+e.g. an older commit's: `git show REV:kernels/F`).
 Each line: `sm_XX ok|FAIL... module.kernel [constexprs] ptrs=... | figures | seconds <- first scenario`;
 then a markdown table per kernel and target (`--summarize LOG` prints it again from a saved output).
 """
@@ -51,7 +53,9 @@ import time
 os.environ.pop("TRITON_INTERPRET", None)  # the launchers must take their GPU paths
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 os.environ["TRITON_ALWAYS_COMPILE"] = "1"  # ptxas must run (its -v log gives the spills), no cache hits
-os.environ["TRITON_DUMP_PTXAS_LOG"] = "1"  # printed by triton's make_cubin: captured per compile  # triton 3.9's default, stated (silences its warning)
+os.environ["TRITON_DUMP_PTXAS_LOG"] = (
+    "1"  # printed by triton's make_cubin: captured per compile  # triton 3.9's default, stated (silences its warning)
+)
 
 import torch  # noqa: E402
 import triton  # noqa: E402
@@ -181,7 +185,9 @@ def scenarios(mods, quick):
 
     # dequantize (public and the matmul's workspace one): every blocksize, nested or not, the
     # output dtype rotating, and every dtype at the smallest and largest blocksize
-    cases = [(bs, nested, pick(dtypes, i)) for i, (bs, nested) in enumerate(itertools.product(blocksizes, (False, True)))]
+    cases = [
+        (bs, nested, pick(dtypes, i)) for i, (bs, nested) in enumerate(itertools.product(blocksizes, (False, True)))
+    ]
     cases += [(bs, nested, dt) for bs in (blocksizes[0], blocksizes[-1]) for nested in (False, True) for dt in dtypes
               if (bs, nested, dt) not in cases]
     for i, (bs, nested, dt) in enumerate(cases):
@@ -305,7 +311,10 @@ def _load_widths(ptx):
         vec = re.search(r"\.v(\d)", quals)
         bits = re.search(r"\.[bufs](\d+)\b", quals)
         ld[(int(vec.group(1)) if vec else 1) * (int(bits.group(1)) // 8 if bits else 4)] += 1
-    cp = collections.Counter(int(m.group(1), 0) for m in re.finditer(r"cp\.async\.c[ag]\.shared\.global[^;]*?,\s*(0x[0-9a-f]+|\d+)\s*[;,]", ptx))
+    cp = collections.Counter(
+        int(m.group(1), 0)
+        for m in re.finditer(r"cp\.async\.c[ag]\.shared\.global[^;]*?,\s*(0x[0-9a-f]+|\d+)\s*[;,]", ptx)
+    )
     fmt = lambda c: " ".join(f"{w}Bx{n}" for w, n in sorted(c.items(), reverse=True)) or "-"
     return f"ld {fmt(ld)}" + (f" | cp.async {fmt(cp)}" if cp else "")
 
@@ -437,8 +446,11 @@ def main(argv=None):
                 if r["shared"] > SMEM_LIMIT[arch]:
                     problems.append(f"smem {r['shared'] // 1024} KB > {SMEM_LIMIT[arch] // 1024} KB")
                 status = "FAIL " + "; ".join(problems) if problems else "ok"
-                line = (f"regs={r['regs']} spills={r['spills']}B stack={r['stack']}B smem={r['shared'] / 1024:.1f}KB dot={r['dot']} "
-                        f"sass={r['sass']} {r['loads']}")
+                line = (
+                    f"regs={r['regs']} spills={r['spills']}B stack={r['stack']}B smem={r['shared'] / 1024:.1f}KB "
+                    f"dot={r['dot']} "
+                    f"sass={r['sass']} {r['loads']}"
+                )
             if status != "ok":
                 failures[(name, arch)] += 1
             lines.append(f"sm_{arch} {status:4} {describe(key)} | {line} | {r['seconds']:.1f}s <- {rec.origin[key]}")

@@ -25,7 +25,11 @@ def run_one(name: str, seed: int, steps: int) -> str:
 
     started = time.time()
     corpus = load_corpus()
-    tok = ByteTokenizer() if name == "byte" else BPETokenizer.train([corpus], int(name[3:]), pattern="cl100k", progress=False)
+    tok = (
+        ByteTokenizer()
+        if name == "byte"
+        else BPETokenizer.train([corpus], int(name[3:]), pattern="cl100k", progress=False)
+    )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(replace(BASE_CONFIG, vocab_size=tok.vocab_size))
     pretrain(model, torch.tensor(tok.encode(corpus)), PretrainRecipe(seed=seed), progress=False)
@@ -47,7 +51,9 @@ def run_one(name: str, seed: int, steps: int) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     parser.add_argument("--tokenizers", nargs="+", default=["byte", "bpe320", "bpe384", "bpe512"],
                         help="'byte' or 'bpe<vocab size>' (trained on the shipped corpus, cl100k pattern)")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0], help="pretraining and tuning seeds")

@@ -15,12 +15,11 @@ Run `pytest bench/bench_lora.py --benchmark-only` for pytest-benchmark tables, o
 
 import pytest
 import torch
+from timing import run_times
 from torch import nn
 
 from qlora_fast.functional import matmul_4bit
 from qlora_fast.nn import LoRALinear, QLoRALinear
-
-from timing import run_times
 
 TOKENS, IN, OUT, RANK, DROPOUT = 512, 1024, 1024, 16, 0.05
 
@@ -105,8 +104,8 @@ def make_decode(provider):
 
         packed, state = quantize_4bit(w, 64, "nf4", True)
         return lambda: matmul_4bit(x, packed, state)
-    import bitsandbytes.functional as F
     import bitsandbytes as bnb
+    import bitsandbytes.functional as F
 
     packed, state = F.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True)
     return lambda: bnb.matmul_4bit(x, packed.t(), state)
@@ -141,7 +140,9 @@ def main():
         print(f"ratio qlora qlora_fast / peft-style+bnb : "
               f"{results['qlora qlora_fast'] / results['qlora peft-style+bnb']:.2f}")
     ours, theirs = _time(make_decode("qlora_fast"), 20), _time(make_decode("bitsandbytes"), 20)
-    print(f"decode M=1 2048x2048 NF4: qlora_fast {ours:.3f} ms, bitsandbytes {theirs:.3f} ms, ratio {ours / theirs:.2f}")
+    print(
+        f"decode M=1 2048x2048 NF4: qlora_fast {ours:.3f} ms, bitsandbytes {theirs:.3f} ms, ratio {ours / theirs:.2f}"
+    )
 
 
 if __name__ == "__main__":

@@ -16,10 +16,9 @@ import time  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from timing import median, run_times  # noqa: E402
 
 from qlora_fast.functional import dequantize_4bit, quantize_4bit  # noqa: E402
-
-from timing import median, run_times  # noqa: E402
 
 SHAPES = [((1024, 1024), torch.float32), ((4096, 1024), torch.bfloat16)]
 INTERPRETER_SHAPE = ((256, 256), torch.float32)
@@ -109,7 +108,11 @@ def main():
         results = {name: (_median_ms(q, 5), _median_ms(d, 5)) for name, (q, d) in thunks.items()}
         peer = results.get(BNB)
         for name, (q_ms, d_ms) in results.items():
-            ratio = f"  (x{q_ms / peer[0]:.2f} / x{d_ms / peer[1]:.2f} the time of bitsandbytes)" if peer and name != BNB else ""
+            ratio = (
+                f"  (x{q_ms / peer[0]:.2f} / x{d_ms / peer[1]:.2f} the time of bitsandbytes)"
+                if peer and name != BNB
+                else ""
+            )
             print(f"{_label(shape, dtype):<18} {name:<34} quantize {q_ms:9.2f}  dequantize {d_ms:9.2f}{ratio}")
 
 

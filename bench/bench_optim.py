@@ -11,10 +11,9 @@ import time
 
 import pytest
 import torch
+from timing import median, run_times
 
 from qlora_fast.optim import AdamW, AdamW8bit, PagedAdamW, PagedAdamW8bit
-
-from timing import median, run_times
 
 SHAPES = [(512, 1031)] * 8
 
@@ -37,8 +36,12 @@ PROVIDERS = {
     "qlora_fast AdamW": lambda ps: AdamW(ps, lr=1e-3),
     "qlora_fast AdamW8bit": lambda ps: AdamW8bit(ps, lr=1e-3),
     # Budget half of the states: half the pages are streamed through the staging slots each step.
-    "qlora_fast PagedAdamW (half resident)": lambda ps: PagedAdamW(ps, lr=1e-3, budget=state_bytes_fp32() // 2, page_bytes=1 << 20),
-    "qlora_fast PagedAdamW8bit (half resident)": lambda ps: PagedAdamW8bit(ps, lr=1e-3, budget=state_bytes_fp32() // 8, page_bytes=1 << 20),
+    "qlora_fast PagedAdamW (half resident)": lambda ps: PagedAdamW(
+        ps, lr=1e-3, budget=state_bytes_fp32() // 2, page_bytes=1 << 20
+    ),
+    "qlora_fast PagedAdamW8bit (half resident)": lambda ps: PagedAdamW8bit(
+        ps, lr=1e-3, budget=state_bytes_fp32() // 8, page_bytes=1 << 20
+    ),
 }
 
 

@@ -17,11 +17,10 @@ import random
 import time
 
 import pytest
+from timing import run_times
 
 from qlora_fast.tokenizer import BPETokenizer
 from qlora_fast.tokenizer import bpe as bpe_module
-
-from timing import run_times
 
 VOCAB_SIZE = 4096
 _HERE = os.path.dirname(os.path.abspath(__file__))
@@ -158,7 +157,10 @@ def main():
     corpus_mb = sum(len(t.encode("utf-8")) for t in texts) / 1e6
     t_train = _best(lambda: BPETokenizer.train(texts, VOCAB_SIZE, pattern="gpt2", progress=False), rounds=2)
     t_hf = _best(lambda: train_hf(texts), rounds=2)
-    print(f"train {corpus_mb:.2f} MB to vocab {VOCAB_SIZE}: qlora_fast {t_train:.2f} s, HF tokenizers {t_hf:.2f} s (ours takes {t_train / t_hf:.2f}x HF's time)")
+    print(
+        f"train {corpus_mb:.2f} MB to vocab {VOCAB_SIZE}: qlora_fast {t_train:.2f} s, HF tokenizers {t_hf:.2f} s "
+        f"(ours takes {t_train / t_hf:.2f}x HF's time)"
+    )
 
 
 if __name__ == "__main__":

@@ -254,7 +254,9 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--areas", nargs="*", default=AREAS, help=f"areas to run (default {AREAS}; also {EXTRA_AREAS})")
     parser.add_argument("--tiny", action="store_true", help="CPU rehearsal: tiny shapes, Triton interpreter")
-    parser.add_argument("--out-dir", default=None, help="append the log to OUT/bench.log and records to OUT/results.jsonl")
+    parser.add_argument(
+        "--out-dir", default=None, help="append the log to OUT/bench.log and records to OUT/results.jsonl"
+    )
     args = parser.parse_args(argv)
     unknown = sorted(set(args.areas) - set(AREAS + EXTRA_AREAS))
     if unknown:

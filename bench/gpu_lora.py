@@ -25,7 +25,9 @@ REL = 2e-2  # bf16 products over K = 4096 and 4-bit weights: relative error well
 def _peft(base):
     from peft import LoraConfig, get_peft_model
 
-    model = get_peft_model(nn.Sequential(base), LoraConfig(r=R, lora_alpha=ALPHA, target_modules=["0"], lora_dropout=0.0))
+    model = get_peft_model(
+        nn.Sequential(base), LoraConfig(r=R, lora_alpha=ALPHA, target_modules=["0"], lora_dropout=0.0)
+    )
     for name, p in model.named_parameters():
         if "lora_B" in name:
             nn.init.normal_(p, std=0.02)  # PEFT starts B at zero: the adapter path would compute nothing

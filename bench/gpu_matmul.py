@@ -78,7 +78,11 @@ def run(bench):
                     sets = [(x, *w) for w in ws]
                     ms, host = bench.time(fn, sets)
                     times[name] = ms
-                    vs = {f"speedup_vs_{k.replace(' ', '_')}": v / ms for k, v in times.items() if not k.startswith("qlora")}
+                    vs = {
+                        f"speedup_vs_{k.replace(' ', '_')}": v / ms
+                        for k, v in times.items()
+                        if not k.startswith("qlora")
+                    }
                     bench.record(case, name, ms=ms, host_us=host, x_copy_floor=ms / floor_ms, **vs)
                     bench.close(fn(*sets[0]), want, REL, f"{case} {name}")
             if "qlora_fast fused" in times and "qlora_fast dequant+cuBLAS" in times:

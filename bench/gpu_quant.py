@@ -104,7 +104,9 @@ def _case(bench, case, shape, quant_type, nested, peers, quantize_4bit, dequanti
                       f"dequantize {row['dequant_ms'] / ours['dequant_ms']:.2f}x")
             if name == "bitsandbytes":
                 diff = int((q[0].reshape(-1) != packed.reshape(-1)).sum())
-                bench.check(f"{case}: bitsandbytes packed == ours", diff == 0, f"{diff} of {packed.numel()} bytes differ")
+                bench.check(
+                    f"{case}: bitsandbytes packed == ours", diff == 0, f"{diff} of {packed.numel()} bytes differ"
+                )
             else:
                 theirs = peer_dequantize(q).float()
                 err = ((theirs - x.float()).norm() / x.float().norm()).item()

@@ -333,7 +333,13 @@ def dequantize_4bit(
         raise ValueError("double-quantized absmax needs nested_absmax, nested_code and offset together")
     if (absmax.dtype == torch.uint8) != nested:
         raise TypeError(f"absmax must be uint8 with nested statistics and float32 without, got {absmax.dtype}")
-    for name, t in (("absmax", absmax), ("code", code), ("nested_absmax", nested_absmax), ("nested_code", nested_code), ("offset", offset)):
+    for name, t in (
+        ("absmax", absmax),
+        ("code", code),
+        ("nested_absmax", nested_absmax),
+        ("nested_code", nested_code),
+        ("offset", offset),
+    ):
         if t is not None:
             _check_device(name, t, packed.device)
     if out is None:

@@ -30,7 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Fine-tune large language models on small hardware: NF4 quantization, "
         "fused LoRA/QLoRA, paged optimizers, SFT and GRPO trainers.",
     )
-    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error (also QLORA_FAST_DEBUG=1)")
+    parser.add_argument(
+        "--debug", action="store_true", help="show the full traceback of an error (also QLORA_FAST_DEBUG=1)"
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for name in COMMANDS:

@@ -32,7 +32,9 @@ def check_options(blocksize, quant_type, where: str = "") -> None:
     if isinstance(blocksize, bool) or not isinstance(blocksize, int):
         raise TypeError(f"{where}blocksize must be an int, got {type(blocksize).__name__}")
     if not (MIN_BLOCKSIZE <= blocksize <= MAX_BLOCKSIZE) or blocksize & (blocksize - 1):
-        raise ValueError(f"{where}blocksize must be a power of two from {MIN_BLOCKSIZE} to {MAX_BLOCKSIZE}, got {blocksize}")
+        raise ValueError(
+            f"{where}blocksize must be a power of two from {MIN_BLOCKSIZE} to {MAX_BLOCKSIZE}, got {blocksize}"
+        )
     if quant_type not in QUANT_TYPES:
         raise ValueError(f"{where}quant_type must be one of {QUANT_TYPES}, got {quant_type!r}")
 
@@ -240,7 +242,11 @@ class QuantState:
             d.update(fields)
         for key in ("absmax", "quant_map", "quant_type", "blocksize", "dtype", "shape"):
             if key not in d:
-                hint = " (or the packed 'quant_state.bitsandbytes__<type>' entry)" if key not in ("absmax", "quant_map") else ""
+                hint = (
+                    " (or the packed 'quant_state.bitsandbytes__<type>' entry)"
+                    if key not in ("absmax", "quant_map")
+                    else ""
+                )
                 raise ValueError(f"quant state dict is missing {where + key!r}{hint}")
         if d["quant_type"] not in QUANT_TYPES:
             raise ValueError(f"{where}quant_type must be one of {QUANT_TYPES}, got {d['quant_type']!r}")

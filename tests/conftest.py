@@ -10,7 +10,6 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-
 # The one device switch of the kernel tests: QLORA_FAST_TEST_DEVICE (cpu or cuda). The default is the
 # CPU under the interpreter, else CUDA. bench/gpu_check.sh runs the same tests with
 # QLORA_FAST_TEST_DEVICE=cuda TRITON_INTERPRET=0; `--gpu-rehearsal` runs the gpu-marked tests on the CPU.

@@ -94,9 +94,16 @@ def test_stale_temporaries_of_killed_writers_are_cleaned(tmp_path):
 def test_output_lock_refuses_a_second_run_and_survives_a_kill(tmp_path):
     out = tmp_path / "out"
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from qlora_fast.utils import output_lock\n"
-         f"with output_lock({str(out)!r}):\n    print('locked', flush=True); time.sleep(60)"],
-        stdout=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONPATH=os.getcwd() + os.pathsep + os.environ.get("PYTHONPATH", "")))
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from qlora_fast.utils import output_lock\n"
+            f"with output_lock({str(out)!r}):\n    print('locked', flush=True); time.sleep(60)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=dict(os.environ, PYTHONPATH=os.getcwd() + os.pathsep + os.environ.get("PYTHONPATH", "")),
+    )
     try:
         assert holder.stdout.readline().strip() == "locked"
         with pytest.raises(BlockingIOError, match=f"in use by another run \\(pid {holder.pid}\\)"):
@@ -187,19 +194,30 @@ def test_unreadable_checkpoint_names_the_file_and_a_failed_load_changes_nothing(
 
 
 # ------------------------------------------------------------------------------ hyperparameters
-@pytest.mark.parametrize("overrides,error,named", [
-    (dict(max_grad_norm=-1.0), ValueError, "max_grad_norm"), (dict(max_grad_norm=float("nan")), ValueError, "max_grad_norm"),
-    (dict(max_grad_norm=0.0), ValueError, "max_grad_norm"), (dict(lr=0.0), ValueError, "lr"),
-    (dict(lr=float("nan")), ValueError, "lr"), (dict(lr=float("inf")), ValueError, "lr"),
-    (dict(weight_decay=float("nan")), ValueError, "weight_decay"), (dict(weight_decay=-0.1), ValueError, "weight_decay"),
-    (dict(min_lr_ratio=1.5), ValueError, "min_lr_ratio"), (dict(min_lr_ratio=float("nan")), ValueError, "min_lr_ratio"),
-    (dict(batch_size=True), TypeError, "batch_size"), (dict(warmup_steps=2.5), TypeError, "warmup_steps"),
-    (dict(eval_every=True), TypeError, "eval_every"), (dict(seed="0"), TypeError, "seed"),
-    (dict(packing="yes"), TypeError, "packing"), (dict(lr="1e-3"), TypeError, "lr"),
-    (dict(prompt_template="{output}"), ValueError, "prompt_template"),
-    (dict(prompt_template="{instruction} {answer}"), ValueError, "prompt_template"),
-    (dict(output_dir=3), TypeError, "output_dir"),
-])
+@pytest.mark.parametrize(
+    "overrides,error,named",
+    [
+        (dict(max_grad_norm=-1.0), ValueError, "max_grad_norm"),
+        (dict(max_grad_norm=float("nan")), ValueError, "max_grad_norm"),
+        (dict(max_grad_norm=0.0), ValueError, "max_grad_norm"),
+        (dict(lr=0.0), ValueError, "lr"),
+        (dict(lr=float("nan")), ValueError, "lr"),
+        (dict(lr=float("inf")), ValueError, "lr"),
+        (dict(weight_decay=float("nan")), ValueError, "weight_decay"),
+        (dict(weight_decay=-0.1), ValueError, "weight_decay"),
+        (dict(min_lr_ratio=1.5), ValueError, "min_lr_ratio"),
+        (dict(min_lr_ratio=float("nan")), ValueError, "min_lr_ratio"),
+        (dict(batch_size=True), TypeError, "batch_size"),
+        (dict(warmup_steps=2.5), TypeError, "warmup_steps"),
+        (dict(eval_every=True), TypeError, "eval_every"),
+        (dict(seed="0"), TypeError, "seed"),
+        (dict(packing="yes"), TypeError, "packing"),
+        (dict(lr="1e-3"), TypeError, "lr"),
+        (dict(prompt_template="{output}"), ValueError, "prompt_template"),
+        (dict(prompt_template="{instruction} {answer}"), ValueError, "prompt_template"),
+        (dict(output_dir=3), TypeError, "output_dir"),
+    ],
+)
 def test_sft_config_rejects_every_bad_hyperparameter(overrides, error, named):
     with pytest.raises(error, match=f"SFTConfig.{named}"):
         SFTConfig(**overrides)
@@ -247,7 +265,9 @@ def test_a_nan_adapter_is_never_written(tmp_path):
 
 # ------------------------------------------------------------------------------ files and caches
 def test_truncated_model_files_are_named_and_a_corrupt_base_cache_is_rebuilt(tmp_path):
-    config = LlamaConfig(hidden_size=16, intermediate_size=32, num_layers=1, num_heads=2, num_kv_heads=1, max_seq_len=64)
+    config = LlamaConfig(
+        hidden_size=16, intermediate_size=32, num_layers=1, num_heads=2, num_kv_heads=1, max_seq_len=64
+    )
     recipe = PretrainRecipe(steps=1, batch_size=2, seq_len=16, warmup=1)
     model, _ = load_base_model(cache_dir=str(tmp_path), progress=False, recipe=recipe, config=config, tokenizer="byte")
     (entry,) = [d for d in os.listdir(tmp_path) if d.startswith("base-")]
@@ -256,7 +276,9 @@ def test_truncated_model_files_are_named_and_a_corrupt_base_cache_is_rebuilt(tmp
     with pytest.raises(ValueError, match=f"model weights '{weights}' are unreadable"):
         load_model(str(tmp_path / entry))
     with pytest.warns(UserWarning, match=f"cached base model in {tmp_path / entry} is unreadable"):
-        again, _ = load_base_model(cache_dir=str(tmp_path), progress=False, recipe=recipe, config=config, tokenizer="byte")
+        again, _ = load_base_model(
+            cache_dir=str(tmp_path), progress=False, recipe=recipe, config=config, tokenizer="byte"
+        )
     for (n, a), (_, b) in zip(model.state_dict().items(), again.state_dict().items()):
         assert torch.equal(a, b), n  # rebuilt deterministically
     assert isinstance(load_model(str(tmp_path / entry)), LlamaForCausalLM)  # and the cache is whole again
@@ -274,7 +296,9 @@ def test_truncated_tokenizer_is_named_and_a_corrupt_bpe_cache_is_rebuilt(tmp_pat
     with pytest.raises(ValueError, match=f"tokenizer '{cached}' is not valid JSON"):
         BPETokenizer.load(cached)
     with pytest.warns(UserWarning, match=f"cached tokenizer {cached} is unreadable"):
-        again = load_shipped_bpe(vocab_size=280, cache_dir=str(tmp_path / "cache"), progress=False, corpus_path=str(corpus))
+        again = load_shipped_bpe(
+            vocab_size=280, cache_dir=str(tmp_path / "cache"), progress=False, corpus_path=str(corpus)
+        )
     assert again.mergeable_ranks == tok.mergeable_ranks
     assert BPETokenizer.load(cached).mergeable_ranks == tok.mergeable_ranks
 
@@ -317,14 +341,22 @@ def test_cli_errors_are_one_line_before_any_work(tmp_path, capsys):
         (["finetune", "--device", "gpu0"], "qlora-fast finetune: error: --device must be"),
         (["finetune", "--output", str(blocker / "out")], "qlora-fast finetune: error: --output"),
         (["finetune", "--output", str(tmp_path / "o"), "--resume"], "there is no checkpoint-*.pt in"),
-        (["finetune", "--fsdp", "--method", "prefix"], "error: --fsdp shards LoRA/QLoRA models only, got --method prefix"),
+        (
+            ["finetune", "--fsdp", "--method", "prefix"],
+            "error: --fsdp shards LoRA/QLoRA models only, got --method prefix",
+        ),
         (["finetune", "--fsdp", "--checkpoint-every", "5"], "error: --fsdp does not support --checkpoint-every"),
         (["finetune", "--fsdp", "--resume"], "error: --fsdp does not support --checkpoint-every / --resume"),
         (["finetune", "--fsdp"], "error: --fsdp needs torchrun"),
         (["grpo", "--output", str(tmp_path / "o"), "--resume"], "grpo-checkpoints"),
-        (["train-bpe", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "t.json"), "--no-progress"],
-         f"qlora-fast train-bpe: error: paths: '{tmp_path / 'missing.txt'}' is not a file"),
-        (["tot", "--model", str(tmp_path / "missing"), "--no-progress"], "qlora-fast tot: error: --model must be 'builtin'"),
+        (
+            ["train-bpe", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "t.json"), "--no-progress"],
+            f"qlora-fast train-bpe: error: paths: '{tmp_path / 'missing.txt'}' is not a file",
+        ),
+        (
+            ["tot", "--model", str(tmp_path / "missing"), "--no-progress"],
+            "qlora-fast tot: error: --model must be 'builtin'",
+        ),
     ]
     for argv, expected in cases:
         rc, err = run_cli(argv, capsys)
@@ -346,7 +378,9 @@ def test_cli_errors_are_one_line_before_any_work(tmp_path, capsys):
 def test_train_bpe_says_when_the_vocabulary_falls_short(tmp_path, capsys):
     text = tmp_path / "tiny.txt"
     text.write_text("abab abab")
-    rc, err = run_cli(["train-bpe", str(text), "--vocab-size", "400", "--out", str(tmp_path / "t.json"), "--no-progress"], capsys)
+    rc, err = run_cli(
+        ["train-bpe", str(text), "--vocab-size", "400", "--out", str(tmp_path / "t.json"), "--no-progress"], capsys
+    )
     assert rc == 0 and "fewer than the 400 asked for" in err
     assert json.loads((tmp_path / "t.json").read_text())
 

@@ -10,14 +10,15 @@ from qlora_fast.nn import Linear4bit
 bnb = pytest.importorskip("bitsandbytes", reason="bitsandbytes (the oracle) is a test extra")
 import bitsandbytes.functional as bnbF  # noqa: E402
 
-
 pytestmark = pytest.mark.usefixtures("reference_backend")
 
 
 def oracle_weight(weight, quant_type, blocksize, nested):
     """W after bitsandbytes' own quantize + dequantize, in float64."""
     with no_dynamo():
-        packed, state = bnbF.quantize_4bit(weight, blocksize=blocksize, quant_type=quant_type, compress_statistics=nested)
+        packed, state = bnbF.quantize_4bit(
+            weight, blocksize=blocksize, quant_type=quant_type, compress_statistics=nested
+        )
         return bnbF.dequantize_4bit(packed, state).double().reshape(weight.shape)
 
 
@@ -125,7 +126,8 @@ def test_bitsandbytes_checkpoint_loads_into_ours_and_back(seed):
     theirs.bias = nn.Parameter(sd["bias"])
     with no_dynamo():
         assert torch.equal(
-            bnbF.dequantize_4bit(theirs.weight.data, theirs.weight.quant_state).reshape(24, 128), layer.dequantize_weight()
+            bnbF.dequantize_4bit(theirs.weight.data, theirs.weight.quant_state).reshape(24, 128),
+            layer.dequantize_weight(),
         )
         assert_close(theirs(x), layer(x), atol=1e-5, rtol=1e-5)
     their_sd = theirs.state_dict()

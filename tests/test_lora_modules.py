@@ -2,7 +2,6 @@
 torch.compile, autocast, checkpointing, DDP (gloo, 2 processes), bad input, and a tiny Hugging
 Face Llama converted with replace_linear that trains."""
 import math
-import os
 
 import pytest
 import torch

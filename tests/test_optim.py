@@ -21,7 +21,6 @@ from qlora_fast.reference.optim import (
 )
 
 
-
 def bitsandbytes():
     """The 8-bit oracle (a test extra, always present in CI); only its tests skip without it."""
     return pytest.importorskip("bitsandbytes", reason="bitsandbytes is the 8-bit oracle (test extra)")
@@ -153,8 +152,12 @@ def test_32bit_follows_torch_over_100_steps(seed, cls, torch_cls):
         # Same op order as torch; differences come from torch's vectorised (FMA) CPU kernels:
         # a few fp32 ulps per step, accumulated over 100 steps.
         assert_close(p, q, atol=2e-6, rtol=2e-6)
-        assert_close(opt.state[p]["pages"][0].tensors["exp_avg"], ref.state[q]["exp_avg"].view(-1), atol=1e-6, rtol=1e-5)
-        assert_close(opt.state[p]["pages"][0].tensors["exp_avg_sq"], ref.state[q]["exp_avg_sq"].view(-1), atol=1e-7, rtol=1e-5)
+        assert_close(
+            opt.state[p]["pages"][0].tensors["exp_avg"], ref.state[q]["exp_avg"].view(-1), atol=1e-6, rtol=1e-5
+        )
+        assert_close(
+            opt.state[p]["pages"][0].tensors["exp_avg_sq"], ref.state[q]["exp_avg_sq"].view(-1), atol=1e-7, rtol=1e-5
+        )
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -246,9 +249,11 @@ def test_8bit_trains_small_model_to_same_loss(seed):
         y = teacher(x)
     student = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.Tanh(), torch.nn.Linear(64, 4))
     losses = {}
-    for name, make in [("32bit", lambda ps: AdamW(ps, lr=1e-2)),
-                       ("8bit", lambda ps: AdamW8bit(ps, lr=1e-2, min_8bit_size=0)),
-                       ("paged8bit", lambda ps: PagedAdamW8bit(ps, lr=1e-2, min_8bit_size=0, budget=2080, page_bytes=2080))]:
+    for name, make in [
+        ("32bit", lambda ps: AdamW(ps, lr=1e-2)),
+        ("8bit", lambda ps: AdamW8bit(ps, lr=1e-2, min_8bit_size=0)),
+        ("paged8bit", lambda ps: PagedAdamW8bit(ps, lr=1e-2, min_8bit_size=0, budget=2080, page_bytes=2080)),
+    ]:
         model = copy.deepcopy(student)
         opt = make(model.parameters())
         for _ in range(200):
@@ -323,7 +328,9 @@ def test_paged_equals_unpaged_under_changing_budgets(budgets, with_grad, eight_b
     peer = [torch.nn.Parameter(p.detach().clone()) for p in params]
     page_bytes = 2080  # 256 elements of fp32 state, 1024 of 8-bit state
     kw = {"min_8bit_size": 0} if eight_bit else {}
-    paged = (PagedAdamW8bit if eight_bit else PagedAdamW)(params, lr=1e-2, budget=page_bytes, page_bytes=page_bytes, **kw)
+    paged = (PagedAdamW8bit if eight_bit else PagedAdamW)(
+        params, lr=1e-2, budget=page_bytes, page_bytes=page_bytes, **kw
+    )
     ref = (AdamW8bit if eight_bit else AdamW)(peer, lr=1e-2, **kw)
     manager = paged._manager(torch.device("cpu"))
     for step, mask in enumerate(with_grad):
@@ -486,8 +493,8 @@ def test_failed_load_state_dict_leaves_live_state_unchanged(seed, cls, kwargs):
             opt.load_state_dict(bad)
         after = opt.state_dict()
         assert after["param_groups"] == snapshot["param_groups"], what
-        for k, st in snapshot["state"].items():
-            for name, v in st.items():
+        for k, state in snapshot["state"].items():
+            for name, v in state.items():
                 assert (torch.equal(v, after["state"][k][name]) if isinstance(v, torch.Tensor)
                         else v == after["state"][k][name]), (what, name)
     # ...and it still trains exactly as an optimizer that never saw the bad loads.

@@ -149,8 +149,12 @@ def test_checked_cpu_op_matches_the_plain_op_and_flags_overflow(seed, dtype):
     def fresh():
         torch.manual_seed(seed)
         ps = [torch.randn(n).to(dtype) for n in sizes]
-        states = [[torch.zeros(n, dtype=torch.uint8) for n in sizes], [torch.zeros(n, dtype=torch.uint8) for n in sizes],
-                  [torch.zeros(-(-n // 256)) for n in sizes], [torch.zeros(-(-n // 256)) for n in sizes]]
+        states = [
+            [torch.zeros(n, dtype=torch.uint8) for n in sizes],
+            [torch.zeros(n, dtype=torch.uint8) for n in sizes],
+            [torch.zeros(-(-n // 256)) for n in sizes],
+            [torch.zeros(-(-n // 256)) for n in sizes],
+        ]
         return ps, states
 
     grads = [torch.distributions.StudentT(1.5).sample((n,)).to(dtype) for n in sizes]

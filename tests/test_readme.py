@@ -24,7 +24,15 @@ def python_blocks():
 def tiny_builtin(max_seq_len=256, vocab_size=259):
     from qlora_fast.models import LlamaConfig, LlamaForCausalLM
 
-    cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=2, num_kv_heads=1, max_seq_len=max_seq_len)
+    cfg = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=48,
+        num_layers=2,
+        num_heads=2,
+        num_kv_heads=1,
+        max_seq_len=max_seq_len,
+    )
     return LlamaForCausalLM(cfg).eval()
 
 
@@ -54,7 +62,9 @@ def check_quant(ns):
     # the second call adds adapters to the layers the first one quantized (never 0 adapters)
     adapters = [m for m in model.modules() if isinstance(m, QLoRALinear)]
     assert len(adapters) == 7 and all(isinstance(m.base, Linear4bit) for m in adapters)
-    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == sum(16 * (m.in_features + m.out_features) for m in adapters)
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == sum(
+        16 * (m.in_features + m.out_features) for m in adapters
+    )
     assert ns["w_hat"].dtype == torch.bfloat16 and (ns["w_hat"].float() - ns["w"]).abs().max() < ns["w"].abs().max() / 4
 
 
@@ -97,7 +107,10 @@ def check_peft(ns):
 
 def setup_grpo(monkeypatch):
     import qlora_fast.train
-    from qlora_fast.peft import LoraConfig, get_peft_model  # noqa: F401  (the block takes them from the README's PEFT block)
+    from qlora_fast.peft import (  # noqa: F401  (the block takes them from the README's PEFT block)
+        LoraConfig,
+        get_peft_model,
+    )
     from qlora_fast.tokenizer.base import ByteTokenizer
     from qlora_fast.train.grpo import GRPOConfig
 
@@ -105,7 +118,12 @@ def setup_grpo(monkeypatch):
         return dataclasses.replace(GRPOConfig(**kw), max_steps=1, group_size=2, prompts_per_step=1, max_new_tokens=4)
 
     monkeypatch.setattr(qlora_fast.train, "GRPOConfig", short, raising=False)
-    return {"base": tiny_builtin(), "tokenizer": ByteTokenizer(), "get_peft_model": get_peft_model, "LoraConfig": LoraConfig}
+    return {
+        "base": tiny_builtin(),
+        "tokenizer": ByteTokenizer(),
+        "get_peft_model": get_peft_model,
+        "LoraConfig": LoraConfig,
+    }
 
 
 def check_grpo(ns):
@@ -117,9 +135,15 @@ def setup_tokenizer(monkeypatch):
 
     corpus = load_corpus()
     # the block scores its own BPE ids (vocabulary up to 4096) with `model`
-    return {"texts": [corpus[:20000]], "model": tiny_builtin(vocab_size=4096), "hyps": ["the cat sat on the mat", "a dog"],
-            "refs_a": ["the cat sat on a mat", "a dog barks"], "refs_b": ["a cat sat on the mat", "the dog"],
-            "preds": ["the cat sat", "a dog ran"], "refs": ["the cat sat down", "a dog ran off"]}
+    return {
+        "texts": [corpus[:20000]],
+        "model": tiny_builtin(vocab_size=4096),
+        "hyps": ["the cat sat on the mat", "a dog"],
+        "refs_a": ["the cat sat on a mat", "a dog barks"],
+        "refs_b": ["a cat sat on the mat", "the dog"],
+        "preds": ["the cat sat", "a dog ran"],
+        "refs": ["the cat sat down", "a dog ran off"],
+    }
 
 
 def check_tokenizer(ns):
@@ -131,7 +155,9 @@ def setup_tot(monkeypatch):
     from qlora_fast.reasoning import BuiltinLM
     from qlora_fast.tokenizer.base import ByteTokenizer
 
-    monkeypatch.setattr(BuiltinLM, "from_pretrained", classmethod(lambda cls, *a, **k: cls(tiny_builtin(), ByteTokenizer())))
+    monkeypatch.setattr(
+        BuiltinLM, "from_pretrained", classmethod(lambda cls, *a, **k: cls(tiny_builtin(), ByteTokenizer()))
+    )
     return {}
 
 
@@ -216,7 +242,9 @@ BLOCKS = python_blocks()
 
 def test_readme_has_the_blocks_this_file_knows():
     for key in STAND_INS:
-        assert any(b.strip().startswith(key) for b in BLOCKS), f"README lost the block starting {key!r}; update STAND_INS"
+        assert any(b.strip().startswith(key) for b in BLOCKS), (
+            f"README lost the block starting {key!r}; update STAND_INS"
+        )
 
 
 @pytest.mark.parametrize("index", range(len(BLOCKS)), ids=[" ".join(b.split()[:4])[:40] for b in BLOCKS])

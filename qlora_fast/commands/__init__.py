@@ -25,7 +25,9 @@ def _number(kind, minimum=None, exclusive=False, maximum=None):
         try:
             value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {'an int' if kind is int else 'a number'}, got {text!r}") from None
+            raise argparse.ArgumentTypeError(
+                f"expected {'an int' if kind is int else 'a number'}, got {text!r}"
+            ) from None
         if kind is float and not math.isfinite(value):
             raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
         if minimum is not None and (value <= minimum if exclusive else value < minimum):
@@ -64,10 +66,17 @@ class DeprecatedAliases(argparse.Action):
 def add_training_arguments(parser) -> None:
     """Options every training command shares: device, optimizer, gradient checkpointing,
     checkpoint frequency, seed and progress bars."""
-    parser.add_argument("--device", default="auto", help="'auto' (cuda when present, else cpu), 'cpu', 'cuda', 'cuda:1', ...")
+    parser.add_argument(
+        "--device", default="auto", help="'auto' (cuda when present, else cpu), 'cpu', 'cuda', 'cuda:1', ..."
+    )
     parser.add_argument("--optimizer", default="paged_adamw_8bit", choices=OPTIMIZERS, help="optimizer")
     parser.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward")
-    parser.add_argument("--checkpoint-every", type=nonnegative_int, default=0, help="write a resumable checkpoint every N steps (0: never)")
+    parser.add_argument(
+        "--checkpoint-every",
+        type=nonnegative_int,
+        default=0,
+        help="write a resumable checkpoint every N steps (0: never)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="random seed")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
@@ -75,8 +84,11 @@ def add_training_arguments(parser) -> None:
 def add_resume_arguments(parser, what: str) -> None:
     """`--resume` (the newest checkpoint in `what`; an error when there is none) and
     `--resume-if-exists` (the same, but start fresh when there is none)."""
-    parser.add_argument("--resume", action="store_true",
-                        help=f"resume from the newest checkpoint in {what} (an error when there is none, or when another run wrote it)")
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help=f"resume from the newest checkpoint in {what} (an error when there is none, or when another run wrote it)",
+    )
     parser.add_argument("--resume-if-exists", action="store_true",
                         help=f"like --resume, but start from step 0 when {what} holds no checkpoint")
 
@@ -119,8 +131,11 @@ def check_output(path: str):
 def add_base_model_arguments(parser) -> None:
     """`--cache-dir` and `--tokenizer` of the built-in base model, shared by the commands that load
     it (an adapter trained on one base only loads onto the same one)."""
-    parser.add_argument("--cache-dir", default=None,
-                        help="where the built-in base model is cached (default $QLORA_FAST_CACHE or ~/.cache/qlora_fast)")
+    parser.add_argument(
+        "--cache-dir",
+        default=None,
+        help="where the built-in base model is cached (default $QLORA_FAST_CACHE or ~/.cache/qlora_fast)",
+    )
     parser.add_argument("--tokenizer", choices=("bpe", "byte"), default="bpe",
                         help="tokenizer of the built-in base model: the BPE trained on the shipped corpus, or bytes "
                              "(each has its own cached base)")

@@ -14,7 +14,9 @@ def register(subparsers) -> None:
         formatter_class=HelpFormatter,
     )
     p.add_argument("files", nargs="+", help="UTF-8 text files to train on (each read whole)")
-    p.add_argument("--vocab-size", type=positive_int, default=4096, help="total vocabulary: 256 bytes + merges + special tokens")
+    p.add_argument(
+        "--vocab-size", type=positive_int, default=4096, help="total vocabulary: 256 bytes + merges + special tokens"
+    )
     p.add_argument("--pattern", default="cl100k", help="pre-tokenisation regex: 'gpt2', 'cl100k' or a regex")
     p.add_argument("--special", action="append", default=None, metavar="TOKEN",
                    help="a special token (repeatable; default <|pad|>, <|bos|>, <|eos|>; those three are always added)")
@@ -29,12 +31,17 @@ def run(args) -> int:
     from qlora_fast.tokenizer.bpe import DEFAULT_SPECIAL_TOKENS
 
     specials = tuple(args.special) if args.special else DEFAULT_SPECIAL_TOKENS
-    tok = BPETokenizer.train_from_files(args.files, args.vocab_size, pattern=args.pattern, special_tokens=specials, progress=not args.no_progress)
+    tok = BPETokenizer.train_from_files(
+        args.files, args.vocab_size, pattern=args.pattern, special_tokens=specials, progress=not args.no_progress
+    )
     tok.save(args.out)
     if args.tiktoken_out:
         tok.save_tiktoken(args.tiktoken_out)
     if tok.vocab_size < args.vocab_size:  # the corpus ran out of pairs to merge
-        print(f"qlora-fast train-bpe: warning: the vocabulary has {tok.vocab_size} tokens, fewer than the "
-              f"{args.vocab_size} asked for: the training text has no pair left to merge (give it more text)", file=sys.stderr)
+        print(
+            f"qlora-fast train-bpe: warning: the vocabulary has {tok.vocab_size} tokens, fewer than the "
+            f"{args.vocab_size} asked for: the training text has no pair left to merge (give it more text)",
+            file=sys.stderr,
+        )
     print(f"trained {tok!r}: {len(tok.mergeable_ranks) - 256} merges, saved to {args.out}")
     return 0

@@ -4,5 +4,5 @@
 choose their backend through `_dispatch.use_kernels`.
 """
 from ._dispatch import backend, use_kernels  # noqa: F401
-from .quant import *  # noqa: F401,F403
 from .lora import *  # noqa: F401,F403
+from .quant import *  # noqa: F401,F403

@@ -201,7 +201,13 @@ def dequantize_4bit(packed: torch.Tensor, state: QuantState, out_dtype: Optional
     numel = state.numel
     tensors = {"state.absmax": state.absmax}
     if state.nested:
-        tensors.update({"state.nested_absmax": state.nested_absmax, "state.offset": state.offset, "state.nested_code": state.nested_code})
+        tensors.update(
+            {
+                "state.nested_absmax": state.nested_absmax,
+                "state.offset": state.offset,
+                "state.nested_code": state.nested_code,
+            }
+        )
     for name, t in tensors.items():
         if t.device != packed.device:
             raise ValueError(f"packed is on {packed.device} but {name} is on {t.device}: move both with .to(device)")

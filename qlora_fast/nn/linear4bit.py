@@ -70,7 +70,9 @@ class Linear4bit(nn.Module):
         nn.Module.__init__(module)
         with torch.no_grad():
             module._set_weight(linear.weight.detach(), quant_type, blocksize, compress_statistics)
-            module.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), linear.bias.requires_grad)
+            module.bias = (
+                None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), linear.bias.requires_grad)
+            )
         module.compute_dtype = compute_dtype if compute_dtype is not None else linear.weight.dtype
         return module
 
@@ -104,7 +106,9 @@ class Linear4bit(nn.Module):
         return module
 
     @classmethod
-    def from_state_dict(cls, state_dict: dict, prefix: str = "", compute_dtype: Optional[torch.dtype] = None) -> "Linear4bit":
+    def from_state_dict(
+        cls, state_dict: dict, prefix: str = "", compute_dtype: Optional[torch.dtype] = None
+    ) -> "Linear4bit":
         """Build from a bitsandbytes-format state dict (keys `<prefix>weight`, `<prefix>weight.absmax`, ...).
 
         Every entry is checked before anything is built; raises ValueError/TypeError naming the key.
@@ -174,7 +178,9 @@ class Linear4bit(nn.Module):
         if self.bias is not None:
             destination[prefix + "bias"] = self.bias if keep_vars else self.bias.detach()
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
         # Everything is read and checked before anything is assigned: a failed load (ValueError or
         # TypeError naming the key for corrupt entries, a size mismatch in error_msgs) leaves the
         # module as it was.
@@ -200,8 +206,10 @@ class Linear4bit(nn.Module):
             if bias_key in state_dict:
                 bias = state_dict[bias_key]
                 if not isinstance(bias, torch.Tensor) or tuple(bias.shape) != tuple(self.bias.shape):
-                    errors.append(f"size mismatch for {bias_key}: copying a param with shape "
-                                  f"{tuple(getattr(bias, 'shape', ()))}, the shape in current model is {tuple(self.bias.shape)}")
+                    errors.append(
+                        f"size mismatch for {bias_key}: copying a param with shape "
+                        f"{tuple(getattr(bias, 'shape', ()))}, the shape in current model is {tuple(self.bias.shape)}"
+                    )
                 else:
                     new["bias"] = bias
             else:
@@ -210,7 +218,9 @@ class Linear4bit(nn.Module):
             unexpected_keys.append(bias_key)
         if strict:
             known = {weight_key, bias_key, *quant_keys}
-            unexpected_keys.extend(k for k in state_dict if k.startswith(prefix) and k not in known and "." not in k[len(prefix):])
+            unexpected_keys.extend(
+                k for k in state_dict if k.startswith(prefix) and k not in known and "." not in k[len(prefix) :]
+            )
         if errors:
             error_msgs.extend(errors)
             return

@@ -24,7 +24,9 @@ def _check_hyperparameters(r, alpha, dropout, in_features, out_features):
     if isinstance(r, bool) or not isinstance(r, int):
         raise TypeError(f"r must be an int, got {type(r).__name__}")
     if not 1 <= r <= min(in_features, out_features):
-        raise ValueError(f"r must be in [1, min(in_features, out_features)] = [1, {min(in_features, out_features)}], got {r}")
+        raise ValueError(
+            f"r must be in [1, min(in_features, out_features)] = [1, {min(in_features, out_features)}], got {r}"
+        )
     if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or alpha <= 0:
         raise ValueError(f"alpha must be a positive number, got {alpha!r}")
     if not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:

@@ -408,7 +408,9 @@ class _PagedAdamBase(torch.optim.Optimizer):
         bad = []
         for state, tensors in zip(owners, checked):
             pages = [tensors] if tensors is not None else [pg.tensors for pg in state["pages"]]
-            if any(not torch.isfinite(t[name]).all() for t in pages for name in ("exp_avg_absmax", "exp_avg_sq_absmax")):
+            if any(
+                not torch.isfinite(t[name]).all() for t in pages for name in ("exp_avg_absmax", "exp_avg_sq_absmax")
+            ):
                 gi, pi, p = where[id(state)]
                 bad.append(f"param_groups[{gi}]['params'][{pi}] (shape {tuple(p.shape)}, step {int(state['step'])})")
         raise FloatingPointError(
@@ -518,7 +520,9 @@ class _PagedAdamBase(torch.optim.Optimizer):
                     raise ValueError(f"state {name!r} of parameter {saved_id} is {t.dtype}, expected {want_dtype}")
                 want = -(-n // QUANT_BLOCK) if name.endswith("absmax") else n
                 if t.numel() != want:
-                    raise ValueError(f"state {name!r} of parameter {saved_id} has {t.numel()} elements, expected {want}")
+                    raise ValueError(
+                        f"state {name!r} of parameter {saved_id} has {t.numel()} elements, expected {want}"
+                    )
                 if t.is_floating_point() and not torch.isfinite(t).all():
                     raise ValueError(f"state {name!r} of parameter {saved_id} has non-finite values")
                 flat[name] = t.reshape(-1)

@@ -20,7 +20,10 @@ from typing import Iterable, Optional
 import torch
 from torch import nn
 
-from qlora_fast.utils import atomic_write, check_finite_state  # noqa: F401 (check_finite_state: re-exported for trainers)
+from qlora_fast.utils import (  # noqa: F401 (check_finite_state: re-exported for trainers)
+    atomic_write,
+    check_finite_state,
+)
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)\.pt$")
 
@@ -80,9 +83,15 @@ def model_fingerprint(model: nn.Module) -> dict:
                 adapters.append((name, list(p.shape)))
             else:
                 head = p.detach().reshape(-1)[:4].cpu()
-                base.append((name, list(p.shape), str(p.dtype), (head.real if head.is_complex() else head).double().tolist()))
+                base.append(
+                    (name, list(p.shape), str(p.dtype), (head.real if head.is_complex() else head).double().tolist())
+                )
     peft = getattr(model, "peft_config", None)
-    peft = peft.to_dict() if hasattr(peft, "to_dict") else (vars(peft) if peft is not None and hasattr(peft, "__dict__") else peft)
+    peft = (
+        peft.to_dict()
+        if hasattr(peft, "to_dict")
+        else (vars(peft) if peft is not None and hasattr(peft, "__dict__") else peft)
+    )
     identity = {"model": f"{type(model).__name__}:{_digest(base)}", "adapters": _digest(adapters)}
     if isinstance(peft, dict):  # one entry per field, so a refusal names the field that changed
         identity.update({f"peft_config.{k}": v for k, v in peft.items()})
@@ -141,13 +150,22 @@ def resolve_resume(resume_from: Optional[str], directory: Optional[str], allow_f
     found = latest_checkpoint(directory) if directory else None
     if found is None and not allow_fresh:
         where = f"in {directory!r}" if directory else "(no output directory set)"
-        raise FileNotFoundError(f"resume asked for, but there is no checkpoint-*.pt {where}; "
-                                "start a fresh run without resume, or allow it explicitly (allow_fresh=True / --resume-if-exists)")
+        raise FileNotFoundError(
+            f"resume asked for, but there is no checkpoint-*.pt {where}; "
+            "start a fresh run without resume, or allow it explicitly (allow_fresh=True / --resume-if-exists)"
+        )
     return found
 
 
-def save_checkpoint(path: str, model: nn.Module, optimizer=None, scheduler=None, step: int = 0, extra: Optional[dict] = None,
-                    run: Optional[dict] = None) -> str:
+def save_checkpoint(
+    path: str,
+    model: nn.Module,
+    optimizer=None,
+    scheduler=None,
+    step: int = 0,
+    extra: Optional[dict] = None,
+    run: Optional[dict] = None,
+) -> str:
     """Write a checkpoint to the file `path` atomically and return `path`. `run`: the run's
     `run_identity`, checked by `load_checkpoint`. Refuses (FloatingPointError) NaN/inf parameters."""
     trainable = trainable_state_dict(model)

@@ -35,8 +35,8 @@ from typing import Optional
 
 import torch
 
-from qlora_fast.optim.registry import OPTIMIZERS, make_optimizer
 from qlora_fast import utils
+from qlora_fast.optim.registry import OPTIMIZERS, make_optimizer
 from qlora_fast.utils import check_number
 
 from . import checkpoint

@@ -115,8 +115,8 @@ def sequence_logprobs(
     chunk_size: tokens whose logits exist at once (forward and backward).
     temperature: logits are divided by it (use the sampling temperature so ratios are against the
     distribution that was actually sampled).
-    Returns (...) log-probabilities in float32 (float64 for float64 inputs). Gradients flow to hidden, weight and bias; the
-    backward recomputes each chunk's logits, so no (tokens x V) tensor is ever stored.
+    Returns (...) log-probabilities in float32 (float64 for float64 inputs). Gradients flow to hidden,
+    weight and bias; the backward recomputes each chunk's logits, so no (tokens x V) tensor is ever stored.
     """
     if not isinstance(hidden, torch.Tensor) or not hidden.is_floating_point():
         raise TypeError("hidden must be a floating-point tensor")
@@ -375,7 +375,9 @@ def whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tens
     return (x - mean) / (var.sqrt() + eps) * m
 
 
-def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, clip: Optional[float] = 0.2) -> torch.Tensor:
+def value_loss(
+    values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, clip: Optional[float] = 0.2
+) -> torch.Tensor:
     """Per-token clipped value loss (PPO2): 0.5 max((V - R)^2, (V_old + clip(V - V_old, -c, c) - R)^2);
     without clip (None) 0.5 (V - R)^2. Aggregate it with the policy loss's mask and normaliser."""
     unclipped = (values - returns) ** 2

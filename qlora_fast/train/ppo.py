@@ -72,7 +72,9 @@ class PPOTrainer(GRPOTrainer):
             raise TypeError(f"config must be a PPOConfig, got {type(config).__name__}")
         split = _output_layer(model)
         if split is None:
-            raise ValueError("PPOTrainer needs a model that splits as backbone + nn.Linear lm_head (for the value head)")
+            raise ValueError(
+                "PPOTrainer needs a model that splits as backbone + nn.Linear lm_head (for the value head)"
+            )
         super().__init__(model, tokenizer, reward_funcs, train_dataset, config, optimizer=optimizer)
         self.value_head = nn.Linear(split[1].shape[1], 1).to(self.device)
         nn.init.zeros_(self.value_head.weight)
