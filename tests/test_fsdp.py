@@ -144,25 +144,33 @@ def test_fsdp2_two_ranks_match_one_process(tmp_path, seed, double_quant, optimiz
 
 
 def test_dcp_checkpoint_resume_on_two_ranks_and_load_on_one(tmp_path, seed):
-    """DCP save of adapters + AdamW state on 2 ranks; a fresh 2-rank run that loads it continues
-    bit-identically; one process loads the same adapters and optimizer state."""
+    """DCP save of adapters + optimizer state (torch AdamW, PagedAdamW, PagedAdamW8bit) on 2 ranks;
+    a fresh 2-rank run that loads it has the same states and continues bit-identically; one process
+    loads the same adapters and optimizer state (8-bit: the same wherever blocks line up)."""
     mp.spawn(dcp_worker, args=(2, str(tmp_path / "init"), str(tmp_path), seed), nprocs=2, join=True)
     for rank in range(2):
         r = torch.load(os.path.join(tmp_path, f"rank{rank}.pt"))
-        (saved, losses, final), (loaded, losses2, final2) = r["first"], r["second"]
+        (saved, losses, final, _), (loaded, losses2, final2, _) = r["first"], r["second"]
         assert losses == losses2  # bit-identical continuation
         for name in saved:
             assert torch.equal(saved[name], loaded[name]), name
             assert torch.equal(final[name], final2[name]), name
     assert not os.path.exists(tmp_path / "ckpt.partial")
-    for rank in range(2):  # the same with qlora_fast's PagedAdamW (its states saved as DTensor shards)
-        (saved_p, losses_p, final_p), (loaded_p, losses_p2, final_p2) = torch.load(
-            os.path.join(tmp_path, f"rank{rank}.pt"))["paged"]
-        assert losses_p == losses_p2
-        for name in saved_p:
-            assert torch.equal(saved_p[name], loaded_p[name]) and torch.equal(final_p[name], final_p2[name]), name
-    message, written = r["refused"]
-    assert "8-bit optimizer states on FSDP2-sharded" in message and not written
+    eight = []
+    for rank in range(2):  # the same with PagedAdamW and PagedAdamW8bit (states saved as DTensor shards)
+        for kind in ("paged", "eight"):
+            (saved_p, losses_p, final_p, states), (loaded_p, losses_p2, final_p2, states2) = torch.load(
+                os.path.join(tmp_path, f"rank{rank}.pt"))[kind]
+            assert losses_p == losses_p2, kind
+            for name in saved_p:
+                assert torch.equal(saved_p[name], loaded_p[name]) and torch.equal(final_p[name], final_p2[name]), name
+            for name, state in states.items():  # the loaded optimizer states are the saved ones, bit for bit
+                assert state["kind"] == ("8bit" if kind == "eight" else "32bit")
+                assert state["step"] == states2[name]["step"]
+                for key, value in state.items():
+                    if isinstance(value, torch.Tensor):
+                        assert torch.equal(value, states2[name][key]), (kind, name, key)
+        eight.append(torch.load(os.path.join(tmp_path, f"rank{rank}.pt"))["eight"][0][3])
     # world size 1, no process group: same adapters; the optimizer state continues the same run
     model = build_model(seed)
     perturb_adapters(model, seed + 3)
@@ -177,6 +185,38 @@ def test_dcp_checkpoint_resume_on_two_ranks_and_load_on_one(tmp_path, seed):
     torch.testing.assert_close(torch.tensor(one_losses), torch.tensor(ranks_mean), rtol=1e-5, atol=1e-6)
     for name, value in adapters(model).items():
         assert_adam_close(value, final[name], name)
+    # the 8-bit states on one process (unpaged AdamW8bit): where rank 0's shard is whole 256-blocks
+    # the two ranks' codes and absmax concatenate bit for bit; elsewhere a block that straddles the
+    # shards is requantized: each value within half a code step (<= 0.00703 of its block's absmax)
+    from qlora_fast.reference.optim import QUANT_BLOCK, dequantize_blockwise_ref, dynamic_map
+
+    model8 = build_model(seed)
+    perturb_adapters(model8, seed + 4)
+    opt8 = make_optimizer(model8, "AdamW8bit")
+    load_adapter_checkpoint(model8, opt8, tmp_path / "eight")
+    for name, value in adapters(model8).items():
+        assert torch.equal(value, torch.load(os.path.join(tmp_path, "rank0.pt"))["eight"][0][0][name]), name
+    paths = {"exact": 0, "requantized": 0}
+    for name, p in model8.named_parameters():
+        if not p.requires_grad:
+            continue
+        one, parts = opt8._flat_state(opt8.state[p]), [e[name] for e in eight]
+        assert one["kind"] == "8bit" and one["step"] == parts[0]["step"] == 1
+        for key, signed in (("exp_avg", True), ("exp_avg_sq", False)):
+            codes, absmax = one[key + "_codes"], one[key + "_absmax"]
+            if parts[0][key + "_codes"].numel() % QUANT_BLOCK == 0:
+                paths["exact"] += 1
+                assert torch.equal(codes, torch.cat([q[key + "_codes"] for q in parts])), (name, key)
+                assert torch.equal(absmax, torch.cat([q[key + "_absmax"] for q in parts])), (name, key)
+                continue
+            paths["requantized"] += 1
+            code = dynamic_map(signed)
+            want = torch.cat([dequantize_blockwise_ref(q[key + "_codes"], q[key + "_absmax"], code) for q in parts])
+            got = dequantize_blockwise_ref(codes, absmax, code)
+            bound = 0.00704 * absmax.repeat_interleave(QUANT_BLOCK)[: got.numel()]
+            assert ((got - want).abs() <= bound).all(), (name, key)
+            assert (want.abs().max() > 0) and absmax.max() > 0
+    assert paths["exact"] > 0 and paths["requantized"] > 0, paths
     # a failed load (one adapter of another shape) leaves the model and optimizer as they were
     other = build_model(seed)
     perturb_adapters(other, seed + 5)

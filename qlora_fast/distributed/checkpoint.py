@@ -2,9 +2,15 @@
 
 `save_adapter_checkpoint` writes the trainable parameters (the adapters; the frozen 4-bit base is
 rebuilt from the base model, not saved) and the optimizer state (torch's optimizers, or
-qlora_fast's 32-bit ones, paged or not, whose states are DTensors sharded like their parameters;
-8-bit states on sharded parameters raise NotImplementedError), each rank writing its own shards, to a folder; `load_adapter_checkpoint` reads it back on any world size (DCP reshards
-DTensors, and loads into plain tensors in a single process without a process group).
+qlora_fast's, paged or not, 32-bit or 8-bit), each rank writing its own shards, to a folder;
+`load_adapter_checkpoint` reads it back on any world size (DCP reshards DTensors, and loads into
+plain tensors in a single process without a process group).
+
+32-bit states and 8-bit codes are per element and shard like their parameters. 8-bit absmax are
+per 256-block of each rank's shard: they are saved as one table row per rank and mapped onto the
+loading sharding's blocks: bit-identical on the same world size (and wherever shard boundaries
+fall on block boundaries), requantized (within half a code step) where a new block straddles two
+saved ones.
 The folder appears only once every rank has finished (written under `<path>.partial`, then
 renamed), and a load fills copies first, so a failed load leaves the model and optimizer as they were.
 """
@@ -43,7 +49,31 @@ def _state(model: nn.Module, optimizer) -> dict:
     trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
     if not trainable:
         raise ValueError("model has no trainable parameters to checkpoint")
-    return {"model": trainable, "optim": get_optimizer_state_dict(model, optimizer)}
+    optim = get_optimizer_state_dict(model, optimizer)
+    for name, state in optim["state"].items():
+        absmax = state.get("exp_avg_absmax") if isinstance(state, dict) else None
+        if isinstance(absmax, torch.Tensor) and absmax.dim() == 1 and name in trainable:
+            # 8-bit states of an unsharded parameter in the sharded layout (codes shaped like the
+            # parameter, absmax a one-row table) so one checkpoint format loads on any world size
+            shape = trainable[name].shape
+            for key in ("exp_avg_codes", "exp_avg_sq_codes"):
+                state[key] = state[key].reshape(shape)
+            for key in ("exp_avg_absmax", "exp_avg_sq_absmax"):
+                state[key] = state[key].reshape(1, -1)
+    return {"model": trainable, "optim": optim}
+
+
+def _saved_shapes(state: dict, path: str) -> None:
+    """Give the 8-bit absmax tables of `state` the saved shapes (they depend on the saving world
+    size): plain tensors, which every rank reads whole."""
+    import torch.distributed.checkpoint as dcp
+
+    saved = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
+    for name, entry in state["optim"]["state"].items():
+        for key in ("exp_avg_absmax", "exp_avg_sq_absmax"):
+            meta = saved.get(f"optim.state.{name}.{key}")
+            if isinstance(entry, dict) and key in entry and hasattr(meta, "size") and len(meta.size) == 2:
+                entry[key] = torch.zeros(tuple(meta.size), dtype=torch.float32)
 
 
 _EXTRA = "trainer_state.pt"
@@ -95,6 +125,7 @@ def load_adapter_checkpoint(model: nn.Module, optimizer, path: str) -> dict:
         state = _state(model, optimizer)
         # fill copies (the state dicts may hand out live tensors) so a failed read changes nothing
         state = torch.utils._pytree.tree_map_only(torch.Tensor, lambda t: t.detach().clone(), state)
+        _saved_shapes(state, path)
         dcp.load(state, checkpoint_id=path, no_dist=_dist() is None)
     except CheckpointException as e:  # a BaseException in torch: made an ordinary, catchable error
         optimizer.load_state_dict(optimizer_before)
