@@ -248,11 +248,12 @@ def test_sft_trainer_under_fsdp2_matches_ddp(tmp_path, seed):
 
 
 def test_finetune_fsdp_command_under_torchrun(tmp_path, seed):
-    """`torchrun ... qlora-fast finetune --fsdp` on a tiny Hugging Face Llama (q/o and the MLP split
-    on 256-block units and are sharded; k/v do not and stay whole): exit 0, one report, and the
-    gathered adapter, loaded in one process, gives the held-out perplexity the 2 ranks printed."""
+    """`qlora-fast finetune --nproc 2 --fsdp` (torchrun launched by the command) on a tiny Hugging
+    Face Llama (q/o and the MLP split on 256-block units and are sharded; k/v do not and stay
+    whole): exit 0, one report, and the gathered adapter, loaded in one process, gives the
+    held-out perplexity the 2 ranks printed. With --checkpoint-every 2 it writes a sharded
+    checkpoint at step 2; a second launch with --resume continues from it to the same adapter."""
     import re
-    import socket
     import subprocess
     import sys
 
@@ -272,13 +273,10 @@ def test_finetune_fsdp_command_under_torchrun(tmp_path, seed):
     model_dir = tmp_path / "hf"
     transformers.LlamaForCausalLM(config).save_pretrained(model_dir)
     fast.save_pretrained(model_dir)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}", "-m", "qlora_fast.cli",
-           "finetune", "--fsdp", "--model", str(model_dir), "--steps", "3", "--batch-size", "2", "--lr", "2e-2",
-           "--warmup-steps", "0", "--eval-pairs", "4", "--max-new-tokens", "2", "--seed", str(seed),
-           "--output", str(tmp_path / "out"), "--no-progress"]
+    cmd = [sys.executable, "-m", "qlora_fast.cli", "finetune", "--nproc", "2", "--fsdp", "--model", str(model_dir),
+           "--steps", "3", "--batch-size", "2", "--lr", "2e-2", "--warmup-steps", "0", "--eval-pairs", "4",
+           "--max-new-tokens", "2", "--seed", str(seed), "--output", str(tmp_path / "out"), "--no-progress",
+           "--checkpoint-every", "2"]
     proc = subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout
@@ -297,3 +295,34 @@ def test_finetune_fsdp_command_under_torchrun(tmp_path, seed):
     assert abs(before - after) > 1e-2 * after  # the training moved it, so the comparison below means something
     ppl = evaluate_loss(peft, tokenizer, load_instructions("heldout")[:4], PROMPT_TEMPLATE, 96)["perplexity"]
     assert ppl == pytest.approx(after, rel=2e-3, abs=2e-3)
+
+    # the sharded checkpoint of step 2; --resume retrains step 3 from it: the same adapter, bit for bit
+    assert sorted(f for f in os.listdir(tmp_path / "out") if not f.startswith(".")) == ["adapter-qlora", "checkpoint-2"]
+    from safetensors.torch import load_file
+
+    first = load_file(adapter_dir / "adapter_model.safetensors")
+    proc = subprocess.run(cmd + ["--resume"], env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True,
+                          text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"held-out perplexity    {before:.3f} -> {after:.3f}" in proc.stdout, proc.stdout
+    resumed = load_file(adapter_dir / "adapter_model.safetensors")
+    assert resumed.keys() == first.keys() and all(torch.equal(resumed[k], v) for k, v in first.items())
+
+
+def test_sft_trainer_fsdp2_checkpoint_resume(tmp_path, seed):
+    """SFTTrainer on an FSDP2 model (2 ranks, paged 8-bit AdamW) writes sharded checkpoint folders;
+    a fresh run resumed from the step-2 one repeats steps 3-4 bit-identically (losses, learning
+    rates, adapters); a checkpoint of another run is refused on every rank."""
+    from sft_fsdp_worker import sft_fsdp_resume_worker
+
+    mp.spawn(sft_fsdp_resume_worker, args=(2, str(tmp_path / "init"), str(tmp_path), seed), nprocs=2, join=True)
+    for rank in range(2):
+        r = torch.load(os.path.join(tmp_path, f"rank{rank}.pt"))
+        assert r["files"] == ["checkpoint-2", "checkpoint-4"]
+        first, resumed = r["first"], r["resumed"]
+        assert first["step"] == resumed["step"] == 4
+        assert resumed["history"] == first["history"]  # steps 1-2 restored, 3-4 retrained: bit-identical
+        assert first["history"][2]["loss"] != first["history"][1]["loss"]
+        for name, value in first["adapters"].items():
+            assert torch.equal(resumed["adapters"][name], value), name
+        assert r["refused"] and "belongs to a different run" in r["refused"] and "adapters" in r["refused"]

@@ -16,13 +16,15 @@ renamed), and a load fills copies first, so a failed load leaves the model and o
 """
 import copy
 import os
+import re
 import shutil
 from typing import Optional
 
 import torch
 from torch import nn
 
-__all__ = ["save_adapter_checkpoint", "load_adapter_checkpoint"]
+__all__ = ["save_adapter_checkpoint", "load_adapter_checkpoint", "save_trainer_checkpoint", "load_trainer_checkpoint",
+           "sharded_checkpoint_path", "resolve_sharded_resume"]
 
 
 def _dist():
@@ -79,9 +81,11 @@ def _saved_shapes(state: dict, path: str) -> None:
 _EXTRA = "trainer_state.pt"
 
 
-def save_adapter_checkpoint(model: nn.Module, optimizer, path: str, extra: Optional[dict] = None) -> None:
+def save_adapter_checkpoint(model: nn.Module, optimizer, path: str, extra: Optional[dict] = None,
+                            overwrite: bool = False) -> None:
     """Save the trainable parameters and optimizer state of `model` (FSDP2-sharded or not) to the
-    folder `path`, which must not exist yet (FileExistsError). Call on every rank. `extra`: the
+    folder `path`, which must not exist yet (FileExistsError) unless `overwrite` (then the old
+    folder is replaced only once the new one is complete). Call on every rank. `extra`: the
     trainer state (step, scheduler state, history...: plain Python values and tensors), written
     once by rank 0 and returned by `load_adapter_checkpoint`."""
     if extra is not None and not isinstance(extra, dict):
@@ -89,7 +93,7 @@ def save_adapter_checkpoint(model: nn.Module, optimizer, path: str, extra: Optio
     import torch.distributed.checkpoint as dcp
 
     path = os.fspath(path)
-    if os.path.exists(path):
+    if os.path.exists(path) and not overwrite:
         raise FileExistsError(f"checkpoint folder {path!r} already exists; choose a new path")
     state = _state(model, optimizer)
     partial = path + ".partial"
@@ -102,7 +106,13 @@ def save_adapter_checkpoint(model: nn.Module, optimizer, path: str, extra: Optio
         torch.save({} if extra is None else extra, os.path.join(partial, _EXTRA))
     _barrier()
     if dist is None or dist.get_rank() == 0:
-        os.replace(partial, path)
+        if os.path.exists(path):  # overwrite: the old folder goes only once the new one is complete
+            shutil.rmtree(path + ".old", ignore_errors=True)
+            os.replace(path, path + ".old")
+            os.replace(partial, path)
+            shutil.rmtree(path + ".old")
+        else:
+            os.replace(partial, path)
     _barrier()
 
 
@@ -139,3 +149,135 @@ def load_adapter_checkpoint(model: nn.Module, optimizer, path: str) -> dict:
         for name, value in state["model"].items():
             params[name].copy_(value)
     return extra
+
+
+# ---------------------------------------------------------------------------- trainer checkpoints
+# The sharded counterpart of qlora_fast.train.checkpoint for trainers on an FSDP2 model: one DCP
+# folder `checkpoint-<step>` per checkpoint (adapters and optimizer sharded) whose trainer state
+# holds the step, the scheduler, every rank's RNG state, the run identity and the trainer's extra.
+_DCP_PATTERN = re.compile(r"^checkpoint-(\d+)$")
+
+
+def sharded_checkpoint_path(directory: str, step: int) -> str:
+    return os.path.join(directory, f"checkpoint-{step}")
+
+
+def _latest(directory: str) -> Optional[str]:
+    if not os.path.isdir(directory):
+        return None
+    steps = [int(m.group(1)) for f in os.listdir(directory)
+             if (m := _DCP_PATTERN.match(f)) and os.path.isfile(os.path.join(directory, f, _EXTRA))]
+    return sharded_checkpoint_path(directory, max(steps)) if steps else None
+
+
+def resolve_sharded_resume(resume_from: Optional[str], directory: Optional[str], allow_fresh: bool = False):
+    """`qlora_fast.train.checkpoint.resolve_resume` for sharded checkpoint folders: `resume_from`
+    itself (it must be a folder), or for "latest" the newest `checkpoint-<step>` folder in
+    `directory` (FileNotFoundError when there is none, unless `allow_fresh`: then None)."""
+    if not resume_from:
+        return None
+    if resume_from != "latest":
+        if not os.path.isdir(resume_from):
+            raise FileNotFoundError(f"no sharded checkpoint folder at {resume_from!r}")
+        return resume_from
+    found = _latest(directory) if directory else None
+    if found is None and not allow_fresh:
+        where = f"in {directory!r}" if directory else "(no output directory set)"
+        raise FileNotFoundError(f"resume asked for, but there is no sharded checkpoint-<step> folder {where}; "
+                                "start a fresh run without resume, or allow it explicitly (allow_fresh=True / "
+                                "--resume-if-exists)")
+    return found
+
+
+def _rng_states() -> list:
+    """Every rank's RNG states (numpy's array as a tensor, so the trainer state loads with
+    weights_only=True), gathered on every rank."""
+    from qlora_fast.train.checkpoint import rng_state
+
+    state = rng_state()
+    if "numpy" in state:
+        name, keys, pos, has_gauss, cached = state["numpy"]
+        state["numpy"] = (name, torch.from_numpy(keys.astype("int64")), pos, has_gauss, cached)
+    dist = _dist()
+    if dist is None:
+        return [state]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, state)
+    return out
+
+
+def _set_rng(states: list) -> None:
+    """This rank's RNG states (rank 0's when the checkpoint was written by another world size)."""
+    from qlora_fast.train.checkpoint import set_rng_state
+
+    dist = _dist()
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist is not None else (0, 1)
+    state = dict(states[rank] if len(states) == world else states[0])
+    if "numpy" in state:
+        name, keys, pos, has_gauss, cached = state["numpy"]
+        state["numpy"] = (name, keys.numpy().astype("uint32"), pos, has_gauss, cached)
+    set_rng_state(state)
+
+
+def save_trainer_checkpoint(path: str, model: nn.Module, optimizer, scheduler=None, step: int = 0,
+                            extra: Optional[dict] = None, run: Optional[dict] = None) -> str:
+    """Write a trainer checkpoint of an FSDP2 (or unsharded) model to the folder `path` (replaced
+    once complete if it exists): adapters and optimizer as `save_adapter_checkpoint`, plus the
+    step, scheduler state, RNG states, `extra` and the run identity `run`. Call on every rank.
+    FloatingPointError (on every rank, nothing written) for NaN/inf adapters."""
+    from qlora_fast.utils import check_finite_state
+
+    bad = torch.zeros(())
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            local = p.to_local() if hasattr(p, "to_local") else p
+            bad += (~torch.isfinite(local.detach())).any().float().cpu()
+    dist = _dist()
+    if dist is not None:
+        dist.all_reduce(bad)
+    if bad.item():
+        trainable = {n: (p.to_local() if hasattr(p, "to_local") else p) for n, p in model.named_parameters()
+                     if p.requires_grad}
+        check_finite_state(trainable, f"checkpoint {path}")  # names the tensor on the rank that has it
+        raise FloatingPointError(f"checkpoint {path}: an adapter tensor on another rank is NaN or inf; not saved")
+    state = {"step": int(step), "run": run, "scheduler": None if scheduler is None else scheduler.state_dict(),
+             "rng": _rng_states(), "extra": extra or {}}
+    save_adapter_checkpoint(model, optimizer, path, extra=state, overwrite=True)
+    return path
+
+
+def load_trainer_checkpoint(path: str, model: nn.Module, optimizer, scheduler=None, run: Optional[dict] = None) -> dict:
+    """Restore a `save_trainer_checkpoint` folder (any world size; RNG states per rank when the
+    world size is the same). Call on every rank. Returns {"step", "extra"}. ValueError (on every
+    rank, nothing changed) when another run wrote it (rank 0 compares `run`: under FSDP2 only
+    rank 0's shard holds the fingerprinted values) or it does not fit."""
+    from qlora_fast.train.checkpoint import check_same_run
+
+    path = os.fspath(path)
+    extra_file = os.path.join(path, _EXTRA)
+    if not os.path.isfile(extra_file):
+        raise FileNotFoundError(f"no sharded checkpoint folder at {path!r}")
+    saved = torch.load(extra_file, weights_only=True)
+    if not isinstance(saved, dict) or not {"step", "run", "scheduler", "rng", "extra"} <= saved.keys():
+        raise ValueError(f"{path} is not a qlora_fast trainer checkpoint (a save_adapter_checkpoint folder?)")
+    dist = _dist()
+    error = [None]
+    if dist is None or dist.get_rank() == 0:
+        try:
+            check_same_run(saved["run"], run, path)
+        except ValueError as e:
+            error[0] = str(e)
+    if dist is not None:
+        dist.broadcast_object_list(error, src=0)
+    if error[0]:
+        raise ValueError(error[0])
+    scheduler_before = None if scheduler is None else scheduler.state_dict()
+    load_adapter_checkpoint(model, optimizer, path)
+    if scheduler is not None and saved["scheduler"] is not None:
+        try:
+            scheduler.load_state_dict(saved["scheduler"])
+        except Exception:
+            scheduler.load_state_dict(scheduler_before)
+            raise
+    _set_rng(saved["rng"])
+    return {"step": saved["step"], "extra": saved["extra"]}

@@ -209,10 +209,6 @@ def make_optimizer(name: str, params, lr: float, weight_decay: float):
 
 
 # ---------------------------------------------------------------------------- trainer
-_FSDP_CHECKPOINT = ("SFTTrainer checkpoints of an FSDP2-sharded model are not supported yet (each rank holds "
-                    "only its shards): use qlora_fast.distributed.save_adapter_checkpoint / load_adapter_checkpoint")
-
-
 class SFTTrainer:
     """Instruction tuning of `model` (usually a `PeftModel`; only parameters with requires_grad
     train) on `train_data`, a list of {"instruction", "output"} dicts, with optional `eval_data`
@@ -257,9 +253,7 @@ class SFTTrainer:
         # own gradients; anything else is wrapped in DDP
         from torch.distributed.fsdp import FSDPModule
 
-        self._fsdp = isinstance(model, FSDPModule)
-        if self._fsdp and c.checkpoint_every:
-            raise NotImplementedError(_FSDP_CHECKPOINT)
+        self._fsdp = isinstance(model, FSDPModule)  # checkpoints: sharded DCP folders (qlora_fast.distributed)
         if self.distributed and not self._fsdp:
             device_ids = [_device(model).index] if _device(model).type == "cuda" else None
             self._ddp = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
@@ -295,9 +289,18 @@ class SFTTrainer:
         return evaluate_loss(self.model, self.tokenizer, self.eval_data, c.prompt_template, c.max_seq_len, c.eval_batch_size)
 
     def save_checkpoint(self, path: Optional[str] = None) -> Optional[str]:
-        """Write the resumable state (rank 0 only); default path output_dir/checkpoint-<step>.pt."""
+        """Write the resumable state (rank 0 only); default path output_dir/checkpoint-<step>.pt.
+        An FSDP2 model: every rank writes its shards to the folder output_dir/checkpoint-<step>."""
         if self._fsdp:
-            raise NotImplementedError(_FSDP_CHECKPOINT)
+            from qlora_fast.distributed import save_trainer_checkpoint, sharded_checkpoint_path
+
+            if path is None and not self.config.output_dir:
+                raise ValueError("save_checkpoint needs a path or config.output_dir")
+            path = path or sharded_checkpoint_path(self.config.output_dir, self.step)
+            extra = {"history": self.history, "config": asdict(self.config)}
+            save_trainer_checkpoint(path, self.model, self.optimizer, self.scheduler, self.step, extra=extra,
+                                    run=self.run_identity())
+            return path if self.is_main else None
         if not self.is_main:
             return None
         if path is None:
@@ -315,9 +318,10 @@ class SFTTrainer:
 
     def load_checkpoint(self, path: str) -> None:
         """Restore a checkpoint of this run; ValueError naming what differs when another run wrote it."""
+        load = load_checkpoint
         if self._fsdp:
-            raise NotImplementedError(_FSDP_CHECKPOINT)
-        state = load_checkpoint(path, self.model, self.optimizer, self.scheduler, run=self.run_identity())
+            from qlora_fast.distributed import load_trainer_checkpoint as load  # every rank its shards
+        state = load(path, self.model, self.optimizer, self.scheduler, run=self.run_identity())
         self.step = state["step"]
         self.history = list(state["extra"].get("history", []))
 
@@ -331,7 +335,10 @@ class SFTTrainer:
         from tqdm.auto import tqdm
 
         c = self.config
-        resume_from = resolve_resume(resume_from, c.output_dir, allow_fresh)
+        resolve = resolve_resume
+        if self._fsdp:
+            from qlora_fast.distributed import resolve_sharded_resume as resolve  # checkpoint folders
+        resume_from = resolve(resume_from, c.output_dir, allow_fresh)
         if resume_from:
             self.load_checkpoint(resume_from)
         model = self._ddp or self.model
