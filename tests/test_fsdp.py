@@ -9,6 +9,7 @@ import torch
 import torch.multiprocessing as mp
 from torch import nn
 
+from grpo_fsdp_worker import grpo_fsdp_worker
 from fsdp_worker import (adapters, build_model, dcp_worker, fsdp_worker, global_batch, make_optimizer,
                          perturb_adapters, train)
 from qlora_fast.distributed import (ShardableLinear4bit, four_bit_bytes, load_adapter_checkpoint, prepare_4bit_for_fsdp,
@@ -326,3 +327,33 @@ def test_sft_trainer_fsdp2_checkpoint_resume(tmp_path, seed):
         for name, value in first["adapters"].items():
             assert torch.equal(resumed["adapters"][name], value), name
         assert r["refused"] and "belongs to a different run" in r["refused"] and "adapters" in r["refused"]
+
+
+def test_grpo_trainer_under_fsdp2_matches_one_process(tmp_path, seed):
+    """GRPOTrainer on an FSDP2-sharded QLoRA model, 2 ranks each sampling its half of the step's
+    prompts (generation with the model unsharded, no per-token collective; KL to the reference,
+    2 micro-batches), trains like one process on the same global batch: same rewards, losses to
+    float tolerance, adapters as `assert_adam_close`. Samples are seeded per (step, prompt) in
+    both runs (PromptSeededGRPO), since the trainer's own per-rank streams differ from one
+    process's. Bad set-ups raise clear errors."""
+    from grpo_fsdp_worker import grpo_model, run_grpo
+
+    mp.spawn(grpo_fsdp_worker, args=(2, str(tmp_path / "init"), str(tmp_path), seed), nprocs=2, join=True)
+    history, adapters = run_grpo(grpo_model(seed))
+    ranks = [torch.load(os.path.join(tmp_path, f"rank{r}.pt")) for r in range(2)]
+    assert history[0]["reward_std"] > 0 and history[0]["skipped_groups"] < 4  # the groups carry signal
+    for r in ranks:
+        for mine, one in zip(r["history"], history):
+            assert mine["reward"] == one["reward"] and mine["reward_std"] == pytest.approx(one["reward_std"], rel=1e-6)
+            assert mine["completion_length"] == pytest.approx(one["completion_length"], rel=1e-6)
+            assert mine["skipped_groups"] == one["skipped_groups"]
+            assert mine["loss"] == pytest.approx(one["loss"], rel=1e-4, abs=1e-6)
+        assert r["adapters"].keys() == adapters.keys()
+        for name, value in adapters.items():
+            assert_adam_close(r["adapters"][name], value, name)
+    moved = [not torch.equal(v, grpo_model(seed).state_dict()[k]) for k, v in adapters.items()]
+    assert all(moved)
+    prompts_error, save_error = ranks[0]["errors"]
+    assert prompts_error.startswith("ValueError")
+    assert "prompts_per_step (3) must be a multiple of the world size (2)" in prompts_error
+    assert save_error.startswith("NotImplementedError") and "save_every" in save_error

@@ -29,6 +29,7 @@ ValueError, or with `unsplittable="replicate"` stays a plain Linear4bit kept who
 dequantizes from the strided views; the CUDA kernels read contiguous 1-D buffers and are not yet
 wired to this layout (not run: no GPU in the session that wrote this).
 """
+import contextlib
 from typing import Optional
 
 import torch
@@ -37,7 +38,8 @@ from torch import nn
 from qlora_fast.nn.linear4bit import Linear4bit
 from qlora_fast.quant_state import NESTED_BLOCKSIZE, QuantState
 
-__all__ = ["ShardableLinear4bit", "prepare_4bit_for_fsdp", "shard_qlora_model", "four_bit_bytes", "unit_layout"]
+__all__ = ["ShardableLinear4bit", "prepare_4bit_for_fsdp", "shard_qlora_model", "four_bit_bytes", "unit_layout",
+           "unsharded"]
 
 
 class ShardableLinear4bit(Linear4bit):
@@ -214,3 +216,27 @@ def shard_qlora_model(model: nn.Module, mesh=None, mp_policy=None, reshard_after
     fully_shard(model, mesh=mesh, mp_policy=mp_policy, reshard_after_forward=reshard_after_forward,
                 ignored_params=ignored or None)
     return model
+
+
+@contextlib.contextmanager
+def unsharded(model: nn.Module):
+    """Every FSDP2 module of `model` unsharded (one all-gather each, on entry, on every rank) until
+    exit, where they are resharded. Forwards inside run no collectives, so ranks may run different
+    numbers of them: generation that stops at a different length on each rank (GRPO sampling).
+    Meanwhile each rank holds the whole model (the 4-bit bytes of every layer, not a bf16 copy).
+    A model without FSDP2 modules is left alone."""
+    from torch.distributed.fsdp import FSDPModule
+
+    modules = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    # whether each module reshards after forward (FSDP2 keeps it in its parameter group)
+    groups = [m._get_fsdp_state()._fsdp_param_group for m in modules]
+    before = [g is None or g.post_forward_mesh_info is not None for g in groups]
+    for m in modules:
+        m.unshard()
+        m.set_reshard_after_forward(False, recurse=False)
+    try:
+        yield model
+    finally:
+        for m, reshard in zip(modules, before):
+            m.set_reshard_after_forward(reshard, recurse=False)
+            m.reshard()

@@ -10,6 +10,16 @@ so there is never a second copy of the weights; with beta = 0 the reference pass
 Per-token log-probabilities go through `sequence_logprobs`: hidden states through the output
 layer a chunk of tokens at a time, recomputed in backward, so no batch x length x vocabulary
 logits tensor ever exists.
+
+FSDP2 (a model sharded with `qlora_fast.distributed.shard_qlora_model`, under torchrun): each rank
+takes its share of every step's prompts (prompts_per_step must divide by the world size) and
+samples them with its own generator, with the model unsharded for the generation (so ranks may
+stop at different lengths without a collective); groups left out of the loss are masked rather
+than removed, so every rank runs the same forward/backward passes; the loss normalizer is the
+global one, and FSDP2 averages the gradients, so a step equals single-process GRPO on the
+union of the ranks' samples. Log-probs use the full-logits path (the chunked head would bypass
+the root module's all-gather). Logged reward, reward_std, completion_length and loss are global;
+kl, clip and ratio statistics are rank 0's. Checkpoints (save_every) and PPO are not supported.
 """
 import math
 import time
@@ -137,7 +147,12 @@ class GRPOConfig:
 # ------------------------------------------------------------------------------------------
 def _output_layer(model):
     """(backbone, lm_head weight, bias) when the model splits as backbone + plain linear head,
-    so log-probs can be chunked; None otherwise (then full logits are used)."""
+    so log-probs can be chunked; None otherwise (then full logits are used: also under FSDP2,
+    whose root module gathers the embedding and head only in its own forward)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if isinstance(model, FSDPModule):
+        return None
     if getattr(model, "prompt_encoder", "absent") is None and isinstance(getattr(model, "base_model", None), nn.Module):
         # A PeftModel with LoRA: its forward is exactly its base model's (the adapters live inside).
         model = model.base_model
@@ -228,6 +243,14 @@ class GRPOTrainer:
         if not self.params:
             raise ValueError("model has no trainable parameters: add adapters (LoRA / QLoRA) first")
         self.device = self.params[0].device
+        from torch.distributed.fsdp import FSDPModule
+
+        self._fsdp = isinstance(model, FSDPModule)  # ranks split each step's prompts (module docstring)
+        self.rank, self.world = 0, 1
+        if self._fsdp:
+            self.rank, self.world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+        if self._fsdp:
+            self._check_fsdp()
         self.optimizer = optimizer or make_optimizer(self.config.optimizer, self.params, self.config.lr, self.config.weight_decay)
         # Linear warmup, then constant (a cosine that ends where it starts).
         self.scheduler = warmup_cosine_schedule(self.optimizer, self.config.warmup_steps, self.config.steps, min_ratio=1.0)
@@ -235,7 +258,8 @@ class GRPOTrainer:
             if not hasattr(model, "gradient_checkpointing_enable"):
                 raise ValueError("gradient_checkpointing=True but the model has no gradient_checkpointing_enable()")
             model.gradient_checkpointing_enable()
-        self.sample_generator = torch.Generator(device=self.device).manual_seed(self.config.seed)
+        # every rank samples its own prompts: its own stream (rank 0's is the single-process one)
+        self.sample_generator = torch.Generator(device=self.device).manual_seed(self.config.seed + 7919 * self.rank)
         self.step = 0
         self.epoch = 0
         self.position = 0  # next index into this epoch's prompt order
@@ -246,6 +270,27 @@ class GRPOTrainer:
         stops = set(self.config.stop_token_ids or ())
         stops.add(int(tokenizer.eos_id))
         self.stop_ids = torch.tensor(sorted(stops), dtype=torch.long, device=self.device)
+
+    def _check_fsdp(self) -> None:
+        c = self.config
+        if c.prompts_per_step % self.world:
+            raise ValueError(f"GRPOConfig.prompts_per_step ({c.prompts_per_step}) must be a multiple of the world size "
+                             f"({self.world}) under FSDP2: each rank samples an equal share of every step's prompts")
+        if c.save_every:
+            raise NotImplementedError("GRPOTrainer checkpoints (save_every) of an FSDP2-sharded model are not "
+                                      "supported: set save_every=0 (sharded adapters and optimizer: qlora_fast.distributed."
+                                      "save_adapter_checkpoint)")
+        if type(self)._prepare is not GRPOTrainer._prepare:
+            raise NotImplementedError(f"{type(self).__name__} does not run on an FSDP2-sharded model "
+                                      "(GRPOTrainer does)")
+
+    def _global(self, value: float, op: str = "mean") -> float:
+        """`value` summed or averaged over the ranks (itself without FSDP2)."""
+        if not self._fsdp:
+            return value
+        t = torch.tensor([float(value)], dtype=torch.float64)
+        torch.distributed.all_reduce(t)
+        return float(t) / (self.world if op == "mean" else 1)
 
     # --- data ---------------------------------------------------------------------------
     @staticmethod
@@ -290,17 +335,19 @@ class GRPOTrainer:
         """Each prompt `n` times (rows grouped by prompt): (prompt ids, prompt mask, completion
         ids, completion mask, completion texts, stopped flags). The mask covers tokens up to and
         including the first stop token; stopped[i] says row i emitted one."""
+        from qlora_fast.distributed.fsdp import unsharded
         from qlora_fast.models.generate import generate
 
         ids, mask = self.encode_prompts(prompts)
         ids, mask = ids.repeat_interleave(n, 0), mask.repeat_interleave(n, 0)
         c = self.config
-        out = generate(
-            self.model, ids, attention_mask=mask, max_new_tokens=c.max_new_tokens,
-            temperature=0.0 if greedy else c.temperature, top_k=None if greedy else c.top_k,
-            top_p=None if greedy else c.top_p, stop_token_ids=self.stop_ids.tolist(),
-            pad_token_id=self.tokenizer.pad_id, generator=None if greedy else self.sample_generator,
-        )
+        with unsharded(self.model):  # FSDP2: gathered once, no collective per token
+            out = generate(
+                self.model, ids, attention_mask=mask, max_new_tokens=c.max_new_tokens,
+                temperature=0.0 if greedy else c.temperature, top_k=None if greedy else c.top_k,
+                top_p=None if greedy else c.top_p, stop_token_ids=self.stop_ids.tolist(),
+                pad_token_id=self.tokenizer.pad_id, generator=None if greedy else self.sample_generator,
+            )
         completion = out[:, ids.shape[1]:]
         is_stop = torch.isin(completion, self.stop_ids)
         after_stop = (is_stop.long().cumsum(1) - is_stop.long()) > 0
@@ -374,7 +421,7 @@ class GRPOTrainer:
         """Sample, score and optimise once; returns the step's log."""
         c = self.config
         start = time.perf_counter()
-        rows = self._next_rows()
+        rows = self._next_rows()[self.rank::self.world]  # FSDP2: this rank's share of the step's prompts
         prompt_ids, prompt_mask, completion, completion_mask, texts, stopped = self.sample([r["prompt"] for r in rows], c.group_size)
         rewards, reward_means = self.score(rows, texts, c.group_size, stopped, allow_nan=True)
         length = float(completion_mask.sum(1).float().mean())  # of every sample, kept or not
@@ -391,21 +438,29 @@ class GRPOTrainer:
         if keep_groups.any() and c.group_size > 1:  # (group_size 1 only under PPO, whose critic sets them)
             advantages[keep] = group_advantages(rewards[keep.cpu()], c.group_size, scale=c.advantage_scale).to(self.device)
 
-        input_ids = torch.cat([prompt_ids, completion], 1)[keep]
-        attention = torch.cat([prompt_mask, completion_mask], 1)[keep]
-        completion_mask, advantages = completion_mask[keep], advantages[keep]
+        # FSDP2: every rank keeps all its rows (same passes on every rank) and masks the left-out ones
+        rows_kept = torch.ones_like(keep) if self._fsdp else keep
+        input_ids = torch.cat([prompt_ids, completion], 1)[rows_kept]
+        attention = torch.cat([prompt_mask, completion_mask], 1)[rows_kept]
+        completion_mask, advantages = completion_mask[rows_kept], advantages[rows_kept]
         n_new = completion.shape[1]
-        mask = completion_mask.float()
-        finite_rewards = rewards[torch.isfinite(rewards)]
+        mask = completion_mask.float() * keep[:, None] if self._fsdp else completion_mask.float()
+        if self._fsdp:  # the log's reward statistics over every rank's samples
+            gathered = [torch.empty_like(rewards) for _ in range(self.world)]
+            torch.distributed.all_gather(gathered, rewards)
+            rewards_all = torch.cat(gathered)
+        else:
+            rewards_all = rewards
+        finite_rewards = rewards_all[torch.isfinite(rewards_all)]
         log = {
             "reward": float(finite_rewards.mean()) if finite_rewards.numel() else math.nan,
             "reward_std": float(finite_rewards.std()) if finite_rewards.numel() > 1 else 0.0,
             **{f"reward/{k}": v for k, v in reward_means.items()},
-            "completion_length": length,
-            "zero_variance_fraction": float(zero_var.float().mean()),
-            "skipped_groups": int((~keep_groups).sum()),
+            "completion_length": self._global(length),
+            "zero_variance_fraction": self._global(float(zero_var.float().mean())),
+            "skipped_groups": int(self._global(int((~keep_groups).sum()), "sum")),
         }
-        if not keep.any():  # nothing carries signal: no update, but the step (and schedule) advances
+        if not self._global(float(keep.any()), "sum"):  # nothing carries signal anywhere: no update, the step advances
             self.scheduler.step()
             self.step += 1
             log.update(step=self.step, kl=math.nan, clip_fraction=0.0, ratio_min=1.0, ratio_max=1.0, loss=0.0,
@@ -423,11 +478,13 @@ class GRPOTrainer:
                 with reference_context(self.model):
                     ref = logprob(input_ids, attention)
             batch = {"input_ids": input_ids, "attention": attention, "mask": mask, "advantages": advantages,
-                     "rewards": rewards[keep.cpu()].to(self.device), "old": old, "ref": ref, "n_new": n_new}
+                     "rewards": rewards[rows_kept.cpu()].to(self.device), "old": old, "ref": ref, "n_new": n_new}
             self._prepare(batch)
         self.model.train()
 
         normalizer = self._normalizer(completion_mask)
+        if self._fsdp:  # the global batch's normalizer; FSDP2 averages the gradients over the ranks
+            normalizer = self._global(float(self._normalizer(completion_mask[keep])), "sum") / self.world
         micro = -(-input_ids.shape[0] // c.grad_accum_steps)  # dropped groups can leave an uneven split
         stats_sum = {"kl": 0.0, "clip_fraction": 0.0}
         ratio_min, ratio_max = math.inf, -math.inf
@@ -459,7 +516,7 @@ class GRPOTrainer:
                 if c.max_grad_norm is not None:
                     grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, c.max_grad_norm))
                 self.optimizer.step()
-                loss_total = loss_iter
+                loss_total = self._global(loss_iter, "sum") / self.world if self._fsdp else loss_iter
         finally:
             self.optimizer.zero_grad(set_to_none=True)
             self.model.train(was_training)
