@@ -79,6 +79,17 @@ def grpo_fsdp_worker(rank, world_size, init_file, out_dir, seed):
                 errors.append(None)
             except (ValueError, NotImplementedError) as e:
                 errors.append(f"{type(e).__name__}: {e}")
+        # an optimizer built before sharding (it would step tensors the model no longer uses); sharding twice
+        plain = grpo_model(seed)
+        stale = torch.optim.AdamW([p for p in plain.parameters() if p.requires_grad])
+        shard_qlora_model(plain)
+        for bad in (lambda: GRPOTrainer(plain, ByteTokenizer(), distinct_characters, PROMPTS, grpo_config(), stale),
+                    lambda: shard_qlora_model(plain)):
+            try:
+                bad()
+                errors.append(None)
+            except ValueError as e:
+                errors.append(str(e))
         torch.save(dict(history=history, adapters=adapters, errors=errors), os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()

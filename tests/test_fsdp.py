@@ -327,6 +327,21 @@ def test_sft_trainer_fsdp2_checkpoint_resume(tmp_path, seed):
         for name, value in first["adapters"].items():
             assert torch.equal(resumed["adapters"][name], value), name
         assert r["refused"] and "belongs to a different run" in r["refused"] and "adapters" in r["refused"]
+    # one process (no FSDP2) loads the 2-rank trainer checkpoint: resharded, with a warning that the
+    # per-rank data and RNG streams cannot continue bit-identically
+    from sft_fsdp_worker import qlora_model
+
+    from qlora_fast.distributed import load_trainer_checkpoint
+    from qlora_fast.train.schedule import warmup_cosine_schedule
+    from qlora_fast.train.sft import make_optimizer as sft_optimizer
+
+    model = qlora_model(seed)
+    opt = sft_optimizer("paged_adamw_8bit", [p for p in model.parameters() if p.requires_grad], 1e-2, 0.0)
+    scheduler = warmup_cosine_schedule(opt, 1, 4)
+    with pytest.warns(RuntimeWarning, match="written by 2 ranks, resumed on 1"):
+        state = load_trainer_checkpoint(tmp_path / "run" / "checkpoint-2", model, opt, scheduler)
+    assert state["step"] == 2 and scheduler.last_epoch == 2 and len(state["extra"]["history"]) == 2
+    assert all(s["step"] == 2 for s in opt.state.values())
 
 
 def test_grpo_trainer_under_fsdp2_matches_one_process(tmp_path, seed):
@@ -353,7 +368,9 @@ def test_grpo_trainer_under_fsdp2_matches_one_process(tmp_path, seed):
             assert_adam_close(r["adapters"][name], value, name)
     moved = [not torch.equal(v, grpo_model(seed).state_dict()[k]) for k, v in adapters.items()]
     assert all(moved)
-    prompts_error, save_error = ranks[0]["errors"]
+    prompts_error, save_error, stale_error, twice_error = ranks[0]["errors"]
+    assert "not parameters of the model (built before shard_qlora_model?" in stale_error
+    assert "already sharded with FSDP2" in twice_error
     assert prompts_error.startswith("ValueError")
     assert "prompts_per_step (3) must be a multiple of the world size (2)" in prompts_error
     assert save_error.startswith("NotImplementedError") and "save_every" in save_error

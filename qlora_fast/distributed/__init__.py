@@ -7,8 +7,15 @@ from .checkpoint import (
                          save_trainer_checkpoint,
                          sharded_checkpoint_path,
 )
-from .fsdp import ShardableLinear4bit, four_bit_bytes, prepare_4bit_for_fsdp, shard_qlora_model
+from .fsdp import (
+                         ShardableLinear4bit,
+                         check_optimizer_params,
+                         four_bit_bytes,
+                         prepare_4bit_for_fsdp,
+                         shard_qlora_model,
+                         unsharded,
+)
 
 __all__ = ["load_adapter_checkpoint", "save_adapter_checkpoint", "ShardableLinear4bit", "four_bit_bytes",
            "prepare_4bit_for_fsdp", "shard_qlora_model", "save_trainer_checkpoint", "load_trainer_checkpoint",
-           "sharded_checkpoint_path", "resolve_sharded_resume"]
+           "sharded_checkpoint_path", "resolve_sharded_resume", "unsharded", "check_optimizer_params"]

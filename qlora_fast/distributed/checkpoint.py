@@ -18,6 +18,7 @@ import copy
 import os
 import re
 import shutil
+import warnings
 from typing import Optional
 
 import torch
@@ -46,6 +47,9 @@ def _state(model: nn.Module, optimizer) -> dict:
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+    from .fsdp import check_optimizer_params
+
+    check_optimizer_params(model, optimizer)
     # the trainable parameters by name (FSDP2 keeps the names; under it they are DTensor shards).
     # Not model.state_dict(): 4-bit modules add bitsandbytes-style keys that DCP's helpers reject.
     trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
@@ -53,14 +57,17 @@ def _state(model: nn.Module, optimizer) -> dict:
         raise ValueError("model has no trainable parameters to checkpoint")
     optim = get_optimizer_state_dict(model, optimizer)
     for name, state in optim["state"].items():
-        absmax = state.get("exp_avg_absmax") if isinstance(state, dict) else None
-        if isinstance(absmax, torch.Tensor) and absmax.dim() == 1 and name in trainable:
-            # 8-bit states of an unsharded parameter in the sharded layout (codes shaped like the
-            # parameter, absmax a one-row table) so one checkpoint format loads on any world size
-            shape = trainable[name].shape
-            for key in ("exp_avg_codes", "exp_avg_sq_codes"):
-                state[key] = state[key].reshape(shape)
-            for key in ("exp_avg_absmax", "exp_avg_sq_absmax"):
+        p = trainable.get(name)
+        if not isinstance(state, dict) or "kind" not in state or p is None or hasattr(p, "to_local"):
+            continue
+        # qlora_fast states of an unsharded parameter in the layout of sharded ones (per-element
+        # states shaped like the parameter, 8-bit absmax a one-row table), so that one checkpoint
+        # format loads on any world size
+        for key in ("exp_avg", "exp_avg_sq", "exp_avg_codes", "exp_avg_sq_codes"):
+            if key in state:
+                state[key] = state[key].reshape(p.shape)
+        for key in ("exp_avg_absmax", "exp_avg_sq_absmax"):
+            if key in state and state[key].dim() == 1:
                 state[key] = state[key].reshape(1, -1)
     return {"model": trainable, "optim": optim}
 
@@ -240,8 +247,9 @@ def save_trainer_checkpoint(path: str, model: nn.Module, optimizer, scheduler=No
                      if p.requires_grad}
         check_finite_state(trainable, f"checkpoint {path}")  # names the tensor on the rank that has it
         raise FloatingPointError(f"checkpoint {path}: an adapter tensor on another rank is NaN or inf; not saved")
+    rng = _rng_states()
     state = {"step": int(step), "run": run, "scheduler": None if scheduler is None else scheduler.state_dict(),
-             "rng": _rng_states(), "extra": extra or {}}
+             "rng": rng, "world_size": len(rng), "extra": extra or {}}
     save_adapter_checkpoint(model, optimizer, path, extra=state, overwrite=True)
     return path
 
@@ -271,6 +279,11 @@ def load_trainer_checkpoint(path: str, model: nn.Module, optimizer, scheduler=No
         dist.broadcast_object_list(error, src=0)
     if error[0]:
         raise ValueError(error[0])
+    world = dist.get_world_size() if dist is not None else 1
+    if saved.get("world_size", world) != world:
+        warnings.warn(f"checkpoint {path} was written by {saved['world_size']} ranks, resumed on {world}: adapters and "
+                      "optimizer states are resharded, but each rank's data and RNG streams differ from the saved "
+                      "run's, so training continues, not bit-identically", RuntimeWarning, stacklevel=2)
     scheduler_before = None if scheduler is None else scheduler.state_dict()
     load_adapter_checkpoint(model, optimizer, path)
     if scheduler is not None and saved["scheduler"] is not None:

@@ -39,7 +39,7 @@ from qlora_fast.nn.linear4bit import Linear4bit
 from qlora_fast.quant_state import NESTED_BLOCKSIZE, QuantState
 
 __all__ = ["ShardableLinear4bit", "prepare_4bit_for_fsdp", "shard_qlora_model", "four_bit_bytes", "unit_layout",
-           "unsharded"]
+           "unsharded", "check_optimizer_params"]
 
 
 class ShardableLinear4bit(Linear4bit):
@@ -188,10 +188,12 @@ def shard_qlora_model(model: nn.Module, mesh=None, mp_policy=None, reshard_after
     """
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError("shard_qlora_model needs torch.distributed initialised (e.g. run under torchrun)")
+    if any(isinstance(m, FSDPModule) for m in model.modules()):
+        raise ValueError("model is already sharded with FSDP2 (fully_shard / shard_qlora_model): shard it once")
     if mesh is None:
         device = next((p.device.type for p in model.parameters()), "cpu")
         mesh = init_device_mesh(device, (dist.get_world_size(),))
@@ -240,3 +242,14 @@ def unsharded(model: nn.Module):
         for m, reshard in zip(modules, before):
             m.set_reshard_after_forward(reshard, recurse=False)
             m.reshard()
+
+
+def check_optimizer_params(model: nn.Module, optimizer, name: str = "optimizer") -> None:
+    """ValueError when `optimizer` steps tensors that are not parameters of `model`: an optimizer
+    built before `shard_qlora_model` holds the pre-sharding tensors, which FSDP2 replaced by
+    DTensor shards, so its steps would silently leave the model unchanged."""
+    params = {id(p) for p in model.parameters()}
+    stale = sum(id(p) not in params for group in optimizer.param_groups for p in group["params"])
+    if stale:
+        raise ValueError(f"{name} holds {stale} tensor(s) that are not parameters of the model (built before "
+                         "shard_qlora_model? FSDP2 replaces the parameters): build it after sharding")

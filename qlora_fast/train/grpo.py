@@ -249,11 +249,11 @@ class GRPOTrainer:
         self.rank, self.world = 0, 1
         if self._fsdp:
             self.rank, self.world = torch.distributed.get_rank(), torch.distributed.get_world_size()
-        if self._fsdp:
-            self._check_fsdp()
         self.optimizer = optimizer or make_optimizer(self.config.optimizer, self.params, self.config.lr, self.config.weight_decay)
         # Linear warmup, then constant (a cosine that ends where it starts).
         self.scheduler = warmup_cosine_schedule(self.optimizer, self.config.warmup_steps, self.config.steps, min_ratio=1.0)
+        if self._fsdp:
+            self._check_fsdp()
         if self.config.gradient_checkpointing:
             if not hasattr(model, "gradient_checkpointing_enable"):
                 raise ValueError("gradient_checkpointing=True but the model has no gradient_checkpointing_enable()")
@@ -272,14 +272,17 @@ class GRPOTrainer:
         self.stop_ids = torch.tensor(sorted(stops), dtype=torch.long, device=self.device)
 
     def _check_fsdp(self) -> None:
+        from qlora_fast.distributed import check_optimizer_params
+
+        check_optimizer_params(self.model, self.optimizer)
         c = self.config
         if c.prompts_per_step % self.world:
             raise ValueError(f"GRPOConfig.prompts_per_step ({c.prompts_per_step}) must be a multiple of the world size "
                              f"({self.world}) under FSDP2: each rank samples an equal share of every step's prompts")
         if c.save_every:
             raise NotImplementedError("GRPOTrainer checkpoints (save_every) of an FSDP2-sharded model are not "
-                                      "supported: set save_every=0 (sharded adapters and optimizer: qlora_fast.distributed."
-                                      "save_adapter_checkpoint)")
+                                      "supported: set save_every=0 (sharded adapters and optimizer: "
+                                      "qlora_fast.distributed.save_adapter_checkpoint)")
         if type(self)._prepare is not GRPOTrainer._prepare:
             raise NotImplementedError(f"{type(self).__name__} does not run on an FSDP2-sharded model "
                                       "(GRPOTrainer does)")

@@ -254,6 +254,10 @@ class SFTTrainer:
         from torch.distributed.fsdp import FSDPModule
 
         self._fsdp = isinstance(model, FSDPModule)  # checkpoints: sharded DCP folders (qlora_fast.distributed)
+        if self._fsdp and optimizer is not None:
+            from qlora_fast.distributed import check_optimizer_params
+
+            check_optimizer_params(model, optimizer)
         if self.distributed and not self._fsdp:
             device_ids = [_device(model).index] if _device(model).type == "cuda" else None
             self._ddp = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
