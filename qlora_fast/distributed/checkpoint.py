@@ -74,15 +74,22 @@ def _state(model: nn.Module, optimizer) -> dict:
 
 def _saved_shapes(state: dict, path: str) -> None:
     """Give the 8-bit absmax tables of `state` the saved shapes (they depend on the saving world
-    size): plain tensors, which every rank reads whole."""
+    size): plain tensors, which every rank reads whole. Plain optimizer states saved flat (by an
+    unsharded optimizer before they were saved shaped like their parameters) are read flat."""
     import torch.distributed.checkpoint as dcp
 
     saved = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
     for name, entry in state["optim"]["state"].items():
-        for key in ("exp_avg_absmax", "exp_avg_sq_absmax"):
+        if not isinstance(entry, dict):
+            continue
+        for key, value in entry.items():
             meta = saved.get(f"optim.state.{name}.{key}")
-            if isinstance(entry, dict) and key in entry and hasattr(meta, "size") and len(meta.size) == 2:
+            if not hasattr(meta, "size") or not isinstance(value, torch.Tensor) or value.shape == meta.size:
+                continue
+            if key in ("exp_avg_absmax", "exp_avg_sq_absmax") and len(meta.size) == 2:
                 entry[key] = torch.zeros(tuple(meta.size), dtype=torch.float32)
+            elif not hasattr(value, "to_local") and value.numel() == meta.size.numel():
+                entry[key] = value.reshape(meta.size)
 
 
 _EXTRA = "trainer_state.pt"
