@@ -55,9 +55,11 @@ def grpo_model(seed):
     return model
 
 
-def run_grpo(model):
+def run_grpo(model, adapter_dir=None):
     trainer = PromptSeededGRPO(model, ByteTokenizer(), distinct_characters, PROMPTS, grpo_config())
     history = trainer.train()
+    if adapter_dir is not None:  # FSDP2: every rank calls it, rank 0 writes the gathered adapter
+        trainer.save_adapter(adapter_dir)
     adapters = {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
                 for n, p in model.named_parameters() if p.requires_grad}
     return history, adapters
@@ -70,7 +72,7 @@ def grpo_fsdp_worker(rank, world_size, init_file, out_dir, seed):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
     try:
         model = shard_qlora_model(grpo_model(seed))
-        history, adapters = run_grpo(model)
+        history, adapters = run_grpo(model, os.path.join(out_dir, "adapter"))
         errors = []
         for bad in (dict(prompts_per_step=3, grad_accum_steps=1), dict(save_every=1, output_dir=out_dir)):
             try:

@@ -368,6 +368,12 @@ def test_grpo_trainer_under_fsdp2_matches_one_process(tmp_path, seed):
             assert_adam_close(r["adapters"][name], value, name)
     moved = [not torch.equal(v, grpo_model(seed).state_dict()[k]) for k, v in adapters.items()]
     assert all(moved)
+    # the adapter saved under FSDP2 (gathered, written by rank 0) loads into one process as trained
+    loaded = grpo_model(seed)
+    loaded.load_adapter(str(tmp_path / "adapter"))
+    saved = dict(loaded.named_parameters())
+    for name, value in ranks[0]["adapters"].items():
+        assert torch.equal(saved[name], value), name
     prompts_error, save_error, stale_error, twice_error = ranks[0]["errors"]
     assert "not parameters of the model (built before shard_qlora_model?" in stale_error
     assert "already sharded with FSDP2" in twice_error

@@ -84,11 +84,11 @@ def _saved_shapes(state: dict, path: str) -> None:
             continue
         for key, value in entry.items():
             meta = saved.get(f"optim.state.{name}.{key}")
-            if not hasattr(meta, "size") or not isinstance(value, torch.Tensor) or value.shape == meta.size:
+            if not hasattr(meta, "size") or not isinstance(value, torch.Tensor):
                 continue
-            if key in ("exp_avg_absmax", "exp_avg_sq_absmax") and len(meta.size) == 2:
+            if key in ("exp_avg_absmax", "exp_avg_sq_absmax") and len(meta.size) == 2:  # the whole table
                 entry[key] = torch.zeros(tuple(meta.size), dtype=torch.float32)
-            elif not hasattr(value, "to_local") and value.numel() == meta.size.numel():
+            elif value.shape != meta.size and not hasattr(value, "to_local") and value.numel() == meta.size.numel():
                 entry[key] = value.reshape(meta.size)
 
 

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from qlora_fast.models.generate import left_pad
-from qlora_fast.utils import atomic_write_bytes, check_number, check_writable_dir
+from qlora_fast.utils import atomic_write_bytes, check_finite_state, check_number, check_writable_dir
 
 from . import checkpoint
 from .policy_gradient import ADVANTAGE_SCALES, LOSS_TYPES, group_advantages, grpo_loss, sequence_logprobs
@@ -39,6 +39,8 @@ from .schedule import warmup_cosine_schedule
 from .sft import OPTIMIZERS, make_optimizer  # the SFT trainer's optimizer names and factory
 
 RewardFunction = Callable[..., List[float]]
+_FSDP_CHECKPOINT = ("GRPOTrainer checkpoints of an FSDP2-sharded model are not supported (save_adapter is): "
+                    "sharded adapters and optimizer: qlora_fast.distributed.save_adapter_checkpoint")
 
 
 @dataclass
@@ -603,6 +605,8 @@ class GRPOTrainer:
     def save_checkpoint(self, path: str) -> None:
         """Adapter, optimizer, scheduler, every RNG, the sampling generator and the data position,
         written atomically (the SFT trainer's checkpoint format). Refuses non-finite parameters."""
+        if self._fsdp:
+            raise NotImplementedError(_FSDP_CHECKPOINT)
         if not self._all_finite():
             raise FloatingPointError("refusing to checkpoint: a trainable parameter is NaN or inf")
         extra = {**self._extra_state(), "epoch": self.epoch, "position": self.position, "sample_rng": self.sample_generator.get_state(),
@@ -627,6 +631,8 @@ class GRPOTrainer:
     def load_checkpoint(self, path: str) -> None:
         """Restore what `save_checkpoint` wrote; ValueError when it does not fit the model or
         another run (different model, adapters, data or settings) wrote it."""
+        if self._fsdp:
+            raise NotImplementedError(_FSDP_CHECKPOINT)
         state = checkpoint.load_checkpoint(path, self.model, self.optimizer, self.scheduler, run=self.run_identity())
         extra = state["extra"]
         self.step, self.epoch, self.position = state["step"], extra["epoch"], extra["position"]
@@ -644,7 +650,22 @@ class GRPOTrainer:
     def save_adapter(self, path: str) -> None:
         """The trained parameters alone, written atomically: through the model's own
         `save_adapter(path)` when it has one (a `PeftModel`: `path` is a directory holding
-        adapter_config.json + adapter_model.safetensors), else as one safetensors file `path`."""
+        adapter_config.json + adapter_model.safetensors), else as one safetensors file `path`.
+        FSDP2: call on every rank (the adapter's shards are gathered); rank 0 writes it."""
+        if self._fsdp:
+            named = self.model.adapter_parameters() if hasattr(self.model, "adapter_parameters") else [
+                (n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+            state = {n: p.full_tensor().detach().cpu().contiguous() for n, p in named}
+            if self.rank != 0:
+                return
+            check_finite_state(state, f"the adapter {path}")
+            if hasattr(self.model, "save_adapter"):
+                self.model.save_adapter(path, state)
+                return
+            from safetensors.torch import save
+
+            atomic_write_bytes(path, save(state))
+            return
         if not self._all_finite():
             raise FloatingPointError("refusing to save the adapter: a parameter is NaN or inf")
         if hasattr(self.model, "save_adapter"):
