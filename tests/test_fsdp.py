@@ -9,6 +9,7 @@ import torch
 import torch.multiprocessing as mp
 from torch import nn
 
+from grpo_fsdp_worker import grpo_fsdp_worker
 from fsdp_worker import (adapters, build_model, dcp_worker, fsdp_worker, global_batch, make_optimizer,
                          perturb_adapters, train)
 from qlora_fast.distributed import (ShardableLinear4bit, four_bit_bytes, load_adapter_checkpoint, prepare_4bit_for_fsdp,
@@ -144,25 +145,33 @@ def test_fsdp2_two_ranks_match_one_process(tmp_path, seed, double_quant, optimiz
 
 
 def test_dcp_checkpoint_resume_on_two_ranks_and_load_on_one(tmp_path, seed):
-    """DCP save of adapters + AdamW state on 2 ranks; a fresh 2-rank run that loads it continues
-    bit-identically; one process loads the same adapters and optimizer state."""
+    """DCP save of adapters + optimizer state (torch AdamW, PagedAdamW, PagedAdamW8bit) on 2 ranks;
+    a fresh 2-rank run that loads it has the same states and continues bit-identically; one process
+    loads the same adapters and optimizer state (8-bit: the same wherever blocks line up)."""
     mp.spawn(dcp_worker, args=(2, str(tmp_path / "init"), str(tmp_path), seed), nprocs=2, join=True)
     for rank in range(2):
         r = torch.load(os.path.join(tmp_path, f"rank{rank}.pt"))
-        (saved, losses, final), (loaded, losses2, final2) = r["first"], r["second"]
+        (saved, losses, final, _), (loaded, losses2, final2, _) = r["first"], r["second"]
         assert losses == losses2  # bit-identical continuation
         for name in saved:
             assert torch.equal(saved[name], loaded[name]), name
             assert torch.equal(final[name], final2[name]), name
     assert not os.path.exists(tmp_path / "ckpt.partial")
-    for rank in range(2):  # the same with qlora_fast's PagedAdamW (its states saved as DTensor shards)
-        (saved_p, losses_p, final_p), (loaded_p, losses_p2, final_p2) = torch.load(
-            os.path.join(tmp_path, f"rank{rank}.pt"))["paged"]
-        assert losses_p == losses_p2
-        for name in saved_p:
-            assert torch.equal(saved_p[name], loaded_p[name]) and torch.equal(final_p[name], final_p2[name]), name
-    message, written = r["refused"]
-    assert "8-bit optimizer states on FSDP2-sharded" in message and not written
+    eight = []
+    for rank in range(2):  # the same with PagedAdamW and PagedAdamW8bit (states saved as DTensor shards)
+        for kind in ("paged", "eight"):
+            (saved_p, losses_p, final_p, states), (loaded_p, losses_p2, final_p2, states2) = torch.load(
+                os.path.join(tmp_path, f"rank{rank}.pt"))[kind]
+            assert losses_p == losses_p2, kind
+            for name in saved_p:
+                assert torch.equal(saved_p[name], loaded_p[name]) and torch.equal(final_p[name], final_p2[name]), name
+            for name, state in states.items():  # the loaded optimizer states are the saved ones, bit for bit
+                assert state["kind"] == ("8bit" if kind == "eight" else "32bit")
+                assert state["step"] == states2[name]["step"]
+                for key, value in state.items():
+                    if isinstance(value, torch.Tensor):
+                        assert torch.equal(value, states2[name][key]), (kind, name, key)
+        eight.append(torch.load(os.path.join(tmp_path, f"rank{rank}.pt"))["eight"][0][3])
     # world size 1, no process group: same adapters; the optimizer state continues the same run
     model = build_model(seed)
     perturb_adapters(model, seed + 3)
@@ -177,6 +186,38 @@ def test_dcp_checkpoint_resume_on_two_ranks_and_load_on_one(tmp_path, seed):
     torch.testing.assert_close(torch.tensor(one_losses), torch.tensor(ranks_mean), rtol=1e-5, atol=1e-6)
     for name, value in adapters(model).items():
         assert_adam_close(value, final[name], name)
+    # the 8-bit states on one process (unpaged AdamW8bit): where rank 0's shard is whole 256-blocks
+    # the two ranks' codes and absmax concatenate bit for bit; elsewhere a block that straddles the
+    # shards is requantized: each value within half a code step (<= 0.00703 of its block's absmax)
+    from qlora_fast.reference.optim import QUANT_BLOCK, dequantize_blockwise_ref, dynamic_map
+
+    model8 = build_model(seed)
+    perturb_adapters(model8, seed + 4)
+    opt8 = make_optimizer(model8, "AdamW8bit")
+    load_adapter_checkpoint(model8, opt8, tmp_path / "eight")
+    for name, value in adapters(model8).items():
+        assert torch.equal(value, torch.load(os.path.join(tmp_path, "rank0.pt"))["eight"][0][0][name]), name
+    paths = {"exact": 0, "requantized": 0}
+    for name, p in model8.named_parameters():
+        if not p.requires_grad:
+            continue
+        one, parts = opt8._flat_state(opt8.state[p]), [e[name] for e in eight]
+        assert one["kind"] == "8bit" and one["step"] == parts[0]["step"] == 1
+        for key, signed in (("exp_avg", True), ("exp_avg_sq", False)):
+            codes, absmax = one[key + "_codes"], one[key + "_absmax"]
+            if parts[0][key + "_codes"].numel() % QUANT_BLOCK == 0:
+                paths["exact"] += 1
+                assert torch.equal(codes, torch.cat([q[key + "_codes"] for q in parts])), (name, key)
+                assert torch.equal(absmax, torch.cat([q[key + "_absmax"] for q in parts])), (name, key)
+                continue
+            paths["requantized"] += 1
+            code = dynamic_map(signed)
+            want = torch.cat([dequantize_blockwise_ref(q[key + "_codes"], q[key + "_absmax"], code) for q in parts])
+            got = dequantize_blockwise_ref(codes, absmax, code)
+            bound = 0.00704 * absmax.repeat_interleave(QUANT_BLOCK)[: got.numel()]
+            assert ((got - want).abs() <= bound).all(), (name, key)
+            assert (want.abs().max() > 0) and absmax.max() > 0
+    assert paths["exact"] > 0 and paths["requantized"] > 0, paths
     # a failed load (one adapter of another shape) leaves the model and optimizer as they were
     other = build_model(seed)
     perturb_adapters(other, seed + 5)
@@ -208,11 +249,12 @@ def test_sft_trainer_under_fsdp2_matches_ddp(tmp_path, seed):
 
 
 def test_finetune_fsdp_command_under_torchrun(tmp_path, seed):
-    """`torchrun ... qlora-fast finetune --fsdp` on a tiny Hugging Face Llama (q/o and the MLP split
-    on 256-block units and are sharded; k/v do not and stay whole): exit 0, one report, and the
-    gathered adapter, loaded in one process, gives the held-out perplexity the 2 ranks printed."""
+    """`qlora-fast finetune --nproc 2 --fsdp` (torchrun launched by the command) on a tiny Hugging
+    Face Llama (q/o and the MLP split on 256-block units and are sharded; k/v do not and stay
+    whole): exit 0, one report, and the gathered adapter, loaded in one process, gives the
+    held-out perplexity the 2 ranks printed. With --checkpoint-every 2 it writes a sharded
+    checkpoint at step 2; a second launch with --resume continues from it to the same adapter."""
     import re
-    import socket
     import subprocess
     import sys
 
@@ -232,13 +274,10 @@ def test_finetune_fsdp_command_under_torchrun(tmp_path, seed):
     model_dir = tmp_path / "hf"
     transformers.LlamaForCausalLM(config).save_pretrained(model_dir)
     fast.save_pretrained(model_dir)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}", "-m", "qlora_fast.cli",
-           "finetune", "--fsdp", "--model", str(model_dir), "--steps", "3", "--batch-size", "2", "--lr", "2e-2",
-           "--warmup-steps", "0", "--eval-pairs", "4", "--max-new-tokens", "2", "--seed", str(seed),
-           "--output", str(tmp_path / "out"), "--no-progress"]
+    cmd = [sys.executable, "-m", "qlora_fast.cli", "finetune", "--nproc", "2", "--fsdp", "--model", str(model_dir),
+           "--steps", "3", "--batch-size", "2", "--lr", "2e-2", "--warmup-steps", "0", "--eval-pairs", "4",
+           "--max-new-tokens", "2", "--seed", str(seed), "--output", str(tmp_path / "out"), "--no-progress",
+           "--checkpoint-every", "2"]
     proc = subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout
@@ -257,3 +296,87 @@ def test_finetune_fsdp_command_under_torchrun(tmp_path, seed):
     assert abs(before - after) > 1e-2 * after  # the training moved it, so the comparison below means something
     ppl = evaluate_loss(peft, tokenizer, load_instructions("heldout")[:4], PROMPT_TEMPLATE, 96)["perplexity"]
     assert ppl == pytest.approx(after, rel=2e-3, abs=2e-3)
+
+    # the sharded checkpoint of step 2; --resume retrains step 3 from it: the same adapter, bit for bit
+    assert sorted(f for f in os.listdir(tmp_path / "out") if not f.startswith(".")) == ["adapter-qlora", "checkpoint-2"]
+    from safetensors.torch import load_file
+
+    first = load_file(adapter_dir / "adapter_model.safetensors")
+    proc = subprocess.run(cmd + ["--resume"], env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True,
+                          text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"held-out perplexity    {before:.3f} -> {after:.3f}" in proc.stdout, proc.stdout
+    resumed = load_file(adapter_dir / "adapter_model.safetensors")
+    assert resumed.keys() == first.keys() and all(torch.equal(resumed[k], v) for k, v in first.items())
+
+
+def test_sft_trainer_fsdp2_checkpoint_resume(tmp_path, seed):
+    """SFTTrainer on an FSDP2 model (2 ranks, paged 8-bit AdamW) writes sharded checkpoint folders;
+    a fresh run resumed from the step-2 one repeats steps 3-4 bit-identically (losses, learning
+    rates, adapters); a checkpoint of another run is refused on every rank."""
+    from sft_fsdp_worker import sft_fsdp_resume_worker
+
+    mp.spawn(sft_fsdp_resume_worker, args=(2, str(tmp_path / "init"), str(tmp_path), seed), nprocs=2, join=True)
+    for rank in range(2):
+        r = torch.load(os.path.join(tmp_path, f"rank{rank}.pt"))
+        assert r["files"] == ["checkpoint-2", "checkpoint-4"]
+        first, resumed = r["first"], r["resumed"]
+        assert first["step"] == resumed["step"] == 4
+        assert resumed["history"] == first["history"]  # steps 1-2 restored, 3-4 retrained: bit-identical
+        assert first["history"][2]["loss"] != first["history"][1]["loss"]
+        for name, value in first["adapters"].items():
+            assert torch.equal(resumed["adapters"][name], value), name
+        assert r["refused"] and "belongs to a different run" in r["refused"] and "adapters" in r["refused"]
+    # one process (no FSDP2) loads the 2-rank trainer checkpoint: resharded, with a warning that the
+    # per-rank data and RNG streams cannot continue bit-identically
+    from sft_fsdp_worker import qlora_model
+
+    from qlora_fast.distributed import load_trainer_checkpoint
+    from qlora_fast.train.schedule import warmup_cosine_schedule
+    from qlora_fast.train.sft import make_optimizer as sft_optimizer
+
+    model = qlora_model(seed)
+    opt = sft_optimizer("paged_adamw_8bit", [p for p in model.parameters() if p.requires_grad], 1e-2, 0.0)
+    scheduler = warmup_cosine_schedule(opt, 1, 4)
+    with pytest.warns(RuntimeWarning, match="written by 2 ranks, resumed on 1"):
+        state = load_trainer_checkpoint(tmp_path / "run" / "checkpoint-2", model, opt, scheduler)
+    assert state["step"] == 2 and scheduler.last_epoch == 2 and len(state["extra"]["history"]) == 2
+    assert all(s["step"] == 2 for s in opt.state.values())
+
+
+def test_grpo_trainer_under_fsdp2_matches_one_process(tmp_path, seed):
+    """GRPOTrainer on an FSDP2-sharded QLoRA model, 2 ranks each sampling its half of the step's
+    prompts (generation with the model unsharded, no per-token collective; KL to the reference,
+    2 micro-batches), trains like one process on the same global batch: same rewards, losses to
+    float tolerance, adapters as `assert_adam_close`. Samples are seeded per (step, prompt) in
+    both runs (PromptSeededGRPO), since the trainer's own per-rank streams differ from one
+    process's. Bad set-ups raise clear errors."""
+    from grpo_fsdp_worker import grpo_model, run_grpo
+
+    mp.spawn(grpo_fsdp_worker, args=(2, str(tmp_path / "init"), str(tmp_path), seed), nprocs=2, join=True)
+    history, adapters = run_grpo(grpo_model(seed))
+    ranks = [torch.load(os.path.join(tmp_path, f"rank{r}.pt")) for r in range(2)]
+    assert history[0]["reward_std"] > 0 and history[0]["skipped_groups"] < 4  # the groups carry signal
+    for r in ranks:
+        for mine, one in zip(r["history"], history):
+            assert mine["reward"] == one["reward"] and mine["reward_std"] == pytest.approx(one["reward_std"], rel=1e-6)
+            assert mine["completion_length"] == pytest.approx(one["completion_length"], rel=1e-6)
+            assert mine["skipped_groups"] == one["skipped_groups"]
+            assert mine["loss"] == pytest.approx(one["loss"], rel=1e-4, abs=1e-6)
+        assert r["adapters"].keys() == adapters.keys()
+        for name, value in adapters.items():
+            assert_adam_close(r["adapters"][name], value, name)
+    loaded = grpo_model(seed)
+    initial = dict(loaded.named_parameters())
+    assert all(not torch.equal(v, initial[k]) for k, v in adapters.items())  # every adapter trained
+    # the adapter saved under FSDP2 (gathered, written by rank 0) loads into one process as trained
+    loaded.load_adapter(str(tmp_path / "adapter"))
+    saved = dict(loaded.named_parameters())
+    for name, value in ranks[0]["adapters"].items():
+        assert torch.equal(saved[name], value), name
+    prompts_error, save_error, stale_error, twice_error = ranks[0]["errors"]
+    assert "not parameters of the model (built before shard_qlora_model?" in stale_error
+    assert "already sharded with FSDP2" in twice_error
+    assert prompts_error.startswith("ValueError")
+    assert "prompts_per_step (3) must be a multiple of the world size (2)" in prompts_error
+    assert save_error.startswith("NotImplementedError") and "checkpoint_every" in save_error

@@ -9,8 +9,9 @@ before and after tuning, and where the adapter was saved. Under `torchrun --npro
 it trains with DDP (gloo on the CPU); rank 0 reports and saves. With `--fsdp` (under torchrun,
 LoRA/QLoRA) the model is sharded with FSDP2 instead (`qlora_fast.distributed.shard_qlora_model`:
 4-bit weights that cannot be split on block boundaries stay whole on every rank); the final
-adapter is gathered and saved once by rank 0 in the usual PEFT format (--checkpoint-every and
---resume are refused under --fsdp for now).
+adapter is gathered and saved once by rank 0 in the usual PEFT format; --checkpoint-every writes
+sharded checkpoint folders (`--output/checkpoint-<step>`, torch.distributed.checkpoint) that
+--resume continues on the same number of ranks.
 """
 import contextlib
 import os
@@ -63,9 +64,13 @@ def register(subparsers) -> None:
     parser.add_argument("--max-new-tokens", type=positive_int, default=12, help="generation length for exact match")
     parser.add_argument("--output", default="qlora_fast_output", help="directory for the adapter and checkpoints")
     parser.add_argument("--fsdp", action="store_true",
-                        help="under torchrun: shard the model with FSDP2 instead of DDP (lora/qlora; no checkpoints yet)")
+                        help="with --nproc N or under torchrun: shard the model with FSDP2 instead of DDP "
+                             "(lora/qlora; sharded checkpoints)")
+    parser.add_argument("--nproc", type=positive_int, default=None, metavar="N",
+                        help="launch N processes on this machine with torchrun (torch.distributed.run --standalone) "
+                             "running this same command: DDP, or FSDP2 with --fsdp")
     add_training_arguments(parser)
-    parser.set_defaults(func=run)
+    parser.set_defaults(func=run, parser=parser)
 
 
 def _init_distributed(device, fsdp: bool = False) -> int:
@@ -132,11 +137,9 @@ def _peft_config(args):
 def _check_fsdp_args(args) -> None:
     if args.method not in ("lora", "qlora"):
         raise ValueError(f"--fsdp shards LoRA/QLoRA models only, got --method {args.method} (use DDP: drop --fsdp)")
-    if args.checkpoint_every or args.resume or args.resume_if_exists:
-        raise ValueError("--fsdp does not support --checkpoint-every / --resume / --resume-if-exists yet "
-                         "(sharded checkpoints: qlora_fast.distributed.save_adapter_checkpoint)")
-    if "WORLD_SIZE" not in os.environ:
-        raise ValueError("--fsdp needs torchrun: run `torchrun --nproc-per-node N qlora-fast finetune --fsdp ...`")
+    if "WORLD_SIZE" not in os.environ and args.nproc is None:
+        raise ValueError("--fsdp needs several processes: add --nproc N, or run "
+                         "`torchrun --nproc-per-node N -m qlora_fast.cli finetune --fsdp ...`")
 
 
 def _full_adapter(model) -> dict:
@@ -150,6 +153,40 @@ def _full_adapter(model) -> dict:
                 for name, p in model.adapter_parameters()}
 
 
+def _launch(args) -> int:
+    """`--nproc N`: run this command (without --nproc) as `torchrun --standalone --nproc-per-node N`
+    would (torch.distributed.run, in this process: a free local port, N workers) and return 0, or
+    1 when a worker failed (its error is printed by torchrun)."""
+    from torch.distributed import run as torchrun
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    if "WORLD_SIZE" in os.environ:
+        raise ValueError("--nproc launches torchrun itself: drop --nproc when running under torchrun")
+    if resolve_device(args.device).type == "cuda":
+        import torch
+
+        if args.nproc > torch.cuda.device_count():
+            raise ValueError(f"--nproc {args.nproc} needs one CUDA device per process; {torch.cuda.device_count()} "
+                             "visible (or use --device cpu: gloo)")
+    command = ["--debug"] if args.debug else []
+    command.append("finetune")
+    for action in args.parser._actions:  # the parsed options, spelled out again
+        value = getattr(args, action.dest, None)
+        if not action.option_strings or action.dest in ("help", "nproc") or value is None or value is False:
+            continue
+        name = next(o for o in action.option_strings if o.startswith("--"))  # the long one, never a deprecated alias
+        command.append(name if value is True else f"{name}={value}")
+    launch = torchrun.get_args_parser().parse_args(
+        ["--standalone", f"--nproc-per-node={args.nproc}", "-m", "qlora_fast.cli"])
+    launch.training_script_args = command  # set here: torchrun's own parser would take --r=8 for --rdzv-*
+    sys.stdout.flush()
+    try:
+        torchrun.run(launch)
+    except ChildFailedError:
+        return 1
+    return 0
+
+
 def run(args) -> int:
     import torch  # here, not at import: `qlora-fast --help` should not load torch
 
@@ -157,9 +194,20 @@ def run(args) -> int:
         raise FileNotFoundError(f"--model must be a local Hugging Face model directory, got {args.model!r} (no such directory)")
     if args.fsdp:
         _check_fsdp_args(args)
-    resume_from, allow_fresh = resume_mode(args, args.output)
+    if args.fsdp and (args.resume or args.resume_if_exists):  # sharded checkpoint folders, checked now
+        from qlora_fast.distributed import resolve_sharded_resume
+
+        resolve_sharded_resume("latest", args.output, allow_fresh=bool(args.resume_if_exists))
+        resume_from, allow_fresh = "latest", bool(args.resume_if_exists)
+    else:
+        resume_from, allow_fresh = resume_mode(args, args.output)
+    if args.nproc is not None:  # the checks above ran once, before any process starts
+        return _launch(args)
     torch.manual_seed(args.seed)
     device = resolve_device(args.device)
+    if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))  # torchrun: one GPU per local rank
+        torch.cuda.set_device(device)
     rank = _init_distributed(device, args.fsdp)
     # Before any work: --output must be writable, and no other run may be writing it (rank 0 writes).
     with (check_output(args.output) if rank == 0 else contextlib.nullcontext()):

@@ -2,21 +2,30 @@
 
 `save_adapter_checkpoint` writes the trainable parameters (the adapters; the frozen 4-bit base is
 rebuilt from the base model, not saved) and the optimizer state (torch's optimizers, or
-qlora_fast's 32-bit ones, paged or not, whose states are DTensors sharded like their parameters;
-8-bit states on sharded parameters raise NotImplementedError), each rank writing its own shards, to a folder; `load_adapter_checkpoint` reads it back on any world size (DCP reshards
-DTensors, and loads into plain tensors in a single process without a process group).
+qlora_fast's, paged or not, 32-bit or 8-bit), each rank writing its own shards, to a folder;
+`load_adapter_checkpoint` reads it back on any world size (DCP reshards DTensors, and loads into
+plain tensors in a single process without a process group).
+
+32-bit states and 8-bit codes are per element and shard like their parameters. 8-bit absmax are
+per 256-block of each rank's shard: they are saved as one table row per rank and mapped onto the
+loading sharding's blocks: bit-identical on the same world size (and wherever shard boundaries
+fall on block boundaries), requantized (within half a code step) where a new block straddles two
+saved ones.
 The folder appears only once every rank has finished (written under `<path>.partial`, then
 renamed), and a load fills copies first, so a failed load leaves the model and optimizer as they were.
 """
 import copy
 import os
+import re
 import shutil
+import warnings
 from typing import Optional
 
 import torch
 from torch import nn
 
-__all__ = ["save_adapter_checkpoint", "load_adapter_checkpoint"]
+__all__ = ["save_adapter_checkpoint", "load_adapter_checkpoint", "save_trainer_checkpoint", "load_trainer_checkpoint",
+           "sharded_checkpoint_path", "resolve_sharded_resume"]
 
 
 def _dist():
@@ -38,20 +47,59 @@ def _state(model: nn.Module, optimizer) -> dict:
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+    from .fsdp import check_optimizer_params
+
+    check_optimizer_params(model, optimizer)
     # the trainable parameters by name (FSDP2 keeps the names; under it they are DTensor shards).
     # Not model.state_dict(): 4-bit modules add bitsandbytes-style keys that DCP's helpers reject.
     trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
     if not trainable:
         raise ValueError("model has no trainable parameters to checkpoint")
-    return {"model": trainable, "optim": get_optimizer_state_dict(model, optimizer)}
+    optim = get_optimizer_state_dict(model, optimizer)
+    for name, state in optim["state"].items():
+        p = trainable.get(name)
+        if not isinstance(state, dict) or "kind" not in state or p is None or hasattr(p, "to_local"):
+            continue
+        # qlora_fast states of an unsharded parameter in the layout of sharded ones (per-element
+        # states shaped like the parameter, 8-bit absmax a one-row table), so that one checkpoint
+        # format loads on any world size
+        for key in ("exp_avg", "exp_avg_sq", "exp_avg_codes", "exp_avg_sq_codes"):
+            if key in state:
+                state[key] = state[key].reshape(p.shape)
+        for key in ("exp_avg_absmax", "exp_avg_sq_absmax"):
+            if key in state and state[key].dim() == 1:
+                state[key] = state[key].reshape(1, -1)
+    return {"model": trainable, "optim": optim}
+
+
+def _saved_shapes(state: dict, path: str) -> None:
+    """Give the 8-bit absmax tables of `state` the saved shapes (they depend on the saving world
+    size): plain tensors, which every rank reads whole. Plain optimizer states saved flat (by an
+    unsharded optimizer before they were saved shaped like their parameters) are read flat."""
+    import torch.distributed.checkpoint as dcp
+
+    saved = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
+    for name, entry in state["optim"]["state"].items():
+        if not isinstance(entry, dict):
+            continue
+        for key, value in entry.items():
+            meta = saved.get(f"optim.state.{name}.{key}")
+            if not hasattr(meta, "size") or not isinstance(value, torch.Tensor):
+                continue
+            if key in ("exp_avg_absmax", "exp_avg_sq_absmax") and len(meta.size) == 2:  # the whole table
+                entry[key] = torch.zeros(tuple(meta.size), dtype=torch.float32)
+            elif value.shape != meta.size and not hasattr(value, "to_local") and value.numel() == meta.size.numel():
+                entry[key] = value.reshape(meta.size)
 
 
 _EXTRA = "trainer_state.pt"
 
 
-def save_adapter_checkpoint(model: nn.Module, optimizer, path: str, extra: Optional[dict] = None) -> None:
+def save_adapter_checkpoint(model: nn.Module, optimizer, path: str, extra: Optional[dict] = None,
+                            overwrite: bool = False) -> None:
     """Save the trainable parameters and optimizer state of `model` (FSDP2-sharded or not) to the
-    folder `path`, which must not exist yet (FileExistsError). Call on every rank. `extra`: the
+    folder `path`, which must not exist yet (FileExistsError) unless `overwrite` (then the old
+    folder is replaced only once the new one is complete). Call on every rank. `extra`: the
     trainer state (step, scheduler state, history...: plain Python values and tensors), written
     once by rank 0 and returned by `load_adapter_checkpoint`."""
     if extra is not None and not isinstance(extra, dict):
@@ -59,7 +107,7 @@ def save_adapter_checkpoint(model: nn.Module, optimizer, path: str, extra: Optio
     import torch.distributed.checkpoint as dcp
 
     path = os.fspath(path)
-    if os.path.exists(path):
+    if os.path.exists(path) and not overwrite:
         raise FileExistsError(f"checkpoint folder {path!r} already exists; choose a new path")
     state = _state(model, optimizer)
     partial = path + ".partial"
@@ -72,7 +120,13 @@ def save_adapter_checkpoint(model: nn.Module, optimizer, path: str, extra: Optio
         torch.save({} if extra is None else extra, os.path.join(partial, _EXTRA))
     _barrier()
     if dist is None or dist.get_rank() == 0:
-        os.replace(partial, path)
+        if os.path.exists(path):  # overwrite: the old folder goes only once the new one is complete
+            shutil.rmtree(path + ".old", ignore_errors=True)
+            os.replace(path, path + ".old")
+            os.replace(partial, path)
+            shutil.rmtree(path + ".old")
+        else:
+            os.replace(partial, path)
     _barrier()
 
 
@@ -95,6 +149,7 @@ def load_adapter_checkpoint(model: nn.Module, optimizer, path: str) -> dict:
         state = _state(model, optimizer)
         # fill copies (the state dicts may hand out live tensors) so a failed read changes nothing
         state = torch.utils._pytree.tree_map_only(torch.Tensor, lambda t: t.detach().clone(), state)
+        _saved_shapes(state, path)
         dcp.load(state, checkpoint_id=path, no_dist=_dist() is None)
     except CheckpointException as e:  # a BaseException in torch: made an ordinary, catchable error
         optimizer.load_state_dict(optimizer_before)
@@ -108,3 +163,141 @@ def load_adapter_checkpoint(model: nn.Module, optimizer, path: str) -> dict:
         for name, value in state["model"].items():
             params[name].copy_(value)
     return extra
+
+
+# ---------------------------------------------------------------------------- trainer checkpoints
+# The sharded counterpart of qlora_fast.train.checkpoint for trainers on an FSDP2 model: one DCP
+# folder `checkpoint-<step>` per checkpoint (adapters and optimizer sharded) whose trainer state
+# holds the step, the scheduler, every rank's RNG state, the run identity and the trainer's extra.
+_DCP_PATTERN = re.compile(r"^checkpoint-(\d+)$")
+
+
+def sharded_checkpoint_path(directory: str, step: int) -> str:
+    return os.path.join(directory, f"checkpoint-{step}")
+
+
+def _latest(directory: str) -> Optional[str]:
+    if not os.path.isdir(directory):
+        return None
+    steps = [int(m.group(1)) for f in os.listdir(directory)
+             if (m := _DCP_PATTERN.match(f)) and os.path.isfile(os.path.join(directory, f, _EXTRA))]
+    return sharded_checkpoint_path(directory, max(steps)) if steps else None
+
+
+def resolve_sharded_resume(resume_from: Optional[str], directory: Optional[str], allow_fresh: bool = False):
+    """`qlora_fast.train.checkpoint.resolve_resume` for sharded checkpoint folders: `resume_from`
+    itself (it must be a folder), or for "latest" the newest `checkpoint-<step>` folder in
+    `directory` (FileNotFoundError when there is none, unless `allow_fresh`: then None)."""
+    if not resume_from:
+        return None
+    if resume_from != "latest":
+        if not os.path.isdir(resume_from):
+            raise FileNotFoundError(f"no sharded checkpoint folder at {resume_from!r}")
+        return resume_from
+    found = _latest(directory) if directory else None
+    if found is None and not allow_fresh:
+        where = f"in {directory!r}" if directory else "(no output directory set)"
+        raise FileNotFoundError(f"resume asked for, but there is no sharded checkpoint-<step> folder {where}; "
+                                "start a fresh run without resume, or allow it explicitly (allow_fresh=True / "
+                                "--resume-if-exists)")
+    return found
+
+
+def _rng_states() -> list:
+    """Every rank's RNG states (numpy's array as a tensor, so the trainer state loads with
+    weights_only=True), gathered on every rank."""
+    from qlora_fast.train.checkpoint import rng_state
+
+    state = rng_state()
+    if "numpy" in state:
+        name, keys, pos, has_gauss, cached = state["numpy"]
+        state["numpy"] = (name, torch.from_numpy(keys.astype("int64")), pos, has_gauss, cached)
+    dist = _dist()
+    if dist is None:
+        return [state]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, state)
+    return out
+
+
+def _set_rng(states: list) -> None:
+    """This rank's RNG states (rank 0's when the checkpoint was written by another world size)."""
+    from qlora_fast.train.checkpoint import set_rng_state
+
+    dist = _dist()
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist is not None else (0, 1)
+    state = dict(states[rank] if len(states) == world else states[0])
+    if "numpy" in state:
+        name, keys, pos, has_gauss, cached = state["numpy"]
+        state["numpy"] = (name, keys.numpy().astype("uint32"), pos, has_gauss, cached)
+    set_rng_state(state)
+
+
+def save_trainer_checkpoint(path: str, model: nn.Module, optimizer, scheduler=None, step: int = 0,
+                            extra: Optional[dict] = None, run: Optional[dict] = None) -> str:
+    """Write a trainer checkpoint of an FSDP2 (or unsharded) model to the folder `path` (replaced
+    once complete if it exists): adapters and optimizer as `save_adapter_checkpoint`, plus the
+    step, scheduler state, RNG states, `extra` and the run identity `run`. Call on every rank.
+    FloatingPointError (on every rank, nothing written) for NaN/inf adapters."""
+    from qlora_fast.utils import check_finite_state
+
+    bad = torch.zeros(())
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            local = p.to_local() if hasattr(p, "to_local") else p
+            bad += (~torch.isfinite(local.detach())).any().float().cpu()
+    dist = _dist()
+    if dist is not None:
+        dist.all_reduce(bad)
+    if bad.item():
+        trainable = {n: (p.to_local() if hasattr(p, "to_local") else p) for n, p in model.named_parameters()
+                     if p.requires_grad}
+        check_finite_state(trainable, f"checkpoint {path}")  # names the tensor on the rank that has it
+        raise FloatingPointError(f"checkpoint {path}: an adapter tensor on another rank is NaN or inf; not saved")
+    rng = _rng_states()
+    state = {"step": int(step), "run": run, "scheduler": None if scheduler is None else scheduler.state_dict(),
+             "rng": rng, "world_size": len(rng), "extra": extra or {}}
+    save_adapter_checkpoint(model, optimizer, path, extra=state, overwrite=True)
+    return path
+
+
+def load_trainer_checkpoint(path: str, model: nn.Module, optimizer, scheduler=None, run: Optional[dict] = None) -> dict:
+    """Restore a `save_trainer_checkpoint` folder (any world size; RNG states per rank when the
+    world size is the same). Call on every rank. Returns {"step", "extra"}. ValueError (on every
+    rank, nothing changed) when another run wrote it (rank 0 compares `run`: under FSDP2 only
+    rank 0's shard holds the fingerprinted values) or it does not fit."""
+    from qlora_fast.train.checkpoint import check_same_run
+
+    path = os.fspath(path)
+    extra_file = os.path.join(path, _EXTRA)
+    if not os.path.isfile(extra_file):
+        raise FileNotFoundError(f"no sharded checkpoint folder at {path!r}")
+    saved = torch.load(extra_file, weights_only=True)
+    if not isinstance(saved, dict) or not {"step", "run", "scheduler", "rng", "extra"} <= saved.keys():
+        raise ValueError(f"{path} is not a qlora_fast trainer checkpoint (a save_adapter_checkpoint folder?)")
+    dist = _dist()
+    error = [None]
+    if dist is None or dist.get_rank() == 0:
+        try:
+            check_same_run(saved["run"], run, path)
+        except ValueError as e:
+            error[0] = str(e)
+    if dist is not None:
+        dist.broadcast_object_list(error, src=0)
+    if error[0]:
+        raise ValueError(error[0])
+    world = dist.get_world_size() if dist is not None else 1
+    if saved.get("world_size", world) != world:
+        warnings.warn(f"checkpoint {path} was written by {saved['world_size']} ranks, resumed on {world}: adapters and "
+                      "optimizer states are resharded, but each rank's data and RNG streams differ from the saved "
+                      "run's, so training continues, not bit-identically", RuntimeWarning, stacklevel=2)
+    scheduler_before = None if scheduler is None else scheduler.state_dict()
+    load_adapter_checkpoint(model, optimizer, path)
+    if scheduler is not None and saved["scheduler"] is not None:
+        try:
+            scheduler.load_state_dict(saved["scheduler"])
+        except Exception:
+            scheduler.load_state_dict(scheduler_before)
+            raise
+    _set_rng(saved["rng"])
+    return {"step": saved["step"], "extra": saved["extra"]}

@@ -29,6 +29,7 @@ ValueError, or with `unsplittable="replicate"` stays a plain Linear4bit kept who
 dequantizes from the strided views; the CUDA kernels read contiguous 1-D buffers and are not yet
 wired to this layout (not run: no GPU in the session that wrote this).
 """
+import contextlib
 from typing import Optional
 
 import torch
@@ -37,7 +38,8 @@ from torch import nn
 from qlora_fast.nn.linear4bit import Linear4bit
 from qlora_fast.quant_state import NESTED_BLOCKSIZE, QuantState
 
-__all__ = ["ShardableLinear4bit", "prepare_4bit_for_fsdp", "shard_qlora_model", "four_bit_bytes", "unit_layout"]
+__all__ = ["ShardableLinear4bit", "prepare_4bit_for_fsdp", "shard_qlora_model", "four_bit_bytes", "unit_layout",
+           "unsharded", "check_optimizer_params"]
 
 
 class ShardableLinear4bit(Linear4bit):
@@ -186,10 +188,12 @@ def shard_qlora_model(model: nn.Module, mesh=None, mp_policy=None, reshard_after
     """
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError("shard_qlora_model needs torch.distributed initialised (e.g. run under torchrun)")
+    if any(isinstance(m, FSDPModule) for m in model.modules()):
+        raise ValueError("model is already sharded with FSDP2 (fully_shard / shard_qlora_model): shard it once")
     if mesh is None:
         device = next((p.device.type for p in model.parameters()), "cpu")
         mesh = init_device_mesh(device, (dist.get_world_size(),))
@@ -214,3 +218,38 @@ def shard_qlora_model(model: nn.Module, mesh=None, mp_policy=None, reshard_after
     fully_shard(model, mesh=mesh, mp_policy=mp_policy, reshard_after_forward=reshard_after_forward,
                 ignored_params=ignored or None)
     return model
+
+
+@contextlib.contextmanager
+def unsharded(model: nn.Module):
+    """Every FSDP2 module of `model` unsharded (one all-gather each, on entry, on every rank) until
+    exit, where they are resharded. Forwards inside run no collectives, so ranks may run different
+    numbers of them: generation that stops at a different length on each rank (GRPO sampling).
+    Meanwhile each rank holds the whole model (the 4-bit bytes of every layer, not a bf16 copy).
+    A model without FSDP2 modules is left alone."""
+    from torch.distributed.fsdp import FSDPModule
+
+    modules = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    # whether each module reshards after forward (FSDP2 keeps it in its parameter group)
+    groups = [m._get_fsdp_state()._fsdp_param_group for m in modules]
+    before = [g is None or g.post_forward_mesh_info is not None for g in groups]
+    for m in modules:
+        m.unshard()
+        m.set_reshard_after_forward(False, recurse=False)
+    try:
+        yield model
+    finally:
+        for m, reshard in zip(modules, before):
+            m.set_reshard_after_forward(reshard, recurse=False)
+            m.reshard()
+
+
+def check_optimizer_params(model: nn.Module, optimizer, name: str = "optimizer") -> None:
+    """ValueError when `optimizer` steps tensors that are not parameters of `model`: an optimizer
+    built before `shard_qlora_model` holds the pre-sharding tensors, which FSDP2 replaced by
+    DTensor shards, so its steps would silently leave the model unchanged."""
+    params = {id(p) for p in model.parameters()}
+    stale = sum(id(p) not in params for group in optimizer.param_groups for p in group["params"])
+    if stale:
+        raise ValueError(f"{name} holds {stale} tensor(s) that are not parameters of the model (built before "
+                         "shard_qlora_model? FSDP2 replaces the parameters): build it after sharding")

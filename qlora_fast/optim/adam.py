@@ -22,7 +22,7 @@ from typing import Dict, Optional
 import torch
 
 from qlora_fast.optim.paging import Budget, PageManager, StepStats, check_budget, timed
-from qlora_fast.reference.optim import QUANT_BLOCK, dynamic_map
+from qlora_fast.reference.optim import QUANT_BLOCK, dynamic_map, quantize_blockwise_ref
 
 __all__ = ["Adam", "AdamW", "AdamW8bit", "PagedAdamW", "PagedAdamW8bit", "paging_stats"]
 
@@ -90,19 +90,85 @@ class _DevicePlan:
 
 
 def _as_dtensor_states(state: dict, p) -> dict:
-    """The 32-bit states of an FSDP2 (DTensor) parameter as DTensors sharded like it, so that
-    torch.distributed.checkpoint saves every rank's shard and can reshard them on load. 8-bit
-    states are quantized per block of the local shard, which no other sharding can reload."""
-    if state["kind"] != "32bit":
-        raise NotImplementedError("state_dict of 8-bit optimizer states on FSDP2-sharded (DTensor) parameters is "
-                                  "not supported yet: use 32-bit states (PagedAdamW, AdamW) for sharded checkpoints")
-    from torch.distributed.tensor import DTensor
+    """The states of an FSDP2 (DTensor) parameter as DTensors, so that torch.distributed.checkpoint
+    saves every rank's shard and can reshard them on load. 32-bit states and 8-bit codes are per
+    element: sharded like `p`. 8-bit absmax are per 256-block of each rank's local shard: saved as
+    a (world, blocks of the largest shard) table, zero-padded, one row per rank, which
+    `_local_8bit_states` maps back onto the blocks of any sharding."""
+    from torch.distributed.tensor import DTensor, Shard
 
     local = p._local_tensor
+    eight_bit = state["kind"] == "8bit"
+    if eight_bit and (p.device_mesh.ndim != 1 or tuple(p.placements) != (Shard(0),)):
+        raise NotImplementedError(f"8-bit optimizer states of a DTensor parameter sharded as {p.placements} on a "
+                                  f"{p.device_mesh.ndim}-D mesh: only FSDP2's dim-0 sharding (Shard(0)) is supported")
     out = dict(state)
-    for name in STATE32:
+    for name in STATE8[:2] if eight_bit else STATE32:
         out[name] = DTensor.from_local(state[name].to(local.device).view(local.shape), p.device_mesh, p.placements,
                                        run_check=False, shape=p.shape, stride=p.stride())
+    if eight_bit:
+        world = p.device_mesh.size()
+        blocks = -(-(-(-p.shape[0] // world) * (p.numel() // max(p.shape[0], 1))) // QUANT_BLOCK)
+        for name in STATE8[2:]:
+            row = torch.zeros(1, blocks, dtype=torch.float32, device=local.device)
+            row[0, : state[name].numel()] = state[name]
+            out[name] = DTensor.from_local(row, p.device_mesh, [Shard(0)], run_check=False, shape=(world, blocks),
+                                           stride=(blocks, 1))
+    return out
+
+
+def _local_8bit_states(saved: dict, p) -> dict:
+    """Flat 8-bit states of this rank's shard of `p` from the sharded form of `_as_dtensor_states`
+    (codes shaped like `p`, already resharded to this rank; absmax tables of the saving world
+    size W). Where this rank's 256-blocks are blocks of the saved sharding (same world size, or
+    shard boundaries on block boundaries) codes and absmax are taken as they are: bit-identical.
+    Other blocks are dequantized and requantized on this sharding's blocks (each value moves by at
+    most half a code step of its new block). ValueError for inconsistent tables."""
+    local = _local(p)
+    n, rows = local.numel(), p.shape[0] if p.dim() else 1
+    row_numel = p.numel() // max(rows, 1)
+    table = _local(saved["exp_avg_absmax"])
+    if table.dim() != 2 or _local(saved["exp_avg_sq_absmax"]).shape != table.shape:
+        raise ValueError(f"8-bit absmax tables must be 2-D and alike, got {tuple(table.shape)}")
+    world_old, blocks_old = table.shape
+    rows_old = -(-rows // world_old)
+    if -(-rows_old * row_numel // QUANT_BLOCK) != blocks_old:
+        raise ValueError(f"8-bit absmax table {tuple(table.shape)} does not fit a parameter of shape {tuple(p.shape)} "
+                         f"sharded over {world_old} ranks")
+    start_row = 0
+    if hasattr(p, "device_mesh"):
+        start_row = p.device_mesh.get_local_rank() * -(-rows // p.device_mesh.size())
+    g = start_row * row_numel + torch.arange(n)  # global flat index of each local element
+    rank_old = g // (rows_old * row_numel)
+    offset_old = g - rank_old * rows_old * row_numel
+    block_old = rank_old * blocks_old + offset_old // QUANT_BLOCK
+    i = torch.arange(n)
+    block_new = i // QUANT_BLOCK
+    blocks_new = -(-n // QUANT_BLOCK)
+    # sizes of the old blocks (the last one of a shard may be short) and of the new ones
+    numel_old = (rows - torch.arange(world_old) * rows_old).clamp(0, rows_old) * row_numel
+    size_old = (numel_old[rank_old] - offset_old // QUANT_BLOCK * QUANT_BLOCK).clamp(max=QUANT_BLOCK)
+    size_new = (n - block_new * QUANT_BLOCK).clamp(max=QUANT_BLOCK)
+    same = (offset_old % QUANT_BLOCK == i % QUANT_BLOCK) & (size_old == size_new)
+    exact = torch.ones(blocks_new, dtype=torch.bool)
+    exact[block_new[~same]] = False
+    first_old = block_old[::QUANT_BLOCK]  # the old block of each new block's first element
+    out = {}
+    for codes_name, absmax_name, signed in (("exp_avg_codes", "exp_avg_absmax", True),
+                                            ("exp_avg_sq_codes", "exp_avg_sq_absmax", False)):
+        codes = _local(saved[codes_name]).reshape(-1)
+        if codes.numel() != n or codes.dtype != torch.uint8:
+            raise ValueError(f"state {codes_name!r}: expected {n} uint8 codes, got {codes.numel()} {codes.dtype}")
+        absmax = _local(saved[absmax_name]).reshape(-1).float().cpu()
+        codes, absmax_new = codes.cpu().clone(), absmax[first_old].clone()
+        if not exact.all():
+            code = dynamic_map(signed)
+            values = code[codes.long()] * absmax[block_old]
+            redo = exact.logical_not()[block_new]
+            requant, requant_absmax = quantize_blockwise_ref(values, code, positive_nonzero=not signed)
+            codes[redo] = requant[redo]
+            absmax_new[~exact] = requant_absmax[~exact]
+        out[codes_name], out[absmax_name] = codes, absmax_new
     return out
 
 
@@ -508,6 +574,12 @@ class _PagedAdamBase(torch.optim.Optimizer):
             if isinstance(step, bool) or not isinstance(step, (int, float)) or step != int(step) or step < 0:
                 raise ValueError(f"'step' of parameter {saved_id} must be an integer >= 0, got {saved.get('step')!r}")
             names = STATE32 if kind == "32bit" else STATE8
+            table = saved.get("exp_avg_absmax")
+            if kind == "8bit" and isinstance(table, torch.Tensor) and table.dim() == 2:
+                try:  # the sharded form (a distributed checkpoint): this rank's blocks
+                    saved = {**saved, **_local_8bit_states(saved, p)}
+                except (KeyError, ValueError) as e:
+                    raise ValueError(f"8-bit states of parameter {saved_id}: {e}") from None
             flat = {}
             n = _local(p).numel()
             for name in names:

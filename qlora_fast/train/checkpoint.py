@@ -82,10 +82,10 @@ def model_fingerprint(model: nn.Module) -> dict:
             if p.requires_grad:
                 adapters.append((name, list(p.shape)))
             else:
-                head = p.detach().reshape(-1)[:4].cpu()
-                base.append(
-                    (name, list(p.shape), str(p.dtype), (head.real if head.is_complex() else head).double().tolist())
-                )
+                # FSDP2: this rank's shard (rank 0's holds the first values; no collective)
+                local = p.to_local() if hasattr(p, "to_local") else p
+                head = local.detach().reshape(-1)[:4].cpu()
+                base.append((name, list(p.shape), str(p.dtype), (head.real if head.is_complex() else head).double().tolist()))
     peft = getattr(model, "peft_config", None)
     peft = (
         peft.to_dict()

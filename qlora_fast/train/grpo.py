@@ -14,6 +14,16 @@ logits tensor ever exists.
 
 Field names, resume, NaN guards, clipping, the optimizer and checkpoints are the trainer core's
 (`train/core.py`), shared with SFT.
+
+FSDP2 (a model sharded with `qlora_fast.distributed.shard_qlora_model`, under torchrun): each rank
+takes its share of every step's prompts (prompts_per_step must divide by the world size) and
+samples them with its own generator, with the model unsharded for the generation (so ranks may
+stop at different lengths without a collective); groups left out of the loss are masked rather
+than removed, so every rank runs the same forward/backward passes; the loss normalizer is the
+global one, and FSDP2 averages the gradients, so a step equals single-process GRPO on the
+union of the ranks' samples. Log-probs use the full-logits path (the chunked head would bypass
+the root module's all-gather). Logged reward, reward_std, completion_length and loss are global;
+kl, clip and ratio statistics are rank 0's. Checkpoints (checkpoint_every) and PPO are not supported.
 """
 import math
 import time
@@ -25,12 +35,14 @@ import torch
 from torch import nn
 
 from qlora_fast.models.generate import left_pad
-from qlora_fast.utils import atomic_write_bytes, check_number, check_writable_dir
+from qlora_fast.utils import atomic_write_bytes, check_finite_state, check_number, check_writable_dir
 
 from . import checkpoint, core
 from .policy_gradient import ADVANTAGE_SCALES, LOSS_TYPES, group_advantages, grpo_loss, sequence_logprobs
 
 RewardFunction = Callable[..., List[float]]
+_FSDP_CHECKPOINT = ("GRPOTrainer checkpoints of an FSDP2-sharded model are not supported (save_adapter is): "
+                    "sharded adapters and optimizer: qlora_fast.distributed.save_adapter_checkpoint")
 
 
 @core.renamed_fields(steps="max_steps", grad_accum_steps="gradient_accumulation_steps", save_every="checkpoint_every")
@@ -131,9 +143,14 @@ class GRPOConfig:
 # ------------------------------------------------------------------------------------------
 def _output_layer(model):
     """(backbone, lm_head weight, bias) when the model splits as backbone + plain linear head,
-    so log-probs can be chunked; None otherwise (then full logits are used)."""
+    so log-probs can be chunked; None otherwise (then full logits are used: also under FSDP2,
+    whose root module gathers the embedding and head only in its own forward)."""
+    from torch.distributed.fsdp import FSDPModule
+
     from qlora_fast.peft.model import PeftModel
 
+    if isinstance(model, FSDPModule):
+        return None
     if isinstance(model, PeftModel) and model.prompt_encoder is None:
         # A PeftModel with LoRA: its forward is exactly its base model's (the adapters live inside).
         model = model.base_model
@@ -227,13 +244,22 @@ class GRPOTrainer(core.TrainerCore):
         if not self.params:
             raise ValueError("model has no trainable parameters: add adapters (LoRA / QLoRA) first")
         self.device = self.params[0].device
+        from torch.distributed.fsdp import FSDPModule
+
+        self._fsdp = isinstance(model, FSDPModule)  # ranks split each step's prompts (module docstring)
+        self.rank, self.world = 0, 1
+        if self._fsdp:
+            self.rank, self.world = torch.distributed.get_rank(), torch.distributed.get_world_size()
         # Linear warmup, then constant (a cosine that ends where it starts).
         self._setup_optimizer(optimizer, min_lr_ratio=1.0)
+        if self._fsdp:
+            self._check_fsdp()
         if self.config.gradient_checkpointing:
             if not hasattr(model, "gradient_checkpointing_enable"):
                 raise ValueError("gradient_checkpointing=True but the model has no gradient_checkpointing_enable()")
             model.gradient_checkpointing_enable()
-        self.sample_generator = torch.Generator(device=self.device).manual_seed(self.config.seed)
+        # every rank samples its own prompts: its own stream (rank 0's is the single-process one)
+        self.sample_generator = torch.Generator(device=self.device).manual_seed(self.config.seed + 7919 * self.rank)
         self.step = 0
         self.epoch = 0
         self.position = 0  # next index into this epoch's prompt order
@@ -244,6 +270,30 @@ class GRPOTrainer(core.TrainerCore):
         stops = set(self.config.stop_token_ids or ())
         stops.add(int(tokenizer.eos_id))
         self.stop_ids = torch.tensor(sorted(stops), dtype=torch.long, device=self.device)
+
+    def _check_fsdp(self) -> None:
+        from qlora_fast.distributed import check_optimizer_params
+
+        check_optimizer_params(self.model, self.optimizer)
+        c = self.config
+        if c.prompts_per_step % self.world:
+            raise ValueError(f"GRPOConfig.prompts_per_step ({c.prompts_per_step}) must be a multiple of the world size "
+                             f"({self.world}) under FSDP2: each rank samples an equal share of every step's prompts")
+        if c.checkpoint_every:
+            raise NotImplementedError("GRPOTrainer checkpoints (checkpoint_every) of an FSDP2-sharded model are not "
+                                      "supported: set checkpoint_every=0 (sharded adapters and optimizer: "
+                                      "qlora_fast.distributed.save_adapter_checkpoint)")
+        if type(self)._prepare is not GRPOTrainer._prepare:
+            raise NotImplementedError(f"{type(self).__name__} does not run on an FSDP2-sharded model "
+                                      "(GRPOTrainer does)")
+
+    def _global(self, value: float, op: str = "mean") -> float:
+        """`value` summed or averaged over the ranks (itself without FSDP2)."""
+        if not self._fsdp:
+            return value
+        t = torch.tensor([float(value)], dtype=torch.float64)
+        torch.distributed.all_reduce(t)
+        return float(t) / (self.world if op == "mean" else 1)
 
     # --- data ---------------------------------------------------------------------------
     @staticmethod
@@ -288,17 +338,19 @@ class GRPOTrainer(core.TrainerCore):
         """Each prompt `n` times (rows grouped by prompt): (prompt ids, prompt mask, completion
         ids, completion mask, completion texts, stopped flags). The mask covers tokens up to and
         including the first stop token; stopped[i] says row i emitted one."""
+        from qlora_fast.distributed.fsdp import unsharded
         from qlora_fast.models.generate import generate
 
         ids, mask = self.encode_prompts(prompts)
         ids, mask = ids.repeat_interleave(n, 0), mask.repeat_interleave(n, 0)
         c = self.config
-        out = generate(
-            self.model, ids, attention_mask=mask, max_new_tokens=c.max_new_tokens,
-            temperature=0.0 if greedy else c.temperature, top_k=None if greedy else c.top_k,
-            top_p=None if greedy else c.top_p, stop_token_ids=self.stop_ids.tolist(),
-            pad_token_id=self.tokenizer.pad_id, generator=None if greedy else self.sample_generator,
-        )
+        with unsharded(self.model):  # FSDP2: gathered once, no collective per token
+            out = generate(
+                self.model, ids, attention_mask=mask, max_new_tokens=c.max_new_tokens,
+                temperature=0.0 if greedy else c.temperature, top_k=None if greedy else c.top_k,
+                top_p=None if greedy else c.top_p, stop_token_ids=self.stop_ids.tolist(),
+                pad_token_id=self.tokenizer.pad_id, generator=None if greedy else self.sample_generator,
+            )
         completion = out[:, ids.shape[1]:]
         is_stop = torch.isin(completion, self.stop_ids)
         after_stop = (is_stop.long().cumsum(1) - is_stop.long()) > 0
@@ -372,7 +424,7 @@ class GRPOTrainer(core.TrainerCore):
         """Sample, score and optimise once; returns the step's log."""
         c = self.config
         start = time.perf_counter()
-        rows = self._next_rows()
+        rows = self._next_rows()[self.rank::self.world]  # FSDP2: this rank's share of the step's prompts
         prompt_ids, prompt_mask, completion, completion_mask, texts, stopped = self.sample([r["prompt"] for r in rows], c.group_size)
         rewards, reward_means = self.score(rows, texts, c.group_size, stopped, allow_nan=True)
         length = float(completion_mask.sum(1).float().mean())  # of every sample, kept or not
@@ -389,21 +441,29 @@ class GRPOTrainer(core.TrainerCore):
         if keep_groups.any() and c.group_size > 1:  # (group_size 1 only under PPO, whose critic sets them)
             advantages[keep] = group_advantages(rewards[keep.cpu()], c.group_size, scale=c.advantage_scale).to(self.device)
 
-        input_ids = torch.cat([prompt_ids, completion], 1)[keep]
-        attention = torch.cat([prompt_mask, completion_mask], 1)[keep]
-        completion_mask, advantages = completion_mask[keep], advantages[keep]
+        # FSDP2: every rank keeps all its rows (same passes on every rank) and masks the left-out ones
+        rows_kept = torch.ones_like(keep) if self._fsdp else keep
+        input_ids = torch.cat([prompt_ids, completion], 1)[rows_kept]
+        attention = torch.cat([prompt_mask, completion_mask], 1)[rows_kept]
+        completion_mask, advantages = completion_mask[rows_kept], advantages[rows_kept]
         n_new = completion.shape[1]
-        mask = completion_mask.float()
-        finite_rewards = rewards[torch.isfinite(rewards)]
+        mask = completion_mask.float() * keep[:, None] if self._fsdp else completion_mask.float()
+        if self._fsdp:  # the log's reward statistics over every rank's samples
+            gathered = [torch.empty_like(rewards) for _ in range(self.world)]
+            torch.distributed.all_gather(gathered, rewards)
+            rewards_all = torch.cat(gathered)
+        else:
+            rewards_all = rewards
+        finite_rewards = rewards_all[torch.isfinite(rewards_all)]
         log = {
             "reward": float(finite_rewards.mean()) if finite_rewards.numel() else math.nan,
             "reward_std": float(finite_rewards.std()) if finite_rewards.numel() > 1 else 0.0,
             **{f"reward/{k}": v for k, v in reward_means.items()},
-            "completion_length": length,
-            "zero_variance_fraction": float(zero_var.float().mean()),
-            "skipped_groups": int((~keep_groups).sum()),
+            "completion_length": self._global(length),
+            "zero_variance_fraction": self._global(float(zero_var.float().mean())),
+            "skipped_groups": int(self._global(int((~keep_groups).sum()), "sum")),
         }
-        if not keep.any():  # nothing carries signal: no update, but the step (and schedule) advances
+        if not self._global(float(keep.any()), "sum"):  # nothing carries signal anywhere: no update, the step advances
             self.scheduler.step()
             self.step += 1
             log.update(step=self.step, kl=math.nan, clip_fraction=0.0, ratio_min=1.0, ratio_max=1.0, loss=0.0,
@@ -421,11 +481,13 @@ class GRPOTrainer(core.TrainerCore):
                 with reference_context(self.model):
                     ref = logprob(input_ids, attention)
             batch = {"input_ids": input_ids, "attention": attention, "mask": mask, "advantages": advantages,
-                     "rewards": rewards[keep.cpu()].to(self.device), "old": old, "ref": ref, "n_new": n_new}
+                     "rewards": rewards[rows_kept.cpu()].to(self.device), "old": old, "ref": ref, "n_new": n_new}
             self._prepare(batch)
         self.model.train()
 
         normalizer = self._normalizer(completion_mask)
+        if self._fsdp:  # the global batch's normalizer; FSDP2 averages the gradients over the ranks
+            normalizer = self._global(float(self._normalizer(completion_mask[keep])), "sum") / self.world
         micro = -(-input_ids.shape[0] // c.gradient_accumulation_steps)  # dropped groups can leave an uneven split
         stats_sum = {"kl": 0.0, "clip_fraction": 0.0}
         ratio_min, ratio_max = math.inf, -math.inf
@@ -445,7 +507,7 @@ class GRPOTrainer(core.TrainerCore):
                     ratio_min, ratio_max = min(ratio_min, stats.ratio_min), max(ratio_max, stats.ratio_max)
                     n_stats += 1
                 grad_norm = self._optimizer_step()
-                loss_total = loss_iter
+                loss_total = self._global(loss_iter, "sum") / self.world if self._fsdp else loss_iter
         finally:
             self.optimizer.zero_grad(set_to_none=True)
             self.model.train(was_training)
@@ -519,6 +581,8 @@ class GRPOTrainer(core.TrainerCore):
         """Adapter, optimizer, scheduler, every RNG, the sampling generator and the data position,
         written atomically to `path` (default output_dir/checkpoint-<step>.pt; the SFT trainer's
         checkpoint format) and returned. Refuses non-finite parameters."""
+        if self._fsdp:
+            raise NotImplementedError(_FSDP_CHECKPOINT)
         path = self.checkpoint_path() if path is None else path
         if not self._all_finite():
             raise FloatingPointError("refusing to checkpoint: a trainable parameter is NaN or inf")
@@ -537,6 +601,8 @@ class GRPOTrainer(core.TrainerCore):
     def load_checkpoint(self, path: str) -> None:
         """Restore what `save_checkpoint` wrote; ValueError when it does not fit the model or
         another run (different model, adapters, data or settings) wrote it."""
+        if self._fsdp:
+            raise NotImplementedError(_FSDP_CHECKPOINT)
         state = checkpoint.load_checkpoint(path, self.model, self.optimizer, self.scheduler, run=self.run_identity())
         extra = state["extra"]
         self.step, self.epoch, self.position = state["step"], extra["epoch"], extra["position"]
@@ -554,7 +620,22 @@ class GRPOTrainer(core.TrainerCore):
     def save_adapter(self, path: str) -> None:
         """The trained parameters alone, written atomically: through the model's own
         `save_adapter(path)` when it has one (a `PeftModel`: `path` is a directory holding
-        adapter_config.json + adapter_model.safetensors), else as one safetensors file `path`."""
+        adapter_config.json + adapter_model.safetensors), else as one safetensors file `path`.
+        FSDP2: call on every rank (the adapter's shards are gathered); rank 0 writes it."""
+        if self._fsdp:
+            named = self.model.adapter_parameters() if hasattr(self.model, "adapter_parameters") else [
+                (n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+            state = {n: p.full_tensor().detach().cpu().contiguous() for n, p in named}
+            if self.rank != 0:
+                return
+            check_finite_state(state, f"the adapter {path}")
+            if hasattr(self.model, "save_adapter"):
+                self.model.save_adapter(path, state)
+                return
+            from safetensors.torch import save
+
+            atomic_write_bytes(path, save(state))
+            return
         if not self._all_finite():
             raise FloatingPointError("refusing to save the adapter: a parameter is NaN or inf")
         if hasattr(self.model, "save_adapter"):

@@ -186,10 +186,6 @@ def _device(model) -> torch.device:
 
 
 # ---------------------------------------------------------------------------- trainer
-_FSDP_CHECKPOINT = ("SFTTrainer checkpoints of an FSDP2-sharded model are not supported yet (each rank holds "
-                    "only its shards): use qlora_fast.distributed.save_adapter_checkpoint / load_adapter_checkpoint")
-
-
 class SFTTrainer(core.TrainerCore):
     """Instruction tuning of `model` (usually a `PeftModel`; only parameters with requires_grad
     train) on `train_data`, a list of {"instruction", "output"} dicts, with optional `eval_data`
@@ -237,9 +233,11 @@ class SFTTrainer(core.TrainerCore):
         # own gradients; anything else is wrapped in DDP
         from torch.distributed.fsdp import FSDPModule
 
-        self._fsdp = isinstance(model, FSDPModule)
-        if self._fsdp and c.checkpoint_every:
-            raise NotImplementedError(_FSDP_CHECKPOINT)
+        self._fsdp = isinstance(model, FSDPModule)  # checkpoints: sharded DCP folders (qlora_fast.distributed)
+        if self._fsdp and optimizer is not None:
+            from qlora_fast.distributed import check_optimizer_params
+
+            check_optimizer_params(model, optimizer)
         if self.distributed and not self._fsdp:
             device_ids = [_device(model).index] if _device(model).type == "cuda" else None
             self._ddp = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
@@ -272,9 +270,18 @@ class SFTTrainer(core.TrainerCore):
         return evaluate_loss(self.model, self.tokenizer, self.eval_data, c.prompt_template, c.max_seq_len, c.eval_batch_size)
 
     def save_checkpoint(self, path: Optional[str] = None) -> Optional[str]:
-        """Write the resumable state (rank 0 only); default path output_dir/checkpoint-<step>.pt."""
+        """Write the resumable state (rank 0 only); default path output_dir/checkpoint-<step>.pt.
+        An FSDP2 model: every rank writes its shards to the folder output_dir/checkpoint-<step>."""
         if self._fsdp:
-            raise NotImplementedError(_FSDP_CHECKPOINT)
+            from qlora_fast.distributed import save_trainer_checkpoint, sharded_checkpoint_path
+
+            if path is None and not self.config.output_dir:
+                raise ValueError("save_checkpoint needs a path or config.output_dir")
+            path = path or sharded_checkpoint_path(self.config.output_dir, self.step)
+            extra = {"history": self.history, "config": asdict(self.config)}
+            save_trainer_checkpoint(path, self.model, self.optimizer, self.scheduler, self.step, extra=extra,
+                                    run=self.run_identity())
+            return path if self.is_main else None
         if not self.is_main:
             return None
         if path is None:
@@ -289,11 +296,19 @@ class SFTTrainer(core.TrainerCore):
 
     def load_checkpoint(self, path: str) -> None:
         """Restore a checkpoint of this run; ValueError naming what differs when another run wrote it."""
+        load = load_checkpoint
         if self._fsdp:
-            raise NotImplementedError(_FSDP_CHECKPOINT)
-        state = load_checkpoint(path, self.model, self.optimizer, self.scheduler, run=self.run_identity())
+            from qlora_fast.distributed import load_trainer_checkpoint as load  # every rank its shards
+        state = load(path, self.model, self.optimizer, self.scheduler, run=self.run_identity())
         self.step = state["step"]
         self.history = list(state["extra"].get("history", []))
+
+    def _find_checkpoint(self, resume_from_checkpoint: Optional[str], allow_fresh: bool) -> Optional[str]:
+        if self._fsdp:  # sharded checkpoint-<step> folders, same rules as the core's
+            from qlora_fast.distributed import resolve_sharded_resume
+
+            return resolve_sharded_resume(resume_from_checkpoint, self.config.output_dir, allow_fresh)
+        return super()._find_checkpoint(resume_from_checkpoint, allow_fresh)
 
     def train(self, resume_from_checkpoint: Optional[str] = None, allow_fresh: bool = False,
               resume_from: Optional[str] = None) -> List[dict]:
