@@ -36,7 +36,8 @@ def register(subparsers) -> None:
                    help="'builtin' for the tiny built-in base model (pretrained and cached on first use), "
                    "or a local Hugging Face causal LM directory")
     p.add_argument("--adapter", default=None, metavar="DIR",
-                   help="an adapter saved by qlora_fast.peft (e.g. by `qlora-fast finetune`) to load on the built-in model")
+                   help="an adapter saved by qlora_fast.peft (e.g. by `qlora-fast finetune`) to load on the "
+                   "built-in model")
     add_base_model_arguments(p)
     p.add_argument("--puzzles", type=positive_int, default=None,
                    help="how many puzzles / problems to run (ignored with --puzzle; default 10, arithmetic 40)")
@@ -49,7 +50,8 @@ def register(subparsers) -> None:
     p.add_argument("--prompting", choices=["search", "single"], default="search",
                    help="'search': the Tree-of-Thought search; 'single': the single-prompt 'imagine N experts' "
                    "variant (one generation per puzzle, no search, no judge) for comparison")
-    p.add_argument("--search", choices=["bfs", "dfs"], default="bfs", help="breadth-first with a beam, or depth-first with backtracking")
+    p.add_argument("--search", choices=["bfs", "dfs"], default="bfs",
+                   help="breadth-first with a beam, or depth-first with backtracking")
     p.add_argument("--n-experts", type=positive_int, default=None,
                    help="experts proposing a step for each line of reasoning (default 3; arithmetic 8)")
     p.add_argument("--breadth", type=positive_int, default=None,
@@ -65,7 +67,8 @@ def register(subparsers) -> None:
                    help="most tokens of one proposed step (default 20; arithmetic 4), or of the whole discussion with "
                    "--prompting single (default 200)")
     p.add_argument("--value-max-new-tokens", type=positive_int, default=8, help="most tokens of one judgement")
-    p.add_argument("--max-model-calls", type=positive_int, default=None, help="give up a puzzle after this many model calls")
+    p.add_argument("--max-model-calls", type=positive_int, default=None,
+                   help="give up a puzzle after this many model calls")
     p.add_argument("--device", default="auto", help="'auto' (cuda when present, else cpu), 'cpu', 'cuda', ...")
     p.add_argument("--show-tree", action="store_true", help="print each search tree as an indented outline")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
@@ -80,8 +83,8 @@ def load_llm(model: str, device, cache_dir=None, seed=None, adapter=None, tokeni
     if model == "builtin":
         if adapter is not None and not os.path.isdir(adapter):
             raise ValueError(f"--adapter must be a directory written by qlora_fast.peft.save_adapter, got {adapter!r}")
-        return BuiltinLM.from_pretrained(adapter=adapter, cache_dir=cache_dir, device=device, seed=seed, tokenizer=tokenizer,
-                                         progress=progress)
+        return BuiltinLM.from_pretrained(adapter=adapter, cache_dir=cache_dir, device=device, seed=seed,
+                                         tokenizer=tokenizer, progress=progress)
     if adapter is not None:
         raise ValueError("--adapter applies to the built-in model only (--model builtin)")
     if not os.path.isdir(model):
