@@ -8,7 +8,10 @@ architecture (`BASE_CONFIG`, random weights: speed does not depend on them).
   model's Game-of-24 steps would all be rejected in the first round).
 
 `pytest bench/bench_reasoning.py --benchmark-only` for pytest-benchmark tables;
-`python bench/bench_reasoning.py` for a summary with ratios (used for RESULTS.md).
+`python bench/bench_reasoning.py` for a summary with ratios (used for RESULTS.md);
+`python bench/bench_reasoning.py --solve N [--seed S]` for solve rates on multi-step arithmetic with the
+pretrained built-in model: one greedy chain, a group of experts that only votes, and the group
+with the model's own judge, on the same N problems (seed 1 by default), calls and tokens side by side.
 The summary also says whether both providers generated the same greedy text (left padding in
 float32 may flip a near-tie).
 """
@@ -91,7 +94,41 @@ def _time(fn, *args, repeat=3):
     return best, out
 
 
+def solve_rates(n: int, steps: int = 3, n_experts: int = 8, temperature: float = 0.7, seed: int = 1):
+    """Correct answers, model calls and tokens of three ways of solving the same problems."""
+    from qlora_fast.models import load_base_model
+    from qlora_fast.reasoning import ArithmeticTask, arithmetic
+
+    model, tok = load_base_model(progress=False)
+    llm, task, questions = BuiltinLM(model, tok, seed=seed), ArithmeticTask(), arithmetic.problems(n, steps, seed)
+    keep = lambda q, s: 1.0  # noqa: E731
+    ways = {
+        "one greedy chain": dict(n_experts=1, temperature=0.0, evaluator=keep),
+        f"{n_experts} experts, majority vote per step, no judge": dict(n_experts=n_experts, temperature=temperature,
+                                                                       evaluator=keep),
+        f"{n_experts} experts + the model's inverse-sum judge": dict(n_experts=n_experts, temperature=temperature,
+                                                                      threshold=0.0),
+    }
+    print(f"| {n} problems of {steps} steps, built-in model | solved | model calls | tokens | wall s |")
+    print("|---|---|---|---|---|")
+    for name, kwargs in ways.items():
+        tot = TreeOfThought(llm, breadth=1, max_steps=steps, task=task, max_new_tokens=4, **kwargs)
+        start, solved, calls, tokens = time.perf_counter(), 0, 0, 0
+        for q in questions:
+            r = tot.solve(q)
+            solved += r.answer is not None and int(r.answer) == arithmetic.evaluate(q)
+            calls, tokens = calls + r.model_calls, tokens + r.tokens
+        print(f"| {name} | {solved}/{n} ({100 * solved / n:.1f}%) | {calls / n:.1f} per problem "
+              f"| {tokens / n:.0f} per problem | {time.perf_counter() - start:.0f} |", flush=True)
+
+
 if __name__ == "__main__":
+    import sys
+
+    if "--solve" in sys.argv:
+        seed = int(sys.argv[sys.argv.index("--seed") + 1]) if "--seed" in sys.argv else 1
+        solve_rates(int(sys.argv[sys.argv.index("--solve") + 1]), seed=seed)
+        sys.exit(0)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     batched, naive = make_llm("batched"), make_llm("one_prompt_at_a_time")
     t_b, out_b = _time(one_round, batched)

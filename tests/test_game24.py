@@ -262,7 +262,7 @@ def test_cli_reports_solve_rate_calls_and_tokens(monkeypatch, capsys):
     assert out.count("Question: ") == 2 and calls >= 2
 
     # The single-prompt variant: one call per puzzle.
-    assert run_cli(["tot", "--prompting", "single", "--puzzle", puzzles[0], "--temperature", "0", "--max-new-tokens", "12",
+    assert run_cli(["tot", "--task", "game24", "--prompting", "single", "--puzzle", puzzles[0], "--temperature", "0", "--max-new-tokens", "12",
                     "--device", "cpu"]) == 0
     out = capsys.readouterr().out
     single = ask_experts(BuiltinLM(model, ByteTokenizer()), puzzles[0], task=Game24Task(), max_new_tokens=12)
@@ -273,7 +273,7 @@ def test_cli_reports_solve_rate_calls_and_tokens(monkeypatch, capsys):
 def test_cli_rejects_a_missing_model_dir(tmp_path, capsys):
     assert run_cli(["tot", "--model", str(tmp_path / "nope"), "--puzzle", "1 2 3 4"]) == 2
     assert "--model must be 'builtin' or a local Hugging Face model directory" in capsys.readouterr().err
-    assert run_cli(["tot", "--adapter", str(tmp_path / "nope"), "--puzzle", "1 2 3 4"]) == 2
+    assert run_cli(["tot", "--task", "game24", "--adapter", str(tmp_path / "nope"), "--puzzle", "1 2 3 4"]) == 2
     assert "--adapter must be a directory" in capsys.readouterr().err
     assert run_cli(["tot", "--model", str(tmp_path), "--adapter", str(tmp_path), "--puzzle", "1 2 3 4"]) == 2
     assert "--adapter applies to the built-in model only" in capsys.readouterr().err

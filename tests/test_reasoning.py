@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from qlora_fast.reasoning import (
-    BuiltinLM, ExpertsTask, Game24Task, HFCausalLM, TreeOfThought, Usage, ask_experts, experts_prompt, format_tree,
-    parse_value,
+    BuiltinLM, ExpertsTask, Game24Task, HFCausalLM, TreeOfThought, Usage, arithmetic, ask_experts, experts_prompt,
+    format_tree, parse_value,
 )
+from qlora_fast.reasoning.arithmetic import ArithmeticTask
 
 # ---- a scripted group of experts ----------------------------------------------------------------
 
@@ -673,3 +674,168 @@ def test_ask_experts_bad_input():
 
     with pytest.raises(ValueError, match="one string per prompt: 1 prompts, got 2 outputs"):
         ask_experts(Two(), "q")
+
+
+# ---- multi-step arithmetic (the task the built-in model can partly do) -----------------------------
+
+
+def _python_value(question):
+    """The chain's value computed independently: Python's own left-to-right + and -."""
+    return eval(question.replace("plus", "+").replace("minus", "-"), {"__builtins__": {}})
+
+
+def test_arithmetic_problems_and_values_match_python(seed):
+    steps = random.Random(seed).randint(1, 6)
+    qs = arithmetic.problems(50, steps=steps, seed=seed)
+    assert len(set(qs)) == 50 and qs == arithmetic.problems(50, steps=steps, seed=seed)
+    for q in qs:
+        start, terms = arithmetic.parse_question(q)
+        assert len(terms) == steps and arithmetic.evaluate(q) == _python_value(q)
+        value = start
+        for op, b in terms:  # every operand and running value inside the corpus' range
+            assert 2 <= b <= 29
+            value = value + b if op == "plus" else value - b
+            assert 0 <= value <= 29
+
+
+@pytest.mark.parametrize("bad", ["", "12", "12 plus", "12 times 3", "plus 3", "12 plus -3", "1.5 plus 2"])
+def test_arithmetic_bad_questions(bad):
+    with pytest.raises(ValueError, match="question must look like"):
+        arithmetic.parse_question(bad)
+    with pytest.raises(TypeError, match="question must be a str"):
+        arithmetic.parse_question(12)
+    with pytest.raises(ValueError, match="n must be"):
+        arithmetic.problems(0)
+    with pytest.raises(ValueError, match="steps must be"):
+        arithmetic.problems(3, steps=0)
+
+
+def test_arithmetic_step_parser_and_judge_against_exact_sums(seed):
+    """Walk random problems with random proposals: the prompt is the corpus sentence of the running
+    value, a step reads the first integer of the text, the answer appears exactly after the last
+    operation, and the judge's inverse prompt and verdict agree with exact arithmetic."""
+    rng, task = random.Random(seed), ArithmeticTask()
+    for q in arithmetic.problems(20, steps=rng.randint(1, 5), seed=seed):
+        start, terms = arithmetic.parse_question(q)
+        steps, current = [], start
+        for i, (op, b) in enumerate(terms):
+            assert task.propose_prompt(q, steps, [1] * i, 1) == f"{current} {op} {b} is"
+            proposed = current + b if op == "plus" else current - b
+            if rng.random() < 0.5:
+                proposed += rng.choice([-11, -1, 1, 3])
+            text = rng.choice([" {}.", " {} and more", "{}", "  {}\n7"]).format(proposed)
+            step = task.normalize_step(q, steps, text)
+            assert step == f"{current} {op} {b} is {proposed}"
+            inverse = task.value_prompt(q, steps + [step], [1] * (i + 1))
+            assert inverse == f"{proposed} {'minus' if op == 'plus' else 'plus'} {b} is"
+            undone = proposed - b if op == "plus" else proposed + b  # what a correct inverse sum says
+            assert task.judge(q, steps + [step], f" {undone}.") == float(undone == current)
+            assert task.judge(q, steps + [step], f" {current}.") == 1.0 and task.judge(q, steps + [step], " no") == 0.0
+            assert task.final_answer(q, steps + [step]) == (str(proposed) if i == len(terms) - 1 else None)
+            assert task.normalize_step(q, steps, " none") is None
+            steps.append(step)
+            current = proposed
+        assert task.normalize_step(q, steps, " 5") is None  # nothing is left to do
+        if current == _python_value(q):
+            assert int(task.final_answer(q, steps)) == arithmetic.evaluate(q)
+
+
+class SumsLM:
+    """Answers a sentence "a plus b is" / "a minus b is" exactly, except that the first prompt of
+    every batch (expert 1, and so a chain of one expert) is off by one."""
+
+    def __init__(self):
+        self.last_usage = None
+
+    def generate(self, prompts, max_new_tokens, temperature, stop):
+        out = []
+        for i, p in enumerate(prompts):
+            a, op, b, _ = p.split(" ")
+            value = int(a) + int(b) if op == "plus" else int(a) - int(b)
+            out.append(f" {value + (i == 0)}.")
+        self.last_usage = Usage(len(prompts), len(prompts))
+        return out
+
+
+def test_arithmetic_group_and_judge_recover_what_one_chain_gets_wrong():
+    """Deterministic: the first expert (and greedy decoding) is always off by one; the judge's
+    exact inverse sums prune its steps, so the group answers right where the chain cannot."""
+    class Judged(SumsLM):
+        def generate(self, prompts, max_new_tokens, temperature, stop):
+            if max_new_tokens == 8:  # the judge's calls: exact
+                self.last_usage = Usage(len(prompts), len(prompts))
+                return [f" {int(a) + int(b) if op == 'plus' else int(a) - int(b)}."
+                        for a, op, b, _ in (p.split(" ") for p in prompts)]
+            return super().generate(prompts, max_new_tokens, temperature, stop)
+
+    task = ArithmeticTask()
+    for q in arithmetic.problems(5, steps=3, seed=0):
+        chain = TreeOfThought(Judged(), n_experts=1, breadth=1, max_steps=3, task=task, temperature=0.0,
+                              evaluator=lambda q, s: 1.0, max_new_tokens=4).solve(q)
+        assert int(chain.answer) != arithmetic.evaluate(q) and chain.model_calls == 3
+        group = TreeOfThought(Judged(), n_experts=3, breadth=1, max_steps=3, task=task, temperature=0.7, threshold=0.5,
+                              max_new_tokens=4).solve(q)
+        assert int(group.answer) == arithmetic.evaluate(q) and group.model_calls == 6
+        assert all(n.status in ("pruned", "duplicate") for n in group.nodes() if n.expert == 1)
+
+
+def test_votes_break_ties_of_value():
+    """Two experts proposing the same step outrank one expert with another step of equal value."""
+    script = {(): ["a", "b", "b"], ("a",): ["Answer: A"] * 3, ("b",): ["Answer: B"] * 3}
+    llm = ScriptedLM(script, values={("a",): 1.0, ("b",): 1.0, ("a", "Answer: A"): 1.0, ("b", "Answer: B"): 1.0})
+    result = TreeOfThought(llm, n_experts=3, breadth=1, max_steps=2, max_new_tokens=5).solve("q")
+    first = result.tree.children
+    assert [c.votes for c in first] == [1, 2, 1] and result.answer == "B"
+
+
+def test_cli_arithmetic_compares_with_one_chain_and_says_when_the_model_cannot(monkeypatch, capsys):
+    """`qlora-fast tot` defaults to arithmetic on the built-in model (a tiny random one here) and
+    prints the group's totals beside one greedy chain's, each equal to a direct run; a model that
+    solves nothing is told so."""
+    import argparse
+
+    import qlora_fast.models
+    from qlora_fast.commands import tot as tot_command
+    from qlora_fast.models import LlamaConfig, LlamaForCausalLM
+    from qlora_fast.tokenizer import ByteTokenizer
+
+    config = LlamaConfig(vocab_size=259, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2,
+                         num_kv_heads=1, max_seq_len=256)
+    model = LlamaForCausalLM(config).eval()
+    monkeypatch.setattr(qlora_fast.models, "load_base_model",
+                        lambda cache_dir=None, progress=True, tokenizer="bpe": (model, ByteTokenizer()))
+    parser = argparse.ArgumentParser(prog="qlora-fast")
+    tot_command.register(parser.add_subparsers(dest="command"))
+
+    def run(argv):
+        args = parser.parse_args(argv)
+        return args.func(args)
+
+    qs = arithmetic.problems(2, steps=2, seed=5)
+    assert run(["tot", "--puzzles", "2", "--arithmetic-steps", "2", "--seed", "5", "--n-experts", "2",
+                "--temperature", "0", "--device", "cpu", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    lm = BuiltinLM(model, ByteTokenizer(), seed=5)
+    group = TreeOfThought(lm, n_experts=2, breadth=1, max_steps=2, task=ArithmeticTask(), threshold=0.0,
+                          temperature=0.0, max_new_tokens=4)
+    chain = TreeOfThought(lm, n_experts=1, breadth=1, max_steps=2, task=ArithmeticTask(), temperature=0.0,
+                          max_new_tokens=4, evaluator=lambda q, s: 1.0)
+    total = 0
+    for name, tot in (("group of 2 experts + judge (T=0)", group), ("one greedy chain", chain)):
+        results = [tot.solve(q) for q in qs]
+        solved = sum(r.answer is not None and int(r.answer) == _python_value(q) for r, q in zip(results, qs))
+        calls = sum(r.model_calls for r in results)
+        assert f"| {name} | {solved}/2 ({50.0 * solved:.1f}%) | {calls} ({calls / 2:.1f} per problem) |" in out
+        total += solved
+    assert "task: arithmetic | model: builtin" in out
+    assert ("note: the model solved none of the 2 problems" in out) == (total == 0)
+
+    assert run(["tot", "--task", "game24", "--puzzle", "1 1 1 1", "--max-new-tokens", "3", "--temperature", "0",
+                "--device", "cpu", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "solve rate: 0/1" in out and "cannot do this task" in out and "try --task arithmetic" in out
+
+    assert run(["tot", "--puzzle", "4 6 8 13", "--device", "cpu"]) == 2  # arithmetic by default on builtin
+    assert "question must look like" in capsys.readouterr().err
+    assert run(["tot", "--prompting", "single", "--device", "cpu"]) == 2
+    assert "no arithmetic variant" in capsys.readouterr().err

@@ -5,8 +5,10 @@
 - `experts_prompt(question)`: the single-prompt "three experts" variant, as a template, and
   `ask_experts(llm, question)` to run it (one call, no search) next to the search version.
 - `BuiltinLM`, `HFCausalLM`: `llm` adapters for the built-in model and transformers models.
-- `ExpertsTask` (any question), `Game24Task` (`qlora_fast.reasoning.game24`).
+- `ExpertsTask` (any question), `Game24Task` (`qlora_fast.reasoning.game24`), `ArithmeticTask`
+  (`qlora_fast.reasoning.arithmetic`: multi-step sums the built-in model can partly do).
 """
+from qlora_fast.reasoning.arithmetic import ArithmeticTask
 from qlora_fast.reasoning.game24 import Game24Task, verify_expression
 from qlora_fast.reasoning.llm import BuiltinLM, HFCausalLM, Usage
 from qlora_fast.reasoning.search import Node, ToTResult, TreeOfThought, ask_experts, format_tree
@@ -15,6 +17,6 @@ from qlora_fast.reasoning.templates import experts_prompt
 
 __all__ = [
     "TreeOfThought", "ToTResult", "Node", "format_tree",
-    "ReasoningTask", "ExpertsTask", "Game24Task", "verify_expression", "parse_value",
+    "ReasoningTask", "ExpertsTask", "Game24Task", "ArithmeticTask", "verify_expression", "parse_value",
     "BuiltinLM", "HFCausalLM", "Usage", "experts_prompt", "ask_experts",
 ]

@@ -43,7 +43,8 @@ class Node:
     """One step of one expert (the root holds the question). `depth` is the number of steps on
     the line; `value` the evaluator's score (None when not judged or unreadable); `judgement` the
     model's own words when the model judged it; `raw` the proposal as generated; `order` the
-    position in which the search expanded this node (None when never expanded)."""
+    position in which the search expanded this node (None when never expanded); `votes` the
+    number of experts who proposed the same step on the line (ties of value go to more votes)."""
 
     step: str
     expert: Optional[int] = None
@@ -56,6 +57,7 @@ class Node:
     raw: str = ""
     judgement: Optional[str] = None
     order: Optional[int] = None
+    votes: int = 1  # experts who proposed this same step on this line (it and its duplicates)
 
     def path(self) -> List["Node"]:
         """The nodes from the first step down to this one (the root excluded)."""
@@ -325,7 +327,7 @@ class TreeOfThought:
         outputs = iter(self._generate(prompts, self.max_new_tokens, self.temperature))
         children = []
         for node, steps in zip(nodes, steps_of):
-            seen = set()
+            seen = {}
             for expert in range(1, self.n_experts + 1):
                 raw = next(outputs)
                 step = self.task.normalize_step(self._question, steps, raw)
@@ -336,8 +338,9 @@ class TreeOfThought:
                     continue
                 if step in seen:
                     child.status = DUPLICATE
+                    seen[step].votes += 1
                     continue
-                seen.add(step)
+                seen[step] = child
                 child.status = KEPT  # provisional until judged
                 child.answer = self.task.final_answer(self._question, steps + [step])
                 children.append(child)
@@ -360,7 +363,7 @@ class TreeOfThought:
             outputs = self._generate(prompts, self.value_max_new_tokens, self.value_temperature)
             for child, text in zip(children, outputs):
                 child.judgement = text
-            values = [self.task.parse_value(text) for text in outputs]
+            values = [self.task.judge(self._question, c.steps(), text) for c, text in zip(children, outputs)]
         else:
             values = [self.evaluator(self._question, c.steps()) for c in children]
         for child, value in zip(children, values):
@@ -371,14 +374,14 @@ class TreeOfThought:
         finals = [c for c in children if c.status == KEPT and c.answer is not None]
         if not finals:
             return None
-        best = max(finals, key=lambda c: c.value)  # max keeps the first of equal values
+        best = max(finals, key=lambda c: (c.value, c.votes))  # max keeps the first of equal keys
         best.status = FINAL
         return best
 
     def _select(self, children: List[Node]) -> List[Node]:
-        """The best `breadth` surviving children, best value first (ties: proposal order);
-        the other survivors are DROPPED."""
-        survivors = sorted((c for c in children if c.status == KEPT), key=lambda c: -c.value)
+        """The best `breadth` surviving children, best value first (ties: more votes, then
+        proposal order); the other survivors are DROPPED."""
+        survivors = sorted((c for c in children if c.status == KEPT), key=lambda c: (-c.value, -c.votes))
         for child in survivors[self.breadth:]:
             child.status = DROPPED
         return survivors[: self.breadth]

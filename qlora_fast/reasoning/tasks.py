@@ -77,6 +77,11 @@ class ReasoningTask:
         """The model's judgement as a value in [0, 1], or None when unreadable."""
         return parse_value(text)
 
+    def judge(self, question: str, steps: Sequence[str], text: str) -> Optional[float]:
+        """The value of the last of `steps` given the model's reply `text` to `value_prompt`
+        (default: `parse_value(text)`; a task whose judge needs the step itself overrides this)."""
+        return self.parse_value(text)
+
     def single_prompt(self, question: str, n_experts: int) -> str:
         """The single-prompt variant (`ask_experts`): the whole group in one generation."""
         return experts_prompt(question, n_experts)
