@@ -17,7 +17,9 @@ def _exists(path):
 def _load_extension_config():
     """qlora_fast/_extension.py, loaded by path (not by importing the package): the source
     lists, flags and source hash shared with the JIT build."""
-    spec = importlib.util.spec_from_file_location("_qlora_fast_extension", os.path.join(HERE, "qlora_fast", "_extension.py"))
+    spec = importlib.util.spec_from_file_location(
+        "_qlora_fast_extension", os.path.join(HERE, "qlora_fast", "_extension.py")
+    )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

@@ -9,14 +9,13 @@ full fine-tuning also with torch AdamW as the peer).
 
 import pytest
 import torch
+from timing import median, run_times
 
 from qlora_fast.data import PROMPT_TEMPLATE, load_instructions
 from qlora_fast.models import BASE_CONFIG, LlamaForCausalLM
 from qlora_fast.peft import LoraConfig, get_peft_model
 from qlora_fast.tokenizer.base import ByteTokenizer
 from qlora_fast.train.sft import build_examples, collate, make_optimizer
-
-from timing import median, run_times
 
 BATCH, MAX_LEN = 16, 96
 PROVIDERS = ("full_torch_adamw", "full_paged_adamw_8bit", "lora", "qlora")
@@ -33,7 +32,9 @@ def setup(provider):
         optimizer = make_optimizer(provider[len("full_"):], model.parameters(), 3e-3, 0.0)
     model.train()
     tok = ByteTokenizer()
-    batch = collate(build_examples(tok, load_instructions("train")[:BATCH], PROMPT_TEMPLATE, MAX_LEN, False), tok.pad_id)
+    batch = collate(
+        build_examples(tok, load_instructions("train")[:BATCH], PROMPT_TEMPLATE, MAX_LEN, False), tok.pad_id
+    )
     tokens = int(batch["attention_mask"].sum())
 
     def step():

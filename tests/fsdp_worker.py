@@ -18,10 +18,17 @@ def build_model(seed, double_quant=True, hf=False):
     if hf:
         import transformers
 
-        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
-            vocab_size=CONFIG["vocab_size"], hidden_size=CONFIG["hidden_size"], intermediate_size=CONFIG["intermediate_size"],
-            num_hidden_layers=CONFIG["num_layers"], num_attention_heads=CONFIG["num_heads"],
-            num_key_value_heads=CONFIG["num_kv_heads"], max_position_embeddings=CONFIG["max_seq_len"]))
+        model = transformers.LlamaForCausalLM(
+            transformers.LlamaConfig(
+                vocab_size=CONFIG["vocab_size"],
+                hidden_size=CONFIG["hidden_size"],
+                intermediate_size=CONFIG["intermediate_size"],
+                num_hidden_layers=CONFIG["num_layers"],
+                num_attention_heads=CONFIG["num_heads"],
+                num_key_value_heads=CONFIG["num_kv_heads"],
+                max_position_embeddings=CONFIG["max_seq_len"],
+            )
+        )
     else:
         model = LlamaForCausalLM(LlamaConfig(**CONFIG))
     lora = LoraConfig(target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
@@ -135,8 +142,18 @@ def fsdp_worker(rank, world_size, init_file, out_dir, seed, double_quant, optimi
             mp_model = shard_qlora_model(build_model(seed, double_quant, hf), mp_policy=MixedPrecisionPolicy(
                 param_dtype=torch.bfloat16, reduce_dtype=torch.float32))
             mp_losses = train(mp_model, make_optimizer(mp_model, optimizer), batches, mean_loss)
-        result = dict(losses=losses, mp_losses=mp_losses, state_elems=state_elems, local_elems=local_elems, adapters=adapters(model), full_4bit=full_4bit, local_4bit=local_4bit,
-                      gathered=gathered, held_after_forward=held, unsharded=unsharded)
+        result = dict(
+            losses=losses,
+            mp_losses=mp_losses,
+            state_elems=state_elems,
+            local_elems=local_elems,
+            adapters=adapters(model),
+            full_4bit=full_4bit,
+            local_4bit=local_4bit,
+            gathered=gathered,
+            held_after_forward=held,
+            unsharded=unsharded,
+        )
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()

@@ -74,7 +74,10 @@ def grpo_fsdp_worker(rank, world_size, init_file, out_dir, seed):
         model = shard_qlora_model(grpo_model(seed))
         history, adapters = run_grpo(model, os.path.join(out_dir, "adapter"))
         errors = []
-        for bad in (dict(prompts_per_step=3, gradient_accumulation_steps=1), dict(checkpoint_every=1, output_dir=out_dir)):
+        for bad in (
+            dict(prompts_per_step=3, gradient_accumulation_steps=1),
+            dict(checkpoint_every=1, output_dir=out_dir),
+        ):
             try:
                 config = GRPOConfig(**{**vars(grpo_config()), **bad})
                 GRPOTrainer(model, ByteTokenizer(), distinct_characters, PROMPTS, config)

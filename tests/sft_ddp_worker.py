@@ -16,15 +16,27 @@ def main(out_dir):
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     torch.manual_seed(1234)  # the same initial model on every rank
-    model = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=48, num_layers=1, num_heads=2, num_kv_heads=1))
+    model = LlamaForCausalLM(
+        LlamaConfig(hidden_size=32, intermediate_size=48, num_layers=1, num_heads=2, num_kv_heads=1)
+    )
     peft = get_peft_model(model, LoraConfig(r=2))
     initial = {n: p.detach().clone() for n, p in peft.adapter_parameters()}
-    config = SFTConfig(max_steps=3, batch_size=2, lr=1e-2, warmup_steps=0, max_seq_len=96, optimizer="torch_adamw", progress=False)
+    config = SFTConfig(
+        max_steps=3, batch_size=2, lr=1e-2, warmup_steps=0, max_seq_len=96, optimizer="torch_adamw", progress=False
+    )
     trainer = SFTTrainer(peft, ByteTokenizer(), load_instructions("train")[:64], config=config)
     first_batch = trainer._micro_batches(0)[0]
     history = trainer.train()
-    torch.save({"adapter": {n: p.detach().clone() for n, p in peft.adapter_parameters()}, "initial": initial,
-                "history": history, "first_batch": first_batch, "world": dist.get_world_size()}, f"{out_dir}/rank{rank}.pt")
+    torch.save(
+        {
+            "adapter": {n: p.detach().clone() for n, p in peft.adapter_parameters()},
+            "initial": initial,
+            "history": history,
+            "first_batch": first_batch,
+            "world": dist.get_world_size(),
+        },
+        f"{out_dir}/rank{rank}.pt",
+    )
     dist.destroy_process_group()
 
 

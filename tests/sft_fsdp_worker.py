@@ -4,8 +4,8 @@ import os
 
 import torch
 import torch.distributed as dist
-
 from fsdp_worker import CONFIG
+
 from qlora_fast.data import load_instructions
 from qlora_fast.models import LlamaConfig, LlamaForCausalLM
 from qlora_fast.peft import LoraConfig, get_peft_model
@@ -25,8 +25,16 @@ def sft_fsdp_worker(rank, world_size, init_file, out_dir, seed):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
     try:
-        config = SFTConfig(max_steps=2, batch_size=2, gradient_accumulation_steps=2, lr=1e-2, warmup_steps=0, max_seq_len=96,
-                           optimizer="torch_adamw", progress=False)
+        config = SFTConfig(
+            max_steps=2,
+            batch_size=2,
+            gradient_accumulation_steps=2,
+            lr=1e-2,
+            warmup_steps=0,
+            max_seq_len=96,
+            optimizer="torch_adamw",
+            progress=False,
+        )
         data = load_instructions("train")[:32]
         out = {}
         for mode in ("ddp", "fsdp"):
@@ -52,9 +60,18 @@ def sft_fsdp_resume_worker(rank, world_size, init_file, out_dir, seed):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
     try:
-        config = SFTConfig(max_steps=4, batch_size=1, gradient_accumulation_steps=1, lr=1e-2, warmup_steps=1, max_seq_len=64,
-                           optimizer="paged_adamw_8bit", checkpoint_every=2, output_dir=os.path.join(out_dir, "run"),
-                           progress=False)
+        config = SFTConfig(
+            max_steps=4,
+            batch_size=1,
+            gradient_accumulation_steps=1,
+            lr=1e-2,
+            warmup_steps=1,
+            max_seq_len=64,
+            optimizer="paged_adamw_8bit",
+            checkpoint_every=2,
+            output_dir=os.path.join(out_dir, "run"),
+            progress=False,
+        )
         data = load_instructions("train")[:16]
         out = {}
         for mode in ("first", "resumed"):

@@ -341,9 +341,14 @@ def test_cli_errors_are_one_line_before_any_work(tmp_path, capsys):
         (["finetune", "--device", "gpu0"], "qlora-fast finetune: error: --device must be"),
         (["finetune", "--output", str(blocker / "out")], "qlora-fast finetune: error: --output"),
         (["finetune", "--output", str(tmp_path / "o"), "--resume"], "there is no checkpoint-*.pt in"),
-        (["finetune", "--fsdp", "--method", "prefix"], "error: --fsdp shards LoRA/QLoRA models only, got --method prefix"),
-        (["finetune", "--fsdp", "--nproc", "2", "--output", str(tmp_path / "o"), "--resume"],
-         "there is no sharded checkpoint-<step> folder in"),
+        (
+            ["finetune", "--fsdp", "--method", "prefix"],
+            "error: --fsdp shards LoRA/QLoRA models only, got --method prefix",
+        ),
+        (
+            ["finetune", "--fsdp", "--nproc", "2", "--output", str(tmp_path / "o"), "--resume"],
+            "there is no sharded checkpoint-<step> folder in",
+        ),
         (["finetune", "--fsdp", "--checkpoint-every", "5"], "error: --fsdp needs several processes: add --nproc N"),
         (["grpo", "--output", str(tmp_path / "o"), "--resume"], "grpo-checkpoints"),
         (

@@ -7,13 +7,27 @@ import os
 import pytest
 import torch
 import torch.multiprocessing as mp
+from fsdp_worker import (
+    adapters,
+    build_model,
+    dcp_worker,
+    fsdp_worker,
+    global_batch,
+    make_optimizer,
+    perturb_adapters,
+    train,
+)
+from grpo_fsdp_worker import grpo_fsdp_worker
 from torch import nn
 
-from grpo_fsdp_worker import grpo_fsdp_worker
-from fsdp_worker import (adapters, build_model, dcp_worker, fsdp_worker, global_batch, make_optimizer,
-                         perturb_adapters, train)
-from qlora_fast.distributed import (ShardableLinear4bit, four_bit_bytes, load_adapter_checkpoint, prepare_4bit_for_fsdp,
-                                    save_adapter_checkpoint, shard_qlora_model)
+from qlora_fast.distributed import (
+    ShardableLinear4bit,
+    four_bit_bytes,
+    load_adapter_checkpoint,
+    prepare_4bit_for_fsdp,
+    save_adapter_checkpoint,
+    shard_qlora_model,
+)
 from qlora_fast.distributed.fsdp import unit_layout
 from qlora_fast.nn import Linear4bit, QLoRALinear
 
@@ -243,7 +257,9 @@ def test_sft_trainer_under_fsdp2_matches_ddp(tmp_path, seed):
     mp.spawn(sft_fsdp_worker, args=(2, str(tmp_path / "init"), str(tmp_path), seed), nprocs=2, join=True)
     for rank in range(2):
         r = torch.load(os.path.join(tmp_path, f"rank{rank}.pt"))
-        torch.testing.assert_close(torch.tensor(r["fsdp"]["losses"]), torch.tensor(r["ddp"]["losses"]), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(
+            torch.tensor(r["fsdp"]["losses"]), torch.tensor(r["ddp"]["losses"]), rtol=1e-5, atol=1e-6
+        )
         for name, value in r["ddp"]["adapters"].items():
             assert_adam_close(r["fsdp"]["adapters"][name], value, name)
 
@@ -260,12 +276,12 @@ def test_finetune_fsdp_command_under_torchrun(tmp_path, seed):
 
     transformers = pytest.importorskip("transformers")
     pytest.importorskip("tokenizers")
+    from helpers import corpus_hf_tokenizer
+
     from qlora_fast.data import PROMPT_TEMPLATE, load_instructions
     from qlora_fast.models.hf import load_hf_model
     from qlora_fast.peft import load_adapter
     from qlora_fast.train.sft import evaluate_loss
-
-    from helpers import corpus_hf_tokenizer
 
     fast = corpus_hf_tokenizer()
     torch.manual_seed(seed)

@@ -7,8 +7,7 @@ from fractions import Fraction
 
 import pytest
 
-from qlora_fast.reasoning import TreeOfThought, Usage, ask_experts
-from qlora_fast.reasoning import game24
+from qlora_fast.reasoning import TreeOfThought, Usage, ask_experts, game24
 from qlora_fast.reasoning.game24 import Game24Task, verify_expression
 
 # ---- an independent brute force: every expression over the numbers, by string and eval --------
@@ -56,7 +55,9 @@ def all_expressions(numbers, keep=lambda value: True):
             for text, arithmetic in _SHAPES:
                 value = arithmetic(a, b, c, d, f, g, h)
                 if keep(value):
-                    out.append((text.format(a=order[0], b=order[1], c=order[2], d=order[3], o1=o1, o2=o2, o3=o3), value))
+                    out.append(
+                        (text.format(a=order[0], b=order[1], c=order[2], d=order[3], o1=o1, o2=o2, o3=o3), value)
+                    )
     return out
 
 
@@ -237,11 +238,16 @@ def test_cli_reports_solve_rate_calls_and_tokens(monkeypatch, capsys):
     from qlora_fast.reasoning import BuiltinLM
     from qlora_fast.tokenizer import ByteTokenizer
 
-    config = LlamaConfig(vocab_size=259, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2, num_kv_heads=1, max_seq_len=256)
+    config = LlamaConfig(
+        vocab_size=259, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2, num_kv_heads=1, max_seq_len=256
+    )
     model = LlamaForCausalLM(config).eval()
     asked = []
-    monkeypatch.setattr(qlora_fast.models, "load_base_model",
-                        lambda cache_dir=None, progress=True, tokenizer="bpe": asked.append(tokenizer) or (model, ByteTokenizer()))
+    monkeypatch.setattr(
+        qlora_fast.models,
+        "load_base_model",
+        lambda cache_dir=None, progress=True, tokenizer="bpe": asked.append(tokenizer) or (model, ByteTokenizer()),
+    )
     puzzles = [" ".join(map(str, p)) for p in random.Random().sample(game24.puzzles(low=1, high=5), 2)]
     argv = ["tot", "--task", "game24", "--model", "builtin", "--temperature", "0", "--max-new-tokens", "6",
             "--breadth", "2", "--device", "cpu", "--show-tree", "--tokenizer", "byte"]
@@ -262,8 +268,26 @@ def test_cli_reports_solve_rate_calls_and_tokens(monkeypatch, capsys):
     assert out.count("Question: ") == 2 and calls >= 2
 
     # The single-prompt variant: one call per puzzle.
-    assert run_cli(["tot", "--task", "game24", "--prompting", "single", "--puzzle", puzzles[0], "--temperature", "0", "--max-new-tokens", "12",
-                    "--device", "cpu"]) == 0
+    assert (
+        run_cli(
+            [
+                "tot",
+                "--task",
+                "game24",
+                "--prompting",
+                "single",
+                "--puzzle",
+                puzzles[0],
+                "--temperature",
+                "0",
+                "--max-new-tokens",
+                "12",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     single = ask_experts(BuiltinLM(model, ByteTokenizer()), puzzles[0], task=Game24Task(), max_new_tokens=12)
     assert "single prompt" in out and "model calls: 1 (1.0 per puzzle)" in out

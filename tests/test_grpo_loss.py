@@ -221,7 +221,9 @@ def test_normalizer_makes_microbatches_sum_to_the_batch(seed, loss_type):
     full, _ = grpo_loss(lp, old, adv, mask, loss_type=loss_type, max_length=t)
     norm = {"grpo": b, "dapo": mask.sum(), "dr_grpo": b * t}[loss_type]
     parts = sum(
-        grpo_loss(lp[i : i + 2], old[i : i + 2], adv[i : i + 2], mask[i : i + 2], loss_type=loss_type, normalizer=norm)[0]
+        grpo_loss(lp[i : i + 2], old[i : i + 2], adv[i : i + 2], mask[i : i + 2], loss_type=loss_type, normalizer=norm)[
+            0
+        ]
         for i in range(0, b, 2)
     )
     assert_close(parts, full, atol=1e-6, rtol=1e-6)

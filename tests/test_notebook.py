@@ -15,12 +15,21 @@ def test_peft_notebook_executes(tmp_path, monkeypatch):
     monkeypatch.setenv("PEFT_NOTEBOOK_STEPS", "6")
     monkeypatch.setenv("PEFT_NOTEBOOK_PRETRAIN", "10")
     nb = nbformat.read(NOTEBOOK, as_version=4)
-    client = nbclient.NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}})
+    client = nbclient.NotebookClient(
+        nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
+    )
     client.execute()
-    outputs = "".join(o.get("text", "") for cell in nb.cells if cell.cell_type == "code" for o in cell.get("outputs", []))
+    outputs = "".join(
+        o.get("text", "") for cell in nb.cells if cell.cell_type == "code" for o in cell.get("outputs", [])
+    )
     for method in ("LoRA", "QLoRA", "prefix tuning", "prompt tuning"):
         assert method in outputs
-    assert any("image/png" in o.get("data", {}) for cell in nb.cells if cell.cell_type == "code" for o in cell.get("outputs", []))
+    assert any(
+        "image/png" in o.get("data", {})
+        for cell in nb.cells
+        if cell.cell_type == "code"
+        for o in cell.get("outputs", [])
+    )
 
 
 RL_NOTEBOOK = os.path.join(os.path.dirname(__file__), "..", "examples", "RL_example.ipynb")
@@ -34,7 +43,9 @@ def test_rl_notebook_executes(tmp_path, monkeypatch):
     for name, value in (("EPISODES", "60"), ("PRETRAIN", "10"), ("SFT", "3"), ("STEPS", "2"), ("HELDOUT", "8")):
         monkeypatch.setenv(f"RL_NOTEBOOK_{name}", value)
     nb = nbformat.read(RL_NOTEBOOK, as_version=4)
-    client = nbclient.NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}})
+    client = nbclient.NotebookClient(
+        nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
+    )
     client.execute()
     outputs = [o for cell in nb.cells if cell.cell_type == "code" for o in cell.get("outputs", [])]
     text = "".join(o.get("text", "") for o in outputs)

@@ -8,8 +8,17 @@ import pytest
 import torch
 
 from qlora_fast.reasoning import (
-    BuiltinLM, ExpertsTask, Game24Task, HFCausalLM, TreeOfThought, Usage, arithmetic, ask_experts, experts_prompt,
-    format_tree, parse_value,
+    BuiltinLM,
+    ExpertsTask,
+    Game24Task,
+    HFCausalLM,
+    TreeOfThought,
+    Usage,
+    arithmetic,
+    ask_experts,
+    experts_prompt,
+    format_tree,
+    parse_value,
 )
 from qlora_fast.reasoning.arithmetic import ArithmeticTask
 
@@ -237,7 +246,9 @@ def test_random_trees_match_the_plain_search(seed, search):
         n_experts, breadth, max_steps = rng.randint(1, 4), rng.randint(1, 3), rng.randint(1, 4)
         script, values = _random_script(rng, n_experts, max_steps)
         llm = CountingProxy(ScriptedLM(script, values))
-        tot = TreeOfThought(llm, n_experts=n_experts, breadth=breadth, max_steps=max_steps, threshold=0.5, search=search)
+        tot = TreeOfThought(
+            llm, n_experts=n_experts, breadth=breadth, max_steps=max_steps, threshold=0.5, search=search
+        )
         result = tot.solve("q")
         final, counts = reference_search(script, values, n_experts, breadth, max_steps, 0.5, search)
         assert result.answer == (final[-1][len("Answer: "):] if final else None)
@@ -287,14 +298,22 @@ def test_outline_and_transcript_are_well_formed():
     assert lines[0] == "Question: What is 2 + 3 * 4?"
     nodes = result.nodes()
     assert len(lines) == 1 + len(nodes)
-    pattern = re.compile(r"^( *)- Expert ([1-3]): (.*) \[(kept|final|pruned|invalid|duplicate|dropped|unjudged)( value=\d\.\d\d)?( answer=.*)?\]$")
+    pattern = re.compile(
+        r"^( *)- Expert ([1-3]): (.*) "
+        r"\[(kept|final|pruned|invalid|duplicate|dropped|unjudged)( value=\d\.\d\d)?( answer=.*)?\]$"
+    )
     for line, node in zip(lines[1:], nodes):
         match = pattern.match(line)
         assert match, line
         assert len(match.group(1)) == 2 * node.depth and int(match.group(2)) == node.expert
     assert str(result) == format_tree(result.tree)
     assert result.transcript().split("\n") == [
-        "Question: What is 2 + 3 * 4?", "Expert 2: 3 * 4 = 12", "Expert 1: 2 + 12 = 14", "Expert 1: Answer: 14", "Answer: 14"]
+        "Question: What is 2 + 3 * 4?",
+        "Expert 2: 3 * 4 = 12",
+        "Expert 1: 2 + 12 = 14",
+        "Expert 1: Answer: 14",
+        "Answer: 14",
+    ]
 
 
 def test_llm_without_usage_gives_no_token_counts():
@@ -504,8 +523,11 @@ def test_builtin_lm_with_an_adapter_loaded(method, tmp_path, monkeypatch):
 
     save_adapter(model, str(tmp_path / "adapter"))
     asked = []
-    monkeypatch.setattr(qlora_fast.models, "load_base_model",
-                        lambda cache_dir=None, progress=True, tokenizer="bpe": asked.append(tokenizer) or (fresh_base(), tok))
+    monkeypatch.setattr(
+        qlora_fast.models,
+        "load_base_model",
+        lambda cache_dir=None, progress=True, tokenizer="bpe": asked.append(tokenizer) or (fresh_base(), tok),
+    )
     loaded = BuiltinLM.from_pretrained(adapter=str(tmp_path / "adapter"), tokenizer="byte")
     assert asked == ["byte"]
     assert loaded.generate(prompts, max_new_tokens=5, temperature=0.0, stop=[]) == texts
@@ -585,7 +607,9 @@ def test_end_to_end_on_the_builtin_model(builtin_model, search):
         assert judged == 0 or evaluator is None
         assert lm.prompts == len(result.nodes()) + judged
         lines = result.outline().split("\n")
-        assert len(lines) == 1 + len(result.nodes()) and all(re.match(r"^ *- Expert [1-3]: .* \[\w+.*\]$", x) for x in lines[1:])
+        assert len(lines) == 1 + len(result.nodes()) and all(
+            re.match(r"^ *- Expert [1-3]: .* \[\w+.*\]$", x) for x in lines[1:]
+        )
         assert result.transcript().startswith("Question: ")
         if evaluator is not None:
             assert all(n.status == "kept" for n in result.path) and len(result.path) in (0, 1, 2)

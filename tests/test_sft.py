@@ -146,7 +146,14 @@ def test_gradient_checkpointing_gives_the_same_training(tiny_base):
         model, tok = fresh_base(tiny_base)
         torch.manual_seed(3)
         peft = get_peft_model(model, LoraConfig(r=2))
-        cfg = SFTConfig(max_steps=3, batch_size=4, max_seq_len=64, gradient_checkpointing=ckpt, optimizer="torch_adamw", progress=False)
+        cfg = SFTConfig(
+            max_steps=3,
+            batch_size=4,
+            max_seq_len=64,
+            gradient_checkpointing=ckpt,
+            optimizer="torch_adamw",
+            progress=False,
+        )
         losses.append(torch.tensor([h["loss"] for h in SFTTrainer(peft, tok, TRAIN[:50], config=cfg).train()]))
     assert_close(losses[1], losses[0], atol=1e-5, rtol=1e-5)
 
@@ -191,7 +198,15 @@ def _free_port():
 def test_ddp_two_processes_train_the_same_adapter(tmp_path):
     worker = os.path.join(os.path.dirname(__file__), "sft_ddp_worker.py")
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}", worker, str(tmp_path)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        f"--master_port={_free_port()}",
+        worker,
+        str(tmp_path),
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
@@ -207,13 +222,43 @@ def test_ddp_two_processes_train_the_same_adapter(tmp_path):
 def test_finetune_command_end_to_end(tmp_path, capsys):
     from qlora_fast.cli import main
 
-    rc = main(["finetune", "--method", "qlora", "--steps", "3", "--batch-size", "4", "--eval-pairs", "8", "--max-new-tokens", "4",
-               "--pretrain-steps", "2", "--cache-dir", str(tmp_path / "cache"), "--output", str(tmp_path / "out"), "--no-progress"])
+    rc = main(
+        [
+            "finetune",
+            "--method",
+            "qlora",
+            "--steps",
+            "3",
+            "--batch-size",
+            "4",
+            "--eval-pairs",
+            "8",
+            "--max-new-tokens",
+            "4",
+            "--pretrain-steps",
+            "2",
+            "--cache-dir",
+            str(tmp_path / "cache"),
+            "--output",
+            str(tmp_path / "out"),
+            "--no-progress",
+        ]
+    )
     assert rc == 0
     out = capsys.readouterr().out
-    for needle in ("trainable", "4-bit linear layers", "peak memory", "held-out perplexity", "exact match", "adapter saved to"):
+    for needle in (
+        "trainable",
+        "4-bit linear layers",
+        "peak memory",
+        "held-out perplexity",
+        "exact match",
+        "adapter saved to",
+    ):
         assert needle in out, needle
-    assert sorted(os.listdir(tmp_path / "out" / "adapter-qlora")) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(os.listdir(tmp_path / "out" / "adapter-qlora")) == [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+    ]
     # The demo's default base speaks the BPE trained on the shipped corpus, cached beside it.
     from safetensors import safe_open
 
@@ -240,9 +285,9 @@ def test_finetune_command_on_a_local_hf_model_dir(tmp_path, capsys):
     """--model DIR: a tiny transformers Llama + tokenizer saved locally (nothing downloaded)."""
     transformers = pytest.importorskip("transformers")
     pytest.importorskip("tokenizers")
-    from qlora_fast.cli import main
-
     from helpers import corpus_hf_tokenizer
+
+    from qlora_fast.cli import main
 
     fast = corpus_hf_tokenizer()
     config = transformers.LlamaConfig(vocab_size=len(fast), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
@@ -263,10 +308,35 @@ def test_finetune_command_on_a_local_hf_model_dir(tmp_path, capsys):
 @pytest.mark.slow
 def test_finetune_command_under_torchrun(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}", "-m", "qlora_fast.cli",
-           "finetune", "--steps", "2", "--batch-size", "2", "--eval-pairs", "4", "--max-new-tokens", "2", "--pretrain-steps", "2",
-           "--cache-dir", str(tmp_path / "cache"), "--output", str(tmp_path / "out"), "--no-progress"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        f"--master_port={_free_port()}",
+        "-m",
+        "qlora_fast.cli",
+        "finetune",
+        "--steps",
+        "2",
+        "--batch-size",
+        "2",
+        "--eval-pairs",
+        "4",
+        "--max-new-tokens",
+        "2",
+        "--pretrain-steps",
+        "2",
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "--output",
+        str(tmp_path / "out"),
+        "--no-progress",
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("=== qlora-fast finetune report ===") == 1  # rank 0 only
-    assert sorted(os.listdir(tmp_path / "out" / "adapter-qlora")) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(os.listdir(tmp_path / "out" / "adapter-qlora")) == [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+    ]

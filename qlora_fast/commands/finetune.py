@@ -19,9 +19,21 @@ import resource
 import sys
 import time
 
-from qlora_fast.commands import (DeprecatedAliases, HelpFormatter, add_base_model_arguments, add_resume_arguments,
-                                 add_training_arguments, check_output, finite_float, nonnegative_float, nonnegative_int,
-                                 positive_float, positive_int, resolve_device, resume_mode)
+from qlora_fast.commands import (
+    DeprecatedAliases,
+    HelpFormatter,
+    add_base_model_arguments,
+    add_resume_arguments,
+    add_training_arguments,
+    check_output,
+    finite_float,
+    nonnegative_float,
+    nonnegative_int,
+    positive_float,
+    positive_int,
+    resolve_device,
+    resume_mode,
+)
 
 METHODS = ("lora", "qlora", "prefix", "prompt")
 
@@ -37,29 +49,53 @@ def register(subparsers) -> None:
     parser.add_argument("--model", default=None, metavar="DIR",
                         help="local Hugging Face causal LM directory; default: the built-in tiny base model")
     add_base_model_arguments(parser)
-    parser.add_argument("--pretrain-steps", type=positive_int, default=None,
-                        help="pretraining steps of the built-in base model (default: its recipe's; a new value trains and caches a new base)")
+    parser.add_argument(
+        "--pretrain-steps",
+        type=positive_int,
+        default=None,
+        help="pretraining steps of the built-in base model (default: its recipe's; a new value trains and caches a "
+        "new base)",
+    )
     parser.add_argument("--max-steps", "--steps", dest="steps", action=DeprecatedAliases, type=positive_int,
                         metavar="N", default=200, help="optimizer steps")
     parser.add_argument("--batch-size", type=positive_int, default=16, help="examples per micro-batch")
     parser.add_argument("--gradient-accumulation-steps", "--grad-accum", dest="grad_accum", action=DeprecatedAliases,
                         metavar="N", type=positive_int, default=1, help="micro-batches per optimizer step")
-    parser.add_argument("--lr", type=positive_float, default=None, help="peak learning rate (default: 5e-3 for LoRA/QLoRA, 1e-2 for prefix/prompt)")
-    parser.add_argument("--warmup-steps", type=nonnegative_int, default=15, help="linear warmup steps before the cosine decay")
+    parser.add_argument(
+        "--lr",
+        type=positive_float,
+        default=None,
+        help="peak learning rate (default: 5e-3 for LoRA/QLoRA, 1e-2 for prefix/prompt)",
+    )
+    parser.add_argument(
+        "--warmup-steps", type=nonnegative_int, default=15, help="linear warmup steps before the cosine decay"
+    )
     parser.add_argument("--r", type=positive_int, default=8, help="LoRA rank")
     parser.add_argument("--alpha", type=finite_float, default=16.0, help="LoRA alpha (scaling alpha / r)")
     parser.add_argument("--lora-dropout", type=nonnegative_float, default=0.0, help="LoRA dropout")
     parser.add_argument("--rslora", action="store_true", help="rank-stabilised LoRA scaling alpha / sqrt(r)")
-    parser.add_argument("--target-modules", default=None,
-                        help="comma-separated module names for LoRA, a regex when it starts with 're:', or 'all-linear' "
-                             "(default: the architecture's attention and MLP projections, e.g. q/k/v/o/gate/up/down_proj "
-                             "on Llama, c_attn/c_proj/c_fc on GPT-2)")
+    parser.add_argument(
+        "--target-modules",
+        default=None,
+        help="comma-separated module names for LoRA, a regex when it starts with 're:', or 'all-linear' "
+        "(default: the architecture's attention and MLP projections, e.g. q/k/v/o/gate/up/down_proj "
+        "on Llama, c_attn/c_proj/c_fc on GPT-2)",
+    )
     parser.add_argument("--num-virtual-tokens", type=positive_int, default=16, help="prefix / soft prompt length")
     parser.add_argument("--prefix-projection", action="store_true", help="prefix tuning through an MLP (Li & Liang)")
-    parser.add_argument("--max-seq-len", type=positive_int, default=96, help="tokens per training example (longer ones are cut)")
+    parser.add_argument(
+        "--max-seq-len", type=positive_int, default=96, help="tokens per training example (longer ones are cut)"
+    )
     parser.add_argument("--packing", action="store_true", help="pack several examples per row")
-    parser.add_argument("--eval-pairs", type=positive_int, default=160, help="held-out pairs used for perplexity and exact match")
-    parser.add_argument("--eval-every", type=nonnegative_int, default=0, help="evaluate held-out perplexity every N steps (0: only before/after)")
+    parser.add_argument(
+        "--eval-pairs", type=positive_int, default=160, help="held-out pairs used for perplexity and exact match"
+    )
+    parser.add_argument(
+        "--eval-every",
+        type=nonnegative_int,
+        default=0,
+        help="evaluate held-out perplexity every N steps (0: only before/after)",
+    )
     add_resume_arguments(parser, "--output")
     parser.add_argument("--max-new-tokens", type=positive_int, default=12, help="generation length for exact match")
     parser.add_argument("--output", default="qlora_fast_output", help="directory for the adapter and checkpoints")
@@ -191,7 +227,9 @@ def run(args) -> int:
     import torch  # here, not at import: `qlora-fast --help` should not load torch
 
     if args.model and not os.path.isdir(args.model):
-        raise FileNotFoundError(f"--model must be a local Hugging Face model directory, got {args.model!r} (no such directory)")
+        raise FileNotFoundError(
+            f"--model must be a local Hugging Face model directory, got {args.model!r} (no such directory)"
+        )
     if args.fsdp:
         _check_fsdp_args(args)
     if args.fsdp and (args.resume or args.resume_if_exists):  # sharded checkpoint folders, checked now
@@ -216,6 +254,7 @@ def run(args) -> int:
 
 def _run(args, device, rank, resume_from, allow_fresh) -> int:
     import torch
+
     from qlora_fast.data import load_instructions
     from qlora_fast.peft import base_weight_bytes, get_peft_model
     from qlora_fast.train.sft import SFTConfig, SFTTrainer, evaluate_loss, exact_match
@@ -239,7 +278,9 @@ def _run(args, device, rank, resume_from, allow_fresh) -> int:
         from qlora_fast.models.hf import load_hf_model
 
         # QLoRA: 4-bit layer by layer as the checkpoint is read (never the whole fp32 model)
-        model, tokenizer = load_hf_model(args.model, dtype=torch.float32, quantize="nf4" if args.method == "qlora" else None)
+        model, tokenizer = load_hf_model(
+            args.model, dtype=torch.float32, quantize="nf4" if args.method == "qlora" else None
+        )
         source = args.model
     else:
         from qlora_fast.models import PretrainRecipe, load_base_model
@@ -264,14 +305,22 @@ def _run(args, device, rank, resume_from, allow_fresh) -> int:
 
     def measure(tag):
         ppl = evaluate_loss(peft, tokenizer, eval_pairs, config.prompt_template, config.max_seq_len)["perplexity"]
-        em, predictions = exact_match(peft, tokenizer, eval_pairs, config.prompt_template, max_new_tokens=args.max_new_tokens,
-                                      return_predictions=True)
+        em, predictions = exact_match(
+            peft,
+            tokenizer,
+            eval_pairs,
+            config.prompt_template,
+            max_new_tokens=args.max_new_tokens,
+            return_predictions=True,
+        )
         per_task = {}
         for pair, pred in zip(eval_pairs, predictions):
             hits, n = per_task.get(pair.get("task", "all"), (0, 0))
             per_task[pair.get("task", "all")] = (hits + (pred == pair["output"].strip()), n + 1)
         tasks = ", ".join(f"{t} {h}/{n}" for t, (h, n) in sorted(per_task.items()))
-        print(f"{tag:>6}: held-out perplexity {ppl:.3f}, exact match {100 * em:.1f}% ({len(eval_pairs)} pairs: {tasks})")
+        print(
+            f"{tag:>6}: held-out perplexity {ppl:.3f}, exact match {100 * em:.1f}% ({len(eval_pairs)} pairs: {tasks})"
+        )
         return ppl, em
 
     with peft.disable_adapter():
@@ -293,14 +342,18 @@ def _run(args, device, rank, resume_from, allow_fresh) -> int:
 
         four = [m for m in peft.modules() if isinstance(m, Linear4bit)]
         sharded = sum(isinstance(m, ShardableLinear4bit) for m in four)
-        print(f"FSDP2                  {torch.distributed.get_world_size()} ranks; {sharded} of {len(four)} 4-bit layers "
-              "sharded (the rest cannot be split on quantization-block boundaries: whole on every rank)")
+        print(
+            f"FSDP2                  {torch.distributed.get_world_size()} ranks; {sharded} of {len(four)} 4-bit layers "
+            "sharded (the rest cannot be split on quantization-block boundaries: whole on every rank)"
+        )
     print(f"parameters             trainable {trainable:,} / total {total:,} ({100 * trainable / total:.2f}%)")
     if n_weights:
         print(f"4-bit linear layers    {four_bit:,} bytes (codes + block statistics) for {n_weights:,} weights vs "
               f"{2 * n_weights:,} in bf16 ({8 * four_bit / n_weights:.3f} bits/weight; biases not counted)")
-    print(f"base model in memory   {sizes['stored']:,} bytes (4-bit layers, everything else in {_dense_dtype(peft)}) vs "
-          f"{sizes['bf16']:,} if all of it were bf16; adapter {sizes['adapter']:,} bytes")
+    print(
+        f"base model in memory   {sizes['stored']:,} bytes (4-bit layers, everything else in {_dense_dtype(peft)}) vs "
+        f"{sizes['bf16']:,} if all of it were bf16; adapter {sizes['adapter']:,} bytes"
+    )
     print(f"peak memory            {_peak_memory(device)}")
     print(f"held-out perplexity    {before[0]:.3f} -> {after[0]:.3f}")
     print(f"held-out exact match   {100 * before[1]:.1f}% -> {100 * after[1]:.1f}%")

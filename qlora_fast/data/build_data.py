@@ -119,8 +119,18 @@ def build(seed: int = 1234):
         return out
 
     train_values, held_values = _split(range(1, 40), 0.2, rng)
-    train = word_tasks(train_words) + fact_tasks(train_caps, train_sounds, train_opp, train_cols) + sum_tasks(train_sums) + unit_tasks(train_values)
-    held = word_tasks(held_words) + fact_tasks(held_caps, held_sounds, held_opp, held_cols) + sum_tasks(held_sums) + unit_tasks(held_values)
+    train = (
+        word_tasks(train_words)
+        + fact_tasks(train_caps, train_sounds, train_opp, train_cols)
+        + sum_tasks(train_sums)
+        + unit_tasks(train_values)
+    )
+    held = (
+        word_tasks(held_words)
+        + fact_tasks(held_caps, held_sounds, held_opp, held_cols)
+        + sum_tasks(held_sums)
+        + unit_tasks(held_values)
+    )
     rng.shuffle(train)
     rng.shuffle(held)
     # Sums would otherwise be most of the set; keep a share so every task is seen often.
@@ -136,7 +146,11 @@ def build(seed: int = 1234):
     for a, s in SOUNDS:
         sentences += [f"A {a} says {s}.", f"The sound a {a} makes is {s}."]
     for a, b in OPPOSITES:
-        sentences += [f"The opposite of {a} is {b}.", f"The opposite of {b} is {a}.", f"{a.capitalize()} and {b} are opposites."]
+        sentences += [
+            f"The opposite of {a} is {b}.",
+            f"The opposite of {b} is {a}.",
+            f"{a.capitalize()} and {b} are opposites.",
+        ]
     for t, c in COLORS:
         sentences += [f"The color of {t} is {c}.", f"{t[0].upper() + t[1:]} is {c}."]
     for w in WORDS:

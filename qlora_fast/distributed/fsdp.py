@@ -25,7 +25,8 @@ copy of a layer outlives its use.
 
 Limits: a weight whose element count is not a multiple of the unit (256 * blocksize elements with
 double quantization, blocksize without) cannot be split on block boundaries and raises
-ValueError, or with `unsplittable="replicate"` stays a plain Linear4bit kept whole on every rank; a different number of units per rank is fine (FSDP2 pads the last shard). The CPU path
+ValueError, or with `unsplittable="replicate"` stays a plain Linear4bit kept whole on every rank; a
+different number of units per rank is fine (FSDP2 pads the last shard). The CPU path
 dequantizes from the strided views; the CUDA kernels read contiguous 1-D buffers and are not yet
 wired to this layout (not run: no GPU in the session that wrote this).
 """
@@ -202,7 +203,9 @@ def shard_qlora_model(model: nn.Module, mesh=None, mp_policy=None, reshard_after
     if mp_policy is None:
         mp_policy = MixedPrecisionPolicy()
     elif not isinstance(mp_policy, MixedPrecisionPolicy):
-        raise TypeError(f"mp_policy must be a torch.distributed.fsdp.MixedPrecisionPolicy, got {type(mp_policy).__name__}")
+        raise TypeError(
+            f"mp_policy must be a torch.distributed.fsdp.MixedPrecisionPolicy, got {type(mp_policy).__name__}"
+        )
     prepare_4bit_for_fsdp(model, unsplittable)
     ignored = {p for m in model.modules() if isinstance(m, Linear4bit) and not isinstance(m, ShardableLinear4bit)
                for p in m.parameters(recurse=False)}

@@ -47,7 +47,9 @@ def _check_generate_args(prompts, max_new_tokens, temperature, stop) -> Tuple[Li
     return list(prompts), stop
 
 
-def cut_completion(new_ids: Sequence[int], decode: Callable[[Sequence[int]], str], stop: Sequence[str], end_ids) -> Tuple[str, int]:
+def cut_completion(
+    new_ids: Sequence[int], decode: Callable[[Sequence[int]], str], stop: Sequence[str], end_ids
+) -> Tuple[str, int]:
     """The completion text before the first stop string, and how many of `new_ids` were spent
     on it (up to and including the end token or the token that completed the stop string)."""
     ids = [int(i) for i in new_ids]
@@ -248,7 +250,9 @@ class HFCausalLM(_BatchedLM):
         max_len = getattr(getattr(self.model, "config", None), "max_position_embeddings", None)
         if max_len is not None:
             if max_new_tokens >= max_len:
-                raise ValueError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in max_position_embeddings={max_len}")
+                raise ValueError(
+                    f"max_new_tokens={max_new_tokens} leaves no room for a prompt in max_position_embeddings={max_len}"
+                )
             encoded = [ids[-(max_len - max_new_tokens):] for ids in encoded]
         return encoded
 

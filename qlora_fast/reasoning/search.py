@@ -223,20 +223,30 @@ class TreeOfThought:
         max_model_calls: Optional[int] = None,
     ):
         if not callable(getattr(llm, "generate", None)):
-            raise TypeError(f"llm must have a generate(prompts, max_new_tokens, temperature, stop) method, got {type(llm).__name__}")
+            raise TypeError(
+                f"llm must have a generate(prompts, max_new_tokens, temperature, stop) method, got {type(llm).__name__}"
+            )
         for name, value in (("n_experts", n_experts), ("max_steps", max_steps), ("breadth", breadth),
                             ("max_new_tokens", max_new_tokens), ("value_max_new_tokens", value_max_new_tokens)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-        if max_model_calls is not None and (isinstance(max_model_calls, bool) or not isinstance(max_model_calls, int) or max_model_calls < 0):
+        if max_model_calls is not None and (
+            isinstance(max_model_calls, bool) or not isinstance(max_model_calls, int) or max_model_calls < 0
+        ):
             raise ValueError(f"max_model_calls must be an int >= 0 or None, got {max_model_calls!r}")
         if search not in ("bfs", "dfs"):
             raise ValueError(f"search must be 'bfs' or 'dfs', got {search!r}")
         if evaluator == "model":
             evaluator = None
         if evaluator is not None and not callable(evaluator):
-            raise TypeError(f"evaluator must be None, 'model' or a function (question, steps) -> value, got {evaluator!r}")
-        for name, value in (("threshold", threshold), ("temperature", temperature), ("value_temperature", value_temperature)):
+            raise TypeError(
+                f"evaluator must be None, 'model' or a function (question, steps) -> value, got {evaluator!r}"
+            )
+        for name, value in (
+            ("threshold", threshold),
+            ("temperature", temperature),
+            ("value_temperature", value_temperature),
+        ):
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise TypeError(f"{name} must be a number, got {value!r}")
         if temperature < 0 or value_temperature < 0:
@@ -331,7 +341,9 @@ class TreeOfThought:
             for expert in range(1, self.n_experts + 1):
                 raw = next(outputs)
                 step = self.task.normalize_step(self._question, steps, raw)
-                child = Node(step=step if step is not None else "", expert=expert, depth=node.depth + 1, parent=node, raw=raw)
+                child = Node(
+                    step=step if step is not None else "", expert=expert, depth=node.depth + 1, parent=node, raw=raw
+                )
                 node.children.append(child)
                 if step is None:
                     child.status = INVALID
@@ -411,7 +423,9 @@ def ask_experts(llm, question: str, n_experts: int = 3, task: Optional[Reasoning
     it (or of the expert with the most steps). Raises as `TreeOfThought` does on bad input.
     """
     # The same argument checks as the search.
-    task = TreeOfThought(llm, n_experts=n_experts, task=task, max_new_tokens=max_new_tokens, temperature=temperature).task
+    task = TreeOfThought(
+        llm, n_experts=n_experts, task=task, max_new_tokens=max_new_tokens, temperature=temperature
+    ).task
     if not isinstance(question, str):
         raise TypeError(f"question must be a str, got {type(question).__name__}")
     counted = _CountedLLM(llm)

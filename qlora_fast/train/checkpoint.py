@@ -85,7 +85,9 @@ def model_fingerprint(model: nn.Module) -> dict:
                 # FSDP2: this rank's shard (rank 0's holds the first values; no collective)
                 local = p.to_local() if hasattr(p, "to_local") else p
                 head = local.detach().reshape(-1)[:4].cpu()
-                base.append((name, list(p.shape), str(p.dtype), (head.real if head.is_complex() else head).double().tolist()))
+                base.append(
+                    (name, list(p.shape), str(p.dtype), (head.real if head.is_complex() else head).double().tolist())
+                )
     peft = getattr(model, "peft_config", None)
     peft = (
         peft.to_dict()

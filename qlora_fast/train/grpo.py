@@ -60,9 +60,10 @@ class GRPOConfig:
     temperature / top_k / top_p: sampling; log-probs use softmax(logits / temperature), so the
     ratios ignore the top-k / top-p truncation (as TRL does). num_iterations: optimisation passes
     over each sampled batch (PPO-style; the clip matters from the second pass on; the sampling
-    policy's log-probs come from an eval-mode pass, so LoRA dropout makes ratios differ from 1). beta: weight of the k3 KL to the reference (0 skips the reference
-    pass). eps_low / eps_high: clip range (eps_high > eps_low is clip-higher). loss_type:
-    "grpo" | "dapo" | "dr_grpo". advantage_scale: "group" | "batch" | "none".
+    policy's log-probs come from an eval-mode pass, so LoRA dropout makes ratios differ from 1).
+    beta: weight of the k3 KL to the reference (0 skips the reference pass). eps_low / eps_high:
+    clip range (eps_high > eps_low is clip-higher). loss_type: "grpo" | "dapo" | "dr_grpo".
+    advantage_scale: "group" | "batch" | "none".
     optimizer: a name in `qlora_fast.optim.registry.OPTIMIZERS`: "paged_adamw_8bit" (8-bit states
     paged to host memory: the QLoRA recipe), "paged_adamw", "adamw_8bit", "adamw", or "torch_adamw".
     reward_weights: one per reward function (default all 1).
@@ -127,7 +128,9 @@ class GRPOConfig:
         if self.loss_type not in LOSS_TYPES:
             raise ValueError(f"GRPOConfig.loss_type must be one of {LOSS_TYPES}, got {self.loss_type!r}")
         if self.advantage_scale not in ADVANTAGE_SCALES:
-            raise ValueError(f"GRPOConfig.advantage_scale must be one of {ADVANTAGE_SCALES}, got {self.advantage_scale!r}")
+            raise ValueError(
+                f"GRPOConfig.advantage_scale must be one of {ADVANTAGE_SCALES}, got {self.advantage_scale!r}"
+            )
         for name in ("beta", "eps_low"):  # finite: NaN/inf would give a NaN adapter
             check_number("GRPOConfig", name, getattr(self, name), minimum=0)
         check_number("GRPOConfig", "eps_high", self.eps_high, minimum=0, optional=True)
@@ -171,7 +174,9 @@ def completion_logprobs(model, input_ids, attention_mask, n_completion, temperat
     targets = input_ids[:, prompt_len:]
     if split is not None:
         hidden = completion_hidden(model, input_ids, attention_mask, n_completion)
-        return sequence_logprobs(hidden, split[1], targets, bias=split[2], chunk_size=chunk_size, temperature=temperature)
+        return sequence_logprobs(
+            hidden, split[1], targets, bias=split[2], chunk_size=chunk_size, temperature=temperature
+        )
     # Positions count real tokens only, as generate() numbered them (left-padded prompts start at
     # 0); transformers models would otherwise number the padding too.
     positions = positions_from_mask(attention_mask)
@@ -236,7 +241,9 @@ class GRPOTrainer(core.TrainerCore):
         weights = self.config.reward_weights
         self.reward_weights = [1.0] * len(self.reward_funcs) if weights is None else [float(w) for w in weights]
         if len(self.reward_weights) != len(self.reward_funcs):
-            raise ValueError(f"reward_weights has {len(self.reward_weights)} entries for {len(self.reward_funcs)} reward functions")
+            raise ValueError(
+                f"reward_weights has {len(self.reward_weights)} entries for {len(self.reward_funcs)} reward functions"
+            )
         self.dataset = self._check_dataset(train_dataset)
         if self.config.output_dir:  # fail now, not at the first checkpoint
             check_writable_dir(self.config.output_dir, "GRPOConfig.output_dir")
@@ -356,7 +363,9 @@ class GRPOTrainer(core.TrainerCore):
         after_stop = (is_stop.long().cumsum(1) - is_stop.long()) > 0
         completion_mask = (~after_stop).long()
         texts = [
-            self.tokenizer.decode([t for t, keep, stop in zip(row.tolist(), m.tolist(), s.tolist()) if keep and not stop])
+            self.tokenizer.decode(
+                [t for t, keep, stop in zip(row.tolist(), m.tolist(), s.tolist()) if keep and not stop]
+            )
             for row, m, s in zip(completion, completion_mask, is_stop)
         ]
         stopped = is_stop.any(1).tolist()
@@ -386,11 +395,15 @@ class GRPOTrainer(core.TrainerCore):
             except (TypeError, ValueError) as e:
                 raise ValueError(f"reward function {name} must return floats, got {values!r:.200}") from e
             if values.numel() != len(completions):
-                raise ValueError(f"reward function {name} returned {values.numel()} rewards for {len(completions)} completions")
+                raise ValueError(
+                    f"reward function {name} returned {values.numel()} rewards for {len(completions)} completions"
+                )
             finite = torch.isfinite(values)
             if not finite.all() and not allow_nan:
                 bad = int((~finite).nonzero()[0])
-                raise ValueError(f"reward function {name} returned {values[bad].item()} for completion {bad} ({completions[bad]!r})")
+                raise ValueError(
+                    f"reward function {name} returned {values[bad].item()} for completion {bad} ({completions[bad]!r})"
+                )
             total += weight * torch.where(finite, values, torch.full_like(values, math.nan))
             means[name] = float(values[finite].mean()) if finite.any() else math.nan
         return total, means
@@ -425,7 +438,9 @@ class GRPOTrainer(core.TrainerCore):
         c = self.config
         start = time.perf_counter()
         rows = self._next_rows()[self.rank::self.world]  # FSDP2: this rank's share of the step's prompts
-        prompt_ids, prompt_mask, completion, completion_mask, texts, stopped = self.sample([r["prompt"] for r in rows], c.group_size)
+        prompt_ids, prompt_mask, completion, completion_mask, texts, stopped = self.sample(
+            [r["prompt"] for r in rows], c.group_size
+        )
         rewards, reward_means = self.score(rows, texts, c.group_size, stopped, allow_nan=True)
         length = float(completion_mask.sum(1).float().mean())  # of every sample, kept or not
         grouped = rewards.view(-1, c.group_size)
@@ -439,7 +454,9 @@ class GRPOTrainer(core.TrainerCore):
         keep = keep_groups.repeat_interleave(c.group_size).to(self.device)
         advantages = torch.zeros(rewards.shape, device=self.device)
         if keep_groups.any() and c.group_size > 1:  # (group_size 1 only under PPO, whose critic sets them)
-            advantages[keep] = group_advantages(rewards[keep.cpu()], c.group_size, scale=c.advantage_scale).to(self.device)
+            advantages[keep] = group_advantages(rewards[keep.cpu()], c.group_size, scale=c.advantage_scale).to(
+                self.device
+            )
 
         # FSDP2: every rank keeps all its rows (same passes on every rank) and masks the left-out ones
         rows_kept = torch.ones_like(keep) if self._fsdp else keep
@@ -586,8 +603,14 @@ class GRPOTrainer(core.TrainerCore):
         path = self.checkpoint_path() if path is None else path
         if not self._all_finite():
             raise FloatingPointError("refusing to checkpoint: a trainable parameter is NaN or inf")
-        extra = {**self._extra_state(), "epoch": self.epoch, "position": self.position, "sample_rng": self.sample_generator.get_state(),
-                 "history": self.history, "config": asdict(self.config)}
+        extra = {
+            **self._extra_state(),
+            "epoch": self.epoch,
+            "position": self.position,
+            "sample_rng": self.sample_generator.get_state(),
+            "history": self.history,
+            "config": asdict(self.config),
+        }
         return checkpoint.save_checkpoint(path, self.model, self.optimizer, self.scheduler, step=self.step, extra=extra,
                                           run=self.run_identity())
 

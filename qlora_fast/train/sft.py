@@ -77,7 +77,9 @@ RESUMABLE_CHANGES = core.RESUMABLE_CHANGES + ("eval_batch_size",)
 
 
 # ---------------------------------------------------------------------------- data
-def encode_example(tokenizer, instruction: str, output: str, template: str = PROMPT_TEMPLATE, max_len: Optional[int] = None):
+def encode_example(
+    tokenizer, instruction: str, output: str, template: str = PROMPT_TEMPLATE, max_len: Optional[int] = None
+):
     """(ids, labels): <bos> prompt output <eos>, labels -100 on <bos> and the prompt. Cut to
     max_len tokens (from the end of the output)."""
     prompt = [tokenizer.bos_id] + tokenizer.encode(template.format(instruction=instruction))
@@ -137,7 +139,9 @@ def collate(rows, pad_id: int, device=None) -> Dict[str, torch.Tensor]:
 
 # ---------------------------------------------------------------------------- evaluation
 @torch.no_grad()
-def evaluate_loss(model, tokenizer, pairs, template: str = PROMPT_TEMPLATE, max_len: int = 128, batch_size: int = 32) -> dict:
+def evaluate_loss(
+    model, tokenizer, pairs, template: str = PROMPT_TEMPLATE, max_len: int = 128, batch_size: int = 32
+) -> dict:
     """Mean cross entropy per output token over `pairs` (each token weighted equally) and its
     perplexity exp(loss)."""
     was = model.training
@@ -149,7 +153,9 @@ def evaluate_loss(model, tokenizer, pairs, template: str = PROMPT_TEMPLATE, max_
         batch = collate(rows[i:i + batch_size], tokenizer.pad_id, device)
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         targets = batch["labels"][:, 1:]
-        nll = torch.nn.functional.cross_entropy(logits[:, :-1].float().transpose(1, 2), targets, ignore_index=-100, reduction="sum")
+        nll = torch.nn.functional.cross_entropy(
+            logits[:, :-1].float().transpose(1, 2), targets, ignore_index=-100, reduction="sum"
+        )
         total += nll.item()
         count += int((targets != -100).sum())
     model.train(was)
@@ -158,8 +164,15 @@ def evaluate_loss(model, tokenizer, pairs, template: str = PROMPT_TEMPLATE, max_
 
 
 @torch.no_grad()
-def exact_match(model, tokenizer, pairs, template: str = PROMPT_TEMPLATE, max_new_tokens: int = 16, batch_size: int = 32,
-                return_predictions: bool = False):
+def exact_match(
+    model,
+    tokenizer,
+    pairs,
+    template: str = PROMPT_TEMPLATE,
+    max_new_tokens: int = 16,
+    batch_size: int = 32,
+    return_predictions: bool = False,
+):
     """Fraction of pairs whose greedy answer (up to <eos>, stripped) equals the output exactly."""
     device = _device(model)
     hits, predictions = 0, []
@@ -267,7 +280,9 @@ class SFTTrainer(core.TrainerCore):
         if self.eval_data is None:
             raise ValueError("evaluate() needs eval_data")
         c = self.config
-        return evaluate_loss(self.model, self.tokenizer, self.eval_data, c.prompt_template, c.max_seq_len, c.eval_batch_size)
+        return evaluate_loss(
+            self.model, self.tokenizer, self.eval_data, c.prompt_template, c.max_seq_len, c.eval_batch_size
+        )
 
     def save_checkpoint(self, path: Optional[str] = None) -> Optional[str]:
         """Write the resumable state (rank 0 only); default path output_dir/checkpoint-<step>.pt.
