@@ -55,7 +55,7 @@ def _bnb_linear4bit(linear):
 def _ours(quantized):
     linear = nn.Linear(IN, OUT)
     cls = QLoRALinear if quantized else LoRALinear
-    module = cls.from_linear(linear, r=RANK, alpha=2 * RANK, dropout=DROPOUT)
+    module = cls.from_linear(linear, r=RANK, lora_alpha=2 * RANK, lora_dropout=DROPOUT)
     nn.init.normal_(module.lora_B)
     return module.train()
 

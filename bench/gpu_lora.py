@@ -67,8 +67,10 @@ def _case(bench, case, tokens, out_f, in_f, LoRALinear, QLoRALinear):
     with bench.guard(f"{case} PEFT + bitsandbytes"):
         providers["PEFT + bitsandbytes QLoRA"] = _peft(_bnb_base(linear, dev))
     with bench.guard(f"{case} qlora_fast"):
-        providers["qlora_fast LoRALinear (bf16)"] = LoRALinear.from_linear(copy.deepcopy(linear), r=R, alpha=ALPHA)
-        providers["qlora_fast QLoRALinear (NF4)"] = QLoRALinear.from_linear(copy.deepcopy(linear), r=R, alpha=ALPHA)
+        providers["qlora_fast LoRALinear (bf16)"] = LoRALinear.from_linear(copy.deepcopy(linear), r=R, lora_alpha=ALPHA)
+        providers["qlora_fast QLoRALinear (NF4)"] = QLoRALinear.from_linear(
+            copy.deepcopy(linear), r=R, lora_alpha=ALPHA
+        )
         for name in ("qlora_fast LoRALinear (bf16)", "qlora_fast QLoRALinear (NF4)"):
             nn.init.normal_(providers[name].lora_B, std=0.02)  # B starts at zero, as in PEFT
     times, peaks = {}, {}

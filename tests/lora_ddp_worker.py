@@ -11,8 +11,8 @@ from qlora_fast.nn import LoRALinear, QLoRALinear
 def ddp_model():
     """The same small LoRA + QLoRA model on every rank (fixed seed), with non-zero B."""
     torch.manual_seed(0)
-    first = LoRALinear.from_linear(nn.Linear(12, 10), r=2, alpha=4)
-    second = QLoRALinear.from_linear(nn.Linear(10, 5), r=2, alpha=4)
+    first = LoRALinear.from_linear(nn.Linear(12, 10), r=2, lora_alpha=4)
+    second = QLoRALinear.from_linear(nn.Linear(10, 5), r=2, lora_alpha=4)
     with torch.no_grad():
         first.lora_B.normal_()
         second.lora_B.normal_()

@@ -1,6 +1,7 @@
 """LoRALinear / QLoRALinear: init, numerics vs float64, merge/unmerge, disable_adapter,
 torch.compile, autocast, checkpointing, DDP (gloo, 2 processes), bad input, and a tiny Hugging
 Face Llama converted with replace_linear that trains."""
+import copy
 import math
 
 import pytest
@@ -19,10 +20,10 @@ def make_lora(in_features=37, out_features=29, r=4, alpha=8.0, dropout=0.0, quan
               compute_dtype=None, bias=True, use_rslora=False):
     linear = nn.Linear(in_features, out_features, bias=bias).to(dtype)
     if quantized:
-        module = QLoRALinear.from_linear(linear, r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora,
+        module = QLoRALinear.from_linear(linear, r=r, lora_alpha=alpha, lora_dropout=dropout, use_rslora=use_rslora,
                                          compute_dtype=compute_dtype)
     else:
-        module = LoRALinear.from_linear(linear, r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora)
+        module = LoRALinear.from_linear(linear, r=r, lora_alpha=alpha, lora_dropout=dropout, use_rslora=use_rslora)
     with torch.no_grad():
         module.lora_B.normal_()  # a trained-looking adapter (fresh B is zero)
     return module
@@ -39,7 +40,7 @@ def base_weight64(module):
 @pytest.mark.parametrize("quantized", [False, True])
 def test_init_and_trainable_parameters(seed, quantized):
     linear = nn.Linear(40, 24)
-    module = (QLoRALinear if quantized else LoRALinear).from_linear(linear, r=6, alpha=12)
+    module = (QLoRALinear if quantized else LoRALinear).from_linear(linear, r=6, lora_alpha=12)
     assert module.lora_A.shape == (6, 40) and module.lora_B.shape == (24, 6)
     assert torch.count_nonzero(module.lora_B) == 0
     bound = 1 / math.sqrt(40)  # kaiming_uniform(a=sqrt(5)) as nn.Linear
@@ -50,7 +51,7 @@ def test_init_and_trainable_parameters(seed, quantized):
     x = torch.randn(3, 40)
     # a fresh adapter computes exactly the base layer
     assert_close(module(x), module.base(x), atol=1e-6)
-    rs = LoRALinear(nn.Linear(40, 24), r=16, alpha=8, use_rslora=True)
+    rs = LoRALinear(nn.Linear(40, 24), r=16, lora_alpha=8, use_rslora=True)
     assert rs.scaling == 8 / 4
 
 
@@ -291,9 +292,9 @@ def test_bad_input():
     with pytest.raises(TypeError, match="r must be an int"):
         LoRALinear(linear, r=2.0)
     with pytest.raises(ValueError, match="dropout"):
-        LoRALinear(linear, r=2, dropout=1.0)
+        LoRALinear(linear, r=2, lora_dropout=1.0)
     with pytest.raises(ValueError, match="alpha"):
-        LoRALinear(linear, r=2, alpha=0)
+        LoRALinear(linear, r=2, lora_alpha=0)
     with pytest.raises(TypeError, match="nn.Linear"):
         LoRALinear(nn.Conv1d(8, 6, 1), r=2)
     with pytest.raises(TypeError, match="Linear4bit"):
@@ -347,3 +348,21 @@ def test_tiny_hf_llama_with_lora_trains(seed, quant_type):
     with disable_adapter(model), torch.no_grad():
         base_loss = model(input_ids=ids, labels=ids).loss.item()
     assert abs(base_loss - losses[0]) < 1e-3, "adapters off must give the untrained model back"
+
+
+@pytest.mark.parametrize("quantized", [False, True])
+def test_old_argument_names_warn_and_build_the_same_module(quantized, seed):
+    """LoRALinear / QLoRALinear take PEFT's lora_alpha / lora_dropout; alpha= / dropout= still work
+    for one release, with a DeprecationWarning, and build exactly the module the new names build."""
+    cls = QLoRALinear if quantized else LoRALinear
+    linear = nn.Linear(40, 24)
+    torch.manual_seed(seed)
+    with pytest.warns(DeprecationWarning, match=r"from_linear\(alpha=...\) is deprecated: use lora_alpha="):
+        old = cls.from_linear(copy.deepcopy(linear), r=4, alpha=3.0, dropout=0.25)
+    torch.manual_seed(seed)
+    new = cls.from_linear(copy.deepcopy(linear), r=4, lora_alpha=3.0, lora_dropout=0.25)
+    assert (old.alpha, old.dropout, old.scaling) == (new.alpha, new.dropout, new.scaling) == (3.0, 0.25, 0.75)
+    a, b = old.state_dict(), new.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(TypeError, match="both lora_alpha= and its deprecated name alpha="):
+        cls.from_linear(copy.deepcopy(linear), r=4, alpha=3.0, lora_alpha=3.0)

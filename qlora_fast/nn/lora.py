@@ -16,6 +16,9 @@ import torch
 from torch import nn
 
 from qlora_fast.functional.lora import lora_linear
+from qlora_fast.utils import renamed_kwargs
+
+_RENAMED = {"alpha": "lora_alpha", "dropout": "lora_dropout"}  # the names before PEFT's
 
 __all__ = ["LoRALinear", "QLoRALinear", "disable_adapter", "mark_only_lora_as_trainable", "lora_modules"]
 
@@ -28,24 +31,29 @@ def _check_hyperparameters(r, alpha, dropout, in_features, out_features):
             f"r must be in [1, min(in_features, out_features)] = [1, {min(in_features, out_features)}], got {r}"
         )
     if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or alpha <= 0:
-        raise ValueError(f"alpha must be a positive number, got {alpha!r}")
+        raise ValueError(f"lora_alpha must be a positive number, got {alpha!r}")
     if not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
-        raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+        raise ValueError(f"lora_dropout must be in [0, 1), got {dropout!r}")
 
 
 class LoRALinear(nn.Module):
     """A frozen `nn.Linear` plus a trainable rank-r adapter.
 
     base: the nn.Linear to wrap (frozen in place, kept as `.base`). r: rank, 1 <= r <=
-    min(in, out). alpha: scaling numerator. dropout: probability of dropout on the adapter's
-    input (training only). use_rslora: scaling alpha / sqrt(r) instead of alpha / r.
+    min(in, out). lora_alpha: scaling numerator. lora_dropout: probability of dropout on the
+    adapter's input (training only). use_rslora: scaling alpha / sqrt(r) instead of alpha / r.
+    (PEFT's argument names, as `replace_linear`'s; `alpha=` / `dropout=` still work for one release
+    with a DeprecationWarning. The module keeps them as `.alpha` and `.dropout`.)
     The adapter is float32 (float64 for a float64 base) and cast to the compute dtype in forward,
     so a bf16/fp16 base trains fp32 adapters. Input: (..., in) in the base's dtype (or any dtype
     under autocast). Raises ValueError/TypeError for a bad base or hyperparameters.
     """
 
-    def __init__(self, base: nn.Module, r: int = 8, alpha: float = 16, dropout: float = 0.0, use_rslora: bool = False):
+    @renamed_kwargs("LoRALinear", _RENAMED)
+    def __init__(self, base: nn.Module, r: int = 8, lora_alpha: float = 16, lora_dropout: float = 0.0,
+                 use_rslora: bool = False):
         super().__init__()
+        alpha, dropout = lora_alpha, lora_dropout
         self._check_base(base)
         in_features, out_features = base.in_features, base.out_features
         _check_hyperparameters(r, alpha, dropout, in_features, out_features)
@@ -69,10 +77,11 @@ class LoRALinear(nn.Module):
             raise TypeError(f"base must be an nn.Linear, got {type(base).__name__}")
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, r: int = 8, alpha: float = 16, dropout: float = 0.0,
+    @renamed_kwargs("LoRALinear.from_linear", _RENAMED)
+    def from_linear(cls, linear: nn.Linear, r: int = 8, lora_alpha: float = 16, lora_dropout: float = 0.0,
                     use_rslora: bool = False) -> "LoRALinear":
         """Wrap `linear` (frozen, not copied) with a fresh adapter."""
-        return cls(linear, r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora)
+        return cls(linear, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, use_rslora=use_rslora)
 
     # ------------------------------------------------------------ forward
     def _lora_call(self, x, dtype):
@@ -167,7 +176,8 @@ class QLoRALinear(LoRALinear):
             raise TypeError(f"base must be a qlora_fast.nn.Linear4bit, got {type(base).__name__}")
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, r: int = 8, alpha: float = 16, dropout: float = 0.0,
+    @renamed_kwargs("QLoRALinear.from_linear", _RENAMED)
+    def from_linear(cls, linear: nn.Linear, r: int = 8, lora_alpha: float = 16, lora_dropout: float = 0.0,
                     use_rslora: bool = False, quant_type: str = "nf4", blocksize: int = 64,
                     compress_statistics: bool = True, compute_dtype=None) -> "QLoRALinear":
         """Quantize `linear` into a Linear4bit base and wrap it with a fresh adapter."""
@@ -175,7 +185,7 @@ class QLoRALinear(LoRALinear):
 
         base = Linear4bit.from_linear(linear, quant_type=quant_type, blocksize=blocksize,
                                       compress_statistics=compress_statistics, compute_dtype=compute_dtype)
-        return cls(base, r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora)
+        return cls(base, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, use_rslora=use_rslora)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # lora_linear and Linear4bit check x's last dimension; the dtype is checked here because an

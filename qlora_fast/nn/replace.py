@@ -157,7 +157,7 @@ def wrap_linear(layer: nn.Module, name: str = "layer", *, quant_type: Optional[s
         return base
     kind = QLoRALinear if isinstance(base, Linear4bit) else LoRALinear
     alpha = 2 * r if lora_alpha is None else lora_alpha
-    return kind(base, r=r, alpha=alpha, dropout=lora_dropout, use_rslora=use_rslora)
+    return kind(base, r=r, lora_alpha=alpha, lora_dropout=lora_dropout, use_rslora=use_rslora)
 
 
 # ---------------------------------------------------------------------------- matching
