@@ -340,44 +340,20 @@ class PeftModel(nn.Module):
         ones = torch.ones(B, n, dtype=attention_mask.dtype, device=device)
         full_mask = torch.cat([ones, attention_mask], dim=1)
 
-        if isinstance(self.peft_config, PrefixTuningConfig):
-            if past_key_values is None:
-                past_key_values = self._prefix_cache(B, ref)
-            logits, cache = call_causal_lm(
-                self.base_model,
-                input_ids=input_ids,
-                inputs_embeds=inputs_embeds,
-                attention_mask=full_mask,
-                past_key_values=past_key_values,
-                position_ids=position_ids,
-                use_cache=use_cache,
-            )
-        else:  # prompt tuning
-            if past_key_values is None:
-                embeds = (
-                    inputs_embeds if inputs_embeds is not None else self.base_model.get_input_embeddings()(input_ids)
-                )
-                soft = self.prompt_encoder().to(embeds.dtype)[None].expand(B, -1, -1)
-                embeds = torch.cat([soft, embeds], dim=1)
-                virtual_pos = torch.arange(n, device=device)[None].expand(B, -1)
-                logits, cache = call_causal_lm(
-                    self.base_model,
-                    inputs_embeds=embeds,
-                    attention_mask=full_mask,
-                    position_ids=torch.cat([virtual_pos, position_ids], 1),
-                    use_cache=use_cache,
-                )
-                logits = logits[:, n:]
-            else:
-                logits, cache = call_causal_lm(
-                    self.base_model,
-                    input_ids=input_ids,
-                    inputs_embeds=inputs_embeds,
-                    attention_mask=full_mask,
-                    past_key_values=past_key_values,
-                    position_ids=position_ids,
-                    use_cache=use_cache,
-                )
+        if isinstance(self.peft_config, PrefixTuningConfig) and past_key_values is None:
+            past_key_values = self._prefix_cache(B, ref)
+        if past_key_values is None:  # prompt tuning's first call: the soft prompt goes in front
+            embeds = inputs_embeds if inputs_embeds is not None else self.base_model.get_input_embeddings()(input_ids)
+            soft = self.prompt_encoder().to(embeds.dtype)[None].expand(B, -1, -1)
+            embeds = torch.cat([soft, embeds], dim=1)
+            virtual_pos = torch.arange(n, device=device)[None].expand(B, -1)
+            logits, cache = call_causal_lm(self.base_model, inputs_embeds=embeds, attention_mask=full_mask,
+                                           position_ids=torch.cat([virtual_pos, position_ids], 1), use_cache=use_cache)
+            logits = logits[:, n:]
+        else:  # the prefix (or the soft prompt already in the cache) sits in past_key_values
+            logits, cache = call_causal_lm(self.base_model, input_ids=input_ids, inputs_embeds=inputs_embeds,
+                                           attention_mask=full_mask, past_key_values=past_key_values,
+                                           position_ids=position_ids, use_cache=use_cache)
         loss = None if labels is None else causal_lm_loss(logits, labels)
         return PeftOutput(logits=logits, loss=loss, past_key_values=cache if use_cache else None)
 
