@@ -88,7 +88,7 @@ def grpo_trainer(quantize):
     replace_linear(model, quant_type="nf4" if quantize else None, target_modules=TARGETS, r=8, lora_alpha=16)
     mark_only_lora_as_trainable(model)
     fns, weights = arithmetic_rewards()
-    config = GRPOConfig(steps=1_000_000, group_size=8, prompts_per_step=4, max_new_tokens=STEP_NEW, beta=0.04,
+    config = GRPOConfig(max_steps=1_000_000, group_size=8, prompts_per_step=4, max_new_tokens=STEP_NEW, beta=0.04,
                         reward_weights=weights, progress=False)
     return GRPOTrainer(model, ByteTokenizer(), fns, load_arithmetic_task("train"), config)
 
@@ -205,7 +205,15 @@ def rl_command(seed):
 
 
 def _rl_trainer(kind, seed, steps):
-    from qlora_fast.commands.grpo import LR, PRACTICE, PROMPTS_PER_STEP, SFT_STEPS, TEMPERATURE, warmstart_dir
+    from qlora_fast.commands.grpo import (
+        LR,
+        MAX_NEW_TOKENS,
+        PRACTICE,
+        PROMPTS_PER_STEP,
+        SFT_STEPS,
+        TEMPERATURE,
+        warmstart_dir,
+    )
     from qlora_fast.models import load_base_model
     from qlora_fast.peft import LoraConfig, get_peft_model, load_adapter
     from qlora_fast.train import PPOConfig, PPOTrainer
@@ -217,12 +225,12 @@ def _rl_trainer(kind, seed, steps):
     model = get_peft_model(load_adapter(base, warm).merge_and_unload(),
                            LoraConfig(r=8, lora_alpha=16.0, quantize_base="nf4"))
     funcs, weights = arithmetic_rewards()
-    common = dict(steps=steps, max_new_tokens=4, temperature=TEMPERATURE, lr=LR, beta=0.04, reward_weights=weights,
-                  stop_token_ids=answer_stop_ids(tok), progress=False, seed=seed)
+    common = dict(max_steps=steps, max_new_tokens=MAX_NEW_TOKENS, temperature=TEMPERATURE, lr=LR, beta=0.04,
+                  reward_weights=weights, stop_token_ids=answer_stop_ids(tok), progress=False, seed=seed)
     if kind == "ppo":
         config = PPOConfig(group_size=1, prompts_per_step=8 * PROMPTS_PER_STEP, value_lr=1e-2, **common)
-        return PPOTrainer(model, tok, funcs, load_arithmetic_task("train", limit=PRACTICE), config)
-    return GRPOTrainer(model, tok, funcs, load_arithmetic_task("train", limit=PRACTICE),
+        return PPOTrainer(model, tok, funcs, load_arithmetic_task("train", limit=PRACTICE or None), config)
+    return GRPOTrainer(model, tok, funcs, load_arithmetic_task("train", limit=PRACTICE or None),
                        GRPOConfig(group_size=8, prompts_per_step=PROMPTS_PER_STEP, **common))
 
 

@@ -331,6 +331,31 @@ def test_reward_functions_by_hand():
         correctness_reward(["p"], ["1"], answer=[1, 2])
 
 
+def test_shipped_task_answers_and_planted_teacher_error():
+    """Every shipped problem's answer re-derived from its text; the held-out split is disjoint from
+    training and its `demo` is the true answer; the warm-start demonstrations repeat the number on
+    exactly 60% of the training problems and are right on the rest (the planted error the docs
+    describe), and `warmstart_pairs` trains on those demonstrations."""
+    import re
+
+    from qlora_fast.train.rewards import warmstart_pairs
+
+    splits = {split: load_arithmetic_task(split) for split in ("train", "heldout")}
+    assert len(splits["heldout"]) == 300 and len(splits["train"]) == 1140
+    assert not {r["instruction"] for r in splits["train"]} & {r["instruction"] for r in splits["heldout"]}
+    repeats = 0
+    for split, rows in splits.items():
+        for r in rows:
+            n, op = re.fullmatch(r"What is (\d{3}) ([+-]) 1\?", r["instruction"]).groups()
+            n = int(n)
+            assert r["answer"] == (n + 1 if op == "+" else n - 1) and 1 <= n % 10 <= 8
+            assert r["demo"] == r["answer"] or (split == "train" and r["demo"] == n)
+            repeats += r["demo"] != r["answer"]
+    assert repeats == round(0.6 * 1140)
+    pairs = warmstart_pairs("train")
+    assert [p["output"] for p in pairs] == [f"{r['demo']}." for r in splits["train"]]
+
+
 # ------------------------------------------------------------------------------------------
 # The command
 # ------------------------------------------------------------------------------------------

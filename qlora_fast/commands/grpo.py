@@ -1,16 +1,21 @@
 """`qlora-fast grpo`: GRPO on the shipped arithmetic task, from a warm-started policy.
 
-RL can only reinforce what the policy sometimes gets right. The starting policy is the built-in
-base plus a short SFT on the task's training problems (the "warm start": a few dozen steps, so it
-answers a fraction of the problems and is unsure of many more), cached beside the base model, or
-the adapter given with --sft-adapter. The adapter is merged into the base; GRPO then trains a
-fresh (Q)LoRA adapter on top (the KL reference is that model with the fresh adapter disabled: no
-second copy), with the correctness + format rewards, on a practice set of training problems
-(--practice, each seen many times), evaluating greedy accuracy on the 300 held-out problems as it
-goes. Prints the curve and a report (practice and held-out accuracy before/after, KL to the
-reference, completion length, share of groups whose rewards all tie), writes the plot and the
-adapter. bench/RESULTS.md ("RL") has the measured figures: GRPO lifts the practice problems a
-lot; held-out accuracy, which needs arithmetic the tiny model does not have, hardly moves.
+The task: one more / one less than a three-digit number ("What is 347 + 1?"): the answer copies
+the number and moves its last digit, a skill shared by every problem that the tiny model computes
+for numbers it never saw (`qlora_fast.data.grpo_build_data`). The starting policy is the built-in
+base plus an SFT on the task's training problems (the "warm start", cached beside the base model,
+or the adapter given with --sft-adapter) whose demonstrations come from an imperfect teacher: on
+60% of them it repeats the number instead of answering (a PLANTED SYSTEMATIC ERROR, the "SFT on
+noisy demonstrations, then RL with a verifier" story). The SFT'd policy learns the copy-and-move
+skill and the teacher's habit, so greedy decoding mostly repeats the number while samples are
+often right. The adapter is merged
+into the base; GRPO then trains a fresh (Q)LoRA adapter on top (the KL reference is that model
+with the fresh adapter disabled: no second copy), with the correctness reward (against the true
+answer) + a small format reward, on the training problems (--practice N: only the first N),
+evaluating greedy accuracy on the 300 held-out problems as it goes. What it moves (follow the
+sign) is shared across problems, so held-out accuracy rises with it. Prints the curve and a report
+(practice and held-out accuracy before/after, KL to the reference, completion length, share of
+groups whose rewards all tie), writes the plot and the adapter. Measured: bench/RESULTS.md ("RL").
 """
 import dataclasses
 import hashlib
@@ -25,7 +30,8 @@ from qlora_fast.utils import atomic_write, default_cache_dir
 
 WARMSTART = dict(r=8, alpha=16.0, batch_size=16, lr=3e-3, warmup_steps=5, max_seq_len=64)
 # Defaults: measured in bench/RESULTS.md ("RL").
-SFT_STEPS, STEPS, PROMPTS_PER_STEP, TEMPERATURE, LR, EVAL_EVERY, PRACTICE = 120, 100, 8, 1.0, 1e-3, 25, 64
+SFT_STEPS, STEPS, PROMPTS_PER_STEP, TEMPERATURE, LR, EVAL_EVERY, PRACTICE = 500, 100, 8, 1.0, 1e-3, 25, 0
+MAX_NEW_TOKENS = 6  # a three-digit answer and its full stop are at most 4 tokens
 
 
 def register(subparsers) -> None:
@@ -42,7 +48,8 @@ def register(subparsers) -> None:
                    default=STEPS, help="GRPO steps")
     p.add_argument("--group-size", type=positive_int, default=8, help="completions sampled per prompt (G >= 2)")
     p.add_argument("--prompts-per-step", type=positive_int, default=PROMPTS_PER_STEP, help="prompts per GRPO step")
-    p.add_argument("--max-new-tokens", type=positive_int, default=4, help="longest completion (answers end with a full stop)")
+    p.add_argument("--max-new-tokens", type=positive_int, default=MAX_NEW_TOKENS,
+                   help="longest completion (answers end with a full stop)")
     p.add_argument("--method", choices=("qlora", "lora"), default="qlora",
                    help="GRPO adapter: QLoRA (NF4 base of the merged SFT model) or LoRA (full-precision base)")
     p.add_argument("--r", type=positive_int, default=8, help="rank of the GRPO adapter")
@@ -65,8 +72,8 @@ def register(subparsers) -> None:
     p.add_argument("--eval-every", type=nonnegative_int, default=EVAL_EVERY, help="held-out greedy accuracy every N steps (0: start and end only)")
     p.add_argument("--heldout", type=positive_int, default=None, help="held-out problems to score (default: all 300)")
     p.add_argument("--practice", type=nonnegative_int, default=PRACTICE,
-                   help="GRPO trains on the first N training problems, each seen many times (0: all 1,065, each seen "
-                        "about once in the default budget)")
+                   help="GRPO trains on the first N training problems only (0: all 1,140, each seen about 0.7 times "
+                        "in the default budget)")
     p.add_argument("--output", default="qlora_fast_output", help="directory for the GRPO adapter, checkpoints and plot")
     add_resume_arguments(p, "--output/grpo-checkpoints")
     add_training_arguments(p)
@@ -119,11 +126,13 @@ def _save_plot(history, eval_history, settings, path, practice=None):
     ax.plot([s for s, _ in eval_history], [r["reward/correctness_reward"] for _, r in eval_history], "o-", color="tab:green",
             label="held-out greedy accuracy")
     if practice is not None:
-        ax.plot([0, steps[-1]], list(practice), "s--", color="tab:red", label="practice-problem greedy accuracy (start, end)")
+        ax.plot([0, steps[-1]], list(practice), "s--", color="tab:red",
+                label="training-problem greedy accuracy (start, end)")
     ax.set_xlabel("GRPO step")
     ax.set_ylabel("reward / accuracy")
     ax.set_ylim(0, 1.25)
-    ax.set_title(f"GRPO on shipped arithmetic\n{settings}", fontsize=9)
+    ax.set_title(f"GRPO on the shipped task (n + 1, n - 1; warm start imitated a teacher that repeats n 60% of the "
+                 f"time)\n{settings}", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(loc="upper left", fontsize=8)
     fig.tight_layout()

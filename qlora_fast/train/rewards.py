@@ -1,4 +1,7 @@
-"""The verifiable task shipped for GRPO (small-number arithmetic) and its reward functions.
+"""The verifiable task shipped for GRPO (one more / one less than a three-digit number, "What is
+347 + 1?") and its reward functions. The warm-start SFT imitates an imperfect teacher that repeats
+the number instead of answering on 60% of its demonstrations (a planted systematic error,
+`qlora_fast.data.grpo_build_data`); the correctness reward always checks the true answer.
 
 A reward function takes the prompts, the completions (decoded text, one per sampled sequence)
 and, as keyword lists aligned with them, every other field of the dataset rows (here `answer`)
@@ -24,7 +27,8 @@ _INTEGER = re.compile(r"-?\d+")
 
 
 def load_arithmetic_task(split: str = "train", limit: Optional[int] = None) -> List[Dict]:
-    """Rows of the shipped arithmetic task: {"prompt", "instruction", "answer"}.
+    """Rows of the shipped arithmetic task: {"prompt", "instruction", "answer", "demo"} (`demo`: the
+    imperfect teacher's answer that the warm-start SFT imitates; the rewards check `answer`).
 
     `prompt` is the instruction in the instruction set's template (`qlora_fast.data.format_prompt`),
     so a model tuned by the SFT demo already knows the format. `limit` keeps the first rows only.
@@ -38,17 +42,20 @@ def load_arithmetic_task(split: str = "train", limit: Optional[int] = None) -> L
     with open(os.path.join(DATA_DIR, f"grpo_arithmetic_{split}.jsonl"), encoding="utf-8") as f:
         rows = [json.loads(line) for line in f if line.strip()]
     rows = rows[:limit] if limit is not None else rows
-    return [{"prompt": format_prompt(r["instruction"]), "instruction": r["instruction"], "answer": int(r["answer"])} for r in rows]
+    return [{"prompt": format_prompt(r["instruction"]), "instruction": r["instruction"], "answer": int(r["answer"]),
+             "demo": int(r["demo"])} for r in rows]
 
 
 ANSWER_END = "."  # the warm-start SFT ends each answer with it; GRPO stops sampling there
 
 
 def warmstart_pairs(split: str = "train") -> List[Dict[str, str]]:
-    """SFT pairs {"instruction", "output"} of the task, each output the answer and a full stop
-    (`ANSWER_END`: the corpus says "12 plus 7 is 19.", so the base model already ends a number
-    that way; teaching it a newline or the never-pretrained <eos> instead takes far longer)."""
-    return [{"instruction": r["instruction"], "output": f"{r['answer']}{ANSWER_END}"} for r in load_arithmetic_task(split)]
+    """SFT pairs {"instruction", "output"} of the task, each output the teacher's answer (`demo`:
+    on 60% of the training problems it repeats the number, the planted error GRPO has to undo) and
+    a full stop (`ANSWER_END`: the corpus says "12 plus 7 is 19.", so the base model already ends
+    a number that way; teaching it a newline or the never-pretrained <eos> instead takes far longer)."""
+    rows = load_arithmetic_task(split)
+    return [{"instruction": r["instruction"], "output": f"{r['demo']}{ANSWER_END}"} for r in rows]
 
 
 def answer_stop_ids(tokenizer) -> List[int]:
