@@ -21,6 +21,7 @@ import time
 
 import pytest
 import torch
+from timing import median, run_times
 
 from qlora_fast.models import BASE_CONFIG, LlamaForCausalLM
 from qlora_fast.models.generate import generate
@@ -30,8 +31,6 @@ from qlora_fast.tokenizer import ByteTokenizer
 from qlora_fast.train import GRPOConfig, GRPOTrainer
 from qlora_fast.train.policy_gradient import sequence_logprobs
 from qlora_fast.train.rewards import arithmetic_rewards, load_arithmetic_task
-
-from timing import median, run_times
 
 GEN_BATCH, GEN_PROMPT, GEN_NEW = 16, 48, 16
 LP_TOKENS, LP_HIDDEN, LP_VOCAB, LP_CHUNK = 1024, 128, 32000, 128
@@ -198,10 +197,16 @@ def rl_command(seed):
         text = subprocess.run([sys.executable, "-c", cmd, out], capture_output=True, text=True, check=True).stdout
     acc = re.findall(r"(-?[\d.]+)%", _report_value(text, "held-out accuracy"))
     practice = re.findall(r"(-?[\d.]+)%", _report_value(text, "practice accuracy"))
-    return {"before": float(acc[0]), "after": float(acc[1]), "p_before": float(practice[0]), "p_after": float(practice[1]), "kl": float(_report_value(text, "KL to the reference").split()[0]),
-            "length": _report_value(text, "completion length").split(" tokens")[0],
-            "zero_var": _report_value(text, "zero-variance groups").split("%")[0],
-            "wall": float(_report_value(text, "wall time").split()[0])}
+    return {
+        "before": float(acc[0]),
+        "after": float(acc[1]),
+        "p_before": float(practice[0]),
+        "p_after": float(practice[1]),
+        "kl": float(_report_value(text, "KL to the reference").split()[0]),
+        "length": _report_value(text, "completion length").split(" tokens")[0],
+        "zero_var": _report_value(text, "zero-variance groups").split("%")[0],
+        "wall": float(_report_value(text, "wall time").split()[0]),
+    }
 
 
 def _rl_trainer(kind, seed, steps):
@@ -253,7 +258,11 @@ def _rl_run_in_this_process(kind, seed, steps):
     peak = (_status_kib("VmHWM") - base) / 1024
     after = trainer.evaluate(heldout)["reward/correctness_reward"]
     p_after = trainer.evaluate(trainer.dataset)["reward/correctness_reward"]
-    print(json.dumps({"before": before, "after": after, "p_before": p_before, "p_after": p_after, "wall": wall, "peak_mib": peak}))
+    print(
+        json.dumps(
+            {"before": before, "after": after, "p_before": p_before, "p_after": p_after, "wall": wall, "peak_mib": peak}
+        )
+    )
 
 
 def rl_main(seeds):
@@ -281,10 +290,13 @@ def rl_main(seeds):
         out = subprocess.run([sys.executable, os.path.abspath(__file__), "--rl-run", kind, str(seeds[0]), str(STEPS)],
                              capture_output=True, text=True, check=True, env=env).stdout
         r = json.loads(out.strip().splitlines()[-1])
-        print(f"{kind.upper():4} ({'critic' if kind == 'ppo' else 'group'}), seed {seeds[0]}, {STEPS} steps x 64 samples: "
-              f"practice {100 * r['p_before']:.1f}% -> {100 * r['p_after']:.1f}%, "
-              f"held-out {100 * r['before']:.1f}% -> {100 * r['after']:.1f}%, wall {r['wall']:.0f} s, "
-              f"+{r['peak_mib']:.0f} MiB peak")
+        print(
+            f"{kind.upper():4} ({'critic' if kind == 'ppo' else 'group'}), seed {seeds[0]}, {STEPS} steps x 64 "
+            "samples: "
+            f"practice {100 * r['p_before']:.1f}% -> {100 * r['p_after']:.1f}%, "
+            f"held-out {100 * r['before']:.1f}% -> {100 * r['after']:.1f}%, wall {r['wall']:.0f} s, "
+            f"+{r['peak_mib']:.0f} MiB peak"
+        )
 
 
 if __name__ == "__main__":

@@ -373,8 +373,12 @@ def test_grpo_command_end_to_end(one_thread, tmp_path, monkeypatch, capsys, matp
         monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
 
     asked = []
-    monkeypatch.setattr(qlora_fast.models, "load_base_model",
-                        lambda cache_dir=None, progress=True, tokenizer="bpe": asked.append(tokenizer) or (tiny_base(4).eval(), ByteTokenizer()))
+    monkeypatch.setattr(
+        qlora_fast.models,
+        "load_base_model",
+        lambda cache_dir=None, progress=True, tokenizer="bpe": asked.append(tokenizer)
+        or (tiny_base(4).eval(), ByteTokenizer()),
+    )
     out, sft = tmp_path / "out", tmp_path / "sft"
     code = main(["grpo", "--sft-adapter", str(sft), "--sft-steps", "2", "--steps", "2", "--group-size", "2",
                  "--prompts-per-step", "2", "--max-new-tokens", "3", "--heldout", "4", "--output", str(out),

@@ -23,9 +23,22 @@ import json
 import os
 import time
 
-from qlora_fast.commands import (DeprecatedAliases, HelpFormatter, add_base_model_arguments, add_resume_arguments,
-                                 add_training_arguments, check_output, finite_float, nonnegative_float, nonnegative_int,
-                                 positive_float, positive_int, probability, resolve_device, resume_mode)
+from qlora_fast.commands import (
+    DeprecatedAliases,
+    HelpFormatter,
+    add_base_model_arguments,
+    add_resume_arguments,
+    add_training_arguments,
+    check_output,
+    finite_float,
+    nonnegative_float,
+    nonnegative_int,
+    positive_float,
+    positive_int,
+    probability,
+    resolve_device,
+    resume_mode,
+)
 from qlora_fast.utils import atomic_write, default_cache_dir
 
 WARMSTART = dict(r=8, alpha=16.0, batch_size=16, lr=3e-3, warmup_steps=5, max_seq_len=64)
@@ -42,7 +55,12 @@ def register(subparsers) -> None:
     p.add_argument("--sft-adapter", default=None, metavar="DIR",
                    help="adapter to start from; trained here (warm start on the task) and saved there when absent "
                         "(default: the warm-start adapter cached in --cache-dir)")
-    p.add_argument("--sft-steps", type=positive_int, default=SFT_STEPS, help="warm-start SFT steps when the adapter has to be trained")
+    p.add_argument(
+        "--sft-steps",
+        type=positive_int,
+        default=SFT_STEPS,
+        help="warm-start SFT steps when the adapter has to be trained",
+    )
     add_base_model_arguments(p)
     p.add_argument("--max-steps", "--steps", dest="steps", action=DeprecatedAliases, type=positive_int, metavar="N",
                    default=STEPS, help="GRPO steps")
@@ -57,9 +75,19 @@ def register(subparsers) -> None:
     p.add_argument("--temperature", type=positive_float, default=TEMPERATURE, help="sampling temperature")
     p.add_argument("--top-p", type=probability, default=None, help="nucleus sampling threshold (default: off)")
     p.add_argument("--lr", type=positive_float, default=LR, help="learning rate of the adapter")
-    p.add_argument("--beta", type=nonnegative_float, default=0.04, help="weight of the KL to the reference (0 skips the reference pass)")
+    p.add_argument(
+        "--beta",
+        type=nonnegative_float,
+        default=0.04,
+        help="weight of the KL to the reference (0 skips the reference pass)",
+    )
     p.add_argument("--eps-low", type=nonnegative_float, default=0.2, help="lower clip range of the ratio")
-    p.add_argument("--eps-high", type=nonnegative_float, default=None, help="upper clip range (default eps-low; larger is clip-higher)")
+    p.add_argument(
+        "--eps-high",
+        type=nonnegative_float,
+        default=None,
+        help="upper clip range (default eps-low; larger is clip-higher)",
+    )
     p.add_argument("--num-iterations", type=positive_int, default=1, help="optimisation passes over each sampled batch")
     p.add_argument("--loss-type", choices=("grpo", "dapo", "dr_grpo"), default="grpo",
                    help="aggregation: per-sequence mean (grpo), token mean over the batch (dapo), constant (dr_grpo)")
@@ -69,7 +97,12 @@ def register(subparsers) -> None:
                    help="leave groups whose rewards all tie out of the loss (DAPO's filter; they carry no signal)")
     p.add_argument("--gradient-accumulation-steps", "--grad-accum", dest="grad_accum", action=DeprecatedAliases,
                    metavar="N", type=positive_int, default=1, help="micro-batches per step")
-    p.add_argument("--eval-every", type=nonnegative_int, default=EVAL_EVERY, help="held-out greedy accuracy every N steps (0: start and end only)")
+    p.add_argument(
+        "--eval-every",
+        type=nonnegative_int,
+        default=EVAL_EVERY,
+        help="held-out greedy accuracy every N steps (0: start and end only)",
+    )
     p.add_argument("--heldout", type=positive_int, default=None, help="held-out problems to score (default: all 300)")
     p.add_argument("--practice", type=nonnegative_int, default=PRACTICE,
                    help="GRPO trains on the first N training problems only (0: all 1,140, each seen about 0.7 times "
@@ -86,7 +119,9 @@ def warmstart_dir(cache_dir, tokenizer, steps, seed) -> str:
 
     blob = json.dumps({"recipe": WARMSTART, "steps": steps, "seed": seed, "tokenizer": tokenizer,
                        "data": warmstart_pairs("train")}, sort_keys=True)
-    return os.path.join(cache_dir or default_cache_dir(), f"grpo-warmstart-{hashlib.sha256(blob.encode()).hexdigest()[:16]}")
+    return os.path.join(
+        cache_dir or default_cache_dir(), f"grpo-warmstart-{hashlib.sha256(blob.encode()).hexdigest()[:16]}"
+    )
 
 
 def train_warmstart_adapter(model, tokenizer, path, steps, device="cpu", seed=0, progress=True):
@@ -101,8 +136,15 @@ def train_warmstart_adapter(model, tokenizer, path, steps, device="cpu", seed=0,
     torch.manual_seed(seed)
     w = WARMSTART
     peft = get_peft_model(model, LoraConfig(r=w["r"], lora_alpha=w["alpha"], quantize_base="nf4")).to(device)
-    config = SFTConfig(max_steps=steps, batch_size=w["batch_size"], lr=w["lr"], warmup_steps=min(w["warmup_steps"], steps),
-                       max_seq_len=w["max_seq_len"], seed=seed, progress=progress)
+    config = SFTConfig(
+        max_steps=steps,
+        batch_size=w["batch_size"],
+        lr=w["lr"],
+        warmup_steps=min(w["warmup_steps"], steps),
+        max_seq_len=w["max_seq_len"],
+        seed=seed,
+        progress=progress,
+    )
     SFTTrainer(peft, tokenizer, warmstart_pairs("train"), None, config).train()
     peft.save_adapter(path)
 
@@ -119,12 +161,20 @@ def _save_plot(history, eval_history, settings, path, practice=None):
     reward = [h["reward"] for h in history]
     correct = [h.get("reward/correctness_reward", float("nan")) for h in history]
     window = max(1, len(reward) // 10)
-    smooth = [sum(correct[max(0, i - window + 1): i + 1]) / len(correct[max(0, i - window + 1): i + 1]) for i in range(len(correct))]
+    smooth = [
+        sum(correct[max(0, i - window + 1) : i + 1]) / len(correct[max(0, i - window + 1) : i + 1])
+        for i in range(len(correct))
+    ]
     fig, ax = plt.subplots(figsize=(8, 4.5))
     ax.plot(steps, reward, ".", alpha=0.3, color="tab:blue", label="mean reward of the batch (correct + 0.2 format)")
     ax.plot(steps, smooth, "-", color="tab:orange", label=f"share of samples correct ({window}-step average)")
-    ax.plot([s for s, _ in eval_history], [r["reward/correctness_reward"] for _, r in eval_history], "o-", color="tab:green",
-            label="held-out greedy accuracy")
+    ax.plot(
+        [s for s, _ in eval_history],
+        [r["reward/correctness_reward"] for _, r in eval_history],
+        "o-",
+        color="tab:green",
+        label="held-out greedy accuracy",
+    )
     if practice is not None:
         ax.plot([0, steps[-1]], list(practice), "s--", color="tab:red",
                 label="training-problem greedy accuracy (start, end)")
@@ -169,6 +219,7 @@ def run(args) -> int:
 
 def _run(args, device, started, resume_from, allow_fresh) -> int:
     import torch  # here, not at import: `qlora-fast --help` should not load torch
+
     from qlora_fast.models import load_base_model
     from qlora_fast.peft import LoraConfig, get_peft_model, load_adapter
     from qlora_fast.train.grpo import GRPOConfig, GRPOTrainer
@@ -217,7 +268,10 @@ def _run(args, device, started, resume_from, allow_fresh) -> int:
     practice_after = trainer.evaluate(practice)["reward/correctness_reward"]
 
     print("\nreward curve (batch means; 'held-out' = greedy accuracy at the evaluation steps):")
-    print(f"{'step':>5} {'reward':>7} {'correct':>7} {'format':>6} {'kl':>7} {'clip':>5} {'len':>4} {'0-var':>5} {'held-out':>8} {'time s':>6}")
+    print(
+        f"{'step':>5} {'reward':>7} {'correct':>7} {'format':>6} {'kl':>7} {'clip':>5} {'len':>4} {'0-var':>5} "
+        f"{'held-out':>8} {'time s':>6}"
+    )
     every = max(1, len(history) // 20)
     for h in history:
         if h["step"] % every == 0 or h["step"] in (1, len(history)) or "eval/reward" in h:
@@ -225,8 +279,11 @@ def _run(args, device, started, resume_from, allow_fresh) -> int:
             print(f"{h['step']:>5} {h['reward']:>7.3f} {h['reward/correctness_reward']:>7.3f} "
                   f"{h['reward/format_reward']:>6.3f} {h['kl']:>7.4f} {h['clip_fraction']:>5.2f} "
                   f"{h['completion_length']:>4.1f} {h['zero_variance_fraction']:>5.2f} {held} {h['time']:>6.2f}")
-    settings = (f"{len(practice)} practice problems, G={args.group_size}, {args.prompts_per_step} prompts/step, {args.steps} steps, lr {args.lr:g}, "
-                f"beta {args.beta:g}, T {args.temperature:g}, {args.loss_type}, {args.method} r={args.r}, seed {args.seed}")
+    settings = (
+        f"{len(practice)} practice problems, G={args.group_size}, {args.prompts_per_step} prompts/step, {args.steps} "
+        f"steps, lr {args.lr:g}, "
+        f"beta {args.beta:g}, T {args.temperature:g}, {args.loss_type}, {args.method} r={args.r}, seed {args.seed}"
+    )
     adapter_dir = os.path.join(args.output, "adapter-grpo")
     trainer.save_adapter(adapter_dir)  # first: a failed plot must not lose the run's result
     plot = os.path.join(args.output, "grpo_reward_curve.png")
@@ -239,15 +296,22 @@ def _run(args, device, started, resume_from, allow_fresh) -> int:
     first, last = history[:k], history[-k:]
     mean = lambda rows, key: sum(h[key] for h in rows if h[key] == h[key]) / max(1, sum(h[key] == h[key] for h in rows))  # noqa: E731
     print("\n=== qlora-fast grpo report ===")
-    print(f"practice accuracy      {100 * practice_before:.1f}% -> {100 * practice_after:.1f}% "
-          f"({100 * (practice_after - practice_before):+.1f} points; the {len(practice)} problems GRPO trained on, greedy)")
+    print(
+        f"practice accuracy      {100 * practice_before:.1f}% -> {100 * practice_after:.1f}% "
+        f"({100 * (practice_after - practice_before):+.1f} points; the {len(practice)} problems GRPO trained on, "
+        "greedy)"
+    )
     print(f"held-out accuracy      {100 * before:.1f}% -> {100 * after:.1f}% ({100 * (after - before):+.1f} points; "
           f"{len(heldout)} problems never trained on, greedy)")
     print(f"share correct (batch)  {mean(first, 'reward/correctness_reward'):.3f} (first {k} steps) -> "
           f"{mean(last, 'reward/correctness_reward'):.3f} (last {k} steps)")
-    print(f"format reward (batch)  {mean(first, 'reward/format_reward'):.3f} -> {mean(last, 'reward/format_reward'):.3f}")
+    print(
+        f"format reward (batch)  {mean(first, 'reward/format_reward'):.3f} -> {mean(last, 'reward/format_reward'):.3f}"
+    )
     print(f"KL to the reference    {mean(last, 'kl'):.4f} (mean k3 per token, last {k} steps)")
-    print(f"completion length      {mean(first, 'completion_length'):.2f} -> {mean(last, 'completion_length'):.2f} tokens")
+    print(
+        f"completion length      {mean(first, 'completion_length'):.2f} -> {mean(last, 'completion_length'):.2f} tokens"
+    )
     print(f"zero-variance groups   {100 * mean(history, 'zero_variance_fraction'):.0f}% of all groups "
           f"({'dropped' if args.drop_zero_variance_groups else 'kept'}; --drop-zero-variance-groups leaves them out)")
     if trainer.skipped_nan_groups:

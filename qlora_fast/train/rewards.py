@@ -61,7 +61,9 @@ def warmstart_pairs(split: str = "train") -> List[Dict[str, str]]:
 def answer_stop_ids(tokenizer) -> List[int]:
     """Every token whose text starts with `ANSWER_END` (the BPE also has ".\n"): sampling stops
     there, and the answer is what came before."""
-    return [i for i in range(tokenizer.vocab_size) if i != tokenizer.eos_id and tokenizer.decode([i]).startswith(ANSWER_END)]
+    return [
+        i for i in range(tokenizer.vocab_size) if i != tokenizer.eos_id and tokenizer.decode([i]).startswith(ANSWER_END)
+    ]
 
 
 def answer_line(completion: str) -> str:
