@@ -210,6 +210,22 @@ for group in "${GROUPS_[@]}"; do
     stage "bench ${runnable[*]}" "$budget" "$PY" bench/gpu.py --areas "${runnable[@]}" $TINY --out-dir "$OUT"
 done
 
+# FSDP2 on one device (issue 15), world size 1 (NCCL on the GPU, gloo when rehearsing):
+# bench/gpu_fsdp.py trains a model whose every 4-bit layer is sharded (ShardableLinear4bit) against the
+# same model unsharded and round-trips a DCP checkpoint; then `finetune --fsdp --nproc 1` trains 2
+# steps, writes a sharded checkpoint and `--resume` continues it. Last: the benchmarks keep the budget.
+FSDP_DEVICE=cuda
+(( REHEARSE )) && FSDP_DEVICE=cpu
+if (( EXT_OK )) || [[ ${GPU_CHECK_KEEP_GOING:-0} == 1 ]]; then
+    fsdp_run=("$PY" -m qlora_fast.cli finetune --fsdp --nproc 1 --device "$FSDP_DEVICE" --checkpoint-every 2
+              --pretrain-steps 20 --eval-pairs 4 --cache-dir "$OUT/fsdp-cache" --output "$OUT/fsdp" --no-progress)
+    stage "FSDP2 one-device training + DCP resume" 90 bash -c "$(printf '%q ' "$PY" bench/gpu_fsdp.py $TINY) && \
+        $(printf '%q ' "${fsdp_run[@]}") --max-steps 2 && $(printf '%q ' "${fsdp_run[@]}") --max-steps 3 --resume"
+else
+    RESULTS+=("FAIL FSDP2 one-device training (not run: needs the extension)")
+    FAILED=1
+fi
+
 # ------------------------------------------------------------------ summary
 {
     echo "gpu_check summary ($([[ $REHEARSE == 1 ]] && echo 'CPU rehearsal' || echo 'GPU'), $((SECONDS - START))s of ${TOTAL}s):"

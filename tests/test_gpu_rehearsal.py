@@ -31,7 +31,9 @@ def test_rehearsal_runs_every_stage_and_area(tmp_path):
     summary = (tmp_path / "summary.txt").read_text() if (tmp_path / "summary.txt").exists() else ""
     log = (tmp_path / "gpu_check.log").read_text()
     assert proc.returncode == 0 and "RESULT: PASS" in summary, f"{summary}\n{proc.stdout[-3000:]}\n{log[-6000:]}"
-    for stage in ["kernel tests", "extension build", "extension check", "gpu-marked tests", "bench " + " ".join(areas)]:
+    stages = ["kernel tests", "extension build", "extension check", "gpu-marked tests", "bench " + " ".join(areas),
+              "FSDP2 one-device training + DCP resume"]
+    for stage in stages:
         assert f"PASS {stage}" in summary, f"stage {stage!r} did not pass:\n{summary}"
     assert "passed" in log and " failed" not in log
     kernel_stage = log.split("===== kernel tests")[1].split("===== PASS kernel tests")[0]
