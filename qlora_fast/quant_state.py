@@ -147,7 +147,14 @@ class QuantState:
             return cached[2]
         from qlora_fast.kernels.nf4_matmul import Weight4bit
 
-        weight = Weight4bit(*self.weight_fields(packed))
+        fields = self.weight_fields(packed)
+        if not (packed.is_contiguous() and self.absmax.is_contiguous()
+                and (self.nested_absmax is None or self.nested_absmax.is_contiguous())):
+            # Strided views (FSDP2's unit layout, distributed/fsdp.py): the kernels index flat
+            # buffers, so this call gets contiguous copies (in the same byte order), never cached.
+            nested = None if self.nested_absmax is None else self.nested_absmax.contiguous()
+            return Weight4bit(packed.contiguous(), self.absmax.contiguous(), *fields[2:5], nested, *fields[6:])
+        weight = Weight4bit(*fields)
         object.__setattr__(self, "_kernel", (packed, self._kernel[1], weight))
         return weight
 

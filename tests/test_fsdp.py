@@ -87,6 +87,28 @@ def test_shardable_layout_is_the_same_weight(seed, double_quant):
     assert four_bit_bytes(model) == expected
 
 
+@pytest.mark.parametrize("rows", [5, 20])  # the skinny decode kernel, and dequantize + matmul
+def test_shardable_layout_on_the_kernel_path(seed, rows, monkeypatch):
+    """The Triton kernels index flat buffers while a ShardableLinear4bit hands them strided views
+    of `units`: on the kernel path it must compute exactly what the plain module computes (before
+    QuantState.kernel_weight copied the views for the call, the outputs were garbage/NaN)."""
+    monkeypatch.setenv("QLORA_FAST_BACKEND", "triton")  # the kernels, in the interpreter on the CPU
+    torch.manual_seed(seed)
+    plain = QLoRALinear.from_linear(nn.Linear(256, 128), r=2)
+    with torch.no_grad():
+        plain.lora_B.normal_()
+    x = torch.randn(rows, 256, requires_grad=True)
+    ref = plain(x)
+    ref.sum().backward()
+    ref_grad, x.grad = x.grad, None
+    model = prepare_4bit_for_fsdp(nn.Sequential(plain))
+    assert isinstance(model[0].base, ShardableLinear4bit) and not model[0].base.weight.is_contiguous()
+    out = model(x)
+    out.sum().backward()
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    torch.testing.assert_close(x.grad, ref_grad, rtol=0, atol=0)
+
+
 def test_bad_setups_raise_clear_errors():
     odd = nn.Sequential(Linear4bit.from_linear(nn.Linear(100, 30)), Linear4bit.from_linear(nn.Linear(256, 64)))
     with pytest.raises(ValueError, match=r"0: a \(30, 100\) 4-bit weight .*-block boundaries"):

@@ -26,9 +26,12 @@ copy of a layer outlives its use.
 Limits: a weight whose element count is not a multiple of the unit (256 * blocksize elements with
 double quantization, blocksize without) cannot be split on block boundaries and raises
 ValueError, or with `unsplittable="replicate"` stays a plain Linear4bit kept whole on every rank; a
-different number of units per rank is fine (FSDP2 pads the last shard). The CPU path
-dequantizes from the strided views; the CUDA kernels read contiguous 1-D buffers and are not yet
-wired to this layout (not run: no GPU in the session that wrote this).
+different number of units per rank is fine (FSDP2 pads the last shard). The reference (CPU) path
+dequantizes from the strided views; the Triton kernels index flat buffers, so on the kernel path
+`QuantState.kernel_weight` hands them contiguous copies of the views for the call (the 4-bit size
+of the layer; the autograd plan keeps that copy until the backward, so on the kernel path a layer's
+4-bit bytes do outlive its forward). Checked in the Triton interpreter on the CPU
+(tests/test_fsdp.py, bench/gpu_fsdp.py --tiny); not run on a GPU.
 """
 import contextlib
 from typing import Optional
