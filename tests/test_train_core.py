@@ -224,6 +224,12 @@ def test_old_cli_flags_warn_and_parse_like_the_new_ones(capsys):
         assert err == [f"qlora-fast {command}: warning: --steps is deprecated: use --max-steps (the old spelling goes "
                        "in the next release)", f"qlora-fast {command}: warning: --grad-accum is deprecated: use "
                        "--gradient-accumulation-steps (the old spelling goes in the next release)"]
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            new_alpha = parser.parse_args([command, "--lora-alpha", "5"]).alpha
+        with _warns("qlora-fast: --alpha is deprecated: use --lora-alpha"):
+            assert parser.parse_args([command, "--alpha", "5"]).alpha == new_alpha == 5.0
+        capsys.readouterr()
 
 
 # ------------------------------------------------------------------------------ optimizer registry

@@ -71,7 +71,8 @@ def register(subparsers) -> None:
         "--warmup-steps", type=nonnegative_int, default=15, help="linear warmup steps before the cosine decay"
     )
     parser.add_argument("--r", type=positive_int, default=8, help="LoRA rank")
-    parser.add_argument("--alpha", type=finite_float, default=16.0, help="LoRA alpha (scaling alpha / r)")
+    parser.add_argument("--lora-alpha", "--alpha", dest="alpha", action=DeprecatedAliases, type=finite_float,
+                        default=16.0, help="LoRA alpha (scaling alpha / r; --alpha is its deprecated spelling)")
     parser.add_argument("--lora-dropout", type=nonnegative_float, default=0.0, help="LoRA dropout")
     parser.add_argument("--rslora", action="store_true", help="rank-stabilised LoRA scaling alpha / sqrt(r)")
     parser.add_argument(

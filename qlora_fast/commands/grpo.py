@@ -71,7 +71,8 @@ def register(subparsers) -> None:
     p.add_argument("--method", choices=("qlora", "lora"), default="qlora",
                    help="GRPO adapter: QLoRA (NF4 base of the merged SFT model) or LoRA (full-precision base)")
     p.add_argument("--r", type=positive_int, default=8, help="rank of the GRPO adapter")
-    p.add_argument("--alpha", type=finite_float, default=16.0, help="alpha of the GRPO adapter (scaling alpha / r)")
+    p.add_argument("--lora-alpha", "--alpha", dest="alpha", action=DeprecatedAliases, type=finite_float, default=16.0,
+                   help="alpha of the GRPO adapter (scaling alpha / r; --alpha is its deprecated spelling)")
     p.add_argument("--temperature", type=positive_float, default=TEMPERATURE, help="sampling temperature")
     p.add_argument("--top-p", type=probability, default=None, help="nucleus sampling threshold (default: off)")
     p.add_argument("--lr", type=positive_float, default=LR, help="learning rate of the adapter")
