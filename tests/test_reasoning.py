@@ -197,23 +197,24 @@ def reference_search(script, values, n_experts, breadth, max_steps, threshold, s
 
     def children(paths):
         counts["propose"] += 1
-        out = []
+        out, votes = [], {}  # votes: experts who proposed the same step on the same line
         for path in paths:
-            seen = set()
             for e in range(n_experts):
                 step = script.get(path, [""] * n_experts)[e].strip()
-                if step and step not in seen:
-                    seen.add(step)
+                if step and path + (step,) in votes:
+                    votes[path + (step,)] += 1
+                elif step:
+                    votes[path + (step,)] = 1
                     out.append(path + (step,))
         if out:
             counts["value"] += 1
         judged = [(c, values.get(c, 0.0)) for c in out]
         good = [(c, v) for c, v in judged if v >= threshold]
         finals = [(c, v) for c, v in good if c[-1].startswith("Answer: ")]
-        if finals:
-            best = max(v for _, v in finals)
-            return next(c for c, v in finals if v == best), []
-        good.sort(key=lambda cv: -cv[1])
+        if finals:  # the best value; ties go to more votes, then to the first proposed
+            best = max((v, votes[c]) for c, v in finals)
+            return next(c for c, v in finals if (v, votes[c]) == best), []
+        good.sort(key=lambda cv: (-cv[1], -votes[cv[0]]))
         return None, [c for c, _ in good[:breadth]]
 
     if search == "bfs":
