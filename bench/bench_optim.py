@@ -94,13 +94,7 @@ HOST_PROVIDERS = {
 def cpu_times(fn, rounds: int) -> list:
     """CPU seconds of this process per call (one thread): unlike wall time, not inflated by
     other processes on a shared, oversubscribed machine."""
-    fn()
-    times = []
-    for _ in range(rounds):
-        start = time.process_time()
-        fn()
-        times.append(time.process_time() - start)
-    return times
+    return run_times(fn, rounds, clock=time.process_time)
 
 
 def host_summary(repeats=50, rounds=1):

@@ -2,15 +2,16 @@
 import time
 
 
-def run_times(fn, rounds: int, warmup: bool = True) -> list:
-    """Seconds taken by each of `rounds` calls of `fn()`, after one untimed warm-up call."""
+def run_times(fn, rounds: int, warmup: bool = True, clock=time.perf_counter) -> list:
+    """Seconds taken by each of `rounds` calls of `fn()`, after one untimed warm-up call, by `clock`
+    (wall time; `time.process_time` for this process's CPU time)."""
     if warmup:
         fn()
     times = []
     for _ in range(rounds):
-        start = time.perf_counter()
+        start = clock()
         fn()
-        times.append(time.perf_counter() - start)
+        times.append(clock() - start)
     return times
 
 

@@ -188,19 +188,10 @@ def resolve_sharded_resume(resume_from: Optional[str], directory: Optional[str],
     """`qlora_fast.train.checkpoint.resolve_resume` for sharded checkpoint folders: `resume_from`
     itself (it must be a folder), or for "latest" the newest `checkpoint-<step>` folder in
     `directory` (FileNotFoundError when there is none, unless `allow_fresh`: then None)."""
-    if not resume_from:
-        return None
-    if resume_from != "latest":
-        if not os.path.isdir(resume_from):
-            raise FileNotFoundError(f"no sharded checkpoint folder at {resume_from!r}")
-        return resume_from
-    found = _latest(directory) if directory else None
-    if found is None and not allow_fresh:
-        where = f"in {directory!r}" if directory else "(no output directory set)"
-        raise FileNotFoundError(f"resume asked for, but there is no sharded checkpoint-<step> folder {where}; "
-                                "start a fresh run without resume, or allow it explicitly (allow_fresh=True / "
-                                "--resume-if-exists)")
-    return found
+    from qlora_fast.train.checkpoint import resolve_resume
+
+    return resolve_resume(resume_from, directory, allow_fresh, latest=_latest, exists=os.path.isdir,
+                          kind="sharded checkpoint folder", pattern="sharded checkpoint-<step> folder")
 
 
 def _rng_states() -> list:

@@ -139,21 +139,25 @@ def check_same_run(saved: Optional[dict], current: Optional[dict], path: str) ->
                          + "). Use another output directory, or the original settings.")
 
 
-def resolve_resume(resume_from: Optional[str], directory: Optional[str], allow_fresh: bool = False) -> Optional[str]:
-    """The checkpoint file to resume from: `resume_from` itself (it must exist), or for "latest"
-    the newest in `directory`. When "latest" finds none, FileNotFoundError naming the directory,
-    unless `allow_fresh` (then None: start from step 0). None / "" means no resume."""
+def resolve_resume(resume_from: Optional[str], directory: Optional[str], allow_fresh: bool = False, *,
+                   latest=None, exists=os.path.isfile, kind: str = "checkpoint file",
+                   pattern: str = "checkpoint-*.pt") -> Optional[str]:
+    """The checkpoint to resume from: `resume_from` itself (it must exist), or for "latest" the
+    newest in `directory`. When "latest" finds none, FileNotFoundError naming the directory,
+    unless `allow_fresh` (then None: start from step 0). None / "" means no resume. The rules of
+    every trainer; sharded checkpoint folders (`qlora_fast.distributed`) pass their own `latest`,
+    `exists`, `kind` and `pattern`."""
     if not resume_from:
         return None
     if resume_from != "latest":
-        if not os.path.isfile(resume_from):
-            raise FileNotFoundError(f"no checkpoint file at {resume_from!r}")
+        if not exists(resume_from):
+            raise FileNotFoundError(f"no {kind} at {resume_from!r}")
         return resume_from
-    found = latest_checkpoint(directory) if directory else None
+    found = (latest or latest_checkpoint)(directory) if directory else None
     if found is None and not allow_fresh:
         where = f"in {directory!r}" if directory else "(no output directory set)"
         raise FileNotFoundError(
-            f"resume asked for, but there is no checkpoint-*.pt {where}; "
+            f"resume asked for, but there is no {pattern} {where}; "
             "start a fresh run without resume, or allow it explicitly (allow_fresh=True / --resume-if-exists)"
         )
     return found
