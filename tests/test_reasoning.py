@@ -210,6 +210,8 @@ def reference_search(script, values, n_experts, breadth, max_steps, threshold, s
             counts["value"] += 1
         judged = [(c, values.get(c, 0.0)) for c in out]
         good = [(c, v) for c, v in judged if v >= threshold]
+        # Lines are ranked by the mean value of their steps (every step on a kept line was judged).
+        good = [(c, sum(values.get(c[:k], 0.0) for k in range(1, len(c) + 1)) / len(c)) for c, _ in good]
         finals = [(c, v) for c, v in good if c[-1].startswith("Answer: ")]
         if finals:  # the best value; ties go to more votes, then to the first proposed
             best = max((v, votes[c]) for c, v in finals)
@@ -815,8 +817,8 @@ def test_votes_break_ties_of_value():
 
 def test_cli_arithmetic_compares_with_one_chain_and_says_when_the_model_cannot(monkeypatch, capsys):
     """`qlora-fast tot` defaults to arithmetic on the built-in model (a tiny random one here) and
-    prints the group's totals beside one greedy chain's, each equal to a direct run; a model that
-    solves nothing is told so."""
+    prints the group's totals beside one greedy chain's and self-consistency's at the group's token
+    budget, each equal to a direct run; a model that solves nothing is told so."""
     import argparse
 
     import qlora_fast.models
@@ -845,12 +847,19 @@ def test_cli_arithmetic_compares_with_one_chain_and_says_when_the_model_cannot(m
                           temperature=0.0, max_new_tokens=4)
     chain = TreeOfThought(lm, n_experts=1, breadth=1, max_steps=2, task=ArithmeticTask(), temperature=0.0,
                           max_new_tokens=4, evaluator=lambda q, s: 1.0)
+    from qlora_fast.reasoning import self_consistency
+
+    groups, chains = [group.solve(q) for q in qs], [chain.solve(q) for q in qs]
+    n_chains = [max(1, round(g.tokens / c.tokens)) for g, c in zip(groups, chains)]  # the group's token budget
+    votes = [self_consistency(lm, q, n_chains=n, task=ArithmeticTask(), max_steps=2, max_new_tokens=4, temperature=0.0)
+             for q, n in zip(qs, n_chains)]
     total = 0
-    for name, tot in (("group of 2 experts + judge (T=0)", group), ("one greedy chain", chain)):
-        results = [tot.solve(q) for q in qs]
+    for name, results in (("group of 2 experts + judge of 24 checks (T=0)", groups), ("one greedy chain", chains),
+                          (f"self-consistency: {sum(n_chains) / 2:.0f} sampled chains (T=0), majority answer", votes)):
         solved = sum(r.answer is not None and int(r.answer) == _python_value(q) for r, q in zip(results, qs))
         calls = sum(r.model_calls for r in results)
-        assert f"| {name} | {solved}/2 ({50.0 * solved:.1f}%) | {calls} ({calls / 2:.1f} per problem) |" in out
+        tokens = sum(r.tokens for r in results)
+        assert f"| {name} | {solved}/2 ({50.0 * solved:.1f}%) | {calls} ({calls / 2:.1f} per problem) | {tokens} |" in out
         total += solved
     assert "task: arithmetic | model: builtin" in out
     assert ("note: the model solved none of the 2 problems" in out) == (total == 0)
@@ -864,3 +873,188 @@ def test_cli_arithmetic_compares_with_one_chain_and_says_when_the_model_cannot(m
     assert "question must look like" in capsys.readouterr().err
     assert run(["tot", "--prompting", "single", "--device", "cpu"]) == 2
     assert "no arithmetic variant" in capsys.readouterr().err
+
+
+def test_implied_sums_hold_exactly_when_the_step_does(seed):
+    """Every implied sentence is a sum the corpus teaches, distinct, the inverse sum first; each is
+    true (in Python's arithmetic) when the step is right and false when it is wrong."""
+    rng = random.Random(seed)
+    for _ in range(200):
+        a = rng.randint(0, 29)
+        op = rng.choice(["plus", "minus"])
+        b = rng.randint(0, 29) if op == "plus" else rng.randint(0, a)
+        right = a + b if op == "plus" else a - b
+        result = right + rng.choice([0, 0, -2, -1, 1, 3, 17])
+        n = rng.randint(1, 40)
+        checks = arithmetic.implied_sums(a, op, b, result, n)
+        assert len(checks) <= n and len({p for p, _ in checks}) == len(checks)
+        inverse = f"{result} minus {b} is" if op == "plus" else f"{result} plus {b} is"
+        if 0 <= result <= 29 and (op == "minus" or result >= b):  # the inverse is a sentence of the corpus
+            assert checks[0] == (inverse, a)
+        for prompt, answer in checks:
+            x, word, y, _ = prompt.split(" ")
+            x, y = int(x), int(y)
+            assert 0 <= x <= 29 and 0 <= y <= 29 and (word == "plus" or x >= y)
+            assert ((x + y if word == "plus" else x - y) == answer) == (result == right), (a, op, b, result, prompt)
+        if result == right and 1 <= a <= 28 and 1 <= b <= 28:
+            assert len(checks) == n  # enough neighbours of an inner sum for any n <= 40
+    with pytest.raises(ValueError, match="op must be"):
+        arithmetic.implied_sums(1, "times", 2, 2, 3)
+
+
+class ExactSumsLM:
+    """Answers every sentence "x plus y is" / "x minus y is" exactly, except the prompts in
+    `answers`, answered as given there; records the prompts."""
+
+    def __init__(self, answers=None):
+        self.answers, self.prompts, self.last_usage = answers or {}, [], None
+
+    def generate(self, prompts, max_new_tokens, temperature, stop):
+        self.prompts.append(list(prompts))
+        out = []
+        for p in prompts:
+            x, word, y, _ = p.split(" ")
+            value = int(x) + int(y) if word == "plus" else int(x) - int(y)
+            out.append(f" {self.answers.get(p, value)}.")
+        self.last_usage = Usage(len(prompts), len(prompts))
+        return out
+
+
+def test_arithmetic_judge_values_a_step_by_the_implied_sums_the_model_confirms(seed):
+    """The judge asks exactly the step's implied sums in one call and values the step by the
+    fraction the model answered as implied: a model that answers some of them as implied and the
+    others not, for a right and a wrong step."""
+    rng = random.Random(seed)
+    q = arithmetic.problems(1, steps=1, seed=seed)[0]
+    start, [(op, b)] = arithmetic.parse_question(q)
+    right = start + b if op == "plus" else start - b
+    checks = rng.randint(1, 30)
+    task = ArithmeticTask(checks=checks)
+    for proposed in (right, right + rng.choice([d for d in (-2, -1, 1, 2) if 0 <= right + d <= 29])):
+        implied = arithmetic.implied_sums(start, op, b, proposed, checks)
+        agree = {p: rng.random() < 0.5 for p, _ in implied}  # answered as the step implies, or 100 off
+        llm = ExactSumsLM({p: answer if agree[p] else answer + 100 for p, answer in implied})
+        calls = [0]
+
+        class Proposer:  # every expert proposes `proposed`; the judge's calls go to the exact model
+            last_usage = None
+
+            def generate(self, prompts, max_new_tokens, temperature, stop):
+                calls[0] += 1
+                if calls[0] == 1:
+                    self.last_usage = Usage(1, 1)
+                    return [f" {proposed}."] * len(prompts)
+                out = llm.generate(prompts, max_new_tokens, temperature, stop)
+                self.last_usage = llm.last_usage
+                return out
+
+        result = TreeOfThought(Proposer(), n_experts=3, breadth=1, max_steps=1, task=task, threshold=0.0,
+                               max_new_tokens=4).solve(q)
+        assert llm.prompts == [[p for p, _ in implied]] and result.model_calls == 2
+        node = result.tree.children[0]
+        assert node.value == pytest.approx(sum(agree.values()) / len(implied)) and node.votes == 3
+        exact = ExactSumsLM()  # a model that knows every sum: 1 for the right step, 0 for a wrong one
+        assert task.judge_replies(q, [node.step], exact.generate([p for p, _ in implied], 8, 0.0, ".")) == float(
+            proposed == right)
+        assert len(node.judgement.split(" | ")) == len(implied)
+
+
+def test_a_task_may_value_a_step_without_asking():
+    """A step that implies no sum the corpus teaches (its numbers are all past 29) is valued 0
+    without a judge call; a task whose value_prompts is not a list is refused."""
+    task = ArithmeticTask()
+    llm = ExactSumsLM()
+
+    class Proposer:
+        last_usage = None
+
+        def generate(self, prompts, max_new_tokens, temperature, stop):
+            self.last_usage = Usage(1, 1)
+            return [" 95."] * len(prompts) if max_new_tokens == 4 else llm.generate(prompts, 8, 0.0, stop)
+
+    result = TreeOfThought(Proposer(), n_experts=2, breadth=1, max_steps=1, task=task, threshold=0.0,
+                           max_new_tokens=4).solve("31 plus 40")
+    assert result.model_calls == 1 and result.tree.children[0].value == 0.0 and llm.prompts == []
+
+    class BadTask(ArithmeticTask):
+        def value_prompts(self, question, steps, experts):
+            return "3 plus 4 is"
+
+    with pytest.raises(TypeError, match="value_prompts must return a list"):
+        TreeOfThought(ExactSumsLM(), n_experts=1, max_steps=1, task=BadTask(), max_new_tokens=4).solve("3 plus 4")
+
+
+def test_lines_are_ranked_by_the_mean_value_of_their_steps(seed):
+    """In a beam of two, the line with the better mean value wins even when the other line's last
+    step is judged higher (a last step can look right on a line that went wrong earlier)."""
+    rng = random.Random(seed)
+    for _ in range(20):
+        first = sorted(rng.sample([0.5, 0.625, 0.75, 0.875, 1.0], 2), reverse=True)  # line a starts better
+        last_a = rng.choice([0.5, 0.625, 0.75])
+        last_b = rng.choice([v for v in (0.625, 0.75, 0.875, 1.0) if v > last_a])  # ... and ends worse
+        script = {(): ["a", "b"], ("a",): ["Answer: A"] * 2, ("b",): ["Answer: B"] * 2}
+        values = {("a",): first[0], ("b",): first[1], ("a", "Answer: A"): last_a, ("b", "Answer: B"): last_b}
+        result = TreeOfThought(ScriptedLM(script, values), n_experts=2, breadth=2, max_steps=2, threshold=0.5,
+                               max_new_tokens=5).solve("q")
+        mean_a, mean_b = (first[0] + last_a) / 2, (first[1] + last_b) / 2
+        if mean_a != mean_b:
+            assert result.answer == ("A" if mean_a > mean_b else "B"), (first, last_a, last_b)
+
+
+class ChainPlanLM:
+    """Self-consistency's chains from a plan: `plans[c][k]` is what chain c writes at its step k.
+    Every call answers the chains still going, in chain order (the test tracks them itself)."""
+
+    def __init__(self, plans, valid):
+        self.plans, self.valid, self.call, self.last_usage = plans, valid, 0, None
+
+    def generate(self, prompts, max_new_tokens, temperature, stop):
+        going = [c for c, plan in enumerate(self.plans) if all(self.valid(t) for t in plan[: self.call])]
+        assert len(prompts) == len(going)
+        out = [self.plans[c][self.call] for c in going]
+        self.call += 1
+        self.last_usage = Usage(3 * len(prompts), 2 * len(prompts))
+        return out
+
+
+def test_self_consistency_votes_over_sampled_chains(seed):
+    """Random plans of chains (some ending on an unusable step): one call per step while any chain
+    goes on, the answer most chains reached (ties: the first chain's), exact token counts."""
+    rng = random.Random(seed)
+    for _ in range(20):
+        steps, n_chains = rng.randint(1, 4), rng.randint(1, 9)
+        q = arithmetic.problems(1, steps=steps, seed=rng.randint(0, 10**6))[0]
+        plans = [[rng.choice([" 7.", " 8.", " 9.", " none"]) for _ in range(steps)] for _ in range(n_chains)]
+        valid = lambda text: "none" not in text  # noqa: E731
+        result = arithmetic_self_consistency(ChainPlanLM(plans, valid), q, n_chains, steps)
+        finished = [plan[-1].strip(" .") for plan in plans if all(valid(t) for t in plan)]
+        if finished:
+            top = max(finished.count(a) for a in finished)
+            assert result.answer == next(a for a in finished if finished.count(a) == top)
+            assert [n.step.rsplit(" ", 1)[1] for n in result.path][-1] == result.answer
+        else:
+            assert result.answer is None and result.path == []
+        calls = sum(any(all(valid(t) for t in plan[:k]) for plan in plans) for k in range(steps))
+        prompts = sum(all(valid(t) for t in plan[:k]) for plan in plans for k in range(steps))
+        assert result.model_calls == calls and result.tokens == 5 * prompts
+        assert len(result.tree.children) == n_chains and result.search == "self-consistency"
+
+
+def arithmetic_self_consistency(llm, q, n_chains, steps):
+    from qlora_fast.reasoning import self_consistency
+
+    return self_consistency(llm, q, n_chains=n_chains, task=ArithmeticTask(), max_steps=steps, max_new_tokens=4)
+
+
+@pytest.mark.parametrize("n_chains", [0, -1, True, 2.0, "3"])
+def test_self_consistency_bad_input(n_chains):
+    from qlora_fast.reasoning import self_consistency
+
+    with pytest.raises(ValueError, match="n_chains must be an int >= 1"):
+        self_consistency(ExactSumsLM(), "3 plus 4", n_chains=n_chains, task=ArithmeticTask())
+    with pytest.raises(TypeError, match="question must be a str"):
+        self_consistency(ExactSumsLM(), 34, task=ArithmeticTask())
+    with pytest.raises(TypeError, match="llm must have a generate"):
+        self_consistency(object(), "3 plus 4", task=ArithmeticTask())
+    with pytest.raises(ValueError, match="checks must be an int >= 1"):
+        ArithmeticTask(checks=0)

@@ -3,9 +3,10 @@ the solve rate, the model calls and the tokens spent.
 
 Two tasks: Game of 24 (the paper's benchmark, for real models: `--model DIR`) and multi-step
 arithmetic (`qlora_fast.reasoning.arithmetic`, the default on the built-in model, which can do
-single sums of its corpus but no Game of 24). On arithmetic the command also runs one greedy chain
-on the same problems and prints both side by side: what the group of experts and its judge buy.
-A run that solves nothing says that the model cannot do the task."""
+single sums of its corpus but no Game of 24). On arithmetic the command also runs, on the same
+problems, one greedy chain and self-consistency at the group's budget (as many sampled chains as
+the group's tokens buy, majority answer) and prints the three side by side: what the group of
+experts and its judge buy. A run that solves nothing says that the model cannot do the task."""
 import os
 import sys
 
@@ -40,7 +41,7 @@ def register(subparsers) -> None:
                    "built-in model")
     add_base_model_arguments(p)
     p.add_argument("--puzzles", type=positive_int, default=None,
-                   help="how many puzzles / problems to run (ignored with --puzzle; default 10, arithmetic 40)")
+                   help="how many puzzles / problems to run (ignored with --puzzle; default 10, arithmetic 100)")
     p.add_argument("--puzzle", action="append", default=None, metavar='"A B C D"',
                    help="a puzzle to run, e.g. --puzzle '4 6 8 13' or --puzzle '12 plus 7 minus 5' "
                    "(repeatable; replaces --puzzles)")
@@ -53,7 +54,9 @@ def register(subparsers) -> None:
     p.add_argument("--search", choices=["bfs", "dfs"], default="bfs",
                    help="breadth-first with a beam, or depth-first with backtracking")
     p.add_argument("--n-experts", type=positive_int, default=None,
-                   help="experts proposing a step for each line of reasoning (default 3; arithmetic 8)")
+                   help="experts proposing a step for each line of reasoning (default 3; arithmetic 16)")
+    p.add_argument("--checks", type=positive_int, default=24,
+                   help="arithmetic: implied sums the judge asks about each step (1 = the inverse sum only)")
     p.add_argument("--breadth", type=positive_int, default=None,
                    help="beam width (BFS) / most children explored per node (DFS) (default 3; arithmetic 1)")
     p.add_argument("--max-steps", type=positive_int, default=None,
@@ -62,7 +65,7 @@ def register(subparsers) -> None:
                    help="steps judged below this value are wrong: their expert leaves "
                    "(default 0.5; arithmetic 0: the judge only ranks)")
     p.add_argument("--temperature", type=nonnegative_float, default=None,
-                   help="sampling temperature of the proposals, 0 = greedy (default 0.7)")
+                   help="sampling temperature of the proposals, 0 = greedy (default 0.7; arithmetic 1.0)")
     p.add_argument("--max-new-tokens", type=positive_int, default=None,
                    help="most tokens of one proposed step (default 20; arithmetic 4), or of the whole discussion with "
                    "--prompting single (default 200)")
@@ -100,10 +103,10 @@ def load_llm(model: str, device, cache_dir=None, seed=None, adapter=None, tokeni
 
 
 # The arithmetic search's defaults (bench/RESULTS.md, "Tree-of-Thought on multi-step arithmetic").
-ARITH_EXPERTS, ARITH_BREADTH, ARITH_THRESHOLD, ARITH_TEMPERATURE = 8, 1, 0.0, 0.7
+ARITH_EXPERTS, ARITH_BREADTH, ARITH_THRESHOLD, ARITH_TEMPERATURE = 16, 1, 0.0, 1.0
 _DEFAULTS = {  # task: n_experts, breadth, threshold, temperature, puzzles, step tokens
     "game24": (3, 3, 0.5, 0.7, 10, 20),
-    "arithmetic": (ARITH_EXPERTS, ARITH_BREADTH, ARITH_THRESHOLD, ARITH_TEMPERATURE, 40, 4),
+    "arithmetic": (ARITH_EXPERTS, ARITH_BREADTH, ARITH_THRESHOLD, ARITH_TEMPERATURE, 100, 4),
 }
 
 
@@ -130,6 +133,7 @@ class _Tally:
 
     def __init__(self):
         self.solved = self.calls = self.prompt_tokens = self.completion_tokens = self.steps = self.usable = 0
+        self.chains = 0  # self-consistency: chains sampled, summed over questions
 
     def add(self, result, correct: bool):
         self.solved += correct
@@ -144,7 +148,7 @@ class _Tally:
 def run(args) -> int:
     from tqdm.auto import tqdm
 
-    from qlora_fast.reasoning import TreeOfThought, arithmetic, ask_experts, game24
+    from qlora_fast.reasoning import TreeOfThought, arithmetic, ask_experts, game24, self_consistency
 
     task_name = args.task or ("arithmetic" if args.model == "builtin" else "game24")
     n_experts, breadth, threshold, temperature, n_puzzles, step_tokens = _DEFAULTS[task_name]
@@ -159,7 +163,7 @@ def run(args) -> int:
         if task_name == "arithmetic" and args.prompting == "single":
             raise ValueError("--prompting single has no arithmetic variant: use --task game24, or the search")
         questions = _questions(args, task_name)
-        task = arithmetic.ArithmeticTask() if task_name == "arithmetic" else game24.Game24Task()
+        task = arithmetic.ArithmeticTask(args.checks) if task_name == "arithmetic" else game24.Game24Task()
         max_steps = args.max_steps or 3
         if task_name == "arithmetic":  # every problem needs exactly its operations as steps
             max_steps = args.max_steps or max(len(arithmetic.parse_question(q)[1]) for q in questions)
@@ -188,7 +192,7 @@ def run(args) -> int:
             return ask_experts(llm, question, n_experts=n_experts, task=task, max_new_tokens=max_new_tokens,
                                temperature=temperature)
         return tot.solve(question)
-    group, one = _Tally(), _Tally()
+    group, one, voted = _Tally(), _Tally(), _Tally()
     unit = "puzzle" if task_name == "game24" else "problem"
     for question in tqdm(questions, desc=task_name, unit=unit, disable=args.no_progress):
         result = solve(question)
@@ -198,7 +202,13 @@ def run(args) -> int:
             status = f"answer {result.answer} ({'right' if ok else f'wrong: {arithmetic.evaluate(question)}'})"
             baseline = chain.solve(question)
             one.add(baseline, correct(question, baseline))
-            status += f" | one chain: {baseline.answer}"
+            # Self-consistency at the group's budget: as many sampled chains as the group's tokens buy.
+            n_chains = max(1, round(result.tokens / baseline.tokens)) if result.tokens and baseline.tokens else n_experts
+            vote = self_consistency(llm, question, n_chains=n_chains, task=task, max_steps=max_steps,
+                                    max_new_tokens=max_new_tokens, temperature=temperature)
+            voted.add(vote, correct(question, vote))
+            voted.chains += n_chains
+            status += f" | one chain: {baseline.answer} | {n_chains} chains voting: {vote.answer}"
         else:
             status = f"solved: {result.answer}" if ok else "unsolved"
         tqdm.write(f"{question}: {status} | model calls {result.model_calls} | tokens {result.tokens}")
@@ -213,7 +223,9 @@ def run(args) -> int:
           f"(prompt {group.prompt_tokens}, completion {group.completion_tokens})")
     if task_name == "arithmetic":
         print(f"\n| {n} problems, {max_new_tokens} tokens a step | solved | model calls | tokens |\n|---|---|---|---|")
-        rows = (("one greedy chain", one), (f"group of {n_experts} experts + judge (T={temperature:g})", group))
+        rows = (("one greedy chain", one),
+                (f"self-consistency: {voted.chains / n:.0f} sampled chains (T={temperature:g}), majority answer", voted),
+                (f"group of {n_experts} experts + judge of {args.checks} checks (T={temperature:g})", group))
         for name, t in rows:
             print(f"| {name} | {t.solved}/{n} ({100.0 * t.solved / n:.1f}%) "
                   f"| {t.calls} ({t.calls / n:.1f} per problem) | {t.prompt_tokens + t.completion_tokens} |")

@@ -11,12 +11,12 @@
 from qlora_fast.reasoning.arithmetic import ArithmeticTask
 from qlora_fast.reasoning.game24 import Game24Task, verify_expression
 from qlora_fast.reasoning.llm import BuiltinLM, HFCausalLM, Usage
-from qlora_fast.reasoning.search import Node, ToTResult, TreeOfThought, ask_experts, format_tree
+from qlora_fast.reasoning.search import Node, ToTResult, TreeOfThought, ask_experts, format_tree, self_consistency
 from qlora_fast.reasoning.tasks import ExpertsTask, ReasoningTask, parse_value
 from qlora_fast.reasoning.templates import experts_prompt
 
 __all__ = [
     "TreeOfThought", "ToTResult", "Node", "format_tree",
     "ReasoningTask", "ExpertsTask", "Game24Task", "ArithmeticTask", "verify_expression", "parse_value",
-    "BuiltinLM", "HFCausalLM", "Usage", "experts_prompt", "ask_experts",
+    "BuiltinLM", "HFCausalLM", "Usage", "experts_prompt", "ask_experts", "self_consistency",
 ]

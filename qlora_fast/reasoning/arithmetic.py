@@ -7,10 +7,13 @@ applies one operation; an expert proposes its result by continuing the corpus se
 "19 minus 5 is" (the built-in base model gets one such sum right about 60% of the time, so a
 greedy chain of 3-4 steps usually fails somewhere).
 
-The judge is the model itself, checking a step by its inverse: "19 minus 5 is 14" is kept when
-the model, asked "14 plus 5 is", answers 19. Both directions stay in the corpus' range. The
-final answer is NOT verified by the task (`verifies_answers` is False): whether it is right is
-for the caller to check against `evaluate(question)`.
+The judge is the model itself, checking a step against the sums it implies: "19 minus 5 is 14"
+implies "14 plus 5 is 19", "19 minus 14 is 5", "15 plus 5 is 20", "20 minus 5 is 15", ...
+(`implied_sums`); the step's value is the fraction of them the model answers as implied. One
+wrong sum is easy for the tiny model to say, but a wrong step rarely agrees with two dozen
+neighbouring facts (on single sums: greedy 55% right, the best-valued of 16 samples 88%,
+bench/RESULTS.md). The final answer is NOT verified by the task (`verifies_answers` is False):
+whether it is right is for the caller to check against `evaluate(question)`.
 """
 import random
 import re
@@ -68,20 +71,68 @@ def problems(n: int, steps: int = 3, seed: int = 0) -> List[str]:
     return out
 
 
+def _first_int(text: str):
+    match = _FIRST_INT.search(text)
+    return int(match.group()) if match is not None else None
+
+
 def _step_text(current: int, op: str, operand: int) -> str:
     return f"{current} {op} {operand} is"
 
 
+def implied_sums(a: int, op: str, b: int, result: int, n: int) -> List[Tuple[str, int]]:
+    """Up to `n` corpus sentences ("p plus q is", answer) / ("p minus q is", answer) that are true
+    when "a op b is result" is, nearest first; only sentences the corpus teaches (operands in
+    LOW..HIGH, no negative difference). The inverse sum comes first, then the step's own sentence.
+
+    Written as a sum s = p + q (plus: a + b = result; minus: result + b = a), shifting p or q by
+    d = 0, 1, -1, 2, -2, ... gives p' + q = s + d, q + p' = s + d, (s + d) - q = p', (s + d) - p' = q
+    (and the same with q shifted)."""
+    if op not in _OPS:
+        raise ValueError(f"op must be 'plus' or 'minus', got {op!r}")
+    p, q, s = (a, b, result) if op == "plus" else (result, b, a)
+    found, seen = [], set()
+
+    def add(x, word, y, answer):
+        if (x, word, y) in seen or not (LOW <= x <= HIGH and LOW <= y <= HIGH) or (word == "minus" and x < y):
+            return
+        seen.add((x, word, y))
+        found.append((_step_text(x, word, y), answer))
+
+    if op == "plus":  # the inverse sum first: "c minus b is" for "a plus b is c", "c plus b is" for minus
+        add(s, "minus", q, p)
+    else:
+        add(p, "plus", q, s)
+    add(a, op, b, result)
+    for shift in range(HIGH - LOW + 1):
+        for d in ((0,) if shift == 0 else (shift, -shift)):
+            for p2, q2 in ((p + d, q), (p, q + d)):
+                add(p2, "plus", q2, s + d)
+                add(q2, "plus", p2, s + d)
+                add(s + d, "minus", q2, p2)
+                add(s + d, "minus", p2, q2)
+        if len(found) >= n:
+            break
+    return found[:n]
+
+
 class ArithmeticTask(ReasoningTask):
     """`TreeOfThought` task for `problems()`: a step is "a op b is c" (c read from the expert's
-    continuation), the answer is c after the last operation, the judge is the inverse sum.
+    continuation), the answer is c after the last operation, the judge asks the `checks` sums the
+    step implies (`implied_sums`) and values it by the fraction the model gets as implied.
 
     Every expert gets the same prompt (the corpus sentence for the next operation); the experts
     differ only through sampling, and the judge decides which of their results the line keeps.
+    `checks=1` is the inverse sum alone ("14 plus 5 is" for "19 minus 5 is 14").
     """
 
     stop = (".", "\n")
     verifies_answers = False
+
+    def __init__(self, checks: int = 24):
+        if isinstance(checks, bool) or not isinstance(checks, int) or checks < 1:
+            raise ValueError(f"checks must be an int >= 1, got {checks!r}")
+        self.checks = checks
 
     def _position(self, question: str, steps: Sequence[str]) -> Tuple[int, List[Tuple[str, int]]]:
         """The running value after `steps` and the operations still to do."""
@@ -99,25 +150,39 @@ class ArithmeticTask(ReasoningTask):
         """The step "a op b is c" with c the first integer of `text`, or None when it holds none
         or the line is already complete."""
         current, rest = self._position(question, steps)
-        match = _FIRST_INT.search(text)
-        if not rest or match is None:
+        value = _first_int(text)
+        if not rest or value is None:
             return None
-        return f"{_step_text(current, *rest[0])} {int(match.group())}"
+        return f"{_step_text(current, *rest[0])} {value}"
 
     def final_answer(self, question, steps):
         _, rest = self._position(question, steps)
         return steps[-1].rsplit(" ", 1)[1] if steps and not rest else None
 
+    def _checks(self, steps) -> List[Tuple[str, int]]:
+        a, op, b, _, c = steps[-1].split(" ")
+        return implied_sums(int(a), op, int(b), int(c), self.checks)
+
+    def value_prompts(self, question, steps, experts):
+        """The sums implied by the last step (the inverse sum first); none when its result lies
+        outside the corpus' numbers (then its value is 0)."""
+        return [prompt for prompt, _ in self._checks(steps)]
+
+    def judge_replies(self, question, steps, texts):
+        """The fraction of the implied sums the model answered as the step implies (0.0 when the
+        step implies none the corpus teaches)."""
+        checks = self._checks(steps)
+        agree = sum(_first_int(text) == answer for (_, answer), text in zip(checks, texts))
+        return agree / len(checks) if checks else 0.0
+
     def value_prompt(self, question, steps, experts):
         """The inverse of the last step: for "a plus b is c", "c minus b is" (and vice versa)."""
         a, op, b, _, c = steps[-1].split(" ")
-        inverse = "minus" if op == "plus" else "plus"
-        return _step_text(int(c), inverse, int(b))
+        return _step_text(int(c), "minus" if op == "plus" else "plus", int(b))
 
     def judge(self, question, steps, text):
         """1.0 when the model's inverse sum gives back the step's first operand, else 0.0."""
-        match = _FIRST_INT.search(text)
-        return 1.0 if match is not None and int(match.group()) == int(steps[-1].split(" ")[0]) else 0.0
+        return 1.0 if _first_int(text) == int(steps[-1].split(" ")[0]) else 0.0
 
     def single_prompt(self, question, n_experts):
         raise ValueError("the arithmetic task has no single-prompt variant: use the search (or one greedy chain)")

@@ -20,6 +20,7 @@ final answer, or when no expert is left, or after `max_steps` steps.
 Model calls and tokens are counted exactly: a call is one `llm.generate`; tokens come from the
 llm's `last_usage` (the adapters in `llm.py` report it) and are None when the llm reports none.
 """
+import collections
 import itertools
 import re
 from dataclasses import dataclass, field
@@ -73,6 +74,13 @@ class Node:
 
     def experts(self) -> List[int]:
         return [n.expert for n in self.path()]
+
+    @property
+    def line_value(self) -> float:
+        """The mean value of the steps on this line: how the search ranks lines against each other
+        (a step's own value says how good it is given its line, not whether the line is good)."""
+        values = [n.value if n.value is not None else 0.0 for n in self.path()]
+        return sum(values) / len(values) if values else 0.0
 
     def walk(self):
         """This node and all below it, depth first, in proposal order."""
@@ -371,11 +379,17 @@ class TreeOfThought:
         if not children:
             return None
         if self.evaluator is None:
-            prompts = [self.task.value_prompt(self._question, c.steps(), c.experts()) for c in children]
-            outputs = self._generate(prompts, self.value_max_new_tokens, self.value_temperature)
-            for child, text in zip(children, outputs):
-                child.judgement = text
-            values = [self.task.judge(self._question, c.steps(), text) for c, text in zip(children, outputs)]
+            asked = [self.task.value_prompts(self._question, c.steps(), c.experts()) for c in children]
+            bad = [p for p in asked if not isinstance(p, list)]
+            if bad:
+                raise TypeError(f"task.value_prompts must return a list of prompts, got {bad[0]!r}")
+            flat = [p for ps in asked for p in ps]  # a task may value a step without asking (an empty list)
+            outputs = iter(self._generate(flat, self.value_max_new_tokens, self.value_temperature) if flat else [])
+            values = []
+            for child, prompts in zip(children, asked):
+                replies = [next(outputs) for _ in prompts]
+                child.judgement = " | ".join(replies)
+                values.append(self.task.judge_replies(self._question, child.steps(), replies))
         else:
             values = [self.evaluator(self._question, c.steps()) for c in children]
         for child, value in zip(children, values):
@@ -386,14 +400,14 @@ class TreeOfThought:
         finals = [c for c in children if c.status == KEPT and c.answer is not None]
         if not finals:
             return None
-        best = max(finals, key=lambda c: (c.value, c.votes))  # max keeps the first of equal keys
+        best = max(finals, key=lambda c: (c.line_value, c.votes))  # max keeps the first of equal keys
         best.status = FINAL
         return best
 
     def _select(self, children: List[Node]) -> List[Node]:
-        """The best `breadth` surviving children, best value first (ties: more votes, then
+        """The best `breadth` surviving children, best line value first (ties: more votes, then
         proposal order); the other survivors are DROPPED."""
-        survivors = sorted((c for c in children if c.status == KEPT), key=lambda c: (-c.value, -c.votes))
+        survivors = sorted((c for c in children if c.status == KEPT), key=lambda c: (-c.line_value, -c.votes))
         for child in survivors[self.breadth:]:
             child.status = DROPPED
         return survivors[: self.breadth]
@@ -456,4 +470,53 @@ def ask_experts(llm, question: str, n_experts: int = 3, task: Optional[Reasoning
         question=question, answer=answer_node.answer if answer_node else None, path=path, tree=root,
         model_calls=counted.calls, prompt_tokens=counted.prompt_tokens, completion_tokens=counted.completion_tokens,
         search="single-prompt",
+    )
+
+
+def self_consistency(llm, question: str, n_chains: int = 16, task: Optional[ReasoningTask] = None,
+                     max_steps: int = 4, max_new_tokens: int = 64, temperature: float = 0.7) -> ToTResult:
+    """Self-consistency (Wang et al. 2022), the chain-of-thought baseline a search is measured
+    against at equal budget: `n_chains` independent chains sampled step by step (every live
+    chain's next step in ONE batched call per step, no judge), and the answer most chains reach
+    (ties: the one reached first). A chain ends at its final answer, at an unusable step, or
+    after `max_steps`. The tree holds the chains under the root; the path is the first chain that
+    reached the answer. Raises as `TreeOfThought` does on bad input."""
+    if isinstance(n_chains, bool) or not isinstance(n_chains, int) or n_chains < 1:
+        raise ValueError(f"n_chains must be an int >= 1, got {n_chains!r}")
+    # The same argument checks as the search.
+    task = TreeOfThought(llm, n_experts=1, max_steps=max_steps, task=task, max_new_tokens=max_new_tokens,
+                         temperature=temperature).task
+    if not isinstance(question, str):
+        raise TypeError(f"question must be a str, got {type(question).__name__}")
+    counted = _CountedLLM(llm)
+    root = Node(step=question)
+    live = [root] * n_chains  # the last node of every chain still going
+    finals: List[Node] = []
+    for _ in range(max_steps):
+        if not live:
+            break
+        prompts = [task.propose_prompt(question, node.steps(), node.experts(), 1) for node in live]
+        outputs = counted.generate(prompts, max_new_tokens, temperature, list(task.stop))
+        going = []
+        for chain, (node, raw) in enumerate(zip(live, outputs), 1):
+            step = task.normalize_step(question, node.steps(), raw)
+            child = Node(step=step or "", expert=chain, depth=node.depth + 1, parent=node, raw=raw,
+                         status=KEPT if step is not None else INVALID)
+            node.children.append(child)
+            if step is None:
+                continue
+            child.answer = task.final_answer(question, child.steps())
+            if child.answer is not None:
+                child.status = FINAL
+                finals.append(child)
+            else:
+                going.append(child)
+        live = going
+    answer, path = None, []
+    if finals:
+        answer = collections.Counter(n.answer for n in finals).most_common(1)[0][0]  # ties: first reached
+        path = next(n for n in finals if n.answer == answer).path()
+    return ToTResult(
+        question=question, answer=answer, path=path, tree=root, model_calls=counted.calls,
+        prompt_tokens=counted.prompt_tokens, completion_tokens=counted.completion_tokens, search="self-consistency",
     )

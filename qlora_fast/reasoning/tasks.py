@@ -6,7 +6,7 @@ line being extended, with the expert that wrote each); `ExpertsTask` is the gene
 question, where an expert finishes by writing `Answer: ...`. Game of 24 lives in `game24.py`.
 """
 import re
-from typing import Optional, Sequence
+from typing import List, Optional, Sequence
 
 from qlora_fast.reasoning.templates import STEP_PROPOSE_PROMPT, STEP_VALUE_PROMPT, experts_prompt, format_transcript
 
@@ -72,6 +72,16 @@ class ReasoningTask:
     def value_prompt(self, question: str, steps: Sequence[str], experts: Sequence[int]) -> str:
         """The prompt that asks the model to judge the last step."""
         raise NotImplementedError
+
+    def value_prompts(self, question: str, steps: Sequence[str], experts: Sequence[int]) -> List[str]:
+        """Every prompt the judge of the last step asks (default: `[value_prompt(...)]`). A task that
+        checks a step several ways returns several; they all go into the round's one judge call."""
+        return [self.value_prompt(question, steps, experts)]
+
+    def judge_replies(self, question: str, steps: Sequence[str], texts: Sequence[str]) -> Optional[float]:
+        """The value of the last of `steps` from the model's replies to `value_prompts`, in order
+        (default: `judge(question, steps, texts[0])`)."""
+        return self.judge(question, steps, texts[0])
 
     def parse_value(self, text: str) -> Optional[float]:
         """The model's judgement as a value in [0, 1], or None when unreadable."""
