@@ -9,9 +9,11 @@ architecture (`BASE_CONFIG`, random weights: speed does not depend on them).
 
 `pytest bench/bench_reasoning.py --benchmark-only` for pytest-benchmark tables;
 `python bench/bench_reasoning.py` for a summary with ratios (used for RESULTS.md);
-`python bench/bench_reasoning.py --solve N [--seed S]` for solve rates on multi-step arithmetic with the
-pretrained built-in model: one greedy chain, a group of experts that only votes, and the group
-with the model's own judge, on the same N problems (seed 1 by default), calls and tokens side by side.
+`python bench/bench_reasoning.py --solve N [--seed S] [--steps K]` for solve rates on multi-step
+arithmetic with the pretrained built-in model (`solve_rates`): one greedy chain, self-consistency at
+the judged group's token budget, a group of experts that only votes, and the group with the model's
+own judge, on the same N problems of K steps (seed 1, 3 steps by default), calls and tokens side by
+side; `--steps 1` gives per-step figures.
 The summary also says whether both providers generated the same greedy text (left padding in
 float32 may flip a near-tie).
 """
@@ -94,32 +96,54 @@ def _time(fn, *args, repeat=3):
     return best, out
 
 
-def solve_rates(n: int, steps: int = 3, n_experts: int = 8, temperature: float = 0.7, seed: int = 1):
-    """Correct answers, model calls and tokens of three ways of solving the same problems."""
+def solve_rates(n: int, steps: int = 3, n_experts: int = 16, temperature: float = 1.0, seed: int = 1):
+    """Correct answers, model calls and tokens of several ways of solving the same problems: one
+    greedy chain, self-consistency at the judged group's token budget (per problem, as
+    `qlora-fast tot` does), the group voting without a judge, with the inverse sum alone as judge,
+    with the default judge (24 implied sums) at breadth 1 (the default) and 2. With steps=1 the
+    rows are per-step figures: how often the line keeps the right sum (pass@k: any expert had it)."""
     from qlora_fast.models import load_base_model
-    from qlora_fast.reasoning import ArithmeticTask, arithmetic
+    from qlora_fast.reasoning import ArithmeticTask, arithmetic, self_consistency
 
     model, tok = load_base_model(progress=False)
-    llm, task, questions = BuiltinLM(model, tok, seed=seed), ArithmeticTask(), arithmetic.problems(n, steps, seed)
+    llm, questions = BuiltinLM(model, tok, seed=seed), arithmetic.problems(n, steps, seed)
     keep = lambda q, s: 1.0  # noqa: E731
+    sampled = dict(n_experts=n_experts, temperature=temperature, threshold=0.0)
     ways = {
         "one greedy chain": dict(n_experts=1, temperature=0.0, evaluator=keep),
-        f"{n_experts} experts, majority vote per step, no judge": dict(n_experts=n_experts, temperature=temperature,
-                                                                       evaluator=keep),
-        f"{n_experts} experts + the model's inverse-sum judge": dict(n_experts=n_experts, temperature=temperature,
-                                                                      threshold=0.0),
+        "self-consistency at the judged group's tokens": None,
+        f"{n_experts} experts, majority vote per step, no judge": dict(sampled, evaluator=keep),
+        f"{n_experts} experts + judge: the inverse sum only (checks=1)": dict(sampled, task=ArithmeticTask(1)),
+        f"{n_experts} experts + judge: 24 implied sums (the `tot` default)": dict(sampled),
+        f"{n_experts} experts + judge: 24 implied sums, breadth 2": dict(sampled, breadth=2),
     }
-    print(f"| {n} problems of {steps} steps, built-in model | solved | model calls | tokens | wall s |")
-    print("|---|---|---|---|---|")
-    for name, kwargs in ways.items():
-        tot = TreeOfThought(llm, breadth=1, max_steps=steps, task=task, max_new_tokens=4, **kwargs)
-        start, solved, calls, tokens = time.perf_counter(), 0, 0, 0
+    default = next(k for k in ways if "default" in k)
+    chain_tokens, group_tokens = {}, {}
+    print(f"| {n} problems of {steps} steps, seed {seed}, built-in model | solved | model calls | tokens "
+          f"| wall s |" + (" pass@k |" if steps == 1 else ""))
+    print("|---|---|---|---|---|" + ("---|" if steps == 1 else ""))
+    for name in sorted(ways, key=lambda k: k.startswith("self-")):  # self-consistency last: it needs both budgets
+        kwargs = None if ways[name] is None else {"breadth": 1, "task": ArithmeticTask(), **ways[name]}
+        tot = None if kwargs is None else TreeOfThought(llm, max_steps=steps, max_new_tokens=4, **kwargs)
+        start, solved, calls, tokens, any_right = time.perf_counter(), 0, 0, 0, 0
         for q in questions:
-            r = tot.solve(q)
-            solved += r.answer is not None and int(r.answer) == arithmetic.evaluate(q)
+            if tot is None:
+                n_chains = max(1, round(group_tokens[q] / chain_tokens[q]))
+                r = self_consistency(llm, q, n_chains=n_chains, task=ArithmeticTask(), max_steps=steps,
+                                     max_new_tokens=4, temperature=temperature)
+            else:
+                r = tot.solve(q)
+            right = arithmetic.evaluate(q)
+            solved += r.answer is not None and int(r.answer) == right
+            any_right += any(node.answer is not None and int(node.answer) == right for node in r.nodes())
             calls, tokens = calls + r.model_calls, tokens + r.tokens
+            if name == "one greedy chain":
+                chain_tokens[q] = r.tokens
+            elif name == default:
+                group_tokens[q] = r.tokens
         print(f"| {name} | {solved}/{n} ({100 * solved / n:.1f}%) | {calls / n:.1f} per problem "
-              f"| {tokens / n:.0f} per problem | {time.perf_counter() - start:.0f} |", flush=True)
+              f"| {tokens / n:.0f} per problem | {time.perf_counter() - start:.0f} |"
+              + (f" {100 * any_right / n:.1f}% |" if steps == 1 else ""), flush=True)
 
 
 if __name__ == "__main__":
@@ -127,7 +151,8 @@ if __name__ == "__main__":
 
     if "--solve" in sys.argv:
         seed = int(sys.argv[sys.argv.index("--seed") + 1]) if "--seed" in sys.argv else 1
-        solve_rates(int(sys.argv[sys.argv.index("--solve") + 1]), seed=seed)
+        steps = int(sys.argv[sys.argv.index("--steps") + 1]) if "--steps" in sys.argv else 3
+        solve_rates(int(sys.argv[sys.argv.index("--solve") + 1]), steps=steps, seed=seed)
         sys.exit(0)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     batched, naive = make_llm("batched"), make_llm("one_prompt_at_a_time")

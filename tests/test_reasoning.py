@@ -859,7 +859,9 @@ def test_cli_arithmetic_compares_with_one_chain_and_says_when_the_model_cannot(m
         solved = sum(r.answer is not None and int(r.answer) == _python_value(q) for r, q in zip(results, qs))
         calls = sum(r.model_calls for r in results)
         tokens = sum(r.tokens for r in results)
-        assert f"| {name} | {solved}/2 ({50.0 * solved:.1f}%) | {calls} ({calls / 2:.1f} per problem) | {tokens} |" in out
+        assert (
+            f"| {name} | {solved}/2 ({50.0 * solved:.1f}%) | {calls} ({calls / 2:.1f} per problem) | {tokens} |" in out
+        )
         total += solved
     assert "task: arithmetic | model: builtin" in out
     assert ("note: the model solved none of the 2 problems" in out) == (total == 0)

@@ -203,7 +203,9 @@ def run(args) -> int:
             baseline = chain.solve(question)
             one.add(baseline, correct(question, baseline))
             # Self-consistency at the group's budget: as many sampled chains as the group's tokens buy.
-            n_chains = max(1, round(result.tokens / baseline.tokens)) if result.tokens and baseline.tokens else n_experts
+            n_chains = (
+                max(1, round(result.tokens / baseline.tokens)) if result.tokens and baseline.tokens else n_experts
+            )
             vote = self_consistency(llm, question, n_chains=n_chains, task=task, max_steps=max_steps,
                                     max_new_tokens=max_new_tokens, temperature=temperature)
             voted.add(vote, correct(question, vote))
@@ -223,9 +225,11 @@ def run(args) -> int:
           f"(prompt {group.prompt_tokens}, completion {group.completion_tokens})")
     if task_name == "arithmetic":
         print(f"\n| {n} problems, {max_new_tokens} tokens a step | solved | model calls | tokens |\n|---|---|---|---|")
-        rows = (("one greedy chain", one),
-                (f"self-consistency: {voted.chains / n:.0f} sampled chains (T={temperature:g}), majority answer", voted),
-                (f"group of {n_experts} experts + judge of {args.checks} checks (T={temperature:g})", group))
+        rows = (
+            ("one greedy chain", one),
+            (f"self-consistency: {voted.chains / n:.0f} sampled chains (T={temperature:g}), majority answer", voted),
+            (f"group of {n_experts} experts + judge of {args.checks} checks (T={temperature:g})", group),
+        )
         for name, t in rows:
             print(f"| {name} | {t.solved}/{n} ({100.0 * t.solved / n:.1f}%) "
                   f"| {t.calls} ({t.calls / n:.1f} per problem) | {t.prompt_tokens + t.completion_tokens} |")
