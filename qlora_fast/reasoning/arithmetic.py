@@ -164,8 +164,8 @@ class ArithmeticTask(ReasoningTask):
         return implied_sums(int(a), op, int(b), int(c), self.checks)
 
     def value_prompts(self, question, steps, experts):
-        """The sums implied by the last step (the inverse sum first); none when its result lies
-        outside the corpus' numbers (then its value is 0)."""
+        """The sums implied by the last step (the inverse sum first); none when the step's numbers
+        all lie outside the corpus' (then its value is 0)."""
         return [prompt for prompt, _ in self._checks(steps)]
 
     def judge_replies(self, question, steps, texts):
