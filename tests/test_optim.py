@@ -106,13 +106,14 @@ def test_blockwise_quantization_is_nearest_code(seed, signed):
     codes, absmax = quantize_blockwise_ref(x, code)
     assert_close(absmax, torch.cat([x[: 256 * 37].view(37, 256).abs().amax(1), x[256 * 37:].abs().amax().view(1)]))
     # Against bitsandbytes: same absmax, and our code is never further from the value than its
-    # (its CPU search is approximate in a few places).
+    # (its CPU search is approximate in a few places), up to 2 ulps at a near-tie: the code is
+    # picked against fp32 midpoints, whose rounding may move a tie by an ulp (seed 4116863960).
     bq, bstate = bnbF.quantize_blockwise(x, code=code, blocksize=256)
     assert_close(absmax, bstate.absmax)
     scaled = (x / absmax.repeat_interleave(256)[: x.numel()]).clamp(-1, 1)
     ours = (scaled - code[codes.long()]).abs()
     theirs = (scaled - code[bq.reshape(-1).long()]).abs()
-    assert (ours <= theirs).all()
+    assert (ours <= theirs + 2.4e-7).all()
     assert (codes != bq.reshape(-1)).float().mean() < 0.01
     # Brute force nearest (ties to the lower code), up to the fp32 rounding of this test's own
     # scaling, which may round a near-tie the other way (|scaled| <= 1: 2 ulps are 2.4e-7).
