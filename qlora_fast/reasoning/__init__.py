@@ -4,6 +4,8 @@
   with backtracking); `.solve(question)` returns a `ToTResult` (answer, path, tree, counts).
 - `experts_prompt(question)`: the single-prompt "three experts" variant, as a template, and
   `ask_experts(llm, question)` to run it (one call, no search) next to the search version.
+- `self_consistency(llm, question, n_chains)`: sampled chains and their majority answer, the
+  baseline a search is measured against at equal budget.
 - `BuiltinLM`, `HFCausalLM`: `llm` adapters for the built-in model and transformers models.
 - `ExpertsTask` (any question), `Game24Task` (`qlora_fast.reasoning.game24`), `ArithmeticTask`
   (`qlora_fast.reasoning.arithmetic`: multi-step sums the built-in model can partly do).

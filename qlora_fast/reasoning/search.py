@@ -12,10 +12,14 @@ final answer, or when no expert is left, or after `max_steps` steps.
 
 - Breadth-first (`search="bfs"`, the default): a beam of at most `breadth` lines; each round
   every line in the beam is extended by every expert and the best `breadth` surviving children
-  form the next beam. At most 2 model calls per round.
+  form the next beam, lines ranked by the mean value of their steps. At most 2 model calls per
+  round.
 - Depth-first (`search="dfs"`): extend one line, go into its best surviving child first (at most
   `breadth` of them, best value first) and backtrack to the next one when a line dies out or
   reaches `max_steps` without an answer.
+
+`self_consistency` is the chain-of-thought baseline to compare with at equal budget: sampled
+chains without a judge, the majority answer.
 
 Model calls and tokens are counted exactly: a call is one `llm.generate`; tokens come from the
 llm's `last_usage` (the adapters in `llm.py` report it) and are None when the llm reports none.
