@@ -1060,3 +1060,61 @@ def test_self_consistency_bad_input(n_chains):
         self_consistency(object(), "3 plus 4", task=ArithmeticTask())
     with pytest.raises(ValueError, match="checks must be an int >= 1"):
         ArithmeticTask(checks=0)
+
+
+class QueuedLM:
+    """Answers call k with `outputs[k]` (one string per prompt, checked)."""
+
+    def __init__(self, outputs):
+        self.outputs, self.calls, self.last_usage = list(outputs), 0, None
+
+    def generate(self, prompts, max_new_tokens, temperature, stop):
+        out = self.outputs[self.calls]
+        assert len(out) == len(prompts)
+        self.calls += 1
+        self.last_usage = Usage(len(prompts), len(prompts))
+        return out
+
+
+def test_self_consistency_ties_go_to_the_answer_reached_first():
+    """Chains ending at different depths: with every answer reached once, the one reached in the
+    earliest call wins, not the first chain's; chains that answered stop being asked."""
+    from qlora_fast.reasoning import self_consistency
+
+    llm = QueuedLM([["step one", "Answer: A", "step one"], ["Answer: B", "step two"], ["Answer: C"]])
+    result = self_consistency(llm, "q", n_chains=3, task=ExpertsTask(1), max_steps=3, max_new_tokens=8)
+    assert result.answer == "A" and result.model_calls == 3 and [n.expert for n in result.path] == [2]
+    assert [n.answer for n in result.nodes() if n.status == "final"] == ["B", "A", "C"]  # depth-first, chain order
+
+
+def test_default_judge_values_a_step_asked_nothing_as_wrong():
+    """A task that asks no judge prompt for a step and keeps the default `judge_replies`: the step
+    is judged None (wrong), without a call; prompts that are not strings are refused."""
+
+    class Silent(ExpertsTask):
+        def value_prompts(self, question, steps, experts):
+            return []
+
+    llm = QueuedLM([["a step", "Answer: 3"]])
+    result = TreeOfThought(llm, n_experts=2, max_steps=1, task=Silent(2), max_new_tokens=8).solve("q")
+    assert llm.calls == 1 and result.answer is None
+    assert all(n.status == "pruned" and n.value is None and n.judgement is None for n in result.nodes())
+
+    class NotStrings(ExpertsTask):
+        def value_prompts(self, question, steps, experts):
+            return [3]
+
+    with pytest.raises(TypeError, match="list of str prompts"):
+        TreeOfThought(QueuedLM([["x"]]), n_experts=1, max_steps=1, task=NotStrings(1), max_new_tokens=8).solve("q")
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(n=0), ValueError, "n must be >= 1"), (dict(n=-3), ValueError, "n must be >= 1"),
+    (dict(n=2.0), TypeError, "n must be an int"), (dict(a=3.0), TypeError, "a must be an int"),
+    (dict(b=True), TypeError, "b must be an int"), (dict(result="7"), TypeError, "result must be an int"),
+])
+def test_implied_sums_bad_input(kwargs, error, match):
+    args = dict(a=3, op="plus", b=4, result=7, n=5)
+    args.update(kwargs)
+    with pytest.raises(error, match=match):
+        arithmetic.implied_sums(**args)

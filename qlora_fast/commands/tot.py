@@ -56,7 +56,8 @@ def register(subparsers) -> None:
     p.add_argument("--n-experts", type=positive_int, default=None,
                    help="experts proposing a step for each line of reasoning (default 3; arithmetic 16)")
     p.add_argument("--checks", type=positive_int, default=24,
-                   help="arithmetic: implied sums the judge asks about each step (1 = the inverse sum only)")
+                   help="arithmetic: implied sums the judge asks about each step (1 = the inverse sum only, where "
+                   "the corpus teaches it)")
     p.add_argument("--breadth", type=positive_int, default=None,
                    help="beam width (BFS) / most children explored per node (DFS) (default 3; arithmetic 1)")
     p.add_argument("--max-steps", type=positive_int, default=None,
@@ -233,7 +234,7 @@ def run(args) -> int:
         for name, t in rows:
             print(f"| {name} | {t.solved}/{n} ({100.0 * t.solved / n:.1f}%) "
                   f"| {t.calls} ({t.calls / n:.1f} per problem) | {t.prompt_tokens + t.completion_tokens} |")
-    if group.solved == 0 and (task_name == "game24" or one.solved == 0):
+    if group.solved == 0 and (task_name == "game24" or one.solved == voted.solved == 0):
         hint = ("the built-in model is far too small for Game of 24: try --task arithmetic, or --model with a real LM"
                 if task_name == "game24" and args.model == "builtin" else "try a larger model (--model DIR)")
         print(f"note: the model solved none of the {n} {unit}s ({group.usable} of {group.steps} proposed steps were "

@@ -90,6 +90,11 @@ def implied_sums(a: int, op: str, b: int, result: int, n: int) -> List[Tuple[str
     (and the same with q shifted)."""
     if op not in _OPS:
         raise ValueError(f"op must be 'plus' or 'minus', got {op!r}")
+    for name, value in (("a", a), ("b", b), ("result", result), ("n", n)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{name} must be an int, got {value!r}")
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
     p, q, s = (a, b, result) if op == "plus" else (result, b, a)
     found, seen = [], set()
 
@@ -123,7 +128,8 @@ class ArithmeticTask(ReasoningTask):
 
     Every expert gets the same prompt (the corpus sentence for the next operation); the experts
     differ only through sampling, and the judge decides which of their results the line keeps.
-    `checks=1` is the inverse sum alone ("14 plus 5 is" for "19 minus 5 is 14").
+    `checks=1` is one check: the inverse sum ("14 plus 5 is" for "19 minus 5 is 14") when the corpus
+    teaches it, else the step's own sentence asked again.
     """
 
     stop = (".", "\n")
@@ -176,7 +182,8 @@ class ArithmeticTask(ReasoningTask):
         return agree / len(checks) if checks else 0.0
 
     def value_prompt(self, question, steps, experts):
-        """The inverse of the last step: for "a plus b is c", "c minus b is" (and vice versa)."""
+        """The one-prompt judge (what `value_prompts` asks first when the corpus teaches it): the
+        inverse of the last step, for "a plus b is c", "c minus b is" (and vice versa)."""
         a, op, b, _, c = steps[-1].split(" ")
         return _step_text(int(c), "minus" if op == "plus" else "plus", int(b))
 

@@ -384,15 +384,15 @@ class TreeOfThought:
             return None
         if self.evaluator is None:
             asked = [self.task.value_prompts(self._question, c.steps(), c.experts()) for c in children]
-            bad = [p for p in asked if not isinstance(p, list)]
+            bad = [p for p in asked if not isinstance(p, list) or not all(isinstance(x, str) for x in p)]
             if bad:
-                raise TypeError(f"task.value_prompts must return a list of prompts, got {bad[0]!r}")
+                raise TypeError(f"task.value_prompts must return a list of str prompts, got {bad[0]!r}")
             flat = [p for ps in asked for p in ps]  # a task may value a step without asking (an empty list)
             outputs = iter(self._generate(flat, self.value_max_new_tokens, self.value_temperature) if flat else [])
             values = []
             for child, prompts in zip(children, asked):
                 replies = [next(outputs) for _ in prompts]
-                child.judgement = " | ".join(replies)
+                child.judgement = " | ".join(replies) if replies else None
                 values.append(self.task.judge_replies(self._question, child.steps(), replies))
         else:
             values = [self.evaluator(self._question, c.steps()) for c in children]
@@ -418,11 +418,11 @@ class TreeOfThought:
 
     @staticmethod
     def _best_line(root: Node) -> List[Node]:
-        """Without an answer: the deepest line still standing, highest value at its end."""
+        """Without an answer: the deepest line still standing, highest line value first."""
         standing = [n for n in root.walk() if n.status == KEPT]
         if not standing:
             return []
-        best = max(standing, key=lambda n: (n.depth, n.value if n.value is not None else float("-inf")))
+        best = max(standing, key=lambda n: (n.depth, n.line_value))
         return best.path()
 
 
@@ -483,7 +483,8 @@ def self_consistency(llm, question: str, n_chains: int = 16, task: Optional[Reas
     against at equal budget: `n_chains` independent chains sampled step by step (every live
     chain's next step in ONE batched call per step, no judge), and the answer most chains reach
     (ties: the one reached first). A chain ends at its final answer, at an unusable step, or
-    after `max_steps`. The tree holds the chains under the root; the path is the first chain that
+    after `max_steps`. The tree holds the chains under the root (each node's `expert` is its chain's
+    number; every chain is prompted as expert 1); the path is the first chain that
     reached the answer. Raises as `TreeOfThought` does on bad input."""
     if isinstance(n_chains, bool) or not isinstance(n_chains, int) or n_chains < 1:
         raise ValueError(f"n_chains must be an int >= 1, got {n_chains!r}")

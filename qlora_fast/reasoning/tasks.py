@@ -75,13 +75,14 @@ class ReasoningTask:
 
     def value_prompts(self, question: str, steps: Sequence[str], experts: Sequence[int]) -> List[str]:
         """Every prompt the judge of the last step asks (default: `[value_prompt(...)]`). A task that
-        checks a step several ways returns several; they all go into the round's one judge call."""
+        checks a step several ways returns several (and overrides `judge_replies` to read them all);
+        they all go into the round's one judge call. An empty list values the step without a call."""
         return [self.value_prompt(question, steps, experts)]
 
     def judge_replies(self, question: str, steps: Sequence[str], texts: Sequence[str]) -> Optional[float]:
         """The value of the last of `steps` from the model's replies to `value_prompts`, in order
-        (default: `judge(question, steps, texts[0])`)."""
-        return self.judge(question, steps, texts[0])
+        (default: `judge(question, steps, texts[0])`; None, judged wrong, when nothing was asked)."""
+        return self.judge(question, steps, texts[0]) if texts else None
 
     def parse_value(self, text: str) -> Optional[float]:
         """The model's judgement as a value in [0, 1], or None when unreadable."""
