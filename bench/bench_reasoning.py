@@ -99,8 +99,9 @@ def _time(fn, *args, repeat=3):
 def solve_rates(n: int, steps: int = 3, n_experts: int = 16, temperature: float = 1.0, seed: int = 1):
     """Correct answers, model calls and tokens of several ways of solving the same problems: one
     greedy chain, self-consistency at the judged group's token budget (per problem, as
-    `qlora-fast tot` does), the group voting without a judge, with one check as judge (the inverse sum where the corpus teaches it),
-    with the default judge (24 implied sums) at breadth 1 (the default) and 2. With steps=1 the
+    `qlora-fast tot` does), the group voting without a judge, with one check as judge (the inverse
+    sum where the corpus teaches it), with the default judge (24 implied sums) at breadth 1 (the
+    default) and 2. With steps=1 the
     rows are per-step figures: how often the line keeps the right sum (pass@k: any expert had it)."""
     from qlora_fast.models import load_base_model
     from qlora_fast.reasoning import ArithmeticTask, arithmetic, self_consistency
