@@ -49,6 +49,10 @@ inline AdamScalars make_adam_scalars(double lr, double beta1, double beta2, doub
   return s;
 }
 
+// max(a, b) that keeps a NaN from either side (std::max and fmaxf drop it): a NaN gradient makes
+// its block's new absmax NaN, so the optimizer's non-finite check sees it as it sees inf.
+QF_HOST_DEVICE inline float max_keep_nan(float a, float b) { return (a > b || a != a) ? a : b; }
+
 // One element of the update, in fp32. Follows torch's single-tensor AdamW:
 //   p *= 1 - lr*wd;  m = lerp(m, g, 1-beta1);  v = beta2*v + (1-beta2)*g*g;
 //   p -= step_size * m / (sqrt(v)/sqrt(bc2) + eps)

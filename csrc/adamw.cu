@@ -91,7 +91,7 @@ __global__ void __launch_bounds__(kThreads) adam32_kernel(const QfAdam32Entry* _
 
 __device__ __forceinline__ float warp_max(float x) {
 #pragma unroll
-  for (int offset = 16; offset > 0; offset >>= 1) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, offset));
+  for (int offset = 16; offset > 0; offset >>= 1) x = qlora_fast::max_keep_nan(x, __shfl_xor_sync(0xffffffffu, x, offset));
   return x;
 }
 
@@ -233,8 +233,8 @@ __global__ void __launch_bounds__(kThreads, 3) adam8bit_kernel(const QfAdam8Entr
     float new_am = 0.0f, new_av = 0.0f;
 #pragma unroll
     for (int j = 0; j < kPerLane; ++j) {
-      new_am = fmaxf(new_am, fabsf(mr[j]));
-      new_av = fmaxf(new_av, fabsf(vr[j]));
+      new_am = qlora_fast::max_keep_nan(new_am, fabsf(mr[j]));
+      new_av = qlora_fast::max_keep_nan(new_av, fabsf(vr[j]));
     }
     new_am = warp_max(new_am);
     new_av = warp_max(new_av);

@@ -128,7 +128,7 @@ std::shared_ptr<const CodeIndex> code_index(const float* code) {
 // `second_moment`: a positive value never takes code 0 (see second_moment_code).
 float requantize_block(const float* x, int64_t n, const CodeIndex& index, bool second_moment, uint8_t* out) {
   float absmax = 0.0f;
-  for (int64_t i = 0; i < n; ++i) absmax = std::max(absmax, std::fabs(x[i]));
+  for (int64_t i = 0; i < n; ++i) absmax = max_keep_nan(absmax, std::fabs(x[i]));
   // An all-zero block stays zero (code of 0) instead of dividing by zero.
   const float inv = absmax > 0.0f ? 1.0f / absmax : 0.0f;
   for (int64_t i = 0; i < n; ++i) {

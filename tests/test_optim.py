@@ -465,8 +465,17 @@ def _corruptions(sd):
         ("dtype", with_state(**{first: sd["state"][last][first].double()})),
         ("kind", with_state(kind="8bit" if sd["state"][last]["kind"] == "32bit" else "32bit")),
         ("step", with_state(step=-3)),
+        ("infinite step", with_state(step=float("inf"))),
         ("not a dict", {"state": sd["state"]}),
     ]
+    negative = [k for k in names if k != "exp_avg" and sd["state"][last][k].is_floating_point()]
+    out.append(("negative " + negative[0], with_state(**{negative[0]: -sd["state"][last][negative[0]].abs() - 1})))
+    for key, value in (("lr", None), ("amsgrad", True), ("maximize", True)):
+        bad = copy.deepcopy(sd)
+        bad["param_groups"][0][key] = value
+        if value is None:
+            del bad["param_groups"][0][key]
+        out.append((f"group {key}={value}", bad))
     nan = copy.deepcopy(sd)
     floats = [k for k in names if sd["state"][last][k].is_floating_point()]
     nan["state"][last][floats[0]].view(-1)[0] = float("nan")

@@ -14,6 +14,7 @@ the op increments, so the Python work per step is a list of the gradients. Pages
 streamed through the device afterwards, one per-page op call each.
 """
 import math
+import numbers
 import time
 from collections import defaultdict
 from itertools import chain
@@ -172,6 +173,26 @@ def _local_8bit_states(saved: dict, p) -> dict:
     return out
 
 
+def _from_torch_adam(saved: dict, kind: str, n: int, saved_id) -> dict:
+    """A torch.optim.Adam/AdamW state ({step, exp_avg, exp_avg_sq}, shaped like the parameter, in
+    its dtype) in this optimizer's layout: fp32 moments, or 8-bit blocks quantized from them."""
+    moments = {}
+    for name in STATE32:
+        t = saved[name]
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point() or t.numel() != n:
+            raise ValueError(f"state {name!r} of parameter {saved_id} (torch's Adam layout) must be a floating "
+                             f"tensor of {n} elements, got {t!r:.80}")
+        moments[name] = _local(t).detach().reshape(-1).float()
+    out = {"step": saved["step"], "kind": kind}
+    if kind == "32bit":
+        return {**out, **moments}
+    for name, signed in (("exp_avg", True), ("exp_avg_sq", False)):
+        codes, absmax = quantize_blockwise_ref(moments[name].cpu(), dynamic_map(signed), scaling="reciprocal",
+                                               positive_nonzero=not signed)
+        out[f"{name}_codes"], out[f"{name}_absmax"] = codes, absmax
+    return out
+
+
 def _ops(device: torch.device):
     """torch.ops.qlora_fast, with the extension loaded; a clear error when `device` is CUDA and
     the extension was built without its CUDA kernels."""
@@ -190,18 +211,46 @@ def _ops(device: torch.device):
     return torch.ops.qlora_fast
 
 
+def _real(name: str, value) -> float:
+    """`value` as a float: a Python or NumPy real, or a one-element tensor (as schedulers set)."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.dtype.is_complex:
+        return float(value)
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        return float(value)
+    raise ValueError(f"{name} must be a real number (int, float or a one-element tensor), got {value!r}")
+
+
 def _check_hyperparameters(lr, betas, eps, weight_decay) -> None:
-    if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not math.isfinite(lr) or lr < 0.0:
+    if not (math.isfinite(_real("lr", lr)) and float(lr) >= 0.0):
         raise ValueError(f"lr must be a finite number >= 0, got {lr!r}")
     if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
         raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
     for i, beta in enumerate(betas):
-        if not isinstance(beta, (int, float)) or not 0.0 <= beta < 1.0:
+        if not 0.0 <= _real(f"betas[{i}]", beta) < 1.0:
             raise ValueError(f"betas[{i}] must be in [0, 1), got {beta!r}")
-    if not isinstance(eps, (int, float)) or not eps >= 0.0:
+    if not _real("eps", eps) >= 0.0:
         raise ValueError(f"eps must be >= 0, got {eps!r}")
-    if not isinstance(weight_decay, (int, float)) or not weight_decay >= 0.0:
+    if not _real("weight_decay", weight_decay) >= 0.0:
         raise ValueError(f"weight_decay must be >= 0, got {weight_decay!r}")
+
+
+# Flags of torch's Adam/AdamW this implementation does not have: a group (or a loaded state_dict)
+# that turns one on is refused rather than silently stepping without it.
+_UNSUPPORTED_FLAGS = ("amsgrad", "maximize", "capturable", "differentiable")
+
+
+def _check_group(group: dict, where: str) -> None:
+    """A param group's hyperparameters and flags, before the group is used or stored."""
+    missing = [k for k in ("lr", "betas", "eps", "weight_decay") if k not in group]
+    if missing:
+        raise ValueError(f"{where} has no {', '.join(map(repr, missing))}")
+    try:
+        _check_hyperparameters(group["lr"], group["betas"], group["eps"], group["weight_decay"])
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
+    on = [k for k in _UNSUPPORTED_FLAGS if group.get(k)]
+    if on:
+        raise ValueError(f"{where} sets {', '.join(on)}, which qlora_fast's Adam/AdamW do not support")
 
 
 class _PagedAdamBase(torch.optim.Optimizer):
@@ -217,9 +266,9 @@ class _PagedAdamBase(torch.optim.Optimizer):
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01, *,
                  eight_bit=False, min_8bit_size=4096, paged=False, budget: Budget = 0.8,
                  page_bytes=8 << 20):
-        lr = float(lr) if isinstance(lr, torch.Tensor) else lr
         _check_hyperparameters(lr, betas, eps, weight_decay)
-        if not isinstance(min_8bit_size, int) or min_8bit_size < 0:
+        lr = _real("lr", lr)
+        if not isinstance(min_8bit_size, int) or isinstance(min_8bit_size, bool) or min_8bit_size < 0:
             raise ValueError(f"min_8bit_size must be an int >= 0, got {min_8bit_size!r}")
         if not isinstance(page_bytes, int) or isinstance(page_bytes, bool):
             raise TypeError(f"page_bytes must be an int, got {page_bytes!r}")
@@ -249,15 +298,47 @@ class _PagedAdamBase(torch.optim.Optimizer):
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict) -> None:
+        """torch's add_param_group, with the group checked before it is added: a bad group
+        raises and leaves the optimizer as it was."""
+        if not isinstance(param_group, dict):
+            raise TypeError(f"param_group must be a dict, got {type(param_group).__name__}")
+        params = param_group.get("params")
+        # A generator is read once here and handed on as a list.
+        params = [params] if isinstance(params, torch.Tensor) else params
+        if params is not None and not isinstance(params, (set, dict)):
+            params = list(params)
+        param_group = {**param_group, "params": params}
+        _check_group({**self.defaults, **param_group}, f"param group {len(self.param_groups)}")
+        for p in params or ():
+            if isinstance(p, torch.Tensor) and p.dtype not in _PARAM_DTYPES:
+                raise TypeError(f"parameters must be float32, bfloat16 or float16, got {p.dtype}")
+            if isinstance(p, torch.Tensor) and not p.is_contiguous():
+                raise ValueError("parameters must be contiguous (states are paged over the flat parameter)")
         super().add_param_group(param_group)
         self._epoch += 1
-        group = self.param_groups[-1]
-        _check_hyperparameters(group["lr"], group["betas"], group["eps"], group["weight_decay"])
-        for p in group["params"]:
-            if p.dtype not in _PARAM_DTYPES:
-                raise TypeError(f"parameters must be float32, bfloat16 or float16, got {p.dtype}")
-            if not p.is_contiguous():
-                raise ValueError("parameters must be contiguous (states are paged over the flat parameter)")
+
+    # ---- copy.deepcopy and pickle -------------------------------------------------------
+    _CONFIG = ("_eight_bit", "_min_8bit_size", "_paged", "_budget", "_page_elements", "_page_bytes")
+
+    def __getstate__(self) -> dict:
+        """The configuration, the groups and each parameter's whole states; pages, plans and
+        device caches are rebuilt on the other side (torch's own keeps only defaults, state
+        and param_groups, which left a copy without its configuration)."""
+        for manager in self._managers.values():
+            manager.synchronize()
+        self._read_pending_checks(wait=True)
+        state = {p: self._flat_state(v) for p, v in self.state.items() if "pages" in v}
+        return {"defaults": self.defaults, "param_groups": self.param_groups, "flat_state": state,
+                **{name: getattr(self, name) for name in self._CONFIG}}
+
+    def __setstate__(self, state: dict) -> None:
+        flat_state = state.pop("flat_state", {})
+        super().__setstate__({**state, "state": defaultdict(dict)})
+        self._managers, self._maps, self._plans = {}, {}, {}
+        self._pending_checks, self._epoch, self._stateless = [], 0, (None, [])
+        for p, flat in flat_state.items():
+            tensors = {k: v for k, v in flat.items() if k not in ("step", "kind")}
+            self._init_state(p, tensors, step=int(flat["step"]))
 
     # ---- states and pages --------------------------------------------------------------
     def _manager(self, device: torch.device) -> PageManager:
@@ -481,8 +562,8 @@ class _PagedAdamBase(torch.optim.Optimizer):
                 bad.append(f"param_groups[{gi}]['params'][{pi}] (shape {tuple(p.shape)}, step {int(state['step'])})")
         raise FloatingPointError(
             f"{type(self).__name__}: the 8-bit state of {', '.join(bad) or 'a parameter'} is no longer finite: "
-            "a gradient element above ~5.8e20 (sqrt(float32 max / (1 - beta2))) or inf overflows the "
-            "second moment (1 - beta2) * g * g, and every "
+            "a NaN gradient element, or one above ~5.8e20 (sqrt(float32 max / (1 - beta2))) or inf that "
+            "overflows the second moment (1 - beta2) * g * g, and every "
             "element of its 256-element block would decode to NaN. Clip the gradients (e.g. "
             "torch.nn.utils.clip_grad_norm_) or skip such steps; reload a checkpoint to continue."
         )
@@ -491,7 +572,9 @@ class _PagedAdamBase(torch.optim.Optimizer):
     def _flat_state(self, state: dict) -> dict:
         """Whole-tensor states of one parameter (pages joined; on the host when paged)."""
         pages = state["pages"]
-        out = {"step": state["step"].clone(), "kind": state["kind"]}  # a copy: the live count moves on
+        # Unpaged: the live tensors, as torch's state_dict (so a later step moves the step count and
+        # the moments together); paged: a copy of all of them, joined on the host.
+        out = {"step": state["step"] if not self._paged else state["step"].clone(), "kind": state["kind"]}
         for name in pages[0].tensors:
             parts = [pg.tensors[name] for pg in pages]
             if len(parts) == 1 and not self._paged:
@@ -508,7 +591,7 @@ class _PagedAdamBase(torch.optim.Optimizer):
             manager.synchronize()
         self._read_pending_checks(wait=True)
         sd = super().state_dict()
-        sd["state"] = {k: (self._flat_state(v) if "pages" in v else v) for k, v in sd["state"].items()}
+        sd["state"] = {k: (self._flat_state(v) if "pages" in v else v) for k, v in sd["state"].items() if v}
         params = list(chain.from_iterable(g["params"] for g in self.param_groups))
         for k, state in sd["state"].items():
             if hasattr(params[k], "_local_tensor") and "kind" in state:
@@ -549,12 +632,8 @@ class _PagedAdamBase(torch.optim.Optimizer):
             if len(saved["params"]) != len(group["params"]):
                 raise ValueError(f"state_dict param group {i} has {len(saved['params'])} parameters, "
                                  f"this optimizer's {len(group['params'])}")
-            hyper = {k: saved.get(k, group[k]) for k in ("lr", "betas", "eps", "weight_decay")}
-            try:
-                _check_hyperparameters(float(hyper["lr"]) if isinstance(hyper["lr"], torch.Tensor) else hyper["lr"],
-                                       hyper["betas"], hyper["eps"], hyper["weight_decay"])
-            except ValueError as e:
-                raise ValueError(f"state_dict param group {i}: {e}") from None
+            # torch replaces each group by the saved one: it must be complete and usable.
+            _check_group(saved, f"state_dict param group {i}")
         saved_ids = list(chain.from_iterable(g["params"] for g in saved_groups))
         params = list(chain.from_iterable(g["params"] for g in self.param_groups))
         out = []
@@ -565,13 +644,19 @@ class _PagedAdamBase(torch.optim.Optimizer):
             saved = saved_states[saved_id]
             if not isinstance(saved, dict):
                 raise ValueError(f"state of parameter {saved_id} must be a dict, got {type(saved).__name__}")
+            if not saved:  # an entry created by reading `opt.state[p]` before any step: no state
+                out.append(None)
+                continue
             kind = self._kind(p)
+            if "kind" not in saved and {"step", *STATE32} <= saved.keys():
+                saved = _from_torch_adam(saved, kind, _local(p).numel(), saved_id)
             if saved.get("kind") != kind:
                 raise ValueError(f"parameter {saved_id} has {saved.get('kind')!r} states in the state_dict "
                                  f"but this optimizer keeps {kind!r} states for it")
             step = saved.get("step")
             step = step.item() if isinstance(step, torch.Tensor) and step.numel() == 1 else step
-            if isinstance(step, bool) or not isinstance(step, (int, float)) or step != int(step) or step < 0:
+            if (isinstance(step, bool) or not isinstance(step, (int, float)) or not math.isfinite(step)
+                    or step != int(step) or step < 0):
                 raise ValueError(f"'step' of parameter {saved_id} must be an integer >= 0, got {saved.get('step')!r}")
             names = STATE32 if kind == "32bit" else STATE8
             table = saved.get("exp_avg_absmax")
@@ -597,6 +682,9 @@ class _PagedAdamBase(torch.optim.Optimizer):
                     )
                 if t.is_floating_point() and not torch.isfinite(t).all():
                     raise ValueError(f"state {name!r} of parameter {saved_id} has non-finite values")
+                if name != "exp_avg" and t.is_floating_point() and bool((t < 0).any()):
+                    # a negative second moment or scale would turn the next step's parameters to NaN
+                    raise ValueError(f"state {name!r} of parameter {saved_id} has negative values")
                 flat[name] = t.reshape(-1)
             out.append((flat, int(step)))
         return out
