@@ -84,12 +84,18 @@ def check_lora(ns):
 def setup_optim(monkeypatch):
     model = nn.Linear(64, 32)
     model(torch.randn(3, 64)).square().sum().backward()
+    peer = torch.optim.AdamW(model.parameters())  # the block's torch_adamw.pt: 3 steps of torch's AdamW
+    for _ in range(3):
+        peer.step()
+    torch.save(peer.state_dict(), "torch_adamw.pt")
+    model.load_state_dict(nn.Linear(64, 32).state_dict())  # the block starts from other weights
     return {"model": model}
 
 
 def check_optim(ns):
     assert os.path.isfile("opt.pt")
     assert ns["opt"].paging_stats() is not None
+    assert all(int(s["step"]) == 3 for s in ns["opt"].state_dict()["state"].values())
 
 
 def setup_peft(monkeypatch):
