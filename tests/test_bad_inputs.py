@@ -193,6 +193,44 @@ def test_unreadable_checkpoint_names_the_file_and_a_failed_load_changes_nothing(
     assert all(torch.equal(before[n], p) for n, p in adapter(model).items())
 
 
+class _RunsCode:
+    """Unpickling this calls a function of the file's choosing (here: it writes a marker file)."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_checkpoint_is_loaded_as_data_and_older_numpy_rng_states_still_resume(tmp_path):
+    import numpy as np
+
+    trainer = sft(tmp_path, checkpoint_every=2)
+    trainer.train()
+    path = latest_checkpoint(str(tmp_path))
+    state = torch.load(path, weights_only=True)  # what we write is plain data
+    # A file that would run code when unpickled is refused, and the code does not run.
+    marker = tmp_path / "ran"
+    evil = tmp_path / "checkpoint-7.pt"
+    torch.save({**state, "extra": {"payload": _RunsCode(str(marker))}}, evil)
+    model = tiny_peft(seed=3)
+    before = adapter(model)
+    with pytest.raises(ValueError, match=f"checkpoint {evil} is unreadable"):
+        load_checkpoint(str(evil), model)
+    assert not marker.exists() and all(torch.equal(before[n], p) for n, p in adapter(model).items())
+    # Checkpoints written before the RNG state became a tensor held numpy's own state tuple.
+    np.random.seed(int(torch.randint(0, 2**31, ())))
+    old_numpy = np.random.get_state()
+    expected = np.random.random(5)
+    old = tmp_path / "checkpoint-8.pt"
+    torch.save({**state, "rng": {**state["rng"], "numpy": old_numpy}}, old)
+    np.random.seed(0)
+    load_checkpoint(str(old), model)
+    assert np.array_equal(np.random.random(5), expected)
+    assert all(torch.equal(state["trainable"][n], p) for n, p in adapter(model).items())
+
+
 # ------------------------------------------------------------------------------ hyperparameters
 @pytest.mark.parametrize(
     "overrides,error,named",

@@ -45,7 +45,9 @@ def rng_state() -> dict:
     try:
         import numpy as np
 
-        state["numpy"] = np.random.get_state()
+        name, keys, pos, has_gauss, cached = np.random.get_state()
+        # as a tensor, not an ndarray: the checkpoint then loads with torch.load(weights_only=True)
+        state["numpy"] = (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached)
     except ImportError:
         pass
     return state
@@ -59,7 +61,9 @@ def set_rng_state(state: dict) -> None:
     if "numpy" in state:
         import numpy as np
 
-        np.random.set_state(state["numpy"])
+        name, keys, *rest = state["numpy"]
+        keys = keys.numpy() if isinstance(keys, torch.Tensor) else keys
+        np.random.set_state((name, keys.astype(np.uint32), *rest))
 
 
 def atomic_torch_save(obj, path: str) -> None:
@@ -189,13 +193,29 @@ def save_checkpoint(
     return path
 
 
+def _numpy_globals() -> list:
+    """The numpy types an ndarray pickles with (older checkpoints hold numpy's RNG state)."""
+    try:
+        import numpy as np
+    except ImportError:
+        return []
+    try:
+        from numpy._core.multiarray import _reconstruct
+    except ImportError:  # numpy < 2
+        from numpy.core.multiarray import _reconstruct
+    return [_reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+
+
 def read_checkpoint(path: str) -> dict:
     """The dict `save_checkpoint` wrote to `path`; FileNotFoundError, or ValueError naming the file
     when it is truncated, corrupt or not a checkpoint."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no checkpoint file at {path}")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        # weights_only: a checkpoint is data, and loading one must not run code from the file;
+        # checkpoints written before the numpy RNG state was stored as a tensor need numpy's types
+        with torch.serialization.safe_globals(_numpy_globals()):
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises RuntimeError, EOFError, UnpicklingError... for a damaged file
         raise ValueError(f"checkpoint {path} is unreadable (truncated or corrupt; delete it to resume from an "
                          f"earlier one): {type(e).__name__}: {e}") from e
