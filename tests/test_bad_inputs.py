@@ -3,6 +3,7 @@ and never in silently wrong results or lost data (issue 18 sections 2-6, issue 1
 output safety (file modes, stale temporaries, a lock, writability checked first), resume that
 cannot continue the wrong run, validated hyperparameters and NaN guards, unreadable files and
 corrupt caches named (caches rebuilt), and the CLI's one-line errors."""
+import copy
 import json
 import os
 import signal
@@ -191,6 +192,24 @@ def test_unreadable_checkpoint_names_the_file_and_a_failed_load_changes_nothing(
     with pytest.raises(ValueError, match="could not be restored"):
         load_checkpoint(path, model, optimizer=bad_opt)
     assert all(torch.equal(before[n], p) for n, p in adapter(model).items())
+    # A scheduler that fails after the optimizer loaded: the optimizer goes back to its state too.
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    before, opt_before = adapter(model), copy.deepcopy(opt.state_dict())
+
+    class FailingScheduler:
+        def load_state_dict(self, sd):
+            raise KeyError("not this scheduler's state")
+
+    with pytest.raises(ValueError, match="could not be restored: KeyError"):
+        load_checkpoint(path, model, optimizer=opt, scheduler=FailingScheduler())
+    after = opt.state_dict()
+    assert all(torch.equal(before[n], p) for n, p in adapter(model).items())
+    for k, st in opt_before["state"].items():
+        assert all(torch.equal(v, after["state"][k][name]) for name, v in st.items())
 
 
 class _RunsCode:

@@ -231,7 +231,7 @@ def load_checkpoint(path: str, model: nn.Module, optimizer=None, scheduler=None,
     `optimizer`, `scheduler` and the RNGs. Returns {"step": int, "extra": dict}.
     Raises FileNotFoundError or ValueError (naming the file) when the checkpoint is unreadable,
     does not fit the model, or was written by a different run than `run` (a `run_identity`).
-    On an error the model's parameters are left as they were."""
+    On an error the model's parameters and the optimizer's state are left as they were."""
     state = read_checkpoint(path)
     check_same_run(state.get("run"), run, path)
     params = dict(unwrap(model).named_parameters())
@@ -242,6 +242,10 @@ def load_checkpoint(path: str, model: nn.Module, optimizer=None, scheduler=None,
         raise ValueError(f"checkpoint {path} does not fit the model: missing {missing[:5]}, unknown {unknown[:5]}, "
                          f"wrong shape {wrong[:5]}")
     backup = {n: params[n].detach().clone() for n in state["trainable"]}
+    # A load replaces the optimizer's state tensors rather than writing into them, so the old
+    # state_dict stays intact as a backup.
+    restore_optimizer = optimizer is not None and state["optimizer"] is not None
+    optimizer_backup = optimizer.state_dict() if restore_optimizer else None
     try:
         with torch.no_grad():
             for name, tensor in state["trainable"].items():
@@ -254,6 +258,8 @@ def load_checkpoint(path: str, model: nn.Module, optimizer=None, scheduler=None,
         with torch.no_grad():
             for name, tensor in backup.items():
                 params[name].copy_(tensor)
+        if restore_optimizer:
+            optimizer.load_state_dict(optimizer_backup)
         raise ValueError(f"checkpoint {path} could not be restored: {type(e).__name__}: {e}") from e
     if restore_rng:
         set_rng_state(state["rng"])
