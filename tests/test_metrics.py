@@ -339,6 +339,42 @@ def test_perplexity_equals_direct_float64_nll(kind, shape, max_length, stride, s
         assert abs(ours - math.exp(nll.item())) <= 1e-9 * ours
 
 
+@pytest.mark.parametrize("max_length,stride", [(64, None), (16, 5), (9, 9)])
+def test_perplexity_of_a_right_padded_batch_scores_only_its_tokens(max_length, stride, seed):
+    """Texts of different lengths padded into one batch: the same perplexity as the texts'
+    tokens pooled, each text scored alone by the float64 reference."""
+    model = TinyLM(vocab=23, dim=8).double()
+    lengths = [int(n) for n in torch.randint(2, 41, (4,))]
+    lengths[0] = 41
+    rows = [torch.randint(0, 23, (n,)) for n in lengths]
+    pad = int(torch.randint(-100, 1000, ()))  # padding ids need not be valid tokens
+    ids = torch.full((4, 41), pad)
+    mask = torch.zeros(4, 41, dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, : len(row)], mask[i, : len(row)] = row, 1
+    ours = perplexity(model, ids, stride=stride, max_length=max_length, attention_mask=mask)
+    nll, count = 0.0, 0
+    for row in rows:
+        n = sum(1 for t in range(1, len(row)) if not _unscored(t, max_length, stride or max_length))
+        nll += math.log(direct_ppl(model, row, max_length, stride or max_length)) * n
+        count += n
+    assert abs(ours - math.exp(nll / count)) <= 1e-9 * ours
+    with pytest.raises(ValueError, match="pad on the right"):
+        perplexity(model, ids, max_length=max_length, attention_mask=mask.flip(1))
+    with pytest.raises(ValueError, match="shape of token_ids"):
+        perplexity(model, ids, max_length=max_length, attention_mask=mask[:, :-1])
+    with pytest.raises(ValueError, match="0 \\(padding\\) and 1"):
+        perplexity(model, ids, max_length=max_length, attention_mask=mask * 2)
+
+
+def _unscored(t, max_length, stride):
+    """direct_ppl's rule: token t is skipped when it starts a window that does not overlap the last."""
+    begin = 0
+    while begin + max_length <= t:
+        begin += stride
+    return begin >= t
+
+
 def test_perplexity_of_a_hugging_face_model_matches_the_docs_recipe(seed):
     transformers = pytest.importorskip("transformers")
     config = transformers.GPT2Config(vocab_size=50, n_positions=32, n_embd=16, n_layer=2, n_head=2)

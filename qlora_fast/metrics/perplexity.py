@@ -39,12 +39,34 @@ def _default_max_length(model) -> Optional[int]:
     return None
 
 
+def _right_padding_mask(attention_mask, shape) -> Optional[torch.Tensor]:
+    """`attention_mask` as a bool tensor of `shape`, checked: 0/1 values, padding on the right, and
+    some row with a token to score."""
+    if attention_mask is None:
+        return None
+    if not isinstance(attention_mask, torch.Tensor):
+        raise TypeError(f"attention_mask must be a tensor, got {type(attention_mask).__name__}")
+    mask = attention_mask.unsqueeze(0) if attention_mask.dim() == 1 else attention_mask
+    if tuple(mask.shape) != tuple(shape):
+        raise ValueError(f"attention_mask must have the shape of token_ids {tuple(shape)}, got "
+                         f"{tuple(attention_mask.shape)}")
+    if mask.is_floating_point() or mask.is_complex() or not bool(((mask == 0) | (mask == 1)).all()):
+        raise ValueError("attention_mask must hold 0 (padding) and 1 (a token), as integers or bools")
+    mask = mask.bool().cpu()
+    if bool((mask[:, 1:] & ~mask[:, :-1]).any()):
+        raise ValueError("attention_mask has a token after padding: pad on the right (padding_side='right')")
+    if int(mask[:, 1:].sum()) == 0:
+        raise ValueError("attention_mask leaves no token to score (every row is shorter than 2 tokens)")
+    return mask
+
+
 def perplexity(
     model: torch.nn.Module,
     token_ids: Union[torch.Tensor, Sequence[int]],
     stride: Optional[int] = None,
     max_length: Optional[int] = None,
     progress: bool = False,
+    attention_mask: Optional[torch.Tensor] = None,
 ) -> float:
     """exp(mean negative log-likelihood) of `token_ids` under `model`.
 
@@ -58,6 +80,9 @@ def perplexity(
         stride: how far each window moves, 1 <= stride <= max_length; defaults to max_length
             (disjoint windows). Smaller strides give each token more context and cost more.
         progress: show a tqdm bar over windows.
+        attention_mask: (B, T) of 1 (a token) and 0 (padding), as a tokenizer pads a batch of
+            texts of different lengths: padding goes on the right, is never scored, and (the model
+            being causal) never changes the score of a token before it. Default: all tokens.
 
     Returns a Python float. Raises TypeError/ValueError for bad arguments or logits of the
     wrong shape.
@@ -72,6 +97,7 @@ def perplexity(
     if ids.dim() != 2 or ids.shape[1] < 2:
         raise ValueError(f"token_ids must have shape (T,) or (B, T) with T >= 2, got {tuple(ids.shape)}")
     ids = ids.long()
+    mask = _right_padding_mask(attention_mask, ids.shape)
     if max_length is None:
         max_length = _default_max_length(model)
         if max_length is None:
@@ -86,6 +112,9 @@ def perplexity(
 
     params = next(iter(model.parameters()), None) if isinstance(model, torch.nn.Module) else None
     device = params.device if params is not None else ids.device
+    if mask is not None:  # padding is never scored: any id will do, and 0 is one the model embeds
+        ids = ids.masked_fill(~mask.to(ids.device), 0)
+        mask = mask.to(device)
     ids = ids.to(device)
     seq_len = ids.shape[1]
     starts = []
@@ -123,8 +152,13 @@ def perplexity(
                 first = max(prev_end, begin + 1) - begin
                 log_probs = F.log_softmax(logits[:, first - 1 : -1].double(), dim=-1)
                 targets = window[:, first:]
-                nll_sum -= log_probs.gather(-1, targets.unsqueeze(-1)).sum()
-                n_scored += targets.numel()
+                nll = log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+                if mask is not None:
+                    keep = mask[:, begin:end][:, first:]
+                    nll, n_scored = nll[keep], n_scored + int(keep.sum())
+                else:
+                    n_scored += targets.numel()
+                nll_sum -= nll.sum()
                 prev_end = end
     finally:
         if isinstance(model, torch.nn.Module):
