@@ -100,7 +100,8 @@ def _check_pairs(pairs, what):
 
 
 def build_examples(tokenizer, pairs, template: str, max_len: int, packing: bool, seed: int = 0):
-    """Encoded rows: one per pair (pairs whose answer does not fit in max_len are dropped), or
+    """Encoded rows: one per pair, cut to max_len (an answer cut short keeps its first tokens and
+    loses its end-of-sequence token; a pair cut before any answer token is dropped), or
     with `packing` rows of exactly `max_len` tokens filled with
     consecutive examples of a seeded shuffle (the last partial row is dropped)."""
     encoded = [encode_example(tokenizer, p["instruction"], p["output"], template, max_len) for p in pairs]
