@@ -383,7 +383,8 @@ class BPETokenizer:
     @classmethod
     def train_from_files(cls, paths: Union[str, os.PathLike, Iterable[Union[str, os.PathLike]]], vocab_size: int,
                          **kwargs) -> "BPETokenizer":
-        """`train` on the UTF-8 text of each file (one text per file)."""
+        """`train` on the UTF-8 text of each file (one text per file). A path that is not a file,
+        or a file that is not UTF-8, raises ValueError naming it."""
         if isinstance(paths, (str, os.PathLike)):
             paths = [paths]
         paths = [os.fspath(p) for p in paths]
@@ -393,8 +394,13 @@ class BPETokenizer:
 
         def read():
             for p in paths:
-                with open(p, encoding="utf-8", newline="") as f:  # keep \r\n as written
-                    yield f.read()
+                with open(p, "rb") as f:  # decoded whole: \r\n kept as written, the error's offset is the file's
+                    data = f.read()
+                try:
+                    text = data.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise ValueError(f"paths: {p!r} is not UTF-8 text ({e.reason} at byte {e.start})") from e
+                yield text
 
         return cls.train(read(), vocab_size, **kwargs)
 
