@@ -476,6 +476,28 @@ def test_grpo_command_rejects_a_bad_config_before_any_training(tmp_path, capsys)
     assert not (tmp_path / "missing").exists() and not (tmp_path / "cache").exists()  # nothing was trained
 
 
+
+def test_grpo_command_rejects_an_sft_adapter_that_is_a_file_before_training(tmp_path, capsys, monkeypatch):
+    # It used to train the whole warm start (250 SFT steps by default) and only then fail to save it.
+    import qlora_fast.models
+    from qlora_fast.commands import grpo
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("the base model was loaded or the warm start trained")
+
+    monkeypatch.setattr(qlora_fast.models, "load_base_model", no_work)
+    monkeypatch.setattr(grpo, "train_warmstart_adapter", no_work)
+    (tmp_path / "file").write_text("x")
+    for adapter, expected in [
+        (tmp_path / "file", f"error: --sft-adapter '{tmp_path / 'file'}' exists and is not a directory"),
+        (tmp_path / "file" / "sub", f"error: --sft-adapter '{tmp_path / 'file' / 'sub'}' is not writable"),
+    ]:
+        rc, err = run_cli(["grpo", "--sft-adapter", str(adapter), "--cache-dir", str(tmp_path / "cache"),
+                           "--output", str(tmp_path / "out"), "--no-progress"], capsys)
+        assert rc == 2 and expected in err and err.count("\n") == 1, err
+    assert not (tmp_path / "cache").exists()  # no base model was built
+
+
 def test_finetune_command_rejects_a_bad_peft_value_before_loading_the_model(tmp_path, capsys):
     rc, err = run_cli(["finetune", "--target-modules", " , ", "--cache-dir", str(tmp_path / "cache"),
                        "--output", str(tmp_path / "out"), "--no-progress"], capsys)
