@@ -444,6 +444,40 @@ def test_train_bpe_says_when_the_vocabulary_falls_short(tmp_path, capsys):
     assert json.loads((tmp_path / "t.json").read_text())
 
 
+
+def test_train_bpe_rejects_bad_inputs_in_one_line_before_training(tmp_path, capsys, monkeypatch):
+    from qlora_fast.tokenizer import bpe_tokenizer
+
+    text = tmp_path / "text.txt"
+    text.write_text("abab abab")
+    (tmp_path / "a-directory").mkdir()
+    (tmp_path / "file").write_text("x")
+    out = ["--out", str(tmp_path / "t.json"), "--no-progress"]
+    # An invalid --pattern was a regex.error traceback (regex.error is not a ValueError).
+    rc, err = run_cli(["train-bpe", str(text), "--pattern", "(", *out], capsys)
+    assert rc == 2 and err.startswith("qlora-fast train-bpe: error: pattern is not a valid regular expression: '('")
+    assert err.count("\n") == 1 and not (tmp_path / "t.json").exists()
+    # Not UTF-8: the error names the file (it was only the codec's message).
+    (tmp_path / "latin1.txt").write_bytes("abc café au lait".encode("latin-1"))
+    rc, err = run_cli(["train-bpe", str(text), str(tmp_path / "latin1.txt"), *out], capsys)
+    assert rc == 2 and err.count("\n") == 1, err
+    assert f"error: paths: '{tmp_path / 'latin1.txt'}' is not UTF-8 text (invalid continuation byte at byte 7)" in err
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("training started")
+
+    monkeypatch.setattr(bpe_tokenizer, "learn_ranks", no_training)
+    for argv, expected in [
+        (["--out", str(tmp_path / "a-directory")], f"error: --out '{tmp_path / 'a-directory'}' is a directory"),
+        (["--out", str(tmp_path / "file" / "t.json")], f"the directory of --out '{tmp_path / 'file'}' exists and is "
+                                                       "not a directory"),
+        ([*out, "--tiktoken-out", str(tmp_path / "a-directory")], "error: --tiktoken-out"),
+    ]:
+        rc, err = run_cli(["train-bpe", str(text), *argv, "--no-progress"], capsys)
+        assert rc == 2 and expected in err and err.count("\n") == 1, (argv, err)
+    assert os.listdir(tmp_path / "a-directory") == []
+
+
 def test_help_shows_each_default_once(capsys):
     parser = build_parser()
     sub = next(a for a in parser._actions if a.choices and "finetune" in a.choices).choices
@@ -497,6 +531,28 @@ def test_grpo_command_rejects_a_bad_config_before_any_training(tmp_path, capsys)
                        str(tmp_path / "cache"), "--output", str(tmp_path / "out"), "--no-progress"], capsys)
     assert rc == 2 and "qlora-fast grpo: error: GRPOConfig.group_size must be an int >= 2" in err
     assert not (tmp_path / "missing").exists() and not (tmp_path / "cache").exists()  # nothing was trained
+
+
+
+def test_grpo_command_rejects_an_sft_adapter_that_is_a_file_before_training(tmp_path, capsys, monkeypatch):
+    # It used to train the whole warm start (250 SFT steps by default) and only then fail to save it.
+    import qlora_fast.models
+    from qlora_fast.commands import grpo
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("the base model was loaded or the warm start trained")
+
+    monkeypatch.setattr(qlora_fast.models, "load_base_model", no_work)
+    monkeypatch.setattr(grpo, "train_warmstart_adapter", no_work)
+    (tmp_path / "file").write_text("x")
+    for adapter, expected in [
+        (tmp_path / "file", f"error: --sft-adapter '{tmp_path / 'file'}' exists and is not a directory"),
+        (tmp_path / "file" / "sub", f"error: --sft-adapter '{tmp_path / 'file' / 'sub'}' is not writable"),
+    ]:
+        rc, err = run_cli(["grpo", "--sft-adapter", str(adapter), "--cache-dir", str(tmp_path / "cache"),
+                           "--output", str(tmp_path / "out"), "--no-progress"], capsys)
+        assert rc == 2 and expected in err and err.count("\n") == 1, err
+    assert not (tmp_path / "cache").exists()  # no base model was built
 
 
 def test_finetune_command_rejects_a_bad_peft_value_before_loading_the_model(tmp_path, capsys):

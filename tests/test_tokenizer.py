@@ -309,6 +309,49 @@ def test_bad_input_gets_clear_errors(trained):
         BPETokenizer({bytes([b]): b for b in range(256)}, pattern=3)
 
 
+
+# Patterns with capturing groups: pieces are the whole matches (as tiktoken takes them), never the
+# groups' text (`findall` gave that, dropping the rest of the text). Each is paired with the same
+# pattern without capturing groups, which must give the same tokenizer.
+GROUP_PATTERNS = [
+    (r"'(s|t)|\w+|\s+", r"'(?:s|t)|\w+|\s+"),
+    (r"(\w+)|\s+", r"\w+|\s+"),
+    (r"'(s|t)|(\p{L}+)|(\p{N}{1,3})|\s+|([^\s\p{L}\p{N}]+)", r"'(?:s|t)|\p{L}+|\p{N}{1,3}|\s+|[^\s\p{L}\p{N}]+"),
+]
+GROUP_TEXTS = ["hello it's world", "don't  stop\n\tthe_quick 123 fox's tail", "   leading and trailing   ", ""]
+
+
+@pytest.mark.parametrize("merge_loop", ["native", "python"])
+@pytest.mark.parametrize("pattern,plain", GROUP_PATTERNS)
+def test_patterns_with_capturing_groups_split_on_whole_matches(pattern, plain, merge_loop, seed):
+    if merge_loop == "native" and bpe_module._native is None:
+        pytest.skip("qlora_fast._bpe is not built (pip install -e . builds it)")
+    rng = random.Random(seed)
+    texts = [random_text(rng, 300) for _ in range(4)] + GROUP_TEXTS
+    tok = BPETokenizer.train(texts, 500, pattern=pattern, progress=False)
+    assert tok.pattern == pattern and tok.vocab_size == 500
+    assert tok.mergeable_ranks == BPETokenizer.train(texts, 500, pattern=plain, progress=False).mergeable_ranks
+    if merge_loop == "python":
+        tok._native = None
+    enc = tiktoken.Encoding(f"groups-{len(pattern)}", **tok.tiktoken_kwargs())
+    covers_all = "[^" in pattern  # the third pattern matches every character: nothing is left out
+    for text in GROUP_TEXTS + ([random_text(rng, 200)] if covers_all else []):
+        ids = tok.encode_ordinary(text)
+        assert ids == enc.encode_ordinary(text), text
+        # The second pattern matches no apostrophe: it is left out, by tiktoken too.
+        assert tok.decode(ids) == (text.replace("'", "") if pattern == r"(\w+)|\s+" else text)
+        data = text.encode("utf-8") + b"\xff\xfe tail"
+        assert tok.encode_bytes(data) == enc._encode_bytes(data)
+
+
+def test_an_invalid_pattern_is_a_value_error_naming_it():
+    ranks = {bytes([b]): b for b in range(256)}
+    with pytest.raises(ValueError, match=r"pattern is not a valid regular expression: '\('"):
+        BPETokenizer(ranks, pattern="(")
+    with pytest.raises(ValueError, match=r"pattern is not a valid regular expression: '\[a-'"):
+        BPETokenizer.train(["abc"], 300, pattern="[a-", progress=False)
+
+
 def naive_train(text_pieces, n_merges):
     """Independent reference: recount every pair from scratch each step; pick (max count, min bytes)."""
     words = Counter(p.encode("utf-8") for p in text_pieces)

@@ -39,7 +39,7 @@ from qlora_fast.commands import (
     resolve_device,
     resume_mode,
 )
-from qlora_fast.utils import atomic_write, default_cache_dir
+from qlora_fast.utils import atomic_write, check_writable_dir, default_cache_dir
 
 WARMSTART = dict(r=8, alpha=16.0, batch_size=16, lr=3e-3, warmup_steps=5, max_seq_len=64)
 # Defaults: measured in bench/RESULTS.md ("RL").
@@ -241,6 +241,9 @@ def _run(args, device, started, resume_from, allow_fresh) -> int:
     )
     sft_adapter = args.sft_adapter or warmstart_dir(args.cache_dir, args.tokenizer, args.sft_steps, args.seed)
     if not os.path.exists(os.path.join(sft_adapter, "adapter_config.json")):
+        # The warm start is saved there: a file, or a directory that cannot be written, fails now
+        # rather than after the warm start has trained.
+        check_writable_dir(sft_adapter, "--sft-adapter" if args.sft_adapter else "the warm-start adapter directory")
         print(f"no SFT adapter at {sft_adapter}: training the warm start first ({args.sft_steps} SFT steps on the "
               "task's training problems)")
         base, tokenizer = load_base_model(cache_dir=args.cache_dir, progress=progress, tokenizer=args.tokenizer)

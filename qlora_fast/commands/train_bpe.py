@@ -1,5 +1,6 @@
 """`qlora-fast train-bpe`: train a byte-level BPE tokenizer on text files and save it (our JSON,
 optionally tiktoken-format ranks too)."""
+import os
 import sys
 
 from qlora_fast.commands import HelpFormatter, positive_int
@@ -26,10 +27,23 @@ def register(subparsers) -> None:
     p.set_defaults(func=run)
 
 
+def check_output_file(path: str, option: str) -> None:
+    """Fail before training, not at the save after it: `path` must not be a directory and its
+    directory must be one that can be created and written (`check_writable_dir`)."""
+    from qlora_fast.utils import check_writable_dir
+
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"{option} {path!r} is a directory: give the path of the file to write")
+    check_writable_dir(os.path.dirname(os.path.abspath(path)), f"the directory of {option}")
+
+
 def run(args) -> int:
     from qlora_fast.tokenizer import BPETokenizer
     from qlora_fast.tokenizer.bpe import DEFAULT_SPECIAL_TOKENS
 
+    check_output_file(args.out, "--out")
+    if args.tiktoken_out:
+        check_output_file(args.tiktoken_out, "--tiktoken-out")
     specials = tuple(args.special) if args.special else DEFAULT_SPECIAL_TOKENS
     tok = BPETokenizer.train_from_files(
         args.files, args.vocab_size, pattern=args.pattern, special_tokens=specials, progress=not args.no_progress

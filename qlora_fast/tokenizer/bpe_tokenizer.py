@@ -20,7 +20,7 @@ import regex
 
 from . import json_format, native, tiktoken_format
 from .merge import merge_piece
-from .patterns import resolve_pattern
+from .patterns import compile_pattern, piece_splitter, resolve_pattern
 from .training import learn_ranks
 
 DEFAULT_SPECIAL_TOKENS = ("<|pad|>", "<|bos|>", "<|eos|>")
@@ -72,7 +72,8 @@ class BPETokenizer:
             raise ValueError(f"mergeable_ranks must contain all 256 single bytes; missing {len(missing)}, "
                              f"e.g. {missing[:5]}")
         self.pattern = resolve_pattern(pattern)
-        self._pat = regex.compile(self.pattern)
+        self._pat = compile_pattern(self.pattern)
+        self._split = piece_splitter(self._pat)  # the whole matches, even when the pattern has groups
 
         if special_tokens is None:
             special_tokens = {}
@@ -155,7 +156,7 @@ class BPETokenizer:
     def _encode_ordinary(self, text: str) -> List[int]:
         if self._native is not None and self._native_split is not None:
             return self._native.encode_ordinary(text, self._native_split)
-        return self._encode_pieces(self._pat.findall(text))
+        return self._encode_pieces(self._split(text))
 
     def encode_ordinary(self, text: str) -> List[int]:
         """Encode `text` treating special-token text as ordinary text (never raises on it)."""
@@ -287,7 +288,7 @@ class BPETokenizer:
             valid = e.start
         tokens: List[int] = []
         last_len = 0
-        for piece in self._pat.findall(data[:valid].decode("utf-8")):
+        for piece in self._split(data[:valid].decode("utf-8")):
             piece_ids = self._encode_pieces([piece])
             tokens.extend(piece_ids)
             last_len = len(piece_ids)
@@ -382,7 +383,8 @@ class BPETokenizer:
     @classmethod
     def train_from_files(cls, paths: Union[str, os.PathLike, Iterable[Union[str, os.PathLike]]], vocab_size: int,
                          **kwargs) -> "BPETokenizer":
-        """`train` on the UTF-8 text of each file (one text per file)."""
+        """`train` on the UTF-8 text of each file (one text per file). A path that is not a file,
+        or a file that is not UTF-8, raises ValueError naming it."""
         if isinstance(paths, (str, os.PathLike)):
             paths = [paths]
         paths = [os.fspath(p) for p in paths]
@@ -392,8 +394,13 @@ class BPETokenizer:
 
         def read():
             for p in paths:
-                with open(p, encoding="utf-8", newline="") as f:  # keep \r\n as written
-                    yield f.read()
+                with open(p, "rb") as f:  # decoded whole: \r\n kept as written, the error's offset is the file's
+                    data = f.read()
+                try:
+                    text = data.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise ValueError(f"paths: {p!r} is not UTF-8 text ({e.reason} at byte {e.start})") from e
+                yield text
 
         return cls.train(read(), vocab_size, **kwargs)
 

@@ -9,18 +9,17 @@ from collections import Counter
 from heapq import heappop, heappush
 from typing import Dict, Iterable, List, Tuple
 
-import regex
-
 from . import native
+from .patterns import compile_pattern, piece_splitter
 
 
 def learn_ranks(texts: Iterable[str], n_merges: int, pattern: str, progress: bool = True) -> Dict[bytes, int]:
     """token bytes -> rank: the 256 single bytes, then up to `n_merges` merges learnt from `texts`
     split by the regex `pattern` (fewer when no pair occurs any more). A non-str text raises
-    TypeError naming its index."""
+    TypeError naming its index; an invalid regex, ValueError naming `pattern`."""
     from tqdm.auto import tqdm
 
-    pat = regex.compile(pattern)
+    split = piece_splitter(compile_pattern(pattern))
     native_split = native.split_id(pattern)
     counts: Counter = Counter()  # piece bytes -> count
     for i, text in enumerate(tqdm(texts, desc="bpe: pre-tokenising", unit="text", disable=not progress)):
@@ -32,7 +31,7 @@ def learn_ranks(texts: Iterable[str], n_merges: int, pattern: str, progress: boo
                 continue
             except UnicodeEncodeError:  # lone surrogates: the regex path below keeps them
                 pass
-        counts.update(piece.encode("utf-8", "surrogatepass") for piece in pat.findall(text))
+        counts.update(piece.encode("utf-8", "surrogatepass") for piece in split(text))
     words = list(counts.items())
     if native.extension is not None and hasattr(native.extension, "train"):
         with tqdm(total=n_merges, desc="bpe: merges", unit="merge", disable=not progress) as bar:
