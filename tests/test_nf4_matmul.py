@@ -5,6 +5,7 @@ from the same tensors; outputs are judged against float64 math on that weight, a
 most twice PyTorch's own error in the same dtype plus one output ulp (the interpreter truncates
 fp32 -> bf16 instead of rounding).
 """
+import dataclasses
 import os
 
 import pytest
@@ -43,6 +44,32 @@ def test_dequantize_matches_bitsandbytes(seed, quant_type, nested, shape, blocks
     assert_close(reference, expected, msg="reference")
     half = knf4.dequantize_4bit_into(*w, dtype=torch.float16)
     assert_close(half, expected.half(), msg="fp16 output")
+
+
+def strided(t):
+    """t as a non-contiguous view with the same shape and values (every other element of a copy)."""
+    return torch.stack([t, torch.zeros_like(t)], dim=-1)[..., 0]
+
+
+def test_strided_state_decodes_like_a_contiguous_one(seed, triton_backend):
+    # FSDP's unit layout hands the kernels strided views (nested_absmax has stride 2113 there):
+    # the launchers must read them by their strides. 518 blocks of 32: three nested absmax.
+    packed, state = quantize(torch.randn(37, 448), blocksize=32)
+    expected = oracle_dequantize(packed, state)
+    views = dict(absmax=strided(state.absmax), code=strided(state.code), nested_absmax=strided(state.nested_absmax),
+                 nested_code=strided(state.nested_code))
+    for name, view in views.items():
+        assert not view.is_contiguous()
+        odd = dataclasses.replace(state, **{name: view})
+        assert_close(dequantize_4bit(packed, odd, torch.float32), expected, msg=f"dequantize_4bit, strided {name}")
+        w = weight4bit(strided(packed), odd)
+        assert_close(knf4.dequantize_4bit_into(*w, dtype=torch.float32), expected, msg=f"launcher, strided {name}")
+        w_t = expected.double().t()
+        for rows in (2, 19):  # the fused kernel and the workspace + GEMM path
+            x = torch.randn(rows, 448)
+            out = knf4.nf4_matmul(x, *w)
+            assert_matches_float64(out, x.double() @ w_t, x @ w_t.float(), abs_sum(x, w_t),
+                                   msg=f"nf4_matmul rows={rows}, strided {name}")
 
 
 def test_workspace_is_reused(seed):
