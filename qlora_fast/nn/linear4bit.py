@@ -127,6 +127,17 @@ class Linear4bit(nn.Module):
         packed, self.quant_state = quantize_4bit(weight, blocksize, quant_type, compress_statistics)
         self.weight = nn.Parameter(packed, requires_grad=False)
 
+    def set_quantized(self, packed: torch.Tensor, quant_state: QuantState) -> None:
+        """Take new 4-bit weights of this module's shape (e.g. `QLoRALinear.merge` requantizing W +
+        B A): `packed` becomes the frozen weight as it is, `quant_state` the state. Validated here;
+        raises ValueError/TypeError naming the bad field."""
+        if tuple(quant_state.shape) != (self.out_features, self.in_features):
+            raise ValueError(f"quant_state.shape must be ({self.out_features}, {self.in_features}), "
+                             f"got {tuple(quant_state.shape)}")
+        quant_state.validate(packed)
+        self.weight = nn.Parameter(packed.detach(), requires_grad=False)
+        self.quant_state = quant_state
+
     @property
     def quant_type(self) -> str:
         return self.quant_state.quant_type
