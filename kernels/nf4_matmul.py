@@ -480,6 +480,8 @@ def skinny_launch(a, weight, N, K, transpose, lo=None, hi=None, mask=None, bias=
     reads strides, allocates the output and launches, nothing else. Checks nothing."""
     M = a.shape[0]
     L = None if lo is None else lo.shape[1]
+    if bias is not None and not bias.is_contiguous():
+        bias = bias.contiguous()  # the kernel reads bias[p] at offset p (no stride argument)
     key = (M, transpose, a.dtype, split_k, L, mask is not None, bias is not None)
     if isinstance(weight, Weight4bit):
         launch = weight.launch_args()
