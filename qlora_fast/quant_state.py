@@ -217,7 +217,8 @@ class QuantState:
             fields.update(
                 nested_blocksize=self.nested_blocksize,
                 nested_dtype="float32",
-                nested_offset=float(self.offset.item()),
+                # a meta tensor has no value to write (a module built on the meta device)
+                nested_offset=0.0 if self.offset.is_meta else float(self.offset.item()),
             )
         if not packed:
             return {**tensors, **fields}

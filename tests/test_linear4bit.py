@@ -149,6 +149,26 @@ def test_to_device_moves_quant_state():
     assert layer.weight.dtype == torch.uint8 and layer.bias.dtype == torch.float16
 
 
+@pytest.mark.parametrize("nested", [True, False])
+def test_built_on_the_meta_device_like_nn_linear(nested):
+    # Linear4bit(..., device="meta") and under `with torch.device("meta")`, as nn.Linear: every
+    # tensor on meta with the shape and dtype of a real module (no values computed)
+    options = dict(blocksize=32, compress_statistics=nested)
+    real = Linear4bit(130, 45, **options)
+    made = [Linear4bit(130, 45, device="meta", **options)]
+    with torch.device("meta"):
+        made += [Linear4bit(130, 45, **options), Linear4bit.from_linear(nn.Linear(130, 45), **options)]
+    fields = ("absmax", "code", "offset", "nested_absmax", "nested_code")
+    for module in made:
+        assert module.weight.is_meta and module.bias.is_meta
+        assert (module.weight.shape, module.weight.dtype) == (real.weight.shape, real.weight.dtype)
+        for name in fields:
+            ours, theirs = getattr(module.quant_state, name), getattr(real.quant_state, name)
+            assert (ours is None) == (theirs is None), name
+            assert ours is None or (ours.is_meta and (ours.shape, ours.dtype) == (theirs.shape, theirs.dtype)), name
+        assert set(module.state_dict()) == set(real.state_dict())
+
+
 @pytest.mark.gpu
 def test_device_round_trip(seed, device):
     linear = nn.Linear(96, 48)

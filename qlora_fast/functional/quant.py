@@ -169,7 +169,9 @@ def quantize_4bit(
     if x.numel() == 0:
         raise ValueError(f"x must have at least one element, got shape {tuple(x.shape)}")
     check_options(blocksize, quant_type)
-    traced = tracing()
+    # meta tensors (a model built on the meta device) take the custom ops, whose fake
+    # implementations give the shapes and dtypes without computing anything
+    traced = tracing() or x.device.type == "meta"
     packed, absmax = (_quantize_4bit_op if traced else _quantize_4bit)(x.contiguous(), blocksize, quant_type)
     nested = {}
     if compress_statistics:
