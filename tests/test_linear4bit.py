@@ -169,6 +169,21 @@ def test_built_on_the_meta_device_like_nn_linear(nested):
         assert set(module.state_dict()) == set(real.state_dict())
 
 
+def test_load_state_dict_assign_fills_a_meta_module(seed):
+    # load_state_dict(..., assign=True) takes the loaded tensors (and their device), as nn.Module
+    # does: the usual way to fill a model built on the meta device
+    source = Linear4bit(130, 45, blocksize=32)
+    sd = source.state_dict()
+    x = torch.randn(3, 130)
+    for module in (Linear4bit(130, 45, blocksize=32, device="meta"), Linear4bit(130, 45).to("meta")):
+        result = module.load_state_dict(sd, assign=True)
+        assert not result.missing_keys and not result.unexpected_keys
+        assert module.weight.device.type == module.quant_state.device.type == module.bias.device.type == "cpu"
+        assert module.weight.data_ptr() == sd["weight"].data_ptr()  # assigned, not copied
+        assert not module.weight.requires_grad and module.bias.requires_grad
+        assert torch.equal(module(x), source(x))
+
+
 @pytest.mark.gpu
 def test_device_round_trip(seed, device):
     linear = nn.Linear(96, 48)

@@ -195,6 +195,9 @@ class Linear4bit(nn.Module):
         # Everything is read and checked before anything is assigned: a failed load (ValueError or
         # TypeError naming the key for corrupt entries, a size mismatch in error_msgs) leaves the
         # module as it was.
+        # load_state_dict(..., assign=True), as nn.Module: take the loaded tensors themselves (and
+        # their device) instead of copying into ours, e.g. to fill a module built on the meta device
+        assign = local_metadata.get("assign_to_params_buffers", False)
         weight_key, bias_key = prefix + "weight", prefix + "bias"
         quant_keys = [k for k in state_dict if k.startswith(weight_key + ".")]
         errors, new = [], {}
@@ -202,7 +205,7 @@ class Linear4bit(nn.Module):
             missing_keys.append(weight_key)
             unexpected_keys.extend(quant_keys)
         else:
-            device = self.weight.device
+            device = getattr(state_dict[weight_key], "device", None) if assign else self.weight.device
             quant_state = _quant_state_from(state_dict, prefix, device)
             if quant_state.shape != torch.Size([self.out_features, self.in_features]):
                 errors.append(
@@ -210,8 +213,8 @@ class Linear4bit(nn.Module):
                     f"module is ({self.out_features}, {self.in_features})"
                 )
             else:
-                packed = _packed_from(state_dict[weight_key], quant_state, weight_key)
-                new["weight"] = nn.Parameter(packed.detach().to(device).clone(), requires_grad=False)
+                packed = _packed_from(state_dict[weight_key], quant_state, weight_key).detach()
+                new["weight"] = nn.Parameter(packed if assign else packed.to(device).clone(), requires_grad=False)
                 new["quant_state"] = quant_state
         if self.bias is not None:
             if bias_key in state_dict:
@@ -237,7 +240,9 @@ class Linear4bit(nn.Module):
             return
         if "weight" in new:
             self.weight, self.quant_state = new["weight"], new["quant_state"]
-        if "bias" in new:
+        if "bias" in new and assign:
+            self.bias = nn.Parameter(new["bias"].detach(), self.bias.requires_grad)
+        elif "bias" in new:
             with torch.no_grad():
                 self.bias.copy_(new["bias"])
 
