@@ -136,6 +136,30 @@ def test_bitsandbytes_checkpoint_loads_into_ours_and_back(seed):
         assert torch.equal(value, sd[key]), key
 
 
+@pytest.mark.parametrize("storage", [torch.int8, torch.int32, torch.bfloat16])
+def test_bitsandbytes_checkpoint_with_any_quant_storage(seed, storage):
+    # bitsandbytes' quant_storage keeps the packed bytes in another dtype (FSDP with bnb uses it):
+    # they decode like the uint8 ones bnb makes from the same weights
+    linear = nn.Linear(128, 24)
+    layers = {}
+    for dtype in (torch.uint8, storage):
+        layer = bnb.nn.Linear4bit(128, 24, compute_dtype=torch.float32, quant_storage=dtype)
+        layer.load_state_dict(linear.state_dict())
+        layers[dtype] = layer.to("cpu")  # bitsandbytes quantizes on the move to a device
+    sd = layers[storage].state_dict()
+    assert sd["weight"].dtype == storage
+    loaded = Linear4bit(128, 24)
+    loaded.load_state_dict(sd)
+    x = torch.randn(5, 128)
+    plain = layers[torch.uint8].weight
+    with no_dynamo():
+        expected = bnbF.dequantize_4bit(plain.data, plain.quant_state).reshape(24, 128)
+        bnb_out = layers[storage](x)
+    for module in (Linear4bit.from_state_dict(sd), loaded):
+        assert torch.equal(module.dequantize_weight(), expected)
+        assert_close(module(x), bnb_out, atol=1e-5, rtol=1e-5)
+
+
 def test_to_device_moves_quant_state():
     layer = Linear4bit(64, 16, compress_statistics=True)
     moved = layer.to("meta")

@@ -266,11 +266,12 @@ def _quant_state_from(state_dict: dict, prefix: str, device=None) -> QuantState:
 
 
 def _packed_from(weight, quant_state: QuantState, key: str) -> torch.Tensor:
-    """The packed uint8 bytes of a checkpoint's `weight` entry (bitsandbytes may store them in
-    another dtype), checked against the quant state."""
+    """The packed uint8 bytes of a checkpoint's `weight` entry (bitsandbytes' quant_storage may be
+    any dtype: int8, float16, bfloat16, float32, ...; its bytes are the packed nibbles), checked
+    against the quant state."""
     if not isinstance(weight, torch.Tensor):
         raise TypeError(f"{key} must be a tensor, got {type(weight).__name__}")
-    if weight.is_floating_point() or weight.dtype == torch.uint8:
+    if weight.dtype != torch.bool:  # a bool tensor is a mask, not storage
         weight = weight.detach().contiguous().view(torch.uint8)
     quant_state.validate(weight, where=key + ".")
     return weight
