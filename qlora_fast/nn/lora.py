@@ -92,6 +92,8 @@ class LoRALinear(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 0:
+            raise ValueError("x must have at least 1 dimension (..., in_features), got a 0-d tensor")
         if x.shape[-1] != self.in_features:
             raise ValueError(f"x must have last dimension in_features={self.in_features}, got shape {tuple(x.shape)}")
         if self.merged or not self.adapter_enabled:
