@@ -347,6 +347,11 @@ def dequantize_4bit(
     elif out.dtype != out_dtype or out.numel() != numel or not out.is_contiguous():
         raise ValueError(f"out must be a contiguous {out_dtype} tensor of {numel} elements, "
                          f"got {out.dtype} {tuple(out.shape)}")
+    # the kernel indexes flat buffers: a strided view (e.g. FSDP's unit layout) is copied here, a
+    # contiguous tensor passes as it is
+    packed, absmax, code = packed.contiguous(), absmax.contiguous(), code.contiguous()
+    if nested:
+        nested_absmax, nested_code = nested_absmax.contiguous(), nested_code.contiguous()
     by_hand = INTERPRET and out_dtype == torch.bfloat16
     dummy = code  # stands in for the nested pointers when they are unused
     # a chunk: the bytes whose outputs fill one 16-byte store (8 fp16/bf16 or 4 fp32), inside one

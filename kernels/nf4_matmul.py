@@ -334,10 +334,11 @@ def check_quantized(packed, absmax, code, nested_absmax, nested_code, offset, sh
 
 def _quant_args(packed, absmax, code, nested_absmax, nested_code, offset):
     nested = nested_absmax is not None
-    # Unused pointer slots get a valid tensor (never read: NESTED is a constexpr).
+    # The kernels index flat buffers: strided views are copied (once per Weight4bit, see
+    # launch_args). Unused pointer slots get a valid tensor (never read: NESTED is a constexpr).
     return (
-        packed, absmax, code.contiguous(),
-        nested_absmax if nested else absmax,
+        packed.contiguous(), absmax.contiguous(), code.contiguous(),
+        nested_absmax.contiguous() if nested else absmax,
         nested_code.contiguous() if nested else code,
         offset.reshape(1).float() if nested else code,
     )
@@ -479,6 +480,8 @@ def skinny_launch(a, weight, N, K, transpose, lo=None, hi=None, mask=None, bias=
     reads strides, allocates the output and launches, nothing else. Checks nothing."""
     M = a.shape[0]
     L = None if lo is None else lo.shape[1]
+    if bias is not None and not bias.is_contiguous():
+        bias = bias.contiguous()  # the kernel reads bias[p] at offset p (no stride argument)
     key = (M, transpose, a.dtype, split_k, L, mask is not None, bias is not None)
     if isinstance(weight, Weight4bit):
         launch = weight.launch_args()

@@ -39,6 +39,12 @@ def check_options(blocksize, quant_type, where: str = "") -> None:
         raise ValueError(f"{where}quant_type must be one of {QUANT_TYPES}, got {quant_type!r}")
 
 
+def check_compress_statistics(compress_statistics) -> None:
+    """TypeError unless compress_statistics is a bool (a string such as "false" would be truthy)."""
+    if not isinstance(compress_statistics, bool):
+        raise TypeError(f"compress_statistics must be a bool, got {type(compress_statistics).__name__}")
+
+
 def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
@@ -217,7 +223,8 @@ class QuantState:
             fields.update(
                 nested_blocksize=self.nested_blocksize,
                 nested_dtype="float32",
-                nested_offset=float(self.offset.item()),
+                # a meta tensor has no value to write (a module built on the meta device)
+                nested_offset=0.0 if self.offset.is_meta else float(self.offset.item()),
             )
         if not packed:
             return {**tensors, **fields}

@@ -123,6 +123,26 @@ def test_integer_input_is_a_type_error(dtype):
         qlora(torch.ones(2, 31))
 
 
+@pytest.mark.parametrize("value", [1, 0, "false", None])
+def test_compress_statistics_must_be_a_bool(value):
+    # a truthy non-bool ("false", 1) would silently pick double quantization
+    from qlora_fast.models.hf import load_hf_model
+    from qlora_fast.nn import replace_linear, wrap_linear
+
+    model = torch.nn.Sequential(torch.nn.Linear(64, 8))
+    calls = [lambda: quantize_4bit(torch.randn(4, 64), compress_statistics=value),
+             lambda: Linear4bit(64, 8, compress_statistics=value),
+             lambda: Linear4bit.from_linear(torch.nn.Linear(64, 8), compress_statistics=value),
+             lambda: QLoRALinear.from_linear(torch.nn.Linear(64, 8), r=2, compress_statistics=value),
+             lambda: wrap_linear(torch.nn.Linear(64, 8), compress_statistics=value),
+             lambda: replace_linear(model, compress_statistics=value),
+             lambda: load_hf_model("no-such-model-dir", quantize="nf4", compress_statistics=value)]
+    for call in calls:
+        with pytest.raises(TypeError, match="compress_statistics must be a bool"):
+            call()
+    assert type(model[0]) is torch.nn.Linear
+
+
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
 @pytest.mark.parametrize("nested", [True, False])
 def test_non_finite_weights_are_refused(seed, bad, nested):

@@ -2,6 +2,8 @@
 
 The oracle is single-process training of the same model on the same global batch (plain
 `Linear4bit` bases, no sharding) with torch's own AdamW."""
+import copy
+import dataclasses
 import os
 
 import pytest
@@ -101,12 +103,39 @@ def test_shardable_layout_on_the_kernel_path(seed, rows, monkeypatch):
     ref = plain(x)
     ref.sum().backward()
     ref_grad, x.grad = x.grad, None
+    base = plain.base
     model = prepare_4bit_for_fsdp(nn.Sequential(plain))
     assert isinstance(model[0].base, ShardableLinear4bit) and not model[0].base.weight.is_contiguous()
+    # dequantize_4bit too (merge and merge_linear_layers start from it): its nested absmax is a
+    # view with stride 2113 into `units`
+    torch.testing.assert_close(model[0].base.dequantize_weight(), base.dequantize_weight(), rtol=0, atol=0)
     out = model(x)
     out.sum().backward()
     torch.testing.assert_close(out, ref, rtol=0, atol=0)
     torch.testing.assert_close(x.grad, ref_grad, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("in_features, out_features, double_quant", [(256, 128, True), (200, 96, False)])
+def test_merge_and_unmerge_on_a_shardable_base(seed, monkeypatch, backend, in_features, out_features, double_quant):
+    """QLoRALinear.merge/unmerge on a ShardableLinear4bit base (prepare_4bit_for_fsdp, before
+    sharding) requantize to exactly what they give on the plain Linear4bit base, in the unit layout."""
+    monkeypatch.setenv("QLORA_FAST_BACKEND", backend)
+    torch.manual_seed(seed)
+    plain = QLoRALinear.from_linear(nn.Linear(in_features, out_features), r=3, compress_statistics=double_quant)
+    with torch.no_grad():
+        plain.lora_B.normal_()
+    shardable = copy.deepcopy(plain)
+    prepare_4bit_for_fsdp(nn.Sequential(shardable))
+    x = torch.randn(3, in_features)
+    for step in ("merge", "unmerge"):
+        getattr(plain, step)()
+        getattr(shardable, step)()
+        assert isinstance(shardable.base, ShardableLinear4bit), step
+        torch.testing.assert_close(shardable.base.dequantize_weight(), plain.base.dequantize_weight(), rtol=0, atol=0)
+        torch.testing.assert_close(shardable(x), plain(x), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="this module's format"):
+        shardable.base.set_quantized(plain.base.weight, dataclasses.replace(plain.base.quant_state, blocksize=128))
 
 
 def test_bad_setups_raise_clear_errors():

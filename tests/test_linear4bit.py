@@ -136,6 +136,30 @@ def test_bitsandbytes_checkpoint_loads_into_ours_and_back(seed):
         assert torch.equal(value, sd[key]), key
 
 
+@pytest.mark.parametrize("storage", [torch.int8, torch.int32, torch.bfloat16])
+def test_bitsandbytes_checkpoint_with_any_quant_storage(seed, storage):
+    # bitsandbytes' quant_storage keeps the packed bytes in another dtype (FSDP with bnb uses it):
+    # they decode like the uint8 ones bnb makes from the same weights
+    linear = nn.Linear(128, 24)
+    layers = {}
+    for dtype in (torch.uint8, storage):
+        layer = bnb.nn.Linear4bit(128, 24, compute_dtype=torch.float32, quant_storage=dtype)
+        layer.load_state_dict(linear.state_dict())
+        layers[dtype] = layer.to("cpu")  # bitsandbytes quantizes on the move to a device
+    sd = layers[storage].state_dict()
+    assert sd["weight"].dtype == storage
+    loaded = Linear4bit(128, 24)
+    loaded.load_state_dict(sd)
+    x = torch.randn(5, 128)
+    plain = layers[torch.uint8].weight
+    with no_dynamo():
+        expected = bnbF.dequantize_4bit(plain.data, plain.quant_state).reshape(24, 128)
+        bnb_out = layers[storage](x)
+    for module in (Linear4bit.from_state_dict(sd), loaded):
+        assert torch.equal(module.dequantize_weight(), expected)
+        assert_close(module(x), bnb_out, atol=1e-5, rtol=1e-5)
+
+
 def test_to_device_moves_quant_state():
     layer = Linear4bit(64, 16, compress_statistics=True)
     moved = layer.to("meta")
@@ -147,6 +171,41 @@ def test_to_device_moves_quant_state():
     # a dtype cast leaves the packed weight alone and casts the bias
     layer = Linear4bit(64, 16).to(torch.float16)
     assert layer.weight.dtype == torch.uint8 and layer.bias.dtype == torch.float16
+
+
+@pytest.mark.parametrize("nested", [True, False])
+def test_built_on_the_meta_device_like_nn_linear(nested):
+    # Linear4bit(..., device="meta") and under `with torch.device("meta")`, as nn.Linear: every
+    # tensor on meta with the shape and dtype of a real module (no values computed)
+    options = dict(blocksize=32, compress_statistics=nested)
+    real = Linear4bit(130, 45, **options)
+    made = [Linear4bit(130, 45, device="meta", **options)]
+    with torch.device("meta"):
+        made += [Linear4bit(130, 45, **options), Linear4bit.from_linear(nn.Linear(130, 45), **options)]
+    fields = ("absmax", "code", "offset", "nested_absmax", "nested_code")
+    for module in made:
+        assert module.weight.is_meta and module.bias.is_meta
+        assert (module.weight.shape, module.weight.dtype) == (real.weight.shape, real.weight.dtype)
+        for name in fields:
+            ours, theirs = getattr(module.quant_state, name), getattr(real.quant_state, name)
+            assert (ours is None) == (theirs is None), name
+            assert ours is None or (ours.is_meta and (ours.shape, ours.dtype) == (theirs.shape, theirs.dtype)), name
+        assert set(module.state_dict()) == set(real.state_dict())
+
+
+def test_load_state_dict_assign_fills_a_meta_module(seed):
+    # load_state_dict(..., assign=True) takes the loaded tensors (and their device), as nn.Module
+    # does: the usual way to fill a model built on the meta device
+    source = Linear4bit(130, 45, blocksize=32)
+    sd = source.state_dict()
+    x = torch.randn(3, 130)
+    for module in (Linear4bit(130, 45, blocksize=32, device="meta"), Linear4bit(130, 45).to("meta")):
+        result = module.load_state_dict(sd, assign=True)
+        assert not result.missing_keys and not result.unexpected_keys
+        assert module.weight.device.type == module.quant_state.device.type == module.bias.device.type == "cpu"
+        assert module.weight.data_ptr() == sd["weight"].data_ptr()  # assigned, not copied
+        assert not module.weight.requires_grad and module.bias.requires_grad
+        assert torch.equal(module(x), source(x))
 
 
 @pytest.mark.gpu

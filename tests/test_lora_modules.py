@@ -11,7 +11,7 @@ from helpers import abs_sum, assert_matches_float64, oracle_dequantize
 from lora_ddp_worker import ddp_data, ddp_model, ddp_worker
 from torch import nn
 
-from qlora_fast.functional import dequantize_4bit, quantize_4bit
+from qlora_fast.functional import dequantize_4bit, lora_linear, matmul_4bit, quantize_4bit
 from qlora_fast.nn import Linear4bit, LoRALinear, QLoRALinear, disable_adapter, replace_linear
 from qlora_fast.reference.lora import lora_linear_ref
 
@@ -308,6 +308,24 @@ def test_bad_input():
         module(torch.randn(3, 8, dtype=torch.float64))
     with pytest.raises(RuntimeError, match="not merged"):
         module.unmerge()
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_zero_dim_input_is_a_value_error_naming_x(monkeypatch, backend):
+    # x.shape[-1] of a 0-d tensor was an IndexError from deep inside
+    monkeypatch.setenv("QLORA_FAST_BACKEND", backend)
+    x = torch.tensor(0.5)
+    four = Linear4bit.from_linear(nn.Linear(8, 6))
+    merged = QLoRALinear(copy.deepcopy(four), r=2)
+    merged.merge()
+    modules = [four, LoRALinear(nn.Linear(8, 6), r=2), QLoRALinear(four, r=2), merged]
+    calls = [lambda: matmul_4bit(x, four.weight, four.quant_state),
+             lambda: lora_linear(x, torch.randn(6, 8), torch.randn(2, 8), torch.randn(6, 2), 1.0),
+             lambda: lora_linear(x, four.weight, torch.randn(2, 8), torch.randn(6, 2), 1.0,
+                                 quant_state=four.quant_state)]
+    for call in [lambda m=m: m(x) for m in modules] + calls:
+        with pytest.raises(ValueError, match=r"x must have at least 1 dimension \(\.\.\., in_features\), got a 0-d"):
+            call()
 
 
 # ------------------------------------------------------------------ a converted Hugging Face model trains

@@ -5,6 +5,7 @@ from the same tensors; outputs are judged against float64 math on that weight, a
 most twice PyTorch's own error in the same dtype plus one output ulp (the interpreter truncates
 fp32 -> bf16 instead of rounding).
 """
+import dataclasses
 import os
 
 import pytest
@@ -12,7 +13,7 @@ import torch
 from conftest import TEST_DEVICE, assert_close, sized
 from helpers import DTYPES, abs_sum, assert_matches_float64, oracle_dequantize, quantize, weight4bit
 
-from qlora_fast.functional import dequantize_4bit, matmul_4bit
+from qlora_fast.functional import dequantize_4bit, lora_linear, matmul_4bit
 from qlora_fast.kernels import nf4_matmul as knf4
 from qlora_fast.reference.lora import dequantize_weight_4bit_ref
 
@@ -43,6 +44,32 @@ def test_dequantize_matches_bitsandbytes(seed, quant_type, nested, shape, blocks
     assert_close(reference, expected, msg="reference")
     half = knf4.dequantize_4bit_into(*w, dtype=torch.float16)
     assert_close(half, expected.half(), msg="fp16 output")
+
+
+def strided(t):
+    """t as a non-contiguous view with the same shape and values (every other element of a copy)."""
+    return torch.stack([t, torch.zeros_like(t)], dim=-1)[..., 0]
+
+
+def test_strided_state_decodes_like_a_contiguous_one(seed, triton_backend):
+    # FSDP's unit layout hands the kernels strided views (nested_absmax has stride 2113 there):
+    # the launchers must read them by their strides. 518 blocks of 32: three nested absmax.
+    packed, state = quantize(torch.randn(37, 448), blocksize=32)
+    expected = oracle_dequantize(packed, state)
+    views = dict(absmax=strided(state.absmax), code=strided(state.code), nested_absmax=strided(state.nested_absmax),
+                 nested_code=strided(state.nested_code))
+    for name, view in views.items():
+        assert not view.is_contiguous()
+        odd = dataclasses.replace(state, **{name: view})
+        assert_close(dequantize_4bit(packed, odd, torch.float32), expected, msg=f"dequantize_4bit, strided {name}")
+        w = weight4bit(strided(packed), odd)
+        assert_close(knf4.dequantize_4bit_into(*w, dtype=torch.float32), expected, msg=f"launcher, strided {name}")
+        w_t = expected.double().t()
+        for rows in (2, 19):  # the fused kernel and the workspace + GEMM path
+            x = torch.randn(rows, 448)
+            out = knf4.nf4_matmul(x, *w)
+            assert_matches_float64(out, x.double() @ w_t, x @ w_t.float(), abs_sum(x, w_t),
+                                   msg=f"nf4_matmul rows={rows}, strided {name}")
 
 
 def test_workspace_is_reused(seed):
@@ -133,6 +160,24 @@ def test_matmul_4bit_forward_and_grads(seed, monkeypatch, backend, dtype):
                            msg="forward")
     assert_matches_float64(x.grad, grad.double() @ w64, grad @ w64.to(dtype), abs_sum(grad, w64), msg="grad x")
     assert_matches_float64(bias.grad, grad.double().sum(0), grad.sum(0), msg="grad bias")
+
+
+def test_strided_bias_on_the_fused_kernel(seed, triton_backend):
+    # a bias view with stride 2 (e.g. a slice of a wider tensor): the fused kernel (M <= 16 rows)
+    # reads the bias at offset p, so the launcher must hand it a contiguous one
+    packed, state = quantize(torch.randn(45, 130))
+    w_t = oracle_dequantize(packed, state).double().t()
+    bias = torch.randn(45, 2)[:, 0]
+    x = torch.randn(2, 3, 130)
+    ref64 = x.double() @ w_t + bias.double()
+    out = matmul_4bit(x, packed, state, bias)
+    assert_matches_float64(out, ref64, x @ w_t.float() + bias, abs_sum(x, w_t), msg="matmul_4bit")
+    lora_A, lora_B = torch.randn(4, 130) * 0.1, torch.randn(45, 4) * 0.1
+    out = lora_linear(x, packed, lora_A, lora_B, 2.0, bias=bias, quant_state=state)
+    low_rank = 2.0 * (x @ lora_A.t()) @ lora_B.t()
+    low_rank64 = 2.0 * (x.double() @ lora_A.double().t()) @ lora_B.double().t()
+    assert_matches_float64(out, ref64 + low_rank64, x @ w_t.float() + bias + low_rank, abs_sum(x, w_t),
+                           msg="lora_linear")
 
 
 def test_matmul_4bit_gradcheck_reference(seed, monkeypatch):

@@ -49,8 +49,9 @@ __all__ = ["ShardableLinear4bit", "prepare_4bit_for_fsdp", "shard_qlora_model", 
 class ShardableLinear4bit(Linear4bit):
     """A `Linear4bit` whose 4-bit weight and block scales live in one uint8 parameter `units`
     (n_units, unit_bytes) that FSDP2 shards on dim 0 (see the module docstring). `weight` and
-    `quant_state` are read-only views rebuilt from `units` on each access. Build with
-    `from_linear4bit`; `to_linear4bit` gives back a plain module (on unsharded weights)."""
+    `quant_state` are read-only views rebuilt from `units` on each access (`set_quantized` takes
+    new weights). Build with `from_linear4bit`; `to_linear4bit` gives back a plain module (on
+    unsharded weights)."""
 
     @classmethod
     def from_linear4bit(cls, module: Linear4bit, name: str = "module") -> "ShardableLinear4bit":
@@ -60,27 +61,44 @@ class ShardableLinear4bit(Linear4bit):
             raise TypeError(f"{name} must be a qlora_fast.nn.Linear4bit, got {type(module).__name__}")
         if isinstance(module, ShardableLinear4bit):
             return module
-        state = module.quant_state
-        state.validate(module.weight)
-        n, _ = unit_layout(tuple(state.shape), state.blocksize, state.nested, name)
-        unit = state.numel // n
-        parts = [module.weight.detach().reshape(n, unit // 2)]
-        if state.nested:
-            parts += [state.absmax.reshape(n, NESTED_BLOCKSIZE), state.nested_absmax.reshape(n, 1).view(torch.uint8)]
-        else:
-            parts.append(state.absmax.reshape(n, 1).contiguous().view(torch.uint8))
         new = cls.__new__(cls)
         nn.Module.__init__(new)
         new.in_features, new.out_features = module.in_features, module.out_features
         new.compute_dtype = module.compute_dtype
-        new.units = nn.Parameter(torch.cat(parts, dim=1).contiguous(), requires_grad=False)
+        new._set_units(module.weight, module.quant_state, name)
         new.bias = module.bias
-        new._meta = (state.shape, state.dtype, state.blocksize, state.quant_type, state.nested, unit // 2)
-        new.register_buffer("code", state.code.clone(), persistent=False)
-        if state.nested:
-            new.register_buffer("nested_code", state.nested_code.clone(), persistent=False)
-            new.register_buffer("offset", state.offset.clone(), persistent=False)
         return new
+
+    def _set_units(self, packed: torch.Tensor, state: QuantState, name: str = "module") -> None:
+        """Hold `packed` and `state` in the unit layout: `units` and the replicated buffers."""
+        state.validate(packed)
+        n, _ = unit_layout(tuple(state.shape), state.blocksize, state.nested, name)
+        unit = state.numel // n
+        parts = [packed.detach().reshape(n, unit // 2)]
+        if state.nested:
+            parts += [state.absmax.reshape(n, NESTED_BLOCKSIZE), state.nested_absmax.reshape(n, 1).view(torch.uint8)]
+        else:
+            parts.append(state.absmax.reshape(n, 1).contiguous().view(torch.uint8))
+        self.units = nn.Parameter(torch.cat(parts, dim=1).contiguous(), requires_grad=False)
+        self._meta = (state.shape, state.dtype, state.blocksize, state.quant_type, state.nested, unit // 2)
+        self.register_buffer("code", state.code.clone(), persistent=False)
+        if state.nested:
+            self.register_buffer("nested_code", state.nested_code.clone(), persistent=False)
+            self.register_buffer("offset", state.offset.clone(), persistent=False)
+
+    def set_quantized(self, packed: torch.Tensor, quant_state: QuantState) -> None:
+        """Take new 4-bit weights of the same shape and format (`QLoRALinear.merge`/`unmerge`),
+        rebuilt in the unit layout. Call it on an unsharded module (before `shard_qlora_model`, or
+        as `to_linear4bit`): under FSDP2 `units` is a DTensor shard and cannot be replaced here.
+        Raises ValueError when the new weights have another layout."""
+        old = self._meta[:5]
+        new = (quant_state.shape, quant_state.dtype, quant_state.blocksize, quant_state.quant_type, quant_state.nested)
+        if tuple(new) != tuple(old):
+            raise ValueError(f"set_quantized needs weights in this module's format (shape, dtype, blocksize, "
+                             f"quant_type, nested) = {old}, got {new}")
+        if hasattr(self.units, "to_local"):
+            raise RuntimeError("set_quantized on an FSDP2-sharded module: merge before sharding, or unshard first")
+        self._set_units(packed, quant_state)
 
     @property
     def weight(self) -> torch.Tensor:

@@ -183,10 +183,13 @@ def matmul_4bit(x: Tensor, packed: Tensor, quant_state, bias: Optional[Tensor] =
     dtype or None. Differentiable in x and bias. On CUDA, M <= 16 rows use the fused decode
     kernel (the weight is never materialised), more rows dequantize into a reused workspace and
     call the vendor GEMM. The state is validated on first use with `packed` and then trusted
-    (`QuantState.kernel_weight`). Raises ValueError/TypeError for bad shapes or dtypes.
+    (`QuantState.kernel_weight`). Raises ValueError/TypeError for bad shapes (a 0-d x included)
+    or dtypes.
     """
     if not isinstance(x, Tensor) or not x.is_floating_point():
         raise TypeError(f"x must be a floating-point tensor, got {getattr(x, 'dtype', type(x))}")
+    if x.dim() == 0:
+        raise ValueError("x must have at least 1 dimension (..., in_features), got a 0-d tensor")
     if not isinstance(quant_state, QuantState):
         raise TypeError(f"quant_state must be a qlora_fast QuantState, got {type(quant_state).__name__}")
     x, bias = _autocast(x, bias)
@@ -336,6 +339,8 @@ def lora_linear(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, scali
     """
     if not isinstance(x, Tensor) or not x.is_floating_point():
         raise TypeError(f"x must be a floating-point tensor, got {getattr(x, 'dtype', type(x))}")
+    if x.dim() == 0:
+        raise ValueError("x must have at least 1 dimension (..., in_features), got a 0-d tensor")
     if not 0.0 <= float(dropout_p) < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
     if weight.requires_grad:

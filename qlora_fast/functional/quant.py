@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 
 from qlora_fast.functional._dispatch import tracing, use_kernels
-from qlora_fast.quant_state import FLOAT_DTYPES, QuantState, check_options
+from qlora_fast.quant_state import FLOAT_DTYPES, QuantState, check_compress_statistics, check_options
 from qlora_fast.reference import quant as ref
 
 __all__ = ["quantize_4bit", "dequantize_4bit"]
@@ -154,13 +154,14 @@ def quantize_4bit(
     blocksize: a power of two from 32 to 4096. quant_type: "nf4" or "fp4".
     compress_statistics: double-quantize the absmax (8-bit, blocksize 256, after subtracting mean).
     Returns (packed uint8 of shape (ceil(n / 2), 1), QuantState). Raises TypeError for a non-float
-    `x`, ValueError for an empty `x`, a bad blocksize or an unknown quant_type, and ValueError
-    when `x` holds NaN or Inf (under double quantization the mean of the absmax would carry it into
-    every block) or, with compress_statistics, values so large that the scales' mean overflows
-    (e.g. bfloat16's largest value in many blocks would come back as inf). Warns (UserWarning)
-    with compress_statistics when one block's absmax is over OUTLIER_RATIO (1e3) times the median
-    one, which coarsens every other block's scale. These value checks cost one device sync and
-    are skipped while torch.compile traces.
+    `x` or a non-bool compress_statistics, ValueError for an empty `x`, a bad blocksize or an
+    unknown quant_type, and ValueError when `x` holds NaN or Inf (under double quantization the
+    mean of the absmax would carry it into every block) or, with compress_statistics, values so
+    large that the scales' mean overflows (e.g. bfloat16's largest value in many blocks would come
+    back as inf). Warns (UserWarning) with compress_statistics when one block's absmax is over
+    OUTLIER_RATIO (1e3) times the median one, which coarsens every other block's scale. These
+    value checks cost one device sync and are skipped while torch.compile traces. A meta `x`
+    gives meta tensors of the right shapes and dtypes (a module built on the meta device).
     """
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
@@ -169,7 +170,10 @@ def quantize_4bit(
     if x.numel() == 0:
         raise ValueError(f"x must have at least one element, got shape {tuple(x.shape)}")
     check_options(blocksize, quant_type)
-    traced = tracing()
+    check_compress_statistics(compress_statistics)
+    # meta tensors (a model built on the meta device) take the custom ops, whose fake
+    # implementations give the shapes and dtypes without computing anything
+    traced = tracing() or x.device.type == "meta"
     packed, absmax = (_quantize_4bit_op if traced else _quantize_4bit)(x.contiguous(), blocksize, quant_type)
     nested = {}
     if compress_statistics:

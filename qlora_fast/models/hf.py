@@ -25,6 +25,9 @@ def load_hf_model(directory: str, device=None, dtype=None, quantize=None, blocks
     bytes (no requantization); `dtype` then applies to the layers kept in full precision.
     Raises FileNotFoundError when `directory` is not a model directory, ValueError for a checkpoint
     quantized in another format (8-bit, GPTQ, AWQ, ...)."""
+    from qlora_fast.quant_state import check_compress_statistics
+
+    check_compress_statistics(compress_statistics)
     config_file = os.path.join(directory, "config.json")
     if not os.path.isfile(config_file):
         raise FileNotFoundError(f"{directory} is not a Hugging Face model directory (no config.json)")

@@ -127,6 +127,17 @@ class Linear4bit(nn.Module):
         packed, self.quant_state = quantize_4bit(weight, blocksize, quant_type, compress_statistics)
         self.weight = nn.Parameter(packed, requires_grad=False)
 
+    def set_quantized(self, packed: torch.Tensor, quant_state: QuantState) -> None:
+        """Take new 4-bit weights of this module's shape (e.g. `QLoRALinear.merge` requantizing W +
+        B A): `packed` becomes the frozen weight as it is, `quant_state` the state. Validated here;
+        raises ValueError/TypeError naming the bad field."""
+        if tuple(quant_state.shape) != (self.out_features, self.in_features):
+            raise ValueError(f"quant_state.shape must be ({self.out_features}, {self.in_features}), "
+                             f"got {tuple(quant_state.shape)}")
+        quant_state.validate(packed)
+        self.weight = nn.Parameter(packed.detach(), requires_grad=False)
+        self.quant_state = quant_state
+
     @property
     def quant_type(self) -> str:
         return self.quant_state.quant_type
@@ -184,6 +195,9 @@ class Linear4bit(nn.Module):
         # Everything is read and checked before anything is assigned: a failed load (ValueError or
         # TypeError naming the key for corrupt entries, a size mismatch in error_msgs) leaves the
         # module as it was.
+        # load_state_dict(..., assign=True), as nn.Module: take the loaded tensors themselves (and
+        # their device) instead of copying into ours, e.g. to fill a module built on the meta device
+        assign = local_metadata.get("assign_to_params_buffers", False)
         weight_key, bias_key = prefix + "weight", prefix + "bias"
         quant_keys = [k for k in state_dict if k.startswith(weight_key + ".")]
         errors, new = [], {}
@@ -191,7 +205,7 @@ class Linear4bit(nn.Module):
             missing_keys.append(weight_key)
             unexpected_keys.extend(quant_keys)
         else:
-            device = self.weight.device
+            device = getattr(state_dict[weight_key], "device", None) if assign else self.weight.device
             quant_state = _quant_state_from(state_dict, prefix, device)
             if quant_state.shape != torch.Size([self.out_features, self.in_features]):
                 errors.append(
@@ -199,8 +213,8 @@ class Linear4bit(nn.Module):
                     f"module is ({self.out_features}, {self.in_features})"
                 )
             else:
-                packed = _packed_from(state_dict[weight_key], quant_state, weight_key)
-                new["weight"] = nn.Parameter(packed.detach().to(device).clone(), requires_grad=False)
+                packed = _packed_from(state_dict[weight_key], quant_state, weight_key).detach()
+                new["weight"] = nn.Parameter(packed if assign else packed.to(device).clone(), requires_grad=False)
                 new["quant_state"] = quant_state
         if self.bias is not None:
             if bias_key in state_dict:
@@ -226,7 +240,9 @@ class Linear4bit(nn.Module):
             return
         if "weight" in new:
             self.weight, self.quant_state = new["weight"], new["quant_state"]
-        if "bias" in new:
+        if "bias" in new and assign:
+            self.bias = nn.Parameter(new["bias"].detach(), self.bias.requires_grad)
+        elif "bias" in new:
             with torch.no_grad():
                 self.bias.copy_(new["bias"])
 
@@ -250,11 +266,12 @@ def _quant_state_from(state_dict: dict, prefix: str, device=None) -> QuantState:
 
 
 def _packed_from(weight, quant_state: QuantState, key: str) -> torch.Tensor:
-    """The packed uint8 bytes of a checkpoint's `weight` entry (bitsandbytes may store them in
-    another dtype), checked against the quant state."""
+    """The packed uint8 bytes of a checkpoint's `weight` entry (bitsandbytes' quant_storage may be
+    any dtype: int8, float16, bfloat16, float32, ...; its bytes are the packed nibbles), checked
+    against the quant state."""
     if not isinstance(weight, torch.Tensor):
         raise TypeError(f"{key} must be a tensor, got {type(weight).__name__}")
-    if weight.is_floating_point() or weight.dtype == torch.uint8:
+    if weight.dtype != torch.bool:  # a bool tensor is a mask, not storage
         weight = weight.detach().contiguous().view(torch.uint8)
     quant_state.validate(weight, where=key + ".")
     return weight

@@ -92,6 +92,8 @@ class LoRALinear(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 0:
+            raise ValueError("x must have at least 1 dimension (..., in_features), got a 0-d tensor")
         if x.shape[-1] != self.in_features:
             raise ValueError(f"x must have last dimension in_features={self.in_features}, got shape {tuple(x.shape)}")
         if self.merged or not self.adapter_enabled:
@@ -211,10 +213,10 @@ class QLoRALinear(LoRALinear):
     def _requantize(self, weight: torch.Tensor) -> None:
         from qlora_fast.functional.quant import quantize_4bit
 
-        state = self.base.quant_state
+        state, device = self.base.quant_state, self.base.weight.device
         packed, new_state = quantize_4bit(weight, state.blocksize, state.quant_type, state.nested)
-        self.base.weight = nn.Parameter(packed.to(self.base.weight.device), requires_grad=False)
-        self.base.quant_state = dataclasses.replace(new_state, dtype=state.dtype).to(self.base.weight.device)
+        # through the base's own setter: a ShardableLinear4bit (FSDP) keeps its weight in `units`
+        self.base.set_quantized(packed.to(device), dataclasses.replace(new_state, dtype=state.dtype).to(device))
 
     def base_weight(self) -> torch.Tensor:
         """The 4-bit base weight dequantized to float32, (out_features, in_features)."""

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from qlora_fast.nn.linear4bit import Linear4bit
+from qlora_fast.quant_state import check_compress_statistics
 from qlora_fast.utils import renamed_kwargs
 
 __all__ = [
@@ -140,6 +141,7 @@ def wrap_linear(layer: nn.Module, name: str = "layer", *, quant_type: Optional[s
     """
     from qlora_fast.nn.lora import LoRALinear, QLoRALinear
 
+    check_compress_statistics(compress_statistics)
     if isinstance(layer, LoRALinear):
         return None
     if not (isinstance(layer, Linear4bit) or _is_bnb_4bit(layer)):
@@ -313,6 +315,7 @@ def replace_linear(
         raise ValueError("replace_linear needs quant_type or r (both are None: nothing to do)")
     if quant_type not in (None, "nf4", "fp4"):
         raise ValueError(f"quant_type must be 'nf4', 'fp4' or None, got {quant_type!r}")
+    check_compress_statistics(compress_statistics)
     names = match_target_modules(model, target_modules, skip=skip, include_output=include_output)
     plan = []  # all built before any swap
     for name in names:
