@@ -323,17 +323,19 @@ def test_bad_adapter_leaves_the_model_as_it_was(tmp_path, seed, damage):
     _assert_unchanged(target, before)
 
 
-def test_replace_linear_is_all_or_nothing(seed):
+@pytest.mark.parametrize("quant_type", ["nf4", None])
+def test_replace_linear_is_all_or_nothing(seed, quant_type):
     from qlora_fast.nn import replace_linear
 
     model = hf_llama()
     before = _snapshot(model)
-    # rank 20 fits the 48/83-wide projections but not k_proj/v_proj (48 -> 16): the last built fails
+    # rank 20 fits the 48/83-wide projections but not k_proj/v_proj (48 -> 16): the last built fails,
+    # after q_proj's LoRA module was built (on a full-precision base, freezing q_proj in place)
     with pytest.raises(ValueError, match="r must be"):
-        replace_linear(model, r=20)
+        replace_linear(model, quant_type=quant_type, r=20)
     _assert_unchanged(model, before)
     with pytest.raises(ValueError, match="r must be"):
-        get_peft_model(model, LoraConfig(r=20, quantize_base="nf4"))
+        get_peft_model(model, LoraConfig(r=20, quantize_base=quant_type))
     _assert_unchanged(model, before)
 
 

@@ -315,12 +315,19 @@ def replace_linear(
         raise ValueError(f"quant_type must be 'nf4', 'fp4' or None, got {quant_type!r}")
     names = match_target_modules(model, target_modules, skip=skip, include_output=include_output)
     plan = []  # all built before any swap
-    for name in names:
-        new = wrap_linear(model.get_submodule(name), name, quant_type=quant_type, r=r, lora_alpha=lora_alpha,
-                          lora_dropout=lora_dropout, use_rslora=use_rslora, blocksize=blocksize,
-                          compress_statistics=compress_statistics, compute_dtype=compute_dtype)
-        if new is not None:
-            plan.append((name, new))
+    # building a LoRA module freezes its base in place: an error below must thaw what it froze
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        for name in names:
+            new = wrap_linear(model.get_submodule(name), name, quant_type=quant_type, r=r, lora_alpha=lora_alpha,
+                              lora_dropout=lora_dropout, use_rslora=use_rslora, blocksize=blocksize,
+                              compress_statistics=compress_statistics, compute_dtype=compute_dtype)
+            if new is not None:
+                plan.append((name, new))
+    except BaseException:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        raise
     if r is not None and names and not plan:
         raise ValueError(f"every matching layer already has a LoRA adapter ({len(names)} layers, e.g. {names[0]!r}): "
                          "no adapter added; use the model as it is, or unload/merge its adapters first")
