@@ -213,6 +213,73 @@ def test_interrupted_save_leaves_the_previous_adapter_whole(tmp_path, seed, monk
     assert oct(os.stat(path).st_mode & 0o777) == oct(0o777 & ~_umask())
 
 
+def test_a_diverged_adapter_is_not_written_over_the_last_good_one(tmp_path):
+    ours = get_peft_model(hf_llama(), LoraConfig(target_modules=["q_proj"], r=2))
+    perturb(p for _, p in ours.adapter_parameters())
+    path = ours.save_adapter(str(tmp_path / "adapter"))
+    before = {name: open(os.path.join(path, name), "rb").read() for name in os.listdir(path)}
+    with torch.no_grad():
+        ours.adapter_parameters()[-1][1][0, 0] = float("nan")
+    with pytest.raises(FloatingPointError, match="NaN"):
+        ours.save_adapter(path)
+    assert {name: open(os.path.join(path, name), "rb").read() for name in os.listdir(path)} == before
+    assert sorted(os.listdir(tmp_path)) == ["adapter"]
+
+
+def test_fallback_swap_that_fails_keeps_the_previous_adapter(tmp_path, seed, monkeypatch):
+    # without RENAME_EXCHANGE the swap is two renames; the old adapter must survive either failing
+    from qlora_fast.peft import io
+    from qlora_fast.utils import clean_stale_temporaries
+
+    ours = get_peft_model(hf_llama(), LoraConfig(target_modules=["q_proj"], r=2))
+    perturb(p for _, p in ours.adapter_parameters())
+    path = ours.save_adapter(str(tmp_path / "adapter"))
+    before = {name: open(os.path.join(path, name), "rb").read() for name in os.listdir(path)}
+    perturb(p for _, p in ours.adapter_parameters())
+    monkeypatch.setattr(io, "_exchange", lambda a, b: False)
+    real_rename = os.rename
+
+    def rename_failing(*which):
+        calls = []
+
+        def rename(a, b):
+            calls.append(a)
+            if len(calls) in which:
+                raise OSError(errno.EIO, "Input/output error")
+            real_rename(a, b)
+        return rename
+
+    monkeypatch.setattr(io.os, "rename", rename_failing(2))  # the new one fails to take the old one's place
+    with pytest.raises(OSError, match="Input/output"):
+        ours.save_adapter(path)
+    assert sorted(os.listdir(tmp_path)) == ["adapter"]
+    assert {name: open(os.path.join(path, name), "rb").read() for name in os.listdir(path)} == before
+    # a crash between the renames (here: both later renames fail) leaves the only copy where no cleaner takes it
+    monkeypatch.setattr(io.os, "rename", rename_failing(2, 3))
+    with pytest.raises(OSError):
+        ours.save_adapter(path)
+    monkeypatch.setattr(io.os, "rename", real_rename)
+    (kept,) = os.listdir(tmp_path)
+    monkeypatch.setattr("qlora_fast.utils._pid_alive", lambda pid: False)  # as if the writer had died
+    clean_stale_temporaries(tmp_path)
+    assert os.listdir(tmp_path) == [kept] and kept.startswith(".old-")
+    assert {name: open(tmp_path / kept / name, "rb").read() for name in os.listdir(tmp_path / kept)} == before
+
+
+def test_saving_through_a_symlink_replaces_its_target(tmp_path, seed):
+    ours = get_peft_model(hf_llama(), LoraConfig(target_modules=["q_proj"], r=2))
+    (tmp_path / "run1").mkdir()
+    ours.save_adapter(str(tmp_path / "run1" / "adapter"))
+    os.symlink("run1/adapter", tmp_path / "latest")
+    perturb(p for _, p in ours.adapter_parameters())
+    ours.save_adapter(str(tmp_path / "latest"))
+    assert os.readlink(tmp_path / "latest") == "run1/adapter"
+    assert sorted(os.listdir(tmp_path)) == ["latest", "run1"] and os.listdir(tmp_path / "run1") == ["adapter"]
+    loaded = load_adapter(hf_llama(), str(tmp_path / "run1" / "adapter"))
+    for (name, a), (_, b) in zip(loaded.adapter_parameters(), ours.adapter_parameters()):
+        assert torch.equal(a, b), name
+
+
 def test_a_killed_saves_temporary_is_cleaned_up_later(tmp_path):
     ours = get_peft_model(hf_llama(), LoraConfig(target_modules=["q_proj"], r=2))
     stale, recent = tmp_path / ".tmp-adapter-killed", tmp_path / ".tmp-adapter-inprogress"

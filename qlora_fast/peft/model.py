@@ -25,6 +25,7 @@ from torch import nn
 
 from qlora_fast.models.generate import call_causal_lm
 from qlora_fast.models.llama import CausalLMOutput, LlamaForCausalLM, causal_lm_loss, positions_from_mask
+from qlora_fast.utils import check_finite_state
 
 from .config import LoraConfig, PrefixTuningConfig, PromptTuningConfig, config_to_peft_dict
 from .io import (
@@ -422,6 +423,8 @@ class PeftModel(nn.Module):
                 raise ValueError(
                     "state must map this model's adapter parameter names to tensors of their (full) shapes"
                 )
+        tensors = self.peft_state_dict(state)
+        check_finite_state(tensors, f"the adapter {path}")  # a diverged run must not replace the last good one
         config_bytes = json.dumps(self.peft_config_dict(), indent=2).encode()
         metadata = {
             "format": "pt",
@@ -430,7 +433,7 @@ class PeftModel(nn.Module):
             OUR_CONFIG: json.dumps(self.peft_config.to_dict()),
         }
         write_adapter_dir(
-            path, {ADAPTER_WEIGHTS: save(self.peft_state_dict(state), metadata=metadata), ADAPTER_CONFIG: config_bytes}
+            path, {ADAPTER_WEIGHTS: save(tensors, metadata=metadata), ADAPTER_CONFIG: config_bytes}
         )
         return path
 
