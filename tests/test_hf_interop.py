@@ -176,6 +176,26 @@ def test_unsupported_peft_settings_are_named(tmp_path):
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
+@pytest.mark.parametrize("init", ["pissa", "olora", "gaussian", "orthogonal"])
+def test_peft_inits_that_rewrite_the_base_are_refused(tmp_path, seed, init):
+    # PiSSA/OLoRA move part of W into A and B at init: the adapter is only right on that changed
+    # base, which its files do not hold, so it must be refused, not loaded onto the original base.
+    base = hf_llama()
+    fresh, oracle_base = copy.deepcopy(base), copy.deepcopy(base)
+    trained = hf_peft.get_peft_model(
+        base, hf_peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], init_lora_weights=init,
+                                 task_type="CAUSAL_LM"))
+    perturb(p for p in trained.parameters() if p.requires_grad)
+    trained.save_pretrained(str(tmp_path))
+    if init in ("pissa", "olora"):
+        with pytest.raises(ValueError, match=f"init_lora_weights='{init}'"):
+            load_adapter(fresh, str(tmp_path))
+        return
+    theirs = hf_peft.PeftModel.from_pretrained(oracle_base, str(tmp_path)).eval()
+    ids = torch.randint(0, VOCAB, (2, 6))
+    assert_close(load_adapter(fresh, str(tmp_path)).eval()(input_ids=ids).logits, theirs(input_ids=ids).logits)
+
+
 # ------------------------------------------------------------------------- one unit, all or nothing
 def test_interrupted_save_leaves_the_previous_adapter_whole(tmp_path, seed, monkeypatch):
     from qlora_fast.peft import io
