@@ -440,7 +440,12 @@ class PeftModel(nn.Module):
     def load_adapter(self, path: str) -> "PeftModel":
         """Load the adapter at `path` (ours, in PEFT's format or our earlier one, or PEFT's own
         `save_pretrained` output) into this model, whose config must match. Everything is checked
-        before any tensor is copied: an error leaves this model as it was."""
+        before any tensor is copied: an error leaves this model as it was. A merged layer is refused
+        (the new adapter would not reach its output, and unmerging would subtract it from the base)."""
+        merged = _lora_names(self.base_model, merged=True)
+        if merged:
+            raise ValueError(f"cannot load an adapter into merged LoRA layers ({len(merged)}, e.g. {merged[0]!r}); "
+                             "unmerge() them first")
         config, state, metadata, by_peft = read_adapter(path)
         if not _same_adapter(config, self.peft_config, by_peft):
             raise ValueError(
@@ -507,6 +512,13 @@ def _check_base_signature(model: nn.Module, saved: dict, path: str) -> None:
         if saved[key] != ours[key]:
             raise ValueError(f"adapter at {path} was trained on a base with {key} {saved[key]}; "
                              f"this model has {ours[key]} (a different base model or tokenizer)")
+
+
+def _lora_names(model: nn.Module, merged: bool = False) -> list:
+    """Full names of the LoRA layers of `model` (only the merged ones with `merged`)."""
+    from qlora_fast.nn.lora import LoRALinear
+
+    return [n for n, m in model.named_modules() if isinstance(m, LoRALinear) and (m.merged or not merged)]
 
 
 def _same_adapter(saved, ours, by_peft: bool) -> bool:
