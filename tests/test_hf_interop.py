@@ -196,6 +196,82 @@ def test_peft_inits_that_rewrite_the_base_are_refused(tmp_path, seed, init):
     assert_close(load_adapter(fresh, str(tmp_path)).eval()(input_ids=ids).logits, theirs(input_ids=ids).logits)
 
 
+@pytest.mark.parametrize("kind, regex", [("llama", r"model\.layers\.0\..*"), ("gpt2", r".*\.attn\..*")])
+def test_our_regex_adapter_loads_in_peft(tmp_path, seed, kind, regex):
+    # PEFT's regex also matches dropouts (and fails on them): it gets the matched layers' names
+    base = MODELS[kind]()
+    fresh, fresh_ours = copy.deepcopy(base), copy.deepcopy(base)
+    ours = get_peft_model(base, LoraConfig(target_modules=regex, r=2, lora_alpha=4.0))
+    perturb(p for _, p in ours.adapter_parameters())
+    path = ours.save_adapter(str(tmp_path / "adapter"))
+    names = json.load(open(os.path.join(path, "adapter_config.json")))["target_modules"]
+    assert names == sorted(n for n, m in ours.base_model.named_modules() if m in set(ours.lora_modules()))
+    theirs = hf_peft.PeftModel.from_pretrained(fresh, path).eval()
+    ids = torch.randint(0, VOCAB, (2, 7))
+    ours.eval()
+    assert_close(theirs(input_ids=ids).logits, ours(input_ids=ids).logits)
+    assert load_adapter(fresh_ours, path).peft_config.target_modules == regex  # our exact config comes back
+
+
+def test_peft_target_list_with_names_this_model_lacks(tmp_path, seed):
+    # a list written for several architectures: PEFT adapts the names present and so do we
+    base = hf_llama()
+    fresh, oracle_base = copy.deepcopy(base), copy.deepcopy(base)
+    trained = hf_peft.get_peft_model(base, hf_peft.LoraConfig(
+        r=2, lora_alpha=4, target_modules=["q_proj", "v_proj", "query_key_value"], task_type="CAUSAL_LM"))
+    perturb(p for p in trained.parameters() if p.requires_grad)
+    trained.save_pretrained(str(tmp_path))
+    theirs = hf_peft.PeftModel.from_pretrained(oracle_base, str(tmp_path)).eval()
+    ours = load_adapter(fresh, str(tmp_path)).eval()
+    ids = torch.randint(0, VOCAB, (2, 6))
+    assert_close(ours(input_ids=ids).logits, theirs(input_ids=ids).logits)
+    assert sorted(ours.peft_config.target_modules) == ["q_proj", "v_proj"]
+    ours.load_adapter(str(tmp_path))  # and into the model built from it
+    # none present is still an error
+    config = json.load(open(tmp_path / "adapter_config.json"))
+    (tmp_path / "adapter_config.json").write_text(json.dumps({**config, "target_modules": ["c_attn", "query"]}))
+    with pytest.raises(ValueError, match="none of target_modules"):
+        load_adapter(hf_llama(), str(tmp_path))
+
+
+def test_peft_all_linear_adapter_loads_into_a_model_built_with_all_linear(tmp_path, seed):
+    # PEFT 0.21 saves "all-linear" as the list of the layers it matched; other dropout is no mismatch
+    base = hf_llama()
+    oracle_base = copy.deepcopy(base)
+    trained = hf_peft.get_peft_model(copy.deepcopy(base), hf_peft.LoraConfig(
+        r=2, lora_alpha=4, lora_dropout=0.1, target_modules="all-linear", task_type="CAUSAL_LM"))
+    perturb(p for p in trained.parameters() if p.requires_grad)
+    trained.save_pretrained(str(tmp_path))
+    assert isinstance(json.load(open(tmp_path / "adapter_config.json"))["target_modules"], list)
+    ours = get_peft_model(base, LoraConfig(target_modules="all-linear", r=2, lora_alpha=4.0)).load_adapter(
+        str(tmp_path)).eval()
+    theirs = hf_peft.PeftModel.from_pretrained(oracle_base, str(tmp_path)).eval()
+    ids = torch.randint(0, VOCAB, (2, 6))
+    assert_close(ours(input_ids=ids).logits, theirs(input_ids=ids).logits)
+    for other in (LoraConfig(target_modules=["q_proj"], r=2, lora_alpha=4.0),
+                  LoraConfig(target_modules="all-linear", r=2, lora_alpha=8.0)):
+        with pytest.raises(ValueError, match="config"):
+            get_peft_model(hf_llama(), other).load_adapter(str(tmp_path))
+
+
+def test_adapter_on_the_output_layer_round_trips(tmp_path, seed):
+    # replace_linear adapts lm_head too (skip=()); PEFT loads such an adapter, and so do we
+    from qlora_fast.nn import replace_linear
+    from qlora_fast.peft import save_adapter
+
+    base = hf_llama()
+    fresh, oracle_base = copy.deepcopy(base), copy.deepcopy(base)
+    model = replace_linear(base, quant_type=None, r=2, lora_alpha=4.0, skip=())
+    perturb(p for n, p in model.named_parameters() if "lora_" in n)
+    path = save_adapter(model, str(tmp_path / "adapter"))
+    ids = torch.randint(0, VOCAB, (2, 6))
+    want = model.eval()(input_ids=ids).logits
+    assert_close(hf_peft.PeftModel.from_pretrained(oracle_base, path).eval()(input_ids=ids).logits, want)
+    ours = load_adapter(fresh, path).eval()
+    assert "lm_head" in [n for n, m in ours.base_model.named_modules() if m in set(ours.lora_modules())]
+    assert torch.equal(ours(input_ids=ids).logits, want)
+
+
 # ------------------------------------------------------------------------- one unit, all or nothing
 def test_interrupted_save_leaves_the_previous_adapter_whole(tmp_path, seed, monkeypatch):
     from qlora_fast.peft import io

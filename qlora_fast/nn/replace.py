@@ -28,6 +28,7 @@ from qlora_fast.utils import renamed_kwargs
 __all__ = [
     "replace_linear", "match_target_modules", "wrap_linear", "default_lora_targets", "linear_layer_names",
     "linear_features", "is_conv1d", "conv1d_to_linear", "adopt_bnb_4bit", "merge_linear_layers",
+    "present_target_names",
 ]
 
 ALL_LINEAR = "all-linear"
@@ -263,6 +264,19 @@ def match_target_modules(model: nn.Module, target_modules=ALL_LINEAR, skip: Unio
             raise ValueError(f"target module {target!r} matched no linear layer of {type(model).__name__}; "
                              f"its linear layers are named {short}")
     return [n for n in names if _matches(n, targets)]
+
+
+def present_target_names(model: nn.Module, target_modules, include_output: bool = True) -> list:
+    """The names of the list `target_modules` that match a linear layer of `model`, read as PEFT
+    reads a saved list: a list written for several architectures may name layers this model lacks.
+    ValueError only when none matches."""
+    layers = linear_layer_names(model, include_output)
+    present = [t for t in target_modules if any(_matches(n, (t,)) for n in layers)]
+    if not present:
+        short = sorted({n.split(".")[-1] for n in layers})
+        raise ValueError(f"none of target_modules {list(target_modules)} matches a linear layer of "
+                         f"{type(model).__name__}; its linear layers are named {short}")
+    return present
 
 
 # ---------------------------------------------------------------------------- swapping
