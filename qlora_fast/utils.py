@@ -69,7 +69,7 @@ def clean_stale_temporaries(directory: Union[str, os.PathLike]) -> list:
         m = _TMP_PATTERN.match(name)
         try:
             stale = not _pid_alive(int(m.group(1))) if m else now - os.path.getmtime(path) > _LEGACY_TMP_AGE_S
-            if stale and os.path.isfile(path):
+            if stale and (os.path.isfile(path) or os.path.islink(path)):  # a link: itself, never its target
                 os.unlink(path)
                 removed.append(path)
             elif stale and m and os.path.isdir(path) and not os.path.islink(path):

@@ -176,6 +176,102 @@ def test_unsupported_peft_settings_are_named(tmp_path):
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
+@pytest.mark.parametrize("init", ["pissa", "olora", "gaussian", "orthogonal"])
+def test_peft_inits_that_rewrite_the_base_are_refused(tmp_path, seed, init):
+    # PiSSA/OLoRA move part of W into A and B at init: the adapter is only right on that changed
+    # base, which its files do not hold, so it must be refused, not loaded onto the original base.
+    base = hf_llama()
+    fresh, oracle_base = copy.deepcopy(base), copy.deepcopy(base)
+    trained = hf_peft.get_peft_model(
+        base, hf_peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], init_lora_weights=init,
+                                 task_type="CAUSAL_LM"))
+    perturb(p for p in trained.parameters() if p.requires_grad)
+    trained.save_pretrained(str(tmp_path))
+    if init in ("pissa", "olora"):
+        with pytest.raises(ValueError, match=f"init_lora_weights='{init}'"):
+            load_adapter(fresh, str(tmp_path))
+        return
+    theirs = hf_peft.PeftModel.from_pretrained(oracle_base, str(tmp_path)).eval()
+    ids = torch.randint(0, VOCAB, (2, 6))
+    assert_close(load_adapter(fresh, str(tmp_path)).eval()(input_ids=ids).logits, theirs(input_ids=ids).logits)
+
+
+@pytest.mark.parametrize("kind, regex", [("llama", r"model\.layers\.0\..*"), ("gpt2", r".*\.attn\..*")])
+def test_our_regex_adapter_loads_in_peft(tmp_path, seed, kind, regex):
+    # PEFT's regex also matches dropouts (and fails on them): it gets the matched layers' names
+    base = MODELS[kind]()
+    fresh, fresh_ours = copy.deepcopy(base), copy.deepcopy(base)
+    ours = get_peft_model(base, LoraConfig(target_modules=regex, r=2, lora_alpha=4.0))
+    perturb(p for _, p in ours.adapter_parameters())
+    path = ours.save_adapter(str(tmp_path / "adapter"))
+    names = json.load(open(os.path.join(path, "adapter_config.json")))["target_modules"]
+    assert names == sorted(n for n, m in ours.base_model.named_modules() if m in set(ours.lora_modules()))
+    theirs = hf_peft.PeftModel.from_pretrained(fresh, path).eval()
+    ids = torch.randint(0, VOCAB, (2, 7))
+    ours.eval()
+    assert_close(theirs(input_ids=ids).logits, ours(input_ids=ids).logits)
+    assert load_adapter(fresh_ours, path).peft_config.target_modules == regex  # our exact config comes back
+
+
+def test_peft_target_list_with_names_this_model_lacks(tmp_path, seed):
+    # a list written for several architectures: PEFT adapts the names present and so do we
+    base = hf_llama()
+    fresh, oracle_base = copy.deepcopy(base), copy.deepcopy(base)
+    trained = hf_peft.get_peft_model(base, hf_peft.LoraConfig(
+        r=2, lora_alpha=4, target_modules=["q_proj", "v_proj", "query_key_value"], task_type="CAUSAL_LM"))
+    perturb(p for p in trained.parameters() if p.requires_grad)
+    trained.save_pretrained(str(tmp_path))
+    theirs = hf_peft.PeftModel.from_pretrained(oracle_base, str(tmp_path)).eval()
+    ours = load_adapter(fresh, str(tmp_path)).eval()
+    ids = torch.randint(0, VOCAB, (2, 6))
+    assert_close(ours(input_ids=ids).logits, theirs(input_ids=ids).logits)
+    assert sorted(ours.peft_config.target_modules) == ["q_proj", "v_proj"]
+    ours.load_adapter(str(tmp_path))  # and into the model built from it
+    # none present is still an error
+    config = json.load(open(tmp_path / "adapter_config.json"))
+    (tmp_path / "adapter_config.json").write_text(json.dumps({**config, "target_modules": ["c_attn", "query"]}))
+    with pytest.raises(ValueError, match="none of target_modules"):
+        load_adapter(hf_llama(), str(tmp_path))
+
+
+def test_peft_all_linear_adapter_loads_into_a_model_built_with_all_linear(tmp_path, seed):
+    # PEFT 0.21 saves "all-linear" as the list of the layers it matched; other dropout is no mismatch
+    base = hf_llama()
+    oracle_base = copy.deepcopy(base)
+    trained = hf_peft.get_peft_model(copy.deepcopy(base), hf_peft.LoraConfig(
+        r=2, lora_alpha=4, lora_dropout=0.1, target_modules="all-linear", task_type="CAUSAL_LM"))
+    perturb(p for p in trained.parameters() if p.requires_grad)
+    trained.save_pretrained(str(tmp_path))
+    assert isinstance(json.load(open(tmp_path / "adapter_config.json"))["target_modules"], list)
+    ours = get_peft_model(base, LoraConfig(target_modules="all-linear", r=2, lora_alpha=4.0)).load_adapter(
+        str(tmp_path)).eval()
+    theirs = hf_peft.PeftModel.from_pretrained(oracle_base, str(tmp_path)).eval()
+    ids = torch.randint(0, VOCAB, (2, 6))
+    assert_close(ours(input_ids=ids).logits, theirs(input_ids=ids).logits)
+    for other in (LoraConfig(target_modules=["q_proj"], r=2, lora_alpha=4.0),
+                  LoraConfig(target_modules="all-linear", r=2, lora_alpha=8.0)):
+        with pytest.raises(ValueError, match="config"):
+            get_peft_model(hf_llama(), other).load_adapter(str(tmp_path))
+
+
+def test_adapter_on_the_output_layer_round_trips(tmp_path, seed):
+    # replace_linear adapts lm_head too (skip=()); PEFT loads such an adapter, and so do we
+    from qlora_fast.nn import replace_linear
+    from qlora_fast.peft import save_adapter
+
+    base = hf_llama()
+    fresh, oracle_base = copy.deepcopy(base), copy.deepcopy(base)
+    model = replace_linear(base, quant_type=None, r=2, lora_alpha=4.0, skip=())
+    perturb(p for n, p in model.named_parameters() if "lora_" in n)
+    path = save_adapter(model, str(tmp_path / "adapter"))
+    ids = torch.randint(0, VOCAB, (2, 6))
+    want = model.eval()(input_ids=ids).logits
+    assert_close(hf_peft.PeftModel.from_pretrained(oracle_base, path).eval()(input_ids=ids).logits, want)
+    ours = load_adapter(fresh, path).eval()
+    assert "lm_head" in [n for n, m in ours.base_model.named_modules() if m in set(ours.lora_modules())]
+    assert torch.equal(ours(input_ids=ids).logits, want)
+
+
 # ------------------------------------------------------------------------- one unit, all or nothing
 def test_interrupted_save_leaves_the_previous_adapter_whole(tmp_path, seed, monkeypatch):
     from qlora_fast.peft import io
@@ -211,6 +307,73 @@ def test_interrupted_save_leaves_the_previous_adapter_whole(tmp_path, seed, monk
     assert sorted(os.listdir(path)) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
     assert load_adapter(hf_llama(), path).peft_config.r == 3
     assert oct(os.stat(path).st_mode & 0o777) == oct(0o777 & ~_umask())
+
+
+def test_a_diverged_adapter_is_not_written_over_the_last_good_one(tmp_path):
+    ours = get_peft_model(hf_llama(), LoraConfig(target_modules=["q_proj"], r=2))
+    perturb(p for _, p in ours.adapter_parameters())
+    path = ours.save_adapter(str(tmp_path / "adapter"))
+    before = {name: open(os.path.join(path, name), "rb").read() for name in os.listdir(path)}
+    with torch.no_grad():
+        ours.adapter_parameters()[-1][1][0, 0] = float("nan")
+    with pytest.raises(FloatingPointError, match="NaN"):
+        ours.save_adapter(path)
+    assert {name: open(os.path.join(path, name), "rb").read() for name in os.listdir(path)} == before
+    assert sorted(os.listdir(tmp_path)) == ["adapter"]
+
+
+def test_fallback_swap_that_fails_keeps_the_previous_adapter(tmp_path, seed, monkeypatch):
+    # without RENAME_EXCHANGE the swap is two renames; the old adapter must survive either failing
+    from qlora_fast.peft import io
+    from qlora_fast.utils import clean_stale_temporaries
+
+    ours = get_peft_model(hf_llama(), LoraConfig(target_modules=["q_proj"], r=2))
+    perturb(p for _, p in ours.adapter_parameters())
+    path = ours.save_adapter(str(tmp_path / "adapter"))
+    before = {name: open(os.path.join(path, name), "rb").read() for name in os.listdir(path)}
+    perturb(p for _, p in ours.adapter_parameters())
+    monkeypatch.setattr(io, "_exchange", lambda a, b: False)
+    real_rename = os.rename
+
+    def rename_failing(*which):
+        calls = []
+
+        def rename(a, b):
+            calls.append(a)
+            if len(calls) in which:
+                raise OSError(errno.EIO, "Input/output error")
+            real_rename(a, b)
+        return rename
+
+    monkeypatch.setattr(io.os, "rename", rename_failing(2))  # the new one fails to take the old one's place
+    with pytest.raises(OSError, match="Input/output"):
+        ours.save_adapter(path)
+    assert sorted(os.listdir(tmp_path)) == ["adapter"]
+    assert {name: open(os.path.join(path, name), "rb").read() for name in os.listdir(path)} == before
+    # a crash between the renames (here: both later renames fail) leaves the only copy where no cleaner takes it
+    monkeypatch.setattr(io.os, "rename", rename_failing(2, 3))
+    with pytest.raises(OSError):
+        ours.save_adapter(path)
+    monkeypatch.setattr(io.os, "rename", real_rename)
+    (kept,) = os.listdir(tmp_path)
+    monkeypatch.setattr("qlora_fast.utils._pid_alive", lambda pid: False)  # as if the writer had died
+    clean_stale_temporaries(tmp_path)
+    assert os.listdir(tmp_path) == [kept] and kept.startswith(".old-")
+    assert {name: open(tmp_path / kept / name, "rb").read() for name in os.listdir(tmp_path / kept)} == before
+
+
+def test_saving_through_a_symlink_replaces_its_target(tmp_path, seed):
+    ours = get_peft_model(hf_llama(), LoraConfig(target_modules=["q_proj"], r=2))
+    (tmp_path / "run1").mkdir()
+    ours.save_adapter(str(tmp_path / "run1" / "adapter"))
+    os.symlink("run1/adapter", tmp_path / "latest")
+    perturb(p for _, p in ours.adapter_parameters())
+    ours.save_adapter(str(tmp_path / "latest"))
+    assert os.readlink(tmp_path / "latest") == "run1/adapter"
+    assert sorted(os.listdir(tmp_path)) == ["latest", "run1"] and os.listdir(tmp_path / "run1") == ["adapter"]
+    loaded = load_adapter(hf_llama(), str(tmp_path / "run1" / "adapter"))
+    for (name, a), (_, b) in zip(loaded.adapter_parameters(), ours.adapter_parameters()):
+        assert torch.equal(a, b), name
 
 
 def test_a_killed_saves_temporary_is_cleaned_up_later(tmp_path):
@@ -323,17 +486,19 @@ def test_bad_adapter_leaves_the_model_as_it_was(tmp_path, seed, damage):
     _assert_unchanged(target, before)
 
 
-def test_replace_linear_is_all_or_nothing(seed):
+@pytest.mark.parametrize("quant_type", ["nf4", None])
+def test_replace_linear_is_all_or_nothing(seed, quant_type):
     from qlora_fast.nn import replace_linear
 
     model = hf_llama()
     before = _snapshot(model)
-    # rank 20 fits the 48/83-wide projections but not k_proj/v_proj (48 -> 16): the last built fails
+    # rank 20 fits the 48/83-wide projections but not k_proj/v_proj (48 -> 16): the last built fails,
+    # after q_proj's LoRA module was built (on a full-precision base, freezing q_proj in place)
     with pytest.raises(ValueError, match="r must be"):
-        replace_linear(model, r=20)
+        replace_linear(model, quant_type=quant_type, r=20)
     _assert_unchanged(model, before)
     with pytest.raises(ValueError, match="r must be"):
-        get_peft_model(model, LoraConfig(r=20, quantize_base="nf4"))
+        get_peft_model(model, LoraConfig(r=20, quantize_base=quant_type))
     _assert_unchanged(model, before)
 
 

@@ -299,6 +299,28 @@ def test_load_adapter_rejects_a_different_config(tmp_path):
         other.load_adapter(str(tmp_path))
 
 
+def test_nothing_loads_into_merged_layers(tmp_path, seed):
+    # the loaded adapter would not reach a merged layer's output, and unmerging would then subtract
+    # it from a base that never had it: refused before anything changes
+    from qlora_fast.train.checkpoint import load_checkpoint, save_checkpoint
+
+    source = get_peft_model(builtin(), LoraConfig(r=2))
+    perturb_adapter(source)
+    path = source.save_adapter(str(tmp_path / "adapter"))
+    checkpoint = save_checkpoint(str(tmp_path / "ckpt.pt"), source)
+    peft = get_peft_model(builtin(), LoraConfig(r=2))
+    perturb_adapter(peft)
+    for m in peft.lora_modules():
+        m.merge()
+    before = copy.deepcopy(peft.state_dict())
+    with pytest.raises(ValueError, match="merged"):
+        peft.load_adapter(path)
+    with pytest.raises(ValueError, match="merged"):
+        load_checkpoint(checkpoint, peft, restore_rng=False)
+    assert all(torch.equal(v, before[k]) for k, v in peft.state_dict().items())
+    assert all(m.merged for m in peft.lora_modules())
+
+
 def test_load_adapter_rejects_a_base_with_another_vocabulary(tmp_path):
     # Same layer shapes, other tokenizer: the LoRA tensors would fit, so only the stored base
     # signature can tell (e.g. a byte-level demo adapter loaded onto the BPE built-in base).

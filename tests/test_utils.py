@@ -30,3 +30,17 @@ def test_failed_write_keeps_the_old_file_and_removes_the_temp(tmp_path):
         atomic_write(path, write_then_fail)
     assert path.read_bytes() == old
     assert os.listdir(tmp_path) == ["data.bin"]
+
+
+def test_stale_temporary_symlink_is_unlinked_not_followed(tmp_path):
+    # an older save's exchange left a temp *link* to the adapter: the link goes, its target stays
+    from helpers import dead_pid
+
+    from qlora_fast.utils import clean_stale_temporaries
+
+    (tmp_path / "run1").mkdir()
+    (tmp_path / "run1" / "data.bin").write_bytes(b"kept")
+    link = tmp_path / f".tmp-{dead_pid()}-latest-abc"
+    os.symlink("run1", link)
+    assert clean_stale_temporaries(tmp_path) == [str(link)]
+    assert os.listdir(tmp_path) == ["run1"] and (tmp_path / "run1" / "data.bin").read_bytes() == b"kept"

@@ -29,6 +29,7 @@ from qlora_fast.utils import renamed_kwargs
 __all__ = [
     "replace_linear", "match_target_modules", "wrap_linear", "default_lora_targets", "linear_layer_names",
     "linear_features", "is_conv1d", "conv1d_to_linear", "adopt_bnb_4bit", "merge_linear_layers",
+    "present_target_names",
 ]
 
 ALL_LINEAR = "all-linear"
@@ -267,6 +268,19 @@ def match_target_modules(model: nn.Module, target_modules=ALL_LINEAR, skip: Unio
     return [n for n in names if _matches(n, targets)]
 
 
+def present_target_names(model: nn.Module, target_modules, include_output: bool = True) -> list:
+    """The names of the list `target_modules` that match a linear layer of `model`, read as PEFT
+    reads a saved list: a list written for several architectures may name layers this model lacks.
+    ValueError only when none matches."""
+    layers = linear_layer_names(model, include_output)
+    present = [t for t in target_modules if any(_matches(n, (t,)) for n in layers)]
+    if not present:
+        short = sorted({n.split(".")[-1] for n in layers})
+        raise ValueError(f"none of target_modules {list(target_modules)} matches a linear layer of "
+                         f"{type(model).__name__}; its linear layers are named {short}")
+    return present
+
+
 # ---------------------------------------------------------------------------- swapping
 def _old_target(target):
     """The deprecated `target` as target_modules: one string was one name (not a regex), () all."""
@@ -318,12 +332,19 @@ def replace_linear(
     check_compress_statistics(compress_statistics)
     names = match_target_modules(model, target_modules, skip=skip, include_output=include_output)
     plan = []  # all built before any swap
-    for name in names:
-        new = wrap_linear(model.get_submodule(name), name, quant_type=quant_type, r=r, lora_alpha=lora_alpha,
-                          lora_dropout=lora_dropout, use_rslora=use_rslora, blocksize=blocksize,
-                          compress_statistics=compress_statistics, compute_dtype=compute_dtype)
-        if new is not None:
-            plan.append((name, new))
+    # building a LoRA module freezes its base in place: an error below must thaw what it froze
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        for name in names:
+            new = wrap_linear(model.get_submodule(name), name, quant_type=quant_type, r=r, lora_alpha=lora_alpha,
+                              lora_dropout=lora_dropout, use_rslora=use_rslora, blocksize=blocksize,
+                              compress_statistics=compress_statistics, compute_dtype=compute_dtype)
+            if new is not None:
+                plan.append((name, new))
+    except BaseException:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        raise
     if r is not None and names and not plan:
         raise ValueError(f"every matching layer already has a LoRA adapter ({len(names)} layers, e.g. {names[0]!r}): "
                          "no adapter added; use the model as it is, or unload/merge its adapters first")

@@ -27,7 +27,9 @@ class LoraConfig:
     every linear / Conv1D layer but the output layer), as `qlora_fast.nn.match_target_modules`
     reads it. The default, None, means the model's usual attention and MLP projections
     (`default_lora_targets`: q/k/v/o/gate/up/down_proj on Llama-style models, c_attn/c_proj/c_fc on
-    GPT-2, "all-linear" on anything else); the output layer is never adapted. r > 0; lora_alpha > 0;
+    GPT-2, "all-linear" on anything else); the output layer is adapted only when a list names it
+    (as PEFT does), never by a regex or "all-linear". A regex is saved to adapter_config.json as
+    the list of the full names it matched, which PEFT reads as we do. r > 0; lora_alpha > 0;
     lora_dropout in [0, 1); use_rslora scales by lora_alpha / sqrt(r) instead of lora_alpha / r.
     quantize_base: None (full-precision base, LoRA) or "nf4"/"fp4": every linear layer except the
     lm_head is stored in 4 bits, with double quantization unless double_quant=False (QLoRA).
@@ -149,6 +151,10 @@ _PEFT_LORA_OFF = {
     "alora_invocation_tokens": None,
     "arrow_config": None,
 }
+# init_lora_weights values that leave the base weights as they were (the saved A and B are the whole
+# change). PiSSA, OLoRA, CorDA, LoftQ and LoRA-GA rewrite the base at init, so their adapters are
+# only right on that rewritten base, which the file does not hold; MiCA freezes B, which we would train.
+_PEFT_INIT_KEEPS_BASE = ("gaussian", "eva", "orthogonal")
 
 
 def config_to_peft_dict(config, geometry=None, fan_in_fan_out=False, base_model_name_or_path=None) -> dict:
@@ -210,6 +216,13 @@ def config_from_peft_dict(d: dict):
         for key, off in _PEFT_LORA_OFF.items():
             if d.get(key, off) not in (off, None):
                 raise ValueError(f"PEFT LoRA setting {key}={d[key]!r} is not supported (only {off!r})")
+        init = d.get("init_lora_weights", True)
+        if not (init is None or isinstance(init, bool) or init in _PEFT_INIT_KEEPS_BASE):
+            raise ValueError(
+                f"PEFT LoRA setting init_lora_weights={init!r} is not supported: it changes the base weights, "
+                "which the adapter does not hold (PiSSA/OLoRA/CorDA: PEFT's save_pretrained("
+                "path_initial_model_for_weight_conversion=...) writes a plain LoRA adapter)"
+            )
         return LoraConfig(target_modules=d.get("target_modules"), r=d.get("r", 8), lora_alpha=d.get("lora_alpha", 8),
                           lora_dropout=d.get("lora_dropout", 0.0), use_rslora=bool(d.get("use_rslora", False)))
     n = d.get("num_virtual_tokens")

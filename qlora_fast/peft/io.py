@@ -3,7 +3,8 @@ tensor names), written as one unit and read back only as one.
 
 Writing: both files go into a fresh hidden directory beside the target, which then takes the
 target's place in one atomic rename (Linux `renameat2(RENAME_EXCHANGE)` when the target exists,
-two renames elsewhere), so a crash or a full disk leaves the previous adapter whole. The hidden
+two renames elsewhere, where a crash between them leaves the previous adapter whole as
+".old-<pid>-<name>-..." beside the target), so a crash or a full disk loses nothing. The hidden
 directory is named like every temporary of the package (`utils.temp_prefix()`: ".tmp-<pid>-"), so a
 killed save's leftover is removed by the next save into the same folder, and no cleaner takes one
 whose writer still runs (older versions' ".tmp-<name>-" leftovers go once an hour old). The weights'
@@ -214,8 +215,9 @@ def _remove_stale(parent: str, prefix: str) -> None:
 
 def write_adapter_dir(path: str, files: dict) -> None:
     """Make directory `path` hold `files` ({name: bytes}) in one atomic step (see the module
-    docstring). On any error the previous `path` is untouched and nothing is left behind."""
-    path = os.path.abspath(os.fspath(path))
+    docstring). On any error the previous `path` is untouched and nothing is left behind. A
+    symlinked `path` keeps its link: the directory it points to is replaced."""
+    path = os.path.realpath(os.fspath(path))
     if os.path.exists(path) and not os.path.isdir(path):
         raise ValueError(f"adapter path {path} exists and is not a directory")
     parent = os.path.dirname(path)
@@ -231,12 +233,17 @@ def write_adapter_dir(path: str, files: dict) -> None:
             os.rename(tmp, path)
         else:
             _carry_over(path, tmp)
-            if not _exchange(tmp, path):
-                old = tmp + ".old"
+            if not _exchange(tmp, path):  # on success tmp holds the previous adapter
+                # Two renames. Between them the old adapter is the only copy, so its name is not a
+                # temporary's (no cleaner takes it): a crash there leaves it beside `path` as ".old-...".
+                old = os.path.join(parent, ".old-" + os.path.basename(tmp)[len(".tmp-"):])
                 os.rename(path, old)
-                os.rename(tmp, path)
-                os.rename(old, tmp)
-            # tmp now holds the previous adapter
+                try:
+                    os.rename(tmp, path)
+                except BaseException:
+                    os.rename(old, path)
+                    raise
+                shutil.rmtree(old, ignore_errors=True)
         _fsync_dir(parent)
     finally:
         if os.path.isdir(tmp):

@@ -25,6 +25,7 @@ from torch import nn
 
 from qlora_fast.models.generate import call_causal_lm
 from qlora_fast.models.llama import CausalLMOutput, LlamaForCausalLM, causal_lm_loss, positions_from_mask
+from qlora_fast.utils import check_finite_state
 
 from .config import LoraConfig, PrefixTuningConfig, PromptTuningConfig, config_to_peft_dict
 from .io import (
@@ -179,14 +180,15 @@ class PeftModel(nn.Module):
 
     # ---- construction helpers
     def _inject_lora(self, config: LoraConfig):
-        """Swap the targets (never the output layer) for LoRA modules through `replace_linear`, all
-        or nothing. A layer already in 4 bits (ours or bitsandbytes') keeps its bytes under the
-        adapter; with quantize_base every other linear layer but the lm_head goes to 4 bits too."""
+        """Swap the targets (the output layer only when a list names it) for LoRA modules through
+        `replace_linear`, all or nothing. A layer already in 4 bits (ours or bitsandbytes') keeps its
+        bytes under the adapter; with quantize_base every other linear layer but the lm_head goes to
+        4 bits too."""
         from qlora_fast.nn.lora import LoRALinear
-        from qlora_fast.nn.replace import match_target_modules, replace_linear
+        from qlora_fast.nn.replace import replace_linear
 
         model = self.base_model
-        targets = match_target_modules(model, config.target_modules)
+        targets = _target_names(model, config)
         adapted = [n for n in targets if isinstance(model.get_submodule(n), LoRALinear)]
         if adapted:
             raise ValueError(f"layer {adapted[0]!r} already has a LoRA adapter; "
@@ -194,7 +196,8 @@ class PeftModel(nn.Module):
         originals = [(n, model.get_submodule(n)) for n in targets]
         quant = dict(quant_type=config.quantize_base, blocksize=config.blocksize,
                      compress_statistics=config.double_quant)
-        replace_linear(model, skip=(), target_modules=config.target_modules, include_output=False, r=config.r,
+        replace_linear(model, skip=(), target_modules=config.target_modules,
+                       include_output=isinstance(config.target_modules, list), r=config.r,
                        lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout, use_rslora=config.use_rslora,
                        **quant)
         if config.quantize_base:
@@ -399,12 +402,17 @@ class PeftModel(nn.Module):
 
     def peft_config_dict(self) -> dict:
         """`adapter_config.json` as `save_adapter` writes it (PEFT's fields)."""
-        geometry = None
-        if not isinstance(self.peft_config, LoraConfig):
+        geometry, config = None, self.peft_config
+        if not isinstance(config, LoraConfig):
             geometry = (*attention_geometry(self.base_model), _attention_heads(self.base_model))
+        elif isinstance(config.target_modules, str) and config.target_modules != "all-linear":
+            # PEFT's regex matching also hits dropouts and activations and then fails, so PEFT gets
+            # the layers it picked by name (our regex stays in the weights' metadata)
+            names = sorted(_lora_names(self.base_model))
+            config = dataclasses.replace(config, target_modules=names)
         fan_in_fan_out = any(getattr(m.base, "conv1d_class", None) is not None for m in self.lora_modules())
         name = getattr(getattr(self.base_model, "config", None), "name_or_path", None) or None
-        return config_to_peft_dict(self.peft_config, geometry, fan_in_fan_out, name)
+        return config_to_peft_dict(config, geometry, fan_in_fan_out, name)
 
     def save_adapter(self, path: str, state: Optional[dict] = None) -> str:
         """Write the adapter into directory `path` in PEFT's format (`adapter_config.json` +
@@ -422,6 +430,8 @@ class PeftModel(nn.Module):
                 raise ValueError(
                     "state must map this model's adapter parameter names to tensors of their (full) shapes"
                 )
+        tensors = self.peft_state_dict(state)
+        check_finite_state(tensors, f"the adapter {path}")  # a diverged run must not replace the last good one
         config_bytes = json.dumps(self.peft_config_dict(), indent=2).encode()
         metadata = {
             "format": "pt",
@@ -430,16 +440,22 @@ class PeftModel(nn.Module):
             OUR_CONFIG: json.dumps(self.peft_config.to_dict()),
         }
         write_adapter_dir(
-            path, {ADAPTER_WEIGHTS: save(self.peft_state_dict(state), metadata=metadata), ADAPTER_CONFIG: config_bytes}
+            path, {ADAPTER_WEIGHTS: save(tensors, metadata=metadata), ADAPTER_CONFIG: config_bytes}
         )
         return path
 
     def load_adapter(self, path: str) -> "PeftModel":
         """Load the adapter at `path` (ours, in PEFT's format or our earlier one, or PEFT's own
         `save_pretrained` output) into this model, whose config must match. Everything is checked
-        before any tensor is copied: an error leaves this model as it was."""
+        before any tensor is copied: an error leaves this model as it was. A merged layer is refused
+        (the new adapter would not reach its output, and unmerging would subtract it from the base)."""
+        merged = _lora_names(self.base_model, merged=True)
+        if merged:
+            raise ValueError(f"cannot load an adapter into merged LoRA layers ({len(merged)}, e.g. {merged[0]!r}); "
+                             "unmerge() them first")
         config, state, metadata, by_peft = read_adapter(path)
-        if not _same_adapter(config, self.peft_config, by_peft):
+        config = _present_targets(self.base_model, config, by_peft)
+        if not _same_adapter(self.base_model, config, self.peft_config, by_peft):
             raise ValueError(
                 f"adapter at {path} has config {config.to_dict()}, this model has {self.peft_config.to_dict()}"
             )
@@ -506,9 +522,44 @@ def _check_base_signature(model: nn.Module, saved: dict, path: str) -> None:
                              f"this model has {ours[key]} (a different base model or tokenizer)")
 
 
-def _same_adapter(saved, ours, by_peft: bool) -> bool:
-    """Whether a saved config fits a model built with `ours`. PEFT's own files say nothing of how
-    the base is stored (4 bits or not) or how a prompt was initialised, so those are not compared."""
+def _lora_names(model: nn.Module, merged: bool = False) -> list:
+    """Full names of the LoRA layers of `model` (only the merged ones with `merged`)."""
+    from qlora_fast.nn.lora import LoRALinear
+
+    return [n for n, m in model.named_modules() if isinstance(m, LoRALinear) and (m.merged or not merged)]
+
+
+def _target_names(model: nn.Module, config: LoraConfig) -> list:
+    """Full names of the layers `config` adapts on `model`: the output layer only when a list of
+    names names it (PEFT adapts any layer named), never through a regex or "all-linear"."""
+    from qlora_fast.nn.replace import default_lora_targets, match_target_modules
+
+    targets = default_lora_targets(model) if config.target_modules is None else config.target_modules
+    return match_target_modules(model, targets, include_output=isinstance(targets, list))
+
+
+def _present_targets(model: nn.Module, config, by_peft: bool):
+    """A PEFT file's target list cut to the names this model has (PEFT skips the others: a list may
+    be written for several architectures); ValueError when none is present."""
+    if not (by_peft and isinstance(config, LoraConfig) and isinstance(config.target_modules, list)):
+        return config
+    from qlora_fast.nn.replace import present_target_names
+
+    return dataclasses.replace(config, target_modules=present_target_names(model, config.target_modules))
+
+
+def _same_adapter(model: nn.Module, saved, ours, by_peft: bool) -> bool:
+    """Whether a saved config fits `model` built with `ours`. LoRA: the same layers (however the
+    targets are spelled), r, alpha and rsLoRA; dropout only matters to training. PEFT's own files
+    say nothing of how the base is stored (4 bits or not) or how a prompt was initialised, so those
+    are not compared."""
+    if isinstance(saved, LoraConfig) and isinstance(ours, LoraConfig):
+        def lora_key(c):
+            stored = () if by_peft else (c.quantize_base, c.blocksize, c.double_quant)
+            return (_target_names(model, c), c.r, float(c.lora_alpha), c.use_rslora, *stored)
+
+        return lora_key(saved) == lora_key(ours)
+
     def key(config, loose):
         d = config.to_dict()
         if isinstance(d.get("target_modules"), list):
@@ -526,14 +577,10 @@ def _same_adapter(saved, ours, by_peft: bool) -> bool:
 def _expected_shapes(model: nn.Module, config) -> dict:
     """{name: shape} of the adapter `config` would give `model`, worked out without changing it."""
     if isinstance(config, LoraConfig):
-        if config.target_modules is None:
-            from qlora_fast.nn.replace import default_lora_targets
-
-            config = dataclasses.replace(config, target_modules=default_lora_targets(model))
-        from qlora_fast.nn.replace import linear_features, match_target_modules
+        from qlora_fast.nn.replace import linear_features
 
         shapes = {}
-        for name in match_target_modules(model, config.target_modules):
+        for name in _target_names(model, config):
             in_features, out_features = linear_features(model.get_submodule(name))
             shapes[f"base_model.{name}.lora_A"] = (config.r, in_features)
             shapes[f"base_model.{name}.lora_B"] = (out_features, config.r)
@@ -562,7 +609,8 @@ def load_adapter(model: nn.Module, path: str) -> PeftModel:
     """A fresh `PeftModel` on `model` with the adapter saved at `path` (by `save_adapter`, in our
     earlier format, or by PEFT's `save_pretrained`). The files are read and checked against the
     model before it is touched: a bad or mismatched adapter raises and leaves `model` as it was."""
-    config, state, metadata, _ = read_adapter(path)
+    config, state, metadata, by_peft = read_adapter(path)
+    config = _present_targets(model, config, by_peft)
     _check_base_signature(model, metadata, path)
     geometry = None if isinstance(config, LoraConfig) else attention_geometry(model)
     check_state(from_peft_names(state, config, geometry), _expected_shapes(model, config), path)

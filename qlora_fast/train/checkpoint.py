@@ -231,7 +231,13 @@ def load_checkpoint(path: str, model: nn.Module, optimizer=None, scheduler=None,
     `optimizer`, `scheduler` and the RNGs. Returns {"step": int, "extra": dict}.
     Raises FileNotFoundError or ValueError (naming the file) when the checkpoint is unreadable,
     does not fit the model, or was written by a different run than `run` (a `run_identity`).
-    On an error the model's parameters and the optimizer's state are left as they were."""
+    On an error the model's parameters and the optimizer's state are left as they were. A model
+    with merged LoRA layers is refused: the restored adapter would not reach their output, and
+    unmerging would corrupt the base."""
+    from qlora_fast.nn.lora import lora_modules
+
+    if any(m.merged for m in lora_modules(unwrap(model))):
+        raise ValueError(f"cannot restore checkpoint {path} into a model with merged LoRA layers; unmerge() them first")
     state = read_checkpoint(path)
     check_same_run(state.get("run"), run, path)
     params = dict(unwrap(model).named_parameters())
