@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import INTERPRET
+from .utils import INTERPRET, on_device_of
 
 __all__ = ["quantize_4bit", "quantize_absmax", "dequantize_4bit"]
 
@@ -274,7 +274,8 @@ def quantize_4bit(x: torch.Tensor, blocksize: int, code: torch.Tensor):
     mids, steps = _sorted_tables(code)
     group = _groups(blocksize, 2 * _PAIRS_PER_PROGRAM)
     grid = (triton.cdiv(n_blocks, group),)
-    _quantize_4bit_kernel[grid](x, packed, absmax, mids, steps, n, n_blocks, BLOCKSIZE=blocksize, GROUP=group)
+    with on_device_of(x):
+        _quantize_4bit_kernel[grid](x, packed, absmax, mids, steps, n, n_blocks, BLOCKSIZE=blocksize, GROUP=group)
     return packed, absmax
 
 
@@ -297,7 +298,9 @@ def quantize_absmax(absmax: torch.Tensor, code: torch.Tensor):
     mids, _ = _sorted_tables(code)
     group = _groups(NESTED_BLOCKSIZE, _ABSMAX_PER_PROGRAM)
     grid = (triton.cdiv(n_blocks, group),)
-    _quantize_absmax_kernel[grid](absmax, offset, q, nested, mids, m, n_blocks, GROUP=group, NESTED=NESTED_BLOCKSIZE)
+    with on_device_of(absmax):
+        _quantize_absmax_kernel[grid](absmax, offset, q, nested, mids, m, n_blocks, GROUP=group,
+                                      NESTED=NESTED_BLOCKSIZE)
     return q, nested, offset
 
 
@@ -361,14 +364,15 @@ def dequantize_4bit(
     # per-element masks (an odd tail) cost registers: a quarter of the work per program then
     chunks = _DEQUANT_BYTES // cb // (1 if chunk_mask else 4)
     grid = (triton.cdiv(numel, 2 * cb * chunks),)
-    _dequantize_4bit_kernel[grid](
-        packed, absmax, code if code.dtype == torch.float32 else code.float(),
-        nested_absmax if nested else dummy,
-        (nested_code if nested_code.dtype == torch.float32 else nested_code.float()) if nested else dummy,
-        offset if nested else dummy,
-        out.view(torch.int16) if by_hand else out, numel,
-        BLOCKSIZE=blocksize, NESTED=nested, NESTED_BLOCKSIZE=nested_blocksize,
-        CHUNKS=chunks, CB=cb, CHUNK_MASK=chunk_mask, BF16_BY_HAND=by_hand,
-        num_warps=4, num_stages=1,
-    )
+    with on_device_of(packed):
+        _dequantize_4bit_kernel[grid](
+            packed, absmax, code if code.dtype == torch.float32 else code.float(),
+            nested_absmax if nested else dummy,
+            (nested_code if nested_code.dtype == torch.float32 else nested_code.float()) if nested else dummy,
+            offset if nested else dummy,
+            out.view(torch.int16) if by_hand else out, numel,
+            BLOCKSIZE=blocksize, NESTED=nested, NESTED_BLOCKSIZE=nested_blocksize,
+            CHUNKS=chunks, CB=cb, CHUNK_MASK=chunk_mask, BF16_BY_HAND=by_hand,
+            num_warps=4, num_stages=1,
+        )
     return out

@@ -49,7 +49,7 @@ import triton.language as tl
 
 from . import nf4 as _nf4
 from .nf4 import NESTED_BLOCKSIZE, _block_scale, _code_lanes, _decode_pairs
-from .utils import INTERPRET
+from .utils import INTERPRET, on_device_of
 
 # Below or at this many rows the fused (decode-in-registers) kernel is used by `method="auto"`.
 SKINNY_MAX_M = 16
@@ -504,13 +504,14 @@ def skinny_launch(a, weight, N, K, transpose, lo=None, hi=None, mask=None, bias=
     stride_lm, stride_lr = lo.stride() if has_lora else (0, 0)
     stride_hr, stride_hp = hi.stride() if has_lora else (0, 0)
     stride_mm, stride_mp = mask.stride() if mask is not None else (0, 0)
-    _skinny_matmul_kernel[grid](
-        a, *w_args, lo if has_lora else a, hi if has_lora else a, mask if mask is not None else a,
-        bias if bias is not None else a, out, out if partial is None else partial, out if locks is None else locks,
-        M, N, K, L or 0, row_bytes, red_per_split, split, float(scale),
-        stride_am, stride_ak, stride_wn, stride_wk, stride_lm, stride_lr, stride_hr, stride_hp,
-        stride_mm, stride_mp, P, 1, **meta,
-    )
+    with on_device_of(a):
+        _skinny_matmul_kernel[grid](
+            a, *w_args, lo if has_lora else a, hi if has_lora else a, mask if mask is not None else a,
+            bias if bias is not None else a, out, out if partial is None else partial, out if locks is None else locks,
+            M, N, K, L or 0, row_bytes, red_per_split, split, float(scale),
+            stride_am, stride_ak, stride_wn, stride_wk, stride_lm, stride_lr, stride_hr, stride_hp,
+            stride_mm, stride_mp, P, 1, **meta,
+        )
     return out
 
 

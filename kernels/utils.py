@@ -1,4 +1,5 @@
 """Shared helpers for the Triton launchers: interpreter detection and small checks."""
+import contextlib
 import os
 
 import torch
@@ -11,3 +12,12 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on
 def device_ok(t: torch.Tensor) -> bool:
     """True when a Triton kernel can run on this tensor's device (CUDA, or CPU under the interpreter)."""
     return t.is_cuda or (INTERPRET and t.device.type == "cpu")
+
+
+def on_device_of(t: torch.Tensor):
+    """A context making `t`'s GPU the current one for a launch: Triton launches on the current
+    device, not on its arguments' (a model spread over GPUs, device_map="auto", has layers on
+    cuda:1 while cuda:0 is current). A no-op when it already is current, and on the CPU."""
+    if t.is_cuda and t.device.index != torch.cuda.current_device():
+        return torch.cuda.device(t.device)
+    return contextlib.nullcontext()

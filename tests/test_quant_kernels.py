@@ -184,3 +184,56 @@ def test_large_weight_nested_against_reference(seed, monkeypatch, quant_type):
     assert packed.device.type == DEVICE and torch.equal(packed, ref_packed)
     assert torch.equal(state.absmax, ref_state.absmax) and torch.equal(state.nested_absmax, ref_state.nested_absmax)
     assert torch.equal(out, dequantize_4bit(ref_packed, ref_state, torch.bfloat16))
+
+
+# ---- the launch device ---------------------------------------------------------------------
+def test_launchers_make_their_tensors_device_current(seed, monkeypatch):
+    """Triton launches on the current CUDA device; every launcher enters `on_device_of` with the
+    tensor whose device the launch must use (interpreter here; two GPUs below)."""
+    import contextlib
+
+    from qlora_fast.kernels import nf4_matmul
+
+    seen = []
+
+    def record(t):
+        seen.append(t)
+        return contextlib.nullcontext()
+
+    monkeypatch.setattr(kernels, "on_device_of", record)
+    monkeypatch.setattr(nf4_matmul, "on_device_of", record)
+    w = random_input(40 * 64, torch.float32, DEVICE).view(40, 64)
+    code = ref.code_for("nf4").to(DEVICE)
+    packed, absmax = kernels.quantize_4bit(w, 64, code)
+    assert seen[-1] is not None and seen[-1].data_ptr() == w.data_ptr()
+    q, nested, offset = kernels.quantize_absmax(absmax, ref.dynamic_map_signed().to(DEVICE))
+    assert seen[-1] is absmax
+    kernels.dequantize_4bit(packed, absmax, code, w.numel(), 64, torch.float32)
+    assert seen[-1] is packed
+    x = torch.randn(3, 64, device=DEVICE)
+    out = nf4_matmul.nf4_matmul(x, packed, absmax, code, (40, 64), 64, method="fused")
+    assert seen[-1].shape == (3, 64) and len(seen) == 4
+    assert torch.allclose(out, x @ kernels.dequantize_4bit(packed, absmax, code, w.numel(), 64,
+                                                           torch.float32).view(40, 64).T, atol=1e-4)
+
+
+def test_on_device_of_switches_only_to_another_gpu(monkeypatch):
+    from qlora_fast.kernels.utils import on_device_of
+
+    class Tensor:  # a stand-in with a tensor's two attributes (no GPU here)
+        def __init__(self, device):
+            self.device, self.is_cuda = torch.device(device), torch.device(device).type == "cuda"
+
+    entered = []
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "device", lambda d: entered.append(d) or "switch")
+    assert on_device_of(Tensor("cuda:1")) == "switch" and entered == [torch.device("cuda:1")]
+    assert on_device_of(Tensor("cuda:0")) != "switch" and on_device_of(Tensor("cpu")) != "switch"
+    assert len(entered) == 1
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_kernels_on_the_second_gpu_while_the_first_is_current(seed):
+    torch.cuda.set_device(0)
+    check_against_reference_and_oracle("nf4", 64, 64 * 37 + 5, torch.bfloat16, "cuda:1")
