@@ -302,12 +302,15 @@ def test_load_adapter_rejects_a_different_config(tmp_path):
 def test_nothing_loads_into_merged_layers(tmp_path, seed):
     # the loaded adapter would not reach a merged layer's output, and unmerging would then subtract
     # it from a base that never had it: refused before anything changes
+    from qlora_fast.distributed import load_adapter_checkpoint, save_adapter_checkpoint
     from qlora_fast.train.checkpoint import load_checkpoint, save_checkpoint
 
     source = get_peft_model(builtin(), LoraConfig(r=2))
     perturb_adapter(source)
     path = source.save_adapter(str(tmp_path / "adapter"))
     checkpoint = save_checkpoint(str(tmp_path / "ckpt.pt"), source)
+    trained = [p for p in source.parameters() if p.requires_grad]
+    save_adapter_checkpoint(source, torch.optim.AdamW(trained), tmp_path / "dcp")
     peft = get_peft_model(builtin(), LoraConfig(r=2))
     perturb_adapter(peft)
     for m in peft.lora_modules():
@@ -317,6 +320,9 @@ def test_nothing_loads_into_merged_layers(tmp_path, seed):
         peft.load_adapter(path)
     with pytest.raises(ValueError, match="merged"):
         load_checkpoint(checkpoint, peft, restore_rng=False)
+    with pytest.raises(ValueError, match="merged"):
+        optimizer = torch.optim.AdamW([p for p in peft.parameters() if p.requires_grad])
+        load_adapter_checkpoint(peft, optimizer, tmp_path / "dcp")
     assert all(torch.equal(v, before[k]) for k, v in peft.state_dict().items())
     assert all(m.merged for m in peft.lora_modules())
 

@@ -139,9 +139,12 @@ def load_adapter_checkpoint(model: nn.Module, optimizer, path: str) -> dict:
     from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
 
+    from qlora_fast.nn.lora import check_unmerged
+
     path = os.fspath(path)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"no checkpoint folder at {path!r}")
+    check_unmerged(model, f"checkpoint {path!r}")
     extra = torch.load(os.path.join(path, _EXTRA), weights_only=True)
     # DCP's helpers create the states of a fresh optimizer: restore them if the load fails
     optimizer_before = copy.deepcopy(optimizer.state_dict())

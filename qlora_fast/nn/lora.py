@@ -248,6 +248,15 @@ def lora_modules(model: nn.Module):
     return [m for m in model.modules() if isinstance(m, LoRALinear)]
 
 
+def check_unmerged(model: nn.Module, what: str) -> None:
+    """Refuse to load trained LoRA weights (`what`) into merged layers: the loaded adapter would not
+    reach their output, and unmerging would subtract it from the base instead of the merged one."""
+    merged = [n for n, m in model.named_modules() if isinstance(m, LoRALinear) and m.merged]
+    if merged:
+        raise ValueError(f"cannot load {what} into merged LoRA layers ({len(merged)}, e.g. {merged[0]!r}); "
+                         "unmerge() them first")
+
+
 @contextlib.contextmanager
 def disable_adapter(model: nn.Module):
     """Turn off every LoRA adapter in `model` inside the block (the model computes its base).

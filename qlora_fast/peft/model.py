@@ -449,10 +449,9 @@ class PeftModel(nn.Module):
         `save_pretrained` output) into this model, whose config must match. Everything is checked
         before any tensor is copied: an error leaves this model as it was. A merged layer is refused
         (the new adapter would not reach its output, and unmerging would subtract it from the base)."""
-        merged = _lora_names(self.base_model, merged=True)
-        if merged:
-            raise ValueError(f"cannot load an adapter into merged LoRA layers ({len(merged)}, e.g. {merged[0]!r}); "
-                             "unmerge() them first")
+        from qlora_fast.nn.lora import check_unmerged
+
+        check_unmerged(self.base_model, "an adapter")
         config, state, metadata, by_peft = read_adapter(path)
         config = _present_targets(self.base_model, config, by_peft)
         if not _same_adapter(self.base_model, config, self.peft_config, by_peft):
@@ -522,11 +521,11 @@ def _check_base_signature(model: nn.Module, saved: dict, path: str) -> None:
                              f"this model has {ours[key]} (a different base model or tokenizer)")
 
 
-def _lora_names(model: nn.Module, merged: bool = False) -> list:
-    """Full names of the LoRA layers of `model` (only the merged ones with `merged`)."""
+def _lora_names(model: nn.Module) -> list:
+    """Full names of the LoRA layers of `model`."""
     from qlora_fast.nn.lora import LoRALinear
 
-    return [n for n, m in model.named_modules() if isinstance(m, LoRALinear) and (m.merged or not merged)]
+    return [n for n, m in model.named_modules() if isinstance(m, LoRALinear)]
 
 
 def _target_names(model: nn.Module, config: LoraConfig) -> list:

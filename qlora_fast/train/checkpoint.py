@@ -234,10 +234,9 @@ def load_checkpoint(path: str, model: nn.Module, optimizer=None, scheduler=None,
     On an error the model's parameters and the optimizer's state are left as they were. A model
     with merged LoRA layers is refused: the restored adapter would not reach their output, and
     unmerging would corrupt the base."""
-    from qlora_fast.nn.lora import lora_modules
+    from qlora_fast.nn.lora import check_unmerged
 
-    if any(m.merged for m in lora_modules(unwrap(model))):
-        raise ValueError(f"cannot restore checkpoint {path} into a model with merged LoRA layers; unmerge() them first")
+    check_unmerged(unwrap(model), f"checkpoint {path}")
     state = read_checkpoint(path)
     check_same_run(state.get("run"), run, path)
     params = dict(unwrap(model).named_parameters())
