@@ -300,6 +300,62 @@ def test_dcp_checkpoint_resume_on_two_ranks_and_load_on_one(tmp_path, seed):
         save_adapter_checkpoint(model, opt, tmp_path / "ckpt")
 
 
+@pytest.mark.parametrize("name", ["torch.AdamW", "AdamW8bit"])
+def test_checkpoint_of_an_optimizer_that_has_not_stepped(tmp_path, seed, name):
+    """torch's DCP helpers create optimizer states by a zero-lr step: saving before the first step
+    used to count that step (the next real step then differed), and loading into a fresh optimizer
+    whose parameters already had gradients silently loaded no optimizer state. A path with a
+    trailing slash used to leave a half-renamed folder. One process, no process group."""
+    batches = global_batch(seed)
+    model, twin = build_model(seed), build_model(seed)
+    opt, twin_opt = make_optimizer(model, name), make_optimizer(twin, name)
+    save_adapter_checkpoint(model, opt, str(tmp_path / "fresh") + "/")  # before any step
+    assert not opt.state and os.listdir(tmp_path) == ["fresh"]
+    assert train(model, opt, batches[:2]) == train(twin, twin_opt, batches[:2])  # the save changed nothing
+    for name_, value in adapters(model).items():
+        assert torch.equal(value, adapters(twin)[name_]), name_
+    # resuming from the pre-step checkpoint trains as a fresh optimizer does
+    resumed = build_model(seed)
+    resumed_opt = make_optimizer(resumed, name)
+    load_adapter_checkpoint(resumed, resumed_opt, tmp_path / "fresh")
+    fresh = build_model(seed)
+    assert train(resumed, resumed_opt, batches[:1]) == train(fresh, make_optimizer(fresh, name), batches[:1])
+    # a stepped checkpoint loads its optimizer state even where the model already has gradients
+    save_adapter_checkpoint(model, opt, tmp_path / "stepped")
+    target = build_model(seed)
+    target(input_ids=batches[0], labels=batches[0]).loss.backward()
+    target_opt = make_optimizer(target, name)
+    load_adapter_checkpoint(target, target_opt, tmp_path / "stepped")
+    steps = [int(s["step"]) for s in target_opt.state.values()]
+    assert len(steps) == len(opt.state) and set(steps) == {2}
+    assert train(target, target_opt, batches[2:3]) == train(model, opt, batches[2:3])
+
+
+def test_failed_trainer_checkpoint_load_changes_nothing(tmp_path, seed):
+    from qlora_fast.distributed import load_trainer_checkpoint, save_trainer_checkpoint
+
+    model = build_model(seed)
+    opt = make_optimizer(model, "AdamW8bit")
+    train(model, opt, global_batch(seed)[:1])
+    step_lr = torch.optim.lr_scheduler.StepLR(opt, step_size=1)
+    save_trainer_checkpoint(str(tmp_path / "ckpt"), model, opt, step_lr, step=1)
+    other = build_model(seed + 1)
+    other_opt = make_optimizer(other, "AdamW8bit")
+    train(other, other_opt, global_batch(seed + 1)[:2])
+    before, opt_before = adapters(other), copy.deepcopy(other_opt.state_dict())
+    lambda_lr = torch.optim.lr_scheduler.LambdaLR(other_opt, lambda e: 1.0)  # another scheduler's state
+    with pytest.raises(ValueError, match="scheduler state does not fit"):
+        load_trainer_checkpoint(tmp_path / "ckpt", other, other_opt, lambda_lr)
+    for name, value in adapters(other).items():
+        assert torch.equal(value, before[name]), name
+    after = other_opt.state_dict()
+    for k, state in opt_before["state"].items():
+        for key, value in state.items():
+            if isinstance(value, torch.Tensor):
+                assert torch.equal(value, after["state"][k][key]), (k, key)
+    assert load_trainer_checkpoint(tmp_path / "ckpt", other, other_opt, step_lr)["step"] == 1
+
+
 def test_sft_trainer_under_fsdp2_matches_ddp(tmp_path, seed):
     """SFTTrainer on an FSDP2-sharded QLoRA model (2 ranks, grad_accum 2) trains like the same
     trainer under DDP: same losses, same adapters."""

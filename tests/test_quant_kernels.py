@@ -232,7 +232,7 @@ def test_on_device_of_switches_only_to_another_gpu(monkeypatch):
     assert len(entered) == 1
 
 
-@pytest.mark.gpu
+# not gpu-marked (nothing to rehearse on the CPU): runs in the GPU check's kernel tests where two GPUs exist
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs two GPUs")
 def test_kernels_on_the_second_gpu_while_the_first_is_current(seed):
     torch.cuda.set_device(0)

@@ -55,7 +55,7 @@ def _state(model: nn.Module, optimizer) -> dict:
     trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
     if not trainable:
         raise ValueError("model has no trainable parameters to checkpoint")
-    optim = get_optimizer_state_dict(model, optimizer)
+    optim = _optimizer_state(model, optimizer, get_optimizer_state_dict)
     for name, state in optim["state"].items():
         p = trainable.get(name)
         if not isinstance(state, dict) or "kind" not in state or p is None or hasattr(p, "to_local"):
@@ -70,6 +70,32 @@ def _state(model: nn.Module, optimizer) -> dict:
             if key in state and state[key].dim() == 1:
                 state[key] = state[key].reshape(1, -1)
     return {"model": trainable, "optim": optim}
+
+
+def _optimizer_state(model: nn.Module, optimizer, get_optimizer_state_dict) -> dict:
+    """torch's get_optimizer_state_dict, without its side effects on an optimizer that has not
+    stepped yet: torch creates the states by a zero-lr step (which counts as a step: the next
+    real one would use other bias corrections) and skips that when any gradient is set (then the
+    state is empty and nothing is saved or loaded). Here the gradients are set aside for it, the
+    states it made are returned as never stepped, and the optimizer is put back as it was."""
+    if optimizer.state:
+        return get_optimizer_state_dict(model, optimizer)
+    before = copy.deepcopy(optimizer.state_dict())
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    grads = [p.grad for p in params]
+    for p in params:
+        p.grad = None
+    try:
+        optim = get_optimizer_state_dict(model, optimizer)
+    finally:
+        for p, g in zip(params, grads):
+            p.grad = g
+        optimizer.load_state_dict(before)
+    for state in optim["state"].values():
+        if isinstance(state, dict) and "step" in state:
+            step = state["step"]
+            state["step"] = torch.zeros_like(step) if isinstance(step, torch.Tensor) else 0
+    return optim
 
 
 def _saved_shapes(state: dict, path: str) -> None:
@@ -106,7 +132,7 @@ def save_adapter_checkpoint(model: nn.Module, optimizer, path: str, extra: Optio
         raise TypeError(f"extra must be a dict or None, got {type(extra).__name__}")
     import torch.distributed.checkpoint as dcp
 
-    path = os.fspath(path)
+    path = os.path.normpath(os.fspath(path))  # "ck/" would put ck/.partial inside the folder it replaces
     if os.path.exists(path) and not overwrite:
         raise FileExistsError(f"checkpoint folder {path!r} already exists; choose a new path")
     state = _state(model, optimizer)
@@ -141,7 +167,7 @@ def load_adapter_checkpoint(model: nn.Module, optimizer, path: str) -> dict:
 
     from qlora_fast.nn.lora import check_unmerged
 
-    path = os.fspath(path)
+    path = os.path.normpath(os.fspath(path))
     if not os.path.isdir(path):
         raise FileNotFoundError(f"no checkpoint folder at {path!r}")
     check_unmerged(model, f"checkpoint {path!r}")
@@ -198,14 +224,11 @@ def resolve_sharded_resume(resume_from: Optional[str], directory: Optional[str],
 
 
 def _rng_states() -> list:
-    """Every rank's RNG states (numpy's array as a tensor, so the trainer state loads with
-    weights_only=True), gathered on every rank."""
+    """Every rank's RNG states (`rng_state`: tensors and plain values, so the trainer state loads
+    with weights_only=True), gathered on every rank."""
     from qlora_fast.train.checkpoint import rng_state
 
     state = rng_state()
-    if "numpy" in state:
-        name, keys, pos, has_gauss, cached = state["numpy"]
-        state["numpy"] = (name, torch.from_numpy(keys.astype("int64")), pos, has_gauss, cached)
     dist = _dist()
     if dist is None:
         return [state]
@@ -220,11 +243,7 @@ def _set_rng(states: list) -> None:
 
     dist = _dist()
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist is not None else (0, 1)
-    state = dict(states[rank] if len(states) == world else states[0])
-    if "numpy" in state:
-        name, keys, pos, has_gauss, cached = state["numpy"]
-        state["numpy"] = (name, keys.numpy().astype("uint32"), pos, has_gauss, cached)
-    set_rng_state(state)
+    set_rng_state(states[rank] if len(states) == world else states[0])
 
 
 def save_trainer_checkpoint(path: str, model: nn.Module, optimizer, scheduler=None, step: int = 0,
@@ -262,7 +281,7 @@ def load_trainer_checkpoint(path: str, model: nn.Module, optimizer, scheduler=No
     rank 0's shard holds the fingerprinted values) or it does not fit."""
     from qlora_fast.train.checkpoint import check_same_run
 
-    path = os.fspath(path)
+    path = os.path.normpath(os.fspath(path))
     extra_file = os.path.join(path, _EXTRA)
     if not os.path.isfile(extra_file):
         raise FileNotFoundError(f"no sharded checkpoint folder at {path!r}")
@@ -285,13 +304,21 @@ def load_trainer_checkpoint(path: str, model: nn.Module, optimizer, scheduler=No
         warnings.warn(f"checkpoint {path} was written by {saved['world_size']} ranks, resumed on {world}: adapters and "
                       "optimizer states are resharded, but each rank's data and RNG streams differ from the saved "
                       "run's, so training continues, not bit-identically", RuntimeWarning, stacklevel=2)
-    scheduler_before = None if scheduler is None else scheduler.state_dict()
+    scheduler_before = None if scheduler is None else copy.deepcopy(scheduler.state_dict())
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    params_before = {n: p.detach().clone() for n, p in trainable.items()}
+    optimizer_before = copy.deepcopy(optimizer.state_dict())
     load_adapter_checkpoint(model, optimizer, path)
     if scheduler is not None and saved["scheduler"] is not None:
         try:
             scheduler.load_state_dict(saved["scheduler"])
-        except Exception:
+        except Exception as e:  # put back what the adapter load changed: all or nothing
             scheduler.load_state_dict(scheduler_before)
-            raise
+            with torch.no_grad():
+                for name, p in trainable.items():
+                    p.copy_(params_before[name])
+            optimizer.load_state_dict(optimizer_before)
+            raise ValueError(f"checkpoint {path!r}: the scheduler state does not fit this scheduler "
+                             f"({type(e).__name__}: {e}); nothing was changed") from e
     _set_rng(saved["rng"])
     return {"step": saved["step"], "extra": saved["extra"]}
