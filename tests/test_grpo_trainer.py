@@ -394,3 +394,33 @@ def test_grpo_command_end_to_end(one_thread, tmp_path, monkeypatch, capsys, matp
         assert "matplotlib is not installed" in text and not (out / "grpo_reward_curve.png").exists()
     assert (out / "adapter-grpo" / "adapter_model.safetensors").exists()
     assert len(list((out / "grpo-checkpoints").glob("checkpoint-*.pt"))) == 2
+
+
+@pytest.mark.parametrize("arch,config", [
+    ("Gemma2Config", dict(head_dim=8, final_logit_softcapping=0.5)),
+    ("CohereConfig", dict(logit_scale=0.25)),
+    ("GraniteConfig", dict(logits_scaling=4.0)),
+    ("LlamaConfig", {}),
+])
+def test_logprobs_follow_the_model_logits_whatever_follows_the_head(arch, config, seed):
+    """Gemma 2's softcapping, Cohere's and Granite's logit scales act after lm_head: the chunked
+    path (lm_head over the hidden states) would score another distribution than the model samples
+    from, so only plain heads (Llama here) take it. Oracle: log_softmax of the model's own logits."""
+    transformers = pytest.importorskip("transformers")
+    from qlora_fast.models import positions_from_mask
+    from qlora_fast.train.grpo import _output_layer, completion_logprobs
+
+    cfg = getattr(transformers, arch)(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                      num_key_value_heads=2, vocab_size=100, **config)
+    model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+    with torch.no_grad():
+        model.lm_head.weight.normal_(0, 1.0)  # large logits: a transform after the head shows
+    assert (_output_layer(model) is not None) == (arch == "LlamaConfig")
+    ids = torch.randint(0, 100, (2, 11))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0  # a left-padded prompt
+    with torch.no_grad():
+        ours = completion_logprobs(model, ids, mask, 4, temperature=0.7)
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions_from_mask(mask)).logits
+        want = torch.log_softmax(logits[:, -5:-1].double() / 0.7, -1).gather(-1, ids[:, -4:, None]).squeeze(-1)
+    torch.testing.assert_close(ours.double(), want, atol=1e-4, rtol=1e-4)

@@ -144,12 +144,23 @@ class GRPOConfig:
 # ------------------------------------------------------------------------------------------
 # Model plumbing
 # ------------------------------------------------------------------------------------------
+# Hugging Face architectures whose logits are exactly lm_head(final hidden state). Others change
+# them after the head (Gemma 2/3's final_logit_softcapping, Cohere's logit_scale, Granite's
+# logits_scaling, ...): the chunked path would score another distribution than the one sampled,
+# so they take the full-logits path.
+_PLAIN_HEAD_MODEL_TYPES = frozenset({
+    "llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "phi3", "gemma", "olmo", "olmo2",
+    "starcoder2", "stablelm", "smollm3",
+})
+
+
 def _output_layer(model):
-    """(backbone, lm_head weight, bias) when the model splits as backbone + plain linear head,
-    so log-probs can be chunked; None otherwise (then full logits are used: also under FSDP2,
-    whose root module gathers the embedding and head only in its own forward)."""
+    """(backbone, lm_head weight, bias) when the model's logits are a plain linear head over its
+    backbone's output, so log-probs can be chunked; None otherwise (then full logits are used:
+    also under FSDP2, whose root module gathers the embedding and head only in its own forward)."""
     from torch.distributed.fsdp import FSDPModule
 
+    from qlora_fast.models.llama import LlamaForCausalLM
     from qlora_fast.peft.model import PeftModel
 
     if isinstance(model, FSDPModule):
@@ -157,6 +168,9 @@ def _output_layer(model):
     if isinstance(model, PeftModel) and model.prompt_encoder is None:
         # A PeftModel with LoRA: its forward is exactly its base model's (the adapters live inside).
         model = model.base_model
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if not isinstance(model, LlamaForCausalLM) and model_type not in _PLAIN_HEAD_MODEL_TYPES:
+        return None
     head = getattr(model, "lm_head", None)
     backbone = getattr(model, "model", None)
     if type(head) is nn.Linear and isinstance(backbone, nn.Module):

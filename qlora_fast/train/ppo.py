@@ -73,7 +73,8 @@ class PPOTrainer(GRPOTrainer):
         split = _output_layer(model)
         if split is None:
             raise ValueError(
-                "PPOTrainer needs a model that splits as backbone + nn.Linear lm_head (for the value head)"
+                "PPOTrainer needs a model that splits as backbone + nn.Linear lm_head whose output is the logits "
+                "as they are (for the value head; Llama, Mistral, Qwen, Phi-3, Gemma 1 and similar)"
             )
         super().__init__(model, tokenizer, reward_funcs, train_dataset, config, optimizer=optimizer)
         self.value_head = nn.Linear(split[1].shape[1], 1).to(self.device)
