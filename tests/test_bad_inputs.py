@@ -339,6 +339,22 @@ def test_truncated_model_files_are_named_and_a_corrupt_base_cache_is_rebuilt(tmp
     for (n, a), (_, b) in zip(model.state_dict().items(), again.state_dict().items()):
         assert torch.equal(a, b), n  # rebuilt deterministically
     assert isinstance(load_model(str(tmp_path / entry)), LlamaForCausalLM)  # and the cache is whole again
+    # a weights file that lost a tensor or holds a foreign one is refused, tied head or not (the
+    # tied head's lm_head.weight alone may be absent)
+    from safetensors.torch import load_file, save_file
+
+    whole = load_file(str(weights))
+    for tie in (True, False):
+        config_json = json.loads((tmp_path / entry / "config.json").read_text())
+        (tmp_path / entry / "config.json").write_text(json.dumps({**config_json, "tie_embeddings": tie}))
+        down = next(k for k in whole if k.endswith("down_proj.weight"))
+        for bad in ({k: v for k, v in whole.items() if k != down}, {**whole, "extra.weight": torch.zeros(2)}):
+            save_file(bad, str(weights))
+            with pytest.raises(ValueError, match="missing keys|unexpected keys"):
+                load_model(str(tmp_path / entry))
+    (tmp_path / entry / "config.json").write_text(json.dumps({**config_json, "tie_embeddings": True}))
+    save_file({k: v for k, v in whole.items() if k != "lm_head.weight"}, str(weights))
+    assert isinstance(load_model(str(tmp_path / entry)), LlamaForCausalLM)  # tied: the head is the embedding
     (tmp_path / entry / "config.json").write_text('{"hidden_size": 16,')
     with pytest.raises(ValueError, match="config.json' is not valid JSON"):
         load_model(str(tmp_path / entry))

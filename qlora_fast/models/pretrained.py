@@ -66,7 +66,11 @@ def load_model(directory: str, device=None) -> LlamaForCausalLM:
         raise FileNotFoundError(f"no model weights at {weights_path!r}")
     try:
         state = load_file(weights_path)
-        model.load_state_dict(state, strict=not config.tie_embeddings)
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        # a tied head may be saved without lm_head.weight (it is the embedding); nothing else may miss
+        allowed = {"lm_head.weight"} if config.tie_embeddings else set()
+        if set(missing) - allowed or unexpected:
+            raise ValueError(f"missing keys {sorted(set(missing) - allowed)[:5]}, unexpected keys {unexpected[:5]}")
     except Exception as e:  # safetensors raises its own SafetensorError for a truncated file
         raise ValueError(f"model weights {weights_path!r} are unreadable or do not fit {config_path!r} "
                          f"(truncated or corrupt?): {e}") from e
