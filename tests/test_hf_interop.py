@@ -760,6 +760,30 @@ def test_low_memory_loading_rejects_foreign_tensors(tmp_path):
         load_hf_model(str(tmp_path), quantize="nf4", tokenizer=False)
 
 
+def test_low_memory_loading_takes_old_checkpoints_and_dtype_names_as_transformers_does(tmp_path, seed):
+    """Checkpoints saved by transformers < 4.31 hold a rotary_emb.inv_freq per layer, which
+    from_pretrained drops; a dtype may be given by name or as "auto". Oracle: from_pretrained."""
+    from safetensors.torch import load_file, save_file
+
+    from qlora_fast.models.hf import load_hf_model
+    from qlora_fast.nn import replace_linear
+
+    hf_llama().to(torch.bfloat16).save_pretrained(str(tmp_path))  # both paths quantize the same bf16 values
+    state = load_file(str(tmp_path / "model.safetensors"))
+    head_dim = hf_llama().config.hidden_size // hf_llama().config.num_attention_heads
+    for i in range(hf_llama().config.num_hidden_layers):
+        state[f"model.layers.{i}.self_attn.rotary_emb.inv_freq"] = torch.rand(head_dim // 2)
+    save_file(state, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    ids = torch.randint(0, VOCAB, (2, 7))
+    for dtype, torch_dtype in (("bfloat16", torch.bfloat16), ("auto", None), ("torch.float32", torch.float32)):
+        model, _ = load_hf_model(str(tmp_path), quantize="nf4", dtype=dtype, tokenizer=False)
+        reference = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path), dtype=torch_dtype or "auto")
+        reference = replace_linear(reference.eval(), compute_dtype=torch_dtype)
+        assert torch.equal(model(input_ids=ids).logits, reference(input_ids=ids).logits), dtype
+    with pytest.raises(ValueError, match="dtype must be a floating torch dtype"):
+        load_hf_model(str(tmp_path), quantize="nf4", dtype="int8", tokenizer=False)
+
+
 # ------------------------------------------------------------------------- inside transformers' Trainer and TRL
 def _train_texts():
     from qlora_fast.data import load_instructions

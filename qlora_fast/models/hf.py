@@ -3,6 +3,7 @@ qlora_fast `Tokenizer` interface."""
 import ctypes
 import json
 import os
+import re
 
 import torch
 from torch import nn
@@ -28,6 +29,7 @@ def load_hf_model(directory: str, device=None, dtype=None, quantize=None, blocks
     from qlora_fast.quant_state import check_compress_statistics
 
     check_compress_statistics(compress_statistics)
+    dtype = _torch_dtype(dtype)
     config_file = os.path.join(directory, "config.json")
     if not os.path.isfile(config_file):
         raise FileNotFoundError(f"{directory} is not a Hugging Face model directory (no config.json)")
@@ -147,6 +149,30 @@ def _rebuild_buffers(model: nn.Module) -> None:
         setattr(model.get_submodule(parent_name) if parent_name else model, child, fresh)
 
 
+def _torch_dtype(dtype):
+    """`dtype` as transformers takes it (a torch.dtype, its name, or "auto" = the checkpoint's) as a
+    torch floating dtype or None."""
+    if dtype is None or dtype == "auto":
+        return None
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype.removeprefix("torch."), dtype)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"dtype must be a floating torch dtype, its name or 'auto', got {dtype!r}")
+    return dtype
+
+
+def _ignored_on_load(model):
+    """Patterns of checkpoint keys transformers drops silently for this model (old checkpoints'
+    per-layer rotary_emb.inv_freq and position_ids buffers, the model's own ignore list)."""
+    patterns = set(getattr(model, "_keys_to_ignore_on_load_unexpected", None) or ())
+    buffers = [name for name, _ in model.named_buffers()]
+    if any(name.endswith("rotary_emb.inv_freq") for name in buffers):
+        patterns.add(r"rotary_emb\.inv_freq")
+    if any(name.endswith("position_ids") for name in buffers):
+        patterns.add(r"(^|\.)position_ids$")
+    return [re.compile(p) for p in patterns]
+
+
 @torch.no_grad()
 def _load_quantized(directory, dtype, quant_type, blocksize, compress_statistics):
     """A transformers causal LM whose linear layers (but the output layer) are quantized to 4 bits
@@ -172,9 +198,12 @@ def _load_quantized(directory, dtype, quant_type, blocksize, compress_statistics
         model = AutoModelForCausalLM.from_config(config)
     targets = set(linear_layer_names(model))  # without the output layer
     expected = set(model.state_dict())
+    ignored = _ignored_on_load(model)
     for file in files:
         for key, tensor in _read_safetensors(file):
             module_name, _, attr = key.rpartition(".")
+            if key not in expected and any(p.search(key) for p in ignored):
+                continue  # as transformers' from_pretrained does
             if key not in expected:
                 raise ValueError(f"{file}: tensor {key} does not belong to {type(model).__name__}")
             module = model.get_submodule(module_name)
