@@ -200,6 +200,23 @@ def test_bad_configs_raise(kwargs, match):
         small_config(**kwargs)
 
 
+def test_generate_takes_eos_lists_and_tiny_temperatures_and_refuses_right_padding(seed):
+    model = LlamaForCausalLM(small_config()).double().eval()
+    ids = torch.randint(0, 97, (3, 5))
+    free = model.generate(ids, max_new_tokens=8)
+    first, second = int(free[0, 7]), int(free[1, 6])  # tokens rows 0 and 1 emit
+    # eos as a list (transformers' generation configs) stops like those ids given as stop tokens
+    assert torch.equal(model.generate(ids, max_new_tokens=8, eos_token_id=[first, second], pad_token_id=-1),
+                       model.generate(ids, max_new_tokens=8, stop_token_ids=[first, second], pad_token_id=-1))
+    # a temperature far below any logit gap samples the argmax (it used to give NaN probabilities)
+    tiny = model.generate(ids, max_new_tokens=8, temperature=1e-40, generator=torch.Generator().manual_seed(seed))
+    assert torch.equal(tiny, free)
+    right = torch.ones_like(ids)
+    right[0, -2:] = 0  # a right-padded prompt
+    with pytest.raises(ValueError, match="pad prompts on the LEFT"):
+        model.generate(ids, attention_mask=right)
+
+
 def test_bad_generate_args_raise():
     model = LlamaForCausalLM(small_config())
     ids = torch.zeros(1, 3, dtype=torch.long)

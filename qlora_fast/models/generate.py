@@ -7,7 +7,7 @@ all `generate` uses.
 """
 import functools
 import inspect
-from typing import Iterable, Optional
+from typing import Iterable, Optional, Union
 
 import torch
 
@@ -88,7 +88,7 @@ def generate(
     temperature: float = 0.0,
     top_k: Optional[int] = None,
     top_p: Optional[float] = None,
-    eos_token_id: Optional[int] = None,
+    eos_token_id: Optional[Union[int, Iterable[int]]] = None,
     stop_token_ids: Optional[Iterable[int]] = None,
     pad_token_id: int = 0,
     generator: Optional[torch.Generator] = None,
@@ -98,8 +98,9 @@ def generate(
     input_ids (B, T) LongTensor, prompts LEFT-padded, with attention_mask (B, T) marking real
     tokens (all real when omitted). temperature 0 is greedy; otherwise sampling from
     softmax(logits / temperature) restricted by top_k / top_p, drawn with `generator`.
-    A row finishes after emitting eos_token_id or any of stop_token_ids (the stop token is kept);
-    later positions of finished rows hold pad_token_id. Decoding stops early when all rows finish.
+    A row finishes after emitting eos_token_id (one id or several, as transformers' generation
+    configs give) or any of stop_token_ids (the stop token is kept); later positions of finished
+    rows hold pad_token_id. Decoding stops early when all rows finish.
     """
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype != torch.long:
         raise TypeError("input_ids must be a (batch, length) LongTensor")
@@ -120,15 +121,21 @@ def generate(
             f"attention_mask must have the shape of input_ids {tuple(input_ids.shape)}, got "
             f"{tuple(attention_mask.shape)}"
         )
+    mask_values = attention_mask.long()
+    if bool(((mask_values != 0) & (mask_values != 1)).any()) or bool((mask_values[:, 1:] < mask_values[:, :-1]).any()):
+        # a right-padded prompt would predict its first new token from a padding position
+        raise ValueError("attention_mask must mark each prompt's tokens with 1 after its padding (0): pad prompts "
+                         "on the LEFT (padding_side='left'; qlora_fast.models.generate.left_pad)")
     stops = set(stop_token_ids or ())
     if eos_token_id is not None:
-        stops.add(int(eos_token_id))
+        stops.update([int(eos_token_id)] if isinstance(eos_token_id, int) or not isinstance(eos_token_id, Iterable)
+                     else map(int, eos_token_id))
     stop_tensor = torch.tensor(sorted(stops), dtype=torch.long, device=input_ids.device)
 
     was_training = model.training
     model.eval()
     try:
-        mask = attention_mask.long()
+        mask = mask_values
         tokens = input_ids
         finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
         step_ids, positions, past = input_ids, positions_from_mask(mask), None
@@ -139,6 +146,8 @@ def generate(
             if temperature == 0.0:
                 next_ids = logits.argmax(-1)
             else:
+                if temperature < 1e-30:  # logits / T would overflow to inf (NaN probabilities): shift first
+                    logits = logits - logits.amax(-1, keepdim=True)
                 logits = _filter_logits(logits / temperature, top_k, top_p)
                 next_ids = torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
             # Finished rows show pad_token_id but feed the model their sampled token, which is
