@@ -40,7 +40,7 @@ for arch in $archs; do
     for cu in "${files[@]}"; do
         obj="$out/$(basename "$cu" .cu).$arch.o"
         log="$out/$(basename "$cu" .cu).$arch.log"
-        if ! "$nvcc" -std=c++17 -arch="$arch" -O3 -Xcompiler -Wall -Xptxas -v -Icsrc -c "$cu" -o "$obj" >"$log" 2>&1; then
+        if ! "$nvcc" -std=c++17 -arch="$arch" -O3 -fmad=false -Xcompiler -Wall -Xptxas -v -Icsrc -c "$cu" -o "$obj" >"$log" 2>&1; then
             cat "$log" >&2
             echo "FAILED  $cu ($arch)" >&2
             status=1

@@ -527,7 +527,7 @@ class _PagedAdamBase(torch.optim.Optimizer):
         host = torch.empty((), dtype=torch.bool, pin_memory=True)
         host.copy_(flag, non_blocking=True)
         event = torch.cuda.Event()
-        event.record()
+        event.record(torch.cuda.current_stream(flag.device))  # the copy's stream, not the current GPU's
         self._pending_checks.append((event, host, owners))
 
     def _read_pending_checks(self, wait: bool) -> None:

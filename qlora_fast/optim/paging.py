@@ -353,11 +353,12 @@ def timed(stats: StepStats, attr: str, manager: PageManager):
     @contextlib.contextmanager
     def _ctx():
         if manager.device.type == "cuda":
+            stream = torch.cuda.current_stream(manager.device)  # its GPU's, whichever GPU is current
             start = torch.cuda.Event(enable_timing=True)
-            start.record()
+            start.record(stream)
             yield
             end = torch.cuda.Event(enable_timing=True)
-            end.record()
+            end.record(stream)
             stats.events[attr] = (start, end)
             return
         t0 = time.perf_counter()
