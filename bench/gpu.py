@@ -12,6 +12,15 @@ Timing on CUDA: kernel time from a CUDA graph of one call per input set (the set
 replayed and timed with events, else events around each call; the median is reported. Host time per
 call (what decoding pays) is the median wall time of issuing one call, measured separately. In
 `--tiny` mode everything runs on the CPU and the figures mean nothing: it proves the code paths.
+With --out-dir, each record is appended to OUT/results.jsonl (and flushed) as it is made, so a
+stage killed by its timeout keeps what it had measured.
+
+    python bench/gpu.py --smoke      # seconds: can Triton compile and launch one trivial kernel here?
+
+`--smoke` builds and launches one trivial Triton kernel (on the GPU; on the CPU under
+TRITON_INTERPRET=1 or --tiny) and names what is missing when it cannot (Triton's launcher build
+needs a C compiler, Python.h and libcuda), so an environment failure shows in seconds instead of
+as every stage timing out. Exit status 0 when it works, 1 when not.
 """
 import argparse
 import contextlib
@@ -31,7 +40,7 @@ EXTRA_AREAS = ["grpo", "reasoning"]  # longer end-to-end runs, on request
 class Bench:
     """What an area needs: device, sizes, timer, records and checks."""
 
-    def __init__(self, area, tiny, log=print):
+    def __init__(self, area, tiny, log=print, sink=None):
         import torch
 
         self.torch = torch
@@ -40,6 +49,7 @@ class Bench:
         self.device = torch.device("cpu" if tiny else "cuda")
         self.log = log
         self.records = []
+        self._sink = sink  # called with each record as it is made (bench/gpu.py streams them to a file)
         self.failures = []
         self._copy_gbps = None
         self.timer = "wall clock (CPU rehearsal)" if tiny else None  # how the last `time` measured
@@ -114,9 +124,17 @@ class Bench:
                 fn(*args)
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            for args in sets:
-                fn(*args)
+        before = torch.cuda.current_stream()
+        try:
+            with torch.cuda.graph(graph):
+                for args in sets:
+                    fn(*args)
+        except BaseException:
+            # torch.cuda.graph.__exit__ restores the stream only after capture_end returns: when it
+            # raises (an invalidated capture), the capture stream would stay current for every later
+            # launch of this run. Put the caller's stream back.
+            torch.cuda.set_stream(before)
+            raise
         graph.replay()
         times = []
         for _ in range(reps):
@@ -188,17 +206,22 @@ class Bench:
     def record(self, case, provider, **figures):
         """One figure line: `case` (what was run), `provider` (whose code), figures (ms, gbps, ...)."""
         row = {"area": self.area, "case": case, "provider": provider, **figures}
-        if "ms" in figures or "quant_ms" in figures:
+        if "ms" in figures and "timer" not in figures:  # several timings in one row name theirs (quant_timer..)
             row["timer"] = self.timer
-        self.records.append(row)
+        self._add(row)
         shown = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in figures.items())
         self.log(f"  {case} | {provider} | {shown}")
         return row
 
+    def _add(self, row):
+        self.records.append(row)
+        if self._sink is not None:
+            self._sink(row)
+
     def check(self, what, ok, detail=""):
         """A correctness check against the reference: a failure fails the area, and is said so."""
         status = "ok" if ok else "FAILED"
-        self.records.append({"area": self.area, "check": what, "ok": bool(ok), "detail": str(detail)})
+        self._add({"area": self.area, "check": what, "ok": bool(ok), "detail": str(detail)})
         self.log(f"  check {what}: {status} {detail}")
         if not ok:
             self.failures.append(what)
@@ -231,15 +254,81 @@ class Bench:
             yield
         except Exception as exc:  # noqa: BLE001 - one failure must not hide the other figures
             self.failures.append(f"{what}: {exc!r}")
-            self.records.append({"area": self.area, "error": what, "detail": repr(exc)})
+            self._add({"area": self.area, "error": what, "detail": repr(exc)})
             self.log(f"  {what}: FAILED with {exc!r}\n" + traceback.format_exc())
         finally:
             if self.device.type == "cuda":
                 self.torch.cuda.empty_cache()
 
 
-def run_area(area, tiny, log, results):
-    bench = Bench(area, tiny, log)
+def smoke(tiny=False, log=print):
+    """Launch one trivial Triton kernel (x + 1 on 1024 floats) and check its result: True when
+    Triton can compile and launch here. On failure, says what failed and what Triton's launcher
+    build needs (a C compiler, Python.h, libcuda) and whether this machine has each. On the GPU
+    unless `tiny` or TRITON_INTERPRET is on (then on the CPU, through the interpreter; set
+    TRITON_INTERPRET before the first triton import)."""
+    start = time.perf_counter()
+    interpret = tiny or os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+    if interpret:
+        os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        import torch
+        import triton
+        import triton.language as tl
+
+        @triton.jit
+        def _smoke_kernel(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
+            i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+            tl.store(out_ptr + i, tl.load(x_ptr + i, mask=i < n) + 1.0, mask=i < n)
+
+        if not interpret and not torch.cuda.is_available():
+            raise RuntimeError("torch sees no CUDA device (the CPU check needs TRITON_INTERPRET=1 or --tiny)")
+        device = "cpu" if interpret else "cuda"
+        x = torch.arange(1000, dtype=torch.float32, device=device)
+        out = torch.zeros_like(x)
+        _smoke_kernel[(triton.cdiv(x.numel(), 256),)](x, out, x.numel(), BLOCK=256)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        if not torch.equal(out.cpu(), x.cpu() + 1):
+            raise RuntimeError(f"the kernel ran but computed wrong values: {out[:8].tolist()}")
+    except Exception as exc:  # noqa: BLE001 - the point is to name any failure
+        log(f"# triton smoke FAILED ({time.perf_counter() - start:.1f} s): Triton cannot compile or launch a "
+            f"trivial kernel on this machine: {type(exc).__name__}: {exc}")
+        for line in _triton_environment():
+            log(f"#   {line}")
+        log(traceback.format_exc())
+        return False
+    where = "CPU (Triton interpreter)" if interpret else torch.cuda.get_device_name()
+    log(f"# triton smoke ok: triton {triton.__version__}, torch {torch.__version__} on {where} "
+        f"({time.perf_counter() - start:.1f} s)")
+    return True
+
+
+def _triton_environment():
+    """What Triton's CUDA launcher build needs, and whether this machine has it (lines to print)."""
+    import shutil
+    import sysconfig
+
+    lines = []
+    cc = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc") or shutil.which("clang")
+    lines.append(f"C compiler (CC, gcc, cc, clang): {cc or 'MISSING'}")
+    include = sysconfig.get_paths().get("include") or "?"
+    found = os.path.exists(os.path.join(include, "Python.h"))
+    lines.append(f"Python.h in {include}: {'found' if found else 'MISSING (install the python3-dev headers)'}")
+    try:
+        from triton.backends.nvidia.driver import libcuda_dirs
+
+        dirs = libcuda_dirs()
+        lines.append(f"libcuda.so.1: {', '.join(dirs) if dirs else 'MISSING'}")
+    except Exception as exc:  # noqa: BLE001 - the lookup itself raises when libcuda is absent
+        lines.append(f"libcuda.so.1: not found ({type(exc).__name__}: {exc})")
+    lines.append(f"TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '')!r}, "
+                 f"TRITON_CACHE_DIR={os.environ.get('TRITON_CACHE_DIR', '~/.triton/cache')!r}")
+    return lines
+
+
+def run_area(area, tiny, log, results, sink=None):
+    bench = Bench(area, tiny, log, sink)
     log(f"\n## {area}")
     start = time.perf_counter()
     with bench.guard(f"area {area}"):
@@ -255,9 +344,17 @@ def main(argv=None) -> int:
     parser.add_argument("--areas", nargs="*", default=AREAS, help=f"areas to run (default {AREAS}; also {EXTRA_AREAS})")
     parser.add_argument("--tiny", action="store_true", help="CPU rehearsal: tiny shapes, Triton interpreter")
     parser.add_argument(
-        "--out-dir", default=None, help="append the log to OUT/bench.log and records to OUT/results.jsonl"
+        "--smoke", action="store_true",
+        help="only launch one trivial Triton kernel and exit (0: Triton compiles and launches here; 1: it "
+             "cannot, with what is missing named); on the GPU, or on the CPU under TRITON_INTERPRET=1 or --tiny",
+    )
+    parser.add_argument(
+        "--out-dir", default=None,
+        help="append the log to OUT/bench.log and each record, as it is made, to OUT/results.jsonl"
     )
     args = parser.parse_args(argv)
+    if args.smoke:
+        return 0 if smoke(args.tiny) else 1
     unknown = sorted(set(args.areas) - set(AREAS + EXTRA_AREAS))
     if unknown:
         parser.error(f"unknown areas {unknown}; known: {AREAS + EXTRA_AREAS}")
@@ -287,16 +384,24 @@ def main(argv=None) -> int:
     where = "CPU rehearsal (tiny shapes; figures mean nothing)" if args.tiny else torch.cuda.get_device_name()
     log(f"# {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} on {where}, torch {torch.__version__}")
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    results, failed = [], []
-    for area in args.areas:
-        if not run_area(area, args.tiny, log, results):
-            failed.append(area)
+    write = None
     if args.out_dir:
+        # each record goes to results.jsonl as it is made (flushed): a stage timeout (SIGTERM) keeps
+        # what was measured before it. The date is the run's start.
         meta = {"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "device": where,
                 "torch": torch.__version__, "tiny": args.tiny}
-        with open(os.path.join(args.out_dir, "results.jsonl"), "a") as f:
-            for row in results:
-                f.write(json.dumps({**meta, **row}) + "\n")
+        jsonl = open(os.path.join(args.out_dir, "results.jsonl"), "a")
+
+        def write(row):
+            jsonl.write(json.dumps({**meta, **row}) + "\n")
+            jsonl.flush()
+
+    results, failed = [], []
+    for area in args.areas:
+        if not run_area(area, args.tiny, log, results, write):
+            failed.append(area)
+    if args.out_dir:
+        jsonl.close()
     log(f"# areas failed: {failed}" if failed else "# all areas passed")
     return 1 if failed else 0
 

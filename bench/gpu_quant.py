@@ -5,7 +5,11 @@ UNVERIFIED on a GPU: written without one; only the CPU rehearsal (`--tiny`) has 
 
 Per shape (bf16 4096x4096 and 14336x4096, blocksize 64): each provider's median time, its GB/s
 over the bytes the operation must move (bf16 values + packed codes + statistics) and that as a
-fraction of the device-to-device copy bandwidth of the same run (the floor). Checks in the same
+fraction of the device-to-device copy bandwidth of the same run (the floor). Quantize is timed by
+CUDA events around each call for every provider (ours syncs once per call for its value checks,
+so it cannot be graph-captured); dequantize from a CUDA graph where it captures; each row names
+both timers (quant_timer, dequant_timer). Each provider is timed on its own, peers first, and
+the checks come after every timing, so one provider's failure keeps the others' figures. Checks in the same
 run: our packed codes and statistics equal the PyTorch reference's bit for bit, our decode equals
 the reference decode, bitsandbytes' packed codes equal ours, and torchao's NF4 round trip has
 the reconstruction error ours has (it quantizes its scalers differently, so it is not bit-equal).
@@ -65,50 +69,71 @@ def run(bench):
 
 
 def _case(bench, case, shape, quant_type, nested, peers, quantize_4bit, dequantize_4bit, copy_gbps):
+    """Each provider timed in its own guard, the peers first (a fault of ours cannot take their
+    figures with it), then every check. Quantize is timed with events around each call for every
+    provider (ours syncs once per call for its value checks, so it cannot be captured in a CUDA
+    graph: timing the peers from a graph would not be the same measurement); dequantize from a
+    CUDA graph where it captures. Each row names both timers (quant_timer, dequant_timer)."""
     n = shape[0] * shape[1]
     moved = _moved_bytes(n, nested)
     xs = bench.rotated(lambda: torch.randn(shape, device=bench.device, dtype=torch.bfloat16), 2 * n)
     x = xs[0]
 
-    def figures(q_ms, q_host, d_ms, d_host):
+    def timed(quantize, dequantize):
+        """The figures of one provider: quantize by per-call events, dequantize by graph (else events)."""
+        q_ms, q_host = bench.time(quantize, [(t,) for t in xs], graph=False)
+        q_timer = bench.timer
+        qs = [quantize(t) for t in xs]
+        d_ms, d_host = bench.time(dequantize, [(q,) for q in qs])
         return dict(quant_ms=q_ms, quant_gbps=moved / q_ms / 1e6, quant_x_floor=q_ms / (moved / copy_gbps / 1e6),
-                    quant_host_us=q_host, dequant_ms=d_ms, dequant_gbps=moved / d_ms / 1e6,
-                    dequant_pct_copy=100 * moved / d_ms / 1e6 / copy_gbps, dequant_host_us=d_host)
+                    quant_host_us=q_host, quant_timer=q_timer, dequant_ms=d_ms, dequant_gbps=moved / d_ms / 1e6,
+                    dequant_pct_copy=100 * moved / d_ms / 1e6 / copy_gbps, dequant_host_us=d_host,
+                    dequant_timer=bench.timer)
 
-    quantize = lambda x: quantize_4bit(x, BLOCKSIZE, quant_type, nested)  # noqa: E731
-    dequantize = lambda packed, state: dequantize_4bit(packed, state, torch.bfloat16)  # noqa: E731
-    q_ms, q_host = bench.time(quantize, [(t,) for t in xs])
-    qs = [quantize(t) for t in xs]
-    d_ms, d_host = bench.time(dequantize, qs)
-    ours = bench.record(case, "qlora_fast", **figures(q_ms, q_host, d_ms, d_host))
-    packed, state = qs[0]
-    out = dequantize(packed, state)
-    with bench.backend("reference"):
-        ref_packed, ref_state = quantize(x)
-        ref_out = dequantize(ref_packed, ref_state)
-    bench.check(f"{case}: packed and absmax == reference", torch.equal(packed, ref_packed)
-                and torch.equal(state.absmax, ref_state.absmax))
-    bench.check(f"{case}: dequantize == reference", torch.equal(out, ref_out))
-    ours_err = ((out.float() - x.float()).norm() / x.float().norm()).item()
-
+    rows, peer_q = {}, {}
     for name, (peer_quantize, peer_dequantize) in peers.items():
         with bench.guard(f"{case} {name}"):
             q = peer_quantize(x, quant_type, nested)
             if q is None:
                 continue
-            q_ms, q_host = bench.time(lambda t: peer_quantize(t, quant_type, nested), [(t,) for t in xs])
-            pq = [(peer_quantize(t, quant_type, nested),) for t in xs]
-            d_ms, d_host = bench.time(peer_dequantize, pq)
-            row = bench.record(case, name, **figures(q_ms, q_host, d_ms, d_host))
-            bench.log(f"    qlora_fast speed-up over {name}: quantize {row['quant_ms'] / ours['quant_ms']:.2f}x, "
-                      f"dequantize {row['dequant_ms'] / ours['dequant_ms']:.2f}x")
-            if name == "bitsandbytes":
-                diff = int((q[0].reshape(-1) != packed.reshape(-1)).sum())
-                bench.check(
-                    f"{case}: bitsandbytes packed == ours", diff == 0, f"{diff} of {packed.numel()} bytes differ"
-                )
-            else:
-                theirs = peer_dequantize(q).float()
-                err = ((theirs - x.float()).norm() / x.float().norm()).item()
-                bench.check(f"{case}: {name} round-trip error ~ ours", err <= 1.05 * ours_err + 1e-3,
-                            f"{name} {err:.4f}, ours {ours_err:.4f}")
+            peer_q[name] = q
+            rows[name] = bench.record(case, name, **timed(lambda t: peer_quantize(t, quant_type, nested),
+                                                          peer_dequantize))
+
+    quantize = lambda x: quantize_4bit(x, BLOCKSIZE, quant_type, nested)  # noqa: E731
+    dequantize = lambda q: dequantize_4bit(q[0], q[1], torch.bfloat16)  # noqa: E731
+    with bench.guard(f"{case} qlora_fast"):
+        rows["qlora_fast"] = bench.record(case, "qlora_fast", **timed(quantize, dequantize))
+
+    with bench.guard(f"{case} checks"):
+        packed, state = quantize(x)
+        out = dequantize((packed, state))
+        with bench.backend("reference"):
+            ref_packed, ref_state = quantize(x)
+            ref_out = dequantize((ref_packed, ref_state))
+        bench.check(f"{case}: packed and absmax == reference", torch.equal(packed, ref_packed)
+                    and torch.equal(state.absmax, ref_state.absmax))
+        bench.check(f"{case}: dequantize == reference", torch.equal(out, ref_out))
+        ours_err = ((out.float() - x.float()).norm() / x.float().norm()).item()
+        for name, q in peer_q.items():
+            with bench.guard(f"{case} {name} check"):
+                if name == "bitsandbytes":
+                    diff = int((q[0].reshape(-1) != packed.reshape(-1)).sum())
+                    bench.check(
+                        f"{case}: bitsandbytes packed == ours", diff == 0, f"{diff} of {packed.numel()} bytes differ"
+                    )
+                else:
+                    theirs = peers[name][1](q).float()
+                    err = ((theirs - x.float()).norm() / x.float().norm()).item()
+                    bench.check(f"{case}: {name} round-trip error ~ ours", err <= 1.05 * ours_err + 1e-3,
+                                f"{name} {err:.4f}, ours {ours_err:.4f}")
+
+    ours = rows.get("qlora_fast")
+    for name, row in rows.items():
+        if ours is None or name == "qlora_fast":
+            continue
+        same = row["dequant_timer"] == ours["dequant_timer"]
+        bench.log(f"    qlora_fast speed-up over {name}: quantize {row['quant_ms'] / ours['quant_ms']:.2f}x, "
+                  f"dequantize {row['dequant_ms'] / ours['dequant_ms']:.2f}x"
+                  + ("" if same else f" (dequantize timed differently: {name} by {row['dequant_timer']}, "
+                                     f"qlora_fast by {ours['dequant_timer']})"))

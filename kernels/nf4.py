@@ -22,12 +22,20 @@ helpers are THE 4-bit decoder: kernels/nf4_matmul.py's fused matmul uses them to
 Traffic: n / 2 + n / blocksize (+ 4 n / (256 blocksize)) bytes in, n * sizeof(out) out. Compiled for
 sm_90 (CPU, not run): ~7.4 SASS instructions per element (nested, bf16 out), no shared memory.
 
+Diagnostic switch, read once at import (to narrow a kernel failure down on a GPU):
+QLORA_FAST_NO_SHFL=1 makes every decoder (`_code_lanes` / `_decode_pairs`, so the dequantize
+kernel and kernels/nf4_matmul.py's fused matmul) look codes up the way the interpreter does, one
+load from the 16-entry table per nibble, instead of by warp shuffle (no `shfl.sync`, no `%laneid`;
+slower, same values). `_mul_rn`'s `mul.rn.f32` stays (exactness). See also QLORA_FAST_SPLIT_K in
+kernels/nf4_matmul.py.
+
 Exactness on the GPU: the reciprocal and the partial-block division use `div_rn` (IEEE
 round-to-nearest) because Triton's `/` on fp32 is approximate; `_mul_rn` keeps the
 `code8 * nested` of the double-quantized absmax out of an FMA, so `code8 * nested + offset` is
 rounded twice, as in bitsandbytes, in every kernel that decodes. Under the CPU
 interpreter a bf16 store truncates, so bf16 output is rounded to nearest-even by hand there.
 """
+import os
 import weakref
 
 import torch
@@ -118,7 +126,11 @@ def _quantize_absmax_kernel(
     tl.store(nested_ptr + block, nested, mask=block < n_blocks)
 
 
-_SHFL = tl.constexpr(not INTERPRET)  # warp-shuffle code lookup on the GPU (no inline asm in the interpreter)
+# QLORA_FAST_NO_SHFL (module docstring): "1" turns the warp-shuffle code lookup off on the GPU.
+NO_SHFL = os.environ.get("QLORA_FAST_NO_SHFL", "").strip().lower() in ("1", "true", "on", "yes")
+# warp-shuffle code lookup on the GPU (no inline asm in the interpreter), unless QLORA_FAST_NO_SHFL
+_SHFL = tl.constexpr(not INTERPRET and not NO_SHFL)
+_PTX = tl.constexpr(not INTERPRET)  # inline PTX (mul.rn) on the GPU, whatever QLORA_FAST_NO_SHFL says
 
 
 @triton.jit
@@ -126,7 +138,7 @@ def _mul_rn(a, b):
     """a * b in fp32, rounded on its own: never contracted into an FMA with a following add, so the
     double-quantized absmax `code8 * nested + offset` rounds twice, as bitsandbytes does, without
     disabling fp-fusion for a whole kernel (numpy never fuses under the interpreter)."""
-    if _SHFL:
+    if _PTX:
         return tl.inline_asm_elementwise("mul.rn.f32 $0, $1, $2;", "=f,f,f", [a, b], dtype=tl.float32,
                                          is_pure=True, pack=1)
     else:

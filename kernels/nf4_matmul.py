@@ -39,8 +39,19 @@ come from compiling for sm_80/sm_90 on the CPU (bench/aot_compile.py); every spe
 the tile/split choices (`skinny_config`, SKINNY_MAX_M) are estimates: nothing here has run on a
 GPU yet. bench/gpu_matmul.py times fused vs dequant so the threshold can be set by measurement.
 This module imports torch and triton only.
+
+Workspaces: the reused buffers (dequantized weight, split-K partials and counters) live in a
+module-level dict per (device, dtype, kind) and are never shrunk; `release_workspaces()` drops
+them (memory measurements that must not count them, or after the last 4-bit layer is gone).
+
+Diagnostic switch, read once at import (to narrow a kernel failure down on a GPU):
+- QLORA_FAST_SPLIT_K=n (a positive integer): the skinny kernel's planner uses n splits of the
+  reduction whenever a caller does not force a count (`split_k=None`), instead of choosing one;
+  QLORA_FAST_SPLIT_K=1 turns split-K off (no partials, no counters, no atomics). Unset or empty:
+  automatic. An explicit `split_k` argument still wins. See also QLORA_FAST_NO_SHFL in kernels/nf4.py.
 """
 import functools
+import os
 from typing import NamedTuple, Optional
 
 import torch
@@ -55,6 +66,23 @@ from .utils import INTERPRET, on_device_of
 SKINNY_MAX_M = 16
 
 _workspaces: dict = {}
+
+
+def _env_split_k():
+    value = os.environ.get("QLORA_FAST_SPLIT_K", "").strip()
+    if not value:
+        return None
+    try:
+        n = int(value)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise ValueError(f"QLORA_FAST_SPLIT_K must be a positive integer (1: no split-K), got {value!r}")
+    return n
+
+
+# QLORA_FAST_SPLIT_K (module docstring): the split count the planner uses when no caller forces one.
+FORCE_SPLIT_K = _env_split_k()
 
 
 class _Weight4bitFields(NamedTuple):
@@ -371,6 +399,24 @@ def workspace(numel: int, dtype: torch.dtype, device: torch.device, kind: str = 
     return buf[:numel]
 
 
+def release_workspaces(device=None) -> int:
+    """Drop the reused buffers of `device` (every device when None): the dequantized-weight
+    workspaces, split-K partials and counters, so their memory can go back to the allocator (then
+    `torch.cuda.empty_cache()` returns it to the driver). The next call that needs one allocates
+    it again. Safe between any two calls: a launch plan cached on a live Weight4bit keeps (and
+    keeps using) the buffers it was planned with, so those are freed only with their weights; the
+    same holds for a workspace view a caller still holds. Returns the bytes of the buffers dropped
+    from the module's table."""
+    want = None if device is None else torch.device(device)
+    dropped = 0
+    for key in list(_workspaces):
+        dev = key[0]
+        if want is None or (dev.type == want.type and (want.index is None or dev.index == want.index)):
+            buf = _workspaces.pop(key)
+            dropped += buf.numel() * buf.element_size()
+    return dropped
+
+
 def _split_locks(tiles: int, device) -> torch.Tensor:
     """Per-tile arrival counters of the split-K reduction: zeroed once when (re)allocated; every
     launch leaves them at zero again, so no per-call memset (and CUDA graph replays stay valid)."""
@@ -431,14 +477,16 @@ def skinny_config(M, P, N, K, transpose, dtype, split_k=None):
     for sm_90, 16x256, 32x128, 64x64 and 128x32, it took the fewest instructions per element both
     ways) and (32, 64) at 8 warps for fp32, whose tl.dot runs on FMA units (it spilled at (64, 64),
     and ptxas kept 8 bytes of stack at 4 warps in a split transposed case). Smaller for tiny
-    weights. `split_k`: force a number of splits (tests); None splits the reduction so that
-    ~_TARGET_PROGRAMS programs run when the output tiles are few (never under the interpreter,
-    where it would only be slower)."""
+    weights. `split_k`: force a number of splits (tests); None takes QLORA_FAST_SPLIT_K when set
+    (`FORCE_SPLIT_K`), else splits the reduction so that ~_TARGET_PROGRAMS programs run when the
+    output tiles are few (never under the interpreter, where it would only be slower)."""
     block_r = max(16, min(32 if dtype == torch.float32 else 64, _next_pow2(N)))
     block_c = max(32, min(64, _next_pow2(K)))
     out_tile, step, red = (block_c, block_r, N) if transpose else (block_r, block_c, K)
     programs = _cdiv(P, out_tile) * _cdiv(M, 16)
     steps = _cdiv(red, step)
+    if split_k is None:
+        split_k = FORCE_SPLIT_K
     if split_k is None:
         split_k = 1
         if not INTERPRET:

@@ -98,3 +98,45 @@ def test_bench_driver_rejects_unknown_area_and_missing_gpu(capsys):
     if not __import__("torch").cuda.is_available():
         assert gpu.main(["--areas", "quant"]) == 2
         assert "no CUDA device" in capsys.readouterr().err
+
+
+def test_smoke_launches_a_trivial_kernel_under_the_interpreter(tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu.py"), "--smoke"], cwd=ROOT, timeout=120,
+                          capture_output=True, text=True, env=_env(tmp_path, TRITON_INTERPRET="1"))
+    assert proc.returncode == 0 and "triton smoke ok" in proc.stdout, proc.stdout + proc.stderr
+
+
+def test_smoke_names_the_failure(tmp_path):
+    if __import__("torch").cuda.is_available():
+        pytest.skip("this machine has a CUDA device")
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu.py"), "--smoke"], cwd=ROOT, timeout=120,
+                          capture_output=True, text=True, env=_env(tmp_path))
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "triton smoke FAILED" in proc.stdout and "C compiler" in proc.stdout and "libcuda" in proc.stdout
+
+
+def test_records_reach_results_jsonl_as_they_are_made(tmp_path, monkeypatch):
+    # a stage killed by its timeout keeps what it had measured: each record is on disk (flushed)
+    # before the area ends, in the format the end of the run used to write
+    import types
+
+    import torch
+
+    seen = []
+
+    def run(bench):
+        bench.record("probe case", "probe", ms=1.5)
+        bench.check("probe check", True)
+        seen.extend(json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines())
+
+    monkeypatch.setitem(sys.modules, "gpu_probe", types.SimpleNamespace(run=run))
+    monkeypatch.setattr(gpu, "EXTRA_AREAS", [*gpu.EXTRA_AREAS, "probe"])
+    for name in ("TRITON_INTERPRET", "QLORA_FAST_BACKEND"):  # main(--tiny) sets them: restored after
+        monkeypatch.setenv(name, os.environ.get(name, ""))
+    monkeypatch.setattr(torch._dynamo.config, "disable", torch._dynamo.config.disable)
+    assert gpu.main(["--areas", "probe", "--tiny", "--out-dir", str(tmp_path)]) == 0
+    assert [(r.get("case"), r.get("check")) for r in seen] == [("probe case", None), (None, "probe check")]
+    assert seen[0]["timer"] == "wall clock (CPU rehearsal)" and seen[0]["tiny"] is True
+    assert {"date", "device", "torch", "tiny", "area"} <= set(seen[1])
+    final = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert final == seen

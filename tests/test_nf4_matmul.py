@@ -7,6 +7,8 @@ fp32 -> bf16 instead of rounding).
 """
 import dataclasses
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -225,3 +227,128 @@ def test_large_weight_forward_backward(seed, monkeypatch, rows):
     assert out.device.type == TEST_DEVICE
     assert_matches_float64(out.detach(), x.double() @ w64.t(), x @ w16.t(), abs_sum(x, w64.t()), msg="forward")
     assert_matches_float64(xg.grad, grad.double() @ w64, grad @ w16, abs_sum(grad, w64), msg="grad x")
+
+
+# ------------------------------------------------------------------ workspaces and diagnostic switches
+
+def test_release_workspaces_drops_the_buffers(seed):
+    w = weight4bit(*quantize(torch.randn(24, 40)))
+    first = knf4.dequantize_to_workspace(*w, dtype=torch.float32)
+    assert any(key[1] == torch.float32 and key[2] == "weight" for key in knf4._workspaces)
+    expected = first.clone()
+    assert knf4.release_workspaces("meta") == 0  # another device's: nothing dropped
+    dropped = knf4.release_workspaces(first.device)
+    assert dropped >= first.numel() * 4
+    assert not [key for key in knf4._workspaces if key[0] == first.device]
+    assert torch.equal(first, expected), "a view a caller holds stays valid"
+    again = knf4.dequantize_to_workspace(*w, dtype=torch.float32)  # allocated afresh, same values
+    assert again.data_ptr() != first.data_ptr() and torch.equal(again, expected)
+    x = torch.randn(2, 40)  # the fused path keeps working across a release (its plan keeps its buffers)
+    out = knf4.nf4_matmul(x, *w, method="fused", split_k=2)
+    knf4.release_workspaces()
+    assert torch.equal(knf4.nf4_matmul(x, *w, method="fused", split_k=2), out)
+
+
+SWITCH_SCRIPT = r"""
+import os, sys
+import torch
+sys.path.insert(0, sys.argv[1])  # tests/
+from conftest import assert_close
+from helpers import abs_sum, assert_matches_float64, oracle_dequantize, quantize, weight4bit
+from qlora_fast.kernels import nf4 as k4, nf4_matmul as knf4
+
+assert knf4.INTERPRET
+no_shfl = os.environ.get("QLORA_FAST_NO_SHFL") == "1"
+split_k = int(os.environ.get("QLORA_FAST_SPLIT_K") or 0) or None
+assert k4.NO_SHFL == no_shfl and k4._SHFL.value is False and k4._PTX.value is False
+assert knf4.FORCE_SPLIT_K == split_k
+torch.manual_seed(0)
+packed, state = quantize(torch.randn(96, 640))
+w64 = oracle_dequantize(packed, state).double()
+w = weight4bit(packed, state)
+assert_close(knf4.dequantize_4bit_into(*w, dtype=torch.float32), w64.float(), msg="dequantize")
+for dtype in (torch.float32, torch.bfloat16):
+    for transpose in (False, True):
+        n, k = (96, 640)
+        k_dim, p = (n, k) if transpose else (k, n)
+        # fp32: 32x64 tiles, so 10 reduction steps forward (K 640) and 3 transposed (N 96)
+        plan = knf4.skinny_config(3, p, n, k, transpose, dtype)
+        steps = -(-(n if transpose else k) // (plan[0] if transpose else plan[1]))
+        assert plan[2] == min(split_k or 1, steps), (plan, split_k)
+        x = torch.randn(3, k_dim).to(dtype)
+        w_op = w64 if transpose else w64.t()
+        out = knf4.nf4_matmul(x, *w, transpose=transpose, method="fused")
+        assert_matches_float64(out, x.double() @ w_op, x @ w_op.to(dtype), abs_sum(x, w_op),
+                               msg=f"{dtype} transpose={transpose} split={plan[2]}")
+print("SWITCH OK", no_shfl, split_k)
+"""
+
+
+def _run_with_env(script, *args, interpret, **env):
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    full = {k: v for k, v in os.environ.items() if not k.startswith(("QLORA_FAST_", "TRITON_INTERPRET"))}
+    full.update(env, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
+    if interpret:
+        full["TRITON_INTERPRET"] = "1"
+    proc = subprocess.run([sys.executable, "-c", script, *args], cwd=root, env=full, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return proc.stdout
+
+
+# A fresh process per value: the switches are read once, at import. On CUDA these are skipped: they
+# run on the CPU, and the GPU window's kernel-test stage has no time to spare for them.
+@pytest.mark.skipif(TEST_DEVICE == "cuda", reason="CPU subprocess tests (the switches are set for a whole GPU run)")
+@pytest.mark.parametrize("env", [{"QLORA_FAST_NO_SHFL": "1"}, {"QLORA_FAST_SPLIT_K": "1"},
+                                 {"QLORA_FAST_SPLIT_K": "3"}])
+def test_diagnostic_switches_keep_the_kernels_exact(env):
+    # Under the interpreter: the switch is read, the planner obeys QLORA_FAST_SPLIT_K (3 really
+    # splits; the interpreter never splits on its own, so 1 is its default path) and dequantize and
+    # the fused matmul still match the references. The interpreter always takes the non-shuffle
+    # lookup, so QLORA_FAST_NO_SHFL changes nothing it runs: what the switch changes in the GPU code
+    # is checked by compiling it (test_diagnostic_switches_change_the_gpu_code).
+    tests_dir = os.path.dirname(os.path.abspath(__file__))
+    assert "SWITCH OK" in _run_with_env(SWITCH_SCRIPT, tests_dir, interpret=True, **env)
+
+
+GPU_CODE_SCRIPT = r"""
+import sys
+sys.path.insert(0, sys.argv[1])  # bench/
+import aot_compile as A  # the AOT gate's launch recorder: the GPU launch paths on meta tensors
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+nf4, nf4_matmul, lora = A.load_kernels()
+rec = A.Recorder()
+rec.scenario = "switches"
+with rec.patched():
+    w = A._quantized(4096 * 4096, 64, True)
+    x = torch.empty(1, 4096, device="meta", dtype=torch.bfloat16)
+    nf4_matmul.nf4_matmul(x, *w[:3], (4096, 4096), 64, *w[3:], method="fused")  # 64 tiles: splits by default
+    nf4.dequantize_4bit(*w[:3], 4096 * 4096, 64, torch.bfloat16, *w[3:])
+for fn, sig, constexprs, attrs, options in rec.specs.values():
+    names = {(i,): name for i, name in enumerate(fn.arg_names)}
+    values = {names.get(k, k): v for k, v in constexprs.items()}
+    if fn.__name__ == "_skinny_matmul_kernel":
+        print("SPLIT", values["SPLIT"])
+    if fn.__name__ == "_dequantize_4bit_kernel":
+        opts = {k: v for k, v in options.items() if k != "debug"}
+        ptx = triton.compile(ASTSource(fn, sig, constexprs, attrs), target=GPUTarget("cuda", 90, 32),
+                             options=opts).asm["ptx"]
+        print("SHFL", "shfl.sync" in ptx, "MULRN", "mul.rn.f32" in ptx)
+"""
+
+
+@pytest.mark.skipif(TEST_DEVICE == "cuda", reason="CPU subprocess tests (the switches are set for a whole GPU run)")
+@pytest.mark.parametrize("env,split,shfl", [({}, True, True), ({"QLORA_FAST_NO_SHFL": "1"}, True, False),
+                                            ({"QLORA_FAST_SPLIT_K": "1"}, False, True)])
+def test_diagnostic_switches_change_the_gpu_code(env, split, shfl):
+    # The GPU launch path (no interpreter) recorded on meta tensors and the dequantize kernel compiled
+    # for sm_90 on the CPU, as bench/aot_compile.py does: QLORA_FAST_NO_SHFL removes the warp shuffle
+    # (and keeps mul.rn), QLORA_FAST_SPLIT_K=1 takes split-K off a launch that splits by default.
+    pytest.importorskip("triton.backends.nvidia", reason="compiling for a GPU target needs Triton's CUDA backend")
+    bench_dir = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
+    out = _run_with_env(GPU_CODE_SCRIPT, bench_dir, interpret=False, **env)
+    assert f"SPLIT {split}" in out and f"SHFL {shfl} MULRN True" in out, out
