@@ -161,6 +161,9 @@ for mod, want in ((bitsandbytes, "0.50.2"), (torchao, "0.18.0")):
     assert not site or mod.__file__.startswith(site), f"{mod.__name__} imported from {mod.__file__}, not the wheel"
 print("peft", peft.__version__, "transformers", transformers.__version__)
 PY
+# one trivial Triton kernel: an environment that cannot build Triton's launcher (no C compiler,
+# Python.h or libcuda) is named now, not after every stage has timed out
+"$PY" bench/gpu.py --smoke $TINY >> "$LOG" 2>&1 || abort "Triton cannot compile or launch a kernel here (see gpu_check.log)"
 say "preflight ok ($((SECONDS - START))s)"
 
 # ------------------------------------------------------------------ stages
