@@ -110,6 +110,56 @@ def test_warmup_cosine_schedule_values():
         warmup_cosine(0, -1, 10)
 
 
+def _first_update(tiny_base, **overrides):
+    """(gradients at the first optimizer step, its history record, the rows it trained on)."""
+    base, tok = fresh_base(tiny_base)
+    torch.manual_seed(0)
+    model = get_peft_model(base.double(), LoraConfig(r=4, lora_alpha=8))
+    options = dict(max_steps=1, lr=1e-3, warmup_steps=0, max_grad_norm=None, optimizer="torch_adamw",
+                   progress=False, max_seq_len=96)
+    trainer = SFTTrainer(model, tok, TRAIN[:40], None, SFTConfig(**{**options, **overrides}))
+    grads, step = {}, trainer.optimizer.step
+
+    def spy(*args, **kwargs):
+        grads.update({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+        return step(*args, **kwargs)
+
+    trainer.optimizer.step = spy
+    rows = [row for batch in trainer._micro_batches(0) for row in batch]
+    return grads, trainer.train()[0], rows
+
+
+def test_gradient_accumulation_equals_one_large_batch(tiny_base, seed):
+    """k micro-batches of 1 row give the update (and the logged loss) of one batch of k rows:
+    the mean over all the update's answer tokens. Dividing each micro-batch's mean by k weighted a
+    2-token answer like a 7-token one. Oracle: the same rows as one batch, in float64."""
+    one, record_one, rows_one = _first_update(tiny_base, batch_size=4, gradient_accumulation_steps=1)
+    acc, record_acc, rows_acc = _first_update(tiny_base, batch_size=1, gradient_accumulation_steps=4)
+    assert rows_one == rows_acc
+    tokens = [sum(t != -100 for t in labels[1:]) for _, labels in rows_one]
+    assert len(set(tokens)) > 1  # answers of different lengths, or the test could not tell
+    assert record_acc["loss"] == pytest.approx(record_one["loss"], rel=1e-10)
+    for name, g in one.items():
+        assert_close(acc[name], g, atol=1e-12, rtol=1e-9, msg=name)
+
+
+def test_logged_lr_is_the_one_each_update_used(tiny_base):
+    base, tok = fresh_base(tiny_base)
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8))
+    config = SFTConfig(max_steps=6, batch_size=2, warmup_steps=2, lr=1.0, min_lr_ratio=0.1, optimizer="torch_adamw",
+                       progress=False, max_seq_len=96)
+    trainer = SFTTrainer(model, tok, TRAIN[:40], None, config)
+    used, step = [], trainer.optimizer.step
+
+    def spy(*args, **kwargs):
+        used.append(trainer.optimizer.param_groups[0]["lr"])
+        return step(*args, **kwargs)
+
+    trainer.optimizer.step = spy
+    history = trainer.train()
+    assert [r["lr"] for r in history] == used == [warmup_cosine(s, 2, 6, 0.1) for s in range(6)]
+
+
 @pytest.mark.parametrize("optimizer", ["paged_adamw_8bit", "torch_adamw"])
 def test_resume_from_checkpoint_is_exact(tiny_base, tmp_path, optimizer):
     def make(out):

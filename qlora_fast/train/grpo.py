@@ -542,6 +542,7 @@ class GRPOTrainer(core.TrainerCore):
         finally:
             self.optimizer.zero_grad(set_to_none=True)
             self.model.train(was_training)
+        lr = self.scheduler.get_last_lr()[0]  # the lr this update used (step() moves to the next one)
         self.scheduler.step()
         self.step += 1
         log.update({
@@ -552,7 +553,7 @@ class GRPOTrainer(core.TrainerCore):
             "ratio_max": ratio_max,
             "loss": loss_total,
             "grad_norm": grad_norm,
-            "lr": self.scheduler.get_last_lr()[0],
+            "lr": lr,
             "time": time.perf_counter() - start,
         })
         self.history.append(log)

@@ -319,6 +319,20 @@ class SFTTrainer(core.TrainerCore):
         self.step = state["step"]
         self.history = list(state["extra"].get("history", []))
 
+    def _token_weights(self, batches, device) -> List[float]:
+        """Per micro-batch, the factor on its mean loss that makes the update's gradient the mean
+        over every target token of the update (all micro-batches, all ranks), as one large batch
+        gives: its token count / the total (x world size, as DDP averages the ranks' gradients).
+        Dividing each micro-batch's mean by the number of micro-batches weighted a short answer's
+        tokens like a long one's."""
+        counts = [sum(sum(1 for t in labels[1:] if t != -100) for _, labels in rows) for rows in batches]
+        total = float(sum(counts))
+        if self.distributed:
+            t = torch.tensor([total], device=device, dtype=torch.float64)
+            dist.all_reduce(t)
+            total = t.item()
+        return [n * self.world / total if total else 0.0 for n in counts]
+
     def _find_checkpoint(self, resume_from_checkpoint: Optional[str], allow_fresh: bool) -> Optional[str]:
         if self._fsdp:  # sharded checkpoint-<step> folders, same rules as the core's
             from qlora_fast.distributed import resolve_sharded_resume
@@ -346,6 +360,7 @@ class SFTTrainer(core.TrainerCore):
         bar = self._progress_bar("instruction tuning")
         while self.step < c.max_steps:
             batches = self._micro_batches(self.step)
+            weights = self._token_weights(batches, device)
             total_loss = 0.0
             self.optimizer.zero_grad(set_to_none=True)
             for k, rows in enumerate(batches):
@@ -353,10 +368,14 @@ class SFTTrainer(core.TrainerCore):
                 sync = self._ddp is None or k == len(batches) - 1
                 ctx = model.no_sync() if not sync else contextlib.nullcontext()
                 with ctx:
-                    loss = model(**batch).loss / c.gradient_accumulation_steps
+                    out = model(**batch)
+                    # a micro-batch without target tokens has a NaN mean; it adds nothing (and under
+                    # DDP still takes part in the gradient sync)
+                    loss = out.loss * weights[k] if weights[k] else out.logits.sum() * 0.0
                     self._check_loss(loss)
                     loss.backward()
                 total_loss += loss.item()
+            lr = self.scheduler.get_last_lr()[0]  # the lr this update uses (step() moves to the next one)
             grad_norm = self._optimizer_step()
             self.scheduler.step()
             self.step += 1
@@ -364,8 +383,7 @@ class SFTTrainer(core.TrainerCore):
                 t = torch.tensor([total_loss], device=device)
                 dist.all_reduce(t)
                 total_loss = t.item() / self.world
-            record = {"step": self.step, "loss": total_loss, "lr": self.scheduler.get_last_lr()[0],
-                      "grad_norm": grad_norm}
+            record = {"step": self.step, "loss": total_loss, "lr": lr, "grad_norm": grad_norm}
             evaluating = c.eval_every and self.eval_data is not None
             if evaluating and (self.step % c.eval_every == 0 or self.step == c.max_steps):
                 ev = self.evaluate()
