@@ -784,6 +784,38 @@ def test_low_memory_loading_takes_old_checkpoints_and_dtype_names_as_transformer
         load_hf_model(str(tmp_path), quantize="nf4", dtype="int8", tokenizer=False)
 
 
+def _tiny_hf_config(kind):
+    llama_like = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=VOCAB)
+    return {
+        # embed_scale: a buffer not saved, set by Gemma's own _init_weights
+        "gemma2": lambda: transformers.Gemma2Config(**llama_like, head_dim=8),
+        # saved as embed_out, renamed lm_head by transformers at load time
+        "gpt_neox": lambda: transformers.GPTNeoXConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                                       num_attention_heads=4, vocab_size=VOCAB),
+        # per-expert tensors transformers fuses into one: loaded, then quantized
+        "mixtral": lambda: transformers.MixtralConfig(**llama_like, num_local_experts=3, num_experts_per_tok=2),
+    }[kind]()
+
+
+@pytest.mark.parametrize("kind", ["gemma2", "gpt_neox", "mixtral"])
+def test_low_memory_loading_of_other_architectures_equals_load_then_quantize(tmp_path, seed, kind):
+    from qlora_fast.models.hf import load_hf_model
+    from qlora_fast.nn import Linear4bit, replace_linear
+
+    transformers.AutoModelForCausalLM.from_config(_tiny_hf_config(kind)).save_pretrained(str(tmp_path))
+    model, _ = load_hf_model(str(tmp_path), quantize="nf4", tokenizer=False)
+    reference = replace_linear(transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path)).eval())
+    fours = [n for n, m in model.named_modules() if isinstance(m, Linear4bit)]
+    assert fours == [n for n, m in reference.named_modules() if isinstance(m, Linear4bit)] and len(fours) > 0
+    ref_state = reference.state_dict()
+    assert model.state_dict().keys() == ref_state.keys()
+    assert all(torch.equal(v, ref_state[k]) for k, v in model.state_dict().items())
+    assert all(torch.equal(v, dict(reference.named_buffers())[k]) for k, v in model.named_buffers())
+    ids = torch.randint(0, VOCAB, (2, 7))
+    assert torch.equal(model(input_ids=ids).logits, reference(input_ids=ids).logits)
+
+
 # ------------------------------------------------------------------------- inside transformers' Trainer and TRL
 def _train_texts():
     from qlora_fast.data import load_instructions
@@ -851,3 +883,4 @@ def test_trains_inside_hf_trainers_and_saves_a_peft_adapter(tmp_path, seed, trai
     ids = torch.randint(0, VOCAB, (2, 9))
     with torch.no_grad():
         assert torch.equal(again(input_ids=ids).logits, model.eval()(input_ids=ids).logits)
+
