@@ -884,3 +884,40 @@ def test_trains_inside_hf_trainers_and_saves_a_peft_adapter(tmp_path, seed, trai
     with torch.no_grad():
         assert torch.equal(again(input_ids=ids).logits, model.eval()(input_ids=ids).logits)
 
+
+# ------------------------------------------------------------------------- other architectures
+def tiny_falcon(**kw):
+    # multi-query attention in parallel with the MLP, whose output Falcon adds into in place
+    cfg = transformers.FalconConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, vocab_size=VOCAB, **kw)
+    return transformers.FalconForCausalLM(cfg).eval()
+
+
+@pytest.mark.parametrize("quant_type", [None, "nf4"])
+def test_falcon_trains_with_the_gradients_of_peft(seed, quant_type):
+    """Oracle: PEFT's LoRA on the same model, the 4-bit bases given as their dequantized weights."""
+    from qlora_fast.nn import LoRALinear, replace_linear
+
+    model = tiny_falcon()
+    ours = replace_linear(copy.deepcopy(model), quant_type=quant_type, target_modules="all-linear", r=4,
+                          lora_alpha=8.0, blocksize=32)
+    layers = {n: m for n, m in ours.named_modules() if isinstance(m, LoRALinear)}
+    base = copy.deepcopy(model)
+    with torch.no_grad():
+        for n, m in layers.items():
+            base.get_submodule(n).weight.copy_(m.base_weight())
+    peft = hf_peft.get_peft_model(base, hf_peft.LoraConfig(target_modules=list(layers), r=4, lora_alpha=8.0))
+    with torch.no_grad():
+        for n, m in layers.items():
+            m.lora_B.normal_()  # a trained-looking adapter: gradients reach A too
+            theirs = peft.base_model.model.get_submodule(n)
+            theirs.lora_A["default"].weight.copy_(m.lora_A)
+            theirs.lora_B["default"].weight.copy_(m.lora_B)
+    ids = torch.randint(0, VOCAB, (2, 7))
+    ours.train(), peft.train()
+    ours(input_ids=ids, labels=ids).loss.backward()
+    peft(input_ids=ids, labels=ids).loss.backward()
+    for n, m in layers.items():
+        theirs = peft.base_model.model.get_submodule(n)
+        for mine, other in ((m.lora_A, theirs.lora_A["default"].weight), (m.lora_B, theirs.lora_B["default"].weight)):
+            # the same float32 math summed in another order
+            assert_close(mine.grad, other.grad, atol=1e-6 * other.grad.abs().max().item(), rtol=1e-5, msg=n)
