@@ -921,3 +921,28 @@ def test_falcon_trains_with_the_gradients_of_peft(seed, quant_type):
         for mine, other in ((m.lora_A, theirs.lora_A["default"].weight), (m.lora_B, theirs.lora_B["default"].weight)):
             # the same float32 math summed in another order
             assert_close(mine.grad, other.grad, atol=1e-6 * other.grad.abs().max().item(), rtol=1e-5, msg=n)
+
+
+ARCH_CONFIGS = {
+    "phi3": lambda: transformers.Phi3Config(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                            num_attention_heads=4, num_key_value_heads=2, vocab_size=VOCAB,
+                                            pad_token_id=0),  # fused qkv_proj and gate_up_proj
+    "opt": lambda: transformers.OPTConfig(hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4,
+                                          vocab_size=VOCAB, word_embed_proj_dim=32),  # out_proj, fc1, fc2
+    "llama": lambda: hf_llama().config,
+    "gpt2": lambda: hf_gpt2().config,
+    "gpt_neox": lambda: _tiny_hf_config("gpt_neox"),
+    "falcon": lambda: tiny_falcon().config,
+}
+
+
+@pytest.mark.parametrize("kind", list(ARCH_CONFIGS))
+def test_default_lora_targets_are_the_layers_peft_all_linear_picks(seed, kind):
+    """Oracle: PEFT's "all-linear" (every linear layer but the output layer, the QLoRA choice)."""
+    model = transformers.AutoModelForCausalLM.from_config(ARCH_CONFIGS[kind]())
+    ours = get_peft_model(copy.deepcopy(model), LoraConfig(r=2))
+    theirs = hf_peft.get_peft_model(copy.deepcopy(model), hf_peft.LoraConfig(r=2, target_modules="all-linear"))
+    adapted = sorted(n for n, m in ours.base_model.named_modules() if hasattr(m, "lora_A"))
+    assert adapted == sorted(n.removeprefix("base_model.model.") for n, m in theirs.named_modules()
+                             if isinstance(m, hf_peft.tuners.lora.LoraLayer))
+    assert isinstance(ours.peft_config.target_modules, list)  # familiar names: saved as names

@@ -33,11 +33,12 @@ __all__ = [
 ]
 
 ALL_LINEAR = "all-linear"
-# Per architecture, the projections LoRA usually targets (the PEFT/QLoRA choice).
-_ARCH_TARGETS = (
-    ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),  # Llama, Mistral, Qwen, ...
-    ("c_attn", "c_proj", "c_fc"),  # GPT-2
-    ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"),  # GPT-NeoX, Falcon
+# The attention and MLP projections by their usual names (Llama/Mistral/Qwen, Phi-3's fused ones,
+# OPT/BART, GPT-2, GPT-NeoX/Falcon), in the order default targets are listed.
+_PROJECTIONS = (
+    "q_proj", "k_proj", "v_proj", "qkv_proj", "o_proj", "out_proj", "gate_proj", "up_proj", "gate_up_proj",
+    "down_proj", "fc1", "fc2", "c_attn", "c_proj", "c_fc", "query_key_value", "dense", "dense_h_to_4h",
+    "dense_4h_to_h",
 )
 
 
@@ -187,13 +188,15 @@ def linear_layer_names(model: nn.Module, include_output: bool = False):
 
 
 def default_lora_targets(model: nn.Module):
-    """The usual LoRA targets of `model`'s architecture: the attention and MLP projections present
-    among the known names (Llama-style, GPT-2, GPT-NeoX), else "all-linear"."""
+    """The LoRA targets of `model` when none are given: every linear layer but the output layer (as
+    QLoRA, and PEFT's "all-linear"), as the list of their names when all are familiar projection
+    names (q_proj, qkv_proj, out_proj, fc1, c_attn, query_key_value, ...; the list PEFT reads back),
+    else "all-linear". A known group only partly present (Phi-3's o_proj beside its fused qkv_proj)
+    never narrows the choice."""
     short = {n.split(".")[-1] for n in linear_layer_names(model)}
-    for names in _ARCH_TARGETS:
-        present = [n for n in names if n in short]
-        if present:
-            return present
+    output = set(linear_layer_names(model, include_output=True)) - set(linear_layer_names(model))
+    if short and short <= set(_PROJECTIONS) and not short & {n.split(".")[-1] for n in output}:
+        return [n for n in _PROJECTIONS if n in short]
     return ALL_LINEAR
 
 
