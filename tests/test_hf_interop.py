@@ -946,3 +946,21 @@ def test_default_lora_targets_are_the_layers_peft_all_linear_picks(seed, kind):
     assert adapted == sorted(n.removeprefix("base_model.model.") for n, m in theirs.named_modules()
                              if isinstance(m, hf_peft.tuners.lora.LoraLayer))
     assert isinstance(ours.peft_config.target_modules, list)  # familiar names: saved as names
+
+
+@pytest.mark.parametrize("falcon", [{}, {"new_decoder_architecture": True, "num_kv_heads": 2}])
+@pytest.mark.parametrize("method", ["prefix", "prefix_mlp"])
+def test_falcon_prefix_round_trips_through_peft(tmp_path, seed, falcon, method):
+    """Falcon caches 1 key head with multi_query, all 4 with its new decoder (num_kv_heads=2 broadcast),
+    neither written as num_key_value_heads. Oracle: PEFT loading the adapter, and our own reload."""
+    base = tiny_falcon(**falcon)
+    fresh, fresh_ours = copy.deepcopy(base), copy.deepcopy(base)
+    ours = get_peft_model(base, ours_config(method, "llama"))
+    perturb(p for _, p in ours.adapter_parameters())
+    path = ours.save_adapter(str(tmp_path / "adapter"))
+    ids = torch.randint(0, VOCAB, (2, 7))
+    ours.eval()
+    theirs = hf_peft.PeftModel.from_pretrained(fresh, path).eval()
+    assert_close(theirs(input_ids=ids).logits, ours(input_ids=ids).logits)
+    again = load_adapter(fresh_ours, path).eval()
+    assert torch.equal(again(input_ids=ids).logits, ours(input_ids=ids).logits)

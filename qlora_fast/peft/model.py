@@ -58,9 +58,28 @@ def attention_geometry(model: nn.Module):
             f"{type(model).__name__} has no attention this adapter understands: expected a qlora_fast "
             "LlamaForCausalLM or a transformers causal LM (config.num_hidden_layers, num_attention_heads, hidden_size)"
         )
-    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+    kv_heads = getattr(cfg, "num_key_value_heads", None)
     head_dim = getattr(cfg, "head_dim", None) or hidden // heads
+    if kv_heads is None:  # no standard field: as the model caches them
+        kv_heads, head_dim = _cached_kv_geometry(model) or (heads, head_dim)
     return layers, kv_heads, head_dim, hidden
+
+
+@torch.no_grad()
+def _cached_kv_geometry(model: nn.Module):
+    """(key heads, head_dim) of the cache a one-token forward builds, or None when it fails.
+    Configs without num_key_value_heads say it each their own way (Falcon caches 1 key head with
+    multi_query, all heads with its new decoder whatever num_kv_heads says; GPT-BigCode 1)."""
+    was = model.training
+    try:
+        model.eval()
+        ids = torch.zeros(1, 1, dtype=torch.long, device=next(iter(model.parameters())).device)
+        key = _cache_pairs(call_causal_lm(model, input_ids=ids, use_cache=True)[1])[0][0]
+        return int(key.shape[1]), int(key.shape[-1])
+    except Exception:
+        return None
+    finally:
+        model.train(was)
 
 
 def _is_hf(model: nn.Module) -> bool:
