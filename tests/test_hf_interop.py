@@ -964,3 +964,25 @@ def test_falcon_prefix_round_trips_through_peft(tmp_path, seed, falcon, method):
     assert_close(theirs(input_ids=ids).logits, ours(input_ids=ids).logits)
     again = load_adapter(fresh_ours, path).eval()
     assert torch.equal(again(input_ids=ids).logits, ours(input_ids=ids).logits)
+
+
+@pytest.mark.parametrize("kind", ["gemma2", "mistral"])
+def test_prompt_tuning_generates_past_a_sliding_window_as_peft_decodes_without_cache(tmp_path, seed, kind):
+    """Soft prompt + input longer than the window: the sliding layers' caches keep only the last
+    window of keys. Oracle: PEFT (our adapter loaded), greedy, the whole sequence each step."""
+    llama_like = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=VOCAB, sliding_window=4)
+    cfg = (transformers.Gemma2Config(**llama_like, head_dim=8) if kind == "gemma2"
+           else transformers.MistralConfig(**llama_like))
+    base = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+    fresh = copy.deepcopy(base)
+    ours = get_peft_model(base, PromptTuningConfig(num_virtual_tokens=3)).eval()
+    theirs = hf_peft.PeftModel.from_pretrained(fresh, ours.save_adapter(str(tmp_path / "adapter"))).eval()
+    ids = torch.randint(0, VOCAB, (2, 5))
+    out = ours.generate(ids, max_new_tokens=4)
+    expected = ids
+    with torch.no_grad():
+        for _ in range(4):
+            logits = real_logits(theirs(input_ids=expected).logits, expected.shape[1])
+            expected = torch.cat([expected, logits[:, -1].argmax(-1, keepdim=True)], 1)
+    assert torch.equal(out, expected)

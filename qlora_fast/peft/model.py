@@ -93,6 +93,14 @@ def _cache_pairs(cache):
     return [(layer.keys, layer.values) for layer in cache.layers]
 
 
+def _cache_length(cache) -> int:
+    """Tokens seen by a cache: a transformers Cache counts them (a sliding-window layer keeps only
+    the last window of keys), a built-in tuple cache holds them all."""
+    if isinstance(cache, (tuple, list)):
+        return cache[0][0].shape[2]
+    return cache.get_seq_length()
+
+
 @dataclasses.dataclass
 class PeftOutput(CausalLMOutput):
     """`CausalLMOutput` that also reads like transformers' ModelOutput: `out[0]` is the loss when
@@ -347,7 +355,7 @@ class PeftModel(nn.Module):
             return PeftOutput(logits=logits, loss=None if labels is None else causal_lm_loss(logits, labels),
                                   past_key_values=cache if use_cache else None)
         device = ref.device
-        past_len = 0 if past_key_values is None else _cache_pairs(past_key_values)[0][0].shape[2]
+        past_len = 0 if past_key_values is None else _cache_length(past_key_values)
         real_past = past_len - n if past_key_values is not None else 0
         if attention_mask is None:
             attention_mask = torch.ones(B, real_past + T, dtype=torch.long, device=device)
