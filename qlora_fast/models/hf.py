@@ -249,7 +249,7 @@ def _load_quantized(directory, dtype, quant_type, blocksize, compress_statistics
 
     from qlora_fast.functional.quant import quantize_4bit
     from qlora_fast.nn.linear4bit import Linear4bit
-    from qlora_fast.nn.replace import is_conv1d, linear_layer_names
+    from qlora_fast.nn.replace import _matches, is_conv1d, keep_in_fp32_modules, linear_layer_names
 
     try:
         files = _safetensors_files(directory)
@@ -262,7 +262,8 @@ def _load_quantized(directory, dtype, quant_type, blocksize, compress_statistics
     if any(rename(key)[1] for file in files for key in _safetensors_keys(file)):
         # tensors transformers builds from several (Mixtral's experts fused into one): not read one by one
         return _load_then_quantize(directory, dtype, quant_type, blocksize, compress_statistics)
-    targets = set(linear_layer_names(model))  # without the output layer
+    keep_fp32 = keep_in_fp32_modules(model)  # left in full precision, as replace_linear leaves them
+    targets = {n for n in linear_layer_names(model) if not _matches(n, keep_fp32)}  # without the output layer
     expected = set(model.state_dict())
     ignored = _ignored_on_load(model)
     for file in files:

@@ -28,7 +28,7 @@ from qlora_fast.utils import renamed_kwargs
 
 __all__ = [
     "replace_linear", "match_target_modules", "wrap_linear", "default_lora_targets", "linear_layer_names",
-    "linear_features", "is_conv1d", "conv1d_to_linear", "adopt_bnb_4bit", "merge_linear_layers",
+    "keep_in_fp32_modules", "linear_features", "is_conv1d", "conv1d_to_linear", "adopt_bnb_4bit", "merge_linear_layers",
     "present_target_names",
 ]
 
@@ -200,6 +200,16 @@ def default_lora_targets(model: nn.Module):
     return ALL_LINEAR
 
 
+def keep_in_fp32_modules(model: nn.Module) -> tuple:
+    """Names of the layers a transformers model keeps in float32 (T5's wo: its activations outgrow
+    float16), which no quantization touches."""
+    names = []
+    for module in model.modules():
+        for attr in ("_keep_in_fp32_modules", "_keep_in_fp32_modules_strict"):
+            names += list(getattr(module, attr, None) or ())
+    return tuple(dict.fromkeys(names))
+
+
 def _as_names(value, what: str) -> tuple:
     if value is None:
         return ()
@@ -308,7 +318,8 @@ def replace_linear(
     """Convert linear layers of `model` in place and return `model`.
 
     quant_type: "nf4" or "fp4" to store the base weight in 4 bits (`Linear4bit`), or None to keep it
-    in full precision (only meaningful with `r`).
+    in full precision (only meaningful with `r`). The layers a transformers model keeps in float32
+    (`keep_in_fp32_modules`, T5's wo) stay in full precision, as bitsandbytes' quantizer leaves them.
     skip: module names (full dotted names or their trailing part, e.g. "lm_head") left untouched.
     target_modules: which layers to convert, read as PEFT's (`match_target_modules`): e.g.
     ["q_proj", "v_proj"], a regular expression on the full name, or "all-linear"; None (default)
@@ -337,9 +348,13 @@ def replace_linear(
     plan = []  # all built before any swap
     # building a LoRA module freezes its base in place: an error below must thaw what it froze
     flags = [(p, p.requires_grad) for p in model.parameters()]
+    keep_fp32 = keep_in_fp32_modules(model)
     try:
         for name in names:
-            new = wrap_linear(model.get_submodule(name), name, quant_type=quant_type, r=r, lora_alpha=lora_alpha,
+            quant = None if _matches(name, keep_fp32) else quant_type  # as bitsandbytes' quantizer skips them
+            if quant is None and r is None:
+                continue
+            new = wrap_linear(model.get_submodule(name), name, quant_type=quant, r=r, lora_alpha=lora_alpha,
                               lora_dropout=lora_dropout, use_rslora=use_rslora, blocksize=blocksize,
                               compress_statistics=compress_statistics, compute_dtype=compute_dtype)
             if new is not None:
