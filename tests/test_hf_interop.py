@@ -986,3 +986,32 @@ def test_prompt_tuning_generates_past_a_sliding_window_as_peft_decodes_without_c
             logits = real_logits(theirs(input_ids=expected).logits, expected.shape[1])
             expected = torch.cat([expected, logits[:, -1].argmax(-1, keepdim=True)], 1)
     assert torch.equal(out, expected)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_qlora_keeps_an_adapted_output_layer_in_full_precision(tmp_path, seed, tied):
+    """quantize_base stores every linear layer but the output layer in 4 bits, as bitsandbytes'
+    quantizer does, also when a target list names the output layer (a tied one stays tied).
+    Oracle: PEFT loading the adapter onto the model with our 4-bit layers dequantized."""
+    from qlora_fast.nn import Linear4bit, LoRALinear
+
+    base = hf_llama(hidden=64)
+    if tied:
+        base.config.tie_word_embeddings = True
+        base.lm_head.weight = base.model.embed_tokens.weight
+    head = base.lm_head
+    oracle_base = copy.deepcopy(base)
+    ours = get_peft_model(base, LoraConfig(target_modules=["q_proj", "lm_head"], r=2, quantize_base="nf4"))
+    model = ours.base_model
+    assert type(model.lm_head) is LoRALinear and model.lm_head.base is head
+    assert (head.weight is model.model.embed_tokens.weight) == tied
+    fours = [n for n, m in model.named_modules() if isinstance(m, Linear4bit)]
+    assert len(fours) == 14 and not any("lm_head" in n for n in fours)  # 7 projections x 2 layers
+    perturb(p for _, p in ours.adapter_parameters())
+    with torch.no_grad():
+        for name, m in model.named_modules():
+            if isinstance(m, Linear4bit):
+                oracle_base.get_submodule(name.removesuffix(".base")).weight.copy_(m.dequantize_weight())
+    theirs = hf_peft.PeftModel.from_pretrained(oracle_base, ours.save_adapter(str(tmp_path / "adapter"))).eval()
+    ids = torch.randint(0, VOCAB, (2, 7))
+    assert_close(ours.eval()(input_ids=ids).logits, theirs(input_ids=ids).logits)

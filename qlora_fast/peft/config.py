@@ -33,7 +33,8 @@ class LoraConfig:
     the list of the full names it matched, which PEFT reads as we do. r > 0; lora_alpha > 0;
     lora_dropout in [0, 1); use_rslora scales by lora_alpha / sqrt(r) instead of lora_alpha / r.
     quantize_base: None (full-precision base, LoRA) or "nf4"/"fp4": every linear layer except the
-    lm_head is stored in 4 bits, with double quantization unless double_quant=False (QLoRA).
+    output layer (lm_head; kept in full precision even when adapted) is stored in 4 bits, with
+    double quantization unless double_quant=False (QLoRA).
     blocksize: 4-bit block size. `alpha` and `dropout`, the names before this release, still work
     (as arguments and attributes) with a DeprecationWarning.
     """

@@ -209,8 +209,9 @@ class PeftModel(nn.Module):
     def _inject_lora(self, config: LoraConfig):
         """Swap the targets (the output layer only when a list names it) for LoRA modules through
         `replace_linear`, all or nothing. A layer already in 4 bits (ours or bitsandbytes') keeps its
-        bytes under the adapter; with quantize_base every other linear layer but the lm_head goes to
-        4 bits too."""
+        bytes under the adapter; with quantize_base every other linear layer but the output layer
+        goes to 4 bits too. The output layer keeps full precision even when adapted (as bitsandbytes'
+        quantizer leaves it; a tied one stays tied to the embeddings)."""
         from qlora_fast.nn.lora import LoRALinear
         from qlora_fast.nn.replace import replace_linear
 
@@ -220,21 +221,26 @@ class PeftModel(nn.Module):
         if adapted:
             raise ValueError(f"layer {adapted[0]!r} already has a LoRA adapter; "
                              "merge or unload it before adding another")
+        output = getattr(model, "get_output_embeddings", lambda: None)()
+        heads = [n for n, m in model.named_modules() if m is output and output is not None] or ["lm_head"]
         originals = [(n, model.get_submodule(n)) for n in targets]
         quant = dict(quant_type=config.quantize_base, blocksize=config.blocksize,
                      compress_statistics=config.double_quant)
-        replace_linear(model, skip=(), target_modules=config.target_modules,
-                       include_output=isinstance(config.target_modules, list), r=config.r,
-                       lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout, use_rslora=config.use_rslora,
-                       **quant)
-        if config.quantize_base:
-            # QLoRA: every other linear (but the lm_head) is stored in 4 bits too.
-            try:
-                replace_linear(model, skip=("lm_head",), **quant)
-            except BaseException:
-                for name, module in originals:
-                    model.set_submodule(name, module)
-                raise
+        lora = dict(r=config.r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                    use_rslora=config.use_rslora)
+        body = [n for n in targets if n not in heads]
+        head = [n for n in targets if n in heads]
+        try:
+            if body:
+                replace_linear(model, skip=(), target_modules=body, **lora, **quant)
+            if head:
+                replace_linear(model, skip=(), target_modules=head, include_output=True, **lora, quant_type=None)
+            if config.quantize_base:  # QLoRA: every other linear layer (but the output layer) in 4 bits too
+                replace_linear(model, skip=heads, **quant)
+        except BaseException:
+            for name, module in originals:
+                model.set_submodule(name, module)
+            raise
 
     @torch.no_grad()
     def _real_token_cache(self, n: int):
