@@ -249,7 +249,10 @@ class PeftModel(nn.Module):
         self.base_model.eval()
         _, cache = call_causal_lm(self.base_model, input_ids=ids, use_cache=True)
         self.base_model.train(was)
-        return [(k.detach().cpu(), v.detach().cpu()) for k, v in _cache_pairs(cache)]
+        pairs = [(k.detach().cpu(), v.detach().cpu()) for k, v in _cache_pairs(cache)]
+        if any(k.shape[2] != n for k, _ in pairs):
+            return None  # sliding-window layers keep fewer than n keys (Gemma2, Mistral): a random start
+        return pairs
 
     def _prompt_init(self, config: PromptTuningConfig, tokenizer):
         table = self.base_model.get_input_embeddings().weight.detach()
