@@ -784,6 +784,38 @@ def test_low_memory_loading_takes_old_checkpoints_and_dtype_names_as_transformer
         load_hf_model(str(tmp_path), quantize="nf4", dtype="int8", tokenizer=False)
 
 
+def _tiny_hf_config(kind):
+    llama_like = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=VOCAB)
+    return {
+        # embed_scale: a buffer not saved, set by Gemma's own _init_weights
+        "gemma2": lambda: transformers.Gemma2Config(**llama_like, head_dim=8),
+        # saved as embed_out, renamed lm_head by transformers at load time
+        "gpt_neox": lambda: transformers.GPTNeoXConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                                       num_attention_heads=4, vocab_size=VOCAB),
+        # per-expert tensors transformers fuses into one: loaded, then quantized
+        "mixtral": lambda: transformers.MixtralConfig(**llama_like, num_local_experts=3, num_experts_per_tok=2),
+    }[kind]()
+
+
+@pytest.mark.parametrize("kind", ["gemma2", "gpt_neox", "mixtral"])
+def test_low_memory_loading_of_other_architectures_equals_load_then_quantize(tmp_path, seed, kind):
+    from qlora_fast.models.hf import load_hf_model
+    from qlora_fast.nn import Linear4bit, replace_linear
+
+    transformers.AutoModelForCausalLM.from_config(_tiny_hf_config(kind)).save_pretrained(str(tmp_path))
+    model, _ = load_hf_model(str(tmp_path), quantize="nf4", tokenizer=False)
+    reference = replace_linear(transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path)).eval())
+    fours = [n for n, m in model.named_modules() if isinstance(m, Linear4bit)]
+    assert fours == [n for n, m in reference.named_modules() if isinstance(m, Linear4bit)] and len(fours) > 0
+    ref_state = reference.state_dict()
+    assert model.state_dict().keys() == ref_state.keys()
+    assert all(torch.equal(v, ref_state[k]) for k, v in model.state_dict().items())
+    assert all(torch.equal(v, dict(reference.named_buffers())[k]) for k, v in model.named_buffers())
+    ids = torch.randint(0, VOCAB, (2, 7))
+    assert torch.equal(model(input_ids=ids).logits, reference(input_ids=ids).logits)
+
+
 # ------------------------------------------------------------------------- inside transformers' Trainer and TRL
 def _train_texts():
     from qlora_fast.data import load_instructions
@@ -851,3 +883,158 @@ def test_trains_inside_hf_trainers_and_saves_a_peft_adapter(tmp_path, seed, trai
     ids = torch.randint(0, VOCAB, (2, 9))
     with torch.no_grad():
         assert torch.equal(again(input_ids=ids).logits, model.eval()(input_ids=ids).logits)
+
+
+# ------------------------------------------------------------------------- other architectures
+def tiny_falcon(**kw):
+    # multi-query attention in parallel with the MLP, whose output Falcon adds into in place
+    cfg = transformers.FalconConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, vocab_size=VOCAB, **kw)
+    return transformers.FalconForCausalLM(cfg).eval()
+
+
+@pytest.mark.parametrize("quant_type", [None, "nf4"])
+def test_falcon_trains_with_the_gradients_of_peft(seed, quant_type):
+    """Oracle: PEFT's LoRA on the same model, the 4-bit bases given as their dequantized weights."""
+    from qlora_fast.nn import LoRALinear, replace_linear
+
+    model = tiny_falcon()
+    ours = replace_linear(copy.deepcopy(model), quant_type=quant_type, target_modules="all-linear", r=4,
+                          lora_alpha=8.0, blocksize=32)
+    layers = {n: m for n, m in ours.named_modules() if isinstance(m, LoRALinear)}
+    base = copy.deepcopy(model)
+    with torch.no_grad():
+        for n, m in layers.items():
+            base.get_submodule(n).weight.copy_(m.base_weight())
+    peft = hf_peft.get_peft_model(base, hf_peft.LoraConfig(target_modules=list(layers), r=4, lora_alpha=8.0))
+    with torch.no_grad():
+        for n, m in layers.items():
+            m.lora_B.normal_()  # a trained-looking adapter: gradients reach A too
+            theirs = peft.base_model.model.get_submodule(n)
+            theirs.lora_A["default"].weight.copy_(m.lora_A)
+            theirs.lora_B["default"].weight.copy_(m.lora_B)
+    ids = torch.randint(0, VOCAB, (2, 7))
+    ours.train(), peft.train()
+    ours(input_ids=ids, labels=ids).loss.backward()
+    peft(input_ids=ids, labels=ids).loss.backward()
+    for n, m in layers.items():
+        theirs = peft.base_model.model.get_submodule(n)
+        for mine, other in ((m.lora_A, theirs.lora_A["default"].weight), (m.lora_B, theirs.lora_B["default"].weight)):
+            # the same float32 math summed in another order
+            assert_close(mine.grad, other.grad, atol=1e-6 * other.grad.abs().max().item(), rtol=1e-5, msg=n)
+
+
+ARCH_CONFIGS = {
+    "phi3": lambda: transformers.Phi3Config(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                            num_attention_heads=4, num_key_value_heads=2, vocab_size=VOCAB,
+                                            pad_token_id=0),  # fused qkv_proj and gate_up_proj
+    "opt": lambda: transformers.OPTConfig(hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4,
+                                          vocab_size=VOCAB, word_embed_proj_dim=32),  # out_proj, fc1, fc2
+    "llama": lambda: hf_llama().config,
+    "gpt2": lambda: hf_gpt2().config,
+    "gpt_neox": lambda: _tiny_hf_config("gpt_neox"),
+    "falcon": lambda: tiny_falcon().config,
+}
+
+
+@pytest.mark.parametrize("kind", list(ARCH_CONFIGS))
+def test_default_lora_targets_are_the_layers_peft_all_linear_picks(seed, kind):
+    """Oracle: PEFT's "all-linear" (every linear layer but the output layer, the QLoRA choice)."""
+    model = transformers.AutoModelForCausalLM.from_config(ARCH_CONFIGS[kind]())
+    ours = get_peft_model(copy.deepcopy(model), LoraConfig(r=2))
+    theirs = hf_peft.get_peft_model(copy.deepcopy(model), hf_peft.LoraConfig(r=2, target_modules="all-linear"))
+    adapted = sorted(n for n, m in ours.base_model.named_modules() if hasattr(m, "lora_A"))
+    assert adapted == sorted(n.removeprefix("base_model.model.") for n, m in theirs.named_modules()
+                             if isinstance(m, hf_peft.tuners.lora.LoraLayer))
+    assert isinstance(ours.peft_config.target_modules, list)  # familiar names: saved as names
+
+
+@pytest.mark.parametrize("falcon", [{}, {"new_decoder_architecture": True, "num_kv_heads": 2}])
+@pytest.mark.parametrize("method", ["prefix", "prefix_mlp"])
+def test_falcon_prefix_round_trips_through_peft(tmp_path, seed, falcon, method):
+    """Falcon caches 1 key head with multi_query, all 4 with its new decoder (num_kv_heads=2 broadcast),
+    neither written as num_key_value_heads. Oracle: PEFT loading the adapter, and our own reload."""
+    base = tiny_falcon(**falcon)
+    fresh, fresh_ours = copy.deepcopy(base), copy.deepcopy(base)
+    ours = get_peft_model(base, ours_config(method, "llama"))
+    perturb(p for _, p in ours.adapter_parameters())
+    path = ours.save_adapter(str(tmp_path / "adapter"))
+    ids = torch.randint(0, VOCAB, (2, 7))
+    ours.eval()
+    theirs = hf_peft.PeftModel.from_pretrained(fresh, path).eval()
+    assert_close(theirs(input_ids=ids).logits, ours(input_ids=ids).logits)
+    again = load_adapter(fresh_ours, path).eval()
+    assert torch.equal(again(input_ids=ids).logits, ours(input_ids=ids).logits)
+
+
+@pytest.mark.parametrize("kind", ["gemma2", "mistral"])
+def test_prompt_tuning_generates_past_a_sliding_window_as_peft_decodes_without_cache(tmp_path, seed, kind):
+    """Soft prompt + input longer than the window: the sliding layers' caches keep only the last
+    window of keys. Oracle: PEFT (our adapter loaded), greedy, the whole sequence each step."""
+    llama_like = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=VOCAB, sliding_window=4)
+    cfg = (transformers.Gemma2Config(**llama_like, head_dim=8) if kind == "gemma2"
+           else transformers.MistralConfig(**llama_like))
+    base = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+    fresh = copy.deepcopy(base)
+    ours = get_peft_model(base, PromptTuningConfig(num_virtual_tokens=3)).eval()
+    theirs = hf_peft.PeftModel.from_pretrained(fresh, ours.save_adapter(str(tmp_path / "adapter"))).eval()
+    ids = torch.randint(0, VOCAB, (2, 5))
+    out = ours.generate(ids, max_new_tokens=4)
+    expected = ids
+    with torch.no_grad():
+        for _ in range(4):
+            logits = real_logits(theirs(input_ids=expected).logits, expected.shape[1])
+            expected = torch.cat([expected, logits[:, -1].argmax(-1, keepdim=True)], 1)
+    assert torch.equal(out, expected)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_qlora_keeps_an_adapted_output_layer_in_full_precision(tmp_path, seed, tied):
+    """quantize_base stores every linear layer but the output layer in 4 bits, as bitsandbytes'
+    quantizer does, also when a target list names the output layer (a tied one stays tied).
+    Oracle: PEFT loading the adapter onto the model with our 4-bit layers dequantized."""
+    from qlora_fast.nn import Linear4bit, LoRALinear
+
+    base = hf_llama(hidden=64)
+    if tied:
+        base.config.tie_word_embeddings = True
+        base.lm_head.weight = base.model.embed_tokens.weight
+    head = base.lm_head
+    oracle_base = copy.deepcopy(base)
+    ours = get_peft_model(base, LoraConfig(target_modules=["q_proj", "lm_head"], r=2, quantize_base="nf4"))
+    model = ours.base_model
+    assert type(model.lm_head) is LoRALinear and model.lm_head.base is head
+    assert (head.weight is model.model.embed_tokens.weight) == tied
+    fours = [n for n, m in model.named_modules() if isinstance(m, Linear4bit)]
+    assert len(fours) == 14 and not any("lm_head" in n for n in fours)  # 7 projections x 2 layers
+    perturb(p for _, p in ours.adapter_parameters())
+    with torch.no_grad():
+        for name, m in model.named_modules():
+            if isinstance(m, Linear4bit):
+                oracle_base.get_submodule(name.removesuffix(".base")).weight.copy_(m.dequantize_weight())
+    theirs = hf_peft.PeftModel.from_pretrained(oracle_base, ours.save_adapter(str(tmp_path / "adapter"))).eval()
+    ids = torch.randint(0, VOCAB, (2, 7))
+    assert_close(ours.eval()(input_ids=ids).logits, theirs(input_ids=ids).logits)
+
+
+@pytest.mark.parametrize("method", ["prefix", "prefix_mlp"])
+def test_prefix_longer_than_a_sliding_window(tmp_path, seed, method):
+    """6 virtual tokens, window 4: the sliding layers' cache of real tokens (our prefix's starting
+    point) holds fewer than 6 keys, so the prefix starts random there. Oracle: PEFT loading the
+    adapter, and our greedy decoding of the whole sequence each step."""
+    cfg = transformers.Gemma2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                    num_key_value_heads=2, vocab_size=VOCAB, head_dim=8, sliding_window=4)
+    base = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+    fresh = copy.deepcopy(base)
+    config = dataclasses.replace(ours_config(method, "llama"), num_virtual_tokens=6)
+    ours = get_peft_model(base, config).eval()
+    perturb(p for _, p in ours.adapter_parameters())
+    theirs = hf_peft.PeftModel.from_pretrained(fresh, ours.save_adapter(str(tmp_path / "adapter"))).eval()
+    ids = torch.randint(0, VOCAB, (2, 5))
+    with torch.no_grad():
+        # float32 rounding only: the two runs come out an ulp or so apart here (logits ~0.1-3)
+        assert_close(ours(input_ids=ids).logits, theirs(input_ids=ids).logits, atol=1e-6)
+        expected = ids
+        for _ in range(4):
+            expected = torch.cat([expected, ours(input_ids=expected).logits[:, -1].argmax(-1, keepdim=True)], 1)
+    assert torch.equal(ours.generate(ids, max_new_tokens=4), expected)

@@ -306,3 +306,45 @@ def test_every_target_name_must_match_and_nothing_changes_when_one_does_not():
     # "all-linear" never picks the output layer, whatever include_output says; None does when asked
     assert "lm_head" not in match_target_modules(model, "all-linear", include_output=True)
     assert match_target_modules(model, None, include_output=True)[-1] == "lm_head"
+
+
+@pytest.mark.parametrize("quant_type, r", [("nf4", None), ("nf4", 4), (None, 4)])
+def test_t5_keeps_wo_in_full_precision_and_trains(seed, quant_type, r):
+    """T5 keeps wo in float32 (_keep_in_fp32_modules) and casts to wo.weight.dtype in forward: wo
+    stays full precision (as bitsandbytes' quantizer leaves it) and a LoRA layer shows its base's
+    weight (as PEFT's). Oracle: bitsandbytes' NF4 round trip of the other layers, adapters merged."""
+    from qlora_fast.nn import LoRALinear
+
+    cfg = transformers.T5Config(d_model=32, d_ff=64, d_kv=8, num_layers=2, num_heads=4, vocab_size=101,
+                                decoder_start_token_id=0)
+    model = transformers.T5ForConditionalGeneration(cfg).eval()
+    names = linear_names(model, nn.Linear)
+    quantized = [n for n in names if quant_type and not n.endswith(".wo")]
+    assert len(quantized) in (0, len(names) - 4)  # wo: 2 encoder + 2 decoder blocks
+    ours = replace_linear(copy.deepcopy(model), quant_type=quant_type, compress_statistics=False, r=r)
+    modules = dict(ours.named_modules())
+    oracle = copy.deepcopy(model)
+    oracle_fake_quant_(oracle, quantized)
+    for n in names:
+        layer = modules[n]
+        assert isinstance(layer.base if r else layer, Linear4bit) == (n in quantized), n
+        if r:
+            assert isinstance(layer, LoRALinear) and layer.weight is layer.base.weight
+            with torch.no_grad():
+                layer.lora_B.normal_()  # a trained-looking adapter, merged into the oracle
+                oracle.get_submodule(n).weight += layer.delta_weight()
+    state = ours.state_dict()
+    if r:  # the property adds no key
+        assert not any(k in state for n in names for k in (n + ".weight", n + ".bias"))
+    ids = torch.randint(0, 101, (2, 9))
+    with torch.no_grad():
+        out = ours(input_ids=ids, decoder_input_ids=ids).logits
+        expected = oracle(input_ids=ids, decoder_input_ids=ids).logits
+        exact = copy.deepcopy(oracle).double()(input_ids=ids, decoder_input_ids=ids).logits
+    # float32 rounding judged as flash-attention does: at most twice the oracle's own float32 error
+    assert (out - exact).abs().max() <= 2 * (expected - exact).abs().max()
+    if r:
+        ours.train()
+        ours(input_ids=ids, labels=ids).loss.backward()
+        grads = [p.grad for p in ours.parameters() if p.requires_grad]
+        assert len(grads) == 2 * len(names) and all(g is not None and g.isfinite().all() and g.any() for g in grads)

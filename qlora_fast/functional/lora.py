@@ -154,6 +154,14 @@ def _matmul_4bit(x, packed, quant_state, bias, transpose: bool, plan) -> Tensor:
     return _matmul_4bit_run(x, plan[0], bias, transpose, plan[1])
 
 
+def _not_a_view(y: Tensor, plan) -> Tensor:
+    """An autograd Function's output `y`, no longer a view. The launchers return their (M, out)
+    result reshaped to x's rows, and autograd refuses in-place ops on a Function's view outputs
+    (Falcon adds into one); that (M, out) tensor is ours alone, so it is viewed untracked, no copy.
+    Traced calls (`plan` None) go through the custom ops, which return no views."""
+    return torch.ops.aten._unsafe_view(y, y.shape) if plan is not None and y._is_view() else y
+
+
 class MatMul4bitFunction(torch.autograd.Function):
     """Autograd for x W^T + bias with a frozen 4-bit W; backward is the same op on W (transposed)."""
 
@@ -163,7 +171,7 @@ class MatMul4bitFunction(torch.autograd.Function):
         plan = _dispatch(x, packed, quant_state) if plan is None else plan
         # the frozen weight is referenced, not saved: it never changes and needs no version check
         ctx.weight, ctx.plan = (packed, quant_state), plan
-        return _matmul_4bit(x, packed, quant_state, bias, False, plan)
+        return _not_a_view(_matmul_4bit(x, packed, quant_state, bias, False, plan), plan)
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -304,6 +312,7 @@ class LoRALinearFunction(torch.autograd.Function):
         plan = _dispatch(x, weight, quant_state) if plan is None else plan
         x_adapter = None if dropout_mask is None else x * dropout_mask
         y, xa = _lora_forward(x, weight, quant_state, lora_A, lora_B, scale, bias, x_adapter, plan)
+        y = _not_a_view(y, plan)
         ctx.save_for_backward(x if x_adapter is None else x_adapter, xa, lora_A, lora_B, dropout_mask)
         ctx.weight, ctx.plan = (weight, quant_state), plan
         ctx.scale = scale

@@ -19,7 +19,9 @@ def load_hf_model(directory: str, device=None, dtype=None, quantize=None, blocks
     quantize: None, or "nf4"/"fp4" to store every linear layer but the output layer in 4 bits as
     our `Linear4bit` (blocksize, compress_statistics as `quantize_4bit`), quantized one tensor at a
     time as the safetensors shards are read: the peak memory is about the 4-bit model plus one
-    layer, never the full-precision model. `dtype` (default: the checkpoint's) is that of the
+    layer, never the full-precision model (checkpoints whose tensors transformers must build from
+    several, such as Mixtral's per-expert weights, and .bin checkpoints are loaded whole, then
+    quantized). `dtype` (default: the checkpoint's) is that of the
     layers kept in full precision and the 4-bit layers' compute dtype.
     A bitsandbytes 4-bit checkpoint (`quantization_config` with `load_in_4bit`
     in config.json, as saved by transformers) loads with its layers as our `Linear4bit`, the same
@@ -93,18 +95,28 @@ _SAFETENSORS_DTYPES = {
 }
 
 
+def _safetensors_header(f, file: str):
+    """(entries sorted by offset, data start) of an open safetensors file."""
+    try:
+        header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+        entries = sorted(
+            ((k, v) for k, v in header.items() if k != "__metadata__"), key=lambda kv: kv[1]["data_offsets"][0]
+        )
+    except (ValueError, KeyError, TypeError, OverflowError, MemoryError, AttributeError) as e:
+        raise ValueError(f"{file} is not a readable safetensors file ({e})") from None
+    return entries, f.tell()
+
+
+def _safetensors_keys(file: str):
+    with open(file, "rb") as f:
+        return [name for name, _ in _safetensors_header(f, file)[0]]
+
+
 def _read_safetensors(file: str):
     """(name, tensor) of a safetensors file one at a time, each read into its own memory (no
     memory map: its pages would stay resident until the whole file is closed)."""
     with open(file, "rb") as f:
-        try:
-            header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
-            start = f.tell()
-            entries = sorted(
-                ((k, v) for k, v in header.items() if k != "__metadata__"), key=lambda kv: kv[1]["data_offsets"][0]
-            )
-        except (ValueError, KeyError, TypeError, OverflowError, MemoryError) as e:
-            raise ValueError(f"{file} is not a readable safetensors file ({e})") from None
+        entries, start = _safetensors_header(f, file)
         for name, info in entries:
             dtype = _SAFETENSORS_DTYPES.get(info.get("dtype"))
             if dtype is None:
@@ -127,26 +139,47 @@ def _release_freed_memory() -> None:
         pass
 
 
-def _rebuild_buffers(model: nn.Module) -> None:
-    """Modules built on the meta device whose buffers the checkpoint does not hold (rotary
-    frequencies: computed, not saved) are built again for real from the model's config."""
+def _rebuild_buffers(model: nn.Module) -> bool:
+    """Buffers the checkpoint does not hold (rotary frequencies, Gemma's embed_scale: computed, not
+    saved) made again for real after a load on the meta device; False where one cannot be."""
+    from transformers import PreTrainedModel
+
     for name, module in list(model.named_modules()):
-        if not any(b is not None and b.is_meta for b in module._buffers.values()):
+        unsaved = [k for k, b in module._buffers.items() if b is not None and b.is_meta]
+        if not unsaved:
             continue
-        if any(p is not None for p in module._parameters.values()):
-            raise ValueError(
-                f"module {name} ({type(module).__name__}) has buffers the checkpoint does not hold; load with "
-                "quantize=None"
-            )
+        if not any(p is not None for p in module._parameters.values()):
+            try:  # a rotary embedding: built again from the config, as before transformers 5
+                fresh = type(module)(config=getattr(module, "config", model.config))
+            except Exception:
+                return False
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name) if parent_name else model, child, fresh)
+            continue
+        # As from_pretrained does: the model's own _init_weights sets the buffers, and leaves the
+        # tensors marked as loaded alone. NaN placeholders show a buffer it did not set.
+        owner, parts = model, name.split(".")
+        for i in range(1, len(parts)):  # the innermost model holding the module: composite models init by part
+            if isinstance(m := model.get_submodule(".".join(parts[:i])), PreTrainedModel):
+                owner = m
+        if not all(module._buffers[k].is_floating_point() for k in unsaved):
+            return False
+        for k in unsaved:
+            module._buffers[k] = torch.full_like(module._buffers[k], float("nan"), device="cpu")
+        tensors = {**module._parameters, **module._buffers}
+        loaded = [t for k, t in tensors.items() if t is not None and k not in unsaved]
+        for t in loaded:
+            t._is_hf_initialized = True
         try:
-            fresh = type(module)(config=getattr(module, "config", model.config))
-        except Exception as e:
-            raise ValueError(
-                f"cannot rebuild {name} ({type(module).__name__}) after a low-memory load ({e}); load with "
-                "quantize=None"
-            ) from None
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, fresh)
+            owner._init_weights(module)
+        except Exception:
+            return False
+        finally:
+            for t in loaded:
+                del t._is_hf_initialized
+        if any(module._buffers[k].isnan().any() for k in unsaved):
+            return False
+    return True
 
 
 def _torch_dtype(dtype):
@@ -173,6 +206,41 @@ def _ignored_on_load(model):
     return [re.compile(p) for p in patterns]
 
 
+def _checkpoint_renamer(model):
+    """key -> (the name transformers gives a checkpoint key for `model`, whether the tensor needs
+    more than a rename): transformers >= 5 renames old names at load time (GPT-NeoX's embed_out is
+    lm_head, Mixtral's block_sparse_moe is mlp); its own mapping, applied as from_pretrained does."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+    except ImportError:  # transformers < 5 takes the keys as they are
+        return lambda key: (key, False)
+    transforms = get_model_conversion_mapping(model)
+    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+    converters = [t for t in transforms if isinstance(t, WeightConverter)]
+    state = model.state_dict()
+
+    def rename(key):
+        new, converter = rename_source_key(key, renamings, converters, model.base_model_prefix, state)
+        return new, converter is not None
+
+    return rename
+
+
+def _load_then_quantize(directory, dtype, quant_type, blocksize, compress_statistics):
+    """from_pretrained, then every linear layer but the output layer to 4 bits: the full-precision
+    model is in memory once, for checkpoints the low-memory path cannot read as transformers does."""
+    from transformers import AutoModelForCausalLM
+
+    from qlora_fast.nn.replace import replace_linear
+
+    model = AutoModelForCausalLM.from_pretrained(directory, local_files_only=True, dtype=dtype or "auto")
+    output = model.get_output_embeddings()
+    skip = [n for n, m in model.named_modules() if m is output] or ["lm_head"]
+    return replace_linear(model, quant_type=quant_type, skip=skip, blocksize=blocksize,
+                          compress_statistics=compress_statistics, compute_dtype=dtype)
+
+
 @torch.no_grad()
 def _load_quantized(directory, dtype, quant_type, blocksize, compress_statistics):
     """A transformers causal LM whose linear layers (but the output layer) are quantized to 4 bits
@@ -181,26 +249,26 @@ def _load_quantized(directory, dtype, quant_type, blocksize, compress_statistics
 
     from qlora_fast.functional.quant import quantize_4bit
     from qlora_fast.nn.linear4bit import Linear4bit
-    from qlora_fast.nn.replace import is_conv1d, linear_layer_names
+    from qlora_fast.nn.replace import _matches, is_conv1d, keep_in_fp32_modules, linear_layer_names
 
     try:
         files = _safetensors_files(directory)
-    except FileNotFoundError:  # a .bin checkpoint cannot be read tensor by tensor: load, then quantize
-        from qlora_fast.nn.replace import replace_linear
-
-        model = AutoModelForCausalLM.from_pretrained(directory, local_files_only=True, dtype=dtype or "auto")
-        output = model.get_output_embeddings()
-        skip = [n for n, m in model.named_modules() if m is output] or ["lm_head"]
-        return replace_linear(model, quant_type=quant_type, skip=skip, blocksize=blocksize,
-                              compress_statistics=compress_statistics, compute_dtype=dtype)
+    except FileNotFoundError:  # a .bin checkpoint cannot be read tensor by tensor
+        return _load_then_quantize(directory, dtype, quant_type, blocksize, compress_statistics)
     config = AutoConfig.from_pretrained(directory, local_files_only=True)
     with torch.device("meta"):  # no memory and no init for the full-precision model
         model = AutoModelForCausalLM.from_config(config)
-    targets = set(linear_layer_names(model))  # without the output layer
+    rename = _checkpoint_renamer(model)
+    if any(rename(key)[1] for file in files for key in _safetensors_keys(file)):
+        # tensors transformers builds from several (Mixtral's experts fused into one): not read one by one
+        return _load_then_quantize(directory, dtype, quant_type, blocksize, compress_statistics)
+    keep_fp32 = keep_in_fp32_modules(model)  # left in full precision, as replace_linear leaves them
+    targets = {n for n in linear_layer_names(model) if not _matches(n, keep_fp32)}  # without the output layer
     expected = set(model.state_dict())
     ignored = _ignored_on_load(model)
     for file in files:
         for key, tensor in _read_safetensors(file):
+            key = rename(key)[0]
             module_name, _, attr = key.rpartition(".")
             if key not in expected and any(p.search(key) for p in ignored):
                 continue  # as transformers' from_pretrained does
@@ -223,7 +291,9 @@ def _load_quantized(directory, dtype, quant_type, blocksize, compress_statistics
                 module._buffers[attr] = tensor.to(dtype or tensor.dtype) if tensor.is_floating_point() else tensor
         _release_freed_memory()
     model.tie_weights()
-    _rebuild_buffers(model)
+    if not _rebuild_buffers(model):
+        del model
+        return _load_then_quantize(directory, dtype, quant_type, blocksize, compress_statistics)
     missing = [n for n, p in model.named_parameters() if p.device.type == "meta"]
     if missing:
         raise ValueError(f"{directory}: the checkpoint lacks {missing[:5]}{' ...' if len(missing) > 5 else ''}")

@@ -71,6 +71,16 @@ class LoRALinear(nn.Module):
         self.merged = False
         self.adapter_enabled = True
 
+    # As PEFT's LoRA layers: model code reads its layers' weight (T5 casts to wo.weight.dtype).
+    # Properties, not attributes: the state_dict keys stay the base's.
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base.weight
+
+    @property
+    def bias(self):
+        return self.base.bias
+
     @staticmethod
     def _check_base(base):
         if not isinstance(base, nn.Linear):

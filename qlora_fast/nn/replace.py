@@ -28,16 +28,17 @@ from qlora_fast.utils import renamed_kwargs
 
 __all__ = [
     "replace_linear", "match_target_modules", "wrap_linear", "default_lora_targets", "linear_layer_names",
-    "linear_features", "is_conv1d", "conv1d_to_linear", "adopt_bnb_4bit", "merge_linear_layers",
+    "keep_in_fp32_modules", "linear_features", "is_conv1d", "conv1d_to_linear", "adopt_bnb_4bit", "merge_linear_layers",
     "present_target_names",
 ]
 
 ALL_LINEAR = "all-linear"
-# Per architecture, the projections LoRA usually targets (the PEFT/QLoRA choice).
-_ARCH_TARGETS = (
-    ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),  # Llama, Mistral, Qwen, ...
-    ("c_attn", "c_proj", "c_fc"),  # GPT-2
-    ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"),  # GPT-NeoX, Falcon
+# The attention and MLP projections by their usual names (Llama/Mistral/Qwen, Phi-3's fused ones,
+# OPT/BART, GPT-2, GPT-NeoX/Falcon), in the order default targets are listed.
+_PROJECTIONS = (
+    "q_proj", "k_proj", "v_proj", "qkv_proj", "o_proj", "out_proj", "gate_proj", "up_proj", "gate_up_proj",
+    "down_proj", "fc1", "fc2", "c_attn", "c_proj", "c_fc", "query_key_value", "dense", "dense_h_to_4h",
+    "dense_4h_to_h",
 )
 
 
@@ -187,14 +188,26 @@ def linear_layer_names(model: nn.Module, include_output: bool = False):
 
 
 def default_lora_targets(model: nn.Module):
-    """The usual LoRA targets of `model`'s architecture: the attention and MLP projections present
-    among the known names (Llama-style, GPT-2, GPT-NeoX), else "all-linear"."""
+    """The LoRA targets of `model` when none are given: every linear layer but the output layer (as
+    QLoRA, and PEFT's "all-linear"), as the list of their names when all are familiar projection
+    names (q_proj, qkv_proj, out_proj, fc1, c_attn, query_key_value, ...; the list PEFT reads back),
+    else "all-linear". A known group only partly present (Phi-3's o_proj beside its fused qkv_proj)
+    never narrows the choice."""
     short = {n.split(".")[-1] for n in linear_layer_names(model)}
-    for names in _ARCH_TARGETS:
-        present = [n for n in names if n in short]
-        if present:
-            return present
+    output = set(linear_layer_names(model, include_output=True)) - set(linear_layer_names(model))
+    if short and short <= set(_PROJECTIONS) and not short & {n.split(".")[-1] for n in output}:
+        return [n for n in _PROJECTIONS if n in short]
     return ALL_LINEAR
+
+
+def keep_in_fp32_modules(model: nn.Module) -> tuple:
+    """Names of the layers a transformers model keeps in float32 (T5's wo: its activations outgrow
+    float16), which no quantization touches."""
+    names = []
+    for module in model.modules():
+        for attr in ("_keep_in_fp32_modules", "_keep_in_fp32_modules_strict"):
+            names += list(getattr(module, attr, None) or ())
+    return tuple(dict.fromkeys(names))
 
 
 def _as_names(value, what: str) -> tuple:
@@ -305,7 +318,8 @@ def replace_linear(
     """Convert linear layers of `model` in place and return `model`.
 
     quant_type: "nf4" or "fp4" to store the base weight in 4 bits (`Linear4bit`), or None to keep it
-    in full precision (only meaningful with `r`).
+    in full precision (only meaningful with `r`). The layers a transformers model keeps in float32
+    (`keep_in_fp32_modules`, T5's wo) stay in full precision, as bitsandbytes' quantizer leaves them.
     skip: module names (full dotted names or their trailing part, e.g. "lm_head") left untouched.
     target_modules: which layers to convert, read as PEFT's (`match_target_modules`): e.g.
     ["q_proj", "v_proj"], a regular expression on the full name, or "all-linear"; None (default)
@@ -334,9 +348,13 @@ def replace_linear(
     plan = []  # all built before any swap
     # building a LoRA module freezes its base in place: an error below must thaw what it froze
     flags = [(p, p.requires_grad) for p in model.parameters()]
+    keep_fp32 = keep_in_fp32_modules(model)
     try:
         for name in names:
-            new = wrap_linear(model.get_submodule(name), name, quant_type=quant_type, r=r, lora_alpha=lora_alpha,
+            quant = None if _matches(name, keep_fp32) else quant_type  # as bitsandbytes' quantizer skips them
+            if quant is None and r is None:
+                continue
+            new = wrap_linear(model.get_submodule(name), name, quant_type=quant, r=r, lora_alpha=lora_alpha,
                               lora_dropout=lora_dropout, use_rslora=use_rslora, blocksize=blocksize,
                               compress_statistics=compress_statistics, compute_dtype=compute_dtype)
             if new is not None:

@@ -25,14 +25,16 @@ class LoraConfig:
     or ends with "." + it (e.g. "q_proj"), or one string used as a regular expression that must
     match the full dotted name (re.fullmatch), e.g. r".*\\.(q|v)_proj", or "all-linear" (as PEFT:
     every linear / Conv1D layer but the output layer), as `qlora_fast.nn.match_target_modules`
-    reads it. The default, None, means the model's usual attention and MLP projections
-    (`default_lora_targets`: q/k/v/o/gate/up/down_proj on Llama-style models, c_attn/c_proj/c_fc on
-    GPT-2, "all-linear" on anything else); the output layer is adapted only when a list names it
+    reads it. The default, None, means every linear layer but the output layer (`default_lora_targets`:
+    their names when all are familiar projection names, q/k/v/o/gate/up/down_proj on Llama-style
+    models, c_attn/c_proj/c_fc on GPT-2, qkv_proj/o_proj/gate_up_proj/down_proj on Phi-3, ..., else
+    "all-linear"); the output layer is adapted only when a list names it
     (as PEFT does), never by a regex or "all-linear". A regex is saved to adapter_config.json as
     the list of the full names it matched, which PEFT reads as we do. r > 0; lora_alpha > 0;
     lora_dropout in [0, 1); use_rslora scales by lora_alpha / sqrt(r) instead of lora_alpha / r.
     quantize_base: None (full-precision base, LoRA) or "nf4"/"fp4": every linear layer except the
-    lm_head is stored in 4 bits, with double quantization unless double_quant=False (QLoRA).
+    output layer (lm_head; kept in full precision even when adapted) is stored in 4 bits, with
+    double quantization unless double_quant=False (QLoRA).
     blocksize: 4-bit block size. `alpha` and `dropout`, the names before this release, still work
     (as arguments and attributes) with a DeprecationWarning.
     """

@@ -58,9 +58,28 @@ def attention_geometry(model: nn.Module):
             f"{type(model).__name__} has no attention this adapter understands: expected a qlora_fast "
             "LlamaForCausalLM or a transformers causal LM (config.num_hidden_layers, num_attention_heads, hidden_size)"
         )
-    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+    kv_heads = getattr(cfg, "num_key_value_heads", None)
     head_dim = getattr(cfg, "head_dim", None) or hidden // heads
+    if kv_heads is None:  # no standard field: as the model caches them
+        kv_heads, head_dim = _cached_kv_geometry(model) or (heads, head_dim)
     return layers, kv_heads, head_dim, hidden
+
+
+@torch.no_grad()
+def _cached_kv_geometry(model: nn.Module):
+    """(key heads, head_dim) of the cache a one-token forward builds, or None when it fails.
+    Configs without num_key_value_heads say it each their own way (Falcon caches 1 key head with
+    multi_query, all heads with its new decoder whatever num_kv_heads says; GPT-BigCode 1)."""
+    was = model.training
+    try:
+        model.eval()
+        ids = torch.zeros(1, 1, dtype=torch.long, device=next(iter(model.parameters())).device)
+        key = _cache_pairs(call_causal_lm(model, input_ids=ids, use_cache=True)[1])[0][0]
+        return int(key.shape[1]), int(key.shape[-1])
+    except Exception:
+        return None
+    finally:
+        model.train(was)
 
 
 def _is_hf(model: nn.Module) -> bool:
@@ -72,6 +91,14 @@ def _cache_pairs(cache):
     if isinstance(cache, (tuple, list)):
         return [(k, v) for k, v in cache]
     return [(layer.keys, layer.values) for layer in cache.layers]
+
+
+def _cache_length(cache) -> int:
+    """Tokens seen by a cache: a transformers Cache counts them (a sliding-window layer keeps only
+    the last window of keys), a built-in tuple cache holds them all."""
+    if isinstance(cache, (tuple, list)):
+        return cache[0][0].shape[2]
+    return cache.get_seq_length()
 
 
 @dataclasses.dataclass
@@ -182,8 +209,9 @@ class PeftModel(nn.Module):
     def _inject_lora(self, config: LoraConfig):
         """Swap the targets (the output layer only when a list names it) for LoRA modules through
         `replace_linear`, all or nothing. A layer already in 4 bits (ours or bitsandbytes') keeps its
-        bytes under the adapter; with quantize_base every other linear layer but the lm_head goes to
-        4 bits too."""
+        bytes under the adapter; with quantize_base every other linear layer but the output layer
+        goes to 4 bits too. The output layer keeps full precision even when adapted (as bitsandbytes'
+        quantizer leaves it; a tied one stays tied to the embeddings)."""
         from qlora_fast.nn.lora import LoRALinear
         from qlora_fast.nn.replace import replace_linear
 
@@ -193,21 +221,26 @@ class PeftModel(nn.Module):
         if adapted:
             raise ValueError(f"layer {adapted[0]!r} already has a LoRA adapter; "
                              "merge or unload it before adding another")
+        output = getattr(model, "get_output_embeddings", lambda: None)()
+        heads = [n for n, m in model.named_modules() if m is output and output is not None] or ["lm_head"]
         originals = [(n, model.get_submodule(n)) for n in targets]
         quant = dict(quant_type=config.quantize_base, blocksize=config.blocksize,
                      compress_statistics=config.double_quant)
-        replace_linear(model, skip=(), target_modules=config.target_modules,
-                       include_output=isinstance(config.target_modules, list), r=config.r,
-                       lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout, use_rslora=config.use_rslora,
-                       **quant)
-        if config.quantize_base:
-            # QLoRA: every other linear (but the lm_head) is stored in 4 bits too.
-            try:
-                replace_linear(model, skip=("lm_head",), **quant)
-            except BaseException:
-                for name, module in originals:
-                    model.set_submodule(name, module)
-                raise
+        lora = dict(r=config.r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                    use_rslora=config.use_rslora)
+        body = [n for n in targets if n not in heads]
+        head = [n for n in targets if n in heads]
+        try:
+            if body:
+                replace_linear(model, skip=(), target_modules=body, **lora, **quant)
+            if head:
+                replace_linear(model, skip=(), target_modules=head, include_output=True, **lora, quant_type=None)
+            if config.quantize_base:  # QLoRA: every other linear layer (but the output layer) in 4 bits too
+                replace_linear(model, skip=heads, **quant)
+        except BaseException:
+            for name, module in originals:
+                model.set_submodule(name, module)
+            raise
 
     @torch.no_grad()
     def _real_token_cache(self, n: int):
@@ -216,7 +249,10 @@ class PeftModel(nn.Module):
         self.base_model.eval()
         _, cache = call_causal_lm(self.base_model, input_ids=ids, use_cache=True)
         self.base_model.train(was)
-        return [(k.detach().cpu(), v.detach().cpu()) for k, v in _cache_pairs(cache)]
+        pairs = [(k.detach().cpu(), v.detach().cpu()) for k, v in _cache_pairs(cache)]
+        if any(k.shape[2] != n for k, _ in pairs):
+            return None  # sliding-window layers keep fewer than n keys (Gemma2, Mistral): a random start
+        return pairs
 
     def _prompt_init(self, config: PromptTuningConfig, tokenizer):
         table = self.base_model.get_input_embeddings().weight.detach()
@@ -328,7 +364,7 @@ class PeftModel(nn.Module):
             return PeftOutput(logits=logits, loss=None if labels is None else causal_lm_loss(logits, labels),
                                   past_key_values=cache if use_cache else None)
         device = ref.device
-        past_len = 0 if past_key_values is None else _cache_pairs(past_key_values)[0][0].shape[2]
+        past_len = 0 if past_key_values is None else _cache_length(past_key_values)
         real_past = past_len - n if past_key_values is not None else 0
         if attention_mask is None:
             attention_mask = torch.ones(B, real_past + T, dtype=torch.long, device=device)
