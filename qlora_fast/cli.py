@@ -3,7 +3,8 @@ provides `register(subparsers)`, which adds its parser (with help for every opti
 `func` to the function that runs it.
 
 User-facing errors (a bad value, a missing or unwritable path, a run that would diverge) print
-as one line, `qlora-fast <command>: error: ...`, with exit status 2; `--debug` (or
+as one line, `qlora-fast <command>: error: ...`, with exit status 2; Ctrl-C prints one line
+(how to resume, and from which checkpoint) with exit status 130; `--debug` (or
 QLORA_FAST_DEBUG=1) shows the traceback instead."""
 import argparse
 import importlib
@@ -50,6 +51,25 @@ def main(argv=None) -> int:
             raise
         print(f"qlora-fast {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print(f"qlora-fast {args.command}: {_interrupted(args)}", file=sys.stderr)
+        return 130  # 128 + SIGINT, as a shell reports it
+
+
+def _interrupted(args) -> str:
+    """The line for Ctrl-C: how to resume, naming the newest checkpoint when the command writes them."""
+    if getattr(args, "checkpoint_subdir", None) is None:  # a command without checkpoints
+        return "interrupted"
+    from qlora_fast.commands import checkpoint_dir, existing_checkpoints
+
+    directory = checkpoint_dir(args)
+    found = existing_checkpoints(directory)
+    if not found:
+        return (f"interrupted; no checkpoint in {directory} to resume from (--checkpoint-every N writes them; "
+                "a rerun starts from step 0)")
+    return f"interrupted; resume with --resume (newest checkpoint: {found[-1][1]})"
 
 
 if __name__ == "__main__":

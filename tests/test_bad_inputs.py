@@ -412,6 +412,9 @@ def test_cli_errors_are_one_line_before_any_work(tmp_path, capsys):
     cases = [
         (["finetune", "--model", str(tmp_path / "missing")], "qlora-fast finetune: error: --model must be a local"),
         (["finetune", "--device", "gpu0"], "qlora-fast finetune: error: --device must be"),
+        (["finetune", "--device", "meta"], "qlora-fast finetune: error: --device must be"),  # torch knows these,
+        (["finetune", "--device", "mps"], "qlora-fast finetune: error: --device must be"),  # the trainers do not
+        (["grpo", "--device", "xpu:0", "--output", str(tmp_path / "o")], "qlora-fast grpo: error: --device must be"),
         (["finetune", "--output", str(blocker / "out")], "qlora-fast finetune: error: --output"),
         (["finetune", "--output", str(tmp_path / "o"), "--resume"], "there is no checkpoint-*.pt in"),
         (
@@ -448,6 +451,133 @@ def test_cli_errors_are_one_line_before_any_work(tmp_path, capsys):
     assert rc == 2 and "in use by another run" in err
     with pytest.raises(FileNotFoundError):  # --debug keeps the traceback
         main(["--debug", "finetune", "--model", str(tmp_path / "missing")])
+
+
+def tiny_base_model(monkeypatch):
+    """`finetune` on a tiny random built-in model (no pretraining) with the byte tokenizer."""
+    import qlora_fast.models
+
+    def load(cache_dir=None, progress=True, recipe=None, tokenizer="bpe"):
+        torch.manual_seed(0)
+        return LlamaForCausalLM(TINY), ByteTokenizer()
+
+    monkeypatch.setattr(qlora_fast.models, "load_base_model", load)
+
+
+TINY_RUN = ["--method", "lora", "--batch-size", "2", "--eval-pairs", "2", "--max-new-tokens", "2", "--max-seq-len",
+            "48", "--optimizer", "torch_adamw", "--device", "cpu", "--no-progress"]
+
+
+@pytest.mark.parametrize("command,subdir", [("finetune", ""), ("grpo", "grpo-checkpoints")])
+def test_a_fresh_start_into_an_earlier_runs_checkpoints_is_refused(tmp_path, capsys, command, subdir):
+    """A fresh run in an --output holding another run's checkpoints would overwrite only the steps
+    it reaches, and a later --resume would pick the other run's newest: refused before any work,
+    naming the directory and the ways out."""
+    out = tmp_path / "out"
+    (out / subdir).mkdir(parents=True)
+    (out / subdir / "checkpoint-40.pt").write_bytes(b"not ours")
+    rc, err = run_cli([command, "--output", str(out)], capsys)
+    assert rc == 2 and err.count("\n") == 1 and "Traceback" not in err
+    assert f"{out / subdir} already holds 1 checkpoint(s) of an earlier run (newest checkpoint-40.pt)" in err
+    assert "--resume" in err and "--overwrite-output" in err
+    rc, err = run_cli([command, "--output", str(out), "--resume", "--overwrite-output"], capsys)
+    assert rc == 2 and "--overwrite-output starts a fresh run" in err
+    assert (out / subdir / "checkpoint-40.pt").exists()  # refusals delete nothing
+
+
+def test_overwrite_output_removes_the_earlier_checkpoints_then_trains(tmp_path, capsys, monkeypatch):
+    tiny_base_model(monkeypatch)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "checkpoint-40.pt").write_bytes(b"not ours")
+    (out / "checkpoint-7").mkdir()  # a sharded (FSDP2) checkpoint folder
+    (out / "checkpoint-7" / "x.distcp").write_bytes(b"x")
+    rc, err = run_cli(["finetune", "--output", str(out), "--max-steps", "1", "--checkpoint-every", "1",
+                       "--overwrite-output", *TINY_RUN], capsys)
+    assert rc == 0, err
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1.pt"]
+    # and the checkpoint now there resumes (at max-steps: said so, nothing trained)
+    rc, err = run_cli(["finetune", "--output", str(out), "--max-steps", "1", "--resume", *TINY_RUN], capsys)
+    assert rc == 0, err
+
+
+def test_finetune_eval_every_prints_and_writes_the_history(tmp_path, capsys, monkeypatch):
+    """--eval-every evaluations were computed and thrown away: each is printed, and the per-step
+    history (train loss, lr, held-out loss/perplexity) is written to --output/history.json. A
+    --warmup-steps longer than the run is clamped to it, and a resume at --max-steps says so."""
+    tiny_base_model(monkeypatch)
+    out = tmp_path / "out"
+    assert main(["finetune", "--output", str(out), "--max-steps", "2", "--eval-every", "1", "--checkpoint-every", "2",
+                 *TINY_RUN]) == 0
+    text = capsys.readouterr().out
+    assert "--warmup-steps 15 is more than --max-steps 2: warming up over the 2 steps instead" in text
+    history = json.loads((out / "history.json").read_text())["history"]
+    assert [h["step"] for h in history] == [1, 2]
+    assert all({"loss", "lr", "eval_loss", "eval_perplexity"} <= set(h) for h in history)
+    for h in history:
+        assert f"step {h['step']:>5}: train loss {h['loss']:.4f}" in text
+        assert f"perplexity {h['eval_perplexity']:.3f}" in text
+    assert main(["finetune", "--output", str(out), "--max-steps", "2", "--resume", "--eval-every", "1", *TINY_RUN]) == 0
+    text = capsys.readouterr().out
+    assert "at step 2: at or past --max-steps 2, so no training step runs" in text
+    assert json.loads((out / "history.json").read_text())["history"] == history  # the resumed run keeps it
+
+
+@pytest.mark.parametrize("resume", [True, False])
+def test_ctrl_c_is_one_line_and_exit_status_130(tmp_path, capsys, monkeypatch, resume):
+    from qlora_fast.commands import finetune
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(finetune, "run", interrupted)
+    out = tmp_path / "out"
+    out.mkdir()
+    if resume:
+        for step in (5, 10):
+            (out / f"checkpoint-{step}.pt").write_bytes(b"x")
+    try:
+        rc, err = run_cli(["finetune", "--output", str(out)], capsys)
+    except KeyboardInterrupt:
+        pytest.fail("Ctrl-C escaped main() (a traceback and exit status 1 for the user)")
+    assert rc == 130 and err.count("\n") == 1 and "Traceback" not in err
+    if resume:
+        newest = out / "checkpoint-10.pt"
+        assert f"qlora-fast finetune: interrupted; resume with --resume (newest checkpoint: {newest})" in err
+    else:
+        assert f"qlora-fast finetune: interrupted; no checkpoint in {out} to resume from" in err
+    with pytest.raises(KeyboardInterrupt):  # --debug keeps the traceback
+        main(["--debug", "finetune", "--output", str(out)])
+
+
+def test_finetune_refuses_sequences_beyond_a_hf_models_context(tmp_path, capsys, monkeypatch):
+    """A learned position table (GPT-2's n_positions) ends in an IndexError past its length: the
+    flag is named, with the model's limit, right after the model loads (before any evaluation)."""
+    transformers = pytest.importorskip("transformers")
+    import qlora_fast.models.hf
+
+    def load(directory, dtype=None, quantize=None, **kwargs):
+        torch.manual_seed(0)
+        config = transformers.GPT2Config(vocab_size=259, n_embd=16, n_layer=1, n_head=2, n_positions=40,
+                                          bos_token_id=None, eos_token_id=None)
+        return transformers.GPT2LMHeadModel(config), ByteTokenizer()
+
+    monkeypatch.setattr(qlora_fast.models.hf, "load_hf_model", load)
+    model = ["finetune", "--model", str(tmp_path), "--output", str(tmp_path / "out"), "--eval-pairs", "2",
+             "--no-progress", "--device", "cpu"]
+    for argv, expected in [
+        (["--method", "lora", "--packing", "--max-seq-len", "64"],
+         "--max-seq-len 64 exceeds the model's context of 40 positions (config.n_positions)"),
+        (["--method", "prompt", "--num-virtual-tokens", "40"],
+         "--num-virtual-tokens 40 leaves no room for any token in the model's context of 40 positions"),
+        (["--method", "prefix", "--num-virtual-tokens", "30", "--packing", "--max-seq-len", "16"],
+         "--max-seq-len 16 + --num-virtual-tokens 30 exceeds the model's context of 40 positions"),
+        # byte-level tokens: rows longer than 40
+        (["--method", "lora", "--max-seq-len", "96"], "(at --max-seq-len 96) exceed the model's context of 40"),
+    ]:
+        rc, err = run_cli(model + argv, capsys)
+        assert rc == 2 and "qlora-fast finetune: error: " in err and expected in err, (argv, err)
+        assert err.count("\n") == 1
 
 
 def test_train_bpe_says_when_the_vocabulary_falls_short(tmp_path, capsys):

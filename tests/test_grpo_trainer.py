@@ -155,6 +155,21 @@ def test_resume_is_exact(one_thread, tmp_path):
     assert all(torch.equal(s[n], r[n]) for n in s)
 
 
+def test_resumed_eval_history_equals_the_uninterrupted_runs(one_thread, tmp_path):
+    """The held-out evaluations survive a resume: the checkpoint carries eval_history, so the
+    report's "before" is step 0's accuracy, not the checkpoint's (evaluated afresh only at a fresh start)."""
+    heldout = load_arithmetic_task("heldout")[:4]
+    overrides = dict(steps=4, eval_every=1, save_every=2)
+    straight = make_trainer(seed=3, output_dir=str(tmp_path / "straight"), **overrides)
+    straight.train(eval_dataset=heldout)
+    first = make_trainer(seed=3, output_dir=str(tmp_path / "split"), **dict(overrides, steps=2))
+    first.train(eval_dataset=heldout)
+    resumed = make_trainer(seed=3, output_dir=str(tmp_path / "split"), **overrides)
+    resumed.train(resume_from_checkpoint="latest", eval_dataset=heldout)
+    assert [s for s, _ in straight.eval_history] == [0, 1, 2, 3, 4]
+    assert resumed.eval_history == straight.eval_history
+
+
 def test_qlora_with_paged_8bit_optimizer(one_thread, tmp_path):
     trainer = make_trainer(add_adapters(tiny_base(9), quantize=True), optimizer="paged_adamw_8bit", steps=2,
                            grad_accum_steps=2, gradient_checkpointing=True)

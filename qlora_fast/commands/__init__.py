@@ -1,6 +1,9 @@
 """CLI commands, one module each (see qlora_fast/cli.py)."""
 import argparse
 import math
+import os
+import re
+import shutil
 import sys
 import warnings
 
@@ -81,9 +84,11 @@ def add_training_arguments(parser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
-def add_resume_arguments(parser, what: str) -> None:
-    """`--resume` (the newest checkpoint in `what`; an error when there is none) and
-    `--resume-if-exists` (the same, but start fresh when there is none)."""
+def add_resume_arguments(parser, what: str, subdir: str = "") -> None:
+    """`--resume` (the newest checkpoint in `what`; an error when there is none),
+    `--resume-if-exists` (the same, but start fresh when there is none) and `--overwrite-output`
+    (start fresh, deleting the checkpoints `what` holds). `subdir`: where the checkpoints live
+    under --output (`checkpoint_dir`)."""
     parser.add_argument(
         "--resume",
         action="store_true",
@@ -91,6 +96,74 @@ def add_resume_arguments(parser, what: str) -> None:
     )
     parser.add_argument("--resume-if-exists", action="store_true",
                         help=f"like --resume, but start from step 0 when {what} holds no checkpoint")
+    parser.add_argument("--overwrite-output", action="store_true",
+                        help=f"start fresh even though {what} holds checkpoints of an earlier run: they are deleted "
+                             "before training (without it such a start is refused)")
+    parser.set_defaults(checkpoint_subdir=subdir)
+
+
+# checkpoint-<step>.pt files (the trainers) and checkpoint-<step> folders (sharded, FSDP2)
+_CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)(\.pt)?$")
+
+
+def checkpoint_dir(args) -> str:
+    """Where this command's checkpoints live: --output, or the folder under it that the command's
+    `add_resume_arguments(subdir=...)` named."""
+    return os.path.join(args.output, args.checkpoint_subdir) if args.checkpoint_subdir else args.output
+
+
+def existing_checkpoints(directory: str) -> list:
+    """The checkpoints in `directory` (checkpoint-<step>.pt files and checkpoint-<step> folders),
+    as (step, path), oldest first; torch-free."""
+    if not os.path.isdir(directory):
+        return []
+    found = []
+    for name in os.listdir(directory):
+        m = _CHECKPOINT_NAME.match(name)
+        path = os.path.join(directory, name)
+        if m and (os.path.isfile(path) if m.group(2) else os.path.isdir(path)):
+            found.append((int(m.group(1)), path))
+    return sorted(found)
+
+
+def check_fresh_start(args) -> None:
+    """A fresh start (no --resume / --resume-if-exists) into a directory that holds checkpoints
+    is refused (they belong to an earlier run: a fresh run would overwrite only the steps it
+    reaches, and a later --resume would pick the other run's newest) unless --overwrite-output;
+    --overwrite-output with a resume flag is a contradiction. ValueError, before any work."""
+    directory = checkpoint_dir(args)
+    resuming = args.resume or args.resume_if_exists
+    if args.overwrite_output and resuming:
+        raise ValueError("--overwrite-output starts a fresh run and deletes the checkpoints in "
+                         f"{directory}: drop it to resume, or drop --resume/--resume-if-exists")
+    found = existing_checkpoints(directory)
+    if found and not resuming and not args.overwrite_output:
+        raise ValueError(f"{directory} already holds {len(found)} checkpoint(s) of an earlier run (newest "
+                         f"{os.path.basename(found[-1][1])}): continue it with --resume, start fresh with "
+                         "--overwrite-output (deletes them), or use another --output")
+
+
+def note_resume_at_end(args, max_steps: int) -> None:
+    """With --resume / --resume-if-exists: say so when the newest checkpoint is already at or past
+    --max-steps (the trainer then runs no step), rather than finishing silently."""
+    if not (args.resume or args.resume_if_exists):
+        return
+    found = existing_checkpoints(checkpoint_dir(args))
+    if found and found[-1][0] >= max_steps:
+        print(f"note: resuming {found[-1][1]}, at step {found[-1][0]}: at or past --max-steps {max_steps}, so no "
+              "training step runs (raise --max-steps to train further)")
+
+
+def remove_checkpoints(args) -> None:
+    """With --overwrite-output, delete the checkpoints in this command's checkpoint directory
+    (call it holding the output lock, before training)."""
+    if not args.overwrite_output:
+        return
+    for _, path in existing_checkpoints(checkpoint_dir(args)):
+        if os.path.isdir(path):
+            shutil.rmtree(path)
+        else:
+            os.remove(path)
 
 
 def resume_mode(args, directory: str):
@@ -115,6 +188,8 @@ def resolve_device(name: str):
         device = torch.device(name)
     except RuntimeError as e:
         raise ValueError(f"--device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {name!r}") from e
+    if device.type not in ("cpu", "cuda"):  # torch knows mps, xpu, meta...: the trainers do not
+        raise ValueError(f"--device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {name!r}")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda asked for, but no CUDA device is available")
     return device

@@ -25,12 +25,15 @@ from qlora_fast.commands import (
     add_base_model_arguments,
     add_resume_arguments,
     add_training_arguments,
+    check_fresh_start,
     check_output,
     finite_float,
     nonnegative_float,
     nonnegative_int,
+    note_resume_at_end,
     positive_float,
     positive_int,
+    remove_checkpoints,
     resolve_device,
     resume_mode,
 )
@@ -179,6 +182,68 @@ def _check_fsdp_args(args) -> None:
                          "`torchrun --nproc-per-node N -m qlora_fast.cli finetune --fsdp ...`")
 
 
+def _context_limit(model):
+    """(positions, "config.<name>") of a Hugging Face model with a position limit, or None."""
+    config = getattr(model, "config", None)
+    for name in ("n_positions", "max_position_embeddings"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value, f"config.{name}"
+    return None
+
+
+def _check_context(args, model, tokenizer, train_pairs, eval_pairs, template) -> None:
+    """ValueError naming the flag when a sequence this run feeds the model (virtual tokens + the
+    training rows, the evaluation rows, or a prompt + --max-new-tokens) is longer than its
+    context: `max_position_embeddings` / `n_positions` of a Hugging Face model."""
+    from qlora_fast.train.sft import encode_example
+
+    limit = _context_limit(model)
+    if limit is None:
+        return
+    limit, field = limit
+    virtual = args.num_virtual_tokens if args.method in ("prefix", "prompt") else 0
+    context = f"the model's context of {limit} positions ({field})"
+    if virtual >= limit:
+        raise ValueError(f"--num-virtual-tokens {virtual} leaves no room for any token in {context}")
+    room = limit - virtual
+    plus = f" + --num-virtual-tokens {virtual}" if virtual else ""
+    if args.packing and args.max_seq_len > room:
+        raise ValueError(f"--max-seq-len {args.max_seq_len}{plus} exceeds {context} (--packing fills every row to "
+                         f"--max-seq-len): use --max-seq-len {room} or less")
+    encoded = [encode_example(tokenizer, p["instruction"], p["output"], template) for p in train_pairs + eval_pairs]
+    longest = min(max(len(ids) for ids, _ in encoded), args.max_seq_len)  # rows are cut to --max-seq-len
+    # exact match generates after each held-out prompt, whole
+    prompt = max(sum(t == -100 for t in labels) for _, labels in encoded[len(train_pairs):])
+    if longest > room:
+        fewer = f" or --num-virtual-tokens {limit - longest} or less" if virtual and limit > longest else ""
+        raise ValueError(f"examples of up to {longest} tokens (at --max-seq-len {args.max_seq_len}){plus} exceed "
+                         f"{context}: use --max-seq-len {room} or less{fewer}")
+    if prompt + args.max_new_tokens > room:
+        raise ValueError(f"the longest prompt ({prompt} tokens) + --max-new-tokens {args.max_new_tokens}{plus} "
+                         f"exceeds {context}: use --max-new-tokens {max(room - prompt, 0)} or less")
+
+
+def _report_history(args, history, rank) -> None:
+    """Print the held-out evaluations of --eval-every (one line each) and write the per-step history
+    (train loss, lr, grad norm, and eval loss / perplexity at the evaluation steps) to
+    --output/history.json, atomically (rank 0)."""
+    import json
+
+    from qlora_fast.utils import atomic_write_bytes
+
+    evaluations = [h for h in history if "eval_perplexity" in h]
+    if evaluations:
+        print("held-out perplexity during training (--eval-every):")
+        for h in evaluations:
+            print(f"  step {h['step']:>5}: train loss {h['loss']:.4f}, lr {h['lr']:.3g}, held-out loss "
+                  f"{h['eval_loss']:.4f}, perplexity {h['eval_perplexity']:.3f}")
+    if rank == 0:
+        path = os.path.join(args.output, "history.json")
+        atomic_write_bytes(path, (json.dumps({"history": history}, indent=1) + "\n").encode())
+        print(f"training history written to {os.path.abspath(path)}")
+
+
 def _full_adapter(model) -> dict:
     """The adapter's full tensors on every rank (collective under FSDP2: every rank calls it),
     gathered from their DTensor shards; the frozen base stays sharded."""
@@ -240,6 +305,7 @@ def run(args) -> int:
         resume_from, allow_fresh = "latest", bool(args.resume_if_exists)
     else:
         resume_from, allow_fresh = resume_mode(args, args.output)
+    check_fresh_start(args)  # a fresh start never mixes its checkpoints with an earlier run's
     if args.nproc is not None:  # the checks above ran once, before any process starts
         return _launch(args)
     torch.manual_seed(args.seed)
@@ -250,6 +316,8 @@ def run(args) -> int:
     rank = _init_distributed(device, args.fsdp)
     # Before any work: --output must be writable, and no other run may be writing it (rank 0 writes).
     with (check_output(args.output) if rank == 0 else contextlib.nullcontext()):
+        if rank == 0:
+            remove_checkpoints(args)  # --overwrite-output: the earlier run's, before any work
         return _run(args, device, rank, resume_from, allow_fresh)
 
 
@@ -268,9 +336,13 @@ def _run(args, device, rank, resume_from, allow_fresh) -> int:
     # The configs first: a bad value fails before the model is loaded (or pretrained).
     peft_config = _peft_config(args)
     lr = args.lr if args.lr is not None else (5e-3 if args.method in ("lora", "qlora") else 1e-2)
+    warmup = min(args.warmup_steps, args.steps)  # a warmup longer than the run would never reach --lr
+    if warmup < args.warmup_steps:
+        print(f"note: --warmup-steps {args.warmup_steps} is more than --max-steps {args.steps}: warming up over "
+              f"the {warmup} steps instead")
     config = SFTConfig(
         max_steps=args.steps, batch_size=args.batch_size, gradient_accumulation_steps=args.grad_accum, lr=lr,
-        warmup_steps=args.warmup_steps,
+        warmup_steps=warmup,
         max_seq_len=args.max_seq_len, packing=args.packing, gradient_checkpointing=args.gradient_checkpointing,
         optimizer=args.optimizer, eval_every=args.eval_every, checkpoint_every=args.checkpoint_every,
         output_dir=args.output, seed=args.seed, progress=progress,
@@ -294,6 +366,8 @@ def _run(args, device, rank, resume_from, allow_fresh) -> int:
 
     train_pairs = load_instructions("train")
     eval_pairs = load_instructions("heldout")[:args.eval_pairs]
+    if args.model:  # before any evaluation or training: a learned position table ends in an IndexError
+        _check_context(args, model, tokenizer, train_pairs, eval_pairs, config.prompt_template)
     peft = get_peft_model(model, peft_config, tokenizer=tokenizer).to(device)
     # sizes of the whole model, measured before FSDP2 leaves each rank its shards
     trainable, total = peft.parameter_counts()
@@ -327,7 +401,9 @@ def _run(args, device, rank, resume_from, allow_fresh) -> int:
     with peft.disable_adapter():
         before = measure("before")
     trainer = SFTTrainer(peft, tokenizer, train_pairs, eval_pairs, config)
+    note_resume_at_end(args, args.steps)
     trainer.train(resume_from_checkpoint=resume_from, allow_fresh=allow_fresh)
+    _report_history(args, trainer.history, rank)
     after = measure("after")
 
     adapter_dir = os.path.join(args.output, f"adapter-{args.method}")

@@ -29,13 +29,16 @@ from qlora_fast.commands import (
     add_base_model_arguments,
     add_resume_arguments,
     add_training_arguments,
+    check_fresh_start,
     check_output,
     finite_float,
     nonnegative_float,
     nonnegative_int,
+    note_resume_at_end,
     positive_float,
     positive_int,
     probability,
+    remove_checkpoints,
     resolve_device,
     resume_mode,
 )
@@ -109,7 +112,7 @@ def register(subparsers) -> None:
                    help="GRPO trains on the first N training problems only (0: all 1,140, each seen about 0.7 times "
                         "in the default budget)")
     p.add_argument("--output", default="qlora_fast_output", help="directory for the GRPO adapter, checkpoints and plot")
-    add_resume_arguments(p, "--output/grpo-checkpoints")
+    add_resume_arguments(p, "--output/grpo-checkpoints", subdir="grpo-checkpoints")
     add_training_arguments(p)
     p.set_defaults(func=run)
 
@@ -213,8 +216,10 @@ def sample_accuracy(trainer, rows, n=8):
 def run(args) -> int:
     started = time.time()
     resume_from, allow_fresh = resume_mode(args, os.path.join(args.output, "grpo-checkpoints"))
+    check_fresh_start(args)  # a fresh start never mixes its checkpoints with an earlier run's
     device = resolve_device(args.device)
     with check_output(args.output):  # writable, and no other run writing it, before any work
+        remove_checkpoints(args)  # --overwrite-output: the earlier run's, before any work
         return _run(args, device, started, resume_from, allow_fresh)
 
 
@@ -266,6 +271,7 @@ def _run(args, device, started, resume_from, allow_fresh) -> int:
     print(f"starting policy on {len(heldout)} held-out problems: {100 * sampled:.1f}% of samples correct "
           f"(temperature {args.temperature}), {100 * pass_g:.1f}% solved by at least one of {args.group_size} samples")
 
+    note_resume_at_end(args, args.steps)
     history = trainer.train(resume_from_checkpoint=resume_from, allow_fresh=allow_fresh, eval_dataset=heldout)
     before = trainer.eval_history[0][1]["reward/correctness_reward"]
     after = trainer.eval_history[-1][1]["reward/correctness_reward"]

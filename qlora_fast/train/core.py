@@ -139,11 +139,13 @@ class TrainerCore:
         whose checkpoints live elsewhere (sharded folders) overrides this with the same rules."""
         return checkpoint.resolve_resume(resume_from_checkpoint, self.config.output_dir, allow_fresh)
 
-    def _resume(self, resume_from_checkpoint: Optional[str], allow_fresh: bool) -> None:
-        """Load the checkpoint `resume_from_checkpoint` names (see the module docstring for "latest")."""
+    def _resume(self, resume_from_checkpoint: Optional[str], allow_fresh: bool) -> Optional[str]:
+        """Load the checkpoint `resume_from_checkpoint` names (see the module docstring for "latest");
+        returns its path, or None when training starts fresh."""
         path = self._find_checkpoint(resume_from_checkpoint, allow_fresh)
         if path:
             self.load_checkpoint(path)
+        return path
 
     def _maybe_checkpoint(self) -> bool:
         """Save a checkpoint (at the trainer's default path) when this step is a multiple of

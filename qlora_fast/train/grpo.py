@@ -568,13 +568,14 @@ class GRPOTrainer(core.TrainerCore):
         non-finite loss or gradient raises FloatingPointError before the optimizer step. With `eval_dataset` and
         config.eval_every, `evaluate` runs every eval_every steps and at the last step, its results
         added to that step's log as "eval/<key>"; `self.eval_history` gets (step, results), step 0
-        included."""
-        self._resume(resume_from_checkpoint, allow_fresh)
+        included (a resumed run continues the checkpoint's: the same as an uninterrupted run's)."""
+        resumed = self._resume(resume_from_checkpoint, allow_fresh)
         c = self.config
         evaluating = eval_dataset is not None and c.eval_every > 0
         if evaluating:
             eval_dataset = self._check_dataset(eval_dataset)
-            self.eval_history = [(self.step, self.evaluate(eval_dataset))]
+            if not (resumed and self.eval_history):  # fresh (or a checkpoint without one): start it here
+                self.eval_history = [(self.step, self.evaluate(eval_dataset))]
         bar = self._progress_bar("GRPO")
         try:
             while self.step < c.max_steps:
@@ -624,6 +625,7 @@ class GRPOTrainer(core.TrainerCore):
             "position": self.position,
             "sample_rng": self.sample_generator.get_state(),
             "history": self.history,
+            "eval_history": [[step, result] for step, result in self.eval_history],
             "config": asdict(self.config),
         }
         return checkpoint.save_checkpoint(path, self.model, self.optimizer, self.scheduler, step=self.step, extra=extra,
@@ -646,6 +648,7 @@ class GRPOTrainer(core.TrainerCore):
         self.step, self.epoch, self.position = state["step"], extra["epoch"], extra["position"]
         self.sample_generator.set_state(extra["sample_rng"])
         self.history = list(extra["history"])
+        self.eval_history = [(int(step), dict(result)) for step, result in extra.get("eval_history", [])]
         self._load_extra_state(extra)
 
     def _extra_state(self) -> dict:
