@@ -510,7 +510,7 @@ def test_finetune_eval_every_prints_and_writes_the_history(tmp_path, capsys, mon
     assert main(["finetune", "--output", str(out), "--max-steps", "2", "--eval-every", "1", "--checkpoint-every", "2",
                  *TINY_RUN]) == 0
     text = capsys.readouterr().out
-    assert "--warmup-steps 15 is more than --max-steps 2: warming up over the 2 steps instead" in text
+    assert "--warmup-steps 15 is more than --max-steps 2: the learning rate stays below --lr" in text
     history = json.loads((out / "history.json").read_text())["history"]
     assert [h["step"] for h in history] == [1, 2]
     assert all({"loss", "lr", "eval_loss", "eval_perplexity"} <= set(h) for h in history)

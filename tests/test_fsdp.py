@@ -421,7 +421,8 @@ def test_finetune_fsdp_command_under_torchrun(tmp_path, seed):
     assert ppl == pytest.approx(after, rel=2e-3, abs=2e-3)
 
     # the sharded checkpoint of step 2; --resume retrains step 3 from it: the same adapter, bit for bit
-    assert sorted(f for f in os.listdir(tmp_path / "out") if not f.startswith(".")) == ["adapter-qlora", "checkpoint-2"]
+    written = sorted(f for f in os.listdir(tmp_path / "out") if not f.startswith("."))
+    assert written == ["adapter-qlora", "checkpoint-2", "history.json"]
     from safetensors.torch import load_file
 
     first = load_file(adapter_dir / "adapter_model.safetensors")

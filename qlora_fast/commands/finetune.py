@@ -183,8 +183,13 @@ def _check_fsdp_args(args) -> None:
 
 
 def _context_limit(model):
-    """(positions, "config.<name>") of a Hugging Face model with a position limit, or None."""
+    """(positions, "config.<name>") of a Hugging Face model with a hard position limit (a learned
+    position table: GPT-2, OPT, ...), or None. Rotary models (Llama, Mistral, GPT-NeoX, ...) compute
+    their positions and run past max_position_embeddings (trained or not, that is the user's call)."""
     config = getattr(model, "config", None)
+    rotary = any(getattr(config, name, None) is not None for name in ("rope_theta", "rope_parameters", "rope_scaling"))
+    if rotary or any("rotary" in name for name, _ in model.named_modules()):
+        return None
     for name in ("n_positions", "max_position_embeddings"):
         value = getattr(config, name, None)
         if isinstance(value, int) and value > 0:
@@ -336,10 +341,12 @@ def _run(args, device, rank, resume_from, allow_fresh) -> int:
     # The configs first: a bad value fails before the model is loaded (or pretrained).
     peft_config = _peft_config(args)
     lr = args.lr if args.lr is not None else (5e-3 if args.method in ("lora", "qlora") else 1e-2)
-    warmup = min(args.warmup_steps, args.steps)  # a warmup longer than the run would never reach --lr
-    if warmup < args.warmup_steps:
-        print(f"note: --warmup-steps {args.warmup_steps} is more than --max-steps {args.steps}: warming up over "
-              f"the {warmup} steps instead")
+    # Kept as given (a run stopped early and resumed with a larger --max-steps keeps its schedule),
+    # but said: this run alone never reaches --lr.
+    warmup = args.warmup_steps
+    if warmup > args.steps:
+        print(f"note: --warmup-steps {warmup} is more than --max-steps {args.steps}: the learning rate stays below "
+              f"--lr in this run")
     config = SFTConfig(
         max_steps=args.steps, batch_size=args.batch_size, gradient_accumulation_steps=args.grad_accum, lr=lr,
         warmup_steps=warmup,
