@@ -416,6 +416,7 @@ def test_grpo_command_end_to_end(one_thread, tmp_path, monkeypatch, capsys, matp
     ("CohereConfig", dict(logit_scale=0.25)),
     ("GraniteConfig", dict(logits_scaling=4.0)),
     ("LlamaConfig", {}),
+    ("OPTConfig", dict(ffn_dim=64, word_embed_proj_dim=32)),
 ])
 def test_logprobs_follow_the_model_logits_whatever_follows_the_head(arch, config, seed):
     """Gemma 2's softcapping, Cohere's and Granite's logit scales act after lm_head: the chunked
@@ -425,12 +426,14 @@ def test_logprobs_follow_the_model_logits_whatever_follows_the_head(arch, config
     from qlora_fast.models import positions_from_mask
     from qlora_fast.train.grpo import _output_layer, completion_logprobs
 
-    cfg = getattr(transformers, arch)(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                      num_key_value_heads=2, vocab_size=100, **config)
+    common = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, vocab_size=100)
+    if arch != "OPTConfig":
+        common.update(intermediate_size=64, num_key_value_heads=2)
+    cfg = getattr(transformers, arch)(**common, **config)
     model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
     with torch.no_grad():
         model.lm_head.weight.normal_(0, 1.0)  # large logits: a transform after the head shows
-    assert (_output_layer(model) is not None) == (arch == "LlamaConfig")
+    assert (_output_layer(model) is not None) == (arch in ("LlamaConfig", "OPTConfig"))  # plain heads chunk
     ids = torch.randint(0, 100, (2, 11))
     mask = torch.ones_like(ids)
     mask[1, :3] = 0  # a left-padded prompt

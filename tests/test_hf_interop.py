@@ -272,6 +272,24 @@ def test_adapter_on_the_output_layer_round_trips(tmp_path, seed):
     assert torch.equal(ours(input_ids=ids).logits, want)
 
 
+def test_a_tied_output_layer_with_an_adapter_still_ties_and_resizes(seed):
+    """transformers ties and resizes an output layer by assigning its weight; on our LoRA wrapper
+    the assignment reaches the base layer (a read-only property refused it). Oracle: the
+    embedding itself."""
+    from qlora_fast.nn import replace_linear
+
+    base = hf_llama()
+    base.config.tie_word_embeddings = True
+    base.tie_weights()
+    model = replace_linear(base, quant_type=None, r=2, lora_alpha=4.0, skip=(), target_modules=["lm_head"])
+    model.tie_weights()
+    embedding = model.get_input_embeddings().weight
+    assert model.lm_head.base.weight is embedding and model.lm_head.weight is embedding
+    assert model(input_ids=torch.randint(0, VOCAB, (2, 5))).logits.shape[-1] == VOCAB
+    model.resize_token_embeddings(VOCAB + 11)  # reaches the base; the adapter keeps its shape (as PEFT's)
+    assert model.lm_head.base.weight is model.get_input_embeddings().weight
+
+
 # ------------------------------------------------------------------------- one unit, all or nothing
 def test_interrupted_save_leaves_the_previous_adapter_whole(tmp_path, seed, monkeypatch):
     from qlora_fast.peft import io

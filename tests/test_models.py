@@ -206,8 +206,11 @@ def test_generate_takes_eos_lists_and_tiny_temperatures_and_refuses_right_paddin
     free = model.generate(ids, max_new_tokens=8)
     first, second = int(free[0, 7]), int(free[1, 6])  # tokens rows 0 and 1 emit
     # eos as a list (transformers' generation configs) stops like those ids given as stop tokens
-    assert torch.equal(model.generate(ids, max_new_tokens=8, eos_token_id=[first, second], pad_token_id=-1),
-                       model.generate(ids, max_new_tokens=8, stop_token_ids=[first, second], pad_token_id=-1))
+    stopped = model.generate(ids, max_new_tokens=8, stop_token_ids=[first, second], pad_token_id=-1)
+    for eos in ([first, second], torch.tensor([first, second])):
+        assert torch.equal(model.generate(ids, max_new_tokens=8, eos_token_id=eos, pad_token_id=-1), stopped)
+    assert torch.equal(model.generate(ids, max_new_tokens=8, eos_token_id=torch.tensor(first), pad_token_id=-1),
+                       model.generate(ids, max_new_tokens=8, eos_token_id=first, pad_token_id=-1))
     # a temperature far below any logit gap samples the argmax (it used to give NaN probabilities)
     tiny = model.generate(ids, max_new_tokens=8, temperature=1e-40, generator=torch.Generator().manual_seed(seed))
     assert torch.equal(tiny, free)

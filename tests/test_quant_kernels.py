@@ -224,12 +224,21 @@ def test_on_device_of_switches_only_to_another_gpu(monkeypatch):
         def __init__(self, device):
             self.device, self.is_cuda = torch.device(device), torch.device(device).type == "cuda"
 
+    from qlora_fast.kernels import utils
+
     entered = []
+    utils._several_gpus.cache_clear()
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(torch.cuda, "device", lambda d: entered.append(d) or "switch")
     assert on_device_of(Tensor("cuda:1")) == "switch" and entered == [torch.device("cuda:1")]
     assert on_device_of(Tensor("cuda:0")) != "switch" and on_device_of(Tensor("cpu")) != "switch"
     assert len(entered) == 1
+    utils._several_gpus.cache_clear()
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)  # one GPU: never a device query
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1 / 0)
+    assert on_device_of(Tensor("cuda:1")) != "switch"
+    utils._several_gpus.cache_clear()
 
 
 # not gpu-marked (nothing to rehearse on the CPU): runs in the GPU check's kernel tests where two GPUs exist

@@ -128,8 +128,7 @@ def generate(
                          "on the LEFT (padding_side='left'; qlora_fast.models.generate.left_pad)")
     stops = set(stop_token_ids or ())
     if eos_token_id is not None:
-        stops.update([int(eos_token_id)] if isinstance(eos_token_id, int) or not isinstance(eos_token_id, Iterable)
-                     else map(int, eos_token_id))
+        stops.update(int(t) for t in torch.as_tensor(eos_token_id).reshape(-1).tolist())  # an id, ids or a tensor
     stop_tensor = torch.tensor(sorted(stops), dtype=torch.long, device=input_ids.device)
 
     was_training = model.training

@@ -227,10 +227,16 @@ def _checkpoint_renamer(model):
     return rename
 
 
-def _load_then_quantize(directory, dtype, quant_type, blocksize, compress_statistics):
+def _load_then_quantize(directory, dtype, quant_type, blocksize, compress_statistics, why):
     """from_pretrained, then every linear layer but the output layer to 4 bits: the full-precision
-    model is in memory once, for checkpoints the low-memory path cannot read as transformers does."""
+    model is in memory once, for checkpoints the low-memory path cannot read as transformers does
+    (said with a warning: on a large model that is the difference between fitting and not)."""
+    import warnings
+
     from transformers import AutoModelForCausalLM
+
+    warnings.warn(f"{directory}: {why}; loading it whole with from_pretrained, then quantizing (the full-precision "
+                  "model is in memory once)", UserWarning, stacklevel=3)
 
     from qlora_fast.nn.replace import replace_linear
 
@@ -253,15 +259,17 @@ def _load_quantized(directory, dtype, quant_type, blocksize, compress_statistics
 
     try:
         files = _safetensors_files(directory)
-    except FileNotFoundError:  # a .bin checkpoint cannot be read tensor by tensor
-        return _load_then_quantize(directory, dtype, quant_type, blocksize, compress_statistics)
+    except FileNotFoundError:
+        return _load_then_quantize(directory, dtype, quant_type, blocksize, compress_statistics,
+                                   "a .bin checkpoint cannot be read tensor by tensor")
     config = AutoConfig.from_pretrained(directory, local_files_only=True)
     with torch.device("meta"):  # no memory and no init for the full-precision model
         model = AutoModelForCausalLM.from_config(config)
     rename = _checkpoint_renamer(model)
     if any(rename(key)[1] for file in files for key in _safetensors_keys(file)):
-        # tensors transformers builds from several (Mixtral's experts fused into one): not read one by one
-        return _load_then_quantize(directory, dtype, quant_type, blocksize, compress_statistics)
+        return _load_then_quantize(directory, dtype, quant_type, blocksize, compress_statistics,
+                                   "transformers builds some of its tensors from several (e.g. Mixtral's fused "
+                                   "experts), which are not read one by one")
     keep_fp32 = keep_in_fp32_modules(model)  # left in full precision, as replace_linear leaves them
     targets = {n for n in linear_layer_names(model) if not _matches(n, keep_fp32)}  # without the output layer
     expected = set(model.state_dict())
@@ -293,7 +301,8 @@ def _load_quantized(directory, dtype, quant_type, blocksize, compress_statistics
     model.tie_weights()
     if not _rebuild_buffers(model):
         del model
-        return _load_then_quantize(directory, dtype, quant_type, blocksize, compress_statistics)
+        return _load_then_quantize(directory, dtype, quant_type, blocksize, compress_statistics,
+                                   "a buffer the checkpoint does not hold could not be rebuilt")
     missing = [n for n, p in model.named_parameters() if p.device.type == "meta"]
     if missing:
         raise ValueError(f"{directory}: the checkpoint lacks {missing[:5]}{' ...' if len(missing) > 5 else ''}")

@@ -81,6 +81,14 @@ class LoRALinear(nn.Module):
     def bias(self):
         return self.base.bias
 
+    def __setattr__(self, name, value):
+        # transformers ties and resizes an output layer by assigning its `weight`: that goes to
+        # the base (nn.Module would refuse a Parameter under a property's name)
+        if name in ("weight", "bias") and "base" in self._modules:
+            setattr(self.base, name, value)
+            return
+        super().__setattr__(name, value)
+
     @staticmethod
     def _check_base(base):
         if not isinstance(base, nn.Linear):

@@ -332,7 +332,10 @@ class _PagedAdamBase(torch.optim.Optimizer):
                 **{name: getattr(self, name) for name in self._CONFIG}}
 
     def __setstate__(self, state: dict) -> None:
-        flat_state = state.pop("flat_state", {})
+        if "flat_state" not in state:  # torch's load_state_dict calls this too: nothing to rebuild then
+            super().__setstate__(state)
+            return
+        flat_state = state.pop("flat_state")
         super().__setstate__({**state, "state": defaultdict(dict)})
         self._managers, self._maps, self._plans = {}, {}, {}
         self._pending_checks, self._epoch, self._stateless = [], 0, (None, [])

@@ -144,14 +144,14 @@ class GRPOConfig:
 # ------------------------------------------------------------------------------------------
 # Model plumbing
 # ------------------------------------------------------------------------------------------
-# Hugging Face architectures whose logits are exactly lm_head(final hidden state). Others change
-# them after the head (Gemma 2/3's final_logit_softcapping, Cohere's logit_scale, Granite's
-# logits_scaling, ...): the chunked path would score another distribution than the one sampled,
-# so they take the full-logits path.
-_PLAIN_HEAD_MODEL_TYPES = frozenset({
-    "llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "phi3", "gemma", "olmo", "olmo2",
-    "starcoder2", "stablelm", "smollm3",
-})
+# Config fields of Hugging Face models that change the logits after the head (Gemma 2/3's
+# final_logit_softcapping, Cohere's logit_scale, Granite's logits_scaling): for such a model the
+# chunked path (lm_head over the hidden states) would score another distribution than the one
+# sampled, so it takes the full-logits path.
+def _transforms_logits_after_head(config) -> bool:
+    if getattr(config, "final_logit_softcapping", None) is not None:
+        return True
+    return any(getattr(config, name, None) not in (None, 1.0) for name in ("logit_scale", "logits_scaling"))
 
 
 def _output_layer(model):
@@ -168,8 +168,7 @@ def _output_layer(model):
     if isinstance(model, PeftModel) and model.prompt_encoder is None:
         # A PeftModel with LoRA: its forward is exactly its base model's (the adapters live inside).
         model = model.base_model
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if not isinstance(model, LlamaForCausalLM) and model_type not in _PLAIN_HEAD_MODEL_TYPES:
+    if not isinstance(model, LlamaForCausalLM) and _transforms_logits_after_head(getattr(model, "config", None)):
         return None
     head = getattr(model, "lm_head", None)
     backbone = getattr(model, "model", None)

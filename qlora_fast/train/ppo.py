@@ -74,7 +74,7 @@ class PPOTrainer(GRPOTrainer):
         if split is None:
             raise ValueError(
                 "PPOTrainer needs a model that splits as backbone + nn.Linear lm_head whose output is the logits "
-                "as they are (for the value head; Llama, Mistral, Qwen, Phi-3, Gemma 1 and similar)"
+                "as they are (for the value head; not Gemma 2/3's softcapping, Cohere's or Granite's logit scales)"
             )
         super().__init__(model, tokenizer, reward_funcs, train_dataset, config, optimizer=optimizer)
         self.value_head = nn.Linear(split[1].shape[1], 1).to(self.device)
