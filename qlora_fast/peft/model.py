@@ -18,6 +18,7 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import weakref
 from typing import Optional
 
 import torch
@@ -65,11 +66,21 @@ def attention_geometry(model: nn.Module):
     return layers, kv_heads, head_dim, hidden
 
 
-@torch.no_grad()
+_KV_GEOMETRY = weakref.WeakKeyDictionary()  # model -> probed (key heads, head_dim): one forward per model
+
+
 def _cached_kv_geometry(model: nn.Module):
     """(key heads, head_dim) of the cache a one-token forward builds, or None when it fails.
     Configs without num_key_value_heads say it each their own way (Falcon caches 1 key head with
-    multi_query, all heads with its new decoder whatever num_kv_heads says; GPT-BigCode 1)."""
+    multi_query, all heads with its new decoder whatever num_kv_heads says; GPT-BigCode 1).
+    Probed once per model: saves and loads ask again."""
+    if model not in _KV_GEOMETRY:
+        _KV_GEOMETRY[model] = _probe_kv_geometry(model)
+    return _KV_GEOMETRY[model]
+
+
+@torch.no_grad()
+def _probe_kv_geometry(model: nn.Module):
     was = model.training
     try:
         model.eval()
