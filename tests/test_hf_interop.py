@@ -7,6 +7,7 @@ import dataclasses
 import errno
 import json
 import os
+import warnings
 
 import pytest
 import torch
@@ -982,6 +983,25 @@ def test_falcon_prefix_round_trips_through_peft(tmp_path, seed, falcon, method):
     assert_close(theirs(input_ids=ids).logits, ours(input_ids=ids).logits)
     again = load_adapter(fresh_ours, path).eval()
     assert torch.equal(again(input_ids=ids).logits, ours(input_ids=ids).logits)
+
+
+def test_a_failed_cache_probe_warns_naming_the_error(seed, monkeypatch):
+    """A config without num_key_value_heads is probed by a one-token forward; when that forward
+    fails, the fallback (num_attention_heads) is announced with the error, not taken silently."""
+    from qlora_fast.peft.model import attention_geometry
+
+    model = tiny_falcon()
+    heads = model.config.num_attention_heads
+    def broken_forward(*args, **kwargs):
+        raise RuntimeError("probe exploded")
+    monkeypatch.setattr(model, "forward", broken_forward)
+    with pytest.warns(UserWarning, match="probe exploded.*num_attention_heads=4"):
+        assert attention_geometry(model)[1] == heads
+    monkeypatch.undo()
+    fresh = tiny_falcon()  # multi_query: the probe reads 1 key head, without a warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert attention_geometry(fresh)[1] == 1
 
 
 @pytest.mark.parametrize("kind", ["gemma2", "mistral"])

@@ -18,6 +18,7 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import warnings
 import weakref
 from typing import Optional
 
@@ -62,7 +63,14 @@ def attention_geometry(model: nn.Module):
     kv_heads = getattr(cfg, "num_key_value_heads", None)
     head_dim = getattr(cfg, "head_dim", None) or hidden // heads
     if kv_heads is None:  # no standard field: as the model caches them
-        kv_heads, head_dim = _cached_kv_geometry(model) or (heads, head_dim)
+        probed = _cached_kv_geometry(model)
+        if isinstance(probed, str):
+            warnings.warn(f"{type(model).__name__}: a one-token forward to read how many key heads its cache holds "
+                          f"failed ({probed}); assuming num_attention_heads={heads}, "
+                          f"head_dim={head_dim}", stacklevel=3)
+        else:
+            kv_heads, head_dim = probed
+        kv_heads = heads if kv_heads is None else kv_heads
     return layers, kv_heads, head_dim, hidden
 
 
@@ -70,7 +78,8 @@ _KV_GEOMETRY = weakref.WeakKeyDictionary()  # model -> probed (key heads, head_d
 
 
 def _cached_kv_geometry(model: nn.Module):
-    """(key heads, head_dim) of the cache a one-token forward builds, or None when it fails.
+    """(key heads, head_dim) of the cache a one-token forward builds, or the error it raised, as text
+    (the exception itself would keep the model alive through its traceback).
     Configs without num_key_value_heads say it each their own way (Falcon caches 1 key head with
     multi_query, all heads with its new decoder whatever num_kv_heads says; GPT-BigCode 1).
     Probed once per model: saves and loads ask again."""
@@ -87,8 +96,8 @@ def _probe_kv_geometry(model: nn.Module):
         ids = torch.zeros(1, 1, dtype=torch.long, device=next(iter(model.parameters())).device)
         key = _cache_pairs(call_causal_lm(model, input_ids=ids, use_cache=True)[1])[0][0]
         return int(key.shape[1]), int(key.shape[-1])
-    except Exception:
-        return None
+    except Exception as e:  # the caller warns and falls back on num_attention_heads
+        return f"{type(e).__name__}: {e}"
     finally:
         model.train(was)
 
