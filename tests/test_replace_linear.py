@@ -312,7 +312,7 @@ def test_every_target_name_must_match_and_nothing_changes_when_one_does_not():
 def test_t5_keeps_wo_in_full_precision_and_trains(seed, quant_type, r):
     """T5 keeps wo in float32 (_keep_in_fp32_modules) and casts to wo.weight.dtype in forward: wo
     stays full precision (as bitsandbytes' quantizer leaves it) and a LoRA layer shows its base's
-    weight (as PEFT's). Oracle: bitsandbytes' NF4 round trip of the other layers, adapters merged."""
+    weight (as PEFT's). Oracle: bitsandbytes' NF4 round trip of the other layers, the adapters through PEFT."""
     from qlora_fast.nn import LoRALinear
 
     cfg = transformers.T5Config(d_model=32, d_ff=64, d_kv=8, num_layers=2, num_heads=4, vocab_size=101,
@@ -331,8 +331,16 @@ def test_t5_keeps_wo_in_full_precision_and_trains(seed, quant_type, r):
         if r:
             assert isinstance(layer, LoRALinear) and layer.weight is layer.base.weight
             with torch.no_grad():
-                layer.lora_B.normal_()  # a trained-looking adapter, merged into the oracle
-                oracle.get_submodule(n).weight += layer.delta_weight()
+                layer.lora_B.normal_()  # a trained-looking adapter
+    if r:  # the same adapters through PEFT on the oracle, unmerged as ours are (merged, W + BA rounds otherwise)
+        peft = pytest.importorskip("peft", reason="peft (the oracle) is a test extra")
+        oracle = peft.get_peft_model(oracle, peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules=names))
+        with torch.no_grad():
+            for n in names:
+                theirs = oracle.base_model.model.get_submodule(n)
+                theirs.lora_A["default"].weight.copy_(modules[n].lora_A)
+                theirs.lora_B["default"].weight.copy_(modules[n].lora_B)
+        oracle.eval()
     state = ours.state_dict()
     if r:  # the property adds no key
         assert not any(k in state for n in names for k in (n + ".weight", n + ".bias"))
