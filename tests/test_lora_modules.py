@@ -109,6 +109,24 @@ def test_merge_unmerge_dense(seed, dtype):
         module.unmerge()
 
 
+def test_merge_unmerge_float64_keeps_float64_precision(seed):
+    """A float64 base merges in float64 (as PEFT does): float32 math lost ~1e-7 of W in merge,
+    unmerge and merge_linear_layers (merge_and_unload)."""
+    from qlora_fast.nn.replace import merge_linear_layers
+
+    module = make_lora(dtype=torch.float64, use_rslora=True).eval()
+    original = module.base.weight.detach().clone()
+    merged64 = original + module.scaling * module.lora_B.detach() @ module.lora_A.detach()
+    ulp = torch.finfo(torch.float64).eps * merged64.abs().max().item()
+    dense = merge_linear_layers(nn.Sequential(copy.deepcopy(module)))[0]
+    assert type(dense) is nn.Linear and dense.weight.dtype == torch.float64
+    assert_close(dense.weight, merged64, atol=ulp, rtol=0)
+    module.merge()
+    assert_close(module.base.weight, merged64, atol=ulp, rtol=0)
+    module.unmerge()
+    assert_close(module.base.weight, original, atol=2 * ulp, rtol=0)
+
+
 @pytest.mark.parametrize("quantized,dtype", [(False, torch.float32), (False, torch.bfloat16), (False, torch.float64),
                                              (True, torch.float32)])
 @pytest.mark.parametrize("use_rslora", [False, True])

@@ -122,7 +122,20 @@ class LoRALinear(nn.Module):
     # ------------------------------------------------------------ merge
     def delta_weight(self) -> torch.Tensor:
         """scaling * B @ A in float32, (out_features, in_features), detached: what merge() adds to W."""
-        return (self.lora_B.detach().float() @ self.lora_A.detach().float()) * self.scaling
+        return self._delta(torch.float32)
+
+    def _delta(self, dtype: torch.dtype) -> torch.Tensor:
+        return (self.lora_B.detach().to(dtype) @ self.lora_A.detach().to(dtype)) * self.scaling
+
+    def _merge_dtype(self) -> torch.dtype:
+        # float32, float64 over a float64 base: float32 math would drop its low bits (PEFT keeps them)
+        return torch.promote_types(self.base.weight.dtype, torch.float32)
+
+    def _merged_weight(self) -> torch.Tensor:
+        """merged_weight() in the merge's dtype (float64 over a float64 base), a fresh tensor."""
+        dtype = self._merge_dtype()
+        weight = self.base.weight.detach().to(dtype, copy=True)
+        return weight if self.merged else weight.add_(self._delta(dtype))
 
     def base_weight(self) -> torch.Tensor:
         """A float32 copy of the base weight W, (out_features, in_features) (merged or not)."""
@@ -135,24 +148,24 @@ class LoRALinear(nn.Module):
 
     @torch.no_grad()
     def merge(self) -> None:
-        """Fold the adapter into the base weight: W <- W + scaling * B A (rounded to W's dtype).
+        """Fold the adapter into the base weight: W <- W + scaling * B A (float32 math, float64 over a
+        float64 base, rounded once to W's dtype).
 
         Forward then costs one plain matmul. Raises RuntimeError when already merged.
         """
         if self.merged:
             raise RuntimeError("adapter is already merged; call unmerge() before merging again")
-        weight = self.base.weight
-        weight.copy_(self.merged_weight().to(weight.dtype))
+        self.base.weight.copy_(self._merged_weight())
         self.merged = True
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        """Undo `merge()`: W <- W - scaling * B A (exact in float32 up to rounding; bf16/fp16 lose
-        the low bits twice). Raises RuntimeError when not merged."""
+        """Undo `merge()`: W <- W - scaling * B A (exact in float32/float64 up to rounding;
+        bf16/fp16 lose the low bits twice). Raises RuntimeError when not merged."""
         if not self.merged:
             raise RuntimeError("adapter is not merged; nothing to unmerge")
-        weight = self.base.weight
-        weight.copy_((self.base_weight() - self.delta_weight()).to(weight.dtype))
+        weight, dtype = self.base.weight, self._merge_dtype()
+        weight.copy_(weight.to(dtype) - self._delta(dtype))
         self.merged = False
 
     # ------------------------------------------------------------ enable / disable
@@ -235,6 +248,9 @@ class QLoRALinear(LoRALinear):
         packed, new_state = quantize_4bit(weight, state.blocksize, state.quant_type, state.nested)
         # through the base's own setter: a ShardableLinear4bit (FSDP) keeps its weight in `units`
         self.base.set_quantized(packed.to(device), dataclasses.replace(new_state, dtype=state.dtype).to(device))
+
+    def _merged_weight(self) -> torch.Tensor:
+        return self.merged_weight()  # a 4-bit base decodes in float32
 
     def base_weight(self) -> torch.Tensor:
         """The 4-bit base weight dequantized to float32, (out_features, in_features)."""

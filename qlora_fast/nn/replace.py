@@ -416,7 +416,7 @@ def merge_linear_layers(model: nn.Module, keep_4bit: bool = False, dtype: Option
         elif isinstance(layer, LoRALinear):
             base = layer.base
             original = base.quant_state.dtype if isinstance(layer, QLoRALinear) else base.weight.dtype
-            new = _dense(layer.merged_weight(), base.bias, getattr(base, "conv1d_class", None), dtype or original)
+            new = _dense(layer._merged_weight(), base.bias, getattr(base, "conv1d_class", None), dtype or original)
         elif keep_4bit:
             continue
         elif isinstance(layer, Linear4bit) or _is_bnb_4bit(layer):

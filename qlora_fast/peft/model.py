@@ -529,13 +529,13 @@ class PeftModel(nn.Module):
         """Fold every LoRA adapter into its base weight and return the plain base model, ready for
         transformers' `save_pretrained` / `from_pretrained`.
 
-        Default: a dense model. Every adapted layer becomes W + scaling * B A (float32 math); every
-        4-bit layer (adapted or not) is dequantized; each gets back its original class (a GPT-2
-        `Conv1D` stays a Conv1D, weight (in, out)) and its original dtype, or `dtype` for the whole
-        model when given. A model loaded in 4 bits by transformers loses its `quantization_config`.
-        requantize=True keeps 4 bits: each 4-bit adapted weight is merged and quantized again
-        (adding quantization error), and a transformers model's config gets the bitsandbytes
-        `quantization_config` that reloads it. Only LoRA adapters merge (ValueError otherwise).
+        Default: a dense model. Every adapted layer becomes W + scaling * B A (float32 math, float64
+        for a float64 layer); every 4-bit layer (adapted or not) is dequantized; each gets back its
+        original class (a GPT-2 `Conv1D` stays a Conv1D, weight (in, out)) and its original dtype, or
+        `dtype` for the whole model when given. A model loaded in 4 bits by transformers loses its
+        `quantization_config`. requantize=True keeps 4 bits: each 4-bit adapted weight is merged and
+        quantized again (adding quantization error), and a transformers model's config gets the
+        bitsandbytes `quantization_config` that reloads it. Only LoRA adapters merge (ValueError otherwise).
         """
         if self.prompt_encoder is not None:
             raise ValueError(f"merge_and_unload needs a LoRA adapter; {self.method} tuning has nothing to merge")
