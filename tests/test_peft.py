@@ -362,6 +362,8 @@ def test_adapter_round_trip_on_a_module_without_embeddings(tmp_path, seed):
         (lambda: LoraConfig(r=0), ValueError, "r must be > 0"),
         (lambda: LoraConfig(r=-2), ValueError, "r must be > 0"),
         (lambda: LoraConfig(lora_dropout=1.0), ValueError, "dropout"),
+        (lambda: LoraConfig(lora_alpha=float("nan")), ValueError, "lora_alpha must be a finite positive"),
+        (lambda: LoraConfig(lora_alpha=float("inf")), ValueError, "lora_alpha must be a finite positive"),
         (lambda: LoraConfig(quantize_base="int3"), ValueError, "quantize_base"),
         (lambda: PrefixTuningConfig(num_virtual_tokens=0), ValueError, "num_virtual_tokens"),
         (lambda: PromptTuningConfig(num_virtual_tokens=0), ValueError, "num_virtual_tokens"),
