@@ -469,4 +469,5 @@ def test_a_checkpoint_whose_sampling_state_does_not_fit_changes_nothing(one_thre
     after = trainer.optimizer.state_dict()
     for k, s in optim["state"].items():
         for name, v in s.items():
-            assert torch.equal(v, after["state"][k][name]) if isinstance(v, torch.Tensor) else v == after["state"][k][name]
+            w = after["state"][k][name]
+            assert torch.equal(v, w) if isinstance(v, torch.Tensor) else v == w
