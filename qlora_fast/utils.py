@@ -1,8 +1,11 @@
 """Small helpers shared across qlora_fast. Imports the standard library only, so any layer may use it."""
 import contextlib
+import ctypes
+import errno
 import math
 import os
 import re
+import shutil
 import tempfile
 import time
 from typing import BinaryIO, Callable, Optional, Union
@@ -111,6 +114,102 @@ def atomic_write(path: Union[str, os.PathLike], write: Callable[[BinaryIO], obje
 def atomic_write_bytes(path: Union[str, os.PathLike], data: bytes) -> None:
     """Write `data` to the file `path` atomically (see `atomic_write`)."""
     atomic_write(path, lambda f: f.write(data))
+
+
+# ---------------------------------------------------------------------------- directories
+def _write_file(path: str, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _exchange(a: str, b: str) -> bool:
+    """Swap two existing paths atomically (Linux renameat2 RENAME_EXCHANGE); False where the
+    system cannot."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), b)
+
+
+def _fsync_dir(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _carry_over(old: str, new: str) -> None:
+    """Files of the old directory that are not ours (a README, a tokenizer) move with it (hard
+    links where possible, so nothing is copied)."""
+    def link_or_copy(src, dst):
+        try:
+            os.link(src, dst)
+        except OSError:
+            shutil.copy2(src, dst)
+
+    for name in os.listdir(old):
+        src, dst = os.path.join(old, name), os.path.join(new, name)
+        if os.path.lexists(dst):
+            continue
+        if os.path.isdir(src) and not os.path.islink(src):
+            shutil.copytree(src, dst, symlinks=True, copy_function=link_or_copy)
+        else:
+            link_or_copy(src, dst)
+
+
+def atomic_write_dir(path: Union[str, os.PathLike], files: dict, what: str = "directory") -> None:
+    """Make directory `path` hold `files` ({name: bytes}) in one atomic step: they are written
+    into a fresh temporary directory beside `path`, which then takes its place in one rename
+    (Linux `renameat2(RENAME_EXCHANGE)` when `path` exists, two renames elsewhere, where a crash
+    between them leaves the previous directory whole as ".old-<pid>-<name>-..." beside it). Files
+    of a previous `path` that are not in `files` (a README, a tokenizer) are kept. On any error
+    the previous `path` is untouched and nothing is left behind. A symlinked `path` keeps its
+    link: the directory it points to is replaced. `what` names `path` in errors."""
+    path = os.path.realpath(os.fspath(path))
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"{what} {path} exists and is not a directory")
+    parent = os.path.dirname(path)
+    os.makedirs(parent, exist_ok=True)
+    clean_stale_temporaries(parent)
+    tmp = tempfile.mkdtemp(dir=parent, prefix=f"{temp_prefix()}{os.path.basename(path)}-")
+    try:
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it 0700; a saved directory follows the umask
+        for name, data in files.items():
+            _write_file(os.path.join(tmp, name), data)
+        if not os.path.isdir(path):
+            os.rename(tmp, path)
+        else:
+            _carry_over(path, tmp)
+            if not _exchange(tmp, path):  # on success tmp holds the previous directory
+                # Two renames. Between them the old directory is the only copy, so its name is not a
+                # temporary's (no cleaner takes it): a crash there leaves it beside `path` as ".old-...".
+                old = os.path.join(parent, ".old-" + os.path.basename(tmp)[len(".tmp-"):])
+                os.rename(path, old)
+                try:
+                    os.rename(tmp, path)
+                except BaseException:
+                    os.rename(old, path)
+                    raise
+                shutil.rmtree(old, ignore_errors=True)
+        _fsync_dir(parent)
+    finally:
+        if os.path.isdir(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def check_writable_dir(path: Union[str, os.PathLike], what: str = "output directory") -> str:

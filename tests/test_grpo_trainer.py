@@ -442,3 +442,32 @@ def test_logprobs_follow_the_model_logits_whatever_follows_the_head(arch, config
         logits = model(input_ids=ids, attention_mask=mask, position_ids=positions_from_mask(mask)).logits
         want = torch.log_softmax(logits[:, -5:-1].double() / 0.7, -1).gather(-1, ids[:, -4:, None]).squeeze(-1)
     torch.testing.assert_close(ours.double(), want, atol=1e-4, rtol=1e-4)
+
+
+def test_a_checkpoint_whose_sampling_state_does_not_fit_changes_nothing(one_thread, tmp_path):
+    """A checkpoint whose sampling-generator state this trainer's generator cannot take (as a CPU
+    run's on a CUDA resume: 5056 bytes against 16) is refused with ValueError before anything is
+    restored: the adapter, the optimizer, the scheduler and the step stay as they were."""
+    import copy
+
+    saver = make_trainer(steps=3, output_dir=str(tmp_path / "a"), save_every=1)
+    saver.train_step()
+    saver.step = 1
+    path = saver.save_checkpoint()
+    state = torch.load(path, weights_only=True)
+    state["extra"]["sample_rng"] = torch.randint(0, 256, (16,), dtype=torch.uint8)  # another device's state
+    torch.save(state, path)
+
+    trainer = make_trainer(steps=3, output_dir=str(tmp_path / "a"))
+    trainer.train_step()  # its own adapter, optimizer and scheduler state differ from the checkpoint's
+    params, optim = trainable(trainer.model), copy.deepcopy(trainer.optimizer.state_dict())
+    sched, step = trainer.scheduler.state_dict(), trainer.step
+    with pytest.raises(ValueError, match="sampling generator"):
+        trainer.load_checkpoint(path)
+    assert trainer.step == step and trainer.scheduler.state_dict() == sched
+    assert all(torch.equal(params[n], p) for n, p in trainable(trainer.model).items())
+    after = trainer.optimizer.state_dict()
+    for k, s in optim["state"].items():
+        for name, v in s.items():
+            w = after["state"][k][name]
+            assert torch.equal(v, w) if isinstance(v, torch.Tensor) else v == w

@@ -293,7 +293,7 @@ def test_a_tied_output_layer_with_an_adapter_still_ties_and_resizes(seed):
 
 # ------------------------------------------------------------------------- one unit, all or nothing
 def test_interrupted_save_leaves_the_previous_adapter_whole(tmp_path, seed, monkeypatch):
-    from qlora_fast.peft import io
+    from qlora_fast import utils
 
     base = hf_llama()
     fresh = copy.deepcopy(base)
@@ -304,7 +304,7 @@ def test_interrupted_save_leaves_the_previous_adapter_whole(tmp_path, seed, monk
     expected = {n: p.clone() for n, p in first.adapter_parameters()}
     # a second save with another rank and alpha hits a full disk between its two files
     second = get_peft_model(hf_llama(), LoraConfig(target_modules=["q_proj", "v_proj"], r=3, lora_alpha=7.0))
-    real_write, calls = io._write_file, []
+    real_write, calls = utils._write_file, []
 
     def disk_full_on_second_file(file, data):
         calls.append(file)
@@ -312,10 +312,10 @@ def test_interrupted_save_leaves_the_previous_adapter_whole(tmp_path, seed, monk
             raise OSError(errno.ENOSPC, "No space left on device", file)
         real_write(file, data)
 
-    monkeypatch.setattr(io, "_write_file", disk_full_on_second_file)
+    monkeypatch.setattr(utils, "_write_file", disk_full_on_second_file)
     with pytest.raises(OSError, match="No space"):
         second.save_adapter(path)
-    monkeypatch.setattr(io, "_write_file", real_write)
+    monkeypatch.setattr(utils, "_write_file", real_write)
     assert sorted(os.listdir(tmp_path)) == ["adapter"]  # no temporary left behind
     loaded = load_adapter(fresh, path)
     assert loaded.peft_config.r == 2 and loaded.peft_config.lora_alpha == 4.0
@@ -343,7 +343,7 @@ def test_a_diverged_adapter_is_not_written_over_the_last_good_one(tmp_path):
 
 def test_fallback_swap_that_fails_keeps_the_previous_adapter(tmp_path, seed, monkeypatch):
     # without RENAME_EXCHANGE the swap is two renames; the old adapter must survive either failing
-    from qlora_fast.peft import io
+    from qlora_fast import utils
     from qlora_fast.utils import clean_stale_temporaries
 
     ours = get_peft_model(hf_llama(), LoraConfig(target_modules=["q_proj"], r=2))
@@ -351,7 +351,7 @@ def test_fallback_swap_that_fails_keeps_the_previous_adapter(tmp_path, seed, mon
     path = ours.save_adapter(str(tmp_path / "adapter"))
     before = {name: open(os.path.join(path, name), "rb").read() for name in os.listdir(path)}
     perturb(p for _, p in ours.adapter_parameters())
-    monkeypatch.setattr(io, "_exchange", lambda a, b: False)
+    monkeypatch.setattr(utils, "_exchange", lambda a, b: False)
     real_rename = os.rename
 
     def rename_failing(*which):
@@ -364,16 +364,16 @@ def test_fallback_swap_that_fails_keeps_the_previous_adapter(tmp_path, seed, mon
             real_rename(a, b)
         return rename
 
-    monkeypatch.setattr(io.os, "rename", rename_failing(2))  # the new one fails to take the old one's place
+    monkeypatch.setattr(utils.os, "rename", rename_failing(2))  # the new one fails to take the old one's place
     with pytest.raises(OSError, match="Input/output"):
         ours.save_adapter(path)
     assert sorted(os.listdir(tmp_path)) == ["adapter"]
     assert {name: open(os.path.join(path, name), "rb").read() for name in os.listdir(path)} == before
     # a crash between the renames (here: both later renames fail) leaves the only copy where no cleaner takes it
-    monkeypatch.setattr(io.os, "rename", rename_failing(2, 3))
+    monkeypatch.setattr(utils.os, "rename", rename_failing(2, 3))
     with pytest.raises(OSError):
         ours.save_adapter(path)
-    monkeypatch.setattr(io.os, "rename", real_rename)
+    monkeypatch.setattr(utils.os, "rename", real_rename)
     (kept,) = os.listdir(tmp_path)
     monkeypatch.setattr("qlora_fast.utils._pid_alive", lambda pid: False)  # as if the writer had died
     clean_stale_temporaries(tmp_path)
@@ -411,7 +411,7 @@ def test_adapter_temporaries_carry_the_writers_pid(tmp_path, monkeypatch):
     # cleaner read as pid 123's: every temporary now leads with its own writer's pid.
     from helpers import dead_pid
 
-    from qlora_fast.peft import io
+    from qlora_fast import utils
     from qlora_fast.utils import clean_stale_temporaries
 
     ours = get_peft_model(hf_llama(), LoraConfig(target_modules=["q_proj"], r=2))
@@ -419,7 +419,7 @@ def test_adapter_temporaries_carry_the_writers_pid(tmp_path, monkeypatch):
     dead.mkdir()
     (dead / "adapter_model.safetensors").write_bytes(b"half")
     seen = []
-    write = io._write_file
+    write = utils._write_file
 
     def spy(path, data):
         tmp = os.path.dirname(path)
@@ -427,7 +427,7 @@ def test_adapter_temporaries_carry_the_writers_pid(tmp_path, monkeypatch):
         assert clean_stale_temporaries(os.path.dirname(tmp)) == []  # a save in progress is never taken
         write(path, data)
 
-    monkeypatch.setattr(io, "_write_file", spy)
+    monkeypatch.setattr(utils, "_write_file", spy)
     ours.save_adapter(str(tmp_path / "123"))
     assert seen and all(name.startswith(f".tmp-{os.getpid()}-123-") for name in seen)
     assert sorted(os.listdir(tmp_path)) == ["123"]

@@ -313,6 +313,9 @@ def test_bad_input():
         LoRALinear(linear, r=2, lora_dropout=1.0)
     with pytest.raises(ValueError, match="alpha"):
         LoRALinear(linear, r=2, lora_alpha=0)
+    for alpha in (float("nan"), float("inf")):  # a NaN/inf scaling would turn every output NaN
+        with pytest.raises(ValueError, match="lora_alpha must be a finite positive"):
+            LoRALinear(linear, r=2, lora_alpha=alpha)
     with pytest.raises(TypeError, match="nn.Linear"):
         LoRALinear(nn.Conv1d(8, 6, 1), r=2)
     with pytest.raises(TypeError, match="Linear4bit"):

@@ -117,6 +117,9 @@ def test_bleu_bad_input():
         bleu(["a"], [["a"]], smooth_method="bogus")
     with pytest.raises(ValueError, match="no reference"):
         bleu(["a"], [[None]])
+    for method, value in (("floor", float("nan")), ("add-k", -1), ("add-k", float("inf"))):  # NaN / skewed scores
+        with pytest.raises(ValueError, match="smooth_value must be a finite number >= 0"):
+            bleu(["a b c"], [["a c b"]], smooth_method=method, smooth_value=value)
     with pytest.raises(TypeError, match="hypothesis must be a str"):
         sentence_bleu(None, ["a"])
 
@@ -419,3 +422,19 @@ def test_perplexity_bad_input():
         perplexity(lambda x: torch.zeros(*x.shape, 5), torch.tensor([1, 2, 7]), max_length=4)
     with pytest.raises(TypeError, match="must return logits"):
         perplexity(lambda x: "nope", torch.tensor([1, 2, 3]), max_length=4)
+
+
+@pytest.mark.parametrize("offset", [-40, 40])
+def test_perplexity_refuses_ids_outside_the_embedding_before_the_forward(offset, seed):
+    """An id the embedding has no row for is a ValueError naming token_ids, not the embedding's
+    bare IndexError from the first window's forward; the model is left in its mode."""
+    from qlora_fast.models.llama import LlamaConfig, LlamaForCausalLM
+
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=37, hidden_size=16, intermediate_size=32, num_layers=1,
+                                         num_heads=2, num_kv_heads=1, max_seq_len=32))
+    model.train()
+    ids = torch.randint(0, 37, (2, 19))
+    ids[1, random.randrange(8)] += offset  # in the first window: the old check came after its forward
+    with pytest.raises(ValueError, match=r"token_ids must lie in \[0, 37\)"):
+        perplexity(model, ids, max_length=8)
+    assert model.training

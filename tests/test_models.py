@@ -250,6 +250,41 @@ def test_load_base_model_trains_once_then_loads_the_cache(tmp_path):
     assert model.generate(ids, max_new_tokens=3).shape == (1, ids.shape[1] + 3)
 
 
+def test_an_interrupted_save_model_leaves_the_previous_model_whole(tmp_path, seed, monkeypatch):
+    """save_model writes its two files as one unit: a failure on the second (a full disk) over an
+    earlier save of a model of the same shapes but another config leaves that model, config and
+    weights, exactly as it was (file by file, it left the new weights beside the old config,
+    which loaded without complaint as a model that was never saved)."""
+    from qlora_fast.models import load_model, save_model
+
+    shape = dict(vocab_size=53, hidden_size=32, intermediate_size=40, num_layers=1, num_heads=2, num_kv_heads=1)
+    old = LlamaForCausalLM(LlamaConfig(**shape, rope_theta=10000.0))
+    new = LlamaForCausalLM(LlamaConfig(**shape, rope_theta=500000.0))
+    directory = str(tmp_path / "model")
+    save_model(old, directory)
+    (tmp_path / "model" / "README.md").write_text("kept")
+    real_fsync, calls = os.fsync, []
+
+    def disk_full_on_second_file(fd):
+        calls.append(fd)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", disk_full_on_second_file)
+    with pytest.raises(OSError, match="No space"):
+        save_model(new, directory)
+    monkeypatch.setattr(os, "fsync", real_fsync)
+    assert os.listdir(tmp_path) == ["model"]  # no temporary left behind
+    loaded = load_model(directory)
+    assert loaded.config == old.config
+    for (n, a), (_, b) in zip(old.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(a, b), n
+    save_model(new, directory)  # a save that completes replaces the unit and keeps the user's file
+    assert sorted(os.listdir(directory)) == ["README.md", "config.json", "model.safetensors"]
+    assert load_model(directory).config == new.config
+
+
 def test_load_base_model_with_the_shipped_bpe_has_its_own_cache_entry(tmp_path):
     from qlora_fast.tokenizer import BPETokenizer, ByteTokenizer, load_shipped_bpe
 

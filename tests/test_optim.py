@@ -560,6 +560,7 @@ def test_params_without_grad_are_skipped(seed):
 @pytest.mark.parametrize("kwargs,match", [
     ({"lr": -1e-3}, "lr"), ({"betas": (1.0, 0.999)}, "betas\\[0\\]"), ({"betas": (0.9, -0.1)}, "betas\\[1\\]"),
     ({"eps": -1.0}, "eps"), ({"weight_decay": -0.1}, "weight_decay"), ({"betas": (0.9,)}, "pair"),
+    ({"eps": float("inf")}, "eps must be a finite"), ({"weight_decay": float("inf")}, "weight_decay must be a finite"),
 ])
 def test_bad_hyperparameters(kwargs, match):
     for cls in (AdamW, AdamW8bit, PagedAdamW, PagedAdamW8bit):

@@ -163,6 +163,31 @@ def test_merge_rejects_prefix_and_prompt():
             get_peft_model(builtin(), cfg).merge_and_unload()
 
 
+@pytest.mark.parametrize("requantize", [False, True])
+def test_merge_of_a_non_finite_adapter_changes_nothing(requantize, seed):
+    """A NaN/inf adapter in any layer is refused before any layer is merged: requantizing stopped
+    at it with the earlier layers already merged and swapped out, and a dense merge gave NaN weights."""
+    import random
+
+    qpeft = get_peft_model(builtin(torch.float32), LoraConfig(r=4, quantize_base="nf4"))
+    perturb_adapter(qpeft)
+    modules = qpeft.lora_modules()
+    victim = modules[random.randrange(1, len(modules))]  # not the first: earlier layers would merge
+    victim.lora_B.data.view(-1)[random.randrange(victim.lora_B.numel())] = random.choice([float("nan"), float("inf")])
+
+    def bits(t):
+        return t.detach().contiguous().view(torch.uint8) if t.is_floating_point() else t
+
+    before = {k: bits(v).clone() for k, v in qpeft.state_dict().items()}
+    layers = [(n, type(m)) for n, m in qpeft.named_modules()]
+    with pytest.raises(FloatingPointError, match="NaN or inf values; nothing was merged"):
+        qpeft.merge_and_unload(requantize=requantize)
+    assert [(n, type(m)) for n, m in qpeft.named_modules()] == layers
+    after = qpeft.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], bits(after[k])) for k in before)
+    assert not any(m.merged for m in qpeft.lora_modules())
+
+
 # ------------------------------------------------------------------------- prefix / prompt
 def real_token_prefix(peft: PeftModel, base, prefix_ids):
     """Set the prefix to the KV cache of `prefix_ids` run through the base model."""
@@ -362,6 +387,8 @@ def test_adapter_round_trip_on_a_module_without_embeddings(tmp_path, seed):
         (lambda: LoraConfig(r=0), ValueError, "r must be > 0"),
         (lambda: LoraConfig(r=-2), ValueError, "r must be > 0"),
         (lambda: LoraConfig(lora_dropout=1.0), ValueError, "dropout"),
+        (lambda: LoraConfig(lora_alpha=float("nan")), ValueError, "lora_alpha must be a finite positive"),
+        (lambda: LoraConfig(lora_alpha=float("inf")), ValueError, "lora_alpha must be a finite positive"),
         (lambda: LoraConfig(quantize_base="int3"), ValueError, "quantize_base"),
         (lambda: PrefixTuningConfig(num_virtual_tokens=0), ValueError, "num_virtual_tokens"),
         (lambda: PromptTuningConfig(num_virtual_tokens=0), ValueError, "num_virtual_tokens"),

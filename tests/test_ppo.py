@@ -176,3 +176,30 @@ def test_ppo_bad_input():
     with pytest.raises(TypeError, match="PPOConfig"):
         PPOTrainer(add_adapters(tiny_base(0)), ByteTokenizer(), arithmetic_rewards()[0], load_arithmetic_task("train"),
                    GRPOConfig())
+
+
+def test_ppo_checkpoint_whose_value_head_does_not_fit_changes_nothing(one_thread, tmp_path):
+    """A value head of another shape is refused with ValueError before the policy, optimizer or
+    critic are restored (it was loaded last, after them)."""
+    import copy
+
+    saver = make_ppo(seed=5, steps=2, output_dir=str(tmp_path), save_every=1)
+    saver.train_step()
+    saver.step = 1
+    path = saver.save_checkpoint()
+    state = torch.load(path, weights_only=True)
+    w = state["extra"]["value_head"]["weight"]
+    state["extra"]["value_head"]["weight"] = torch.randn(w.shape[0], w.shape[1] + 1)
+    torch.save(state, path)
+
+    trainer = make_ppo(seed=5, steps=2, output_dir=str(tmp_path))
+    trainer.train_step()
+    params, head = trainable(trainer.model), copy.deepcopy(trainer.value_head.state_dict())
+    optim = copy.deepcopy(trainer.optimizer.state_dict())
+    with pytest.raises(ValueError, match="value head does not fit"):
+        trainer.load_checkpoint(path)
+    assert all(torch.equal(params[n], p) for n, p in trainable(trainer.model).items())
+    assert all(torch.equal(head[k], v) for k, v in trainer.value_head.state_dict().items())
+    after = trainer.optimizer.state_dict()["state"]
+    assert all(torch.equal(v, after[k][name]) for k, s in optim["state"].items() for name, v in s.items()
+               if isinstance(v, torch.Tensor))

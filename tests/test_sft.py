@@ -238,6 +238,27 @@ def test_bad_sft_configs():
         SFTTrainer(LlamaForCausalLM(TINY), tok, [{"prompt": "x"}])
 
 
+
+def test_every_training_pair_is_checked_up_front():
+    """A bad pair anywhere in the data is refused by the constructor, naming its index: past the
+    third one it failed mid-run with a bare KeyError, and a number was formatted into the prompt."""
+    import random
+
+    from qlora_fast.models import LlamaForCausalLM
+
+    tok, model = ByteTokenizer(), LlamaForCausalLM(TINY)
+    i = random.randrange(3, 20)
+    for bad, error, match in (({"instruction": "x"}, ValueError, f"at index {i}"),
+                              ({"instruction": 5, "output": "y"}, TypeError, rf"train_data\[{i}\]\['instruction'\]"),
+                              ({"instruction": "x", "output": None}, TypeError, rf"train_data\[{i}\]\['output'\]")):
+        data = list(TRAIN[:20])
+        data[i] = bad
+        with pytest.raises(error, match=match):
+            SFTTrainer(model, tok, data)
+        with pytest.raises(error, match=match.replace("train_data", "eval_data")):
+            SFTTrainer(model, tok, TRAIN[:4], eval_data=data)
+
+
 def _free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

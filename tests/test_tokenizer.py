@@ -309,6 +309,24 @@ def test_bad_input_gets_clear_errors(trained):
         BPETokenizer({bytes([b]): b for b in range(256)}, pattern=3)
 
 
+def test_ids_that_are_not_ints_are_refused_not_truncated(trained):
+    """decode took 65.7 as 65 (ByteTokenizer: any float; both: a float tensor, through int());
+    ByteTokenizer.encode_batch took one string as a batch of one-character texts."""
+    import torch
+
+    from qlora_fast.tokenizer import ByteTokenizer
+
+    tok, _ = trained
+    ids = [random.randrange(97, 123) for _ in range(5)]
+    for t in (tok, ByteTokenizer()):
+        assert t.decode(torch.tensor(ids)) == t.decode(ids)  # integer tensors still decode
+        for bad in (ids[:2] + [ids[2] + 0.5], torch.tensor(ids, dtype=torch.float32)):
+            with pytest.raises(TypeError, match="ids must be ints|integer tensors"):
+                t.decode(bad)
+        with pytest.raises(TypeError, match="iterable of str"):
+            t.encode_batch("one string")
+
+
 
 # Patterns with capturing groups: pieces are the whole matches (as tiktoken takes them), never the
 # groups' text (`findall` gave that, dropping the rest of the text). Each is paired with the same

@@ -120,6 +120,8 @@ def _check_options(smooth_method, smooth_value, tokenize, max_ngram_order):
         raise ValueError(f"smooth_method must be one of {sorted(SMOOTH_DEFAULTS)}, got {smooth_method!r}")
     if smooth_value is not None and (isinstance(smooth_value, bool) or not isinstance(smooth_value, (int, float))):
         raise TypeError(f"smooth_value must be a number or None, got {type(smooth_value).__name__}")
+    if smooth_value is not None and not 0 <= smooth_value < math.inf:  # a NaN or negative count skews every score
+        raise ValueError(f"smooth_value must be a finite number >= 0, got {smooth_value!r}")
     if tokenize not in _TOKENIZERS:
         raise ValueError(f"tokenize must be one of {sorted(_TOKENIZERS)}, got {tokenize!r}")
     if isinstance(max_ngram_order, bool) or not isinstance(max_ngram_order, int) or max_ngram_order < 1:

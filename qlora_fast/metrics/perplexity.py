@@ -39,6 +39,14 @@ def _default_max_length(model) -> Optional[int]:
     return None
 
 
+def _input_vocab_size(model) -> Optional[int]:
+    """The number of rows of the model's input embedding, when it has one to ask."""
+    get = getattr(model, "get_input_embeddings", None)
+    embedding = get() if callable(get) else None
+    size = getattr(embedding, "num_embeddings", None)
+    return size if isinstance(size, int) else None
+
+
 def _right_padding_mask(attention_mask, shape) -> Optional[torch.Tensor]:
     """`attention_mask` as a bool tensor of `shape`, checked: 0/1 values, padding on the right, and
     some row with a token to score."""
@@ -123,10 +131,16 @@ def perplexity(
         if begin + max_length >= seq_len:
             break
 
+    lowest, highest = int(ids.min()), int(ids.max())  # once, not a device sync per window
+    # checked before the first forward, whose embedding lookup would fail with a bare IndexError
+    # (the logits' width is checked again below, for models without get_input_embeddings)
+    vocab = _input_vocab_size(model)
+    if lowest < 0 or (vocab is not None and highest >= vocab):
+        raise ValueError(f"token_ids must lie in [0, {vocab if vocab is not None else 'vocab_size'}) (the model's "
+                         f"vocabulary), got {lowest}..{highest}")
     was_training = getattr(model, "training", False)
     if isinstance(model, torch.nn.Module):
         model.eval()
-    lowest, highest = int(ids.min()), int(ids.max())  # once, not a device sync per window
     nll_sum = torch.zeros((), dtype=torch.float64, device=device)  # read back once, after the loop
     n_scored = 0
     prev_end = 0

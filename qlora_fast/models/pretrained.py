@@ -15,7 +15,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from qlora_fast.utils import atomic_write_bytes, default_cache_dir
+from qlora_fast.utils import atomic_write_dir, default_cache_dir
 
 from .llama import LlamaConfig, LlamaForCausalLM
 
@@ -39,14 +39,15 @@ class PretrainRecipe:
 
 
 def save_model(model: LlamaForCausalLM, directory: str) -> None:
-    """Write `config.json` and `model.safetensors` into `directory`, each atomically."""
+    """Write `config.json` and `model.safetensors` into `directory` as one unit (`atomic_write_dir`):
+    an interrupted save leaves the previous model there whole, never its config beside new weights."""
     from safetensors.torch import save
 
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     if model.config.tie_embeddings:
         state.pop("lm_head.weight", None)
-    atomic_write_bytes(os.path.join(directory, "model.safetensors"), save(state))
-    atomic_write_bytes(os.path.join(directory, "config.json"), json.dumps(model.config.to_dict(), indent=2).encode())
+    files = {"model.safetensors": save(state), "config.json": json.dumps(model.config.to_dict(), indent=2).encode()}
+    atomic_write_dir(directory, files, what="model directory")
 
 
 def load_model(directory: str, device=None) -> LlamaForCausalLM:

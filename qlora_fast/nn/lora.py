@@ -30,8 +30,8 @@ def _check_hyperparameters(r, alpha, dropout, in_features, out_features):
         raise ValueError(
             f"r must be in [1, min(in_features, out_features)] = [1, {min(in_features, out_features)}], got {r}"
         )
-    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or alpha <= 0:
-        raise ValueError(f"lora_alpha must be a positive number, got {alpha!r}")
+    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not 0 < alpha < float("inf"):
+        raise ValueError(f"lora_alpha must be a finite positive number, got {alpha!r}")
     if not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
         raise ValueError(f"lora_dropout must be in [0, 1), got {dropout!r}")
 

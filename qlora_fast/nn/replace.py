@@ -405,9 +405,14 @@ def merge_linear_layers(model: nn.Module, keep_4bit: bool = False, dtype: Option
     turn every 4-bit layer (ours or bitsandbytes') back into a dense one in its original class
     (nn.Linear or Conv1D) and original dtype (or `dtype`). The model's transformers config is
     updated to match: `quantization_config` removed (dense), or set for bitsandbytes (keep_4bit).
-    Returns `model`."""
+    Returns `model`. FloatingPointError, nothing changed, when an unmerged adapter is NaN or inf."""
     from qlora_fast.nn.lora import LoRALinear, QLoRALinear
 
+    # Checked before anything changes: a NaN/inf adapter would make the dense weight NaN, or stop
+    # the 4-bit requantization (it refuses non-finite weights) with the earlier layers merged.
+    for name, m in model.named_modules():
+        if isinstance(m, LoRALinear) and not m.merged and not (m.lora_A.isfinite().all() and m.lora_B.isfinite().all()):
+            raise FloatingPointError(f"the LoRA adapter of {name!r} holds NaN or inf values; nothing was merged")
     plan = []
     for name in linear_layer_names(model, include_output=True):
         layer = model.get_submodule(name)

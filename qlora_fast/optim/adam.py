@@ -228,10 +228,12 @@ def _check_hyperparameters(lr, betas, eps, weight_decay) -> None:
     for i, beta in enumerate(betas):
         if not 0.0 <= _real(f"betas[{i}]", beta) < 1.0:
             raise ValueError(f"betas[{i}] must be in [0, 1), got {beta!r}")
-    if not _real("eps", eps) >= 0.0:
-        raise ValueError(f"eps must be >= 0, got {eps!r}")
-    if not _real("weight_decay", weight_decay) >= 0.0:
-        raise ValueError(f"weight_decay must be >= 0, got {weight_decay!r}")
+    # inf passes torch's own checks, but an inf eps freezes every parameter and an inf weight decay
+    # turns them to NaN
+    if not 0.0 <= _real("eps", eps) < math.inf:
+        raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
+    if not 0.0 <= _real("weight_decay", weight_decay) < math.inf:
+        raise ValueError(f"weight_decay must be a finite number >= 0, got {weight_decay!r}")
 
 
 # Flags of torch's Adam/AdamW this implementation does not have: a group (or a loaded state_dict)

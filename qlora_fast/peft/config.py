@@ -55,8 +55,8 @@ class LoraConfig:
         self.target_modules = check_target_modules(self.target_modules)
         _positive_int("r", self.r)
         alpha = self.lora_alpha
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or alpha <= 0:
-            raise ValueError(f"lora_alpha must be a positive number, got {alpha!r}")
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha < float("inf"):
+            raise ValueError(f"lora_alpha must be a finite positive number, got {alpha!r}")
         if not isinstance(self.lora_dropout, (int, float)) or not 0.0 <= self.lora_dropout < 1.0:
             raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
         if self.quantize_base not in (None, "nf4", "fp4"):

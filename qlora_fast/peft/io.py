@@ -11,18 +11,15 @@ whose writer still runs (older versions' ".tmp-<name>-" leftovers go once an hou
 metadata holds the SHA-256 of the config written with them: a directory whose files come from two
 different saves (copied by hand, or written by an older version file by file) is refused.
 """
-import ctypes
-import errno
 import hashlib
 import json
 import os
 import shutil
-import tempfile
 import time
 
 import torch
 
-from ..utils import _umask, clean_stale_temporaries, temp_prefix
+from ..utils import atomic_write_dir
 from .config import LoraConfig, PrefixTuningConfig, config_from_dict
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -143,61 +140,6 @@ def read_adapter(path: str):
 
 
 # ---------------------------------------------------------------------------- writing
-def _write_file(path: str, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _exchange(a: str, b: str) -> bool:
-    """Swap two existing paths atomically (Linux renameat2 RENAME_EXCHANGE); False where the
-    system cannot."""
-    try:
-        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
-    except (OSError, AttributeError):
-        return False
-    at_fdcwd, rename_exchange = -100, 2
-    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
-        return True
-    err = ctypes.get_errno()
-    if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
-        return False
-    raise OSError(err, os.strerror(err), b)
-
-
-def _fsync_dir(path: str) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _carry_over(old: str, new: str) -> None:
-    """Files of the old directory that are not ours (a README, a tokenizer) move with it (hard
-    links where possible, so nothing is copied)."""
-    def link_or_copy(src, dst):
-        try:
-            os.link(src, dst)
-        except OSError:
-            shutil.copy2(src, dst)
-
-    for name in os.listdir(old):
-        src, dst = os.path.join(old, name), os.path.join(new, name)
-        if os.path.lexists(dst):
-            continue
-        if os.path.isdir(src) and not os.path.islink(src):
-            shutil.copytree(src, dst, symlinks=True, copy_function=link_or_copy)
-        else:
-            link_or_copy(src, dst)
-
-
 STALE_AFTER_S = 3600  # an older version's temporary this old is a save that was killed, not one in progress
 
 
@@ -215,36 +157,10 @@ def _remove_stale(parent: str, prefix: str) -> None:
 
 def write_adapter_dir(path: str, files: dict) -> None:
     """Make directory `path` hold `files` ({name: bytes}) in one atomic step (see the module
-    docstring). On any error the previous `path` is untouched and nothing is left behind. A
-    symlinked `path` keeps its link: the directory it points to is replaced."""
+    docstring and `utils.atomic_write_dir`). On any error the previous `path` is untouched and
+    nothing is left behind. A symlinked `path` keeps its link: the directory it points to is replaced."""
     path = os.path.realpath(os.fspath(path))
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise ValueError(f"adapter path {path} exists and is not a directory")
     parent = os.path.dirname(path)
-    os.makedirs(parent, exist_ok=True)
-    clean_stale_temporaries(parent)
-    _remove_stale(parent, f".tmp-{os.path.basename(path)}-")
-    tmp = tempfile.mkdtemp(dir=parent, prefix=f"{temp_prefix()}{os.path.basename(path)}-")
-    try:
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it 0700; a saved adapter follows the umask
-        for name, data in files.items():
-            _write_file(os.path.join(tmp, name), data)
-        if not os.path.isdir(path):
-            os.rename(tmp, path)
-        else:
-            _carry_over(path, tmp)
-            if not _exchange(tmp, path):  # on success tmp holds the previous adapter
-                # Two renames. Between them the old adapter is the only copy, so its name is not a
-                # temporary's (no cleaner takes it): a crash there leaves it beside `path` as ".old-...".
-                old = os.path.join(parent, ".old-" + os.path.basename(tmp)[len(".tmp-"):])
-                os.rename(path, old)
-                try:
-                    os.rename(tmp, path)
-                except BaseException:
-                    os.rename(old, path)
-                    raise
-                shutil.rmtree(old, ignore_errors=True)
-        _fsync_dir(parent)
-    finally:
-        if os.path.isdir(tmp):
-            shutil.rmtree(tmp, ignore_errors=True)
+    if os.path.isdir(parent):
+        _remove_stale(parent, f".tmp-{os.path.basename(path)}-")
+    atomic_write_dir(path, files, what="adapter path")

@@ -4,6 +4,7 @@ Any tokenizer the trainers take provides: `vocab_size`, `pad_id`, `bos_id`, `eos
 `encode(text, add_bos=False, add_eos=False) -> list[int]`, `decode(ids, skip_special=True) -> str`
 and `encode_batch(texts, ...) -> list[list[int]]`.
 """
+import operator
 from typing import Iterable, List, Protocol, Sequence, runtime_checkable
 
 
@@ -38,7 +39,9 @@ class ByteTokenizer:
     def decode(self, ids: Sequence[int], skip_special: bool = True) -> str:
         data = bytearray()
         for i in ids:
-            i = int(i)
+            if isinstance(i, bool) or not hasattr(i, "__index__"):  # int() would truncate 1.5 to 1
+                raise TypeError(f"ids must be ints, got {type(i).__name__}")
+            i = operator.index(i)  # a float tensor has __index__, and refuses here
             if not 0 <= i < self.vocab_size:
                 raise ValueError(f"ids must be in [0, {self.vocab_size}), got {i}")
             if i < 256:
@@ -48,4 +51,6 @@ class ByteTokenizer:
         return data.decode("utf-8", errors="replace")
 
     def encode_batch(self, texts: Iterable[str], add_bos: bool = False, add_eos: bool = False) -> List[List[int]]:
+        if isinstance(texts, (str, bytes)):  # else each character would be a text of its own
+            raise TypeError("texts must be an iterable of str, not a single str/bytes")
         return [self.encode(t, add_bos=add_bos, add_eos=add_eos) for t in texts]

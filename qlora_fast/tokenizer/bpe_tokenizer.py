@@ -13,6 +13,7 @@ The class is the API; the work behind `train` is in `training`, behind `save`/`l
 """
 from __future__ import annotations
 
+import operator
 import os
 from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -311,7 +312,7 @@ class BPETokenizer:
     def _token_bytes(self, i, skip_special: bool) -> bytes:
         if isinstance(i, bool) or not hasattr(i, "__index__"):
             raise TypeError(f"ids must be ints, got {type(i).__name__}")
-        i = int(i)
+        i = operator.index(i)  # not int(): a float tensor has __index__ too, and int() would truncate it
         token = self._decoder.get(i)
         if token is not None:
             return token

@@ -226,12 +226,14 @@ def read_checkpoint(path: str) -> dict:
 
 
 def load_checkpoint(path: str, model: nn.Module, optimizer=None, scheduler=None, restore_rng: bool = True,
-                    run: Optional[dict] = None) -> dict:
+                    run: Optional[dict] = None, check_extra=None) -> dict:
     """Restore what `save_checkpoint` wrote into `model` (its trainable parameters, by name),
     `optimizer`, `scheduler` and the RNGs. Returns {"step": int, "extra": dict}.
     Raises FileNotFoundError or ValueError (naming the file) when the checkpoint is unreadable,
     does not fit the model, or was written by a different run than `run` (a `run_identity`).
-    On an error the model's parameters and the optimizer's state are left as they were. A model
+    On an error the model's parameters and the optimizer's state are left as they were.
+    `check_extra(extra)`, when given, raises to refuse the checkpoint's extra state (what the
+    caller restores from it afterwards) before anything is changed. A model
     with merged LoRA layers is refused: the restored adapter would not reach their output, and
     unmerging would corrupt the base."""
     from qlora_fast.nn.lora import check_unmerged
@@ -246,6 +248,8 @@ def load_checkpoint(path: str, model: nn.Module, optimizer=None, scheduler=None,
     if missing or unknown or wrong:
         raise ValueError(f"checkpoint {path} does not fit the model: missing {missing[:5]}, unknown {unknown[:5]}, "
                          f"wrong shape {wrong[:5]}")
+    if check_extra is not None:
+        check_extra(state["extra"])
     backup = {n: params[n].detach().clone() for n in state["trainable"]}
     # A load replaces the optimizer's state tensors rather than writing into them, so the old
     # state_dict stays intact as a backup.

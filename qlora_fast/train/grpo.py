@@ -642,13 +642,26 @@ class GRPOTrainer(core.TrainerCore):
         another run (different model, adapters, data or settings) wrote it."""
         if self._fsdp:
             raise NotImplementedError(_FSDP_CHECKPOINT)
-        state = checkpoint.load_checkpoint(path, self.model, self.optimizer, self.scheduler, run=self.run_identity())
+        state = checkpoint.load_checkpoint(path, self.model, self.optimizer, self.scheduler, run=self.run_identity(),
+                                           check_extra=lambda extra: self._check_extra_state(extra, path))
         extra = state["extra"]
         self.step, self.epoch, self.position = state["step"], extra["epoch"], extra["position"]
         self.sample_generator.set_state(extra["sample_rng"])
         self.history = list(extra["history"])
         self.eval_history = [(int(step), dict(result)) for step, result in extra.get("eval_history", [])]
         self._load_extra_state(extra)
+
+    def _check_extra_state(self, extra: dict, path: str) -> None:
+        """ValueError unless `load_checkpoint` can restore the trainer state `extra` of the
+        checkpoint `path`; called before anything is restored, so a refusal changes nothing."""
+        missing = [k for k in ("epoch", "position", "sample_rng", "history") if k not in extra]
+        if missing:
+            raise ValueError(f"checkpoint {path} has no {missing}: it was not written by {type(self).__name__}")
+        try:
+            torch.Generator(device=self.device).set_state(extra["sample_rng"])
+        except (RuntimeError, TypeError) as e:  # a CPU run's state on a CUDA resume, or the reverse
+            raise ValueError(f"checkpoint {path}: its sampling generator state does not fit this trainer's "
+                             f"{self.device} generator (written on another device?): {e}") from None
 
     def _extra_state(self) -> dict:
         """What a subclass adds to the checkpoint (PPO: its value head)."""

@@ -8,6 +8,7 @@ else is GRPO's: the same sampling, rewards, clipped surrogate, k3 KL to the refe
 adapters switched off), aggregation and optimizer. The loss adds vf_coef times the clipped value
 loss, aggregated like the policy loss.
 """
+import copy
 from dataclasses import dataclass
 from typing import Optional
 
@@ -129,7 +130,14 @@ class PPOTrainer(GRPOTrainer):
     def _extra_state(self) -> dict:
         return {"value_head": {k: v.detach().cpu() for k, v in self.value_head.state_dict().items()}}
 
-    def _load_extra_state(self, extra: dict) -> None:
+    def _check_extra_state(self, extra: dict, path: str) -> None:
+        super()._check_extra_state(extra, path)
         if "value_head" not in extra:
-            raise ValueError("the checkpoint has no value head: it was not written by PPOTrainer")
+            raise ValueError(f"checkpoint {path} has no value head: it was not written by PPOTrainer")
+        try:  # into a copy: nothing is restored until every part of the checkpoint fits
+            copy.deepcopy(self.value_head).load_state_dict(extra["value_head"])
+        except (RuntimeError, TypeError, AttributeError) as e:
+            raise ValueError(f"checkpoint {path}: its value head does not fit this one: {e}") from None
+
+    def _load_extra_state(self, extra: dict) -> None:
         self.value_head.load_state_dict(extra["value_head"])

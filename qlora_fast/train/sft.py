@@ -94,9 +94,12 @@ def encode_example(
 def _check_pairs(pairs, what):
     if not isinstance(pairs, Sequence) or not pairs:
         raise ValueError(f"{what} must be a non-empty list of {{'instruction', 'output'}} dicts")
-    for p in pairs[:3]:
+    for i, p in enumerate(pairs):  # every item: a bad one deep in the data failed mid-run with a KeyError
         if not isinstance(p, dict) or "instruction" not in p or "output" not in p:
-            raise ValueError(f"{what} items must be dicts with 'instruction' and 'output', got {p!r}")
+            raise ValueError(f"{what} items must be dicts with 'instruction' and 'output', got {p!r} at index {i}")
+        for key in ("instruction", "output"):
+            if not isinstance(p[key], str):  # the template would format a number silently
+                raise TypeError(f"{what}[{i}][{key!r}] must be a str, got {type(p[key]).__name__}")
 
 
 def build_examples(tokenizer, pairs, template: str, max_len: int, packing: bool, seed: int = 0):
