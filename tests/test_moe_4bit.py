@@ -283,3 +283,18 @@ def test_device_moves_and_quantize_weight_shape_check():
         experts.quantize_weight_("down_proj", torch.randn(4, 96, 64))
     packed, _ = quantize_4bit(torch.randn(4, 64, 96))
     assert packed.numel() == experts.down_proj.numel()
+
+
+def test_memory_reports_count_the_experts_as_4bit_weights():
+    from qlora_fast.peft.memory import base_weight_bytes
+
+    original = moe_model("mixtral")
+    model = replace_linear(copy.deepcopy(original))
+    quantized = [n for n, m in original.named_modules() if isinstance(m, nn.Linear) and n != "lm_head"]
+    experts = sum(p.numel() for n, p in original.named_parameters() if ".experts." in n)
+    linears = sum(original.get_submodule(n).weight.numel() for n in quantized)
+    sizes = base_weight_bytes(model)
+    assert sizes["quantized_params"] == experts + linears
+    kept = [*original.named_parameters(), *original.named_buffers()]  # rotary inv_freq: a buffer
+    assert sizes["other"] == sum(t.numel() * 4 for n, t in kept
+                                 if ".experts." not in n and n.rsplit(".", 1)[0] not in quantized)
