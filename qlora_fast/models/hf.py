@@ -255,8 +255,8 @@ def _load_quantized(directory, dtype, quant_type, blocksize, compress_statistics
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from qlora_fast.functional.quant import quantize_4bit
-    from qlora_fast.nn.linear4bit import Linear4bit
     from qlora_fast.nn.experts4bit import EXPERT_WEIGHTS, Experts4bit
+    from qlora_fast.nn.linear4bit import Linear4bit
     from qlora_fast.nn.replace import _experts_plan, _matches, is_conv1d, keep_in_fp32_modules, linear_layer_names
 
     try:

@@ -152,7 +152,7 @@ class Experts4bit(nn.Module):
                           nested_absmax=state.nested_absmax[start // NESTED_BLOCKSIZE:stop // NESTED_BLOCKSIZE])
         elif state.nested:
             fields["absmax"] = _absmax_fp32(state, start, stop)
-        expert = (packed.view(-1)[e * n // 2:(e + 1) * n // 2],
+        expert = (packed.view(-1, 1)[e * n // 2:(e + 1) * n // 2],  # (bytes, 1), as a Linear4bit's
                   QuantState(**fields, shape=torch.Size([out_features, in_features]), dtype=state.dtype,
                              blocksize=state.blocksize, quant_type=state.quant_type, code=state.code))
         if "nested_absmax" in fields or not state.nested:  # views only: cache; a decoded absmax is not kept

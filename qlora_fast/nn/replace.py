@@ -341,8 +341,9 @@ def replace_linear(
     converts every linear layer not in `skip`. With None or "all-linear" and a quant_type, the
     fused MoE experts modules not in `skip` go to 4 bits too (`Experts4bit`, same options; no
     adapter); one that cannot (transposed/biased experts, out * in per expert not a multiple of the
-    blocksize) is a ValueError naming it: pass it in `skip` to keep it in full precision. include_output=False: the output layer is never a
-    target (as in `get_peft_model`), whatever `skip` says. blocksize, compress_statistics, compute_dtype: passed
+    blocksize) is a ValueError naming it: pass it in `skip` to keep it in full precision.
+    include_output=False: the output layer is never a target (as in `get_peft_model`), whatever
+    `skip` says. blocksize, compress_statistics, compute_dtype: passed
     to `Linear4bit`. r: when set, wrap each converted layer with a LoRA adapter of this rank
     (`QLoRALinear` on a 4-bit base, `LoRALinear` on a full-precision one); lora_alpha defaults to
     2 * r. A layer already in 4 bits (ours, or bitsandbytes' adopted as is) keeps its bytes and gets
