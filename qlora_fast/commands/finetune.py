@@ -139,15 +139,12 @@ def _peak_memory(device) -> str:
 def _four_bit_weight_bytes(model):
     """(bytes, weights) of the 4-bit layers' weights alone: packed codes + per-block statistics,
     biases left out, so bytes * 8 / weights is the bits per weight."""
-    from qlora_fast.nn.linear4bit import Linear4bit
+    from qlora_fast.peft.memory import four_bit_weights
 
     nbytes = n = 0
-    seen = set()
-    for m in model.modules():
-        if isinstance(m, Linear4bit) and id(m.weight) not in seen:
-            seen.add(id(m.weight))
-            nbytes += m.weight.numel() * m.weight.element_size() + m.quant_state.statistics_bytes()
-            n += m.in_features * m.out_features
+    for weight, state in four_bit_weights(model):
+        nbytes += weight.numel() * weight.element_size() + state.statistics_bytes()
+        n += state.numel
     return nbytes, n
 
 

@@ -17,7 +17,8 @@ def load_hf_model(directory: str, device=None, dtype=None, quantize=None, blocks
     tokenizer files; `tokenizer=False` returns (model, None)).
 
     quantize: None, or "nf4"/"fp4" to store every linear layer but the output layer in 4 bits as
-    our `Linear4bit` (blocksize, compress_statistics as `quantize_4bit`), quantized one tensor at a
+    our `Linear4bit`, and fused MoE experts as `Experts4bit` (blocksize, compress_statistics as
+    `quantize_4bit`; experts that cannot be are a ValueError, see `replace_linear`), quantized one tensor at a
     time as the safetensors shards are read: the peak memory is about the 4-bit model plus one
     layer, never the full-precision model (checkpoints whose tensors transformers must build from
     several, such as Mixtral's per-expert weights, and .bin checkpoints are loaded whole, then
@@ -254,8 +255,9 @@ def _load_quantized(directory, dtype, quant_type, blocksize, compress_statistics
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from qlora_fast.functional.quant import quantize_4bit
+    from qlora_fast.nn.experts4bit import EXPERT_WEIGHTS, Experts4bit
     from qlora_fast.nn.linear4bit import Linear4bit
-    from qlora_fast.nn.replace import _matches, is_conv1d, keep_in_fp32_modules, linear_layer_names
+    from qlora_fast.nn.replace import _experts_plan, _matches, is_conv1d, keep_in_fp32_modules, linear_layer_names
 
     try:
         files = _safetensors_files(directory)
@@ -272,6 +274,10 @@ def _load_quantized(directory, dtype, quant_type, blocksize, compress_statistics
                                    "experts), which are not read one by one")
     keep_fp32 = keep_in_fp32_modules(model)  # left in full precision, as replace_linear leaves them
     targets = {n for n in linear_layer_names(model) if not _matches(n, keep_fp32)}  # without the output layer
+    # fused experts become Experts4bit now (weights still on meta, checked before any tensor is read);
+    # each 3-D weight is quantized as it is read
+    for name, experts in _experts_plan(model, keep_fp32, quant_type, blocksize, compress_statistics, None):
+        model.set_submodule(name, experts)
     expected = set(model.state_dict())
     ignored = _ignored_on_load(model)
     for file in files:
@@ -283,7 +289,11 @@ def _load_quantized(directory, dtype, quant_type, blocksize, compress_statistics
             if key not in expected:
                 raise ValueError(f"{file}: tensor {key} does not belong to {type(model).__name__}")
             module = model.get_submodule(module_name)
-            if module_name in targets and attr == "weight":
+            if isinstance(module, Experts4bit) and attr in EXPERT_WEIGHTS:
+                module.compute_dtype = dtype or tensor.dtype  # as a Linear4bit's below
+                module.quantize_weight_(attr, tensor)
+                del tensor
+            elif module_name in targets and attr == "weight":
                 weight = tensor.t() if is_conv1d(module) else tensor  # Conv1D stores (in, out)
                 packed, state = quantize_4bit(weight.contiguous(), blocksize, quant_type, compress_statistics)
                 # the bias (loaded already, or still on meta until its key comes) moves over

@@ -1,9 +1,10 @@
-"""Drop-in torch.nn modules: Linear4bit, LoRALinear, QLoRALinear, and the injector that swaps them in
-(replace_linear; match_target_modules and wrap_linear are its two halves)."""
+"""Drop-in torch.nn modules: Linear4bit, Experts4bit (fused MoE experts), LoRALinear, QLoRALinear, and
+the injector that swaps them in (replace_linear; match_target_modules and wrap_linear are its two halves)."""
 from qlora_fast.utils import lazy_getattr
 
 _LAZY = {
     "Linear4bit": "qlora_fast.nn.linear4bit",
+    "Experts4bit": "qlora_fast.nn.experts4bit",
     "LoRALinear": "qlora_fast.nn.lora",
     "QLoRALinear": "qlora_fast.nn.lora",
     "disable_adapter": "qlora_fast.nn.lora",

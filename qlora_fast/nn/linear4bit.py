@@ -247,10 +247,11 @@ class Linear4bit(nn.Module):
                 self.bias.copy_(new["bias"])
 
 
-def _quant_state_from(state_dict: dict, prefix: str, device=None) -> QuantState:
-    """The QuantState stored under `<prefix>weight.*`, fully checked (`QuantState.from_dict`); a
-    ValueError/TypeError names the missing or bad key."""
-    base = prefix + "weight."
+def _quant_state_from(state_dict: dict, prefix: str, device=None, name: str = "weight", dims: int = 2) -> QuantState:
+    """The QuantState stored under `<prefix><name>.*`, of a `dims`-D weight (2: a Linear4bit's; 3:
+    fused experts'), fully checked (`QuantState.from_dict`); a ValueError/TypeError names the missing
+    or bad key."""
+    base = prefix + name + "."
     entries = {k[len(base):]: v for k, v in state_dict.items() if k.startswith(base)}
     for key in ("absmax", "quant_map"):
         if key not in entries:
@@ -260,8 +261,9 @@ def _quant_state_from(state_dict: dict, prefix: str, device=None) -> QuantState:
     if "nested_absmax" in entries and "nested_quant_map" not in entries:
         raise ValueError(f"state_dict is missing the quant key {base + 'nested_quant_map'!r}")
     state = QuantState.from_dict(entries, device=device, where=base)
-    if len(state.shape) != 2:
-        raise ValueError(f"{base}quant_state shape must be (out_features, in_features), got {tuple(state.shape)}")
+    if len(state.shape) != dims:
+        what = "(out_features, in_features)" if dims == 2 else "(experts, out_features, in_features)"
+        raise ValueError(f"{base}quant_state shape must be {what}, got {tuple(state.shape)}")
     return state
 
 

@@ -11,6 +11,9 @@ Works on any `nn.Module` tree, Hugging Face transformers models included. The ki
   as it is, its packed bytes and statistics becoming our `Linear4bit` without requantizing;
 - our `Linear4bit`: kept, and given an adapter when `r` is set; a LoRA layer: left alone.
 Any other already-quantized layer is a ValueError.
+Fused MoE experts (transformers' 3-D `gate_up_proj`/`down_proj` parameters, Mixtral, Qwen-MoE,
+OLMoE, ...) are not linear layers: when a model is quantized they become `Experts4bit`
+(`fused_experts_names`); they never get an adapter.
 
 Targets read as PEFT's `target_modules` (`match_target_modules`): a list of names (a layer matches
 when its full dotted name equals one or ends with "." + one), one string used as a regular
@@ -22,6 +25,7 @@ from typing import Iterable, Optional, Union
 import torch
 from torch import nn
 
+from qlora_fast.nn.experts4bit import EXPERT_WEIGHTS, Experts4bit, is_fused_experts, unsupported_experts
 from qlora_fast.nn.linear4bit import Linear4bit
 from qlora_fast.quant_state import check_compress_statistics
 from qlora_fast.utils import renamed_kwargs
@@ -29,7 +33,7 @@ from qlora_fast.utils import renamed_kwargs
 __all__ = [
     "replace_linear", "match_target_modules", "wrap_linear", "default_lora_targets", "linear_layer_names",
     "keep_in_fp32_modules", "linear_features", "is_conv1d", "conv1d_to_linear", "adopt_bnb_4bit", "merge_linear_layers",
-    "present_target_names",
+    "present_target_names", "fused_experts_names",
 ]
 
 ALL_LINEAR = "all-linear"
@@ -187,6 +191,12 @@ def linear_layer_names(model: nn.Module, include_output: bool = False):
     return names
 
 
+def fused_experts_names(model: nn.Module) -> list:
+    """Full dotted names of the fused MoE experts modules of `model` (`is_fused_experts`: 3-D
+    gate_up_proj/up_proj/down_proj parameters of their own), in module order."""
+    return [name for name, m in model.named_modules() if is_fused_experts(m)]
+
+
 def default_lora_targets(model: nn.Module):
     """The LoRA targets of `model` when none are given: every linear layer but the output layer (as
     QLoRA, and PEFT's "all-linear"), as the list of their names when all are familiar projection
@@ -275,6 +285,11 @@ def match_target_modules(model: nn.Module, target_modules=ALL_LINEAR, skip: Unio
         return matched
     for target in targets:
         if not any(_matches(n, (target,)) for n in names):
+            experts = [f"{m}.{w}" for m in fused_experts_names(model) for w in EXPERT_WEIGHTS]
+            if any(_matches(e, (target,)) for e in experts):
+                raise ValueError(f"target module {target!r} names a fused MoE experts parameter (3-D, one weight for "
+                                 "all experts), not a linear layer: LoRA on fused experts (PEFT's "
+                                 "target_parameters) is not supported")
             short = sorted({n.split(".")[-1] for n in names})
             raise ValueError(f"target module {target!r} matched no linear layer of {type(model).__name__}; "
                              f"its linear layers are named {short}")
@@ -323,8 +338,12 @@ def replace_linear(
     skip: module names (full dotted names or their trailing part, e.g. "lm_head") left untouched.
     target_modules: which layers to convert, read as PEFT's (`match_target_modules`): e.g.
     ["q_proj", "v_proj"], a regular expression on the full name, or "all-linear"; None (default)
-    converts every linear layer not in `skip`. include_output=False: the output layer is never a
-    target (as in `get_peft_model`), whatever `skip` says. blocksize, compress_statistics, compute_dtype: passed
+    converts every linear layer not in `skip`. With None or "all-linear" and a quant_type, the
+    fused MoE experts modules not in `skip` go to 4 bits too (`Experts4bit`, same options; no
+    adapter); one that cannot (transposed/biased experts, out * in per expert not a multiple of the
+    blocksize) is a ValueError naming it: pass it in `skip` to keep it in full precision.
+    include_output=False: the output layer is never a target (as in `get_peft_model`), whatever
+    `skip` says. blocksize, compress_statistics, compute_dtype: passed
     to `Linear4bit`. r: when set, wrap each converted layer with a LoRA adapter of this rank
     (`QLoRALinear` on a 4-bit base, `LoRALinear` on a full-precision one); lora_alpha defaults to
     2 * r. A layer already in 4 bits (ours, or bitsandbytes' adopted as is) keeps its bytes and gets
@@ -359,11 +378,16 @@ def replace_linear(
                               compress_statistics=compress_statistics, compute_dtype=compute_dtype)
             if new is not None:
                 plan.append((name, new))
+        linears = len(plan)
+        if quant_type is not None and targets_all(target_modules):
+            plan += _experts_plan(model, skip=(*_as_names(skip, "skip"), *keep_fp32), quant_type=quant_type,
+                                  blocksize=blocksize, compress_statistics=compress_statistics,
+                                  compute_dtype=compute_dtype)
     except BaseException:
         for p, flag in flags:
             p.requires_grad_(flag)
         raise
-    if r is not None and names and not plan:
+    if r is not None and names and not linears:
         raise ValueError(f"every matching layer already has a LoRA adapter ({len(names)} layers, e.g. {names[0]!r}): "
                          "no adapter added; use the model as it is, or unload/merge its adapters first")
     _swap(model, plan)
@@ -373,6 +397,25 @@ def replace_linear(
 
         mark_only_lora_as_trainable(model)
     return model
+
+
+def targets_all(target_modules) -> bool:
+    """Whether `target_modules` picks every layer (None or "all-linear"): only then are fused
+    experts, which no name or regex of linear layers picks, quantized too."""
+    return target_modules is None or target_modules == ALL_LINEAR
+
+
+def _experts_plan(model: nn.Module, skip, quant_type, blocksize, compress_statistics, compute_dtype) -> list:
+    """(name, Experts4bit) for every fused experts module of `model` not in `skip`; ValueError
+    naming the first that cannot be quantized, before any is."""
+    names = [n for n in fused_experts_names(model) if not _matches(n, skip)]
+    for name in names:
+        why = unsupported_experts(model.get_submodule(name), blocksize)
+        if why:
+            raise ValueError(f"cannot quantize the fused MoE experts {name!r}: {why}; pass skip=[{name!r}] (or "
+                             "its last name) to keep it in full precision")
+    return [(n, Experts4bit.from_experts(model.get_submodule(n), quant_type, blocksize, compress_statistics,
+                                         compute_dtype)) for n in names]
 
 
 # ---------------------------------------------------------------------------- merging back
@@ -403,9 +446,12 @@ def _dequantized(layer: Linear4bit) -> torch.Tensor:
 def merge_linear_layers(model: nn.Module, keep_4bit: bool = False, dtype: Optional[torch.dtype] = None) -> nn.Module:
     """In place, all or nothing: merge every LoRA adapter into its layer and, unless `keep_4bit`,
     turn every 4-bit layer (ours or bitsandbytes') back into a dense one in its original class
-    (nn.Linear or Conv1D) and original dtype (or `dtype`). The model's transformers config is
-    updated to match: `quantization_config` removed (dense), or set for bitsandbytes (keep_4bit).
-    Returns `model`. FloatingPointError, nothing changed, when an unmerged adapter is NaN or inf."""
+    (nn.Linear or Conv1D) and original dtype (or `dtype`), and every `Experts4bit` back into its
+    dense experts module. The model's transformers config is updated to match:
+    `quantization_config` removed (dense), or set for bitsandbytes (keep_4bit). Returns `model`.
+    keep_4bit with 4-bit fused experts is a ValueError: bitsandbytes' quantization_config cannot
+    describe them, so transformers could not load the model back. FloatingPointError, nothing
+    changed, when an unmerged adapter is NaN or inf."""
     from qlora_fast.nn.lora import LoRALinear, QLoRALinear
 
     # Checked before anything changes: a NaN/inf adapter would make the dense weight NaN, or stop
@@ -413,7 +459,11 @@ def merge_linear_layers(model: nn.Module, keep_4bit: bool = False, dtype: Option
     for name, m in model.named_modules():
         if isinstance(m, LoRALinear) and not m.merged and not (m.lora_A.isfinite().all() and m.lora_B.isfinite().all()):
             raise FloatingPointError(f"the LoRA adapter of {name!r} holds NaN or inf values; nothing was merged")
-    plan = []
+    experts = [(n, m) for n, m in model.named_modules() if isinstance(m, Experts4bit)]
+    if keep_4bit and experts:
+        raise ValueError(f"cannot keep 4 bits: {experts[0][0]!r} holds fused MoE experts in 4 bits, which a "
+                         "bitsandbytes quantization_config cannot describe; merge to a dense model (keep_4bit=False)")
+    plan = [(name, m, m.dequantize(dtype)) for name, m in experts]
     for name in linear_layer_names(model, include_output=True):
         layer = model.get_submodule(name)
         if isinstance(layer, QLoRALinear) and keep_4bit:

@@ -322,10 +322,10 @@ class PeftModel(nn.Module):
 
     def parameter_counts(self):
         """(trainable, total); a 4-bit weight counts its logical (out * in) elements."""
-        from qlora_fast.nn.linear4bit import Linear4bit
+        from qlora_fast.peft.memory import four_bit_weights
 
         total = trainable = 0
-        packed = {id(m.weight): m.in_features * m.out_features for m in self.modules() if isinstance(m, Linear4bit)}
+        packed = {id(weight): state.numel for weight, state in four_bit_weights(self)}
         seen = set()
         for p in self.parameters():
             if id(p) in seen:
