@@ -160,6 +160,49 @@ def fsdp_worker(rank, world_size, init_file, out_dir, seed, double_quant, optimi
 
 
 
+def build_moe_model(seed):
+    """A tiny transformers Mixtral, QLoRA (its fused experts as Experts4bit, adapters on the rest)."""
+    import transformers
+
+    torch.manual_seed(seed)
+    config = transformers.MixtralConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+                                        num_experts_per_tok=2, vocab_size=CONFIG["vocab_size"])
+    model = get_peft_model(transformers.AutoModelForCausalLM.from_config(config),
+                           LoraConfig(r=4, lora_alpha=8, quantize_base="nf4"))
+    with torch.no_grad():  # non-zero B so the first step already moves every adapter
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    return model
+
+
+def moe_fsdp_worker(rank, world_size, init_file, out_dir, seed):
+    """QLoRA steps on the 4-bit Mixtral under FSDP2 (the experts' packed bytes sharded as any
+    parameter; layers too small to split on block boundaries replicated)."""
+    import torch.distributed as dist
+
+    from qlora_fast.distributed import shard_qlora_model
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        model = shard_qlora_model(build_moe_model(seed), unsplittable="replicate")
+        sharded = [n for n, p in model.named_parameters() if ".experts." in n and type(p).__name__ == "DTensor"]
+        per = GLOBAL_BATCH // world_size
+
+        def mean_loss(loss):
+            total = loss.detach().clone()
+            dist.all_reduce(total)
+            return total.item() / world_size
+
+        losses = train(model, make_optimizer(model), global_batch(seed)[:, rank * per:(rank + 1) * per], mean_loss)
+        torch.save(dict(losses=losses, sharded=sharded, adapters=adapters(model)),
+                   os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
 def perturb_adapters(model, seed):
     """Different adapter values (same base): a load must overwrite them."""
     g = torch.Generator().manual_seed(seed)

@@ -12,10 +12,12 @@ import torch.multiprocessing as mp
 from fsdp_worker import (
     adapters,
     build_model,
+    build_moe_model,
     dcp_worker,
     fsdp_worker,
     global_batch,
     make_optimizer,
+    moe_fsdp_worker,
     perturb_adapters,
     train,
 )
@@ -207,6 +209,21 @@ def test_fsdp2_two_ranks_match_one_process(tmp_path, seed, double_quant, optimiz
     assert len(ranks[0]["held_after_forward"]) == 14 and not any(ranks[0]["held_after_forward"])
     dense = 2 * n_4bit * 2  # what a bf16 copy of the same weights would be
     assert sum(gathered) < dense
+
+
+def test_fsdp2_on_a_4bit_mixtral_matches_one_process(tmp_path, seed):
+    """Fused MoE experts in 4 bits (Experts4bit) under FSDP2: each expert weight's packed bytes are
+    sharded (a DTensor) and gathered for the forward; 2 ranks == one process on the global batch."""
+    mp.spawn(moe_fsdp_worker, args=(2, str(tmp_path / "init"), str(tmp_path), seed), nprocs=2, join=True)
+    ranks = [torch.load(os.path.join(tmp_path, f"rank{r}.pt")) for r in range(2)]
+    model = build_moe_model(seed)
+    ref_losses = train(model, make_optimizer(model), global_batch(seed))
+    ref_adapters = adapters(model)
+    for r in ranks:
+        assert len(r["sharded"]) == 4  # gate_up_proj and down_proj of 2 layers
+        torch.testing.assert_close(torch.tensor(r["losses"]), torch.tensor(ref_losses), rtol=1e-5, atol=1e-6)
+        for name, value in ref_adapters.items():
+            assert_adam_close(r["adapters"][name], value, name)
 
 
 def test_dcp_checkpoint_resume_on_two_ranks_and_load_on_one(tmp_path, seed):

@@ -8,6 +8,7 @@ configs (no downloads).
 import copy
 import json
 import os
+import warnings
 
 import pytest
 import torch
@@ -159,16 +160,21 @@ def test_packed_bytes_are_those_of_bitsandbytes_quantizing_the_3d_weight(seed):
     assert list(quant.quant_states["gate_up_proj"].shape) == list(state.shape)
 
 
-def test_sizes_that_straddle_blocks_are_refused_naming_the_module_and_can_be_skipped(seed):
+def test_sizes_that_straddle_blocks_stay_in_full_precision_warned_by_name(seed):
     original = moe_model("mixtral", hidden=40, intermediate=50)  # 100 x 40 = 4000 per expert: not 64-blocks
-    with pytest.raises(ValueError, match=r"model\.layers\.0\.mlp\.experts.*not a multiple of the blocksize 64"):
-        replace_linear(copy.deepcopy(original))
-    model = replace_linear(copy.deepcopy(original), skip=["lm_head", "experts"])
-    assert not experts_of(model) and any(isinstance(m, Linear4bit) for m in model.modules())
-    assert model.model.layers[0].mlp.experts.gate_up_proj.dtype == torch.float32
+    with pytest.warns(UserWarning, match=r"model\.layers\.0\.mlp\.experts' and 1 more like it stay in full "
+                                         "precision.*not a multiple of the blocksize 64"):
+        warned = replace_linear(copy.deepcopy(original))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # skipped by name: no warning
+        model = replace_linear(copy.deepcopy(original), skip=["lm_head", "experts"])
+    for m in (warned, model):
+        assert not experts_of(m) and any(isinstance(layer, Linear4bit) for layer in m.modules())
+        kept, before = m.model.layers[0].mlp.experts, original.model.layers[0].mlp.experts
+        assert torch.equal(kept.gate_up_proj, before.gate_up_proj)
 
 
-def test_transposed_biased_or_unknown_experts_are_refused_naming_the_module():
+def test_transposed_biased_or_unknown_experts_stay_in_full_precision_warned_by_name():
     config = transformers.PretrainedConfig()
 
     @use_experts_implementation(is_transposed=True, has_bias=True)
@@ -186,9 +192,9 @@ def test_transposed_biased_or_unknown_experts_are_refused_naming_the_module():
 
     for experts, why in [(TransposedExperts(config), "is_transposed"), (UnknownExperts(), "forward is unknown")]:
         model = nn.ModuleDict(dict(proj=nn.Linear(64, 64), moe=nn.ModuleDict(dict(experts=experts))))
-        with pytest.raises(ValueError, match=rf"'moe\.experts'.*{why}.*skip="):
+        with pytest.warns(UserWarning, match=rf"'moe\.experts' stay in full precision.*{why}"):
             replace_linear(model)
-        assert isinstance(model.proj, nn.Linear), "all or nothing"
+        assert isinstance(model.proj, Linear4bit) and model.moe.experts is experts
 
 
 def test_hf_loader_quantizes_the_experts_and_matches_the_reference(tmp_path, seed):
@@ -227,6 +233,29 @@ def test_hf_loader_quantizes_fused_checkpoint_tensors_as_it_reads_them(tmp_path,
     assert model.state_dict().keys() == ref_state.keys()
     assert all(torch.equal(v, ref_state[k]) for k, v in model.state_dict().items())
     assert json.load(open(os.path.join(tmp_path, "config.json")))["model_type"] == "qwen3_moe"
+
+
+def test_hf_loader_keeps_experts_it_cannot_quantize_in_full_precision_warned(tmp_path, seed):
+    """GPT-OSS's experts are transposed and biased: the loader still quantizes the linear layers
+    (as it did before experts were quantized at all), keeps the experts' tensors exactly, and says
+    so. Oracle: transformers' own model with the same linear layers dequantized."""
+    from qlora_fast.models.hf import load_hf_model
+
+    config = transformers.GptOssConfig(hidden_size=64, intermediate_size=64, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_local_experts=4,
+                                       num_experts_per_tok=2, vocab_size=VOCAB, layer_types=["full_attention"] * 2)
+    original = transformers.AutoModelForCausalLM.from_config(config).eval()
+    original.save_pretrained(str(tmp_path))
+    with pytest.warns(UserWarning, match=r"'model\.layers\.0\.mlp\.experts' and 1 more like it stay in full "
+                                         "precision: transposed or biased"):
+        model, _ = load_hf_model(str(tmp_path), quantize="nf4", tokenizer=False)
+    assert not experts_of(model) and any(isinstance(m, Linear4bit) for m in model.modules())
+    kept = {k: v for k, v in model.state_dict().items() if ".experts." in k}
+    assert kept and all(torch.equal(v, original.state_dict()[k]) for k, v in kept.items())
+    twin = dequantized_twin(original, model)
+    ids = torch.randint(0, VOCAB, (2, 9))
+    with torch.no_grad():
+        assert_close(model(input_ids=ids).logits, twin(input_ids=ids).logits, atol=1e-5, rtol=1e-5)
 
 
 def test_lora_training_step_on_a_quantized_mixtral(seed):

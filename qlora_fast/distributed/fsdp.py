@@ -205,8 +205,9 @@ def shard_qlora_model(model: nn.Module, mesh=None, mp_policy=None, reshard_after
     `MixedPrecisionPolicy` (adapters compute in its param_dtype; 4-bit bytes are never cast).
     unsplittable: "error" (a ValueError naming the first 4-bit weight that cannot be split on
     block boundaries) or "replicate" (such weights stay plain `Linear4bit`s, kept whole on every
-    rank: FSDP2 ignores their parameters). Needs an initialised process group. Returns the model
-    (now an FSDPModule).
+    rank: FSDP2 ignores their parameters). Fused 4-bit MoE experts (`Experts4bit`) shard their
+    packed bytes as any parameter (their block scales, a small part, stay whole on every rank).
+    Needs an initialised process group. Returns the model (now an FSDPModule).
     """
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh

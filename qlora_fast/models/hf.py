@@ -18,7 +18,8 @@ def load_hf_model(directory: str, device=None, dtype=None, quantize=None, blocks
 
     quantize: None, or "nf4"/"fp4" to store every linear layer but the output layer in 4 bits as
     our `Linear4bit`, and fused MoE experts as `Experts4bit` (blocksize, compress_statistics as
-    `quantize_4bit`; experts that cannot be are a ValueError, see `replace_linear`), quantized one tensor at a
+    `quantize_4bit`; experts that cannot be quantized stay in full precision with a warning, see
+    `replace_linear`), quantized one tensor at a
     time as the safetensors shards are read: the peak memory is about the 4-bit model plus one
     layer, never the full-precision model (checkpoints whose tensors transformers must build from
     several, such as Mixtral's per-expert weights, and .bin checkpoints are loaded whole, then

@@ -20,6 +20,7 @@ when its full dotted name equals one or ends with "." + one), one string used as
 expression on the full name, or "all-linear".
 """
 import re
+import warnings
 from typing import Iterable, Optional, Union
 
 import torch
@@ -341,7 +342,7 @@ def replace_linear(
     converts every linear layer not in `skip`. With None or "all-linear" and a quant_type, the
     fused MoE experts modules not in `skip` go to 4 bits too (`Experts4bit`, same options; no
     adapter); one that cannot (transposed/biased experts, out * in per expert not a multiple of the
-    blocksize) is a ValueError naming it: pass it in `skip` to keep it in full precision.
+    blocksize) stays in full precision with a warning naming it (none when it is in `skip`).
     include_output=False: the output layer is never a target (as in `get_peft_model`), whatever
     `skip` says. blocksize, compress_statistics, compute_dtype: passed
     to `Linear4bit`. r: when set, wrap each converted layer with a LoRA adapter of this rank
@@ -406,16 +407,23 @@ def targets_all(target_modules) -> bool:
 
 
 def _experts_plan(model: nn.Module, skip, quant_type, blocksize, compress_statistics, compute_dtype) -> list:
-    """(name, Experts4bit) for every fused experts module of `model` not in `skip`; ValueError
-    naming the first that cannot be quantized, before any is."""
-    names = [n for n in fused_experts_names(model) if not _matches(n, skip)]
-    for name in names:
-        why = unsupported_experts(model.get_submodule(name), blocksize)
+    """(name, Experts4bit) for every fused experts module of `model` not in `skip`. One that cannot
+    be quantized (`unsupported_experts`) stays in full precision, with a warning naming it and why:
+    such models (GPT-OSS, Llama4) quantized their linear layers before experts were quantized at all."""
+    plan, kept = [], []
+    for name in (n for n in fused_experts_names(model) if not _matches(n, skip)):
+        experts = model.get_submodule(name)
+        why = unsupported_experts(experts, blocksize)
         if why:
-            raise ValueError(f"cannot quantize the fused MoE experts {name!r}: {why}; pass skip=[{name!r}] (or "
-                             "its last name) to keep it in full precision")
-    return [(n, Experts4bit.from_experts(model.get_submodule(n), quant_type, blocksize, compress_statistics,
-                                         compute_dtype)) for n in names]
+            kept.append((name, why))
+        else:
+            plan.append((name, Experts4bit.from_experts(experts, quant_type, blocksize, compress_statistics,
+                                                        compute_dtype)))
+    if kept:  # one warning per model, not per layer
+        (name, why), more = kept[0], f" and {len(kept) - 1} more like it" if len(kept) > 1 else ""
+        warnings.warn(f"the fused MoE experts {name!r}{more} stay in full precision: {why} (skip={name!r} says "
+                      "so without this warning)", stacklevel=4)
+    return plan
 
 
 # ---------------------------------------------------------------------------- merging back
