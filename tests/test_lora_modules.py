@@ -405,3 +405,22 @@ def test_old_argument_names_warn_and_build_the_same_module(quantized, seed):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     with pytest.raises(TypeError, match="both lora_alpha= and its deprecated name alpha="):
         cls.from_linear(copy.deepcopy(linear), r=4, alpha=3.0, lora_alpha=3.0)
+
+
+@pytest.mark.parametrize("dtype, p", [(torch.bfloat16, 0.05), (torch.float16, 0.1), (torch.bfloat16, 0.3)])
+def test_dropout_scales_kept_inputs_by_exactly_one_over_one_minus_p(seed, dtype, p):
+    """In 16 bits the factor 1/(1-p) itself would round (bf16: 1/0.95 -> 1.0547, +0.2% on every
+    kept input: a bias, where PEFT's float32 adapter is exact). Oracle: float64 math on the same
+    kept inputs; the adapter term's projection on it is 1 up to noise that averages out."""
+    module = make_lora(256, 96, r=8, dropout=p, dtype=dtype).train()
+    x = torch.distributions.StudentT(3.0).sample((512, 256)).to(dtype)  # heavy tails
+    state = torch.get_rng_state()
+    with torch.no_grad():
+        y = module(x).double()
+    torch.set_rng_state(state)  # the same draw: which inputs were kept
+    kept = torch.nn.functional.dropout(torch.ones_like(x), p, training=True) != 0
+    base = module.base(x).double()
+    A, B = (w.to(dtype).double() for w in (module.lora_A, module.lora_B))  # as computed, in x's dtype
+    adapter = (x.double() * kept) @ A.t() @ B.t() * module.scaling / (1 - p)
+    ratio = ((y - base) * adapter).sum() / (adapter * adapter).sum()
+    assert abs(ratio.item() - 1) < 4e-4, ratio.item()
