@@ -348,6 +348,41 @@ def test_checkpoint_of_an_optimizer_that_has_not_stepped(tmp_path, seed, name):
     assert train(target, target_opt, batches[2:3]) == train(model, opt, batches[2:3])
 
 
+@pytest.mark.parametrize("swap", ["exchange", "two renames"])
+def test_overwriting_a_checkpoint_folder_is_all_or_nothing(tmp_path, seed, monkeypatch, swap):
+    """overwrite=True: the new folder replaces the old one whole (one atomic swap on Linux, else
+    two renames), nothing left beside it; a save that fails half-way leaves the old one as it was.
+    One process, no process group. Oracle: the adapters as trained, read back."""
+    import qlora_fast.distributed.checkpoint as ckpt
+
+    if swap == "two renames":
+        monkeypatch.setattr(ckpt, "_exchange", lambda a, b: False)
+    model = build_model(seed)
+    opt = make_optimizer(model)
+    path = tmp_path / "ckpt"
+    save_adapter_checkpoint(model, opt, path, extra={"step": 0})
+    first = adapters(model)
+    train(model, opt, global_batch(seed)[:1])
+    save_adapter_checkpoint(model, opt, path, extra={"step": 1}, overwrite=True)
+    assert sorted(os.listdir(tmp_path)) == ["ckpt"]
+    second = adapters(model)
+    loaded = build_model(seed)
+    assert load_adapter_checkpoint(loaded, make_optimizer(loaded), path) == {"step": 1}
+    assert all(torch.equal(v, second[k]) for k, v in adapters(loaded).items())
+
+    def broken_save(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch.distributed.checkpoint, "save", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        save_adapter_checkpoint(model, opt, path, extra={"step": 2}, overwrite=True)
+    monkeypatch.undo()
+    again = build_model(seed)
+    assert load_adapter_checkpoint(again, make_optimizer(again), path) == {"step": 1}
+    assert all(torch.equal(v, second[k]) for k, v in adapters(again).items())
+    assert any(not torch.equal(v, first[k]) for k, v in second.items())  # the two saves differ
+
+
 def test_failed_trainer_checkpoint_load_changes_nothing(tmp_path, seed):
     from qlora_fast.distributed import load_trainer_checkpoint, save_trainer_checkpoint
 

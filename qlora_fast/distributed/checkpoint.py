@@ -24,6 +24,8 @@ from typing import Optional
 import torch
 from torch import nn
 
+from qlora_fast.utils import _exchange
+
 __all__ = ["save_adapter_checkpoint", "load_adapter_checkpoint", "save_trainer_checkpoint", "load_trainer_checkpoint",
            "sharded_checkpoint_path", "resolve_sharded_resume"]
 
@@ -147,10 +149,13 @@ def save_adapter_checkpoint(model: nn.Module, optimizer, path: str, extra: Optio
     _barrier()
     if dist is None or dist.get_rank() == 0:
         if os.path.exists(path):  # overwrite: the old folder goes only once the new one is complete
-            shutil.rmtree(path + ".old", ignore_errors=True)
-            os.replace(path, path + ".old")
-            os.replace(partial, path)
-            shutil.rmtree(path + ".old")
+            if _exchange(partial, path):  # one atomic swap (Linux): the old folder is now `partial`
+                shutil.rmtree(partial)
+            else:  # two renames: a crash between them leaves the old folder whole as `path`.old
+                shutil.rmtree(path + ".old", ignore_errors=True)
+                os.replace(path, path + ".old")
+                os.replace(partial, path)
+                shutil.rmtree(path + ".old")
         else:
             os.replace(partial, path)
     _barrier()
