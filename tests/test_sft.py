@@ -259,6 +259,26 @@ def test_every_training_pair_is_checked_up_front():
             SFTTrainer(model, tok, TRAIN[:4], eval_data=data)
 
 
+def test_eval_data_that_keeps_no_output_token_is_refused_not_scored_zero():
+    """Eval pairs cut before their output (a long prompt, a short max_seq_len) have no token to
+    score: evaluate_loss said loss 0, perplexity 1. Refused by the trainer's constructor and by
+    evaluate_loss, naming max_seq_len; one pair with an output token is enough."""
+    from qlora_fast.models import LlamaForCausalLM
+
+    tok, model = ByteTokenizer(), LlamaForCausalLM(TINY)
+    long_prompts = [{"instruction": "x" * 200, "output": "y"} for _ in range(3)]
+    config = SFTConfig(max_seq_len=64)
+    with pytest.raises(ValueError, match="no eval_data pair keeps any output token within max_seq_len=64"):
+        SFTTrainer(model, tok, TRAIN[:4], eval_data=long_prompts, config=config)
+    with pytest.raises(ValueError, match="max_len=64"):
+        evaluate_loss(model, tok, long_prompts, max_len=64)
+    mixed = long_prompts + [{"instruction": "add 2 and 3", "output": "5"}]
+    trainer = SFTTrainer(model, tok, TRAIN[:4], eval_data=mixed, config=config)
+    one = evaluate_loss(model, tok, mixed[-1:], max_len=64)
+    got = trainer.evaluate()  # the cut pairs count for nothing
+    assert math.isclose(got["loss"], one["loss"], rel_tol=1e-6) and one["loss"] > 0
+
+
 def _free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

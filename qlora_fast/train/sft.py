@@ -163,7 +163,9 @@ def evaluate_loss(
         total += nll.item()
         count += int((targets != -100).sum())
     model.train(was)
-    loss = total / max(count, 1)
+    if not count:  # else a loss of 0 (perplexity 1) that nothing measured
+        raise ValueError(f"no pair keeps any output token within max_len={max_len}: nothing to evaluate")
+    loss = total / count
     return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
 
 
@@ -231,6 +233,11 @@ class SFTTrainer(core.TrainerCore):
             check_writable_dir(c.output_dir, "SFTConfig.output_dir")
         self._train_data, self._run = train_data, None
         self.rows = build_examples(tokenizer, train_data, c.prompt_template, c.max_seq_len, c.packing, c.seed)
+        if eval_data is not None and not any(
+            any(t != -100 for t in encode_example(tokenizer, p["instruction"], p["output"], c.prompt_template,
+                                                  c.max_seq_len)[1]) for p in eval_data):
+            raise ValueError(f"no eval_data pair keeps any output token within max_seq_len={c.max_seq_len}: "
+                             "its loss would measure nothing; raise max_seq_len")
         self.params = params = [p for p in model.parameters() if p.requires_grad]
         if not params:
             raise ValueError("model has no trainable parameters (wrap it with get_peft_model first)")
