@@ -14,6 +14,7 @@ import pytest
 import torch
 from conftest import assert_close
 from test_moe_4bit import VOCAB, dequantized_twin, experts_of, moe_model
+from torch import nn
 
 from qlora_fast.nn import replace_linear
 from qlora_fast.nn.experts4bit import Experts4bit
@@ -232,3 +233,46 @@ def test_save_adapter_of_a_model_adapted_in_place_keeps_its_target_parameters(tm
     with torch.no_grad():
         assert_close(model(input_ids=ids).logits, reference(input_ids=ids).logits, atol=2e-5, rtol=2e-5)
     assert os.path.isfile(tmp_path / "adapter_model.safetensors")
+
+
+@pytest.mark.parametrize("quant", [None, "nf4"])
+def test_bfloat16_experts_adapter_error_is_that_of_peft_in_bfloat16(seed, quant):
+    """One experts module in bf16 with adapters (fp32 adapters, as ours train): its error against
+    PEFT in float64 on the same weights is at most twice that of PEFT's own bf16 forward. Routing
+    is given (top_k_index), so no expert choice can flip."""
+    from qlora_fast.nn.experts_lora import add_experts_lora
+
+    dense = moe_model("mixtral").model.layers[0].mlp.experts
+    names = ["gate_up_proj", "down_proj"]
+    ours = copy.deepcopy(dense).to(torch.bfloat16)
+    if quant:
+        ours = Experts4bit.from_experts(ours, quant)
+    ours = add_experts_lora(ours, names, r=4, lora_alpha=8)
+    lora = ours.lora
+    _randomize(lora.parameters())
+    weights = {w: ours.dequantize_weight(w, torch.float32) if quant else getattr(ours.base, w).float() for w in names}
+
+    def peft_experts(dtype):
+        holder = nn.Module()
+        holder.experts = copy.deepcopy(dense).to(dtype)
+        with torch.no_grad():
+            for w in names:
+                getattr(holder.experts, w).copy_(weights[w])
+        holder = peft.inject_adapter_in_model(peft.LoraConfig(target_parameters=names, target_modules=[], r=4,
+                                                              lora_alpha=8), holder)
+        inner, outer = holder.experts.base_layer, holder.experts  # gate_up_proj innermost, as PEFT nests
+        with torch.no_grad():
+            for module, w in ((inner, "gate_up_proj"), (outer, "down_proj")):
+                module.lora_A["default"].weight.copy_(lora[w].lora_A)
+                module.lora_B["default"].weight.copy_(lora[w].lora_B)
+        return holder.experts
+
+    tokens, k = 13, 2
+    hidden = torch.randn(tokens, dense.gate_up_proj.shape[-1])
+    index = torch.stack([torch.randperm(dense.gate_up_proj.shape[0])[:k] for _ in range(tokens)])
+    route = torch.softmax(torch.randn(tokens, k), -1)
+    with torch.no_grad():
+        out = ours(hidden.bfloat16(), index, route.bfloat16())
+        ref64 = peft_experts(torch.float64)(hidden.double(), index, route.double())
+        ref16 = peft_experts(torch.bfloat16)(hidden.bfloat16(), index, route.bfloat16())
+    assert (out.double() - ref64).abs().max() <= 2 * (ref16.double() - ref64).abs().max()
