@@ -16,7 +16,7 @@ from conftest import assert_close
 from test_moe_4bit import VOCAB, dequantized_twin, experts_of, moe_model
 from torch import nn
 
-from qlora_fast.nn import replace_linear
+from qlora_fast.nn import Linear4bit, replace_linear
 from qlora_fast.nn.experts4bit import Experts4bit
 from qlora_fast.nn.experts_lora import ExpertLoRA, LoRAExperts
 from qlora_fast.peft import LoraConfig, get_peft_model, load_adapter, read_adapter_config
@@ -191,6 +191,9 @@ def test_what_peft_refuses_and_what_we_cannot_do_are_clear_errors(tmp_path):
         get_peft_model(model, LoraConfig(target_parameters=["q_proj.weight"]))
     with pytest.raises(ValueError, match=r"\['experts.up_proj'\] matched no parameter.*experts.gate_up_proj"):
         get_peft_model(model, LoraConfig(target_parameters=["experts.up_proj", "experts.down_proj"]))
+    with pytest.raises(ValueError, match=r"r must be in \[1, min\(out, in\)\] = \[1, 64\] for gate_up_proj"):
+        get_peft_model(model, LoraConfig(target_parameters=EXPERTS, r=65, quantize_base="nf4"))
+    assert not any(isinstance(m, (Linear4bit, Experts4bit)) for m in model.modules())
     assert not any(p.requires_grad is False for p in model.parameters()), "a refused config changes nothing"
     # a target module naming an experts weight points at target_parameters
     with pytest.raises(ValueError, match="name it in target_parameters"):
@@ -219,9 +222,10 @@ def test_transposed_experts_are_refused_by_name():
                                        num_attention_heads=4, num_key_value_heads=2, head_dim=16,
                                        num_local_experts=4, num_experts_per_tok=2, vocab_size=VOCAB)
     model = transformers.AutoModelForCausalLM.from_config(config)
-    with pytest.raises(ValueError, match="is_transposed.*not supported"):
-        get_peft_model(model, LoraConfig(target_parameters=["experts.down_proj"]))
-    assert not any(isinstance(m, LoRAExperts) for m in model.modules())
+    for quant in (None, "nf4"):  # refused before any layer is quantized
+        with pytest.raises(ValueError, match="is_transposed.*not supported"):
+            get_peft_model(model, LoraConfig(target_parameters=["experts.down_proj"], quantize_base=quant))
+        assert not any(isinstance(m, (LoRAExperts, Linear4bit)) for m in model.modules())
 
 
 def test_save_adapter_of_a_model_adapted_in_place_keeps_its_target_parameters(tmp_path, seed):

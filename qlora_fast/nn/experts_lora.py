@@ -23,7 +23,8 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-__all__ = ["ExpertLoRA", "LoRAExperts", "add_experts_lora", "experts_lora_modules", "experts_adapters"]
+__all__ = ["ExpertLoRA", "LoRAExperts", "add_experts_lora", "check_experts_lora", "experts_lora_modules",
+           "experts_adapters"]
 
 
 class ExpertLoRA(nn.Module):
@@ -115,13 +116,8 @@ class LoRAExperts(nn.Module):
         return out
 
 
-def add_experts_lora(experts: nn.Module, names, r: int, lora_alpha: float, use_rslora: bool = False) -> nn.Module:
-    """The module that replaces the fused-experts module `experts` once its weights `names` carry
-    adapters: `experts` itself for an `Experts4bit` (its `lora` is set in place), a `LoRAExperts`
-    wrapper for a dense one. ValueError for a module already adapted, transposed experts
-    (GPT-OSS) or a module that is not a transformers `use_experts_implementation` class."""
-    from qlora_fast.nn.experts4bit import Experts4bit
-
+def check_experts_lora(experts: nn.Module, names, r: int) -> None:
+    """ValueError unless `add_experts_lora(experts, names, r, ...)` can adapt `experts` (see there)."""
     if isinstance(experts, LoRAExperts) or getattr(experts, "lora", None) is not None:
         raise ValueError("the experts module already has a LoRA adapter; merge or unload it before adding another")
     missing = [f for f in ("has_gate", "is_transposed") if not hasattr(experts, f)]
@@ -131,7 +127,23 @@ def add_experts_lora(experts: nn.Module, names, r: int, lora_alpha: float, use_r
     if experts.is_transposed:
         raise ValueError(f"{type(experts).__name__} stores its experts transposed (is_transposed, as GPT-OSS): LoRA "
                          "on such experts is not supported")
+    shapes = getattr(experts, "shapes", None) or {n: tuple(p.shape) for n, p in experts.named_parameters(recurse=False)}
+    for name in names:
+        if not 1 <= r <= min(shapes[name][1:]):
+            raise ValueError(f"r must be in [1, min(out, in)] = [1, {min(shapes[name][1:])}] for {name} "
+                             f"{shapes[name]}, got {r}")
+
+
+def add_experts_lora(experts: nn.Module, names, r: int, lora_alpha: float, use_rslora: bool = False) -> nn.Module:
+    """The module that replaces the fused-experts module `experts` once its weights `names` carry
+    adapters: `experts` itself for an `Experts4bit` (its `lora` is set in place), a `LoRAExperts`
+    wrapper for a dense one. ValueError for a module already adapted, transposed experts
+    (GPT-OSS), a module that is not a transformers `use_experts_implementation` class, or r
+    outside [1, min(out, in)]."""
+    from qlora_fast.nn.experts4bit import Experts4bit
+
     names = list(names)
+    check_experts_lora(experts, names, r)
     if isinstance(experts, Experts4bit):
         order = [n for n in experts.quant_states if n in names]
         weights = {n: (experts.shapes[n], experts._parameters[n].device, experts.compute_dtype) for n in order}

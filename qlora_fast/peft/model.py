@@ -236,13 +236,15 @@ class PeftModel(nn.Module):
         quantizer leaves it; a tied one stays tied to the embeddings). The fused experts weights named
         by target_parameters get per-expert adapters last (after any quantization: on `Experts4bit`
         when in 4 bits, else through a `LoRAExperts` wrapper)."""
-        from qlora_fast.nn.experts_lora import add_experts_lora
+        from qlora_fast.nn.experts_lora import add_experts_lora, check_experts_lora
         from qlora_fast.nn.lora import LoRALinear
         from qlora_fast.nn.replace import match_target_parameters, replace_linear
 
         model = self.base_model
         targets = _target_names(model, config)
         experts = match_target_parameters(model, config.target_parameters) if config.target_parameters else {}
+        for name, weights in experts.items():  # refused before anything changes (quantize_base would)
+            check_experts_lora(model.get_submodule(name), weights, config.r)
         adapted = [n for n in targets if isinstance(model.get_submodule(n), LoRALinear)]
         if adapted:
             raise ValueError(f"layer {adapted[0]!r} already has a LoRA adapter; "
