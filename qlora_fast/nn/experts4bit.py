@@ -65,7 +65,9 @@ class Experts4bit(nn.Module):
     forward(hidden_states (T, H), top_k_index (T, k), top_k_weights (T, k)) -> (T, H) in
     hidden_states' dtype, as transformers' eager experts forward (whatever
     `config._experts_implementation` says), computed in `compute_dtype`. Differentiable in
-    hidden_states and top_k_weights; the 4-bit weights are frozen.
+    hidden_states and top_k_weights; the 4-bit weights are frozen. With per-expert LoRA adapters
+    (`lora`, PEFT's target_parameters: see `qlora_fast.nn.experts_lora`) each adapted projection adds
+    its expert's adapter output, and the adapters are trainable.
     """
 
     @classmethod
@@ -91,6 +93,7 @@ class Experts4bit(nn.Module):
         module.experts_class = type(experts)  # to give a dense module back (`dequantize`)
         module._apply_gate_fn = type(experts)._apply_gate if experts.has_gate else None
         module.quant_states, module._slices = {}, {}
+        module.lora = None  # per-expert LoRA adapters (`experts_lora.add_experts_lora`): a ModuleDict by weight
         weights = dict(experts.named_parameters(recurse=False))
         module.compute_dtype = compute_dtype or next(iter(weights.values())).dtype
         module.options = (blocksize, quant_type, compress_statistics)  # quantize_4bit's order
@@ -117,19 +120,26 @@ class Experts4bit(nn.Module):
 
     def dequantize(self, dtype: Optional[torch.dtype] = None) -> nn.Module:
         """The dense experts module of the original class, weights dequantized to `dtype`
-        (default: the weights' original dtype), frozen."""
+        (default: the weights' original dtype), frozen. Adapters (`lora`) are merged into it:
+        W + scaling * B_e A_e per expert, in float32, then `dtype`."""
         cls = self.experts_class
         dense = cls.__new__(cls)
         nn.Module.__init__(dense)
-        skip = {"experts_class", "quant_states", "options", "shapes", "compute_dtype", "training"}
+        skip = {"experts_class", "quant_states", "options", "shapes", "compute_dtype", "training", "lora"}
         for key, value in vars(self).items():
             if not key.startswith("_") and key not in skip:
                 setattr(dense, key, value)
         dense._is_expert_parallel = self._is_expert_parallel
         for name, child in self.named_children():
-            dense.add_module(name, child)
+            if name != "lora":
+                dense.add_module(name, child)
+        lora = getattr(self, "lora", None)
         for name, state in self.quant_states.items():
-            weight = self.dequantize_weight(name, dtype or state.dtype)
+            if lora is not None and name in lora:
+                merged = self.dequantize_weight(name, torch.float32) + lora[name].delta_weight(torch.float32).detach()
+                weight = merged.to(dtype or state.dtype)
+            else:
+                weight = self.dequantize_weight(name, dtype or state.dtype)
             dense.register_parameter(name, nn.Parameter(weight, requires_grad=False))
         return dense.train(self.training)
 
@@ -160,7 +170,11 @@ class Experts4bit(nn.Module):
         return expert
 
     def _project(self, x: torch.Tensor, name: str, e: int) -> torch.Tensor:
-        return matmul_4bit(x, *self._expert(name, e))
+        out = matmul_4bit(x, *self._expert(name, e))
+        lora = getattr(self, "lora", None)
+        if lora is not None and name in lora and lora[name].adapter_enabled:
+            out = out + lora[name].project(x, e)  # x W_e^T + scaling (x A_e^T) B_e^T, the base frozen
+        return out
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                 top_k_weights: torch.Tensor) -> torch.Tensor:

@@ -293,11 +293,14 @@ def check_unmerged(model: nn.Module, what: str) -> None:
 
 @contextlib.contextmanager
 def disable_adapter(model: nn.Module):
-    """Turn off every LoRA adapter in `model` inside the block (the model computes its base).
+    """Turn off every LoRA adapter in `model` inside the block (the model computes its base), fused
+    experts' adapters (`ExpertLoRA`) included.
 
     Raises RuntimeError, changing nothing, when any adapter is merged.
     """
-    modules = lora_modules(model)
+    from qlora_fast.nn.experts_lora import experts_lora_modules
+
+    modules = lora_modules(model) + experts_lora_modules(model)
     merged = [m for m in modules if m.merged]
     if merged:
         raise RuntimeError(f"cannot disable merged adapters ({len(merged)} merged); call unmerge() first")
@@ -312,8 +315,11 @@ def disable_adapter(model: nn.Module):
 
 
 def mark_only_lora_as_trainable(model: nn.Module) -> nn.Module:
-    """Freeze every parameter of `model` except the LoRA adapters (lora_A, lora_B); returns model."""
-    adapter = {id(p) for m in lora_modules(model) for p in (m.lora_A, m.lora_B)}
+    """Freeze every parameter of `model` except the LoRA adapters (lora_A, lora_B, fused experts'
+    ones included); returns model."""
+    from qlora_fast.nn.experts_lora import experts_lora_modules
+
+    adapter = {id(p) for m in lora_modules(model) + experts_lora_modules(model) for p in (m.lora_A, m.lora_B)}
     for p in model.parameters():
         p.requires_grad_(id(p) in adapter)
     return model

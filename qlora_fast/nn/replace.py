@@ -13,7 +13,8 @@ Works on any `nn.Module` tree, Hugging Face transformers models included. The ki
 Any other already-quantized layer is a ValueError.
 Fused MoE experts (transformers' 3-D `gate_up_proj`/`down_proj` parameters, Mixtral, Qwen-MoE,
 OLMoE, ...) are not linear layers: when a model is quantized they become `Experts4bit`
-(`fused_experts_names`); they never get an adapter.
+(`fused_experts_names`); their 3-D weights get per-expert adapters only when named by PEFT's
+`target_parameters` (`match_target_parameters`, `qlora_fast.nn.experts_lora`), never by a target module.
 
 Targets read as PEFT's `target_modules` (`match_target_modules`): a list of names (a layer matches
 when its full dotted name equals one or ends with "." + one), one string used as a regular
@@ -34,7 +35,7 @@ from qlora_fast.utils import renamed_kwargs
 __all__ = [
     "replace_linear", "match_target_modules", "wrap_linear", "default_lora_targets", "linear_layer_names",
     "keep_in_fp32_modules", "linear_features", "is_conv1d", "conv1d_to_linear", "adopt_bnb_4bit", "merge_linear_layers",
-    "present_target_names", "fused_experts_names",
+    "present_target_names", "fused_experts_names", "check_target_parameters", "match_target_parameters",
 ]
 
 ALL_LINEAR = "all-linear"
@@ -195,7 +196,10 @@ def linear_layer_names(model: nn.Module, include_output: bool = False):
 def fused_experts_names(model: nn.Module) -> list:
     """Full dotted names of the fused MoE experts modules of `model` (`is_fused_experts`: 3-D
     gate_up_proj/up_proj/down_proj parameters of their own), in module order."""
-    return [name for name, m in model.named_modules() if is_fused_experts(m)]
+    from qlora_fast.nn.experts_lora import LoRAExperts
+
+    wrapped = {id(m.base) for m in model.modules() if isinstance(m, LoRAExperts)}  # adapted: left alone
+    return [name for name, m in model.named_modules() if is_fused_experts(m) and id(m) not in wrapped]
 
 
 def default_lora_targets(model: nn.Module):
@@ -289,12 +293,76 @@ def match_target_modules(model: nn.Module, target_modules=ALL_LINEAR, skip: Unio
             experts = [f"{m}.{w}" for m in fused_experts_names(model) for w in EXPERT_WEIGHTS]
             if any(_matches(e, (target,)) for e in experts):
                 raise ValueError(f"target module {target!r} names a fused MoE experts parameter (3-D, one weight for "
-                                 "all experts), not a linear layer: LoRA on fused experts (PEFT's "
-                                 "target_parameters) is not supported")
+                                 "all experts), not a linear layer: name it in target_parameters (as PEFT) to "
+                                 "give its experts LoRA adapters")
             short = sorted({n.split(".")[-1] for n in names})
             raise ValueError(f"target module {target!r} matched no linear layer of {type(model).__name__}; "
                              f"its linear layers are named {short}")
     return [n for n in names if _matches(n, targets)]
+
+
+def check_target_parameters(target_parameters) -> Optional[list]:
+    """`target_parameters` checked as PEFT reads it: None or a non-empty list of non-empty names
+    (a string is a TypeError, as in PEFT: regular expressions are not supported there)."""
+    if target_parameters is None:
+        return None
+    if isinstance(target_parameters, str):
+        raise TypeError("target_parameters must be a list of strings or None (a regular expression is not "
+                        f"supported, as in PEFT), got {target_parameters!r}")
+    names = list(_as_names(target_parameters, "target_parameters"))
+    if not names or not all(names):
+        raise ValueError(f"target_parameters must be a non-empty list of non-empty names, got {target_parameters!r}")
+    return names
+
+
+def _parameter_owners(model: nn.Module):
+    """(module name, module, parameter name, is an experts weight) of every parameter of `model`,
+    with a `LoRAExperts` wrapper standing for the experts module it wraps (as PEFT strips
+    `base_layer` from names); an `Experts4bit`'s packed weights count as experts weights."""
+    from qlora_fast.nn.experts_lora import LoRAExperts
+
+    wrapped = {}
+    for name, m in model.named_modules():
+        if isinstance(m, LoRAExperts):
+            wrapped[id(m.base)] = name
+    for name, m in model.named_modules():
+        if isinstance(m, LoRAExperts):
+            continue
+        shown = wrapped.get(id(m), name)
+        experts = isinstance(m, Experts4bit) or is_fused_experts(m)
+        for p_name, p in m.named_parameters(recurse=False):
+            weight = isinstance(m, Experts4bit) and p_name in m.quant_states or p.dim() == 3
+            yield shown, m, p_name, experts and p_name in EXPERT_WEIGHTS and weight
+
+
+def match_target_parameters(model: nn.Module, target_parameters, present_only: bool = False) -> dict:
+    """{full name of a fused experts module: [its weight names that `target_parameters` picks, in the
+    module's parameter order]}, modules in model order, read as PEFT reads target_parameters: a name
+    matches the parameter whose full dotted name ("model.layers.0.mlp.experts.gate_up_proj") equals
+    it or ends with "." + it. ValueError when a name matches no parameter (with present_only, only
+    when none matches: a saved list may be written for several architectures), or matches a
+    parameter that is not a 3-D experts weight (gate_up_proj / up_proj / down_proj of a fused
+    experts module, dense or `Experts4bit`): LoRA on other parameters is not supported."""
+    targets = check_target_parameters(target_parameters)
+    picked, hit, known = {}, set(), set()
+    for module_name, _, p_name, is_expert in _parameter_owners(model):
+        if is_expert:
+            known.add(f"{module_name.split('.')[-1]}.{p_name}")
+        key = f"{module_name}.{p_name}" if module_name else p_name
+        matched = [t for t in targets if _matches(key, (t,))]
+        if not matched:
+            continue
+        if not is_expert:
+            raise ValueError(f"target_parameters {matched[0]!r} matches {key!r}, which is not a fused MoE experts "
+                             "weight (3-D gate_up_proj / up_proj / down_proj): LoRA on other parameters is not "
+                             "supported (name linear layers in target_modules)")
+        hit.update(matched)
+        picked.setdefault(module_name, []).append(p_name)
+    missing = [t for t in targets if t not in hit]
+    if (missing and not present_only) or not picked:
+        raise ValueError(f"target_parameters {missing[:3]} matched no parameter of {type(model).__name__}; its fused "
+                         f"experts weights are {sorted(known) or 'none'}")
+    return picked
 
 
 def present_target_names(model: nn.Module, target_modules, include_output: bool = True) -> list:
@@ -455,11 +523,14 @@ def merge_linear_layers(model: nn.Module, keep_4bit: bool = False, dtype: Option
     """In place, all or nothing: merge every LoRA adapter into its layer and, unless `keep_4bit`,
     turn every 4-bit layer (ours or bitsandbytes') back into a dense one in its original class
     (nn.Linear or Conv1D) and original dtype (or `dtype`), and every `Experts4bit` back into its
-    dense experts module. The model's transformers config is updated to match:
+    dense experts module. Experts adapters (PEFT's target_parameters) are merged into the dense
+    experts weights (W + scaling B_e A_e per expert), whatever keep_4bit says. The model's
+    transformers config is updated to match:
     `quantization_config` removed (dense), or set for bitsandbytes (keep_4bit). Returns `model`.
     keep_4bit with 4-bit fused experts is a ValueError: bitsandbytes' quantization_config cannot
     describe them, so transformers could not load the model back. FloatingPointError, nothing
     changed, when an unmerged adapter is NaN or inf."""
+    from qlora_fast.nn.experts_lora import LoRAExperts, experts_lora_modules
     from qlora_fast.nn.lora import LoRALinear, QLoRALinear
 
     # Checked before anything changes: a NaN/inf adapter would make the dense weight NaN, or stop
@@ -467,11 +538,19 @@ def merge_linear_layers(model: nn.Module, keep_4bit: bool = False, dtype: Option
     for name, m in model.named_modules():
         if isinstance(m, LoRALinear) and not m.merged and not (m.lora_A.isfinite().all() and m.lora_B.isfinite().all()):
             raise FloatingPointError(f"the LoRA adapter of {name!r} holds NaN or inf values; nothing was merged")
+    for m in experts_lora_modules(model):
+        if not (m.lora_A.isfinite().all() and m.lora_B.isfinite().all()):
+            raise FloatingPointError("an experts LoRA adapter holds NaN or inf values; nothing was merged")
     experts = [(n, m) for n, m in model.named_modules() if isinstance(m, Experts4bit)]
     if keep_4bit and experts:
         raise ValueError(f"cannot keep 4 bits: {experts[0][0]!r} holds fused MoE experts in 4 bits, which a "
                          "bitsandbytes quantization_config cannot describe; merge to a dense model (keep_4bit=False)")
-    plan = [(name, m, m.dequantize(dtype)) for name, m in experts]
+    plan = [(name, m, m.dequantize(dtype)) for name, m in experts]  # adapters merged in
+    weights = {}  # LoRAExperts: its base with W + delta, the new weights put in at the swap
+    for name, m in model.named_modules():
+        if isinstance(m, LoRAExperts):
+            weights[name] = m.merged_weights(dtype)
+            plan.append((name, m, m.base))
     for name in linear_layer_names(model, include_output=True):
         layer = model.get_submodule(name)
         if isinstance(layer, QLoRALinear) and keep_4bit:
@@ -494,6 +573,8 @@ def merge_linear_layers(model: nn.Module, keep_4bit: bool = False, dtype: Option
     for name, layer, new in plan:
         if isinstance(layer, QLoRALinear) and keep_4bit and not layer.merged:
             layer.merge()  # requantizes W + scaling B A into the 4-bit base
+        for w, value in weights.get(name, {}).items():
+            setattr(new, w, nn.Parameter(value, requires_grad=False))
         model.set_submodule(name, new)
     for p in model.parameters():
         p.requires_grad_(False)

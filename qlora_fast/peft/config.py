@@ -37,6 +37,12 @@ class LoraConfig:
     double quantization unless double_quant=False (QLoRA).
     blocksize: 4-bit block size. `alpha` and `dropout`, the names before this release, still work
     (as arguments and attributes) with a DeprecationWarning.
+    target_parameters (PEFT's): fused MoE experts weights to give per-expert adapters, e.g.
+    ["experts.gate_up_proj", "experts.down_proj"] (Mixtral, Qwen3-MoE, OLMoE): a name matches a
+    parameter whose full dotted name equals it or ends with "." + it, and must match one
+    (`qlora_fast.nn.match_target_parameters`); only 3-D experts weights, dense or in 4 bits
+    (`Experts4bit`, QLoRA). As in PEFT, target_modules=None (or []) then adapts no linear layer,
+    and lora_dropout must be 0 (a ValueError otherwise: PEFT refuses it too).
     """
 
     target_modules: Union[Sequence[str], str, None] = None
@@ -47,18 +53,26 @@ class LoraConfig:
     quantize_base: Optional[str] = None
     blocksize: int = 64
     double_quant: bool = True
+    target_parameters: Optional[Sequence[str]] = None
     peft_type: str = field(default="lora", init=False)
 
     def __post_init__(self):
-        from qlora_fast.nn.replace import check_target_modules
+        from qlora_fast.nn.replace import check_target_modules, check_target_parameters
 
-        self.target_modules = check_target_modules(self.target_modules)
+        self.target_parameters = check_target_parameters(self.target_parameters)
+        if self.target_parameters and isinstance(self.target_modules, (list, tuple, set)) and not self.target_modules:
+            self.target_modules = []  # PEFT's way to say "parameters only"
+        else:
+            self.target_modules = check_target_modules(self.target_modules)
         _positive_int("r", self.r)
         alpha = self.lora_alpha
         if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha < float("inf"):
             raise ValueError(f"lora_alpha must be a finite positive number, got {alpha!r}")
         if not isinstance(self.lora_dropout, (int, float)) or not 0.0 <= self.lora_dropout < 1.0:
             raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
+        if self.target_parameters and self.lora_dropout:
+            raise ValueError(f"lora_dropout must be 0 with target_parameters, got {self.lora_dropout!r} (as PEFT: "
+                             "an expert's adapter cannot take dropout(x) apart from x)")
         if self.quantize_base not in (None, "nf4", "fp4"):
             raise ValueError(f"quantize_base must be None, 'nf4' or 'fp4', got {self.quantize_base!r}")
         _positive_int("blocksize", self.blocksize)
@@ -145,7 +159,6 @@ _PEFT_LORA_OFF = {
     "modules_to_save": None,
     "layers_to_transform": None,
     "exclude_modules": None,
-    "target_parameters": None,
     "trainable_token_indices": None,
     "layer_replication": None,
     "use_qalora": False,
@@ -177,6 +190,7 @@ def config_to_peft_dict(config, geometry=None, fan_in_fan_out=False, base_model_
             target_modules=targets if isinstance(targets, str) else sorted(targets),
             fan_in_fan_out=bool(fan_in_fan_out),
             init_lora_weights=True,
+            target_parameters=config.target_parameters,
             **{k: v for k, v in _PEFT_LORA_OFF.items() if k != "modules_to_save"},
         )
     else:
@@ -226,7 +240,8 @@ def config_from_peft_dict(d: dict):
                 "path_initial_model_for_weight_conversion=...) writes a plain LoRA adapter)"
             )
         return LoraConfig(target_modules=d.get("target_modules"), r=d.get("r", 8), lora_alpha=d.get("lora_alpha", 8),
-                          lora_dropout=d.get("lora_dropout", 0.0), use_rslora=bool(d.get("use_rslora", False)))
+                          lora_dropout=d.get("lora_dropout", 0.0), use_rslora=bool(d.get("use_rslora", False)),
+                          target_parameters=d.get("target_parameters") or None)
     n = d.get("num_virtual_tokens")
     if d.get("num_transformer_submodules", 1) not in (1, None):
         raise ValueError(

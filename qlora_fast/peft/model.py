@@ -202,7 +202,9 @@ class PeftModel(nn.Module):
         if isinstance(config, LoraConfig) and config.target_modules is None:
             from qlora_fast.nn.replace import default_lora_targets
 
-            self.peft_config = config = dataclasses.replace(config, target_modules=default_lora_targets(model))
+            # as PEFT: with target_parameters, no target_modules means no linear layer
+            targets = [] if config.target_parameters else default_lora_targets(model)
+            self.peft_config = config = dataclasses.replace(config, target_modules=targets)
         if not isinstance(config, (LoraConfig, PrefixTuningConfig, PromptTuningConfig)):
             raise TypeError(
                 f"config must be a LoraConfig, PrefixTuningConfig or PromptTuningConfig, got {type(config).__name__}"
@@ -231,19 +233,25 @@ class PeftModel(nn.Module):
         `replace_linear`, all or nothing. A layer already in 4 bits (ours or bitsandbytes') keeps its
         bytes under the adapter; with quantize_base every other linear layer but the output layer
         goes to 4 bits too. The output layer keeps full precision even when adapted (as bitsandbytes'
-        quantizer leaves it; a tied one stays tied to the embeddings)."""
+        quantizer leaves it; a tied one stays tied to the embeddings). The fused experts weights named
+        by target_parameters get per-expert adapters last (after any quantization: on `Experts4bit`
+        when in 4 bits, else through a `LoRAExperts` wrapper)."""
+        from qlora_fast.nn.experts_lora import add_experts_lora, check_experts_lora
         from qlora_fast.nn.lora import LoRALinear
-        from qlora_fast.nn.replace import replace_linear
+        from qlora_fast.nn.replace import match_target_parameters, replace_linear
 
         model = self.base_model
         targets = _target_names(model, config)
+        experts = match_target_parameters(model, config.target_parameters) if config.target_parameters else {}
+        for name, weights in experts.items():  # refused before anything changes (quantize_base would)
+            check_experts_lora(model.get_submodule(name), weights, config.r)
         adapted = [n for n in targets if isinstance(model.get_submodule(n), LoRALinear)]
         if adapted:
             raise ValueError(f"layer {adapted[0]!r} already has a LoRA adapter; "
                              "merge or unload it before adding another")
         output = getattr(model, "get_output_embeddings", lambda: None)()
         heads = [n for n, m in model.named_modules() if m is output and output is not None] or ["lm_head"]
-        originals = [(n, model.get_submodule(n)) for n in targets]
+        originals = [(n, model.get_submodule(n)) for n in [*targets, *experts]]
         quant = dict(quant_type=config.quantize_base, blocksize=config.blocksize,
                      compress_statistics=config.double_quant)
         lora = dict(r=config.r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
@@ -257,8 +265,14 @@ class PeftModel(nn.Module):
                 replace_linear(model, skip=(), target_modules=head, include_output=True, **lora, quant_type=None)
             if config.quantize_base:  # QLoRA: every other linear layer (but the output layer) in 4 bits too
                 replace_linear(model, skip=heads, **quant)
+            plan = [(name, add_experts_lora(model.get_submodule(name), weights, config.r, config.lora_alpha,
+                                            config.use_rslora)) for name, weights in experts.items()]
+            for name, module in plan:
+                model.set_submodule(name, module)
         except BaseException:
             for name, module in originals:
+                if getattr(module, "lora", None) is not None and name in experts:  # an Experts4bit adapted in place
+                    module.lora = None
                 model.set_submodule(name, module)
             raise
 
@@ -454,7 +468,12 @@ class PeftModel(nn.Module):
                     .reshape(self.peft_config.num_virtual_tokens, -1)
                 )
             prefix_flat = prefix_flat.cpu().contiguous()
-        return to_peft_names(self.adapter_state_dict() if state is None else state, self.peft_config, prefix_flat)
+        state = self.adapter_state_dict() if state is None else state
+        if isinstance(self.peft_config, LoraConfig) and self.peft_config.target_parameters:
+            names = _experts_adapter_names(self.base_model, self.peft_config)
+            renames = {ours: peft for ours, (peft, _) in names.items()}
+            state = {renames.get(name, name): t for name, t in state.items()}
+        return to_peft_names(state, self.peft_config, prefix_flat)
 
     def peft_config_dict(self) -> dict:
         """`adapter_config.json` as `save_adapter` writes it (PEFT's fields)."""
@@ -516,7 +535,8 @@ class PeftModel(nn.Module):
             )
         _check_base_signature(self.base_model, metadata, path)
         geometry = None if isinstance(config, LoraConfig) else attention_geometry(self.base_model)
-        state = from_peft_names(state, self.peft_config, geometry)
+        state = _from_experts_peft_names(self.base_model, self.peft_config,
+                                         from_peft_names(state, self.peft_config, geometry))
         own = dict(self.adapter_parameters())
         check_state(state, {n: p.shape for n, p in own.items()}, path)
         with torch.no_grad():
@@ -590,16 +610,62 @@ def _target_names(model: nn.Module, config: LoraConfig) -> list:
     from qlora_fast.nn.replace import default_lora_targets, match_target_modules
 
     targets = default_lora_targets(model) if config.target_modules is None else config.target_modules
+    if targets == [] or (config.target_modules is None and config.target_parameters):
+        return []  # target_parameters only (PEFT's target_modules=[])
     return match_target_modules(model, targets, include_output=isinstance(targets, list))
+
+
+def _experts_adapter_names(model: nn.Module, config) -> dict:
+    """{our name of an experts adapter tensor: (its name in PEFT's nesting, before `to_peft_names`;
+    its shape)} for the fused experts weights `config.target_parameters` picks on `model` (adapted
+    or not). PEFT wraps one `ParamWrapper` per targeted weight, the weight first in the module's
+    parameter order innermost: of n weights on one module, the i-th's tensors sit under
+    (n - 1 - i) ".base_layer"s (Mixtral: experts.base_layer.lora_A is gate_up_proj's, experts.lora_A
+    down_proj's)."""
+    from qlora_fast.nn.experts4bit import Experts4bit
+    from qlora_fast.nn.experts_lora import LoRAExperts
+    from qlora_fast.nn.replace import match_target_parameters
+
+    if not (isinstance(config, LoraConfig) and config.target_parameters):
+        return {}
+    out = {}
+    for name, weights in match_target_parameters(model, config.target_parameters).items():
+        module = model.get_submodule(name)
+        module = module.base if isinstance(module, LoRAExperts) else module
+        for i, w in enumerate(weights):
+            experts, out_features, in_features = (module.shapes[w] if isinstance(module, Experts4bit)
+                                                  else tuple(getattr(module, w).shape))
+            peft = f"base_model.{name}" + ".base_layer" * (len(weights) - 1 - i)
+            out[f"base_model.{name}.lora.{w}.lora_A"] = (f"{peft}.lora_A", (experts * config.r, in_features))
+            out[f"base_model.{name}.lora.{w}.lora_B"] = (f"{peft}.lora_B", (out_features, experts * config.r))
+    return out
+
+
+def _from_experts_peft_names(model: nn.Module, config, state: dict) -> dict:
+    """`state` (after `from_peft_names`) with the experts adapters under our names."""
+    renames = {peft: ours for ours, (peft, _) in _experts_adapter_names(model, config).items()}
+    return {renames.get(name, name): t for name, t in state.items()}
 
 
 def _present_targets(model: nn.Module, config, by_peft: bool):
     """A PEFT file's target list cut to the names this model has (PEFT skips the others: a list may
     be written for several architectures); ValueError when none is present."""
-    if not (by_peft and isinstance(config, LoraConfig) and isinstance(config.target_modules, list)):
+    if not (by_peft and isinstance(config, LoraConfig)):
         return config
-    from qlora_fast.nn.replace import present_target_names
+    from qlora_fast.nn.replace import match_target_parameters, present_target_names
 
+    if config.target_parameters:
+        match_target_parameters(model, config.target_parameters, present_only=True)  # ValueError if none is
+        present = []
+        for name in config.target_parameters:
+            try:
+                match_target_parameters(model, [name])
+                present.append(name)
+            except ValueError:
+                pass
+        config = dataclasses.replace(config, target_parameters=present)
+    if not isinstance(config.target_modules, list) or config.target_modules == []:
+        return config
     return dataclasses.replace(config, target_modules=present_target_names(model, config.target_modules))
 
 
@@ -611,7 +677,8 @@ def _same_adapter(model: nn.Module, saved, ours, by_peft: bool) -> bool:
     if isinstance(saved, LoraConfig) and isinstance(ours, LoraConfig):
         def lora_key(c):
             stored = () if by_peft else (c.quantize_base, c.blocksize, c.double_quant)
-            return (_target_names(model, c), c.r, float(c.lora_alpha), c.use_rslora, *stored)
+            experts = sorted(_experts_adapter_names(model, c))
+            return (_target_names(model, c), experts, c.r, float(c.lora_alpha), c.use_rslora, *stored)
 
         return lora_key(saved) == lora_key(ours)
 
@@ -639,6 +706,7 @@ def _expected_shapes(model: nn.Module, config) -> dict:
             in_features, out_features = linear_features(model.get_submodule(name))
             shapes[f"base_model.{name}.lora_A"] = (config.r, in_features)
             shapes[f"base_model.{name}.lora_B"] = (out_features, config.r)
+        shapes.update({ours: shape for ours, (_, shape) in _experts_adapter_names(model, config).items()})
         return shapes
     geometry = attention_geometry(model)
     if isinstance(config, PrefixTuningConfig):
@@ -668,7 +736,8 @@ def load_adapter(model: nn.Module, path: str) -> PeftModel:
     config = _present_targets(model, config, by_peft)
     _check_base_signature(model, metadata, path)
     geometry = None if isinstance(config, LoraConfig) else attention_geometry(model)
-    check_state(from_peft_names(state, config, geometry), _expected_shapes(model, config), path)
+    check_state(_from_experts_peft_names(model, config, from_peft_names(state, config, geometry)),
+                _expected_shapes(model, config), path)
     if isinstance(config, PromptTuningConfig) and config.init == "text":
         # The saved weights overwrite the initial prompt, so build it with a random init.
         saved = config
@@ -692,14 +761,17 @@ def save_adapter(model: nn.Module, path: str) -> str:
 
 def _wrap_adapted(model: nn.Module) -> PeftModel:
     """A PeftModel view of a model whose LoRA modules are already in place (nothing is injected)."""
+    from qlora_fast.nn.experts_lora import experts_adapters
     from qlora_fast.nn.lora import LoRALinear, QLoRALinear
 
     names = [n for n, m in model.named_modules() if isinstance(m, LoRALinear)]
-    if not names:
+    experts = experts_adapters(model)
+    if not names and not experts:
         raise TypeError(f"model ({type(model).__name__}) has no LoRA layers to save; "
                         "build it with get_peft_model or replace_linear(r=...)")
     modules = [model.get_submodule(n) for n in names]
     settings = {(m.r, m.alpha, m.dropout, m.use_rslora) for m in modules}
+    settings |= {(a.r, a.alpha, 0.0, a.use_rslora) for _, m in experts for a in m.lora.values()}
     if len(settings) > 1:
         raise ValueError(
             f"the LoRA layers mix settings (r, alpha, dropout, rslora) {sorted(settings)}; one adapter config holds one"
@@ -707,7 +779,8 @@ def _wrap_adapted(model: nn.Module) -> PeftModel:
     r, alpha, dropout, rslora = settings.pop()
     quant = next((m.base.quant_type for m in modules if isinstance(m, QLoRALinear)), None)
     config = LoraConfig(target_modules=names, r=r, lora_alpha=float(alpha), lora_dropout=dropout, use_rslora=rslora,
-                        quantize_base=quant)
+                        quantize_base=quant,
+                        target_parameters=[f"{n}.{w}" for n, m in experts for w in m.lora] or None)
     view = PeftModel.__new__(PeftModel)
     nn.Module.__init__(view)
     view.base_model, view.peft_config, view.adapter_enabled, view.prompt_encoder = model, config, True, None
