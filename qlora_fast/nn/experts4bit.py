@@ -210,6 +210,9 @@ class Experts4bit(nn.Module):
     def _apply(self, fn, recurse=True):
         # the quant states are not parameters: they follow their packed weights (as Linear4bit's)
         super()._apply(fn, recurse)
+        # the cached per-expert slices are views of the old bytes: dropped, or a move (to the CPU,
+        # say) would keep the whole old packed weights alive until the next forward
+        self._slices = {}
         for name, state in self.quant_states.items():
             weight = self._parameters[name]
             if state is not None and state.device != weight.device:
