@@ -315,10 +315,10 @@ def test_device_moves_and_quantize_weight_shape_check():
 
 
 @pytest.mark.parametrize("blocksize", [32, 64])  # per-expert scales as views / decoded per expert
-def test_a_device_move_after_a_forward_frees_the_old_packed_weights(seed, blocksize):
+def test_a_device_move_or_a_load_after_a_forward_frees_the_old_packed_weights(seed, blocksize):
     """The per-expert slices a forward caches are views of the packed bytes: a move (simulated by
     the meta device) must not keep the old bytes alive, e.g. when offloading a model to the CPU to
-    free the GPU. Then the module, moved back, still matches transformers' loop."""
+    free the GPU, nor must a load_state_dict. Then the module still matches transformers' loop."""
     import gc
     import weakref
 
@@ -336,6 +336,14 @@ def test_a_device_move_after_a_forward_frees_the_old_packed_weights(seed, blocks
     gc.collect()
     assert all(ref() is None for ref in old), "the old packed weights outlive the move"
     quant.load_state_dict(state, assign=True)
+    assert_close(quant(h, idx, weights), twin(h, idx, weights), atol=1e-5, rtol=1e-5)
+    # so does a load (new bytes replace the old ones: both would be held, e.g. on the GPU, until
+    # the next forward), and re-quantizing one weight
+    old = [weakref.ref(getattr(quant, w)) for w in quant.quant_states]
+    quant.load_state_dict(state)
+    quant.quantize_weight_("down_proj", experts.down_proj)
+    gc.collect()
+    assert all(ref() is None for ref in old), "the old packed weights outlive a load"
     assert_close(quant(h, idx, weights), twin(h, idx, weights), atol=1e-5, rtol=1e-5)
 
 

@@ -113,6 +113,7 @@ class Experts4bit(nn.Module):
         packed, state = quantize_4bit(weight.detach().contiguous(), *self.options)
         self.quant_states[name] = state
         self._parameters[name] = nn.Parameter(packed, requires_grad=False)
+        self._slices.pop(name, None)  # views of the old bytes
 
     def dequantize_weight(self, name: str, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
         """The 3-D weight `name` in `dtype` (default the compute dtype): all experts at once."""
@@ -258,6 +259,7 @@ class Experts4bit(nn.Module):
             return
         for name, (weight, state) in new.items():
             self._parameters[name], self.quant_states[name] = weight, state
+            self._slices.pop(name, None)  # views of the old bytes: they would keep them alive
 
 
 def _absmax_fp32(state: QuantState, start: int, stop: int) -> torch.Tensor:
