@@ -314,6 +314,39 @@ def test_device_moves_and_quantize_weight_shape_check():
     assert packed.numel() == experts.down_proj.numel()
 
 
+@pytest.mark.parametrize("blocksize", [32, 64])  # per-expert scales as views / decoded per expert
+def test_a_device_move_or_a_load_after_a_forward_frees_the_old_packed_weights(seed, blocksize):
+    """The per-expert slices a forward caches are views of the packed bytes: a move (simulated by
+    the meta device) must not keep the old bytes alive, e.g. when offloading a model to the CPU to
+    free the GPU, nor must a load_state_dict. Then the module still matches transformers' loop."""
+    import gc
+    import weakref
+
+    experts = moe_model("mixtral", hidden=128, intermediate=64).model.layers[0].mlp.experts
+    quant = Experts4bit.from_experts(experts, blocksize=blocksize)
+    twin = copy.deepcopy(experts)
+    with torch.no_grad():
+        for w in quant.quant_states:
+            getattr(twin, w).copy_(quant.dequantize_weight(w, torch.float32))
+    h, idx, weights = torch.randn(6, 128), torch.randint(0, 4, (6, 2)), torch.rand(6, 2)
+    quant(h, idx, weights)
+    state = quant.state_dict()
+    old = [weakref.ref(getattr(quant, w)) for w in quant.quant_states]
+    quant.to("meta")
+    gc.collect()
+    assert all(ref() is None for ref in old), "the old packed weights outlive the move"
+    quant.load_state_dict(state, assign=True)
+    assert_close(quant(h, idx, weights), twin(h, idx, weights), atol=1e-5, rtol=1e-5)
+    # so does a load (new bytes replace the old ones: both would be held, e.g. on the GPU, until
+    # the next forward), and re-quantizing one weight
+    old = [weakref.ref(getattr(quant, w)) for w in quant.quant_states]
+    quant.load_state_dict(state)
+    quant.quantize_weight_("down_proj", experts.down_proj)
+    gc.collect()
+    assert all(ref() is None for ref in old), "the old packed weights outlive a load"
+    assert_close(quant(h, idx, weights), twin(h, idx, weights), atol=1e-5, rtol=1e-5)
+
+
 def test_memory_reports_count_the_experts_as_4bit_weights():
     from qlora_fast.peft.memory import base_weight_bytes
 

@@ -113,6 +113,7 @@ class Experts4bit(nn.Module):
         packed, state = quantize_4bit(weight.detach().contiguous(), *self.options)
         self.quant_states[name] = state
         self._parameters[name] = nn.Parameter(packed, requires_grad=False)
+        self._slices.pop(name, None)  # views of the old bytes
 
     def dequantize_weight(self, name: str, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
         """The 3-D weight `name` in `dtype` (default the compute dtype): all experts at once."""
@@ -210,6 +211,9 @@ class Experts4bit(nn.Module):
     def _apply(self, fn, recurse=True):
         # the quant states are not parameters: they follow their packed weights (as Linear4bit's)
         super()._apply(fn, recurse)
+        # the cached per-expert slices are views of the old bytes: dropped, or a move (to the CPU,
+        # say) would keep the whole old packed weights alive until the next forward
+        self._slices = {}
         for name, state in self.quant_states.items():
             weight = self._parameters[name]
             if state is not None and state.device != weight.device:
@@ -255,6 +259,7 @@ class Experts4bit(nn.Module):
             return
         for name, (weight, state) in new.items():
             self._parameters[name], self.quant_states[name] = weight, state
+            self._slices.pop(name, None)  # views of the old bytes: they would keep them alive
 
 
 def _absmax_fp32(state: QuantState, start: int, stop: int) -> torch.Tensor:
