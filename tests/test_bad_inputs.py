@@ -28,7 +28,7 @@ from qlora_fast.train.sft import SFTConfig, SFTTrainer
 from qlora_fast.utils import atomic_write_bytes, check_finite_state, output_lock, temp_prefix
 
 TINY = LlamaConfig(vocab_size=259, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=4, num_kv_heads=2,
-                   max_seq_len=64)
+                   max_seq_len=128)
 PAIRS = [{"instruction": f"Add {i} and {i + 1}.", "output": str(2 * i + 1)} for i in range(12)]
 
 
@@ -464,8 +464,10 @@ def tiny_base_model(monkeypatch):
     monkeypatch.setattr(qlora_fast.models, "load_base_model", load)
 
 
+# --max-seq-len 80: the byte tokenizer's first two held-out pairs are 70 and 75 tokens (cut before
+# their answer, the held-out perplexity would measure nothing: refused)
 TINY_RUN = ["--method", "lora", "--batch-size", "2", "--eval-pairs", "2", "--max-new-tokens", "2", "--max-seq-len",
-            "48", "--optimizer", "torch_adamw", "--device", "cpu", "--no-progress"]
+            "80", "--optimizer", "torch_adamw", "--device", "cpu", "--no-progress"]
 
 
 @pytest.mark.parametrize("command,subdir", [("finetune", ""), ("grpo", "grpo-checkpoints")])
@@ -499,6 +501,16 @@ def test_overwrite_output_removes_the_earlier_checkpoints_then_trains(tmp_path, 
     # and the checkpoint now there resumes (at max-steps: said so, nothing trained)
     rc, err = run_cli(["finetune", "--output", str(out), "--max-steps", "1", "--resume", *TINY_RUN], capsys)
     assert rc == 0, err
+
+
+def test_finetune_refuses_a_max_seq_len_that_cuts_every_held_out_answer(tmp_path, capsys, monkeypatch):
+    """--max-seq-len 48 cuts both held-out pairs (70 and 75 byte tokens) before their answer: the
+    held-out perplexity printed 1.000, measured on nothing. Refused in one line before training."""
+    tiny_base_model(monkeypatch)
+    argv = ["finetune", "--output", str(tmp_path / "out"), *TINY_RUN, "--max-seq-len", "48"]
+    rc, err = run_cli(argv, capsys)
+    assert rc == 2 and "--max-seq-len 48 cuts all 2 held-out pairs before their answer" in err
+    assert err.count("\n") == 1 and not (tmp_path / "out" / "history.json").exists()
 
 
 def test_finetune_eval_every_prints_and_writes_the_history(tmp_path, capsys, monkeypatch):

@@ -328,7 +328,7 @@ def _run(args, device, rank, resume_from, allow_fresh) -> int:
 
     from qlora_fast.data import load_instructions
     from qlora_fast.peft import base_weight_bytes, get_peft_model
-    from qlora_fast.train.sft import SFTConfig, SFTTrainer, evaluate_loss, exact_match
+    from qlora_fast.train.sft import SFTConfig, SFTTrainer, evaluate_loss, exact_match, scored_pairs
     from qlora_fast.utils import check_finite_state
 
     if rank:  # under torchrun only rank 0 reports, shows bars and writes files
@@ -372,6 +372,9 @@ def _run(args, device, rank, resume_from, allow_fresh) -> int:
     eval_pairs = load_instructions("heldout")[:args.eval_pairs]
     if args.model:  # before any evaluation or training: a learned position table ends in an IndexError
         _check_context(args, model, tokenizer, train_pairs, eval_pairs, config.prompt_template)
+    if not scored_pairs(tokenizer, eval_pairs, config.prompt_template, args.max_seq_len):
+        raise ValueError(f"--max-seq-len {args.max_seq_len} cuts all {len(eval_pairs)} held-out pairs before their "
+                         "answer: the held-out perplexity would measure nothing; raise --max-seq-len")
     peft = get_peft_model(model, peft_config, tokenizer=tokenizer).to(device)
     # sizes of the whole model, measured before FSDP2 leaves each rank its shards
     trainable, total = peft.parameter_counts()

@@ -91,6 +91,12 @@ def encode_example(
     return ids, labels
 
 
+def scored_pairs(tokenizer, pairs, template: str, max_len: int) -> int:
+    """How many of `pairs` keep an output token (one the loss scores) when cut to max_len tokens."""
+    return sum(any(t != -100 for t in encode_example(tokenizer, p["instruction"], p["output"], template, max_len)[1])
+               for p in pairs)
+
+
 def _check_pairs(pairs, what):
     if not isinstance(pairs, Sequence) or not pairs:
         raise ValueError(f"{what} must be a non-empty list of {{'instruction', 'output'}} dicts")
@@ -233,9 +239,7 @@ class SFTTrainer(core.TrainerCore):
             check_writable_dir(c.output_dir, "SFTConfig.output_dir")
         self._train_data, self._run = train_data, None
         self.rows = build_examples(tokenizer, train_data, c.prompt_template, c.max_seq_len, c.packing, c.seed)
-        if eval_data is not None and not any(
-            any(t != -100 for t in encode_example(tokenizer, p["instruction"], p["output"], c.prompt_template,
-                                                  c.max_seq_len)[1]) for p in eval_data):
+        if eval_data is not None and not scored_pairs(tokenizer, eval_data, c.prompt_template, c.max_seq_len):
             raise ValueError(f"no eval_data pair keeps any output token within max_seq_len={c.max_seq_len}: "
                              "its loss would measure nothing; raise max_seq_len")
         self.params = params = [p for p in model.parameters() if p.requires_grad]
