@@ -61,6 +61,18 @@ def dequantized_twin(original, quantized):
     return twin
 
 
+def quantized_experts_and_twin(blocksize):
+    """(dense experts of a tiny Mixtral layer, their Experts4bit, the dense module holding the
+    dequantized weights: what the 4-bit module must compute, run by transformers' loop)."""
+    experts = moe_model("mixtral", hidden=128, intermediate=64).model.layers[0].mlp.experts
+    quant = Experts4bit.from_experts(experts, blocksize=blocksize)
+    twin = copy.deepcopy(experts)
+    with torch.no_grad():
+        for w in quant.quant_states:
+            getattr(twin, w).copy_(quant.dequantize_weight(w, torch.float32))
+    return experts, quant, twin
+
+
 def param_bytes(model):
     total = sum(p.numel() * p.element_size() for p in model.parameters())
     return total + sum(s.statistics_bytes() for m in model.modules() if isinstance(m, Experts4bit)
@@ -322,12 +334,7 @@ def test_a_device_move_or_a_load_after_a_forward_frees_the_old_packed_weights(se
     import gc
     import weakref
 
-    experts = moe_model("mixtral", hidden=128, intermediate=64).model.layers[0].mlp.experts
-    quant = Experts4bit.from_experts(experts, blocksize=blocksize)
-    twin = copy.deepcopy(experts)
-    with torch.no_grad():
-        for w in quant.quant_states:
-            getattr(twin, w).copy_(quant.dequantize_weight(w, torch.float32))
+    experts, quant, twin = quantized_experts_and_twin(blocksize)
     h, idx, weights = torch.randn(6, 128), torch.randint(0, 4, (6, 2)), torch.rand(6, 2)
     quant(h, idx, weights)
     state = quant.state_dict()
@@ -367,12 +374,7 @@ def test_experts_forward_through_the_triton_kernels(monkeypatch, seed, blocksize
     """The kernel path (the Triton interpreter on the CPU) on each expert's slice of the packed
     weight, against transformers' eager loop on the dequantized weights; input gradients too."""
     monkeypatch.setenv("QLORA_FAST_BACKEND", "triton")
-    experts = moe_model("mixtral", hidden=128, intermediate=64).model.layers[0].mlp.experts
-    quant = Experts4bit.from_experts(experts, blocksize=blocksize)
-    twin = copy.deepcopy(experts)
-    with torch.no_grad():
-        for w in quant.quant_states:
-            getattr(twin, w).copy_(quant.dequantize_weight(w, torch.float32))
+    experts, quant, twin = quantized_experts_and_twin(blocksize)
     h = torch.randn(5, 128)
     idx = torch.stack([torch.randperm(4)[:2] for _ in range(5)])
     weights = torch.rand(5, 2)
