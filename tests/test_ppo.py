@@ -108,7 +108,7 @@ def trl_loss_from_docs(lp, old, ref, adv, mask, beta, eps_low, eps_high, loss_ty
 def test_grpo_loss_equals_trl_formulas(seed, loss_type, beta):
     b, t = 5, 9
     old = -torch.rand(b, t, dtype=torch.float64) * 3
-    lp = (old + torch.randn(b, t, dtype=torch.float64) * 0.5).requires_grad_(True)  # ratios far outside the clip
+    lp = (old + torch.randn(b, t, dtype=torch.float64)).requires_grad_(True)  # ratios far outside the clip
     ref = old + torch.randn(b, t, dtype=torch.float64) * 0.3
     adv = torch.randn(b, dtype=torch.float64)
     # at least half of each completion: a handful of tokens could leave the clip inactive by chance
